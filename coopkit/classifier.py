@@ -1,0 +1,309 @@
+"""The fitted classifier: logits, predictions, evaluation, and the save/load pair.
+
+Whether its class text features come from learned context (CoOp) or from hand-written
+templates (zero-shot), a classifier reduces to one matrix once fitted:
+``W = exp(logit_scale) * normalise(text features)`` of shape ``(n_classes, embed_dim)``, and
+``logits = normalise(image features) @ W.T``. That matrix is what the exporter bakes into ONNX.
+
+A saved run is a folder with ``config.json`` (:class:`coopkit.config.RunConfig`) and, for
+CoOp, ``ctx.safetensors`` holding only the learned context. Loading uses no pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .backbone import Backbone, load_backbone, register_model_config
+from .config import RunConfig
+from .data import Dataset, load_dataset
+from .features import autocast_for, encode_images
+from .prompts import PromptLearner, _check_classnames
+from .runtime.preprocess import ImageInput
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+CTX_FILE = "ctx.safetensors"
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+class Classifier:
+    """A CLIP classifier over a fixed label set (CoOp or zero-shot).
+
+    Build one with :func:`coopkit.fit`, :func:`coopkit.zero_shot` or :func:`coopkit.load`.
+
+    Attributes:
+        backbone: The frozen backbone.
+        config: What the run is (method, model, prompt and training settings, metrics).
+        learner: The CoOp prompt learner, or ``None`` for zero-shot.
+    """
+
+    def __init__(self, backbone: Backbone, config: RunConfig, learner: Optional[PromptLearner] = None) -> None:
+        if (learner is None) != (config.method == "zeroshot"):
+            raise ValueError("a coop classifier needs a PromptLearner; a zero-shot one must not have one")
+        self.backbone = backbone
+        self.config = config
+        self.learner = learner
+        self._weights: Optional[torch.Tensor] = None
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.config.classnames)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @torch.no_grad()
+    def text_features(self) -> torch.Tensor:
+        """L2-normalised class text features ``(n_classes, embed_dim)``, float32."""
+        if self.learner is not None:
+            with autocast_for(self.backbone.device):
+                return self.learner.text_features().float()
+        return template_features(self.backbone, self.classnames, self.config.templates or DEFAULT_TEMPLATES)
+
+    @torch.no_grad()
+    def class_weights(self) -> torch.Tensor:
+        """``W = exp(logit_scale) * text features``, ``(n_classes, embed_dim)`` float32 on the CPU (cached)."""
+        if self._weights is None:
+            scale = self.backbone.model.logit_scale.exp().float().cpu()
+            self._weights = (scale * self.text_features().cpu()).contiguous()
+        return self._weights
+
+    def image_features(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """L2-normalised image features ``(n, embed_dim)``; every image must decode."""
+        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
+            images = [images]  # type: ignore[list-item]
+        if len(images) == 0:
+            raise ValueError("no images given")
+        feats, _ = encode_images(self.backbone, images, batch_size=batch_size, strict=True, progress=progress)
+        return feats[0]
+
+    def logits(self, images: Sequence[ImageInput], batch_size: int = 64) -> np.ndarray:
+        """Logits ``(n, n_classes)`` for paths, PIL images or uint8 HWC arrays."""
+        return (self.image_features(images, batch_size) @ self.class_weights().T).numpy()
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 64) -> list[str]:
+        """The most likely class name for each image."""
+        return [self.classnames[i] for i in self.logits(images, batch_size).argmax(axis=1)]
+
+    def evaluate(
+        self,
+        data: Union[str, os.PathLike, Dataset],
+        *,
+        split: str = "test",
+        image_root: Optional[Union[str, os.PathLike]] = None,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Accuracy on a labelled set (ImageFolder, CSV or CoOp split, by class name).
+
+        Returns:
+            ``accuracy`` (fraction correct), ``macro_accuracy`` (mean over classes),
+            ``per_class`` (class -> accuracy) and ``n`` (images evaluated; unreadable ones are skipped).
+        """
+        dataset = load_dataset(data, split=split, image_root=image_root).relabel(self.classnames)
+        feats, kept = encode_images(
+            self.backbone, dataset.paths, batch_size=batch_size, progress=progress, desc="evaluating"
+        )
+        pred = (feats[0] @ self.class_weights().T).argmax(dim=1).numpy()
+        labels = np.array([dataset.labels[i] for i in kept])
+        correct = pred == labels
+        per_class = {
+            self.classnames[c]: float(correct[labels == c].mean()) for c in sorted(set(labels.tolist()))
+        }
+        return {
+            "accuracy": float(correct.mean()),
+            "macro_accuracy": float(np.mean(list(per_class.values()))),
+            "per_class": per_class,
+            "n": int(len(labels)),
+        }
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the run to a folder: ``config.json`` and, for CoOp, ``ctx.safetensors``.
+
+        A new folder appears whole or not at all (written aside, then renamed). Over an
+        existing run, each file is replaced atomically and ``config.json`` (written last)
+        records the sha256 of the context file, so a mismatched pair is detected on load.
+        """
+        from safetensors.torch import save as st_save
+
+        target = Path(path).expanduser()
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"cannot save a run to {target}: it exists and is not a folder")
+        blobs: dict[str, bytes] = {}
+        if self.learner is not None:
+            blobs[CTX_FILE] = st_save({"ctx": self.learner.ctx.detach().float().cpu().contiguous()})
+            self.config.ctx_sha256 = hashlib.sha256(blobs[CTX_FILE]).hexdigest()
+        self.config.coopkit_version = __version__
+        blobs[CONFIG_FILE] = self.config.to_json().encode()
+        parent = target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+                try:
+                    for name, blob in blobs.items():
+                        (tmp / name).write_bytes(blob)
+                    os.replace(tmp, target)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+            else:
+                for name, blob in blobs.items():
+                    atomic_write_bytes(target / name, blob)
+        except PermissionError:
+            raise ValueError(f"cannot write the run to {target}: permission denied") from None
+        logger.info("saved %s run to %s", self.method, target)
+        return target
+
+
+def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename: never half-written."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def template_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], chunk: int = 256) -> torch.Tensor:
+    """Hand-written prompt features: mean of normalised template embeddings, renormalised."""
+    model, tok = backbone.model, backbone.tokenizer
+    out = []
+    with torch.no_grad(), autocast_for(backbone.device):
+        for start in range(0, len(classnames), chunk):
+            names = [c.replace("_", " ") for c in classnames[start : start + chunk]]
+            per_template = []
+            for t in templates:
+                tokens = tok([t.format(n) for n in names]).to(backbone.device)
+                per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+            out.append(F.normalize(torch.stack(per_template).mean(0), dim=-1))  # (chunk, D)
+    return torch.cat(out)
+
+
+def _check_templates(templates: Union[str, Sequence[str]]) -> list[str]:
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = list(templates)
+    if not templates:
+        raise ValueError("templates is empty; give at least one, like 'a photo of a {}.'")
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"templates must contain '{{}}' exactly once for the class name; got {bad}")
+    return templates
+
+
+def zero_shot(
+    backbone: Backbone,
+    classnames: Sequence[str],
+    templates: Union[str, Sequence[str]] = DEFAULT_TEMPLATES,
+) -> Classifier:
+    """The hand-written-prompt baseline: one template, or an ensemble of them.
+
+    Args:
+        backbone: From :func:`coopkit.load_backbone`.
+        classnames: Labels, in output order.
+        templates: Strings with one ``{}`` for the class name; several are averaged (CLIP's ensembling).
+    """
+    names = _check_classnames(classnames)
+    config = RunConfig(
+        method="zeroshot",
+        classnames=names,
+        model=backbone.name,
+        pretrained=backbone.pretrained,
+        model_config=backbone.model_config,
+        backbone_sha256=backbone.weights_sha256,
+        templates=_check_templates(templates),
+        coopkit_version=__version__,
+    )
+    return Classifier(backbone, config)
+
+
+def load(
+    path: Union[str, os.PathLike],
+    *,
+    device: str = "auto",
+    pretrained: Optional[str] = None,
+    backbone: Optional[Backbone] = None,
+) -> Classifier:
+    """Restore a saved run.
+
+    Args:
+        path: Folder written by :meth:`Classifier.save`.
+        device: Where to load the backbone.
+        pretrained: Override the recorded checkpoint path (e.g. the run moved machines).
+        backbone: Reuse an already loaded backbone (must be the one the run was trained with).
+
+    Raises:
+        FileNotFoundError: the folder or its files are missing.
+        ValueError: a corrupt run, or a backbone whose weights differ from the recorded ones.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"run folder not found: {path}")
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a coopkit run: no {CONFIG_FILE}")
+    try:
+        config = RunConfig.from_json(cfg_path.read_text())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is corrupt: {e}") from None
+    blob = None
+    if config.method == "coop":
+        ctx_path = folder / CTX_FILE
+        if not ctx_path.is_file():
+            raise FileNotFoundError(f"{folder} is a CoOp run without {CTX_FILE}")
+        blob = ctx_path.read_bytes()
+        if config.ctx_sha256 and hashlib.sha256(blob).hexdigest() != config.ctx_sha256:
+            raise ValueError(f"{ctx_path} does not match {CONFIG_FILE} (interrupted save or edited file)")
+    if backbone is None:
+        if config.model_config is not None:
+            register_model_config(config.model, config.model_config)
+        backbone = load_backbone(config.model, pretrained if pretrained is not None else config.pretrained, device)
+    if config.backbone_sha256 and backbone.weights_sha256 != config.backbone_sha256:
+        raise ValueError(
+            f"the backbone weights differ from those this run was trained with ({config.model}, "
+            f"pretrained={config.pretrained}): sha256 {backbone.weights_sha256[:12]}..., recorded "
+            f"{config.backbone_sha256[:12]}...; load the same weights"
+        )
+    learner = None
+    if blob is not None:
+        try:
+            ctx = st_load(blob)["ctx"]
+        except (SafetensorError, KeyError) as e:
+            raise ValueError(f"{folder / CTX_FILE} is corrupt: {e}") from None
+        p = config.prompt
+        assert p is not None
+        learner = PromptLearner(
+            backbone, config.classnames, p.n_ctx, p.csc, p.class_token_position, p.ctx_init,
+            text_chunk_size=config.train.text_chunk_size if config.train else 256,
+        ).to(backbone.device)
+        if tuple(ctx.shape) != tuple(learner.ctx.shape):
+            raise ValueError(f"{folder / CTX_FILE}: context of shape {tuple(ctx.shape)}, expected {tuple(learner.ctx.shape)}")
+        with torch.no_grad():
+            learner.ctx.copy_(ctx)
+        learner.requires_grad_(False)
+    return Classifier(backbone, config, learner)

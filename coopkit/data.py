@@ -1,0 +1,213 @@
+"""Labelled image sets: ImageFolder, CSV and CoOp split readers, and few-shot sampling.
+
+A :class:`Dataset` is a list of ``(path, label index)`` plus the class names. It is read
+from one of:
+
+* a folder in ImageFolder layout (one sub-folder per class, sorted by name);
+* a CSV file of ``path,label`` rows (a header row is optional; relative paths are read
+  relative to the CSV's folder, or to ``image_root`` when given);
+* a CoOp split file (``split_zhou_*.json``) with ``train``/``val``/``test`` lists of
+  ``[relative path, label, classname]``; paths are relative to ``image_root`` (by default
+  the JSON's folder).
+
+Images are decoded by :func:`coopkit.runtime.preprocess.load_image`, the same decoder the
+runtime uses.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "val", "test")
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Dataset:
+    """Image paths with integer labels into ``classnames``."""
+
+    items: list[tuple[str, int]]
+    classnames: list[str]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.items]
+
+    @property
+    def labels(self) -> list[int]:
+        return [y for _, y in self.items]
+
+    def counts(self) -> list[int]:
+        """Images per class, in class order."""
+        out = [0] * len(self.classnames)
+        for _, y in self.items:
+            out[y] += 1
+        return out
+
+    def relabel(self, classnames: Sequence[str]) -> "Dataset":
+        """The same images labelled by their index in ``classnames`` (names must all be present)."""
+        index = {c: i for i, c in enumerate(classnames)}
+        missing = sorted(set(self.classnames) - set(index))
+        if missing:
+            raise ValueError(f"{self.source}: classes {missing} are not among the model's classes {list(classnames)}")
+        return Dataset([(p, index[self.classnames[y]]) for p, y in self.items], list(classnames), self.source)
+
+    def subset(self, classnames: Sequence[str]) -> "Dataset":
+        """Only the images of ``classnames``, relabelled in that order."""
+        keep = set(classnames)
+        unknown = sorted(keep - set(self.classnames))
+        if unknown:
+            raise ValueError(f"{self.source}: unknown classes {unknown}; available: {self.classnames}")
+        items = [(p, y) for p, y in self.items if self.classnames[y] in keep]
+        return Dataset(items, self.classnames, self.source).relabel(classnames)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _check_unique(classnames: Sequence[str], source: str) -> None:
+    seen: set[str] = set()
+    dupes = sorted({c for c in classnames if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
+    if dupes:
+        raise ValueError(f"{source}: duplicate class names {dupes}")
+
+
+def _read_folder(root: Path) -> Dataset:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders; expected ImageFolder layout (one folder per class)")
+    items: list[tuple[str, int]] = []
+    empty = []
+    for y, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and _is_image(p))
+        if not files:
+            empty.append(name)
+        items += [(str(p), y) for p in files]
+    if len(empty) == len(classes):
+        raise ValueError(f"{root}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        raise ValueError(f"{root}: class folders without images: {empty}")
+    return Dataset(items, classes, str(root))
+
+
+def _read_csv(path: Path, image_root: Optional[Path]) -> Dataset:
+    base = image_root or path.parent
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    if not rows:
+        raise ValueError(f"{path}: empty dataset (expected rows of path,label)")
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()]
+    if bad:
+        raise ValueError(f"{path}: rows {bad[:5]} are not 'path,label'")
+    classes = sorted({r[1].strip() for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    items = [(str(base / r[0].strip()), index[r[1].strip()]) for r in rows]
+    return Dataset(items, classes, str(path))
+
+
+def _read_split(path: Path, split: str, image_root: Optional[Path]) -> Dataset:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or split not in raw:
+        raise ValueError(f"{path}: not a CoOp split file (expected keys {', '.join(SPLITS)})")
+    base = image_root or path.parent
+    names: dict[int, str] = {}
+    for part in SPLITS:
+        for entry in raw.get(part, []):
+            if not (isinstance(entry, list) and len(entry) == 3):
+                raise ValueError(f"{path}: {part} entries must be [relative path, label, classname]")
+            names.setdefault(int(entry[1]), str(entry[2]))
+    if not raw[split]:
+        raise ValueError(f"{path}: split {split!r} is empty")
+    labels = sorted(names)
+    if labels != list(range(len(labels))):
+        raise ValueError(f"{path}: labels must be 0..N-1, found {labels[:10]}")
+    classes = [names[i] for i in labels]
+    _check_unique(classes, str(path))
+    items = [(str(base / e[0]), int(e[1])) for e in raw[split]]
+    return Dataset(items, classes, f"{path}:{split}")
+
+
+def load_dataset(
+    source: Union[PathLike, Dataset],
+    *,
+    split: str = "train",
+    image_root: Optional[PathLike] = None,
+) -> Dataset:
+    """Read a labelled image set from a folder, a CSV, or a CoOp split JSON.
+
+    Args:
+        source: ImageFolder directory, ``.csv`` file, CoOp ``.json`` split file, or a Dataset.
+        split: Which list of a split file (``train``, ``val`` or ``test``); ignored otherwise.
+        image_root: Folder that relative paths in a CSV or split file refer to.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: no images, empty class folders, duplicate classes, malformed files.
+    """
+    if isinstance(source, Dataset):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {source}")
+    root = Path(image_root).expanduser() if image_root is not None else None
+    if root is not None and not root.is_dir():
+        raise FileNotFoundError(f"image root not found: {image_root}")
+    if path.is_dir():
+        data = _read_folder(path)
+    elif path.suffix.lower() == ".csv":
+        data = _read_csv(path, root)
+    elif path.suffix.lower() == ".json":
+        data = _read_split(path, split, root)
+    else:
+        raise ValueError(f"{source}: expected an ImageFolder directory, a .csv of path,label, or a CoOp split .json")
+    logger.info("read %d images in %d classes from %s", len(data), len(data.classnames), data.source)
+    return data
+
+
+def few_shot(data: Dataset, shots: int, seed: int) -> Dataset:
+    """At most ``shots`` images per class, drawn with ``seed`` (deterministic, order-independent).
+
+    A class with fewer images than ``shots`` keeps all of them, with one warning naming them.
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    by_class: list[list[str]] = [[] for _ in data.classnames]
+    for p, y in data.items:
+        by_class[y].append(p)
+    rng = random.Random(seed)
+    items: list[tuple[str, int]] = []
+    short = []
+    for y, paths in enumerate(by_class):
+        paths = sorted(paths)
+        if len(paths) < shots:
+            short.append(f"{data.classnames[y]} ({len(paths)})")
+            chosen = paths
+        else:
+            chosen = rng.sample(paths, shots)
+        items += [(p, y) for p in chosen]
+    if short:
+        logger.warning("fewer than %d images, using all of them: %s", shots, ", ".join(short))
+    return Dataset(items, data.classnames, data.source)

@@ -1,0 +1,1 @@
+"""coopkit.exporters: write a fitted or zero-shot classifier as one ONNX graph."""
