@@ -1,0 +1,79 @@
+"""The click CLI through CliRunner: fit, eval, zeroshot, help, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from coopkit.cli import main
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_every_command_has_help(runner):
+    out = runner.invoke(main, ["--help"])
+    assert out.exit_code == 0
+    commands = [line.split()[0] for line in out.output.split("Commands:")[1].strip().splitlines()]
+    assert {"fit", "eval", "zeroshot"} <= set(commands)
+    for cmd in commands:
+        res = runner.invoke(main, [cmd, "--help"])
+        assert res.exit_code == 0, (cmd, res.output)
+        assert "Usage:" in res.output
+
+
+def test_fit_eval_zeroshot(runner, tiny_config, image_folder, tmp_path):
+    run = tmp_path / "run"
+    common = ["--model", str(tiny_config), "--pretrained", "none", "--device", "cpu"]
+    res = runner.invoke(main, ["fit", str(image_folder / "train"), *common, "--out", str(run), "--shots", "4",
+                               "--epochs", "3", "--n-ctx", "4", "--n-views", "1", "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output)
+    assert result["classes"] == 4 and result["train_images"] == 16 and result["epochs"] == 3
+    assert (run / "config.json").is_file()
+
+    res = runner.invoke(main, ["eval", str(run), str(image_folder / "test"), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output)
+    assert ev["method"] == "coop" and ev["n"] == 24 and 0 <= ev["accuracy"] <= 1
+
+    res = runner.invoke(main, ["eval", str(run), str(image_folder / "test"), "--device", "cpu", "--per-class"])
+    assert res.exit_code == 0 and "accuracy" in res.output and "yellow" in res.output
+
+    zs = tmp_path / "zs"
+    res = runner.invoke(main, ["zeroshot", str(image_folder / "test"), *common, "--template", "a photo of a {}.",
+                               "--template", "a {} thing.", "--out", str(zs)])
+    assert res.exit_code == 0, res.output
+    assert "zeroshot" in res.output and "images" in res.output
+    assert json.loads((zs / "config.json").read_text())["templates"] == ["a photo of a {}.", "a {} thing."]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["fit", "/no/such/dir", "--out", "x"], "dataset not found: /no/such/dir"),
+        (["fit", "{train}", "--out", "x", "--model", "ViT-B-33", "--pretrained", "none"], "unknown model 'ViT-B-33'; did you mean"),
+        (["fit", "{train}", "--out", "x", "--shots", "0"], "shots must be an integer >= 1"),
+        (["fit", "{train}", "--out", "x", "--n-ctx", "0"], "n_ctx must be an integer >= 1"),
+        (["fit", "{train}", "--out", "x", "--ctx-init", " "], "ctx_init has no words"),
+        (["eval", "/no/run", "{train}"], "run folder not found"),
+        (["eval", "{train}", "{train}"], "is not a coopkit run"),
+        (["zeroshot", "{train}", "--model", "{config}", "--pretrained", "none", "--template", "oops"], "exactly once"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(runner, image_folder, tiny_config, args, message):
+    args = [a.format(train=image_folder / "train", config=tiny_config) for a in args]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_bad_position_choice(runner, image_folder):
+    res = runner.invoke(main, ["fit", str(image_folder / "train"), "--out", "x", "--position", "left"])
+    assert res.exit_code == 2 and "'left' is not one of 'end', 'middle', 'front'" in res.output
