@@ -6,8 +6,8 @@ the middle after M/2 context vectors, or at the front), run through CLIP's own t
 Three computations here are exact rewrites of the plain full-length pass, not
 approximations (``tests/test_prompts.py`` checks them against :func:`reference_text_features`):
 
-* prompts are cut after the longest EOT position: the causal mask makes later positions
-  irrelevant to the EOT features;
+* prompts are cut after their EOT token, classes grouped by prompt length so that no
+  group carries padding: the causal mask makes later positions irrelevant to the EOT features;
 * with unified context, the positions before the first class token (SOS and the leading
   context vectors) are the same for every class and attend only to each other, so they go
   through each layer once, and every class reuses their keys and values;
@@ -298,7 +298,7 @@ class PromptLearner(nn.Module):
         """Class-specific positions of classes ``idx`` attending to the shared keys/values."""
         t = self.tower
         p = self.n_shared
-        x = self.prompts(idx)[:, p:]  # (k, s, width)
+        x = self.prompts(idx)[:, p : int(self.eot_idx[idx].max()) + 1]  # (k, s, width)
         k_cls, s = x.shape[0], x.shape[1]
         x = x + t.positional_embedding[p : p + s].to(x.dtype)
         mask = _causal_mask(s, p + s, x.device)  # (s, p + s)
@@ -313,21 +313,39 @@ class PromptLearner(nn.Module):
     def _chunk(self, idx: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
         if self.use_shared_prefix:
             return self._rest_pass(idx, *kv)
-        return self._plain(self.prompts(idx), self.eot_idx[idx])
+        eot = self.eot_idx[idx]
+        prompts = self.prompts(idx)
+        if self.tower.attn_mask is not None:
+            prompts = prompts[:, : int(eot.max()) + 1]  # (k, L, width)
+        return self._plain(prompts, eot)
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features ``(n_classes, embed_dim)``, differentiable w.r.t. ``ctx``."""
         kv = self._shared_pass() if self.use_shared_prefix else []
-        chunk = self.text_chunk_size
-        ckpt = torch.is_grad_enabled() and self.n_cls > chunk
+        ckpt = torch.is_grad_enabled() and self.n_cls > self.text_chunk_size
+        groups = self._groups()
         out = []
-        for start in range(0, self.n_cls, chunk):
-            idx = torch.arange(start, min(self.n_cls, start + chunk), device=self.ctx.device)
+        for idx in groups:
             if ckpt:
                 out.append(checkpoint(self._chunk, idx, *kv, use_reentrant=False))
             else:
                 out.append(self._chunk(idx, *kv))
-        return F.normalize(torch.cat(out).float(), dim=-1)  # (n_cls, embed_dim)
+        feats = torch.cat(out).float()  # (n_cls, embed_dim), in group order
+        order = torch.cat(groups)
+        feats = torch.empty_like(feats).index_copy(0, order, feats)  # back to class order
+        return F.normalize(feats, dim=-1)
+
+    def _groups(self) -> list[torch.Tensor]:
+        """Class indices grouped by prompt length (no padding), split to at most ``text_chunk_size``."""
+        if self.tower.attn_mask is None:  # no causal mask: every position matters, no cutting
+            lengths = torch.zeros_like(self.eot_idx)
+        else:
+            lengths = self.eot_idx
+        groups = []
+        for value in torch.unique(lengths):
+            idx = torch.nonzero(lengths == value).flatten()
+            groups += list(torch.split(idx, self.text_chunk_size))
+        return groups
 
     forward = text_features
 

@@ -1,0 +1,140 @@
+"""One CoOp training step: coopkit's against a naive step, same model, same machine, same run.
+
+coopkit's step trains on cached image features and passes prompts cut at their EOT token,
+with the shared context positions computed once (unified context) and large label sets in
+checkpointed chunks. The naive step runs the image encoder on the batch every step and the
+full 77-token prompt of every class through the text tower, as the official CoOp does.
+
+Each (method, K) runs in its own subprocess so that its peak memory (max RSS) is its own.
+The step's peak is reported above the process's memory after loading the model.
+
+    python benchmarks/bench_train_step.py                 # K = 10, 100, 1000 on ViT-B-32 (random init)
+    python benchmarks/bench_train_step.py --classes 10 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _classnames(k: int) -> list[str]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    names, seen = [], set()
+    for i, n in enumerate(IMAGENET_CLASSNAMES):
+        n = n if n not in seen else f"{n} {i}"
+        seen.add(n)
+        names.append(n)
+    return names[:k]
+
+
+def worker(method: str, k: int, steps: int, model: str, batch: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import coopkit
+    from coopkit.prompts import PromptLearner, reference_text_features
+
+    torch.manual_seed(0)
+    bb = coopkit.load_backbone(model, pretrained=None, device="cpu")
+    learner = PromptLearner(bb, _classnames(k), n_ctx=16)
+    opt = torch.optim.SGD([learner.ctx], lr=0.002, momentum=0.9, weight_decay=5e-4)
+    scale = bb.model.logit_scale.exp()
+    size = bb.image_size
+    images = torch.randn(batch, 3, *size)
+    cached = F.normalize(torch.randn(batch, bb.model.text_projection.shape[1]), dim=-1)
+    labels = torch.randint(k, (batch,))
+    base_rss = _current_rss_mb()
+
+    def step() -> None:
+        if method == "coopkit":
+            x, text = cached, learner.text_features()
+        else:
+            with torch.no_grad():
+                x = F.normalize(bb.model.encode_image(images), dim=-1)
+            text = reference_text_features(learner)
+        loss = F.cross_entropy(scale * x @ text.T, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    result = {"method": method, "K": k, "step_s": statistics.median(times), "peak_mb": _rss_mb() - base_rss}
+    if method == "coopkit":
+        with torch.no_grad():
+            result["max_abs_diff_vs_full"] = float((learner.text_features() - reference_text_features(learner)).abs().max())
+    return result
+
+
+def run(method: str, k: int, steps: int, model: str, batch: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--classes", str(k), "--steps", str(steps),
+           "--model", model, "--batch", str(batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"method": method, "K": k, "error": (out.stderr.strip().splitlines() or ["killed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--naive-max-classes", type=int, default=100,
+                    help="Skip the naive step above this K (at K=1000 it needs tens of GB).")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.classes[0], args.steps, args.model, args.batch)))
+        return
+
+    import torch
+
+    print(f"# one training step, {args.model} random init, batch {args.batch}, n_ctx 16, unified context")
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; ImageNet class names; median of {args.steps} steps")
+    print()
+    print("| K | coopkit step (s) | naive step (s) | speed-up | coopkit peak (MB) | naive peak (MB) | max abs diff of text features |")
+    print("|---|---|---|---|---|---|---|")
+    for k in args.classes:
+        ours = run("coopkit", k, args.steps, args.model, args.batch)
+        naive = (run("naive", k, args.steps, args.model, args.batch) if k <= args.naive_max_classes
+                 else {"error": f"not run (K > {args.naive_max_classes})"})
+        if "error" in ours:
+            print(f"| {k} | error: {ours['error']} | | | | | |")
+            continue
+        if "error" in naive:
+            print(f"| {k} | {ours['step_s']:.3f} | {naive['error']} | - | {ours['peak_mb']:.0f} | - | "
+                  f"{ours['max_abs_diff_vs_full']:.1e} |")
+            continue
+        print(f"| {k} | {ours['step_s']:.3f} | {naive['step_s']:.3f} | {naive['step_s'] / ours['step_s']:.1f}x | "
+              f"{ours['peak_mb']:.0f} | {naive['peak_mb']:.0f} | {ours['max_abs_diff_vs_full']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
