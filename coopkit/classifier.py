@@ -82,6 +82,27 @@ class Classifier:
             self._weights = (scale * self.text_features().cpu()).contiguous()
         return self._weights
 
+    def with_classes(self, classnames: Sequence[str]) -> "Classifier":
+        """The same prompt over other class names (base-to-new, open vocabulary).
+
+        Unified context is class-agnostic and carries over as it is; class-specific context
+        has no vectors for unseen classes, so it is refused.
+        """
+        names = _check_classnames(classnames)
+        config = RunConfig(**{**self.config.__dict__, "classnames": names, "metrics": {}})
+        if self.learner is None:
+            return Classifier(self.backbone, config)
+        p = self.config.prompt
+        assert p is not None
+        if p.csc:
+            raise ValueError("a class-specific-context run has no context for new classes; fit with csc=False")
+        learner = PromptLearner(self.backbone, names, p.n_ctx, p.csc, p.class_token_position, p.ctx_init,
+                                text_chunk_size=self.learner.text_chunk_size).to(self.backbone.device)
+        with torch.no_grad():
+            learner.ctx.copy_(self.learner.ctx)
+        learner.requires_grad_(False)
+        return Classifier(self.backbone, config, learner)
+
     def image_features(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """L2-normalised image features ``(n, embed_dim)``; every image must decode."""
         if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):

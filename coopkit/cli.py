@@ -20,6 +20,9 @@ from . import __version__
 
 #: Commands defined in other modules, loaded when used: name -> "module:attribute".
 LAZY_COMMANDS = {
+    "bench": "coopkit._cli_bench:bench",
+    "explain": "coopkit._cli_bench:explain",
+    "import-official": "coopkit._cli_bench:import_official_cmd",
     "demo": "coopkit._cli_demo:demo",
     "export": "coopkit._cli_export:export",
     "predict": "coopkit._cli_predict:predict",

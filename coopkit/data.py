@@ -69,12 +69,12 @@ class Dataset:
 
     def subset(self, classnames: Sequence[str]) -> "Dataset":
         """Only the images of ``classnames``, relabelled in that order."""
-        keep = set(classnames)
-        unknown = sorted(keep - set(self.classnames))
+        unknown = sorted(set(classnames) - set(self.classnames))
         if unknown:
             raise ValueError(f"{self.source}: unknown classes {unknown}; available: {self.classnames}")
-        items = [(p, y) for p, y in self.items if self.classnames[y] in keep]
-        return Dataset(items, self.classnames, self.source).relabel(classnames)
+        index = {c: i for i, c in enumerate(classnames)}
+        items = [(p, index[self.classnames[y]]) for p, y in self.items if self.classnames[y] in index]
+        return Dataset(items, list(classnames), self.source)
 
 
 def _is_image(path: Path) -> bool:

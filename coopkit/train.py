@@ -39,6 +39,14 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
+def kg_penalty(text: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
+    """KgCoOp's term: mean over classes of ``1 - cos(learned feature, hand-written-prompt feature)``.
+
+    Both inputs are L2-normalised ``(n_classes, embed_dim)``.
+    """
+    return (1 - (text * hand).sum(-1)).mean()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -203,7 +211,7 @@ def _train_loop(
                 logits = scale * x @ text.float().T  # (b, n_cls)
                 loss = F.cross_entropy(logits.float(), y)
                 if hand is not None:
-                    loss = loss + cfg.kg_weight * (1 - (text.float() * hand).sum(-1)).mean()
+                    loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)
             if not torch.isfinite(loss):
                 raise RuntimeError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "

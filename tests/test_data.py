@@ -138,3 +138,14 @@ def test_decompression_bomb_and_corrupt_files(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ImageDecodeError, match="uint8"):
         load_image(np.zeros((4, 4, 3), dtype=np.float32))
+
+
+def test_subset_and_relabel(image_folder):
+    data = load_dataset(image_folder / "train")
+    sub = data.subset(["yellow", "blue"])
+    assert sub.classnames == ["yellow", "blue"] and sub.counts() == [8, 8]
+    assert all(Path(p).parent.name == sub.classnames[y] for p, y in sub.items)
+    with pytest.raises(ValueError, match=r"unknown classes \['purple'\]"):
+        data.subset(["purple"])
+    with pytest.raises(ValueError, match="not among the model's classes"):
+        data.relabel(["blue", "green"])

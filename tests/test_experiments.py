@@ -1,0 +1,170 @@
+"""The paper's experiments as commands, the linear probe, KgCoOp, explain, and official-checkpoint import."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import coopkit
+from coopkit.classifier import Classifier, template_features
+from coopkit.cli import main
+from coopkit.compat import import_official
+from coopkit.config import PromptConfig, RunConfig
+from coopkit.experiments import plot_fewshot
+from coopkit.features import encode_images
+from coopkit.interpret import nearest_words
+from coopkit.linear_probe import fit_linear_probe
+from coopkit.prompts import PromptLearner
+from coopkit.train import kg_penalty
+
+NAMES = ["blue", "green", "red", "yellow"]
+
+
+def _common(tiny_config):
+    return ["--model", str(tiny_config), "--pretrained", "none", "--device", "cpu"]
+
+
+def test_bench_fewshot_writes_csv_summary_and_plot(image_folder, tiny_config, tmp_path):
+    out = tmp_path / "fs"
+    res = CliRunner().invoke(main, ["bench", "fewshot", "--train", str(image_folder / "train"),
+                                    "--test", str(image_folder / "test"), *_common(tiny_config),
+                                    "--shots", "1,2", "--seeds", "1,2", "--methods",
+                                    "zeroshot,zeroshot-ensemble,linear-probe,coop,coop-csc",
+                                    "--epochs", "2", "--n-views", "1", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {"method", "shots", "seed", "accuracy"} <= set(rows[0])
+    # 2 zero-shot rows + (probe, coop, coop-csc) x 2 shots x 2 seeds
+    assert len(rows) == 2 + 3 * 2 * 2
+    assert {r["method"] for r in rows} == {"zeroshot", "zeroshot-ensemble", "linear-probe", "coop", "coop-csc"}
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert "±" in (out / "summary.md").read_text()
+    assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_is_optional(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    rows = [{"method": "coop", "setting": "s", "shots": 1, "seed": 1, "accuracy": 0.5}]
+    assert plot_fewshot(rows, tmp_path / "x.png") is False
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unknown_method(image_folder, tiny_config, tmp_path):
+    res = CliRunner().invoke(main, ["bench", "fewshot", "--train", str(image_folder / "train"), "--test",
+                                    str(image_folder / "test"), *_common(tiny_config), "--methods", "coop,magic",
+                                    "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown methods ['magic']" in res.output
+
+
+def test_linear_probe_beats_chance(tiny_backbone, image_folder):
+    train = coopkit.load_dataset(image_folder / "train")
+    test = coopkit.load_dataset(image_folder / "test")
+    ftr, _ = encode_images(tiny_backbone, train.paths)
+    fte, _ = encode_images(tiny_backbone, test.paths)
+    probe = fit_linear_probe(ftr[0], torch.tensor(train.labels), 4)
+    assert probe.lam in [10.0 ** e for e in range(-6, 3)]
+    assert probe.accuracy(fte[0], torch.tensor(test.labels)) > 0.6  # chance is 0.25
+
+
+def test_kg_penalty_is_zero_when_context_reproduces_the_hand_prompt(tiny_backbone):
+    hand = template_features(tiny_backbone, NAMES, ["a photo of a {}."])
+    same = PromptLearner(tiny_backbone, NAMES, ctx_init="a photo of a")
+    assert float(kg_penalty(same.text_features().detach(), hand)) == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    other = PromptLearner(tiny_backbone, NAMES, n_ctx=4)
+    assert float(kg_penalty(other.text_features().detach(), hand)) > 1e-3
+
+
+def test_kg_weight_pulls_towards_the_hand_prompt(tiny_backbone, image_folder):
+    hand = template_features(tiny_backbone, NAMES, ["a photo of a {}."])
+    dist = {}
+    for kg in (0.0, 50.0):
+        clf = coopkit.fit(image_folder / "train", backbone=tiny_backbone, shots=4, epochs=4, n_views=1,
+                          ctx_init="a photo of a", lr=0.05, kg_weight=kg, progress=False)
+        dist[kg] = float(kg_penalty(clf.text_features(), hand))
+    assert dist[50.0] < dist[0.0]
+
+
+def _untrained(bb, csc=False) -> Classifier:
+    learner = PromptLearner(bb, NAMES, ctx_init="a photo of a", csc=csc)
+    config = RunConfig(method="coop", classnames=NAMES, model=bb.name, model_config=bb.model_config,
+                       backbone_sha256=bb.weights_sha256, prompt=PromptConfig(4, csc, "end", "a photo of a"))
+    return Classifier(bb, config, learner)
+
+
+@pytest.mark.parametrize("csc", [False, True])
+def test_explain_returns_the_init_words(tiny_backbone, csc):
+    words = nearest_words(_untrained(tiny_backbone, csc), top=3)
+    assert list(words) == ([None] if not csc else NAMES)
+    for vectors in words.values():
+        assert [row[0][0] for row in vectors] == ["a", "photo", "of", "a"]
+        assert all(row[0][1] < 1e-3 < row[1][1] and len(row) == 3 for row in vectors)
+
+
+def test_explain_cli(tiny_backbone, tmp_path):
+    run = _untrained(tiny_backbone).save(tmp_path / "run")
+    res = CliRunner().invoke(main, ["explain", str(run), "--top", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "ctx 2" in res.output and "photo (0.00)" in res.output
+
+
+def test_base2new_and_shift_commands(image_folder, tiny_config, tmp_path):
+    common = [*_common(tiny_config), "--shots", "2", "--seeds", "1", "--epochs", "2", "-q"]
+    res = CliRunner().invoke(main, ["bench", "base2new", "--train", str(image_folder / "train"), "--test",
+                                    str(image_folder / "test"), "--base", "blue,green", "--new", "red,yellow",
+                                    "--kg-weight", "0,1", *common, "--out", str(tmp_path / "b2n")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "b2n" / "results.csv")))
+    assert [r["method"] for r in rows] == ["zeroshot", "coop", "kgcoop"]
+    for r in rows:
+        b, n, hm = float(r["base"]), float(r["new"]), float(r["hm"])
+        assert hm == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n), abs=1e-5)
+    res = CliRunner().invoke(main, ["bench", "shift", "--train", str(image_folder / "train"),
+                                    "--test", f"same={image_folder / 'test'}", "--test", f"again={image_folder / 'train'}",
+                                    *common])
+    assert res.exit_code == 0, res.output
+    assert "zeroshot" in res.output and "again" in res.output
+    bad = CliRunner().invoke(main, ["bench", "base2new", "--train", str(image_folder / "train"), "--test",
+                                    str(image_folder / "test"), "--base", "blue,red", "--new", "red", *common])
+    assert bad.exit_code == 2 and "both base and new" in bad.output
+
+
+def _official_checkpoint(path, ctx):
+    # The layout Dassl's save_checkpoint writes for CoOp's prompt learner.
+    torch.save({"state_dict": {"ctx": ctx, "token_prefix": torch.zeros(4, 1, ctx.shape[-1]),
+                               "token_suffix": torch.zeros(4, 60, ctx.shape[-1])},
+                "epoch": 50, "optimizer": {"state": {}, "param_groups": [{"lr": 0.002, "params": [0]}]},
+                "scheduler": {"last_epoch": 50}, "val_result": None}, path)
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (4, 4, 64)])
+def test_import_official_checkpoint(tiny_backbone, image_folder, tmp_path, shape):
+    ctx = torch.randn(*shape)
+    ckpt = tmp_path / "model.pth.tar-50"
+    _official_checkpoint(ckpt, ctx)
+    clf = import_official(ckpt, NAMES, backbone=tiny_backbone)
+    assert torch.equal(clf.learner.ctx.detach(), ctx)
+    assert clf.config.prompt.csc == (len(shape) == 3)
+    run = clf.save(tmp_path / "run")
+    assert torch.equal(coopkit.load(run, backbone=tiny_backbone).learner.ctx, ctx)
+
+
+def test_import_official_bad_files(tiny_backbone, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        import_official(tmp_path / "nope", NAMES, backbone=tiny_backbone)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a loadable torch checkpoint"):
+        import_official(junk, NAMES, backbone=tiny_backbone)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, other)
+    with pytest.raises(ValueError, match="no 'ctx'"):
+        import_official(other, NAMES, backbone=tiny_backbone)
+    wrong = tmp_path / "wrong.pt"
+    _official_checkpoint(wrong, torch.randn(4, 32))
+    with pytest.raises(ValueError, match="does not fit"):
+        import_official(wrong, NAMES, backbone=tiny_backbone)
