@@ -17,6 +17,20 @@ A text graph (exported with ``--with-text-encoder``) is a second file named by
 ``(n_classes, context_length)`` holding the tokenised class names (see ``text_encoder``
 for how prompts are built), output ``class_weights`` ``(n_classes, embed_dim)`` float32,
 already multiplied by ``exp(logit_scale)``.
+
+Token layout of the text graph (what ``coopkit.exporters`` writes; ``text_encoder["layout"]``):
+
+* ``coop_placeholders_v1`` (CoOp, unified context): ``prompt_template`` is ``"X X ... X {}."``
+  with ``n_ctx`` placeholder words. Each row of ``token_ids`` is exactly
+  ``ClipTokenizer()(template.replace("{}", name.replace("_", " ")), context_length)``:
+  ``[SOS, X * n_ctx, name tokens, ".", EOT, 0, ...]`` (the same ids coopkit trained with).
+  The graph replaces positions ``1 .. n_ctx`` with the learned context and, for
+  ``class_token_position`` ``middle`` / ``front``, moves the name tokens in front of the last
+  ``n_ctx - n_ctx // 2`` / all context vectors; it finds the EOT as the largest id. The
+  runtime needs nothing but the template: the placeholders' own ids are never used.
+* ``plain_v1`` (zero-shot): ``templates`` as written by the user; each row is the plain
+  tokenisation of one filled-in template, and the graph is open_clip's ``encode_text``
+  followed by L2 normalisation and ``exp(logit_scale)``.
 """
 
 from __future__ import annotations
@@ -69,10 +83,14 @@ class ModelMetadata:
             the ``X`` placeholders, as the official CoOp does) or ``templates`` (several such
             strings, zero-shot style: the runtime runs the text graph once per template and
             averages the L2-normalised rows, keeping the scale). Precedence: ``templates``,
-            then ``prompt_template``, then ``"{}" + prompt_suffix``. The runtime tokenises each
+            then ``prompt_template``, then ``"{}" + prompt_suffix``. Underscores in class names
+            become spaces before formatting, as in training. The runtime tokenises each
             prompt with CLIP's BPE exactly as ``open_clip.tokenize`` does (lower-cased, start
             and end tokens, zero padding, truncated to ``context_length`` with the end token
-            last) and feeds the ids as they are.
+            last) and feeds the ids as they are. The exporter also records ``input``
+            (``"token_ids"``), ``output`` (``"class_weights"``), ``n_ctx``,
+            ``class_token_position`` and ``layout`` (see the module docstring); readers may
+            ignore them.
         schema_version: Version of this schema.
     """
 

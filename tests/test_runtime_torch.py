@@ -1,0 +1,267 @@
+"""coopkit.runtime against open_clip itself: preprocessing, tokenisation and exported models.
+
+Skipped where torch / open_clip are not installed (the torch-free CI environment).
+"""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from coopkit.runtime.preprocess import load_image, preprocess  # noqa: E402
+from coopkit.runtime import tokenizer as rt_tokenizer  # noqa: E402
+from coopkit.runtime.tokenizer import ClipTokenizer, clean_text, split_words  # noqa: E402
+
+
+def _photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like image: smooth colour fields, a hard-edged disc, texture and sensor noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            128 + 100 * np.sin(xx / width * (2 + seed % 3) + 0.5 * yy / height),
+            128 + 90 * np.cos(yy / height * 3.0 + seed),
+            100 + 80 * np.sin((xx + yy) / (width + height) * 5.0),
+        ],
+        axis=-1,
+    )
+    disc = (xx - width * 0.55) ** 2 + (yy - height * 0.45) ** 2 < (0.25 * min(width, height)) ** 2
+    base[disc] = (240, 200, 40)
+    base += 20 * np.sin(xx * 0.9)[..., None] * np.cos(yy * 0.7)[..., None]  # fine texture
+    base += rng.normal(0, 5, base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Any]]:
+    """Real files: JPEG/PNG, odd sizes, portrait and landscape, grey, RGBA, palette, EXIF-rotated.
+
+    Each comes with the PIL image open_clip should be given (EXIF applied, as coopkit's loader
+    does; open_clip itself ignores EXIF) or ``None`` to feed open_clip ``load_image``'s output."""
+    root = tmp_path_factory.mktemp("runtime_images")
+    files: list[tuple[Path, Any]] = []
+    for i, (w, h) in enumerate([(640, 480), (480, 640), (333, 517), (517, 333), (224, 224), (225, 223), (1001, 97), (17, 29), (3, 2)]):
+        path = root / f"photo_{w}x{h}.jpg"
+        Image.fromarray(_photo(w, h, i)).save(path, quality=90)
+        files.append((path, Image.open(path)))
+    grey = root / "grey_301x199.png"
+    Image.fromarray(_photo(301, 199, 20)[..., 1], mode="L").save(grey)
+    files.append((grey, Image.open(grey)))  # open_clip on the L image directly (converts after resizing)
+    rgba = root / "rgba_250x400.png"
+    alpha = np.full((400, 250, 1), 255, np.uint8)  # opaque: open_clip's own RGBA handling agrees
+    Image.fromarray(np.concatenate([_photo(250, 400, 21), alpha], axis=2), mode="RGBA").save(rgba)
+    files.append((rgba, Image.open(rgba)))
+    translucent = root / "translucent_199x301.png"
+    alpha = (np.arange(301)[:, None, None] * np.ones((1, 199, 1)) * 255 / 300).astype(np.uint8)
+    Image.fromarray(np.concatenate([_photo(199, 301, 22), alpha], axis=2), mode="RGBA").save(translucent)
+    files.append((translucent, None))  # alpha dropped before resizing, as for training
+    palette = root / "palette_320x200.png"
+    Image.fromarray(_photo(320, 200, 23)).convert("P", palette=Image.Palette.ADAPTIVE).save(palette)
+    files.append((palette, None))  # Pillow resizes "P" images nearest-neighbour; coopkit decodes to RGB first
+    for orientation in (3, 6, 8):
+        path = root / f"exif{orientation}_400x300.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(_photo(400, 300, 30 + orientation)).save(path, exif=exif, quality=92)
+        files.append((path, ImageOps.exif_transpose(Image.open(path))))
+    return files
+
+
+PREPROCESS_CASES = [
+    dict(image_size=(224, 224), resize_mode="shortest", interpolation="bicubic"),
+    dict(image_size=(224, 224), resize_mode="shortest", interpolation="bilinear"),
+    dict(image_size=(64, 64), resize_mode="longest", interpolation="bicubic", fill_color=0),
+    dict(image_size=(96, 96), resize_mode="longest", interpolation="bilinear", fill_color=128),
+    dict(image_size=(64, 64), resize_mode="squash", interpolation="bicubic"),
+    dict(image_size=(240, 160), resize_mode="shortest", interpolation="bilinear"),
+    dict(image_size=(96, 128), resize_mode="longest", interpolation="bicubic", fill_color=255),
+    dict(image_size=(80, 120), resize_mode="squash", interpolation="bilinear"),
+]
+
+
+@pytest.mark.parametrize("case", PREPROCESS_CASES, ids=lambda c: f"{c['resize_mode']}-{c['interpolation']}-{c['image_size']}")
+def test_preprocess_matches_open_clip(case: dict[str, Any], image_files: list[tuple[Path, Any]]) -> None:
+    size = case["image_size"]
+    transform = open_clip.image_transform(
+        size,
+        is_train=False,
+        resize_mode=case["resize_mode"],
+        interpolation=case["interpolation"],
+        fill_color=case.get("fill_color", 0),
+    )
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    for path, reference_input in image_files:
+        ref = transform(reference_input if reference_input is not None else load_image(path))  # (3, H, W)
+        ref_uint8 = ((ref * std + mean) * 255).permute(1, 2, 0).numpy()  # back to grey levels
+        ours = preprocess(path, size, case["resize_mode"], case["interpolation"], case.get("fill_color", 0))
+        assert ours.shape == (*size, 3) and ours.dtype == np.uint8
+        diff = np.abs(ours.astype(np.float64) - ref_uint8).max()
+        assert diff <= 1.0, f"{path.name}: {diff} grey levels off"
+
+
+def test_preprocess_matches_the_training_side(tiny_backbone: Any, image_files: list[tuple[Path, Any]]) -> None:
+    # coopkit's training/evaluation path: load_image, then the backbone's open_clip transform
+    cfg = tiny_backbone.preprocess_cfg
+    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(cfg["std"]).view(3, 1, 1)
+    for path, _ in image_files:
+        ref = ((tiny_backbone.preprocess(load_image(path)) * std + mean) * 255).permute(1, 2, 0).numpy()
+        ours = preprocess(path, tiny_backbone.image_size, cfg["resize_mode"], cfg["interpolation"], cfg["fill_color"])
+        assert np.abs(ours - ref).max() <= 1.0, path.name
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+_PIECES = [
+    "dog", "Golden Retriever", "a photo of a", "café", "naïve", "Ångström", "straße", "İstanbul",
+    "it's", "DON'T", "we'RE", "they'll", "I'd", "you've", "I'M", "'ſ", "x''s", "ﬁsh", "ﬂower",
+    "ＦＵＬＬ", "“quoted”", "‘single’", "&amp;", "&lt;b&gt;", "&quot;hi&quot;", "<start_of_text>",
+    "<END_OF_TEXT>", "日本語", "東京タワー", "한국어", "Ελληνικά", "русский", "عربى", "हिन्दी",
+    "१२३", "½", "Ⅻ", "2024", "3.14", "1,000,000", "e-mail", "C++", "#tag", "@user", "😀🐶",
+    "👍🏽", "\t tab", "\n", "  ", "e\u0301", "ǅ", "\u2028", "\x00", "\x1c", "co-op", "model_v2",
+    "(x)", "...", "—", "–", "ﬆ", "ŉ", "\u3000", "ﾀｰﾝ", "\ufeff", "\u200b", "𝒥", "ℋ", "K",
+    "µ", "ß", "ĳ", "ⅸ", "¹²³", "٣", "X X X X", "sea turtle.", "n/a", "100%", "$5", "U.S.A.",
+    "mother-in-law", "rock'n'roll", "o'clock", "\x85", "\x9c", "Ǆungla", "ＡＢＣ１２３",
+]  # fmt: skip
+
+
+def _varied_strings(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = list(_PIECES)
+    while len(out) < n:
+        k = rng.randint(1, 6)
+        parts = [rng.choice(_PIECES) for _ in range(k)]
+        out.append((" " if rng.random() < 0.75 else "").join(parts))
+    out.append("word " * 120)  # longer than the context: truncated, ends with the end token
+    out.append("")
+    return out
+
+
+def test_tokenizer_matches_open_clip() -> None:
+    texts = _varied_strings(400)
+    ours = ClipTokenizer()(texts)
+    ref = open_clip.tokenize(texts).numpy()
+    mismatched = [t for t, a, b in zip(texts, ours, ref) if not np.array_equal(a, b)]
+    assert not mismatched, mismatched[:5]
+    assert ClipTokenizer()(texts[:3], context_length=16).tolist() == open_clip.tokenize(texts[:3], context_length=16).tolist()
+
+
+def test_tokenizer_without_ftfy_matches_on_text_without_mojibake(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rt_tokenizer, "_fix_text", rt_tokenizer._fix_text_lite)
+    texts = _varied_strings(300, seed=1)
+    ours = ClipTokenizer()(texts)
+    ref = open_clip.tokenize(texts).numpy()
+    assert [t for t, a, b in zip(texts, ours, ref) if not np.array_equal(a, b)] == []
+    # what the lite cleaner cannot do: repair mojibake (documented)
+    assert ClipTokenizer()(["cafÃ©"]).tolist() != open_clip.tokenize(["cafÃ©"]).tolist()
+
+
+def test_pre_tokenizer_agrees_with_regex_everywhere() -> None:
+    regex = pytest.importorskip("regex")
+    from open_clip.tokenizer import _tokenizer
+
+    for text in _varied_strings(300, seed=2):
+        cleaned = clean_text(text)
+        assert split_words(cleaned) == regex.findall(_tokenizer.pat, cleaned), text
+    # every assigned code point falls in the same class (\p{L}, \p{N}, \s or other) as in regex
+    letter, number, space = regex.compile(r"\p{L}"), regex.compile(r"\p{N}"), regex.compile(r"\s")
+    bad = []
+    for cp in range(0x110000):
+        ch = chr(cp)
+        if unicodedata.category(ch) in ("Cn", "Cs"):
+            continue  # unassigned in this Python's Unicode tables (regex may know newer ones)
+        want = "L" if letter.match(ch) else "N" if number.match(ch) else "S" if space.match(ch) else "O"
+        if rt_tokenizer._char_class(ch) != want:
+            bad.append(hex(cp))
+    assert not bad, bad[:20]
+
+
+# --- exported by coopkit, served by the runtime ------------------------------------------------
+
+
+def _export_onnx() -> Any:
+    exporters = pytest.importorskip("coopkit.exporters")
+    fn = getattr(exporters, "export_onnx", None)
+    if fn is None:
+        pytest.skip("coopkit.exporters.export_onnx is not available")
+    return fn
+
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def test_exported_zero_shot_model_matches_pytorch(tiny_backbone: Any, image_files: list[tuple[Path, Any]], tmp_path: Path) -> None:
+    import coopkit
+    from coopkit.runtime import Classifier
+
+    export_onnx = _export_onnx()
+    torch_clf = coopkit.zero_shot(tiny_backbone, COLOURS)
+    path = tmp_path / "tiny.onnx"
+    export_onnx(torch_clf, path, precision="fp32")
+    rt = Classifier(path, device="cpu")
+    assert rt.classnames == COLOURS and rt.image_size == tiny_backbone.image_size
+    paths = [p for p, _ in image_files]
+    # end to end: coopkit's decode + open_clip transform + PyTorch vs the runtime's own path
+    np.testing.assert_allclose(rt.logits(paths), torch_clf.logits(paths), rtol=1e-3, atol=1e-3)
+    want = torch_clf.image_features(paths).numpy()
+    np.testing.assert_allclose(rt.embed(paths), want, rtol=1e-3, atol=1e-4)
+    assert [r.label for r in rt.predict(paths)] == torch_clf.predict(paths)
+
+
+def test_exported_text_encoder_set_classes_matches_pytorch(tiny_backbone: Any, image_files: list[tuple[Path, Any]], tmp_path: Path) -> None:
+    import inspect
+
+    import coopkit
+    from coopkit.runtime import Classifier
+
+    export_onnx = _export_onnx()
+    if "with_text_encoder" not in inspect.signature(export_onnx).parameters:
+        pytest.skip("export_onnx has no with_text_encoder option")
+    path = tmp_path / "tiny_text.onnx"
+    export_onnx(coopkit.zero_shot(tiny_backbone, COLOURS, templates=["a photo of a {}.", "a {} thing."]), path, with_text_encoder=True)
+    rt = Classifier(path, device="cpu")
+    names = ["sky_blue", "grass", "Ångström"]
+    rt.set_classes(names)
+    torch_clf = coopkit.zero_shot(tiny_backbone, names, templates=["a photo of a {}.", "a {} thing."])
+    paths = [p for p, _ in image_files]
+    np.testing.assert_allclose(rt.logits(paths), torch_clf.logits(paths), rtol=1e-3, atol=1e-3)
+    assert rt.classnames == names
+
+
+def test_exported_coop_text_encoder_set_classes_matches_pytorch(
+    tiny_backbone: Any, image_folder: Path, image_files: list[tuple[Path, Any]], tmp_path: Path
+) -> None:
+    import coopkit
+    from coopkit.prompts import PromptLearner
+    from coopkit.runtime import Classifier
+
+    export_onnx = _export_onnx()
+    fitted = coopkit.fit(
+        image_folder / "train", backbone=tiny_backbone, shots=4, epochs=2, n_views=1, n_ctx=4,
+        batch_size=8, class_token_position="middle", progress=False,
+    )  # fmt: skip
+    path = tmp_path / "coop.onnx"
+    export_onnx(fitted, path, with_text_encoder=True)
+    rt = Classifier(path, device="cpu")
+    paths = [p for p, _ in image_files]
+    np.testing.assert_allclose(rt.logits(paths), fitted.logits(paths), rtol=1e-3, atol=1e-3)
+
+    names = ["sky_blue", "grass green", "Ångström", "a much longer class name with many words"]
+    rt.set_classes(names)
+    # PyTorch: the learned context over the new names
+    learner = PromptLearner(tiny_backbone, names, n_ctx=fitted.learner.n_ctx, class_token_position="middle")
+    with torch.no_grad():
+        learner.ctx.copy_(fitted.learner.ctx)
+        weights = tiny_backbone.model.logit_scale.exp() * learner.text_features().float()
+    want = (fitted.image_features(paths) @ weights.T).numpy()
+    np.testing.assert_allclose(rt.logits(paths), want, rtol=1e-3, atol=1e-3)
