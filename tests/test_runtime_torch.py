@@ -265,3 +265,35 @@ def test_exported_coop_text_encoder_set_classes_matches_pytorch(
         weights = tiny_backbone.model.logit_scale.exp() * learner.text_features().float()
     want = (fitted.image_features(paths) @ weights.T).numpy()
     np.testing.assert_allclose(rt.logits(paths), want, rtol=1e-3, atol=1e-3)
+
+
+def test_fp16_export_serves_on_cpu_without_crashing(tiny_backbone, tmp_path):
+    """onnxruntime 1.31's NchwcTransformer segfaults on fp16 graphs; the runtime switches it off.
+
+    Run in a child process so that a regression fails this test instead of killing pytest.
+    """
+    import subprocess
+    import sys
+
+    import coopkit
+    from coopkit.exporters import export_onnx
+
+    clf = coopkit.zero_shot(tiny_backbone, ["red", "green", "blue"])
+    path = tmp_path / "fp16.onnx"
+    export_onnx(clf, path, precision="fp16", n_verify=4)
+    images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    code = (
+        "import sys, json, numpy as np; from coopkit.runtime import Classifier; "
+        "c = Classifier(sys.argv[1], device='cpu'); "
+        "print(json.dumps(c.logits(list(np.load(sys.argv[2]))).tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "images.npy")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"runtime died on an fp16 file (code {out.returncode}): {out.stderr[-2000:]}"
+    import json
+
+    got = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    want = clf.logits(list(images))
+    np.testing.assert_allclose(got, want, atol=5e-2)
+    assert (got.argmax(1) == want.argmax(1)).all()
