@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from coopkit.runtime.classifier import prompt_templates, template_prompts, text_graph_weights
+
 if TYPE_CHECKING:
     from coopkit.classifier import Classifier
 
@@ -77,27 +79,6 @@ def text_encoder_metadata(classifier: "Classifier", file: str) -> dict[str, Any]
     return entry
 
 
-def prompts_for(entry: dict[str, Any], classnames: list[str]) -> list[list[str]]:
-    """The prompt strings per template, as the runtime builds them (``_`` read as a space)."""
-    templates = entry.get("templates") or [entry.get("prompt_template") or "{}" + entry.get("prompt_suffix", "")]
-    return [[t.replace("{}", c.replace("_", " ")) for c in classnames] for t in templates]
-
-
-def weights_from_graph(session: Any, entry: dict[str, Any], classnames: list[str]) -> np.ndarray:
-    """Class weights ``(n, embed_dim)`` through a text graph session, templates averaged."""
-    from coopkit.runtime.tokenizer import ClipTokenizer
-
-    tokenizer = ClipTokenizer(context_length=int(entry["context_length"]))
-    rows = []
-    for prompts in prompts_for(entry, classnames):
-        (w,) = session.run([TEXT_OUTPUT], {TEXT_INPUT: tokenizer(prompts)})
-        rows.append(np.asarray(w, dtype=np.float32))  # (n, embed_dim)
-    if len(rows) == 1:
-        return rows[0]
-    scale = np.linalg.norm(rows[0], axis=1, keepdims=True)  # (n, 1) = exp(logit_scale)
-    mean = np.mean([r / np.linalg.norm(r, axis=1, keepdims=True) for r in rows], axis=0)
-    return (mean / np.linalg.norm(mean, axis=1, keepdims=True) * scale).astype(np.float32)
-
 
 def export_text_graph(
     classifier: "Classifier",
@@ -136,7 +117,7 @@ def export_text_graph(
     ).eval()
     names = list(classifier.classnames)
     tokenizer = ClipTokenizer(context_length=entry["context_length"])
-    example = torch.from_numpy(tokenizer(prompts_for(entry, names[:2] or names)[0]))
+    example = torch.from_numpy(tokenizer(template_prompts(prompt_templates(entry)[0], names[:2] or names)))
     raw = path.parent / f"raw-{path.name}"
     _trace(module.to(bb.device), example.to(bb.device), raw, opset, TEXT_INPUT, [TEXT_OUTPUT], "n_prompts")
     model = onnx.load(os.fspath(raw))
@@ -149,8 +130,8 @@ def export_text_graph(
 
     session = _cpu_session(path)
     expected = classifier.class_weights().numpy()  # (n_classes, embed_dim)
-    got = weights_from_graph(session, entry, names)
-    single = weights_from_graph(session, entry, names[:1])
+    got = text_graph_weights(session, entry, names)
+    single = text_graph_weights(session, entry, names[:1])
     diff = float(np.abs(got - expected).max())
     diff_single = float(np.abs(single - expected[:1]).max())
     if not (diff <= TEXT_TOLERANCE and diff_single <= TEXT_TOLERANCE):

@@ -412,19 +412,7 @@ class Classifier:
             tokenizer.eot_token_id,
         ):
             raise MetadataError(f"{self.path}: text encoder special token ids differ from CLIP's BPE")
-        context_length = int(te.get("context_length", 77))
-        weights = []
-        for template in prompt_templates(te):
-            prompts = [template.replace("{}", name.replace("_", " ")) for name in names]  # as coopkit trains
-            tokens = tokenizer(prompts, context_length)  # (n, context_length)
-            (w,) = session.run([te.get("output", _TEXT_OUTPUT)], {te.get("input", _TEXT_INPUT): tokens})
-            weights.append(np.asarray(w, dtype=np.float32))  # (n, embed_dim)
-        if len(weights) == 1:
-            return weights[0]
-        # several templates (zero-shot ensembles): average the directions, keep the scale
-        scale = np.linalg.norm(weights[0], axis=1, keepdims=True)  # (n, 1) = exp(logit_scale)
-        mean = np.mean([w / np.linalg.norm(w, axis=1, keepdims=True) for w in weights], axis=0)
-        return (mean / np.linalg.norm(mean, axis=1, keepdims=True) * scale).astype(np.float32)
+        return text_graph_weights(session, te, names, tokenizer)
 
     def set_classes(self, classnames: Sequence[str]) -> None:
         """Replace the classes: new class weights are computed through the exported text graph.
@@ -453,6 +441,34 @@ class Classifier:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def template_prompts(template: str, classnames: Sequence[str]) -> list[str]:
+    """One template filled with each class name, ``_`` read as a space (as coopkit trains)."""
+    return [template.replace("{}", str(name).replace("_", " ")) for name in classnames]
+
+
+def text_graph_weights(session: Any, text_encoder: dict[str, Any], classnames: Sequence[str],
+                       tokenizer: Any = None) -> np.ndarray:
+    """Class weights ``(n, embed_dim)`` through an exported text graph session.
+
+    One pass per prompt template; several templates (zero-shot ensembles) average the
+    directions and keep the scale ``exp(logit_scale)``.
+    """
+    from .tokenizer import default_tokenizer
+
+    tokenizer = tokenizer or default_tokenizer()
+    context_length = int(text_encoder.get("context_length", 77))
+    weights = []
+    for template in prompt_templates(text_encoder):
+        tokens = tokenizer(template_prompts(template, classnames), context_length)  # (n, context_length)
+        (w,) = session.run([text_encoder.get("output", _TEXT_OUTPUT)], {text_encoder.get("input", _TEXT_INPUT): tokens})
+        weights.append(np.asarray(w, dtype=np.float32))  # (n, embed_dim)
+    if len(weights) == 1:
+        return weights[0]
+    scale = np.linalg.norm(weights[0], axis=1, keepdims=True)  # (n, 1) = exp(logit_scale)
+    mean = np.mean([w / np.linalg.norm(w, axis=1, keepdims=True) for w in weights], axis=0)
+    return (mean / np.linalg.norm(mean, axis=1, keepdims=True) * scale).astype(np.float32)
 
 
 def prompt_templates(text_encoder: dict[str, Any]) -> list[str]:
