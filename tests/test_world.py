@@ -1,0 +1,148 @@
+"""The synthetic world: determinism, captions true of their images, task layout."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from coopkit import world
+
+
+def _digest(folder) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.png"))}
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
+    a = world.write_task("colors", tmp_path / "a", shots_per_class=2, test_per_class=2, seed=3, shift="sketch")
+    b = world.write_task("colors", tmp_path / "b", shots_per_class=2, test_per_class=2, seed=3, shift="sketch")
+    c = world.write_task("colors", tmp_path / "c", shots_per_class=2, test_per_class=2, seed=4, shift="sketch")
+    da, db, dc = _digest(a), _digest(b), _digest(c)
+    assert da == db
+    assert da.keys() == dc.keys()
+    assert all(da[k] != dc[k] for k in da)
+
+
+def test_render_and_caption_are_pure_functions_of_the_seed():
+    s1 = world.sample_scene(np.random.default_rng(5))
+    s2 = world.sample_scene(np.random.default_rng(5))
+    assert s1 == s2
+    assert np.array_equal(np.asarray(world.render(s1, 64, seed=9)), np.asarray(world.render(s2, 64, seed=9)))
+    assert not np.array_equal(np.asarray(world.render(s1, 64, seed=9)), np.asarray(world.render(s1, 64, seed=10)))
+    assert world.caption(s1, np.random.default_rng(1)) == world.caption(s1, np.random.default_rng(1))
+
+
+def test_fewer_shots_write_a_subset(tmp_path):
+    small = _digest(world.write_task("shapes", tmp_path / "s", shots_per_class=2, test_per_class=0))
+    big = _digest(world.write_task("shapes", tmp_path / "b", shots_per_class=4, test_per_class=0))
+    assert small and all(big[k] == v for k, v in small.items())
+
+
+def test_task_layout(tmp_path):
+    out = world.write_task("colored_shapes", tmp_path, shots_per_class=1, test_per_class=2, shift="all")
+    classes = world.task_classes("colored_shapes")
+    assert len(classes) >= 20
+    for split in ["train", "test"] + [f"test_{s}" for s in world.task_shifts("colored_shapes")]:
+        folders = sorted(p.name for p in (out / split).iterdir())
+        assert folders == sorted(classes), split
+    assert len(list((out / "train" / "red circle").glob("*.png"))) == 1
+    assert len(list((out / "test" / "red circle").glob("*.png"))) == 2
+    img = Image.open(next((out / "test" / "red circle").glob("*.png")))
+    assert img.size == (64, 64) and img.mode == "RGB"
+
+
+def test_tasks_kinds_shifts_and_base_new():
+    assert len(world.TASKS) >= 4
+    kinds = {world._TASK_SPECS[t]["attr"] for t in world.TASKS}
+    assert {"shape", "color", "texture", "color+shape"} <= kinds
+    assert len({s for t in world.TASKS for s in world.task_shifts(t)}) >= 2
+    assert all(world.task_shifts(t) for t in world.TASKS)
+    base, new = world.base_new_split("colored_shapes")
+    assert base and new and not set(base) & set(new)
+    assert base + new == world.task_classes("colored_shapes")
+    for t in world.TASKS:  # class names are real words
+        assert all(re.fullmatch(r"[a-z]+( [a-z]+)*", c) for c in world.task_classes(t))
+
+
+def test_bad_input_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="valid tasks: shapes"):
+        world.write_task("nope", tmp_path)
+    with pytest.raises(ValueError, match="valid"):
+        world.write_task("textures", tmp_path, shift="sketch")  # a sketch shows no texture
+    with pytest.raises(ValueError, match="shape"):
+        world.Scene(shape="blob", color="red", size="large", texture=None, background="paper",
+                    bg_color=None, style="sketch")
+
+
+def _hue_distance(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, float) - np.asarray(b, float)))
+
+
+def _nearest_color(rgb) -> str:
+    return min(world.COLORS, key=lambda c: _hue_distance(world.COLORS[c], rgb))
+
+
+_COLOR_RE = "|".join(world.COLORS)
+_SHAPE_RE = "|".join(world.SHAPES)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_captions_true_of_their_images(seed):
+    """Parse each caption and check every stated attribute against the scene and its pixels."""
+    rng = np.random.default_rng(seed)
+    style_words = {s: [p.split(" of")[0] for p in world._STYLE_PHRASES[s]] for s in world.STYLES}
+    checked_pixels = 0
+    for i in range(150):
+        scene = world.sample_scene(rng)
+        img = np.asarray(world.render(scene, 64, seed=i), float)
+        for _ in range(3):
+            text = world.caption(scene, rng)
+            # the main object: "<colour> [texture] <shape>" or "<shape> ... that is <colour>"
+            clutter_free = re.sub(rf"tiny (({_COLOR_RE}) )?({_SHAPE_RE})", "", text)
+            bg = re.findall(rf"(?:on a|against a|in front of a|on) ({_COLOR_RE})(?: background| wall|\.|,)", clutter_free)
+            assert set(bg) <= {scene.bg_color}, (text, scene)
+            clutter_free = re.sub(rf"(?:on a|against a|in front of a|on) ({_COLOR_RE})(?: background| wall)?", "",
+                                  clutter_free)
+            shapes = re.findall(rf"\b({_SHAPE_RE})\b", clutter_free)
+            assert shapes and set(shapes) == {scene.shape}, (text, scene)
+            m = re.search(rf"\b({_COLOR_RE})\b", clutter_free)
+            colors = re.findall(rf"\b({_COLOR_RE})\b", clutter_free)
+            assert set(colors) <= {scene.color}, (text, scene)
+            # clutter mentioned by colour and shape exists
+            for c_col, c_shape in re.findall(rf"tiny ({_COLOR_RE}) ({_SHAPE_RE})", text):
+                assert any(c.color == c_col and c.shape == c_shape for c in scene.clutter), (text, scene)
+            # style words appear only for the scene's style
+            for style, words in style_words.items():
+                for word in words:
+                    if text.startswith(word + " of") or f" {word} of " in text:
+                        assert style == scene.style or word in ("a photo", "a picture", "an image"), (text, scene)
+            # texture words only when the style shows textures, and only the right one
+            for tex, adjs in world._TEXTURE_ADJ.items():
+                for adj in adjs + tuple(world._TEXTURE_WITH[tex]):
+                    if adj in text and tex != "plain":
+                        assert scene.texture == tex, (text, scene)
+            for bg, phrases in world._BG_PHRASES.items():
+                if any(p in text for p in phrases):
+                    assert scene.background == bg, (text, scene)
+            if m and scene.style in ("photo", "blurry", "pixelated") and scene.texture in (None, "plain"):
+                # independent check on pixels: the object's mean colour is nearest the named one
+                mask = world.shape_mask(scene, 64)
+                inner = mask & np.roll(mask, 2, 0) & np.roll(mask, -2, 0) & np.roll(mask, 2, 1) & np.roll(mask, -2, 1)
+                if inner.sum() > 20:
+                    assert _nearest_color(img[inner].mean(0)) == m.group(1), (text, scene, img[inner].mean(0))
+                    checked_pixels += 1
+    assert checked_pixels > 20
+
+
+def test_dark_and_sketch_styles_look_like_their_names():
+    rng = np.random.default_rng(0)
+    dark = [np.asarray(world.render(world.sample_scene(rng, style="dark"), 64, i), float).mean() for i in range(10)]
+    photo = [np.asarray(world.render(world.sample_scene(rng, style="photo"), 64, i), float).mean() for i in range(10)]
+    sketch = [np.asarray(world.render(world.sample_scene(rng, style="sketch"), 64, i), float) for i in range(10)]
+    assert max(dark) < min(photo)
+    # a sketch is an outline on paper: most pixels are near-white paper
+    assert all((s.min(2) > 200).mean() > 0.7 for s in sketch)
