@@ -88,7 +88,8 @@ def main(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     if not verbose:
-        logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's chatter
+        logging.getLogger().setLevel(logging.ERROR)  # open_clip logs its chatter on the root logger
+        logging.getLogger("coopkit").setLevel(logging.WARNING)  # coopkit's own warnings still show
 
 
 def _backbone_options(fn: Callable[..., Any]) -> Callable[..., Any]:

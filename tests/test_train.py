@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -110,7 +111,8 @@ def test_unreadable_images_are_skipped_or_fatal(tiny_backbone, image_folder, tmp
 
     shutil.copytree(image_folder / "train", tmp_path / "train")
     (tmp_path / "train" / "red" / "zz_broken.png").write_bytes(b"not a png")
-    clf = _fit(tiny_backbone, tmp_path, epochs=1, shots=9)
+    with caplog.at_level(logging.WARNING, logger="coopkit"):
+        clf = _fit(tiny_backbone, tmp_path, epochs=1, shots=9)
     assert clf.config.metrics["train_images"] == 32
     assert "zz_broken.png" in caplog.text
     with pytest.raises(ValueError, match="zz_broken.png"):
