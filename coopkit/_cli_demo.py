@@ -65,9 +65,8 @@ def demo(out: str, task: str, shots: int, epochs: int, seed: int, device: str) -
     # The world's 64-pixel scenes show one whole object: CoOp's random resized crops (scale
     # 0.08-1, made for 224-pixel photos) cut it away and cost accuracy here (measured), so
     # the demo trains on the plain evaluation view of each image.
-    backbone.train_preprocess = backbone.preprocess
     clf = coopkit.fit(task_dir / "train", backbone=backbone, shots=shots, seed=seed, n_ctx=16, epochs=epochs,
-                      n_views=1, progress=True)
+                      n_views=1, augment=False, progress=True)
     coop_acc = clf.evaluate(task_dir / "test")["accuracy"]
     click.echo(f"      CoOp accuracy: {_pct(coop_acc)} ({100 * (coop_acc - zs_acc):+.1f} points over zero-shot)")
 

@@ -96,6 +96,8 @@ class TrainConfig:
         precision: ``auto`` (fp32 on CPU, bf16/fp16 autocast on CUDA), ``fp32``, ``bf16`` or ``fp16``.
         strict: Raise on unreadable images instead of skipping them with a warning.
         kg_weight: KgCoOp regularisation weight (0 = plain CoOp).
+        augment: Encode training views with CoOp's augmentation; ``False`` uses the
+            evaluation transform (whole images), better for small single-object images.
     """
 
     shots: int = 16
@@ -112,6 +114,7 @@ class TrainConfig:
     precision: str = "auto"
     strict: bool = False
     kg_weight: float = 0.0
+    augment: bool = True
 
     def __post_init__(self) -> None:
         for name in ("shots", "batch_size", "n_views", "text_chunk_size"):

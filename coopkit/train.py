@@ -76,6 +76,7 @@ def fit(
     precision: str = "auto",
     text_chunk_size: int = 256,
     kg_weight: float = 0.0,
+    augment: bool = True,
     backbone: Optional[Backbone] = None,
     progress: bool = True,
     callback: Optional[Callable[[int, dict[str, float]], None]] = None,
@@ -105,6 +106,8 @@ def fit(
         text_chunk_size: Classes per text-tower pass (bounds memory for large label sets).
         kg_weight: KgCoOp weight: adds ``kg_weight * (1 - cos)`` between each class's learned
             text feature and its hand-written-prompt feature (0 = plain CoOp).
+        augment: Encode training views with CoOp's augmentation (random resized crop, scale
+            0.08-1, and flip); ``False`` uses the evaluation transform (whole images).
         backbone: An already loaded backbone (then ``model``/``pretrained``/``device`` are unused).
         progress: Show progress bars.
         callback: Called after each epoch with ``(epoch, {"loss", "accuracy", "lr"})``.
@@ -120,6 +123,7 @@ def fit(
     train_cfg = TrainConfig(
         shots=shots, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, n_views=n_views,
         text_chunk_size=text_chunk_size, precision=precision, strict=strict, kg_weight=kg_weight,
+        augment=augment,
     )
     data = load_dataset(train, split="train", image_root=image_root)
     if classnames is not None:
@@ -131,7 +135,7 @@ def fit(
     seed_everything(seed)
     sample = few_shot(data, shots, seed)
     feats, kept = encode_images(
-        bb, sample.paths, transform=bb.train_preprocess, views=n_views, strict=strict,
+        bb, sample.paths, transform=bb.train_preprocess if augment else bb.preprocess, views=n_views, strict=strict,
         progress=progress, desc="encoding training views", precision=precision,
     )  # (views, n, D)
     labels = torch.tensor([sample.labels[i] for i in kept])

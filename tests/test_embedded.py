@@ -118,8 +118,8 @@ def test_small_fit_beats_zero_shot(tmp_path, no_network):
     classes = world.task_classes(task)
     bb = coopkit.load_backbone("coopkit-tiny", pretrained="synthetic", device="cpu")
     zs = _zero_shot_acc(bb, d, classes)
-    bb.train_preprocess = bb.preprocess  # whole-image views (see coopkit/_cli_demo.py)
-    clf = coopkit.fit(d / "train", backbone=bb, shots=16, seed=1, epochs=40, n_views=1, progress=False)
+    clf = coopkit.fit(d / "train", backbone=bb, shots=16, seed=1, epochs=40, n_views=1, augment=False,
+                      progress=False)  # whole-image views (see coopkit/_cli_demo.py)
     coop = clf.evaluate(d / "test")["accuracy"]
     assert coop > zs + 0.05, (zs, coop)
 
