@@ -11,6 +11,9 @@ approximations (``tests/test_prompts.py`` checks them against :func:`reference_t
 * with unified context, the positions before the first class token (SOS and the leading
   context vectors) are the same for every class and attend only to each other, so they go
   through each layer once, and every class reuses their keys and values;
+* the rows of all length groups are packed into one matrix for the token-wise layers (one
+  large matmul instead of one small one per group; attention stays per group), and the last
+  block runs its output projection and MLP on the EOT rows only, the only ones read;
 * large label sets go through the tower in chunks, with activation checkpointing when
   gradients are needed, so memory stays bounded.
 """
@@ -233,14 +236,13 @@ class PromptLearner(nn.Module):
         self.register_buffer("order", order, persistent=False)
         self.length = length
 
+        # Packed pass (with split attention) for open_clip's standard causal blocks; otherwise
+        # open_clip's own transformer on the cut prompts.
+        self.packed = self.tower.attn_mask is not None and _split_attention_supported(self.tower.transformer)
         position = self.config.class_token_position
-        self.n_shared = {"end": 1 + n_ctx, "middle": 1 + n_ctx // 2, "front": 1}[position]
-        self.use_shared_prefix = (
-            not self.config.csc
-            and self.tower.attn_mask is not None
-            and self.n_shared < min(int(e) for e in eot) + 1
-            and _split_attention_supported(self.tower.transformer)
-        )
+        shared = {"end": 1 + n_ctx, "middle": 1 + n_ctx // 2, "front": 1}[position]
+        # Positions computed once for all classes (0: none, every class runs its whole prompt).
+        self.n_shared = shared if self.packed and not self.config.csc and shared < int(eot.min()) + 1 else 0
 
     def _order(self, name_len: int, length: int) -> torch.Tensor:
         """Positions, in prompt order, of ``cat([SOS, ctx, class tokens, rest])`` (the "end" layout)."""
@@ -294,25 +296,48 @@ class PromptLearner(nn.Module):
             x = _finish_block(blk, x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         return kv
 
-    def _rest_pass(self, idx: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
-        """Class-specific positions of classes ``idx`` attending to the shared keys/values."""
+    def _packed_pass(self, groups: Sequence[torch.Tensor], *kv: torch.Tensor) -> torch.Tensor:
+        """Positions ``n_shared..EOT`` of the classes in ``groups`` (each of one prompt length).
+
+        The rows of all groups are packed into one ``(rows, width)`` matrix for the token-wise
+        layers; attention runs per group (``(k, heads, s, hd)``), over the shared keys and values
+        ``kv`` (one pair per layer; none when ``n_shared == 0``) followed by the group's own.
+        Returns unnormalised features ``(classes, embed_dim)`` in the order of ``groups``.
+        """
         t = self.tower
         p = self.n_shared
-        x = self.prompts(idx)[:, p : int(self.eot_idx[idx].max()) + 1]  # (k, s, width)
-        k_cls, s = x.shape[0], x.shape[1]
-        x = x + t.positional_embedding[p : p + s].to(x.dtype)
-        mask = _causal_mask(s, p + s, x.device)  # (s, p + s)
-        for i, blk in enumerate(t.transformer.resblocks):
-            q, k, v = _qkv(blk, blk.ln_1(x))  # each (k, heads, s, hd)
-            k_all = torch.cat([kv[2 * i].expand(k_cls, -1, -1, -1), k], dim=2)  # (k, heads, p + s, hd)
-            v_all = torch.cat([kv[2 * i + 1].expand(k_cls, -1, -1, -1), v], dim=2)
-            x = _finish_block(blk, x, F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask))
-        x = x[torch.arange(k_cls, device=x.device), self.eot_idx[idx] - p]  # (k, width)
-        return t.project(x)
+        blocks = list(t.transformer.resblocks)
+        spans = []  # (first row, classes, length) per group
+        rows, parts = 0, []
+        for idx in groups:
+            s = int(self.eot_idx[idx[0]]) + 1 - p
+            x = self.prompts(idx)[:, p : p + s] + t.positional_embedding[p : p + s].to(self.token_prefix.dtype)
+            parts.append(x.reshape(-1, x.shape[-1]))  # (k * s, width)
+            spans.append((rows, len(idx), s))
+            rows += len(idx) * s
+        x = torch.cat(parts)  # (rows, width)
+        eot_rows = torch.cat([torch.arange(k, device=x.device) * s + (r0 + s - 1) for r0, k, s in spans])
+        masks = {s: _causal_mask(s, p + s, x.device) for _, _, s in spans}
+        for i, blk in enumerate(blocks):
+            attn = blk.attn
+            heads, d = attn.num_heads, x.shape[-1]
+            qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (rows, 3 * width)
+            outs = []
+            for r0, k_cls, s in spans:
+                q, k, v = qkv[r0 : r0 + k_cls * s].view(k_cls, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+                if kv:  # prepend the shared keys/values: (k, heads, p + s, hd)
+                    k = torch.cat([kv[2 * i].expand(k_cls, -1, -1, -1), k], dim=2)
+                    v = torch.cat([kv[2 * i + 1].expand(k_cls, -1, -1, -1), v], dim=2)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[s])  # (k, heads, s, hd)
+                outs.append(o.transpose(1, 2).reshape(k_cls * s, d))
+            a = torch.cat(outs)  # (rows, width)
+            if i == len(blocks) - 1:  # only the EOT rows are read after the last block
+                x, a = x[eot_rows], a[eot_rows]
+            x = x + blk.ls_1(attn.out_proj(a))
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return t.project(x)  # (classes, embed_dim)
 
-    def _chunk(self, idx: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
-        if self.use_shared_prefix:
-            return self._rest_pass(idx, *kv)
+    def _plain_chunk(self, idx: torch.Tensor) -> torch.Tensor:
         eot = self.eot_idx[idx]
         prompts = self.prompts(idx)
         if self.tower.attn_mask is not None:
@@ -321,31 +346,41 @@ class PromptLearner(nn.Module):
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features ``(n_classes, embed_dim)``, differentiable w.r.t. ``ctx``."""
-        kv = self._shared_pass() if self.use_shared_prefix else []
+        kv = self._shared_pass() if self.n_shared else []
         ckpt = torch.is_grad_enabled() and self.n_cls > self.text_chunk_size
-        groups = self._groups()
-        out = []
-        for idx in groups:
-            if ckpt:
-                out.append(checkpoint(self._chunk, idx, *kv, use_reentrant=False))
+        out, order = [], []
+        for chunk in self._chunks():
+            if self.packed:
+                fn, args = self._packed_pass, (chunk, *kv)
             else:
-                out.append(self._chunk(idx, *kv))
-        feats = torch.cat(out).float()  # (n_cls, embed_dim), in group order
-        order = torch.cat(groups)
-        feats = torch.empty_like(feats).index_copy(0, order, feats)  # back to class order
+                fn, args = self._plain_chunk, (chunk[0],)
+            out.append(checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args))
+            order += chunk
+        feats = torch.cat(out).float()  # (n_cls, embed_dim), in chunk order
+        feats = torch.empty_like(feats).index_copy(0, torch.cat(order), feats)  # back to class order
         return F.normalize(feats, dim=-1)
 
-    def _groups(self) -> list[torch.Tensor]:
-        """Class indices grouped by prompt length (no padding), split to at most ``text_chunk_size``."""
+    def _chunks(self) -> list[list[torch.Tensor]]:
+        """Chunks of at most ``text_chunk_size`` classes, each a list of equal-length groups.
+
+        Packed towers take several length groups per chunk; the plain path takes one group.
+        """
         if self.tower.attn_mask is None:  # no causal mask: every position matters, no cutting
             lengths = torch.zeros_like(self.eot_idx)
         else:
             lengths = self.eot_idx
-        groups = []
-        for value in torch.unique(lengths):
-            idx = torch.nonzero(lengths == value).flatten()
-            groups += list(torch.split(idx, self.text_chunk_size))
-        return groups
+        by_length = torch.argsort(lengths, stable=True)
+        chunks = []
+        for chunk in torch.split(by_length, self.text_chunk_size):
+            ln = lengths[chunk]
+            groups = [chunk[ln == v] for v in torch.unique(ln)]
+            chunks += [groups] if self.packed else [[g] for g in groups]
+        return chunks
+
+    @property
+    def use_shared_prefix(self) -> bool:
+        """Whether the shared SOS + context positions run once for all classes (unified context)."""
+        return self.n_shared > 0
 
     forward = text_features
 

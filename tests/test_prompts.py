@@ -22,11 +22,17 @@ def _learner(bb, **kw) -> PromptLearner:
 
 
 @pytest.mark.parametrize(
-    "csc,position,ctx_init",
-    list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"])),
+    "csc,position,ctx_init,chunk",
+    # chunk 2: several checkpointed chunks; chunk 256: every length group packed into one pass
+    [(*v, 2) for v in itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"])]
+    + [(False, "end", None, 256), (True, "middle", "a photo of a", 256)],
 )
-def test_text_features_equal_full_length_reference(tiny_backbone, csc, position, ctx_init):
-    pl = _learner(tiny_backbone, n_ctx=6, csc=csc, class_token_position=position, ctx_init=ctx_init, text_chunk_size=2)
+def test_text_features_equal_full_length_reference(tiny_backbone, csc, position, ctx_init, chunk):
+    pl = _learner(tiny_backbone, n_ctx=6, csc=csc, class_token_position=position, ctx_init=ctx_init,
+                  text_chunk_size=chunk)
+    assert pl.packed
+    if chunk > len(NAMES):
+        assert len(pl._chunks()) == 1 and len(pl._chunks()[0]) > 1  # one pass, several length groups
     fast = pl.text_features()
     ref = reference_text_features(pl)
     assert fast.shape == (len(NAMES), tiny_backbone.model.text_projection.shape[1])
