@@ -230,9 +230,11 @@ def _trace(module: "torch.nn.Module", example: "torch.Tensor", path: Path, opset
            input_name: str, output_names: Sequence[str], batch_axis: str) -> None:
     import torch
 
+    from .graphs import export_friendly
+
     module.eval()
     dynamic = {input_name: {0: batch_axis}, **{name: {0: batch_axis} for name in output_names}}
-    with _exporting():
+    with _exporting(), export_friendly(module):
         torch.onnx.export(
             module,
             (example,),

@@ -81,6 +81,27 @@ def test_fp32_graph_equals_pytorch_at_batch_1_7_64(coop, exported):
     assert exported.checks["accuracy_onnx"] == exported.checks["accuracy_torch"]
 
 
+def test_export_friendly_ops_give_the_same_results_and_are_undone(tiny_backbone, exported):
+    """The traced forms of attention (plain ops) and the patch conv (MatMul) equal the modules'."""
+    from coopkit.exporters.graphs import export_friendly
+
+    model = tiny_backbone.model
+    images = torch.randn(3, 3, 32, 32)
+    tokens = tiny_backbone.tokenizer(["a red cat.", "a photo of a dog."])
+    with torch.no_grad():
+        before = model.encode_image(images), model.encode_text(tokens)  # text: causal float mask
+        with export_friendly(model):
+            assert "forward" in vars(model.visual.conv1)
+            during = model.encode_image(images), model.encode_text(tokens)
+        after = model.encode_image(images)
+    assert not any("forward" in vars(m) for m in model.modules())  # class forwards restored
+    for a, b in zip(before, during):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, before[0], atol=0, rtol=0)
+    ops = {n.op_type for n in onnx.load(os.fspath(exported.path), load_external_data=False).graph.node}
+    assert "Conv" not in ops and "MatMul" in ops
+
+
 def test_metadata_carries_everything_the_runtime_needs(coop, exported):
     model = onnx.load(os.fspath(exported.path))
     assert [p.key for p in model.metadata_props] == [METADATA_KEY]
