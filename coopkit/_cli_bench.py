@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import click
 
-from .cli import _backbone_options, _pretrained, handle_errors, print_table
+from .cli import _backbone_options, _pretrained, augment_option, handle_errors, print_table
 
 
 def _ints(value: str) -> list[int]:
@@ -38,18 +38,20 @@ def bench() -> None:
 @click.option("--position", default="end", show_default=True, help="Comma-separated class-token positions.")
 @click.option("--epochs", type=int, default=None, help="Override the paper's epochs-by-shots schedule.")
 @click.option("--n-views", default=10, show_default=True, help="Augmented views cached per training image.")
+@augment_option
 @click.option("--out", required=True, type=click.Path(), help="Folder for results.csv, summary.md, fewshot.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @handle_errors
 def fewshot_cmd(train: str, test: str, model: str, pretrained: str, device: str, shots: str, seeds: str,
-                methods: str, n_ctx: str, position: str, epochs: Optional[int], n_views: int, out: str,
-                quiet: bool) -> None:
+                methods: str, n_ctx: str, position: str, epochs: Optional[int], n_views: int, augment: bool,
+                out: str, quiet: bool) -> None:
     """Accuracy against shots for each method, over seeds (the paper's Figure 3)."""
     from .experiments import fewshot_curves, markdown_table, summarize, write_fewshot_report
 
     rows = fewshot_curves(train, test, model=model, pretrained=_pretrained(pretrained), device=device,
                           shots=_ints(shots), seeds=_ints(seeds), methods=_strs(methods), n_ctx=_ints(n_ctx),
-                          positions=_strs(position), epochs=epochs, n_views=n_views, progress=not quiet)
+                          positions=_strs(position), epochs=epochs, n_views=n_views, augment=augment,
+                          progress=not quiet)
     files = write_fewshot_report(rows, out, title=f"{Path(train).name} ({model})")
     click.echo(markdown_table(summarize(rows, ["method", "setting", "shots"], ["accuracy"]),
                               ["method", "setting", "shots"], ["accuracy"]))
@@ -68,11 +70,12 @@ def fewshot_cmd(train: str, test: str, model: str, pretrained: str, device: str,
 @click.option("--shots", default=16, show_default=True)
 @click.option("--seeds", default="1,2,3", show_default=True)
 @click.option("--epochs", type=int, default=None)
+@augment_option
 @click.option("--out", type=click.Path(), default=None, help="Also write results.csv and summary.md here.")
 @click.option("-q", "--quiet", is_flag=True)
 @handle_errors
 def shift_cmd(train: str, tests: tuple[str, ...], model: str, pretrained: str, device: str, shots: int,
-              seeds: str, epochs: Optional[int], out: Optional[str], quiet: bool) -> None:
+              seeds: str, epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool) -> None:
     """Fit on a source task, compare zero-shot and CoOp on shifted test sets (the paper's Table 1)."""
     from .experiments import domain_shift, markdown_table, summarize
 
@@ -83,7 +86,7 @@ def shift_cmd(train: str, tests: tuple[str, ...], model: str, pretrained: str, d
         name, path = t.split("=", 1)
         named[name] = path
     rows = domain_shift(train, named, model=model, pretrained=_pretrained(pretrained), device=device, shots=shots,
-                        seeds=_ints(seeds), epochs=epochs, progress=not quiet)
+                        seeds=_ints(seeds), epochs=epochs, augment=augment, progress=not quiet)
     table = markdown_table(summarize(rows, ["method", "test"], ["accuracy"]), ["method", "test"], ["accuracy"])
     click.echo(table)
     _write(out, rows, "# Domain shift\n\n" + table)
@@ -100,19 +103,20 @@ def shift_cmd(train: str, tests: tuple[str, ...], model: str, pretrained: str, d
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
               help="Comma-separated KgCoOp weights to compare (0 = plain CoOp).")
 @click.option("--epochs", type=int, default=None)
+@augment_option
 @click.option("--out", type=click.Path(), default=None)
 @click.option("-q", "--quiet", is_flag=True)
 @handle_errors
 def base2new_cmd(train: str, test: str, base: str, new: str, model: str, pretrained: str, device: str,
-                 shots: int, seeds: str, kg_weights: str, epochs: Optional[int], out: Optional[str],
-                 quiet: bool) -> None:
+                 shots: int, seeds: str, kg_weights: str, epochs: Optional[int], augment: bool,
+                 out: Optional[str], quiet: bool) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from .experiments import base_to_new, markdown_table, summarize
 
     weights = [float(w) for w in _strs(kg_weights)]
     rows = base_to_new(train, test, _strs(base), _strs(new), model=model, pretrained=_pretrained(pretrained),
                        device=device, shots=shots, seeds=_ints(seeds), kg_weights=weights, epochs=epochs,
-                       progress=not quiet)
+                       augment=augment, progress=not quiet)
     keys, values = ["method", "kg_weight"], ["base", "new", "hm"]
     table = markdown_table(summarize(rows, keys, values), keys, values)
     click.echo(table)

@@ -105,6 +105,15 @@ def _backbone_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def augment_option(fn: Any) -> Any:
+    """``--augment/--no-augment``: CoOp's crop augmentation or whole-image training views."""
+    return click.option(
+        "--augment/--no-augment", default=True, show_default=True,
+        help="Training views with CoOp's random resized crop (scale 0.08-1) + flip; --no-augment encodes "
+             "whole images (resize + centre crop), better when each image shows one small object.",
+    )(fn)
+
+
 def _pretrained(value: str) -> Optional[str]:
     return None if value.lower() in ("none", "random", "") else value
 
@@ -124,6 +133,7 @@ def _pretrained(value: str) -> Optional[str]:
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=0.002, show_default=True)
 @click.option("--n-views", default=10, show_default=True, help="Augmented views cached per training image.")
+@augment_option
 @click.option("--val", type=click.Path(), default=None, help="Labelled set evaluated after training.")
 @click.option("--image-root", type=click.Path(), default=None, help="Root of relative paths in CSV/split files.")
 @click.option("--kg-weight", default=0.0, show_default=True, help="KgCoOp regularisation weight.")

@@ -30,11 +30,11 @@ def test_fit_eval_zeroshot(runner, tiny_config, image_folder, tmp_path):
     run = tmp_path / "run"
     common = ["--model", str(tiny_config), "--pretrained", "none", "--device", "cpu"]
     res = runner.invoke(main, ["fit", str(image_folder / "train"), *common, "--out", str(run), "--shots", "4",
-                               "--epochs", "3", "--n-ctx", "4", "--n-views", "1", "-q", "--json"])
+                               "--epochs", "3", "--n-ctx", "4", "--n-views", "1", "--no-augment", "-q", "--json"])
     assert res.exit_code == 0, res.output
     result = json.loads(res.output)
     assert result["classes"] == 4 and result["train_images"] == 16 and result["epochs"] == 3
-    assert (run / "config.json").is_file()
+    assert json.loads((run / "config.json").read_text())["train"]["augment"] is False
 
     res = runner.invoke(main, ["eval", str(run), str(image_folder / "test"), "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output

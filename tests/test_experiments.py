@@ -34,7 +34,7 @@ def test_bench_fewshot_writes_csv_summary_and_plot(image_folder, tiny_config, tm
                                     "--test", str(image_folder / "test"), *_common(tiny_config),
                                     "--shots", "1,2", "--seeds", "1,2", "--methods",
                                     "zeroshot,zeroshot-ensemble,linear-probe,coop,coop-csc",
-                                    "--epochs", "2", "--n-views", "1", "--out", str(out), "-q"])
+                                    "--epochs", "2", "--n-views", "1", "--no-augment", "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {"method", "shots", "seed", "accuracy"} <= set(rows[0])
