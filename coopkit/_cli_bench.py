@@ -52,7 +52,7 @@ def fewshot_cmd(train: str, test: str, model: str, pretrained: str, device: str,
                           shots=_ints(shots), seeds=_ints(seeds), methods=_strs(methods), n_ctx=_ints(n_ctx),
                           positions=_strs(position), epochs=epochs, n_views=n_views, augment=augment,
                           progress=not quiet)
-    files = write_fewshot_report(rows, out, title=f"{Path(train).name} ({model})")
+    files = write_fewshot_report(rows, out, title=f"{_task_name(train)} ({model})")
     click.echo(markdown_table(summarize(rows, ["method", "setting", "shots"], ["accuracy"]),
                               ["method", "setting", "shots"], ["accuracy"]))
     click.echo(f"wrote {files['csv']} and {files['summary']}")
@@ -60,6 +60,14 @@ def fewshot_cmd(train: str, test: str, model: str, pretrained: str, device: str,
         click.echo(f"wrote {files['plot']}")
     else:
         click.echo("no plot: install matplotlib (pip install 'coopkit[plot]') to get fewshot.png")
+
+
+def _task_name(train: str) -> str:
+    """``data/pets/train`` -> ``pets``: the folder named for the task, not for the split."""
+    path = Path(train).resolve()
+    if path.is_file() or path.name.lower() in ("train", "training", "images"):
+        return path.parent.name or path.name
+    return path.name
 
 
 @bench.command("shift")

@@ -77,3 +77,12 @@ def test_bad_input_is_one_line_exit_2(runner, image_folder, tiny_config, args, m
 def test_bad_position_choice(runner, image_folder):
     res = runner.invoke(main, ["fit", str(image_folder / "train"), "--out", "x", "--position", "left"])
     assert res.exit_code == 2 and "'left' is not one of 'end', 'middle', 'front'" in res.output
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "coopkit", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Usage: coopkit" in out.stdout and "fit" in out.stdout
