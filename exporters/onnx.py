@@ -676,6 +676,7 @@ def export_onnx(
             dest = target.parent / f.name
             os.replace(f, dest)
             written.append(dest)
+        _remove_stale_companions(target, written)
     except PermissionError as e:
         raise ValueError(f"cannot write {target}: permission denied ({e.filename or target})") from None
     finally:
@@ -695,6 +696,19 @@ def export_onnx(
     )
     logger.info("exported %s (%s, %.1f MB) in %.1fs", main_file, precision, result.size_bytes / 1e6, result.seconds)
     return result
+
+
+def _remove_stale_companions(target: Path, written: Sequence[Path]) -> None:
+    """Delete the data file and text graph an earlier export to ``target`` left, if this one wrote none.
+
+    The new image graph is already in place and names only what it uses; an old ``<file>.data``
+    or text graph next to it would be dead weight that a later copy might ship by mistake.
+    """
+    text = target.parent / text_graph_name(target.name)
+    for stale in (target.parent / f"{target.name}.data", text, text.parent / f"{text.name}.data"):
+        if stale not in written and stale.is_file():
+            stale.unlink()
+            logger.info("removed %s, left by an earlier export to %s", stale.name, target.name)
 
 
 def torch_tensor(images: np.ndarray, module: "torch.nn.Module") -> "torch.Tensor":

@@ -243,6 +243,19 @@ def test_external_data_path(coop, tmp_path):
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["big.onnx.data", "model.onnx"]
     np.testing.assert_allclose(_session(model_dir / "1" / "model.onnx").run(["logits"], {INPUT_NAME: images})[0],
                                coop.logits(list(images)), atol=1e-4, rtol=0)
+    # exporting again to the same name without external data removes the old data file
+    again = export_onnx(coop, tmp_path / "big.onnx", "fp32")
+    assert not again.external_data and not (tmp_path / "big.onnx.data").exists()
+    np.testing.assert_allclose(_session(again.path).run(["logits"], {INPUT_NAME: images})[0],
+                               coop.logits(list(images)), atol=1e-4, rtol=0)
+
+
+def test_reexport_without_text_encoder_removes_the_old_text_graph(coop, tmp_path):
+    first = export_onnx(coop, tmp_path / "m.onnx", "fp32", with_text_encoder=True)
+    assert first.text_path is not None and first.text_path.is_file()
+    second = export_onnx(coop, tmp_path / "m.onnx", "fp32")
+    assert second.text_path is None and not first.text_path.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
 # --- open vocabulary: the text graph ----------------------------------------------------------------
