@@ -2,8 +2,8 @@
 
 Writes a few-shot task from :mod:`coopkit.world`, prints the zero-shot accuracy of the
 hand-written prompt, fits CoOp (a short schedule, so that it runs in a few minutes on two CPU
-cores), prints the CoOp accuracy, saves the run and, where the exporter and the runtime are
-installed, exports ONNX and classifies a few test images through the torch-free runtime.
+cores), prints the CoOp accuracy, saves the run, exports ONNX and classifies a few test images
+through the torch-free runtime.
 Everything is written under ``--out``.
 """
 
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import click
 
+from .cli import _pct
+
 DEMO_TASK = "textures"
 DEMO_EPOCHS = 200  # CoOp's schedule at 16 shots; about 10 s on two CPU cores with coopkit-tiny
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 @click.command("demo")
@@ -56,7 +53,7 @@ def demo(out: str, task: str, shots: int, epochs: int, seed: int, device: str) -
     template = "a photo of a {}."
     zs = coopkit.zero_shot(backbone, classes, templates=(template,))
     zs_acc = zs.evaluate(task_dir / "test")["accuracy"]
-    click.echo(f"[2/5] zero-shot accuracy with {template!r}: {_pct(zs_acc)} (chance {_pct(1 / len(classes))})")
+    click.echo(f"[2/5] zero-shot accuracy with {template!r}: {_pct(zs_acc, 1)} (chance {_pct(1 / len(classes), 1)})")
 
     # 3. CoOp
     note = "the paper's schedule" if epochs == 200 else "the paper uses 200 at 16 shots"
@@ -68,43 +65,28 @@ def demo(out: str, task: str, shots: int, epochs: int, seed: int, device: str) -
     clf = coopkit.fit(task_dir / "train", backbone=backbone, shots=shots, seed=seed, n_ctx=16, epochs=epochs,
                       n_views=1, augment=False, progress=True)
     coop_acc = clf.evaluate(task_dir / "test")["accuracy"]
-    click.echo(f"      CoOp accuracy: {_pct(coop_acc)} ({100 * (coop_acc - zs_acc):+.1f} points over zero-shot)")
+    click.echo(f"      CoOp accuracy: {_pct(coop_acc, 1)} ({100 * (coop_acc - zs_acc):+.1f} points over zero-shot)")
 
     # 4. save
     run_dir = clf.save(out_dir / "run")
     click.echo(f"[4/5] saved the run to {run_dir}")
 
-    # 5. export and serve (when the exporter and runtime are installed)
+    # 5. export and serve
     _export_and_serve(clf, out_dir, task_dir, classes)
     click.echo(f"done in {time.time() - t0:.0f} s; everything is under {out_dir}")
 
 
 def _export_and_serve(clf, out_dir: Path, task_dir: Path, classes: list[str]) -> None:
-    """Export ONNX and classify a few test images through the runtime, when both are installed."""
-    try:
-        from coopkit.exporters import export_onnx
-        from coopkit.runtime.classifier import Classifier as RuntimeClassifier
-    except ImportError as e:
-        click.echo(f"[5/5] ONNX export and runtime: not available in this build ({e}), skipped")
-        return
+    """Export ONNX and classify one test image per class (up to 4) through the runtime."""
+    from coopkit.exporters import export_onnx
+    from coopkit.runtime import Classifier as RuntimeClassifier
+
     onnx_path = out_dir / "model.onnx"
     export_onnx(clf, onnx_path)
     click.echo(f"[5/5] exported {onnx_path}")
     rt = RuntimeClassifier(str(onnx_path))
     images = [sorted((task_dir / "test" / c).glob("*.png"))[0] for c in classes[:4]]
     preds = rt.predict([str(p) for p in images])
-    click.echo(f"      runtime on {len(images)} test images, execution provider: {_provider(rt)}")
+    click.echo(f"      runtime on {len(images)} test images, execution provider: {rt.provider}")
     for path, pred in zip(images, preds):
-        label = getattr(pred, "label", pred)
-        click.echo(f"        {path.parent.name}/{path.name} -> {label}")
-
-
-def _provider(rt) -> str:
-    for attr in ("provider", "providers", "execution_provider"):
-        value = getattr(rt, attr, None)
-        if value:
-            return value if isinstance(value, str) else ", ".join(map(str, value))
-    session = getattr(rt, "session", None)
-    if session is not None and hasattr(session, "get_providers"):
-        return ", ".join(session.get_providers())
-    return "execution provider unknown"
+        click.echo(f"        {path.parent.name}/{path.name} -> {pred.label}")

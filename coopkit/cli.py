@@ -75,8 +75,8 @@ def print_table(rows: Sequence[tuple[str, Any]]) -> None:
         click.echo(f"{key.ljust(width)}  {value}")
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def _pct(x: float, digits: int = 2) -> str:
+    return f"{100 * x:.{digits}f}%"
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -133,3 +133,26 @@ def test_pretraining_is_a_function_of_its_seed(tmp_path):
     c = pretrain(PretrainConfig(seed=4, **cfg), tmp_path / "c")["sha256"]
     assert a == b != c
     assert (tmp_path / "a" / "coopkit-tiny.sha256").read_text().strip() == a
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, no_network, monkeypatch):
+    """`coopkit demo`: task, zero-shot, CoOp, save, export, runtime; everything under --out."""
+    import re
+
+    from click.testing import CliRunner
+
+    from coopkit.cli import main
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--epochs", "20"])
+    assert res.exit_code == 0, res.output
+    zs, coop = (float(v) for v in re.findall(r"accuracy[^:]*: ([\d.]+)%", res.output))
+    assert 0 < zs <= 100 and 0 < coop <= 100
+    assert "execution provider: CPUExecutionProvider" in res.output
+    predictions = re.findall(r"^\s+(\w+)/0000\.png -> (\w+)$", res.output, flags=re.M)
+    classes = world.task_classes("textures")
+    assert [p[0] for p in predictions] == classes[:4] and all(p[1] in classes for p in predictions)
+    assert (out / "model.onnx").is_file() and (out / "run" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
