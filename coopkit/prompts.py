@@ -137,10 +137,14 @@ def _qkv(blk: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return qkv[0], qkv[1], qkv[2]
 
 
-def _finish_block(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-    """Output projection, residuals and MLP of one block; ``attn_out`` is ``(b, heads, n, hd)``."""
+def _merge_heads(attn_out: torch.Tensor) -> torch.Tensor:
+    """``(b, heads, n, hd) -> (b, n, heads * hd)``."""
     b, _, n, _ = attn_out.shape
-    attn_out = attn_out.transpose(1, 2).reshape(b, n, -1)  # (b, n, d)
+    return attn_out.transpose(1, 2).reshape(b, n, -1)
+
+
+def _finish_block(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """Output projection, residuals and MLP of one block; ``attn_out`` has heads merged (``(..., d)``)."""
     x = x + blk.ls_1(blk.attn.out_proj(attn_out))
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
@@ -293,7 +297,7 @@ class PromptLearner(nn.Module):
         for blk in t.transformer.resblocks:
             q, k, v = _qkv(blk, blk.ln_1(x))  # each (1, heads, p, hd)
             kv += [k, v]
-            x = _finish_block(blk, x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            x = _finish_block(blk, x, _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
         return kv
 
     def _packed_pass(self, groups: Sequence[torch.Tensor], *kv: torch.Tensor) -> torch.Tensor:
@@ -329,12 +333,11 @@ class PromptLearner(nn.Module):
                     k = torch.cat([kv[2 * i].expand(k_cls, -1, -1, -1), k], dim=2)
                     v = torch.cat([kv[2 * i + 1].expand(k_cls, -1, -1, -1), v], dim=2)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[s])  # (k, heads, s, hd)
-                outs.append(o.transpose(1, 2).reshape(k_cls * s, d))
+                outs.append(_merge_heads(o).reshape(k_cls * s, d))
             a = torch.cat(outs)  # (rows, width)
             if i == len(blocks) - 1:  # only the EOT rows are read after the last block
                 x, a = x[eot_rows], a[eot_rows]
-            x = x + blk.ls_1(attn.out_proj(a))
-            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            x = _finish_block(blk, x, a)
         return t.project(x)  # (classes, embed_dim)
 
     def _plain_chunk(self, idx: torch.Tensor) -> torch.Tensor:
