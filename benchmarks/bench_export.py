@@ -32,12 +32,9 @@ import numpy as np  # noqa: E402
 
 
 def _latency_ms(path: Path, precision: str, size: tuple[int, int], batch: int = 16, reps: int = 3) -> float:
-    import onnxruntime as ort
+    from coopkit.exporters.onnx import _cpu_session
 
-    from coopkit.exporters.onnx import FP16_CPU_DISABLED_OPTIMIZERS
-
-    disabled = list(FP16_CPU_DISABLED_OPTIMIZERS) if precision == "fp16" else None
-    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    sess = _cpu_session(path, precision)  # the session the exporter verifies with
     x = np.random.default_rng(0).integers(0, 256, (batch, size[0], size[1], 3), dtype=np.uint8)
     sess.run(["logits"], {"images": x})  # warm-up
     best = float("inf")
