@@ -7,9 +7,10 @@ from typing import Optional
 
 import click
 
-from .cli import handle_errors, print_table
+from coopkit.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from coopkit.runtime.metadata import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8")
+from .cli import _pct, handle_errors, print_table
 
 
 @click.command("export")
@@ -17,7 +18,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: dynamic quantisation).")
-@click.option("--opset", type=click.IntRange(14, 20), default=17, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False), default=None,
               help="Also write a Triton Inference Server model repository here.")
 @click.option("--triton-name", default=None, help="Model name in the Triton repository (default: the file's stem).")
@@ -73,6 +75,6 @@ def export(run_dir: str, out: str, precision: str, opset: int, triton_repo: Opti
         if key in ("max_abs_logit_diff", "text_max_abs_diff"):
             value = f"{value:.3g}"
         elif key in ("top1_agreement", "accuracy_torch", "accuracy_onnx"):
-            value = f"{100 * value:.2f}%"
+            value = _pct(value)
         rows.append((key, value))
     print_table(rows)
