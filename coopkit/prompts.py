@@ -93,6 +93,11 @@ class TextTower:
         return x @ self.text_projection
 
 
+def has_clip_bpe(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` is CLIP's BPE tokenizer (``encode`` plus start and end token ids)."""
+    return all(hasattr(tokenizer, a) for a in ("encode", "sot_token_id", "eot_token_id"))
+
+
 def _check_classnames(classnames: Sequence[str]) -> list[str]:
     names = [str(c) for c in classnames]
     if not names:
@@ -184,12 +189,11 @@ class PromptLearner(nn.Module):
         self.text_chunk_size = text_chunk_size
         self.tower = TextTower.of(backbone.model)
         tokenizer = backbone.tokenizer
-        for attr in ("encode", "sot_token_id", "eot_token_id"):
-            if not hasattr(tokenizer, attr):
-                raise ValueError(
-                    f"model {backbone.name!r} uses a {type(tokenizer).__name__} tokenizer; CoOp needs CLIP's "
-                    "BPE tokenizer with start and end tokens"
-                )
+        if not has_clip_bpe(tokenizer):
+            raise ValueError(
+                f"model {backbone.name!r} uses a {type(tokenizer).__name__} tokenizer; CoOp needs CLIP's "
+                "BPE tokenizer with start and end tokens"
+            )
         device = self.tower.token_embedding.weight.device
         names = [n.replace("_", " ") for n in self.classnames]
 

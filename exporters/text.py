@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from coopkit.runtime.classifier import prompt_templates, template_prompts, text_graph_weights
+from coopkit.runtime.metadata import TEXT_INPUT, TEXT_OUTPUT
 
 if TYPE_CHECKING:
     from coopkit.classifier import Classifier
 
 logger = logging.getLogger(__name__)
 
-TEXT_INPUT = "token_ids"
-TEXT_OUTPUT = "class_weights"
 PROMPT_SUFFIX = "."
 PLACEHOLDER = "X"
 
@@ -40,8 +39,10 @@ def check_text_encoder_supported(classifier: "Classifier") -> None:
             "one context per training class, so there is none for a new class name. Export without "
             "--with-text-encoder, or fit again without --csc"
         )
+    from coopkit.prompts import has_clip_bpe
+
     tokenizer = classifier.backbone.tokenizer
-    if not all(hasattr(tokenizer, a) for a in ("encode", "sot_token_id", "eot_token_id")):
+    if not has_clip_bpe(tokenizer):
         raise ValueError(
             f"--with-text-encoder needs a model with CLIP's BPE tokenizer; {classifier.backbone.name!r} uses "
             f"{type(tokenizer).__name__}"
@@ -77,7 +78,6 @@ def text_encoder_metadata(classifier: "Classifier", file: str) -> dict[str, Any]
     else:
         entry.update(templates=list(classifier.config.templates or []), n_ctx=0, layout="plain_v1")
     return entry
-
 
 
 def export_text_graph(

@@ -18,15 +18,13 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .metadata import INPUT_NAME, OUTPUT_NAMES, MetadataError, ModelMetadata
+from .metadata import INPUT_NAME, OUTPUT_NAMES, TEXT_INPUT, TEXT_OUTPUT, MetadataError, ModelMetadata
 from .preprocess import MAX_PIXELS, ImageDecodeError, ImageInput, describe, preprocess
 from .session import CPU, CUDA, TENSORRT, ProviderSpec, create_session
 
 logger = logging.getLogger(__name__)
 
 ERROR_MODES = ("raise", "skip")
-_TEXT_INPUT = "token_ids"
-_TEXT_OUTPUT = "class_weights"
 
 
 @dataclass(frozen=True)
@@ -380,7 +378,7 @@ class Classifier:
                 session = self._open(file, self._device, self._threads, self._providers)
                 names_in = [i.name for i in session.get_inputs()]
                 names_out = [o.name for o in session.get_outputs()]
-                want_in, want_out = te.get("input", _TEXT_INPUT), te.get("output", _TEXT_OUTPUT)
+                want_in, want_out = te.get("input", TEXT_INPUT), te.get("output", TEXT_OUTPUT)
                 if want_in not in names_in or want_out not in names_out:
                     raise MetadataError(
                         f"{file}: text graph must map {want_in!r} to {want_out!r}; it has inputs "
@@ -462,7 +460,7 @@ def text_graph_weights(session: Any, text_encoder: dict[str, Any], classnames: S
     weights = []
     for template in prompt_templates(text_encoder):
         tokens = tokenizer(template_prompts(template, classnames), context_length)  # (n, context_length)
-        (w,) = session.run([text_encoder.get("output", _TEXT_OUTPUT)], {text_encoder.get("input", _TEXT_INPUT): tokens})
+        (w,) = session.run([text_encoder.get("output", TEXT_OUTPUT)], {text_encoder.get("input", TEXT_INPUT): tokens})
         weights.append(np.asarray(w, dtype=np.float32))  # (n, embed_dim)
     if len(weights) == 1:
         return weights[0]

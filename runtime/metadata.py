@@ -43,6 +43,9 @@ SCHEMA_VERSION = 1
 METADATA_KEY = "coopkit"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs", "image_embeds")
+#: Default input and output names of the companion text graph (``text_encoder`` may name others).
+TEXT_INPUT = "token_ids"
+TEXT_OUTPUT = "class_weights"
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
