@@ -3,7 +3,7 @@
     python benchmarks/bench_export.py                         # both models, all precisions
     python benchmarks/bench_export.py --models tiny --test-per-class 50
 
-For each model a classifier over a task of the synthetic world (``coopkit.world``) is
+For each model a classifier over a task of the synthetic world (``coopkit.embedded.world``) is
 exported as fp32, fp16 and int8; every export is verified by ``export_onnx`` itself, and
 this script reports: export wall time (tracing, conversion, checking and verification), file
 size, the largest logit difference and the top-1 agreement with PyTorch on the task's test
@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 
 
 def _latency_ms(path: Path, precision: str, size: tuple[int, int], batch: int = 16, reps: int = 3) -> float:
-    from coopkit.exporters.onnx import _cpu_session
+    from coopkit.exporters.verify import cpu_session
 
-    sess = _cpu_session(path, precision)  # the session the exporter verifies with
+    sess = cpu_session(path, precision)  # the session the exporter verifies with
     x = np.random.default_rng(0).integers(0, 256, (batch, size[0], size[1], 3), dtype=np.uint8)
     sess.run(["logits"], {"images": x})  # warm-up
     best = float("inf")
@@ -47,7 +47,7 @@ def _latency_ms(path: Path, precision: str, size: tuple[int, int], batch: int = 
 
 def _classifiers(models: list[str], task_dir: Path, seed: int) -> list[tuple[str, Any]]:
     import coopkit
-    from coopkit.backbone import ASSETS, EMBEDDED_MODEL
+    from coopkit.embedded import ASSETS, EMBEDDED_MODEL
 
     out = []
     if "tiny" in models:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,vit-b-32", help="comma list of: tiny, vit-b-32")
     parser.add_argument("--precisions", default="fp32,fp16,int8")
-    parser.add_argument("--task", default="colors", help="coopkit.world task")
+    parser.add_argument("--task", default="colors", help="coopkit.embedded.world task")
     parser.add_argument("--test-per-class", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch / onnxruntime threads (default: all)")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from coopkit import world
+    from coopkit.embedded import world
     from coopkit.exporters import export_onnx
 
     if args.threads:

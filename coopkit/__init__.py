@@ -6,16 +6,20 @@ Public names are loaded lazily, so ``import coopkit`` imports neither torch nor 
     clf = coopkit.fit("my_images/", shots=16)          # CoOp on the shipped coopkit-tiny model
     clf.evaluate("my_test_images/")["accuracy"]
     clf.save("runs/mine")
+
+Training needs the ``train`` extra (``pip install 'coopkit[train]'``); the torch-free
+runtime (:mod:`coopkit.runtime`) needs nothing beyond the base install.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from ._lazy import lazy_exports
 
-_LAZY = {
+__version__ = "0.2.0"
+
+_EXPORTS = {
     "load_backbone": "coopkit.backbone",
     "Backbone": "coopkit.backbone",
     "PromptLearner": "coopkit.prompts",
@@ -26,29 +30,20 @@ _LAZY = {
     "load_dataset": "coopkit.data",
     "few_shot": "coopkit.data",
     "Dataset": "coopkit.data",
+    "BackboneConfig": "coopkit.config",
     "PromptConfig": "coopkit.config",
     "TrainConfig": "coopkit.config",
     "RunConfig": "coopkit.config",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .backbone import Backbone, load_backbone
     from .classifier import Classifier, load, zero_shot
-    from .config import PromptConfig, RunConfig, TrainConfig
+    from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
     from .data import Dataset, few_shot, load_dataset
     from .prompts import PromptLearner
     from .train import fit
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'coopkit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -1,6 +1,6 @@
 """``python -m coopkit``: the same CLI as the ``coopkit`` command."""
 
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":
-    main(prog_name="coopkit")
+    run()

@@ -4,8 +4,10 @@
 open_clip model-config JSON (custom architectures; the model name is the file's stem), or
 ``coopkit-tiny``, the small pretrained CLIP that ships inside coopkit. ``pretrained`` is an
 open_clip tag (downloaded by open_clip when online), a local checkpoint path, ``None`` for
-random init (seeded, so a random-init run can be reloaded), or ``"synthetic"`` for the
-shipped weights of ``coopkit-tiny``.
+random init (seeded, so a random-init run can be reloaded), ``"synthetic"`` for the
+shipped weights of ``coopkit-tiny``, or ``"default"`` (the default of :func:`load_backbone`
+and :func:`coopkit.fit` alike): ``"synthetic"`` for ``coopkit-tiny``; any other model must
+name its weights, and the error lists its tags.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 if TYPE_CHECKING:
     import torch
 
+from .config import DEFAULT_PRETRAINED, BackboneConfig, default_of
+from .embedded import ASSETS, EMBEDDED_MODEL, EMBEDDED_PRETRAINED
+
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_MODEL = "coopkit-tiny"
-EMBEDDED_PRETRAINED = "synthetic"
 RANDOM_INIT_SEED = 0
 
 
@@ -172,6 +174,15 @@ def _resolve_pretrained(name: str, pretrained: Optional[str]) -> tuple[Optional[
     if pretrained is None:
         return None, None
     pretrained = str(pretrained)
+    if pretrained == DEFAULT_PRETRAINED:
+        if name != EMBEDDED_MODEL:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            valid = ", ".join(tags) if tags else "none registered: pass a checkpoint path"
+            raise ValueError(
+                f"model {name!r} needs its weights named: pretrained= one of its open_clip tags ({valid}), "
+                "a checkpoint path, or None for random init"
+            )
+        pretrained = EMBEDDED_PRETRAINED
     if name == EMBEDDED_MODEL and pretrained == EMBEDDED_PRETRAINED:
         path = ASSETS / f"{EMBEDDED_MODEL}.safetensors"
         if not path.is_file():
@@ -194,16 +205,17 @@ def _resolve_pretrained(name: str, pretrained: Optional[str]) -> tuple[Optional[
 
 
 def load_backbone(
-    model: str = EMBEDDED_MODEL,
-    pretrained: Optional[str] = None,
-    device: Union[str, "torch.device"] = "auto",
+    model: str = default_of(BackboneConfig, "model"),
+    pretrained: Optional[str] = default_of(BackboneConfig, "pretrained"),
+    device: Union[str, "torch.device"] = default_of(BackboneConfig, "device"),
 ) -> Backbone:
     """Load a frozen open_clip model with its transforms and tokenizer.
 
     Args:
         model: open_clip model name, path of an open_clip model-config JSON, or ``"coopkit-tiny"``.
         pretrained: open_clip tag, local checkpoint path, ``"synthetic"`` (the shipped weights
-            of ``coopkit-tiny``) or ``None`` for a random-init model (seeded, reproducible).
+            of ``coopkit-tiny``), ``None`` for a random-init model (seeded, reproducible), or
+            ``"default"``: the shipped weights for ``coopkit-tiny``; other models must name theirs.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
 
     Returns:
@@ -218,6 +230,8 @@ def load_backbone(
     import torch
     from torchvision import transforms as T
 
+    cfg = BackboneConfig(model=model, pretrained=pretrained, device=device)  # type: ignore[arg-type]
+    model, pretrained = cfg.model, cfg.pretrained
     dev = resolve_device(device)
     name, custom_cfg = _resolve_model(model)
     load_from, recorded = _resolve_pretrained(name, pretrained)
@@ -233,17 +247,17 @@ def load_backbone(
             ) from None
         raise
     clip.eval().requires_grad_(False)
-    cfg = dict(open_clip.get_model_preprocess_cfg(clip))
-    size = cfg["size"]
+    pp = dict(open_clip.get_model_preprocess_cfg(clip))
+    size = pp["size"]
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
-        cfg.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC
+        pp.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC
     )
     train_preprocess = T.Compose(
         [
             T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=interp),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
-            T.Normalize(cfg["mean"], cfg["std"]),
+            T.Normalize(pp["mean"], pp["std"]),
         ]
     )
     tokenizer = open_clip.get_tokenizer(name)
@@ -256,6 +270,6 @@ def load_backbone(
         name=name,
         pretrained=recorded,
         device=dev,
-        preprocess_cfg=cfg,
+        preprocess_cfg=pp,
         model_config=custom_cfg,
     )

@@ -11,7 +11,6 @@ CoOp, ``ctx.safetensors`` holding only the learned context. Loading uses no pick
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -25,18 +24,21 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from ._io import atomic_write
 from .backbone import Backbone, load_backbone, register_model_config
 from .config import RunConfig
 from .data import Dataset, load_dataset
 from .features import autocast_for, encode_images
-from .prompts import PromptLearner, _check_classnames
-from .runtime.preprocess import ImageInput
+from .prompts import PromptLearner, TextTower
+from .runtime.contract import DEFAULT_TEMPLATE, check_classnames, check_templates, fill_templates
+from .runtime.image import Prediction, check_predict_args, rank
+from .runtime.preprocess import ImageInput, as_image_list, describe
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CTX_FILE = "ctx.safetensors"
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 
 
 class Classifier:
@@ -66,6 +68,11 @@ class Classifier:
     def method(self) -> str:
         return self.config.method
 
+    @property
+    def text_tower(self) -> TextTower:
+        """The backbone's text tower, as the prompt learner and the exporter's text graph see it."""
+        return self.learner.tower if self.learner is not None else TextTower.of(self.backbone.model)
+
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features ``(n_classes, embed_dim)``, float32."""
@@ -88,15 +95,13 @@ class Classifier:
         Unified context is class-agnostic and carries over as it is; class-specific context
         has no vectors for unseen classes, so it is refused.
         """
-        names = _check_classnames(classnames)
+        names = check_classnames(classnames)
         config = RunConfig(**{**self.config.__dict__, "classnames": names, "metrics": {}})
         if self.learner is None:
             return Classifier(self.backbone, config)
-        p = self.config.prompt
-        assert p is not None
-        if p.csc:
+        if self.learner.config.csc:
             raise ValueError("a class-specific-context run has no context for new classes; fit with csc=False")
-        learner = PromptLearner(self.backbone, names, p.n_ctx, p.csc, p.class_token_position, p.ctx_init,
+        learner = PromptLearner(self.backbone, names, self.learner.config,
                                 text_chunk_size=self.learner.text_chunk_size).to(self.backbone.device)
         with torch.no_grad():
             learner.ctx.copy_(self.learner.ctx)
@@ -105,20 +110,57 @@ class Classifier:
 
     def image_features(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """L2-normalised image features ``(n, embed_dim)``; every image must decode."""
-        if isinstance(images, (str, os.PathLike, bytes)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
+        images = as_image_list(images)
         if len(images) == 0:
             raise ValueError("no images given")
         feats, _ = encode_images(self.backbone, images, batch_size=batch_size, strict=True, progress=progress)
         return feats[0]
 
-    def logits(self, images: Sequence[ImageInput], batch_size: int = 64) -> np.ndarray:
-        """Logits ``(n, n_classes)`` for paths, PIL images or uint8 HWC arrays."""
+    def logits(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
+        """Logits ``(n_images, n_classes)`` (scaled cosine similarities), float32, for paths, bytes,
+        PIL images or uint8 HWC arrays; the same numbers the exported file gives."""
         return (self.image_features(images, batch_size) @ self.class_weights().T).numpy()
 
-    def predict(self, images: Sequence[ImageInput], batch_size: int = 64) -> list[str]:
-        """The most likely class name for each image."""
-        return [self.classnames[i] for i in self.logits(images, batch_size).argmax(axis=1)]
+    def probs(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits), float32."""
+        return torch.from_numpy(self.logits(images, batch_size=batch_size)).softmax(-1).numpy()
+
+    def embed(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised image embeddings ``(n_images, embed_dim)``, float32."""
+        return self.image_features(images, batch_size).numpy()
+
+    def predict(
+        self,
+        images: Union[ImageInput, Sequence[ImageInput]],
+        top_k: int = 5,
+        *,
+        errors: str = "raise",
+        batch_size: int = 64,
+    ) -> list[Prediction]:
+        """Label images: one :class:`~coopkit.runtime.Prediction` per input, best label first.
+
+        The same contract as :meth:`coopkit.runtime.Classifier.predict` (``p.label``,
+        ``p.labels``, ``p.probs``, ``p.error``).
+
+        Args:
+            images: One image or a list: paths, encoded bytes, PIL images, uint8 HWC arrays.
+            top_k: Labels per image (at most the number of classes).
+            errors: ``raise`` (the first unreadable image raises, naming it) or ``skip``
+                (unreadable images get a result with ``error`` set).
+            batch_size: Images per forward pass.
+        """
+        k = check_predict_args(top_k, errors)
+        sources = as_image_list(images)
+        if not sources:
+            return []
+        errs: list[Optional[str]] = [None] * len(sources)
+        feats, _ = encode_images(self.backbone, sources, batch_size=batch_size, strict=errors == "raise",
+                                 errors_out=errs)
+        if feats.shape[1]:
+            probs = (feats[0] @ self.class_weights().T).softmax(-1).numpy()  # (n_readable, n_classes)
+        else:
+            probs = np.zeros((0, len(self.classnames)), np.float32)
+        return rank(probs, self.classnames, [describe(s) for s in sources], errs, k)
 
     def evaluate(
         self,
@@ -184,27 +226,11 @@ class Classifier:
                     raise
             else:
                 for name, blob in blobs.items():
-                    atomic_write_bytes(target / name, blob)
+                    atomic_write(target / name, blob)
         except PermissionError:
             raise ValueError(f"cannot write the run to {target}: permission denied") from None
         logger.info("saved %s run to %s", self.method, target)
         return target
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename: never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def template_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], chunk: int = 256) -> torch.Tensor:
@@ -213,25 +239,13 @@ def template_features(backbone: Backbone, classnames: Sequence[str], templates: 
     out = []
     with torch.no_grad(), autocast_for(backbone.device):
         for start in range(0, len(classnames), chunk):
-            names = [c.replace("_", " ") for c in classnames[start : start + chunk]]
+            names = list(classnames[start : start + chunk])
             per_template = []
             for t in templates:
-                tokens = tok([t.format(n) for n in names]).to(backbone.device)
+                tokens = tok(fill_templates(t, names)).to(backbone.device)
                 per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
             out.append(F.normalize(torch.stack(per_template).mean(0), dim=-1))  # (chunk, D)
     return torch.cat(out)
-
-
-def _check_templates(templates: Union[str, Sequence[str]]) -> list[str]:
-    if isinstance(templates, str):
-        templates = [templates]
-    templates = list(templates)
-    if not templates:
-        raise ValueError("templates is empty; give at least one, like 'a photo of a {}.'")
-    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"templates must contain '{{}}' exactly once for the class name; got {bad}")
-    return templates
 
 
 def zero_shot(
@@ -246,7 +260,7 @@ def zero_shot(
         classnames: Labels, in output order.
         templates: Strings with one ``{}`` for the class name; several are averaged (CLIP's ensembling).
     """
-    names = _check_classnames(classnames)
+    names = check_classnames(classnames)
     config = RunConfig(
         method="zeroshot",
         classnames=names,
@@ -254,7 +268,7 @@ def zero_shot(
         pretrained=backbone.pretrained,
         model_config=backbone.model_config,
         backbone_sha256=backbone.weights_sha256,
-        templates=_check_templates(templates),
+        templates=check_templates(templates),
         coopkit_version=__version__,
     )
     return Classifier(backbone, config)
@@ -316,10 +330,9 @@ def load(
             ctx = st_load(blob)["ctx"]
         except (SafetensorError, KeyError) as e:
             raise ValueError(f"{folder / CTX_FILE} is corrupt: {e}") from None
-        p = config.prompt
-        assert p is not None
+        assert config.prompt is not None
         learner = PromptLearner(
-            backbone, config.classnames, p.n_ctx, p.csc, p.class_token_position, p.ctx_init,
+            backbone, config.classnames, config.prompt,
             text_chunk_size=config.train.text_chunk_size if config.train else 256,
         ).to(backbone.device)
         if tuple(ctx.shape) != tuple(learner.ctx.shape):

@@ -1,7 +1,11 @@
-"""Typed configuration: what a prompt is, how it is trained, and what a saved run records.
+"""Typed configuration, the interface of coopkit: which backbone, what prompt, how it is trained,
+and what a saved run records.
 
-Every config is a dataclass validated in ``__post_init__``, so a bad value fails at the
-call that introduced it, with a message naming the value and the valid choices.
+Every config is a dataclass validated in ``__post_init__``, so a bad value fails at the call
+that introduced it, with a message naming the value and what would be valid. Each default
+lives here once: :func:`coopkit.fit`, :class:`coopkit.PromptLearner` and the command line
+(whose options are generated from these fields and their ``help``) all read it from here.
+Configs are passed as objects; keyword overrides go through :func:`apply_overrides`.
 """
 
 from __future__ import annotations
@@ -9,29 +13,180 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import os
 from dataclasses import asdict, dataclass, field
-from enum import Enum
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
+
+from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
+from .runtime.contract import CLASS_TOKEN_POSITIONS, METHODS, check_classnames, check_position, check_templates
 
 logger = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
+#: ``pretrained`` default: the shipped weights for ``coopkit-tiny``; other models must name theirs.
+DEFAULT_PRETRAINED = "default"
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+C = TypeVar("C")
 
 
-class ClassTokenPosition(str, Enum):
-    """Where the class-name tokens sit relative to the learned context."""
-
-    END = "end"
-    MIDDLE = "middle"
-    FRONT = "front"
+# --- validation helpers --------------------------------------------------------------------------
 
 
-def _choice(enum: type[Enum], value: Any, what: str) -> str:
-    try:
-        return enum(value).value
-    except ValueError:
-        valid = ", ".join(repr(e.value) for e in enum)
-        raise ValueError(f"unknown {what} {value!r}; valid: {valid}") from None
+def _int(name: str, value: Any, minimum: int, optional: bool = False) -> Optional[int]:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if optional else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+    return value
+
+
+def _float(name: str, value: Any, minimum: float = 0.0, *, positive: bool = False, below: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    low_ok = value > minimum if positive else value >= minimum
+    high_ok = below is None or value < below
+    if not math.isfinite(value) or not low_ok or not high_ok:
+        rng = f"{'>' if positive else '>='} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
+        raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
+    return value
+
+
+def help_of(cls: type, name: str) -> str:
+    """The ``help`` text of a config field (used by the CLI and the docs)."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of a config field: the one place it is written."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+class ConfigMixin:
+    """``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json``, written once for every config.
+
+    ``from_dict`` ignores keys this version does not know, with one warning naming them
+    (a run saved by a newer coopkit still loads).
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[C], raw: Any) -> C:
+        if isinstance(raw, cls):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"{cls.__name__} must be a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            logger.warning("ignoring unknown %s keys %s (written by a newer coopkit?)", cls.__name__, unknown)
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise ValueError(f"{cls.__name__}: {e}") from None
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+        return cls.from_dict(raw)  # type: ignore[attr-defined]
+
+
+def apply_overrides(configs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Replace fields of several configs by keyword (``shots=4`` goes to the config with a
+    ``shots`` field). Every override must name a field of exactly one of them.
+
+    Returns a new ``{name: config}`` mapping; the inputs are not modified.
+    """
+    owners: dict[str, str] = {}
+    for key, cfg in configs.items():
+        for f in dataclasses.fields(cfg):
+            owners.setdefault(f.name, key)
+    unknown = sorted(set(overrides) - set(owners))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; valid: {', '.join(sorted(owners))}")
+    out = dict(configs)
+    for key in configs:
+        mine = {k: v for k, v in overrides.items() if owners[k] == key}
+        if mine:
+            out[key] = dataclasses.replace(configs[key], **mine)
+    return out
+
+
+# --- the configs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneConfig(ConfigMixin):
+    """Which frozen CLIP to load (see :func:`coopkit.load_backbone`)."""
+
+    model: str = field(default=EMBEDDED_MODEL, metadata={
+        "help": f"open_clip model name, path of an open_clip model-config JSON, or {EMBEDDED_MODEL} (shipped)"})
+    pretrained: Optional[str] = field(default=DEFAULT_PRETRAINED, metadata={
+        "help": f"open_clip pretrained tag, checkpoint path, none for random init, or '{DEFAULT_PRETRAINED}' "
+                f"('{EMBEDDED_PRETRAINED}', the shipped weights, for {EMBEDDED_MODEL}; other models must name theirs)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be an open_clip model name or a config JSON path, got {self.model!r}")
+        if self.pretrained is not None and not isinstance(self.pretrained, str):
+            raise ValueError(f"pretrained must be a tag, a checkpoint path or None, got {self.pretrained!r}")
+        if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "random", ""):
+            self.pretrained = None
+        if not isinstance(self.device, str) and type(self.device).__name__ != "device":
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclass
+class PromptConfig(ConfigMixin):
+    """The learnable prompt: ``[SOS] + context + class tokens + "." + [EOT]``."""
+
+    n_ctx: int = field(default=16, metadata={
+        "help": "number of learned context vectors M (with ctx_init: the number of its tokens)"})
+    csc: bool = field(default=False, metadata={"help": "class-specific context (one set of M vectors per class)"})
+    class_token_position: str = field(default="end", metadata={
+        "help": "where the class name goes: end, middle (after M/2 vectors) or front",
+        "choices": CLASS_TOKEN_POSITIONS, "flag": "position"})
+    ctx_init: Optional[str] = field(default=None, metadata={
+        "help": "initialise the context from these words, e.g. 'a photo of a' (default: random, std 0.02)"})
+
+    def __post_init__(self) -> None:
+        _int("n_ctx", self.n_ctx, 1)
+        _bool("csc", self.csc)
+        check_position(self.class_token_position)
+        if self.ctx_init is not None:
+            if not isinstance(self.ctx_init, str):
+                raise ValueError(f"ctx_init must be a string of words or None, got {self.ctx_init!r}")
+            self.ctx_init = " ".join(self.ctx_init.replace("_", " ").split())
+            if not self.ctx_init:
+                raise ValueError("ctx_init has no words; give initialisation words like 'a photo of a' or None")
 
 
 def epochs_for_shots(shots: int) -> int:
@@ -44,94 +199,45 @@ def epochs_for_shots(shots: int) -> int:
 
 
 @dataclass
-class PromptConfig:
-    """The learnable prompt: ``[SOS] + context + class tokens + "." + [EOT]``.
+class TrainConfig(ConfigMixin):
+    """How the context is fitted. Defaults follow the official CoOp recipe."""
 
-    Attributes:
-        n_ctx: Number of learned context vectors M (ignored when ``ctx_init`` is given:
-            then M is the number of tokens of ``ctx_init``).
-        csc: Class-specific context (one set of M vectors per class) instead of unified.
-        class_token_position: ``end``, ``middle`` (after M/2 vectors) or ``front``.
-        ctx_init: Words whose token embeddings initialise the context, e.g. ``"a photo of a"``;
-            ``None`` for random initialisation (normal, std 0.02).
-    """
-
-    n_ctx: int = field(default=16, metadata={"help": "number of context vectors"})
-    csc: bool = field(default=False, metadata={"help": "class-specific context"})
-    class_token_position: str = field(default="end", metadata={"help": "end, middle or front"})
-    ctx_init: Optional[str] = field(default=None, metadata={"help": "initialisation words"})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
-        self.class_token_position = _choice(ClassTokenPosition, self.class_token_position, "class_token_position")
-        if self.ctx_init is not None:
-            self.ctx_init = " ".join(str(self.ctx_init).replace("_", " ").split())
-            if not self.ctx_init:
-                raise ValueError("ctx_init has no words; give initialisation words like 'a photo of a' or None")
-        self.csc = bool(self.csc)
-
-
-@dataclass
-class TrainConfig:
-    """How the context is fitted. Defaults follow the official CoOp recipe.
-
-    Attributes:
-        shots: Training images per class (a class with fewer uses all it has).
-        seed: Seeds few-shot sampling, context initialisation, augmentation and batching.
-        epochs: ``None`` picks the paper's schedule from ``shots`` (see :func:`epochs_for_shots`).
-        batch_size: Images per step.
-        lr: Peak learning rate of SGD.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        warmup_epochs: Epochs at constant ``warmup_lr`` before the cosine schedule.
-        warmup_lr: Learning rate during warm-up.
-        n_views: Augmented views encoded per training image. The image encoder is frozen, so
-            each image is encoded ``n_views`` times under the training augmentation (random
-            resized crop, scale 0.08-1, and horizontal flip) once, before training; every
-            epoch then draws one of those views per image at random. ``n_views=1`` trains on a
-            single fixed view; larger values approach the paper's fresh augmentation per epoch.
-        text_chunk_size: Classes passed through the text tower at once; larger label sets
-            are split into chunks with activation checkpointing to bound memory.
-        precision: ``auto`` (fp32 on CPU, bf16/fp16 autocast on CUDA), ``fp32``, ``bf16`` or ``fp16``.
-        strict: Raise on unreadable images instead of skipping them with a warning.
-        kg_weight: KgCoOp regularisation weight (0 = plain CoOp).
-        augment: Encode training views with CoOp's augmentation; ``False`` uses the
-            evaluation transform (whole images), better for small single-object images.
-    """
-
-    shots: int = 16
-    seed: int = 1
-    epochs: Optional[int] = None
-    batch_size: int = 32
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    n_views: int = 10
-    text_chunk_size: int = 256
-    precision: str = "auto"
-    strict: bool = False
-    kg_weight: float = 0.0
-    augment: bool = True
+    shots: int = field(default=16, metadata={"help": "training images per class (a class with fewer uses all)"})
+    seed: int = field(default=1, metadata={"help": "seeds sampling, initialisation, augmentation and batching"})
+    epochs: Optional[int] = field(default=None, metadata={
+        "help": "epochs (default: the paper's 50/100/200 for 1/2-4/8+ shots)"})
+    batch_size: int = field(default=32, metadata={"help": "images per step"})
+    lr: float = field(default=0.002, metadata={"help": "peak learning rate of SGD"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    warmup_epochs: int = field(default=1, metadata={"help": "epochs at the constant warm-up rate before the cosine"})
+    warmup_lr: float = field(default=1e-5, metadata={"help": "learning rate during warm-up"})
+    n_views: int = field(default=10, metadata={
+        "help": "augmented views encoded once per training image (each epoch draws one at random)"})
+    augment: bool = field(default=True, metadata={
+        "help": "training views with CoOp's random resized crop (scale 0.08-1) + flip; off: whole images "
+                "(resize + centre crop), better when each image shows one small object"})
+    text_chunk_size: int = field(default=256, metadata={
+        "help": "classes per text-tower pass (larger label sets go in checkpointed chunks)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16", "choices": PRECISIONS})
+    strict: bool = field(default=False, metadata={"help": "fail on unreadable images instead of skipping them"})
+    kg_weight: float = field(default=0.0, metadata={"help": "KgCoOp regularisation weight (0: plain CoOp)"})
 
     def __post_init__(self) -> None:
         for name in ("shots", "batch_size", "n_views", "text_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ValueError(f"epochs must be an integer >= 1 or None, got {self.epochs!r}")
-        if not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
-        for name in ("lr", "warmup_lr", "weight_decay", "kg_weight"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"unknown precision {self.precision!r}; valid: 'auto', 'fp32', 'bf16', 'fp16'")
+            _int(name, getattr(self, name), 1)
+        _int("seed", self.seed, 0)
+        _int("epochs", self.epochs, 1, optional=True)
+        _int("warmup_epochs", self.warmup_epochs, 0)
+        _float("lr", self.lr, positive=True)
+        _float("warmup_lr", self.warmup_lr, positive=True)
+        _float("weight_decay", self.weight_decay)
+        _float("kg_weight", self.kg_weight)
+        _float("momentum", self.momentum, below=1.0)
+        for name in ("augment", "strict"):
+            _bool(name, getattr(self, name))
+        _choice("precision", self.precision, PRECISIONS)
 
     @property
     def resolved_epochs(self) -> int:
@@ -140,7 +246,7 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(ConfigMixin):
     """Everything a saved run records next to its learned context (``config.json``).
 
     Attributes:
@@ -174,35 +280,27 @@ class RunConfig:
     config_version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if self.method not in ("coop", "zeroshot"):
-            raise ValueError(f"unknown method {self.method!r}; valid: 'coop', 'zeroshot'")
-        if isinstance(self.prompt, dict):
-            self.prompt = _from_dict(PromptConfig, self.prompt)
-        if isinstance(self.train, dict):
-            self.train = _from_dict(TrainConfig, self.train)
+        _choice("method", self.method, METHODS)
+        self.classnames = check_classnames(self.classnames)
+        if self.prompt is not None:
+            self.prompt = PromptConfig.from_dict(self.prompt)
+        if self.train is not None:
+            self.train = TrainConfig.from_dict(self.train)
         if self.method == "coop" and self.prompt is None:
             raise ValueError("a coop run needs prompt settings")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        if self.templates is not None:
+            self.templates = check_templates(self.templates)
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ValueError(f"model_config must be a JSON object or null, got {type(self.model_config).__name__}")
+        if not isinstance(self.metrics, dict):
+            raise ValueError(f"metrics must be a JSON object, got {type(self.metrics).__name__}")
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise ValueError("run config is not a JSON object")
-        if raw.get("config_version", 0) > CONFIG_VERSION:
+    def from_dict(cls, raw: Any) -> "RunConfig":
+        if isinstance(raw, dict) and isinstance(raw.get("config_version", 0), int) \
+                and raw.get("config_version", 0) > CONFIG_VERSION:
             raise ValueError(
                 f"run was written by a newer coopkit (config version {raw['config_version']}, "
                 f"this one reads {CONFIG_VERSION}); upgrade coopkit"
             )
-        return _from_dict(cls, raw)
-
-
-def _from_dict(cls: type, raw: dict[str, Any]) -> Any:
-    """Build a dataclass from a dict, warning about (and dropping) keys it does not know."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        logger.warning("ignoring unknown %s keys %s (written by a newer coopkit?)", cls.__name__, unknown)
-    return cls(**{k: v for k, v in raw.items() if k in known})
+        return super().from_dict(raw)  # type: ignore[return-value]

@@ -43,6 +43,7 @@ def encode_images(
     progress: bool = False,
     desc: str = "encoding images",
     precision: str = "auto",
+    errors_out: Optional[list[Optional[str]]] = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Encode images with the frozen image tower.
 
@@ -56,6 +57,9 @@ def encode_images(
         progress: Show a tqdm bar.
         desc: Label of the bar.
         precision: See :func:`autocast_for`.
+        errors_out: A list of ``len(images)`` entries to fill with the error of each skipped
+            image (``None`` stays for the others). With it, no image at all is not an error:
+            the features are then ``(views, 0, 0)``.
 
     Returns:
         ``(features, kept)``: L2-normalised float32 features of shape ``(views, len(kept), embed_dim)``
@@ -84,6 +88,8 @@ def encode_images(
                     if strict:
                         raise
                     skipped.append(describe(images[i]) if not isinstance(e, ImageDecodeError) else str(e))
+                    if errors_out is not None:
+                        errors_out[i] = str(e)
             if decoded:
                 per_view = []
                 for _ in range(views):
@@ -92,8 +98,10 @@ def encode_images(
                 out.append(torch.stack(per_view))  # (views, b, D)
             bar.update(min(batch_size, len(images) - start))
     bar.close()
-    if skipped:
+    if skipped and errors_out is None:
         logger.warning("skipped %d unreadable image(s): %s", len(skipped), "; ".join(skipped[:10]))
     if not out:
+        if errors_out is not None:
+            return torch.zeros(views, 0, 0), kept
         raise ValueError(f"none of the {len(images)} images could be decoded")
     return torch.cat(out, dim=1), kept

@@ -20,6 +20,7 @@ approximations (``tests/test_prompts.py`` checks them against :func:`reference_t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import PromptConfig
+from .config import PromptConfig, apply_overrides
+from .runtime.contract import PROMPT_SUFFIX, check_classnames, context_before_name, prompt_name, prompt_order
+from .runtime.tokenizer import is_clip_bpe
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -93,24 +96,6 @@ class TextTower:
         return x @ self.text_projection
 
 
-def has_clip_bpe(tokenizer: Any) -> bool:
-    """Whether ``tokenizer`` is CLIP's BPE tokenizer (``encode`` plus start and end token ids)."""
-    return all(hasattr(tokenizer, a) for a in ("encode", "sot_token_id", "eot_token_id"))
-
-
-def _check_classnames(classnames: Sequence[str]) -> list[str]:
-    names = [str(c) for c in classnames]
-    if not names:
-        raise ValueError("classnames is empty; give at least one class name")
-    seen: set[str] = set()
-    dupes = sorted({n for n in names if n in seen or seen.add(n)})  # type: ignore[func-returns-value]
-    if dupes:
-        raise ValueError(f"duplicate class names: {dupes}; class names must be unique")
-    if any(not n.strip() for n in names):
-        raise ValueError("a class name is empty or blank")
-    return names
-
-
 def _causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
     """Boolean mask ``(n_query, n_key)``: query i sees keys up to ``n_key - n_query + i``."""
     q = torch.arange(n_query, device=device).unsqueeze(1)
@@ -160,13 +145,14 @@ class PromptLearner(nn.Module):
     Args:
         backbone: The frozen backbone (its model is referenced, not owned or saved).
         classnames: Labels, in output order; underscores are read as spaces in prompts.
-        n_ctx: Number of context vectors M (replaced by the token count of ``ctx_init``).
-        csc: Class-specific context (``ctx`` of shape ``(n_classes, n_ctx, width)``).
-        class_token_position: ``end``, ``middle`` or ``front``.
-        ctx_init: Initialisation words (e.g. ``"a photo of a"``), or ``None`` for N(0, 0.02).
-        text_chunk_size: Classes per pass through the text tower.
+        config: The prompt (:class:`~coopkit.config.PromptConfig`); default ``PromptConfig()``.
+        text_chunk_size: Classes per pass through the text tower (a compute setting, not
+            part of the prompt).
+        **overrides: Fields of ``config`` to replace, e.g. ``n_ctx=4, csc=True`` (as open_clip's
+            ``create_model`` keyword arguments override its config).
 
     Attributes:
+        config: The prompt settings, with ``n_ctx`` the real number of context vectors.
         ctx: The only trainable parameter: ``(n_ctx, width)`` or ``(n_classes, n_ctx, width)``.
     """
 
@@ -174,38 +160,40 @@ class PromptLearner(nn.Module):
         self,
         backbone: "Backbone",
         classnames: Sequence[str],
-        n_ctx: int = 16,
-        csc: bool = False,
-        class_token_position: str = "end",
-        ctx_init: Optional[str] = None,
+        config: Optional[PromptConfig] = None,
         *,
         text_chunk_size: int = 256,
+        **overrides: Any,
     ) -> None:
         super().__init__()
-        self.config = PromptConfig(n_ctx=n_ctx, csc=csc, class_token_position=class_token_position, ctx_init=ctx_init)
-        self.classnames = _check_classnames(classnames)
-        if not isinstance(text_chunk_size, int) or text_chunk_size < 1:
+        if config is not None and not isinstance(config, PromptConfig):
+            raise ValueError(f"config must be a PromptConfig, got {type(config).__name__}")
+        config = apply_overrides({"prompt": config or PromptConfig()}, overrides)["prompt"]
+        self.classnames = check_classnames(classnames)
+        if isinstance(text_chunk_size, bool) or not isinstance(text_chunk_size, int) or text_chunk_size < 1:
             raise ValueError(f"text_chunk_size must be an integer >= 1, got {text_chunk_size!r}")
         self.text_chunk_size = text_chunk_size
         self.tower = TextTower.of(backbone.model)
         tokenizer = backbone.tokenizer
-        if not has_clip_bpe(tokenizer):
+        if not is_clip_bpe(tokenizer):
             raise ValueError(
                 f"model {backbone.name!r} uses a {type(tokenizer).__name__} tokenizer; CoOp needs CLIP's "
                 "BPE tokenizer with start and end tokens"
             )
         device = self.tower.token_embedding.weight.device
-        names = [n.replace("_", " ") for n in self.classnames]
+        names = [prompt_name(n) for n in self.classnames]
 
-        if self.config.ctx_init is not None:
-            init_ids = tokenizer.encode(self.config.ctx_init)
+        if config.ctx_init is not None:
+            init_ids = tokenizer.encode(config.ctx_init)
             if not init_ids:
-                raise ValueError(f"ctx_init {self.config.ctx_init!r} gives no tokens; give words like 'a photo of a'")
+                raise ValueError(f"ctx_init {config.ctx_init!r} gives no tokens; give words like 'a photo of a'")
             n_ctx = len(init_ids)
-            prompt_prefix = self.config.ctx_init
+            prompt_prefix = config.ctx_init
+            config = dataclasses.replace(config, n_ctx=n_ctx)
         else:
-            n_ctx = self.config.n_ctx
+            n_ctx = config.n_ctx
             prompt_prefix = " ".join(["X"] * n_ctx)
+        self.config = config
         self.n_ctx = n_ctx
         self.n_cls = len(names)
 
@@ -217,7 +205,7 @@ class PromptLearner(nn.Module):
                 f"class names {too_long[:3]} need more than the {budget} tokens left by n_ctx={n_ctx} in a "
                 f"context of {self.tower.context_length}; shorten them or lower n_ctx"
             )
-        tokens = tokenizer([f"{prompt_prefix} {n}." for n in names]).to(device)  # (n_cls, context_length)
+        tokens = tokenizer([f"{prompt_prefix} {n}{PROMPT_SUFFIX}" for n in names]).to(device)  # (n_cls, context_length)
         eot = (tokens == tokenizer.eot_token_id).int().argmax(dim=-1)  # (n_cls,)
         length = int(eot.max()) + 1 if self.tower.attn_mask is not None else tokens.shape[1]
         with torch.no_grad():
@@ -248,25 +236,14 @@ class PromptLearner(nn.Module):
         # open_clip's own transformer on the cut prompts.
         self.packed = self.tower.attn_mask is not None and _split_attention_supported(self.tower.transformer)
         position = self.config.class_token_position
-        shared = {"end": 1 + n_ctx, "middle": 1 + n_ctx // 2, "front": 1}[position]
+        shared = 1 + context_before_name(position, n_ctx)
         # Positions computed once for all classes (0: none, every class runs its whole prompt).
         self.n_shared = shared if self.packed and not self.config.csc and shared < int(eot.min()) + 1 else 0
 
     def _order(self, name_len: int, length: int) -> torch.Tensor:
         """Positions, in prompt order, of ``cat([SOS, ctx, class tokens, rest])`` (the "end" layout)."""
-        m = self.n_ctx
-        sos, ctx = [0], list(range(1, 1 + m))
-        name = list(range(1 + m, 1 + m + name_len))
-        rest = list(range(1 + m + name_len, length))
-        position = self.config.class_token_position
-        if position == "end":
-            idx = sos + ctx + name + rest
-        elif position == "front":
-            idx = sos + name + ctx + rest
-        else:
-            half = m // 2
-            idx = sos + ctx[:half] + name + ctx[half:] + rest
-        return torch.tensor(idx, dtype=torch.long)
+        return torch.tensor(prompt_order(self.config.class_token_position, self.n_ctx, name_len, length),
+                            dtype=torch.long)
 
     def prompts(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Prompt embeddings ``(k, length, width)`` for the classes ``idx`` (all by default)."""

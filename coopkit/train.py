@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .backbone import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, Backbone, load_backbone
+from .backbone import Backbone, load_backbone
 from .classifier import DEFAULT_TEMPLATES, Classifier, template_features
-from .config import PromptConfig, RunConfig, TrainConfig
+from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, apply_overrides, default_of
 from .data import Dataset, few_shot, load_dataset
 from .features import autocast_for, encode_images
 from .prompts import PromptLearner
@@ -54,100 +54,88 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(
-    train: DataSource,
+    data: DataSource,
     *,
-    model: str = EMBEDDED_MODEL,
-    pretrained: Optional[str] = EMBEDDED_PRETRAINED,
-    shots: int = 16,
-    seed: int = 1,
-    n_ctx: int = 16,
-    csc: bool = False,
-    class_token_position: str = "end",
-    ctx_init: Optional[str] = None,
-    epochs: Optional[int] = None,
-    batch_size: int = 32,
-    lr: float = 0.002,
-    device: str = "auto",
+    prompt: Optional[PromptConfig] = None,
+    train: Optional[TrainConfig] = None,
+    model: str = default_of(BackboneConfig, "model"),
+    pretrained: Optional[str] = default_of(BackboneConfig, "pretrained"),
+    device: str = default_of(BackboneConfig, "device"),
+    backbone: Optional[Backbone] = None,
     val: Optional[DataSource] = None,
-    n_views: int = 10,
     image_root: Optional[Union[str, os.PathLike]] = None,
     classnames: Optional[Sequence[str]] = None,
-    strict: bool = False,
-    precision: str = "auto",
-    text_chunk_size: int = 256,
-    kg_weight: float = 0.0,
-    augment: bool = True,
-    backbone: Optional[Backbone] = None,
     progress: bool = True,
     callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+    **overrides: Any,
 ) -> Classifier:
     """Fit CoOp context vectors on a few labelled images per class.
 
+    Settings come as config objects; any of their fields can also be given as a keyword, which
+    overrides the object's value (``fit(data, shots=4)`` is ``fit(data, train=TrainConfig(shots=4))``)::
+
+        fit("data/train", prompt=PromptConfig(n_ctx=4, csc=True), train=TrainConfig(shots=8, lr=0.01))
+        fit("data/train", model="ViT-B-32", pretrained="openai", shots=16, class_token_position="middle")
+
     Args:
-        train: ImageFolder directory, CSV of ``path,label``, CoOp split JSON, or a Dataset.
+        data: ImageFolder directory, CSV of ``path,label``, CoOp split JSON, or a Dataset.
+        prompt: The prompt (:class:`~coopkit.config.PromptConfig`: ``n_ctx``, ``csc``,
+            ``class_token_position``, ``ctx_init``).
+        train: The recipe (:class:`~coopkit.config.TrainConfig`: ``shots``, ``seed``,
+            ``epochs``, ``batch_size``, ``lr``, ``momentum``, ``weight_decay``, ``warmup_epochs``,
+            ``warmup_lr``, ``n_views``, ``augment``, ``text_chunk_size``, ``precision``,
+            ``strict``, ``kg_weight``).
         model: open_clip model name, model-config JSON path, or ``coopkit-tiny`` (shipped).
-        pretrained: open_clip tag, checkpoint path, ``synthetic`` (shipped weights) or ``None``.
-        shots: Training images per class, sampled with ``seed``.
-        seed: Seeds sampling, initialisation, augmentation and batching.
-        n_ctx: Context vectors M (ignored with ``ctx_init``).
-        csc: Class-specific context.
-        class_token_position: ``end``, ``middle`` or ``front``.
-        ctx_init: Initialisation words (e.g. ``"a photo of a"``) or ``None`` for random.
-        epochs: ``None`` for the paper's schedule by shots.
-        batch_size: Images per step.
-        lr: Peak learning rate.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        pretrained: open_clip tag, checkpoint path, ``None`` for random init, or ``"default"``
+            (the shipped weights of ``coopkit-tiny``; other models must name theirs).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        backbone: An already loaded backbone (then ``model``/``pretrained``/``device`` are unused).
         val: Optional labelled set evaluated after training (``metrics["val_accuracy"]``).
-        n_views: Augmented views cached per training image (see :class:`TrainConfig`).
         image_root: Folder for relative paths in CSV / split files.
         classnames: Train on these classes only, in this order (default: all, sorted).
-        strict: Fail on unreadable images instead of skipping them.
-        precision: ``auto`` (fp32 on CPU, bf16/fp16 autocast on CUDA), ``fp32``, ``bf16``, ``fp16``.
-        text_chunk_size: Classes per text-tower pass (bounds memory for large label sets).
-        kg_weight: KgCoOp weight: adds ``kg_weight * (1 - cos)`` between each class's learned
-            text feature and its hand-written-prompt feature (0 = plain CoOp).
-        augment: Encode training views with CoOp's augmentation (random resized crop, scale
-            0.08-1, and flip); ``False`` uses the evaluation transform (whole images).
-        backbone: An already loaded backbone (then ``model``/``pretrained``/``device`` are unused).
         progress: Show progress bars.
         callback: Called after each epoch with ``(epoch, {"loss", "accuracy", "lr"})``.
+        **overrides: Fields of ``prompt`` or ``train`` to replace.
 
     Returns:
         A fitted :class:`Classifier` whose ``config.metrics`` holds the training history.
 
     Raises:
         ValueError / FileNotFoundError: bad settings or data, before any model is loaded.
-        RuntimeError: the loss became NaN or infinite (the message names the epoch).
+        RuntimeError: the loss or the context became NaN or infinite (the message names the epoch).
     """
-    prompt_cfg = PromptConfig(n_ctx=n_ctx, csc=csc, class_token_position=class_token_position, ctx_init=ctx_init)
-    train_cfg = TrainConfig(
-        shots=shots, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, n_views=n_views,
-        text_chunk_size=text_chunk_size, precision=precision, strict=strict, kg_weight=kg_weight,
-        augment=augment,
-    )
-    data = load_dataset(train, split="train", image_root=image_root)
+    for name, cfg, cls in (("prompt", prompt, PromptConfig), ("train", train, TrainConfig)):
+        if cfg is not None and not isinstance(cfg, cls):
+            raise ValueError(f"{name} must be a {cls.__name__}, got {type(cfg).__name__}")
+    configs = apply_overrides({"prompt": prompt or PromptConfig(), "train": train or TrainConfig()}, overrides)
+    prompt_cfg: PromptConfig = configs["prompt"]
+    train_cfg: TrainConfig = configs["train"]
+    if backbone is None:
+        BackboneConfig(model=model, pretrained=pretrained, device=device)  # checked before any data is read
+    dataset = load_dataset(data, split="train", image_root=image_root)
     if classnames is not None:
-        data = data.subset(classnames)
+        dataset = dataset.subset(classnames)
     val_data = load_dataset(val, split="val", image_root=image_root) if val is not None else None
     bb = backbone or load_backbone(model, pretrained, device)
     started = time.perf_counter()
 
-    seed_everything(seed)
-    sample = few_shot(data, shots, seed)
+    seed_everything(train_cfg.seed)
+    sample = few_shot(dataset, train_cfg.shots, train_cfg.seed)
     feats, kept = encode_images(
-        bb, sample.paths, transform=bb.train_preprocess if augment else bb.preprocess, views=n_views, strict=strict,
-        progress=progress, desc="encoding training views", precision=precision,
+        bb, sample.paths, transform=bb.train_preprocess if train_cfg.augment else bb.preprocess,
+        views=train_cfg.n_views, strict=train_cfg.strict, progress=progress, desc="encoding training views",
+        precision=train_cfg.precision,
     )  # (views, n, D)
     labels = torch.tensor([sample.labels[i] for i in kept])
     missing = sorted(set(range(len(sample.classnames))) - set(labels.tolist()))
     if missing:
         raise ValueError(f"no readable training images for classes {[sample.classnames[i] for i in missing]}")
 
-    learner = PromptLearner(
-        bb, sample.classnames, prompt_cfg.n_ctx, prompt_cfg.csc, prompt_cfg.class_token_position,
-        prompt_cfg.ctx_init, text_chunk_size=text_chunk_size,
-    ).to(bb.device)
-    hand = template_features(bb, sample.classnames, DEFAULT_TEMPLATES).to(bb.device) if kg_weight > 0 else None
+    learner = PromptLearner(bb, sample.classnames, prompt_cfg, text_chunk_size=train_cfg.text_chunk_size)
+    learner = learner.to(bb.device)
+    hand = None
+    if train_cfg.kg_weight > 0:
+        hand = template_features(bb, sample.classnames, DEFAULT_TEMPLATES).to(bb.device)
     history = _train_loop(learner, bb, feats, labels, train_cfg, hand, progress, callback)
 
     learner.requires_grad_(False)
@@ -158,7 +146,7 @@ def fit(
         pretrained=bb.pretrained,
         model_config=bb.model_config,
         backbone_sha256=bb.weights_sha256,
-        prompt=PromptConfig(learner.n_ctx, prompt_cfg.csc, prompt_cfg.class_token_position, prompt_cfg.ctx_init),
+        prompt=learner.config,
         train=train_cfg,
         coopkit_version=__version__,
     )
@@ -226,6 +214,11 @@ def _train_loop(
             optimizer.step()
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
+        if not bool(torch.isfinite(learner.ctx).all()):
+            raise RuntimeError(
+                f"the context vectors became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
+                "or use precision='fp32'"
+            )
         stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
         for k, v in stats.items():
             history[k].append(round(float(v), 6))

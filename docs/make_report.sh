@@ -8,10 +8,10 @@ out=${1:-docs/report}
 py=${PYTHON:-python}
 world=$(mktemp -d)
 trap 'rm -rf "$world"' EXIT
-"$py" -c "from coopkit.world import write_task; write_task('colored_shapes', '$world/colored_shapes', shift='all')"
+"$py" -c "from coopkit.embedded.world import write_task; write_task('colored_shapes', '$world/colored_shapes', shift='all')"
 W=$world/colored_shapes
-base=$("$py" -c "from coopkit.world import base_new_split as b; print(','.join(b('colored_shapes')[0]))")
-new=$("$py" -c "from coopkit.world import base_new_split as b; print(','.join(b('colored_shapes')[1]))")
+base=$("$py" -c "from coopkit.embedded.world import base_new_split as b; print(','.join(b('colored_shapes')[0]))")
+new=$("$py" -c "from coopkit.embedded.world import base_new_split as b; print(','.join(b('colored_shapes')[1]))")
 # Whole-image training views (--no-augment): the world's 64-pixel scenes hold one object, which
 # CoOp's random crops (scale 0.08-1) mostly cut away; see the README's embedded-default section.
 "$py" -m coopkit bench fewshot --train "$W/train" --test "$W/test" --no-augment --n-views 1 -q \

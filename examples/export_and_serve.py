@@ -18,14 +18,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import coopkit  # noqa: E402
-from coopkit.backbone import ASSETS  # noqa: E402
+from coopkit.embedded import ASSETS  # noqa: E402
 from coopkit.exporters import export_onnx  # noqa: E402
 
 
 def main(folder: str | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="coopkit-example-"))
     if folder is None:
-        from coopkit import world
+        from coopkit.embedded import world
 
         folder = str(world.write_task("colors", tmp / "task", shots_per_class=4, test_per_class=5) / "train")
     pretrained = "synthetic" if (ASSETS / "coopkit-tiny.safetensors").is_file() else None

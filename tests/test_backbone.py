@@ -34,7 +34,7 @@ def test_bad_device():
 
 
 def test_config_file_random_init_is_reproducible(tiny_config, tiny_backbone):
-    again = coopkit.load_backbone(str(tiny_config), device="cpu")
+    again = coopkit.load_backbone(str(tiny_config), pretrained=None, device="cpu")
     assert again.name == "coopkit-test-tiny"
     assert again.model_config["embed_dim"] == 64
     assert again.weights_sha256 == tiny_backbone.weights_sha256
@@ -45,7 +45,7 @@ def test_config_file_random_init_is_reproducible(tiny_config, tiny_backbone):
 def test_local_checkpoint(tiny_config, tiny_backbone, tmp_path):
     from safetensors.torch import save_file
 
-    bb = coopkit.load_backbone(str(tiny_config), device="cpu")
+    bb = coopkit.load_backbone(str(tiny_config), pretrained=None, device="cpu")
     with torch.no_grad():
         bb.model.ln_final.bias.add_(1.0)
     ckpt = tmp_path / "weights.safetensors"

@@ -18,7 +18,8 @@ def runner() -> CliRunner:
 def test_every_command_has_help(runner):
     out = runner.invoke(main, ["--help"])
     assert out.exit_code == 0
-    commands = [line.split()[0] for line in out.output.split("Commands:")[1].strip().splitlines()]
+    listing = out.output.split("Commands:")[1].strip().split("\n\n")[0]  # the epilog follows a blank line
+    commands = [line.split()[0] for line in listing.splitlines()]
     assert {"fit", "eval", "zeroshot"} <= set(commands)
     for cmd in commands:
         res = runner.invoke(main, [cmd, "--help"])

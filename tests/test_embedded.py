@@ -9,9 +9,9 @@ import socket
 import numpy as np
 import pytest
 
-from coopkit import world
+from coopkit.embedded import world
 
-ASSETS = __import__("pathlib").Path(__file__).resolve().parents[1] / "coopkit" / "assets"
+ASSETS = __import__("pathlib").Path(__file__).resolve().parents[1] / "coopkit" / "embedded" / "assets"
 WEIGHTS = ASSETS / "coopkit-tiny.safetensors"
 
 
@@ -45,7 +45,7 @@ def test_config_is_open_clip_format_with_clip_bpe():
 def test_checkpoint_keys_are_open_clip_state_dict():
     from safetensors.torch import load_file
 
-    from coopkit.pretrain import create_model
+    from coopkit.embedded.pretrain import create_model
 
     model, _, _ = create_model()
     sd = load_file(str(WEIGHTS))
@@ -125,7 +125,7 @@ def test_small_fit_beats_zero_shot(tmp_path, no_network):
 
 
 def test_pretraining_is_a_function_of_its_seed(tmp_path):
-    from coopkit.pretrain import PretrainConfig, pretrain
+    from coopkit.embedded.pretrain import PretrainConfig, pretrain
 
     cfg = dict(steps=2, stop_after=0, batch_size=8, pool_size=32, warmup=1)
     a = pretrain(PretrainConfig(seed=3, **cfg), tmp_path / "a")["sha256"]

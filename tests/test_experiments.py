@@ -12,12 +12,12 @@ from click.testing import CliRunner
 import coopkit
 from coopkit.classifier import Classifier, template_features
 from coopkit.cli import main
-from coopkit.compat import import_official
+from coopkit.research.compat import import_official
 from coopkit.config import PromptConfig, RunConfig
-from coopkit.experiments import plot_fewshot
+from coopkit.research.experiments import plot_fewshot
 from coopkit.features import encode_images
-from coopkit.interpret import nearest_words
-from coopkit.linear_probe import fit_linear_probe
+from coopkit.research.interpret import nearest_words
+from coopkit.research.linear_probe import fit_linear_probe
 from coopkit.prompts import PromptLearner
 from coopkit.train import kg_penalty
 

@@ -568,7 +568,7 @@ def test_set_classes_templates_are_averaged(text_model: dict[str, Any], crops: n
     per = [text_reference(table, tok([t.format(n) for n in ["owl", "cow"]])) for t in te["templates"]]
     mean = np.mean([w / np.linalg.norm(w, axis=1, keepdims=True) for w in per], axis=0)
     want = LOGIT_SCALE * mean / np.linalg.norm(mean, axis=1, keepdims=True)
-    np.testing.assert_allclose(c.class_weights(["owl", "cow"]), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(c.text_encoder.class_weights(["owl", "cow"]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_set_classes_without_text_encoder(clf: Classifier) -> None:
@@ -631,7 +631,7 @@ def cli() -> Any:
     click = pytest.importorskip("click")
     from click.testing import CliRunner
 
-    from coopkit._cli_predict import predict
+    from coopkit.cli.predict import predict
 
     return lambda *args: CliRunner().invoke(predict, [str(a) for a in args], catch_exceptions=False)
 

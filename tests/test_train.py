@@ -179,3 +179,33 @@ def test_logits_accept_paths_pil_and_arrays(fitted, image_folder):
     np.testing.assert_allclose(out[0], out[2], atol=1e-6)
     with pytest.raises(ValueError, match="no images"):
         fitted.logits([])
+
+
+def _v010_folder(root):
+    """The 12 images the runs in tests/data were fitted and scored on by coopkit 0.1.0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 40, 40), "sea_turtle": (40, 190, 60), "blue": (40, 60, 220)}
+    for name, rgb in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            img = (np.array(rgb)[None, None] + rng.normal(0, 25, (40, 48, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def test_runs_saved_by_coopkit_0_1_0_load_unchanged(tmp_path):
+    """config.json + ctx.safetensors written by the 0.1.0 code (before the configs became the
+    interface) load with today's code and give the logits 0.1.0 computed (recorded then)."""
+    data = __import__("pathlib").Path(__file__).parent / "data"
+    expected = json.loads((data / "run-0.1.0-expected.json").read_text())
+    folder = _v010_folder(tmp_path / "imgs")
+    images = [str(folder / p) for p in expected["images"]]
+    coop = coopkit.load(data / "run-0.1.0-coop", device="cpu")
+    assert coop.config.coopkit_version == "0.1.0" and coop.learner.config.class_token_position == "middle"
+    np.testing.assert_allclose(coop.logits(images), np.array(expected["coop_logits"]), atol=1e-5, rtol=0)
+    zs = coopkit.load(data / "run-0.1.0-zeroshot", device="cpu", backbone=coop.backbone)
+    assert zs.config.templates == ["a photo of a {}.", "a {} thing."]
+    again = coopkit.zero_shot(coop.backbone, zs.classnames, zs.config.templates)
+    np.testing.assert_array_equal(zs.logits(images), again.logits(images))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coopkit import world
+from coopkit.embedded import world
 
 
 def _digest(folder) -> dict[str, str]:

@@ -1,0 +1,50 @@
+"""coopkit.exporters: write a fitted or zero-shot classifier as one verified ONNX graph.
+
+>>> import coopkit
+>>> from coopkit.exporters import export_onnx, write_triton_repository
+>>> result = export_onnx(coopkit.load("runs/mine"), "model.onnx", precision="fp32")
+>>> write_triton_repository(result.path, "triton_repo")
+
+Layers, each importing only those above it in this list:
+
+* :mod:`~coopkit.exporters.io`: output checks, metadata, external data, the checker, moving
+  files into place;
+* :mod:`~coopkit.exporters.trace` and :mod:`~coopkit.exporters.graphs`: the torch modules
+  that are traced and the tracing itself;
+* :mod:`~coopkit.exporters.verify`: public checks of a written file against PyTorch;
+* :mod:`~coopkit.exporters.quantize`: fp16 and int8 variants;
+* :mod:`~coopkit.exporters.text` and :mod:`~coopkit.exporters.image`: the exports;
+* :mod:`~coopkit.exporters.triton`: a Triton model repository for an exported file.
+
+Every export is verified against the PyTorch classifier with onnxruntime on the CPU before
+the file is moved into place. Importing this package imports neither torch nor onnx.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from coopkit._lazy import lazy_exports
+
+_EXPORTS = {
+    "export_onnx": ".image",
+    "ExportResult": ".image",
+    "ExportVerificationError": ".io",
+    "EXTERNAL_DATA_THRESHOLD": ".io",
+    "text_graph_name": ".io",
+    "DEFAULT_OPSET": ".trace",
+    "verify_image_graph": ".verify",
+    "verify_text_graph": ".verify",
+    "write_triton_repository": ".triton",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .image import ExportResult, export_onnx
+    from .io import EXTERNAL_DATA_THRESHOLD, ExportVerificationError, text_graph_name
+    from .trace import DEFAULT_OPSET
+    from .triton import write_triton_repository
+    from .verify import verify_image_graph, verify_text_graph
+
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -1,0 +1,175 @@
+"""The two torch modules that are traced into ONNX (nn.Modules only: no I/O, no logging).
+
+:class:`ImageGraph` is the served classifier: uint8 images in, logits / probabilities /
+normalised embeddings out, with the class weight matrix ``W`` baked in as a buffer.
+
+:class:`TextGraph` is the optional companion for open vocabularies: CLIP token ids in, class
+weights out, with CoOp's learned (unified) context baked in. Its token layout is the one
+of :mod:`coopkit.runtime.contract` (:func:`~coopkit.runtime.contract.prompt_order`); in short, the runtime tokenises
+``"X X ... X <name>."`` (``n_ctx`` placeholders, exactly the prompt coopkit trains with) and
+the graph overwrites the placeholder embeddings at positions ``1 .. n_ctx`` with the learned
+context, then moves the class-name tokens to the learned position (``middle`` / ``front``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coopkit.runtime.contract import check_position, context_before_name
+
+
+class ImageGraph(nn.Module):
+    """``uint8 (b, H, W, 3)`` -> ``logits (b, C)``, ``probs (b, C)``, ``image_embeds (b, D)``.
+
+    Args:
+        model: The open_clip model (only ``encode_image`` is used).
+        weights: Class weights ``W`` ``(n_classes, embed_dim)`` = ``exp(logit_scale)`` x
+            normalised text features.
+        mean: Per-channel mean of the model's preprocessing (RGB, on the 0-1 scale).
+        std: Per-channel standard deviation.
+
+    The submodules ``encoder`` and ``head`` give the exported node names the prefixes
+    ``/encoder/`` and ``/head/``, which the fp16 and int8 conversions use to keep the
+    input normalisation and the head (L2, x W^T, softmax) in fp32.
+    """
+
+    def __init__(self, model: nn.Module, weights: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.encoder = _Encoder(model, mean, std)
+        self.head = _Head(weights)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.head(self.encoder(images))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        device = next(model.parameters()).device
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, 1, 1, 3))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32, device=device).view(1, 1, 1, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32) / 255.0  # (b, H, W, 3) in [0, 1], as ToTensor
+        x = (x - self.mean) / self.std  # as Normalize
+        x = x.permute(0, 3, 1, 2)  # (b, 3, H, W)
+        return self.model.encode_image(x).to(torch.float32)  # (b, embed_dim), unnormalised
+
+
+class _Head(nn.Module):
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weights_t", weights.detach().to(torch.float32).t().contiguous())  # (embed_dim, C)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embeds = F.normalize(features, dim=-1)  # (b, embed_dim)
+        logits = embeds @ self.weights_t  # (b, C)
+        return logits, logits.softmax(dim=-1), embeds
+
+
+class TextGraph(nn.Module):
+    """``token_ids int64 (n, context_length)`` -> ``class_weights (n, embed_dim)``.
+
+    Args:
+        tower: The classifier's text tower (:attr:`coopkit.Classifier.text_tower`: token
+            embedding, positional embedding, transformer, final LayerNorm, projection, mask).
+        logit_scale: ``log`` of the logit scale (the model's ``logit_scale``); the output is
+            multiplied by its ``exp``.
+        ctx: The learned unified context ``(n_ctx, width)``, or ``None`` for plain prompts
+            (zero-shot: the token ids are the whole prompt).
+        class_token_position: ``end``, ``middle`` or ``front`` (CoOp only).
+        dot_token_id: Token id of ``"."`` (used to find where the class name ends).
+
+    With ``ctx``, row ``i`` of ``token_ids`` must be the CLIP tokenisation of
+    ``"X X ... X <name>."`` (``n_ctx`` placeholder words): ``[SOS, X * n_ctx, name tokens,
+    ".", EOT, 0 ...]``. Positions ``1 .. n_ctx`` are replaced by ``ctx`` (the "end" layout);
+    for ``middle`` and ``front`` the name tokens are then moved in front of the last
+    ``n_ctx - n_ctx // 2`` or all context vectors. The name length is read from the ids:
+    ``eot - n_ctx - 2`` when the token before EOT is ``"."``, else ``eot - n_ctx - 1`` (the
+    last name token swallowed the full stop, e.g. ``").``"), exactly as
+    :class:`coopkit.prompts.PromptLearner` lays out its prompts.
+    """
+
+    def __init__(
+        self,
+        tower: Any,
+        logit_scale: torch.Tensor,
+        ctx: Optional[torch.Tensor],
+        class_token_position: str = "end",
+        dot_token_id: int = 269,
+    ) -> None:
+        super().__init__()
+        check_position(class_token_position)
+        self.token_embedding = tower.token_embedding
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        proj = tower.text_projection
+        self.proj_module = proj if isinstance(proj, nn.Module) else None
+        device = tower.token_embedding.weight.device
+        self.register_buffer("positional_embedding", tower.positional_embedding.detach().clone())  # (L, width)
+        if tower.attn_mask is not None:
+            self.register_buffer("attn_mask", tower.attn_mask.detach().clone())  # (L, L)
+        else:
+            self.attn_mask = None
+        if proj is not None and not isinstance(proj, nn.Module):
+            self.register_buffer("proj_matrix", proj.detach().clone())  # (width, embed_dim)
+        else:
+            self.proj_matrix = None
+        self.register_buffer("scale", logit_scale.detach().exp().float().reshape(()).clone())
+        self.dtype = tower.cast_dtype
+        self.context_length = tower.context_length
+        self.class_token_position = class_token_position
+        self.dot_token_id = int(dot_token_id)
+        if ctx is not None:
+            if ctx.dim() != 2 or ctx.shape[1] != tower.width:
+                raise ValueError(f"ctx must be (n_ctx, {tower.width}) (unified context), got {tuple(ctx.shape)}")
+            self.register_buffer("ctx", ctx.detach().to(device=device, dtype=torch.float32).clone())
+            self.n_ctx = int(ctx.shape[0])
+        else:
+            self.ctx = None
+            self.n_ctx = 0
+        self.n_before = context_before_name(class_token_position, self.n_ctx)
+
+    def _prompts(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings ``(n, L, width)`` with the learned context in place."""
+        x = self.token_embedding(token_ids).to(self.dtype)  # (n, L, width)
+        if self.ctx is None:
+            return x
+        n, length, width = x.shape
+        m = self.n_ctx
+        ctx = self.ctx.to(x.dtype).unsqueeze(0).expand(n, -1, -1)  # (n, m, width)
+        x = torch.cat([x[:, :1], ctx, x[:, 1 + m :]], dim=1)  # (n, L, width): SOS, ctx, name, ".", EOT
+        if self.n_before == m:
+            return x
+        eot = token_ids.argmax(dim=-1)  # (n,)
+        before_eot = torch.gather(token_ids, 1, (eot - 1).unsqueeze(1)).squeeze(1)  # (n,)
+        name_len = eot - m - 1 - (before_eot == self.dot_token_id).to(eot.dtype)  # (n,)
+        j = torch.arange(length, device=x.device).unsqueeze(0)  # (1, L)
+        k = name_len.unsqueeze(1)  # (n, 1)
+        s = self.n_before
+        # output position j takes end-layout position order[j]: SOS and the first s context
+        # vectors stay, then the name (from 1 + m), then the remaining context, then the rest
+        order = torch.where(
+            j < 1 + s,
+            j,
+            torch.where(j < 1 + s + k, j + (m - s), torch.where(j < 1 + m + k, j - k, j)),
+        )  # (n, L)
+        return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, width))  # (n, L, width)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        x = self._prompts(token_ids)  # (n, L, width)
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.transformer(x, attn_mask=self.attn_mask)  # (n, L, width)
+        x = self.ln_final(x)
+        eot = token_ids.argmax(dim=-1)  # (n,): EOT has the largest id
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (n, width)
+        if self.proj_module is not None:
+            x = self.proj_module(x)
+        elif self.proj_matrix is not None:
+            x = x @ self.proj_matrix  # (n, embed_dim)
+        return F.normalize(x.to(torch.float32), dim=-1) * self.scale

@@ -1,0 +1,157 @@
+"""Tracing torch modules into ONNX (the TorchScript exporter), with export-friendly ops.
+
+:func:`trace` writes a module to a file; :func:`export_friendly` swaps, while tracing, the
+forwards that trace into slow graphs (``nn.MultiheadAttention``, a ViT's patch convolution)
+for plain-op versions with the same results. Every file traced here is verified afterwards
+against the unpatched module (:mod:`coopkit.exporters.verify`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product_attention needs 14
+MAX_OPSET = 20  # the TorchScript exporter's newest
+
+
+def check_opset(opset: int) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
+    return opset
+
+
+@contextlib.contextmanager
+def _exporting() -> Iterator[None]:
+    """No grad, MultiheadAttention's fused fast path off, tracer chatter to the debug log."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        seen = sorted({str(w.message).splitlines()[0][:160] for w in caught})
+        for message in seen:
+            logger.debug("exporter warning: %s", message)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def trace(module: nn.Module, example: torch.Tensor, path: Path, opset: int,
+          input_name: str, output_names: Sequence[str], batch_axis: str) -> None:
+    """Trace ``module`` on ``example`` into ``path`` (batch axis dynamic on the input and every output)."""
+    module.eval()
+    dynamic = {input_name: {0: batch_axis}, **{name: {0: batch_axis} for name in output_names}}
+    with _exporting(), export_friendly(module):
+        torch.onnx.export(
+            module,
+            (example,),
+            os.fspath(path),
+            dynamo=False,
+            input_names=[input_name],
+            output_names=list(output_names),
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def example_tensor(images: np.ndarray, module: nn.Module) -> torch.Tensor:
+    """A uint8 example batch on the module's device."""
+    device = next(module.parameters()).device
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+
+def _plain_attention_forward(mha: nn.MultiheadAttention):
+    """A forward for ``mha`` (self-attention, additive float mask or none) written as plain ops.
+
+    nn.MultiheadAttention traces into a graph full of layout Transposes and Gathers (its
+    internal ``(seq, batch)`` layout); this version keeps ``(batch, heads, seq, dim)`` and
+    splits q/k/v with one Split, so the exported graph runs faster. Anything it does not cover
+    (cross-attention, padding or boolean masks, ``need_weights``) goes to the original forward.
+    """
+    original = mha.forward
+    heads = mha.num_heads
+    scale = float(mha.head_dim) ** -0.5
+
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if (query is not key or key is not value or key_padding_mask is not None or need_weights or is_causal
+                or (attn_mask is not None and attn_mask.dtype == torch.bool)):
+            return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        x = query if mha.batch_first else query.transpose(0, 1)  # (b, n, d)
+        b, d = x.shape[0], x.shape[2]
+        q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)  # each (b, n, d)
+        q = q.reshape(b, -1, heads, d // heads).transpose(1, 2) * scale  # (b, h, n, hd)
+        k = k.reshape(b, -1, heads, d // heads).permute(0, 2, 3, 1)  # (b, h, hd, n)
+        v = v.reshape(b, -1, heads, d // heads).transpose(1, 2)  # (b, h, n, hd)
+        scores = q @ k  # (b, h, n, n)
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, -1, d)  # (b, n, d)
+        out = mha.out_proj(out)
+        return (out if mha.batch_first else out.transpose(0, 1)), None
+
+    return forward
+
+
+def _patchify_forward(conv: nn.Conv2d):
+    """A forward for a patch-embedding conv (kernel == stride, no padding) as reshape + MatMul.
+
+    Same result; onnxruntime's Conv is slow for 32x32 kernels, and a MatMul is what int8
+    dynamic quantisation speeds up.
+    """
+    kh, kw = conv.kernel_size
+    weight = conv.weight  # (out, in, kh, kw)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        gh, gw = h // kh, w // kw
+        patches = x.reshape(b, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * kh * kw)
+        y = patches @ weight.reshape(weight.shape[0], -1).T  # (b, gh * gw, out)
+        if conv.bias is not None:
+            y = y + conv.bias
+        return y.transpose(1, 2).reshape(b, -1, gh, gw)  # (b, out, gh, gw), as the conv returns
+
+    return forward
+
+
+def _is_patch_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.kernel_size != (1, 1)
+            and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
+@contextlib.contextmanager
+def export_friendly(module: nn.Module) -> Iterator[None]:
+    """While tracing, write ops that trace into fast ONNX graphs; the results stay the same.
+
+    Every fused-weight nn.MultiheadAttention runs as plain ops, and patch-embedding convs
+    (kernel == stride, e.g. a ViT's ``conv1``) as reshape + MatMul. The export verification
+    compares the file with the unpatched PyTorch module afterwards.
+    """
+    patched = []
+    for m in module.modules():
+        if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
+            patched.append((m, _plain_attention_forward(m)))
+        elif _is_patch_conv(m):
+            patched.append((m, _patchify_forward(m)))
+    for m, forward in patched:
+        m.forward = forward  # instance attribute: shadows the class method
+    try:
+        yield
+    finally:
+        for m, _ in patched:
+            del m.forward

@@ -1,0 +1,273 @@
+"""Proving an exported graph equal to the PyTorch classifier: public, reusable checks.
+
+:func:`verify_image_graph` and :func:`verify_text_graph` run a written file with onnxruntime on
+the CPU against PyTorch and raise :class:`ExportVerificationError` when it does not match;
+:func:`compare` holds the rule per precision. The exporter calls them on every file, and the
+benchmarks and tests call them directly (as optimum's ``validate_model_outputs``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
+
+from coopkit.data import load_dataset
+from coopkit.runtime.contract import INPUT_NAME, OUTPUT_NAMES, ModelMetadata, TextEncoderSpec
+from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS
+from coopkit.runtime.preprocess import preprocess
+from coopkit.runtime.text import TextEncoder
+
+from .io import ExportVerificationError
+
+if TYPE_CHECKING:
+    from coopkit.classifier import Classifier
+
+logger = logging.getLogger(__name__)
+
+#: Largest absolute logit difference allowed against PyTorch, per precision.
+LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+#: int8: share of images whose top-1 class must agree with PyTorch.
+INT8_MIN_TOP1_AGREEMENT = 0.99
+#: int8: the agreement is counted on images whose top two classes PyTorch separates by more
+#: than this cosine gap (logit gap / exp(logit_scale)); closer calls may swap within the
+#: quantisation noise, and a random-init model has nothing but close calls.
+INT8_DECISIVE_MARGIN = 0.02
+#: int8: largest accuracy difference (fraction) on labelled verification images ...
+INT8_MAX_ACCURACY_DROP = 0.01
+#: ... enforced from this many labelled images on (below it, one changed answer exceeds 1 point).
+INT8_MIN_LABELLED = 100
+#: Largest absolute class-weight difference of a text graph against PyTorch.
+TEXT_TOLERANCE = 1e-4
+#: Generated verification images per export (besides any labelled ones).
+VERIFY_IMAGES = 16
+
+
+#: onnxruntime 1.31's CPU layout optimiser crashes the process on some fp16 transformer graphs;
+#: files are verified with it switched off, as coopkit.runtime always does (see :func:`cpu_session_crashes`).
+FP16_CPU_DISABLED_OPTIMIZERS = CPU_DISABLED_OPTIMIZERS
+
+
+def cpu_session(path: Path, precision: str = "fp32") -> Any:
+    """An onnxruntime CPU session as the verification uses it (fp16: the crashing optimiser off)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    disabled = list(FP16_CPU_DISABLED_OPTIMIZERS) if precision == "fp16" else None
+    return ort.InferenceSession(
+        os.fspath(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+    )
+
+
+def cpu_session_crashes(path: Path, timeout: float = 300.0) -> bool:
+    """Whether opening ``path`` with onnxruntime's CPU provider at default settings kills the
+    process (tried in a child process, so a crash costs nothing here)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, onnxruntime as ort; o = ort.SessionOptions(); o.log_severity_level = 4; "
+        "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, os.fspath(path)], capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode < 0 or proc.returncode > 1
+
+
+def random_images(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """``n`` uint8 test images ``(n, H, W, 3)``: half uniform noise, half smooth colour fields."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    out = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(n // 2, n):
+        a, b, c = rng.uniform(0.5, 6.0, 3)
+        phase = rng.uniform(0, 2 * np.pi, 3)
+        field = np.stack(
+            [128 + 100 * np.sin(a * xx / w * np.pi + phase[0]),
+             128 + 100 * np.cos(b * yy / h * np.pi + phase[1]),
+             128 + 100 * np.sin(c * (xx + yy) / (w + h) * np.pi + phase[2])], axis=-1)  # (H, W, 3)
+        out[i] = np.clip(field + rng.normal(0, 8, field.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The PyTorch classifier on uint8 images already at the model's size, in fp32.
+
+    Independent of the traced module: the images go through the backbone's own torchvision
+    transform (``ToTensor`` + ``Normalize``), ``encode_image`` and the classifier's weights.
+    """
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    bb = classifier.backbone
+    device = next(bb.model.parameters()).device
+    weights = classifier.class_weights().to(device)
+    logits, embeds = [], []
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for start in range(0, len(images), batch_size):
+            x = torch.stack([bb.preprocess(Image.fromarray(a)) for a in images[start : start + batch_size]])
+            e = F.normalize(bb.model.encode_image(x.to(device).float()).float(), dim=-1)  # (b, D)
+            embeds.append(e.cpu())
+            logits.append((e @ weights.T).cpu())  # (b, C)
+    logit = torch.cat(logits)
+    return {"logits": logit.numpy(), "probs": logit.softmax(-1).numpy(), "image_embeds": torch.cat(embeds).numpy()}
+
+
+def run_image_graph(session: Any, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+    """Run the image graph in batches of ``batch_size``; outputs as float32 arrays."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+    for start in range(0, len(images), batch_size):
+        outs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images[start : start + batch_size])})
+        for name, value in zip(OUTPUT_NAMES, outs):
+            parts[name].append(np.asarray(value, dtype=np.float32))
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def compare(
+    reference: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, scale: float = 1.0
+) -> dict[str, Any]:
+    """The proof-of-equality numbers of one precision, and whether they pass.
+
+    fp32: logits within 1e-4. fp16: within 5e-2 and the same top-1 wherever PyTorch's top
+    two logits are more than twice that apart (closer pairs may swap within the tolerance).
+    int8: the same top-1 on at least 99% of the images whose top two classes PyTorch
+    separates by a cosine gap above :data:`INT8_DECISIVE_MARGIN` (``scale`` is
+    ``exp(logit_scale)``); the agreement over all images is reported as well.
+    """
+    ref, out = reference["logits"], got["logits"]
+    diff = float(np.abs(ref - out).max()) if ref.size else 0.0
+    top_ref, top_out = ref.argmax(1), out.argmax(1)
+    agreement = float((top_ref == top_out).mean()) if len(ref) else 1.0
+    ordered = np.sort(ref, axis=1)
+    margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    result: dict[str, Any] = {
+        "max_abs_logit_diff": diff,
+        "mean_abs_logit_diff": float(np.abs(ref - out).mean()) if ref.size else 0.0,
+        "max_abs_embed_diff": float(np.abs(reference["image_embeds"] - got["image_embeds"]).max()),
+        "top1_agreement": agreement,
+        "n_images": int(len(ref)),
+        "finite": bool(all(np.isfinite(v).all() for v in got.values())),
+    }
+    problems = []
+    if not result["finite"]:
+        problems.append("non-finite outputs")
+    if precision in LOGIT_TOLERANCE:
+        tol = LOGIT_TOLERANCE[precision]
+        result["tolerance"] = tol
+        if diff > tol:
+            problems.append(f"logits differ by up to {diff:.3g} (tolerance {tol:g})")
+        clear = margin > 2 * tol
+        flips = int((top_ref[clear] != top_out[clear]).sum())
+        if flips:
+            problems.append(f"top-1 differs on {flips} image(s) whose top-2 margin exceeds {2 * tol:g}")
+    else:
+        decisive = margin > INT8_DECISIVE_MARGIN * scale
+        n_decisive = int(decisive.sum())
+        agree_decisive = float((top_ref[decisive] == top_out[decisive]).mean()) if n_decisive else 1.0
+        result.update(top1_agreement_decisive=agree_decisive, n_decisive=n_decisive)
+        result["tolerance"] = (
+            f"top-1 agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin > {INT8_DECISIVE_MARGIN:g}"
+        )
+        if agree_decisive < INT8_MIN_TOP1_AGREEMENT:
+            problems.append(
+                f"top-1 agrees on only {agree_decisive:.1%} of the {n_decisive} images with a clear top class "
+                f"(need {INT8_MIN_TOP1_AGREEMENT:.0%})"
+            )
+    if not np.allclose(got["probs"].sum(1), 1.0, atol=1e-3):
+        problems.append("probs do not sum to 1")
+    result["problems"] = problems
+    return result
+
+
+def verify_image_graph(
+    path: Path,
+    classifier: "Classifier",
+    precision: str,
+    images: np.ndarray,
+    batch_size: int = 8,
+    labels: Optional[np.ndarray] = None,
+) -> dict[str, Any]:
+    """Run the file with onnxruntime (CPU) against PyTorch; raise if it does not match.
+
+    ``labels`` (``-1`` for unlabelled images) adds both accuracies; for int8 they must be
+    within 1 point of each other when at least :data:`INT8_MIN_LABELLED` images are labelled."""
+    session = cpu_session(path, precision)
+    inp = session.get_inputs()[0]
+    if inp.name != INPUT_NAME or inp.type != "tensor(uint8)":
+        raise ExportVerificationError(f"graph input is {inp.name} {inp.type}, expected {INPUT_NAME} tensor(uint8)")
+    reference = torch_reference(classifier, images)
+    got = run_image_graph(session, images, batch_size)
+    single = run_image_graph(session, images[:1], 1)  # the batch axis really is dynamic
+    scale = float(classifier.class_weights().norm(dim=1).mean())  # exp(logit_scale)
+    result = compare(reference, got, precision, scale)
+    result["batch_sizes"] = sorted({1, min(batch_size, len(images)), len(images) % batch_size or batch_size})
+    if not np.allclose(single["logits"], got["logits"][:1], atol=1e-4 if precision == "fp32" else 5e-2):
+        result["problems"].append("batch of 1 and a larger batch give different logits")
+    if labels is not None and (labels >= 0).any():
+        known = labels >= 0
+        acc_ref = float((reference["logits"][known].argmax(1) == labels[known]).mean())
+        acc_out = float((got["logits"][known].argmax(1) == labels[known]).mean())
+        result.update(accuracy_torch=acc_ref, accuracy_onnx=acc_out, n_labelled=int(known.sum()))
+        if precision == "int8" and known.sum() >= INT8_MIN_LABELLED and abs(acc_ref - acc_out) > INT8_MAX_ACCURACY_DROP:
+            result["problems"].append(
+                f"accuracy {acc_out:.2%} differs from PyTorch's {acc_ref:.2%} by more than {INT8_MAX_ACCURACY_DROP:.0%}"
+            )
+    if result["problems"]:
+        raise ExportVerificationError(
+            f"the {precision} ONNX graph does not match the PyTorch classifier on {len(images)} test images: "
+            + "; ".join(result["problems"])
+        )
+    return result
+
+
+
+def verify_text_graph(path: Path, classifier: "Classifier", spec: TextEncoderSpec) -> dict[str, Any]:
+    """Class weights of the text graph at ``path`` against PyTorch's, for all classes and for one.
+
+    Raises:
+        ExportVerificationError: they differ by more than :data:`TEXT_TOLERANCE`.
+    """
+    encoder = TextEncoder(cpu_session(path), spec)
+    names = list(classifier.classnames)
+    expected = classifier.class_weights().numpy()  # (n_classes, embed_dim)
+    diff = float(np.abs(encoder.class_weights(names) - expected).max())
+    diff_single = float(np.abs(encoder.class_weights(names[:1]) - expected[:1]).max())
+    if not (diff <= TEXT_TOLERANCE and diff_single <= TEXT_TOLERANCE):
+        raise ExportVerificationError(
+            f"the text graph's class weights differ from PyTorch's by up to {max(diff, diff_single):.3g} "
+            f"(tolerance {TEXT_TOLERANCE:g})"
+        )
+    logger.info("verified text graph: max |class weight diff| %.3g over %d classes", diff, len(names))
+    return {"text_max_abs_diff": diff, "text_n_classes": len(names)}
+
+
+def verification_data(data: Any, classifier: "Classifier", meta: ModelMetadata) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """uint8 images at the model's size (decoded and cropped as the runtime does) and labels if known."""
+    if isinstance(data, np.ndarray) and data.ndim == 4:
+        h, w = meta.image_size
+        if data.dtype != np.uint8 or data.shape[1:] != (h, w, 3):
+            raise ValueError(f"verification images must be uint8 (n, {h}, {w}, 3), got {data.dtype} {data.shape}")
+        return data, None
+
+    labels = None
+    if isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel"):
+        dataset = load_dataset(data, split="test").relabel(classifier.classnames)
+        sources: Sequence[Any] = dataset.paths
+        labels = np.asarray(dataset.labels)
+    else:
+        sources = list(data)
+    if len(sources) == 0:
+        raise ValueError("verification data has no images")
+    arrays = [
+        preprocess(src, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for src in sources
+    ]
+    return np.stack(arrays), labels  # (n, H, W, 3)
+

@@ -1,0 +1,327 @@
+"""The contract between training and serving, written once: both sides import it.
+
+Everything an exported file promises, and every rule that must be applied the same way when
+coopkit trains a prompt and when the runtime rebuilds it, lives here:
+
+* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB, already
+  resized and cropped to ``image_size``) to ``logits`` ``(batch, n_classes)``, ``probs``
+  (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised); the
+  optional text graph maps ``token_ids`` int64 ``(n, context_length)`` to ``class_weights``
+  ``(n, embed_dim)``, already multiplied by ``exp(logit_scale)``;
+* **class names**: a list of distinct, non-blank strings; ``_`` is read as a space when a
+  name goes into a prompt (:func:`prompt_name`);
+* **templates**: strings with exactly one ``{}`` for the class name, filled by
+  :func:`fill_template` (no ``str.format``: other braces stay as written);
+* **token layout of CoOp prompts**: ``[SOS] + context + class tokens + "." + [EOT]`` with the
+  class tokens at the ``end``, in the ``middle`` (after ``n_ctx // 2`` context vectors) or
+  at the ``front`` (:func:`context_before_name`, :func:`prompt_order`); a text graph is fed
+  the tokenisation of :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then
+  the name and ``"."``) and swaps the learned context in for the placeholders;
+* **metadata**: :class:`ModelMetadata`, stored as JSON under :data:`METADATA_KEY` in the
+  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`.
+
+Standard library only, so the torch-free runtime and the training side share it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence, Union
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "coopkit"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probs", "image_embeds")
+TEXT_INPUT = "token_ids"
+TEXT_OUTPUT = "class_weights"
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+PRECISIONS = ("fp32", "fp16", "int8")
+METHODS = ("coop", "zeroshot")
+
+#: Where the class-name tokens sit relative to the learned context.
+CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
+#: The hand-written prompt of the zero-shot baseline (CLIP's).
+DEFAULT_TEMPLATE = "a photo of a {}."
+#: Text that ends every CoOp prompt, after the class name.
+PROMPT_SUFFIX = "."
+#: The placeholder word whose embeddings a text graph replaces with the learned context.
+PLACEHOLDER = "X"
+#: Token layouts a text graph may declare (see :class:`TextEncoderSpec`).
+LAYOUT_COOP = "coop_placeholders_v1"
+LAYOUT_PLAIN = "plain_v1"
+LAYOUTS = (LAYOUT_COOP, LAYOUT_PLAIN)
+CLIP_BPE_VOCAB = "clip_bpe_49408"
+
+
+class MetadataError(ValueError):
+    """The file is not a coopkit export, or one this runtime cannot read."""
+
+
+# --- class names and templates -------------------------------------------------------------------
+
+
+def check_classnames(classnames: Any, what: str = "classnames") -> list[str]:
+    """``classnames`` as a list of distinct, non-blank strings, or a ValueError naming the problem.
+
+    A single string is refused (``"cat"`` would otherwise become the classes c, a, t).
+    """
+    if isinstance(classnames, (str, bytes)) or not isinstance(classnames, Sequence):
+        raise ValueError(f"{what} must be a list of strings, got {type(classnames).__name__} {classnames!r:.80}")
+    names = list(classnames)
+    bad = [c for c in names if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"{what} must be strings, got {bad[:3]!r}")
+    if len(names) < 1:
+        raise ValueError(f"{what} is empty; give at least one class name")
+    blank = [i for i, c in enumerate(names) if not c.strip()]
+    if blank:
+        raise ValueError(f"{what} has empty or blank names at positions {blank[:5]}")
+    seen: set[str] = set()
+    dupes = sorted({c for c in names if c in seen or seen.add(c)})  # type: ignore[func-returns-value]
+    if dupes:
+        raise ValueError(f"{what} has duplicate class names {dupes[:5]}; class names must be unique")
+    return names
+
+
+def prompt_name(classname: str) -> str:
+    """A class name as it goes into a prompt: ``_`` read as a space (``"sea_turtle"`` -> ``"sea turtle"``)."""
+    return str(classname).replace("_", " ")
+
+
+def check_templates(templates: Union[str, Sequence[str]]) -> list[str]:
+    """Templates as a non-empty list of strings with exactly one ``{}`` each."""
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = list(templates)
+    if not templates:
+        raise ValueError(f"templates is empty; give at least one, like {DEFAULT_TEMPLATE!r}")
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"templates must contain '{{}}' exactly once for the class name; got {bad[:3]!r}")
+    return templates
+
+
+def fill_template(template: str, classname: str) -> str:
+    """``template`` with its ``{}`` replaced by the prompt form of ``classname``."""
+    return template.replace("{}", prompt_name(classname))
+
+
+def fill_templates(template: str, classnames: Sequence[str]) -> list[str]:
+    """One filled-in template per class name."""
+    return [fill_template(template, c) for c in classnames]
+
+
+# --- CoOp token layout ---------------------------------------------------------------------------
+
+
+def check_position(position: str) -> str:
+    if position not in CLASS_TOKEN_POSITIONS:
+        raise ValueError(f"unknown class_token_position {position!r}; valid: {', '.join(map(repr, CLASS_TOKEN_POSITIONS))}")
+    return position
+
+
+def context_before_name(position: str, n_ctx: int) -> int:
+    """How many context vectors come before the class name: all (end), half (middle), none (front)."""
+    return {"end": n_ctx, "middle": n_ctx // 2, "front": 0}[check_position(position)]
+
+
+def prompt_order(position: str, n_ctx: int, name_len: int, length: int) -> list[int]:
+    """Positions, in prompt order, of the "end" layout ``[SOS, ctx * n_ctx, name, rest]``.
+
+    The prompt at position ``j`` takes the end-layout token ``order[j]``: SOS, the first
+    :func:`context_before_name` context vectors, the ``name_len`` name tokens, the remaining
+    context vectors, then ``"."``, EOT and padding up to ``length``.
+    """
+    s = context_before_name(position, n_ctx)
+    sos, ctx = [0], list(range(1, 1 + n_ctx))
+    name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
+    rest = list(range(1 + n_ctx + name_len, length))
+    return sos + ctx[:s] + name + ctx[s:] + rest
+
+
+def coop_prompt_template(n_ctx: int) -> str:
+    """``"X X ... X {}."``: the prompt a CoOp text graph is fed, ``n_ctx`` placeholders first."""
+    return " ".join([PLACEHOLDER] * int(n_ctx)) + " {}" + PROMPT_SUFFIX
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+
+def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+@dataclass
+class TextEncoderSpec:
+    """How to call a file's companion text graph (``--with-text-encoder``).
+
+    Attributes:
+        file: The text graph's file name, relative to the image graph.
+        input: Name of its int64 token-id input.
+        output: Name of its class-weight output.
+        context_length: Length of each row of token ids.
+        sot_token_id: Start-of-text token id of the tokenizer.
+        eot_token_id: End-of-text token id; the graph reads the feature at the largest id.
+        vocab: Tokenizer vocabulary (``clip_bpe_49408``: CLIP's BPE, as ``open_clip.tokenize``).
+        prompt_suffix: Text after the class name when no template is given.
+        prompt_template: One template (``{}`` = class name); CoOp files use
+            :func:`coop_prompt_template`.
+        templates: Several templates (zero-shot ensembles): the runtime runs the graph once
+            per template and averages the L2-normalised rows, keeping the scale.
+        n_ctx: Learned context vectors baked into the graph (0 for zero-shot).
+        class_token_position: Where the graph puts the class name (CoOp files).
+        layout: :data:`LAYOUT_COOP` or :data:`LAYOUT_PLAIN`.
+    """
+
+    file: str
+    input: str = TEXT_INPUT
+    output: str = TEXT_OUTPUT
+    context_length: int = 77
+    sot_token_id: int = 49406
+    eot_token_id: int = 49407
+    vocab: str = CLIP_BPE_VOCAB
+    prompt_suffix: str = PROMPT_SUFFIX
+    prompt_template: Optional[str] = None
+    templates: Optional[list[str]] = None
+    n_ctx: int = 0
+    class_token_position: str = "end"
+    layout: str = LAYOUT_PLAIN
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.file, str) or not self.file or "/" in self.file or "\\" in self.file:
+            raise MetadataError(f"text_encoder.file must be a file name beside the model, got {self.file!r}")
+        if not isinstance(self.context_length, int) or self.context_length < 2:
+            raise MetadataError(f"text_encoder.context_length must be an integer >= 2, got {self.context_length!r}")
+        if self.layout not in LAYOUTS:
+            raise MetadataError(f"text_encoder.layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.class_token_position not in CLASS_TOKEN_POSITIONS:
+            raise MetadataError(f"text_encoder.class_token_position {self.class_token_position!r} is not one of "
+                                f"{CLASS_TOKEN_POSITIONS}")
+        try:
+            self.prompt_templates()
+        except ValueError as e:
+            raise MetadataError(f"text_encoder: {e}") from None
+
+    def prompt_templates(self) -> list[str]:
+        """``templates``, else ``[prompt_template]``, else ``["{}" + prompt_suffix]``."""
+        if self.templates:
+            return check_templates([str(t) for t in self.templates])
+        if self.prompt_template:
+            return check_templates([str(self.prompt_template)])
+        return ["{}" + str(self.prompt_suffix)]
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "TextEncoderSpec":
+        if isinstance(raw, cls):
+            return raw
+        if not isinstance(raw, dict):
+            raise MetadataError(f"text_encoder must be a JSON object, got {type(raw).__name__}")
+        try:
+            return cls(**_known(cls, raw))
+        except TypeError as e:
+            raise MetadataError(f"text_encoder is incomplete: {e}") from None
+
+
+@dataclass
+class ModelMetadata:
+    """Everything an exported file says about itself.
+
+    Attributes:
+        classnames: Label of each output column, in order.
+        image_size: ``(height, width)`` the graph expects.
+        resize_mode: open_clip's resize mode: ``shortest`` (resize the short side, then
+            centre-crop), ``longest`` (resize the long side, then pad) or ``squash``.
+        interpolation: PIL filter used for resizing.
+        mean: Per-channel mean, applied inside the graph (recorded for reference).
+        std: Per-channel standard deviation, applied inside the graph.
+        fill_color: Padding value for ``resize_mode="longest"``.
+        model: open_clip model name (or config file name) of the backbone.
+        pretrained: open_clip pretrained tag or checkpoint file name; ``None`` for random init.
+        method: ``coop`` or ``zeroshot``.
+        prompt: Prompt settings (``n_ctx``, ``csc``, ``class_token_position``, ``ctx_init``
+            for CoOp; ``templates`` for zero-shot).
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        embed_dim: Width of ``image_embeds``.
+        weights_sha256: sha256 of the class weight matrix (float32, C order).
+        coopkit_version: Version of coopkit that wrote the file.
+        text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
+        schema_version: Version of this schema.
+    """
+
+    classnames: list[str]
+    image_size: tuple[int, int]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    fill_color: int = 0
+    model: str = ""
+    pretrained: Optional[str] = None
+    method: str = "coop"
+    prompt: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    embed_dim: int = 0
+    weights_sha256: str = ""
+    coopkit_version: str = ""
+    text_encoder: Optional[TextEncoderSpec] = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        try:
+            self.classnames = check_classnames(self.classnames, "metadata classnames")
+        except ValueError as e:
+            raise MetadataError(str(e)) from None
+        size = self.image_size
+        if isinstance(size, int):
+            size = (size, size)
+        self.image_size = (int(size[0]), int(size[1]))
+        if min(self.image_size) < 1:
+            raise MetadataError(f"image_size must be positive, got {self.image_size}")
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise MetadataError("mean and std must have 3 values (RGB)")
+        for name, value, valid in (("resize_mode", self.resize_mode, RESIZE_MODES),
+                                   ("interpolation", self.interpolation, INTERPOLATIONS),
+                                   ("precision", self.precision, PRECISIONS)):
+            if value not in valid:
+                raise MetadataError(f"{name} {value!r} is not one of {valid}")
+        if self.text_encoder is not None:
+            self.text_encoder = TextEncoderSpec.from_dict(self.text_encoder)
+
+    def to_json(self) -> str:
+        """Serialise to the JSON string stored in the ONNX file."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMetadata":
+        """Parse the stored JSON; refuse newer schemas; ignore unknown keys of this schema."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MetadataError(f"coopkit metadata is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise MetadataError("coopkit metadata is not a JSON object")
+        version = raw.get("schema_version", 0)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise MetadataError(
+                f"file has metadata schema version {version}, this coopkit reads up to "
+                f"{SCHEMA_VERSION}; upgrade coopkit"
+            )
+        try:
+            return cls(**_known(cls, raw))
+        except TypeError as e:
+            raise MetadataError(f"coopkit metadata is incomplete: {e}") from None
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> "ModelMetadata":
+        """Read from an ONNX ``metadata_props`` mapping (e.g. ``session.get_modelmeta().custom_metadata_map``)."""
+        if METADATA_KEY not in props:
+            raise MetadataError(
+                f"not a coopkit model: no {METADATA_KEY!r} entry in the ONNX metadata "
+                "(export one with `coopkit export`)"
+            )
+        return cls.from_json(props[METADATA_KEY])

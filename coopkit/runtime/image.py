@@ -1,0 +1,404 @@
+"""``Classifier``: images in, labels and probabilities out, from an exported coopkit ONNX file.
+
+Data flow: image inputs -> :func:`~coopkit.runtime.preprocess.preprocess` (decode, resize and
+crop as open_clip does, per the file's metadata) -> uint8 batch ``(n, H, W, 3)`` -> the graph
+(normalise, image encoder, L2, x W^T) -> logits / probabilities / embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from .contract import INPUT_NAME, OUTPUT_NAMES, MetadataError, ModelMetadata, check_classnames
+from .preprocess import MAX_PIXELS, ImageDecodeError, ImageInput, as_image_list, describe, preprocess
+from .session import CPU, CUDA, TENSORRT, ProviderSpec, open_session
+from .text import TextEncoder
+
+logger = logging.getLogger(__name__)
+
+ERROR_MODES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result for one image: labels and probabilities, best first.
+
+    Attributes:
+        source: A short name of the input (its path, or e.g. ``<array (480, 640, 3) uint8>``).
+        labels: The ``top_k`` most probable class names, best first.
+        probs: Their probabilities.
+        index: Position of the image in the input list.
+        error: ``None``, or why the image could not be read (only with ``errors="skip"``);
+            ``labels`` and ``probs`` are then empty.
+    """
+
+    source: str
+    labels: tuple[str, ...] = ()
+    probs: tuple[float, ...] = ()
+    index: int = 0
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the image was classified."""
+        return self.error is None
+
+    @property
+    def label(self) -> Optional[str]:
+        """The best label (``None`` for an unreadable image)."""
+        return self.labels[0] if self.labels else None
+
+    @property
+    def prob(self) -> Optional[float]:
+        """Probability of the best label (``None`` for an unreadable image)."""
+        return self.probs[0] if self.probs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"source", "labels", "probs"}`` plus ``"error"`` when unreadable."""
+        out: dict[str, Any] = {"source": self.source, "labels": list(self.labels), "probs": list(self.probs)}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The current classes; replaced as a whole, so a running call sees one consistent set."""
+
+    classnames: tuple[str, ...]
+    weights: Optional[np.ndarray] = field(default=None)  # (n_classes, embed_dim); None: the graph's own
+
+
+def check_predict_args(top_k: Any, errors: str) -> int:
+    """Validate ``predict``'s ``top_k`` and ``errors`` (shared by every classifier's predict)."""
+    if errors not in ERROR_MODES:
+        raise ValueError(f"errors {errors!r} is not one of {ERROR_MODES}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    return int(top_k)
+
+
+def rank(
+    probs: np.ndarray,
+    classnames: Sequence[str],
+    sources: Sequence[str],
+    errors: Sequence[Optional[str]],
+    top_k: int,
+    start: int = 0,
+) -> list[Prediction]:
+    """One :class:`Prediction` per input: the ``top_k`` classes of its row of ``probs``, best first.
+
+    ``probs`` ``(n_ok, n_classes)`` holds the rows of the inputs whose ``errors`` entry is
+    ``None``, in order; the others get a result carrying their error. ``start`` is the index of
+    the first input.
+    """
+    k = min(int(top_k), len(classnames))
+    rows = iter(probs)
+    out = []
+    for offset, (src, err) in enumerate(zip(sources, errors)):
+        if err is not None:
+            out.append(Prediction(src, index=start + offset, error=err))
+            continue
+        p = next(rows)
+        order = np.argsort(-p, kind="stable")[:k]
+        out.append(Prediction(src, tuple(classnames[i] for i in order), tuple(float(p[i]) for i in order),
+                              index=start + offset))
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class Classifier:
+    """An exported coopkit classifier, ready to label images.
+
+    Args:
+        path: The ``.onnx`` file written by ``coopkit export``.
+        device: ``auto`` (CUDA when a GPU and its libraries really work, else CPU), ``cpu``,
+            ``cuda`` or ``cuda:N``.
+        threads: CPU threads for onnxruntime (``None``: one per core).
+        providers: Explicit onnxruntime execution providers (e.g. TensorRT first); overrides
+            ``device``.
+        batch_size: Images per graph run; longer inputs are processed in chunks.
+        workers: Threads that decode and resize images in parallel (``None``: up to 8, one per
+            core; ``1``: in the calling thread).
+        max_pixels: Larger images are refused as decompression bombs.
+
+    One instance may be shared by many threads: calls do not share mutable state.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MetadataError: not an ONNX file, not a coopkit export, or a newer schema.
+        RuntimeError: ``device="cuda"`` where CUDA cannot run.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        device: str = "auto",
+        threads: Optional[int] = None,
+        providers: Optional[Sequence[ProviderSpec]] = None,
+        *,
+        batch_size: int = 32,
+        workers: Optional[int] = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model file not found: {self.path}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if workers is not None and int(workers) < 1:
+            raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+        self._device, self._threads, self._providers = device, threads, providers
+        self.session = open_session(self.path, device, threads, providers)
+        self.metadata = self._read_metadata(self.session, self.path)
+        self._check_graph()
+        fixed = self.session.get_inputs()[0].shape[0]
+        self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
+        self.batch_size = self._fixed_batch or int(batch_size)
+        self.max_pixels = int(max_pixels)
+        self._workers = int(workers) if workers is not None else max(1, min(8, os.cpu_count() or 1))
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool_lock = threading.Lock()
+        self._text_encoder: Optional[TextEncoder] = None
+        self._text_lock = threading.Lock()
+        self._head = _Head(tuple(self.metadata.classnames))
+        self.provider: str = self.session.get_providers()[0]
+        self._use_io_binding = self.provider in (CUDA, TENSORRT)
+        out_dim = {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
+        self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
+        logger.info("loaded %s (%d classes) on %s", self.path, len(self._head.classnames), self.provider)
+
+    # --- loading -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_metadata(session: Any, path: Path) -> ModelMetadata:
+        props = session.get_modelmeta().custom_metadata_map
+        try:
+            return ModelMetadata.from_props(props)
+        except MetadataError as e:
+            raise MetadataError(f"{path}: {e}") from None
+
+    def _check_graph(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in OUTPUT_NAMES if n not in outputs]
+        if INPUT_NAME not in inputs or missing or len(inputs) != 1:
+            raise MetadataError(
+                f"{self.path}: graph does not follow the coopkit contract: inputs {sorted(inputs)} "
+                f"(expected [{INPUT_NAME!r}]), outputs {sorted(outputs)} (expected {list(OUTPUT_NAMES)})"
+            )
+        node = inputs[INPUT_NAME]
+        if node.type != "tensor(uint8)" or len(node.shape) != 4:
+            raise MetadataError(f"{self.path}: input {INPUT_NAME!r} must be uint8 (batch, H, W, 3), got {node.type} {node.shape}")
+        h, w = self.metadata.image_size
+        for got, want in zip(node.shape[1:], (h, w, 3)):
+            if isinstance(got, int) and got != want:
+                raise MetadataError(f"{self.path}: graph input is {node.shape} but metadata says image_size {self.metadata.image_size}")
+
+    # --- public properties --------------------------------------------------------------------
+
+    @property
+    def classnames(self) -> list[str]:
+        """Class names, in the order of the logits' columns."""
+        return list(self._head.classnames)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the graph's input."""
+        return self.metadata.image_size
+
+    @property
+    def device(self) -> str:
+        """``cuda`` or ``cpu``: where the graph really runs."""
+        return "cpu" if self.provider == CPU else "cuda"
+
+    def __repr__(self) -> str:
+        return f"Classifier({str(self.path)!r}, classes={len(self._head.classnames)}, provider={self.provider!r})"
+
+    # --- preprocessing ------------------------------------------------------------------------
+
+    def _prepare_one(self, source: ImageInput) -> np.ndarray:
+        m = self.metadata
+        return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=self.max_pixels)
+
+    def _map(self, fn: Any, items: list[Any]) -> list[Any]:
+        if self._workers <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="coopkit-preprocess")
+            pool = self._pool
+        return list(pool.map(fn, items))
+
+    def _prepare_batch(self, sources: list[Any], skip: bool) -> tuple[np.ndarray, list[Optional[str]]]:
+        """Decode and crop; returns the uint8 batch of readable images and one error per input."""
+
+        def one(src: Any) -> Union[np.ndarray, str]:
+            try:
+                return self._prepare_one(src)
+            except (ImageDecodeError, FileNotFoundError) as e:
+                if not skip:
+                    raise
+                return str(e)
+
+        done = self._map(one, sources)
+        errors = [d if isinstance(d, str) else None for d in done]
+        arrays = [d for d in done if not isinstance(d, str)]
+        h, w = self.metadata.image_size
+        batch = np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)  # (n, H, W, 3)
+        return batch, errors
+
+    def preprocess(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """The uint8 batch ``(n, H, W, 3)`` the graph receives for ``images``."""
+        return self._prepare_batch(as_image_list(images), skip=False)[0]
+
+    # --- running the graph --------------------------------------------------------------------
+
+    def _run(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """Run the image graph on a prepared uint8 batch; returns float32 outputs."""
+        n = batch.shape[0]
+        if self._fixed_batch and n != self._fixed_batch:  # a static-batch export: pad the last chunk
+            pad = np.zeros((self._fixed_batch - n, *batch.shape[1:]), np.uint8)
+            batch = np.concatenate([batch, pad])
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if self._use_io_binding:
+            # one host->device copy of the batch, one device->host copy per requested output
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, batch)
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            outs = binding.copy_outputs_to_cpu()
+        else:
+            outs = self.session.run(list(names), {INPUT_NAME: batch})
+        return [np.asarray(o[:n], dtype=np.float32) for o in outs]
+
+    def _chunks(self, sources: list[Any]) -> Iterable[list[Any]]:
+        for start in range(0, len(sources), self.batch_size):
+            yield sources[start : start + self.batch_size]
+
+    def _scores(self, batch: np.ndarray, head: _Head, want: str) -> np.ndarray:
+        """``want`` is ``logits``, ``probs`` or ``image_embeds`` for a prepared batch."""
+        if want == "image_embeds":
+            return self._run(batch, ["image_embeds"])[0]
+        if head.weights is None:
+            return self._run(batch, [want])[0]
+        logits = self._run(batch, ["image_embeds"])[0] @ head.weights.T  # (n, n_classes)
+        return logits if want == "logits" else _softmax(logits)
+
+    def _collect(self, images: Any, want: str) -> np.ndarray:
+        sources = as_image_list(images)
+        head = self._head
+        parts = [self._scores(self._prepare_batch(chunk, skip=False)[0], head, want) for chunk in self._chunks(sources)]
+        if parts:
+            return np.concatenate(parts)
+        width = self._embed_dim if want == "image_embeds" else len(head.classnames)
+        return np.zeros((0, width), np.float32)
+
+    def logits(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """Logits ``(n_images, n_classes)`` (scaled cosine similarities), float32."""
+        return self._collect(images, "logits")
+
+    def probs(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits), float32."""
+        return self._collect(images, "probs")
+
+    def embed(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """L2-normalised image embeddings ``(n_images, embed_dim)``, float32."""
+        return self._collect(images, "image_embeds")
+
+    def predict(
+        self,
+        images: Union[ImageInput, Iterable[ImageInput]],
+        top_k: int = 5,
+        *,
+        errors: str = "raise",
+    ) -> list[Prediction]:
+        """Label images: one :class:`Prediction` per input, in input order.
+
+        Args:
+            images: One image or a list of them: paths, encoded bytes, PIL images, uint8 HWC
+                arrays (or a uint8 ``(n, H, W, C)`` array), in any mix.
+            top_k: How many labels to return per image (at most the number of classes).
+            errors: ``raise`` (the first unreadable image raises, naming it) or ``skip``
+                (unreadable images get a result with ``error`` set; the others are classified).
+
+        Raises:
+            ImageDecodeError: an unreadable image, with ``errors="raise"``.
+            FileNotFoundError: a missing image path, with ``errors="raise"``.
+        """
+        k = check_predict_args(top_k, errors)
+        sources = as_image_list(images)
+        head = self._head
+        results: list[Prediction] = []
+        for start, chunk in zip(range(0, len(sources), self.batch_size), self._chunks(sources)):
+            batch, errs = self._prepare_batch(chunk, skip=errors == "skip")
+            probs = self._scores(batch, head, "probs") if len(batch) else np.zeros((0, len(head.classnames)), np.float32)
+            results += rank(probs, head.classnames, [describe(s) for s in chunk], errs, k, start)
+        return results
+
+    # --- new classes through the exported text graph ------------------------------------------
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The file's companion text graph (opened on first use, on this classifier's device).
+
+        Raises:
+            RuntimeError: the file was exported without ``--with-text-encoder``.
+            FileNotFoundError: the text graph named in the metadata is missing.
+        """
+        spec = self.metadata.text_encoder
+        if spec is None:
+            raise RuntimeError(
+                f"{self.path} was exported without a text encoder; re-export with "
+                "`coopkit export --with-text-encoder` to use set_classes()"
+            )
+        with self._text_lock:
+            if self._text_encoder is None:
+                self._text_encoder = TextEncoder.open(
+                    self.path.parent / spec.file, spec, self._device, self._threads, self._providers
+                )
+            return self._text_encoder
+
+    def set_classes(self, classnames: Sequence[str]) -> None:
+        """Replace the classes: new class weights are computed through the exported text graph.
+
+        Needs a file exported with ``--with-text-encoder``. Calls already running finish with
+        the previous classes. :meth:`reset_classes` restores the file's own.
+        """
+        names = check_classnames(classnames)
+        weights = self.text_encoder.class_weights(names)
+        self._head = _Head(tuple(names), weights)
+
+    def reset_classes(self) -> None:
+        """Go back to the classes and weights stored in the file."""
+        self._head = _Head(tuple(self.metadata.classnames))
+
+    # --- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the preprocessing threads (the instance stays usable and restarts them)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+

@@ -1,0 +1,247 @@
+"""Image decoding and open_clip-equivalent preprocessing in numpy and Pillow (no torch).
+
+:func:`load_image` is the one image decoder of coopkit: the training side (``coopkit.data``)
+and the runtime both use it, so an image is read the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
+
+#: Largest image (in pixels) decoded before it is refused as a decompression bomb.
+MAX_PIXELS = 89_478_485  # Pillow's own default limit
+
+
+class ImageDecodeError(ValueError):
+    """An input could not be decoded as an image; the message names it."""
+
+
+def describe(source: Any) -> str:
+    """A short human name for an image input, for error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.shape} {source.dtype}>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.size}>"
+    return f"<{type(source).__name__}>"
+
+
+def as_image_list(images: Any) -> list[Any]:
+    """One image or many, as a list: a single path, bytes, PIL image or HW/HWC array becomes
+    ``[images]``, a uint8 ``(n, H, W, C)`` array its ``n`` images, any other iterable a list."""
+    if isinstance(images, np.ndarray):
+        if images.ndim in (2, 3):
+            return [images]
+        if images.ndim == 4:
+            return list(images)  # (n, H, W, C): a batch of arrays
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise ImageDecodeError(f"unsupported images argument {describe(images)}: expected an image or a list of images") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (16/32-bit greyscale is rescaled, not clipped)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if (img.mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
+        arr8 = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode one image to an 8-bit RGB PIL image.
+
+    Accepts a path, encoded bytes, a PIL image or a uint8 array (HW, HW1, HW3 or HW4).
+    EXIF orientation is applied; greyscale, palette, RGBA, CMYK and 16-bit images become
+    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused.
+
+    Raises:
+        ImageDecodeError: the input is unreadable, of an unsupported type, or too large.
+        FileNotFoundError: a path that does not exist.
+    """
+    if isinstance(source, np.ndarray):
+        arr = source
+        if arr.dtype != np.uint8:
+            raise ImageDecodeError(f"{describe(source)}: arrays must be uint8 HWC, got dtype {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+            raise ImageDecodeError(f"{describe(source)}: arrays must be HW, HW1, HW3 or HW4")
+        if arr.shape[0] * arr.shape[1] > max_pixels:
+            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+            raise FileNotFoundError(f"image not found: {source}")
+        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+                if img.size[0] * img.size[1] > max_pixels:
+                    raise ImageDecodeError(
+                        f"{describe(source)}: {img.size[0]}x{img.size[1]} image has more than "
+                        f"{max_pixels} pixels (possible decompression bomb)"
+                    )
+                img.load()
+        except ImageDecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageDecodeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({e})") from None
+    else:
+        raise ImageDecodeError(
+            f"unsupported image input {describe(source)}: expected a path, bytes, a PIL image "
+            "or a uint8 HWC numpy array"
+        )
+    if img.size[0] * img.size[1] > max_pixels:
+        raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
+        pass
+    return _to_rgb(img)
+
+
+# --- open_clip's eval transform, up to (not including) ToTensor + Normalize ----------------------
+#
+# The exported graph normalises inside, so the runtime only has to produce the uint8 crop that
+# open_clip's ``image_transform(size, is_train=False, ...)`` would turn into a tensor. On PIL
+# images torchvision's Resize is ``PIL.Image.resize`` with torchvision's output-size arithmetic
+# and CenterCrop is ``Image.crop`` (padding first when the image is too small), so the same
+# Pillow calls with the same sizes give the same pixels.
+
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def _shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """torchvision ``Resize(int)``: short edge -> ``size``, long edge truncated. Returns ``(w, h)``."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _keep_ratio_size(width: int, height: int, target: tuple[int, int], longest: float) -> tuple[int, int]:
+    """open_clip ``ResizeKeepRatio.get_params`` (no random scaling). Returns ``(w, h)``."""
+    ratio_h, ratio_w = height / target[0], width / target[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    new_h, new_w = (round(x * 1.0 / ratio) for x in (height, width))  # Python round, as open_clip
+    return max(1, new_w), max(1, new_h)
+
+
+def _resize(img: Image.Image, size_wh: tuple[int, int], interpolation: str) -> Image.Image:
+    if img.size == size_wh:  # torchvision returns the image untouched
+        return img
+    return img.resize(size_wh, _FILTERS[interpolation])
+
+
+def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> Image.Image:
+    """torchvision ``center_crop`` / open_clip ``center_crop_or_pad`` on a PIL image."""
+    crop_h, crop_w = size
+    width, height = img.size
+    if crop_w > width or crop_h > height:
+        border = (
+            (crop_w - width) // 2 if crop_w > width else 0,
+            (crop_h - height) // 2 if crop_h > height else 0,
+            (crop_w - width + 1) // 2 if crop_w > width else 0,
+            (crop_h - height + 1) // 2 if crop_h > height else 0,
+        )  # left, top, right, bottom
+        img = ImageOps.expand(img, border=border, fill=(fill,) * len(img.getbands()))
+        width, height = img.size
+        if (crop_w, crop_h) == (width, height):
+            return img
+    top = int(round((height - crop_h) / 2.0))
+    left = int(round((width - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def resize_and_crop(
+    img: Image.Image,
+    image_size: tuple[int, int],
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+    fill_color: int = 0,
+) -> np.ndarray:
+    """Apply open_clip's eval-time resize and crop to an RGB image.
+
+    Args:
+        img: An RGB image, as :func:`load_image` returns.
+        image_size: ``(height, width)`` of the output.
+        resize_mode: ``shortest`` (short side to size, centre crop), ``longest`` (long side to
+            size, centre pad with ``fill_color``) or ``squash`` (stretch to size).
+        interpolation: ``bicubic``, ``bilinear`` or ``nearest``.
+        fill_color: Padding grey level for ``longest``.
+
+    Returns:
+        A contiguous uint8 array ``(height, width, 3)``.
+    """
+    if resize_mode not in ("shortest", "longest", "squash"):
+        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
+    if interpolation not in _FILTERS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_FILTERS)}")
+    target = (int(image_size[0]), int(image_size[1]))  # (h, w)
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    width, height = img.size
+    if resize_mode == "squash":
+        img = _resize(img, (target[1], target[0]), interpolation)
+    elif resize_mode == "longest":
+        img = _resize(img, _keep_ratio_size(width, height, target, longest=1.0), interpolation)
+        img = _center_crop_or_pad(img, target, fill_color)
+    elif target[0] == target[1]:
+        img = _resize(img, _shortest_edge_size(width, height, target[0]), interpolation)
+        img = _center_crop_or_pad(img, target, 0)
+    else:
+        # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation,
+        # so non-square "shortest" models always resize bicubic; mirrored on purpose.
+        img = _resize(img, _keep_ratio_size(width, height, target, longest=0.0), "bicubic")
+        img = _center_crop_or_pad(img, target, 0)
+    arr = np.asarray(img, dtype=np.uint8)
+    assert arr.shape == (target[0], target[1], 3), arr.shape
+    return np.ascontiguousarray(arr)
+
+
+def preprocess(
+    source: ImageInput,
+    image_size: tuple[int, int],
+    resize_mode: str = "shortest",
+    interpolation: str = "bicubic",
+    fill_color: int = 0,
+    *,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Decode one image with :func:`load_image` and resize/crop it like open_clip's eval transform.
+
+    Equivalent to ``open_clip.image_transform(image_size, is_train=False, resize_mode=...,
+    interpolation=..., fill_color=...)`` applied to ``load_image(source)``, stopped before
+    ``ToTensor``/``Normalize`` (the exported graph does those), as a uint8 ``(H, W, 3)`` array.
+    """
+    img = load_image(source, max_pixels=max_pixels)
+    return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)

@@ -1,0 +1,97 @@
+"""``TextEncoder``: class names in, class weights out, through an exported text graph.
+
+The open-vocabulary half of the runtime. A file exported with ``--with-text-encoder`` has a
+companion graph (``<name>.text.onnx``) described by :class:`~coopkit.runtime.contract.TextEncoderSpec`;
+this class builds the prompts the way training did (:mod:`coopkit.runtime.contract`),
+tokenises them with CLIP's BPE in numpy and runs the graph. No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from .contract import CLIP_BPE_VOCAB, MetadataError, TextEncoderSpec, check_classnames, fill_templates
+from .session import ProviderSpec, open_session
+from .tokenizer import ClipTokenizer, default_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TextEncoder:
+    """Class weights ``(n, embed_dim)`` for any class names, scaled like the image graph's own.
+
+    Args:
+        session: An onnxruntime session of the text graph.
+        spec: How the graph is called (from the image graph's metadata).
+        tokenizer: CLIP's BPE tokenizer (the shared one by default).
+
+    Use :meth:`open` to create the session from a file. Thread-safe: calls share no mutable state.
+
+    Raises:
+        MetadataError: the graph does not have the inputs and outputs ``spec`` names, or
+            ``spec`` asks for a tokenizer this runtime cannot run.
+    """
+
+    def __init__(self, session: Any, spec: TextEncoderSpec, tokenizer: Optional[ClipTokenizer] = None) -> None:
+        self.session = session
+        self.spec = TextEncoderSpec.from_dict(spec)
+        names_in = [i.name for i in session.get_inputs()]
+        names_out = [o.name for o in session.get_outputs()]
+        if self.spec.input not in names_in or self.spec.output not in names_out:
+            raise MetadataError(
+                f"text graph must map {self.spec.input!r} to {self.spec.output!r}; it has inputs "
+                f"{names_in} and outputs {names_out}"
+            )
+        if self.spec.vocab != CLIP_BPE_VOCAB:
+            raise MetadataError(f"text encoder vocabulary {self.spec.vocab!r} is not supported (only {CLIP_BPE_VOCAB!r})")
+        self.tokenizer = tokenizer or default_tokenizer()
+        special = (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id)
+        if (self.spec.sot_token_id, self.spec.eot_token_id) != special:
+            raise MetadataError(
+                f"text encoder special token ids {(self.spec.sot_token_id, self.spec.eot_token_id)} differ "
+                f"from CLIP's BPE {special}"
+            )
+
+    @classmethod
+    def open(
+        cls,
+        path: Union[str, os.PathLike],
+        spec: TextEncoderSpec,
+        device: str = "auto",
+        threads: Optional[int] = None,
+        providers: Optional[Sequence[ProviderSpec]] = None,
+    ) -> "TextEncoder":
+        """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`)."""
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"text encoder graph not found: {file}")
+        try:
+            return cls(open_session(file, device, threads, providers), spec)
+        except MetadataError as e:
+            raise MetadataError(f"{file}: {e}") from None
+
+    def tokens(self, template: str, classnames: Sequence[str]) -> np.ndarray:
+        """Token ids ``(n, context_length)`` of ``template`` filled with each class name."""
+        return self.tokenizer(fill_templates(template, classnames), self.spec.context_length)
+
+    def class_weights(self, classnames: Sequence[str]) -> np.ndarray:
+        """Class weights ``(n, embed_dim)`` float32 for ``classnames``.
+
+        One graph run per prompt template; several templates (zero-shot ensembles) average the
+        L2-normalised rows and keep the scale ``exp(logit_scale)``.
+        """
+        names = check_classnames(classnames)
+        weights = []
+        for template in self.spec.prompt_templates():
+            (w,) = self.session.run([self.spec.output], {self.spec.input: self.tokens(template, names)})
+            weights.append(np.asarray(w, dtype=np.float32))  # (n, embed_dim)
+        if len(weights) == 1:
+            return weights[0]
+        scale = np.linalg.norm(weights[0], axis=1, keepdims=True)  # (n, 1) = exp(logit_scale)
+        mean = np.mean([w / np.linalg.norm(w, axis=1, keepdims=True) for w in weights], axis=0)
+        return (mean / np.linalg.norm(mean, axis=1, keepdims=True) * scale).astype(np.float32)
