@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import __version__
 from ._io import atomic_write
@@ -39,6 +40,21 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 CTX_FILE = "ctx.safetensors"
 DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
+
+
+class LinearHead(nn.Module):
+    """Logits of L2-normalised image features: ``x W^T`` with ``W = exp(logit_scale) * text features``.
+
+    The head :meth:`Classifier.head` returns, and the one the exporter bakes into the graph
+    (a pure module: the weights are a buffer, nothing else).
+    """
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weights_t", weights.detach().to(torch.float32).t().contiguous())  # (embed_dim, C)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(torch.float32) @ self.weights_t  # (b, C)
 
 
 class Classifier:
@@ -89,6 +105,14 @@ class Classifier:
             self._weights = (scale * self.text_features().cpu()).contiguous()
         return self._weights
 
+    def head(self) -> nn.Module:
+        """L2-normalised image features ``(b, embed_dim)`` -> logits ``(b, n_classes)``, on the CPU.
+
+        Every score this classifier gives goes through it, and :func:`coopkit.exporters.export_onnx`
+        bakes it into the graph, so PyTorch and ONNX compute the same function.
+        """
+        return LinearHead(self.class_weights()).eval()
+
     def with_classes(self, classnames: Sequence[str]) -> "Classifier":
         """The same prompt over other class names (base-to-new, open vocabulary).
 
@@ -119,7 +143,8 @@ class Classifier:
     def logits(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
         """Logits ``(n_images, n_classes)`` (scaled cosine similarities), float32, for paths, bytes,
         PIL images or uint8 HWC arrays; the same numbers the exported file gives."""
-        return (self.image_features(images, batch_size) @ self.class_weights().T).numpy()
+        with torch.no_grad():
+            return self.head()(self.image_features(images, batch_size)).numpy()
 
     def probs(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``(n_images, n_classes)`` (softmax of the logits), float32."""
@@ -157,7 +182,8 @@ class Classifier:
         feats, _ = encode_images(self.backbone, sources, batch_size=batch_size, strict=errors == "raise",
                                  errors_out=errs)
         if feats.shape[1]:
-            probs = (feats[0] @ self.class_weights().T).softmax(-1).numpy()  # (n_readable, n_classes)
+            with torch.no_grad():
+                probs = self.head()(feats[0]).softmax(-1).numpy()  # (n_readable, n_classes)
         else:
             probs = np.zeros((0, len(self.classnames)), np.float32)
         return rank(probs, self.classnames, [describe(s) for s in sources], errs, k)
@@ -181,7 +207,8 @@ class Classifier:
         feats, kept = encode_images(
             self.backbone, dataset.paths, batch_size=batch_size, progress=progress, desc="evaluating"
         )
-        pred = (feats[0] @ self.class_weights().T).argmax(dim=1).numpy()
+        with torch.no_grad():
+            pred = self.head()(feats[0]).argmax(dim=1).numpy()
         labels = np.array([dataset.labels[i] for i in kept])
         correct = pred == labels
         per_class = {

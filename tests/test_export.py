@@ -117,7 +117,7 @@ def test_metadata_carries_everything_the_runtime_needs(coop, exported):
     w = coop.class_weights().numpy().astype(np.float32)
     assert meta.weights_sha256 == hashlib.sha256(np.ascontiguousarray(w).tobytes()).hexdigest()
     # the weights baked into the graph are W itself
-    baked = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "head.weights_t"]
+    baked = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "head.scorer.weights_t"]
     np.testing.assert_array_equal(baked[0], w.T)
     te = meta.text_encoder
     assert te.file == "model.text.onnx" and te.prompt_template == "X X X X {}."
@@ -210,7 +210,7 @@ def test_int8_agrees_on_the_task_test_images(coop, image_folder, tmp_path):
     model = onnx.load(os.fspath(res.path))
     ops = {n.op_type for n in model.graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops  # weights really quantised
-    head = [n for n in model.graph.node if n.name == "/head/MatMul"]
+    head = [n for n in model.graph.node if n.name == "/head/scorer/MatMul"]
     assert head and head[0].op_type == "MatMul"  # the head stays fp32
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
 

@@ -27,20 +27,21 @@ class ImageGraph(nn.Module):
 
     Args:
         model: The open_clip model (only ``encode_image`` is used).
-        weights: Class weights ``W`` ``(n_classes, embed_dim)`` = ``exp(logit_scale)`` x
-            normalised text features.
+        head: The classifier's head (:meth:`coopkit.Classifier.head`): L2-normalised image
+            features ``(b, embed_dim)`` -> logits ``(b, n_classes)``; for CoOp and zero-shot,
+            ``x W^T`` with the class weights baked in.
         mean: Per-channel mean of the model's preprocessing (RGB, on the 0-1 scale).
         std: Per-channel standard deviation.
 
     The submodules ``encoder`` and ``head`` give the exported node names the prefixes
     ``/encoder/`` and ``/head/``, which the fp16 and int8 conversions use to keep the
-    input normalisation and the head (L2, x W^T, softmax) in fp32.
+    input normalisation and the head (L2, the classifier's head, softmax) in fp32.
     """
 
-    def __init__(self, model: nn.Module, weights: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.encoder = _Encoder(model, mean, std)
-        self.head = _Head(weights)
+        self.head = _Head(head)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.head(self.encoder(images))
@@ -62,13 +63,13 @@ class _Encoder(nn.Module):
 
 
 class _Head(nn.Module):
-    def __init__(self, weights: torch.Tensor) -> None:
+    def __init__(self, scorer: nn.Module) -> None:
         super().__init__()
-        self.register_buffer("weights_t", weights.detach().to(torch.float32).t().contiguous())  # (embed_dim, C)
+        self.scorer = scorer
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         embeds = F.normalize(features, dim=-1)  # (b, embed_dim)
-        logits = embeds @ self.weights_t  # (b, C)
+        logits = self.scorer(embeds).to(torch.float32)  # (b, C)
         return logits, logits.softmax(dim=-1), embeds
 
 

@@ -104,7 +104,7 @@ def _check_precision(precision: str) -> str:
 
 
 def _check_classifier(classifier: "Classifier") -> None:
-    for attr in ("backbone", "config", "class_weights"):
+    for attr in ("backbone", "config", "class_weights", "head"):
         if not hasattr(classifier, attr):
             raise ValueError(
                 f"export_onnx needs a coopkit Classifier (from coopkit.fit, coopkit.zero_shot or coopkit.load), "
@@ -174,8 +174,8 @@ def build_metadata(
 
 def _image_module(classifier: "Classifier") -> "torch.nn.Module":
     bb = classifier.backbone
-    weights = classifier.class_weights().to(next(bb.model.parameters()).device)
-    return ImageGraph(bb.model, weights, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"]).eval()
+    head = classifier.head().to(next(bb.model.parameters()).device)
+    return ImageGraph(bb.model, head, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"]).eval()
 
 
 

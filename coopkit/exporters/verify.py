@@ -109,14 +109,14 @@ def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: in
 
     bb = classifier.backbone
     device = next(bb.model.parameters()).device
-    weights = classifier.class_weights().to(device)
+    head = classifier.head().to(device)
     logits, embeds = [], []
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for start in range(0, len(images), batch_size):
             x = torch.stack([bb.preprocess(Image.fromarray(a)) for a in images[start : start + batch_size]])
             e = F.normalize(bb.model.encode_image(x.to(device).float()).float(), dim=-1)  # (b, D)
             embeds.append(e.cpu())
-            logits.append((e @ weights.T).cpu())  # (b, C)
+            logits.append(head(e).float().cpu())  # (b, C)
     logit = torch.cat(logits)
     return {"logits": logit.numpy(), "probs": logit.softmax(-1).numpy(), "image_embeds": torch.cat(embeds).numpy()}
 
