@@ -19,8 +19,8 @@ PACKAGE = ROOT / "coopkit"
 #: the exporter works on the classifier object it is given).
 LAYERS = {
     "runtime": ("coopkit.runtime",),
-    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit.config", "coopkit.data",
-                   "coopkit.embedded", "coopkit.embedded.world"),
+    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.data",
+                   "coopkit.datasets", "coopkit.embedded", "coopkit.embedded.world"),
     "core": ("coopkit.backbone", "coopkit.features", "coopkit.prompts", "coopkit.classifier", "coopkit.train"),
     "exporters": ("coopkit.exporters",),
     "research": ("coopkit.research", "coopkit.embedded.pretrain"),
