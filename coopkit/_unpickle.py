@@ -17,6 +17,7 @@ resolves every global the file names in one of three ways:
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -91,23 +92,35 @@ def _in(module: str, prefixes: Iterable[str]) -> bool:
 class SafeUnpickler(pickle.Unpickler):
     """A :class:`pickle.Unpickler` whose globals are materialised, inert or refused (see the module).
 
+    Subclasses (or the keyword arguments) set what is allowed: ``allowed_globals`` maps
+    ``(module, name)`` to the object to materialise; ``inert_modules`` lists modules whose
+    globals (their sub-modules' too) become placeholders; ``inert_globals`` lists single
+    ``(module, name)`` pairs that do.
+
     Args:
         file: The binary stream.
-        allowed: ``(module, name) -> object`` to materialise (besides ``collections.OrderedDict``).
-        inert: Module names (and their sub-modules) whose globals become placeholders.
+        allowed, inert, inert_globals: Added to the class's settings for this load.
         **kwargs: Passed to :class:`pickle.Unpickler` (``encoding`` for Python 2 pickles).
     """
 
+    allowed_globals: dict[tuple[str, str], Any] = {("collections", "OrderedDict"): collections.OrderedDict}
+    inert_modules: tuple[str, ...] = ()
+    inert_pairs: frozenset[tuple[str, str]] = frozenset()
+
     def __init__(self, file: BinaryIO, *, allowed: Optional[dict[tuple[str, str], Any]] = None,
-                 inert: Iterable[str] = (), **kwargs: Any) -> None:
+                 inert: Iterable[str] = (), inert_globals: Iterable[tuple[str, str]] = (), **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
-        self.allowed = {("collections", "OrderedDict"): collections.OrderedDict, **(allowed or {})}
-        self.inert = tuple(inert)
+        self.allowed = {**self.allowed_globals, **(allowed or {})}
+        self.inert = (*self.inert_modules, *inert)
+        self.inert_names = self.inert_pairs | set(inert_globals)
 
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names (protocol 2 pickles, e.g. torch.save's ``__builtin__``), as pickle's own find_class maps them
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in self.allowed:
             return self.allowed[(module, name)]
-        if _in(module, self.inert):
+        if (module, name) in self.inert_names or _in(module, self.inert):
             return placeholder(f"{module}.{name}")
         raise UnsafeGlobalError(f"{module}.{name}")
 

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 import coopkit
 from coopkit.classifier import Classifier, template_features
 from coopkit.cli import main
-from coopkit.research.compat import import_official
 from coopkit.config import PromptConfig, RunConfig
 from coopkit.research.experiments import plot_fewshot
 from coopkit.features import encode_images
@@ -131,40 +130,3 @@ def test_base2new_and_shift_commands(image_folder, tiny_config, tmp_path):
     bad = CliRunner().invoke(main, ["bench", "base2new", "--train", str(image_folder / "train"), "--test",
                                     str(image_folder / "test"), "--base", "blue,red", "--new", "red", *common])
     assert bad.exit_code == 2 and "both base and new" in bad.output
-
-
-def _official_checkpoint(path, ctx):
-    # The layout Dassl's save_checkpoint writes for CoOp's prompt learner.
-    torch.save({"state_dict": {"ctx": ctx, "token_prefix": torch.zeros(4, 1, ctx.shape[-1]),
-                               "token_suffix": torch.zeros(4, 60, ctx.shape[-1])},
-                "epoch": 50, "optimizer": {"state": {}, "param_groups": [{"lr": 0.002, "params": [0]}]},
-                "scheduler": {"last_epoch": 50}, "val_result": None}, path)
-
-
-@pytest.mark.parametrize("shape", [(4, 64), (4, 4, 64)])
-def test_import_official_checkpoint(tiny_backbone, image_folder, tmp_path, shape):
-    ctx = torch.randn(*shape)
-    ckpt = tmp_path / "model.pth.tar-50"
-    _official_checkpoint(ckpt, ctx)
-    clf = import_official(ckpt, NAMES, backbone=tiny_backbone)
-    assert torch.equal(clf.learner.ctx.detach(), ctx)
-    assert clf.config.prompt.csc == (len(shape) == 3)
-    run = clf.save(tmp_path / "run")
-    assert torch.equal(coopkit.load(run, backbone=tiny_backbone).learner.ctx, ctx)
-
-
-def test_import_official_bad_files(tiny_backbone, tmp_path):
-    with pytest.raises(FileNotFoundError):
-        import_official(tmp_path / "nope", NAMES, backbone=tiny_backbone)
-    junk = tmp_path / "junk"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a loadable torch checkpoint"):
-        import_official(junk, NAMES, backbone=tiny_backbone)
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": {"weight": torch.zeros(2)}}, other)
-    with pytest.raises(ValueError, match="no 'ctx'"):
-        import_official(other, NAMES, backbone=tiny_backbone)
-    wrong = tmp_path / "wrong.pt"
-    _official_checkpoint(wrong, torch.randn(4, 32))
-    with pytest.raises(ValueError, match="does not fit"):
-        import_official(wrong, NAMES, backbone=tiny_backbone)

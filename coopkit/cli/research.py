@@ -157,19 +157,45 @@ def explain(run_dir: str, top: int, device: str) -> None:
 
 @command("import-official")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--classes-from", required=True, type=click.Path(),
+@click.option("--classes-from", type=click.Path(), default=None,
               help="Dataset (split JSON, folder or CSV) whose class names, in label order, the run used.")
+@click.option("--dataset", default=None, help="Or: the official dataset the run used (e.g. dtd; see coopkit datasets).")
+@click.option("--root", type=click.Path(), default=None, help="With --dataset: the folder holding the datasets ($DATA).")
+@click.option("--subsample", type=click.Choice(["all", "base", "new"]), default="all", show_default=True,
+              help="With --dataset: the classes the run was trained on (base: a base-to-new run).")
 @config_options(BackboneConfig, defaults={"model": "RN50", "pretrained": "openai"})
 @config_options(PromptConfig, only=("class_token_position",))
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
-def import_official_cmd(checkpoint: str, classes_from: str, class_token_position: str, out: str,
-                        **settings: Any) -> None:
-    """Import a context learned by the official CoOp code (prompt_learner/model.pth.tar-N)."""
-    from ..research.compat import import_official
-    from ..data import load_dataset
+def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
+                        subsample: str, class_token_position: str, out: str, **settings: Any) -> None:
+    """Import a context learned by the official CoOp or KgCoOp code (prompt_learner/model.pth.tar-N).
 
-    names = load_dataset(classes_from).classnames
+    The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
+    with the reason.
+    """
+    from ..research.compat import import_official
+
+    names = _official_classnames(classes_from, dataset, root, subsample)
     bb = pop_config(BackboneConfig, settings)
     clf = import_official(checkpoint, names, model=bb.model, pretrained=bb.pretrained,
                           class_token_position=class_token_position, device=bb.device)
-    click.echo(f"imported {len(names)} classes, context {tuple(clf.learner.ctx.shape)}; saved to {clf.save(out)}")
+    trainer = clf.config.metrics.get("official_trainer", "CoOp")
+    click.echo(f"imported {trainer} context {tuple(clf.learner.ctx.shape)} for {len(names)} classes; "
+               f"saved to {clf.save(out)}")
+
+
+def _official_classnames(classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
+                         subsample: str) -> list[str]:
+    if (classes_from is None) == (dataset is None):
+        raise click.UsageError("give either --classes-from PATH or --dataset NAME --root DATA")
+    if classes_from is not None:
+        from ..data import load_dataset
+
+        return load_dataset(classes_from).classnames
+    if root is None:
+        raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
+    from ..data import Dataset, subsample_classes
+    from ..datasets import load_official
+
+    names = load_official(dataset, root).classnames
+    return subsample_classes(Dataset([], names), subsample).classnames
