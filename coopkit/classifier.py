@@ -30,6 +30,7 @@ from .backbone import Backbone, load_backbone, register_model_config
 from .config import RunConfig
 from .data import Dataset, load_dataset
 from .features import autocast_for, encode_images
+from .heads import HEAD_METHODS, build_head, check_head_tensors
 from .prompts import PromptLearner, TextTower
 from .runtime.contract import DEFAULT_TEMPLATE, check_classnames, check_templates, fill_templates
 from .runtime.image import Prediction, check_predict_args, rank
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CTX_FILE = "ctx.safetensors"
+HEAD_FILE = "head.safetensors"
 DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 
 
@@ -58,22 +60,29 @@ class LinearHead(nn.Module):
 
 
 class Classifier:
-    """A CLIP classifier over a fixed label set (CoOp or zero-shot).
+    """A CLIP classifier over a fixed label set (CoOp, zero-shot, or a few-shot baseline's head).
 
-    Build one with :func:`coopkit.fit`, :func:`coopkit.zero_shot` or :func:`coopkit.load`.
+    Build one with :func:`coopkit.fit`, :func:`coopkit.zero_shot`, :func:`coopkit.load` or the
+    baselines of :mod:`coopkit.research.baselines`.
 
     Attributes:
         backbone: The frozen backbone.
         config: What the run is (method, model, prompt and training settings, metrics).
-        learner: The CoOp prompt learner, or ``None`` for zero-shot.
+        learner: The CoOp prompt learner, or ``None``.
+        head_tensors: The extra tensors of a baseline's head (:mod:`coopkit.heads`), or ``None``.
     """
 
-    def __init__(self, backbone: Backbone, config: RunConfig, learner: Optional[PromptLearner] = None) -> None:
-        if (learner is None) != (config.method == "zeroshot"):
-            raise ValueError("a coop classifier needs a PromptLearner; a zero-shot one must not have one")
+    def __init__(self, backbone: Backbone, config: RunConfig, learner: Optional[PromptLearner] = None,
+                 head_tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+        if (learner is None) == (config.method == "coop"):
+            raise ValueError("a coop classifier needs a PromptLearner; other methods must not have one")
+        if (head_tensors is None) == (config.method in HEAD_METHODS):
+            raise ValueError(f"{config.method} classifiers {'need' if config.method in HEAD_METHODS else 'have no'} "
+                             "head tensors")
         self.backbone = backbone
         self.config = config
         self.learner = learner
+        self.head_tensors = dict(head_tensors) if head_tensors is not None else None
         self._weights: Optional[torch.Tensor] = None
 
     @property
@@ -99,18 +108,27 @@ class Classifier:
 
     @torch.no_grad()
     def class_weights(self) -> torch.Tensor:
-        """``W = exp(logit_scale) * text features``, ``(n_classes, embed_dim)`` float32 on the CPU (cached)."""
+        """``W = exp(logit_scale) * text features``, ``(n_classes, embed_dim)`` float32 on the CPU (cached).
+
+        For a linear-probe head, its learned weight matrix instead.
+        """
         if self._weights is None:
-            scale = self.backbone.model.logit_scale.exp().float().cpu()
-            self._weights = (scale * self.text_features().cpu()).contiguous()
+            if self.head_tensors is not None and HEAD_METHODS[self.method] == "linear":
+                self._weights = self.head_tensors["weight"].detach().float().cpu().contiguous()
+            else:
+                scale = self.backbone.model.logit_scale.exp().float().cpu()
+                self._weights = (scale * self.text_features().cpu()).contiguous()
         return self._weights
 
     def head(self) -> nn.Module:
         """L2-normalised image features ``(b, embed_dim)`` -> logits ``(b, n_classes)``, on the CPU.
 
         Every score this classifier gives goes through it, and :func:`coopkit.exporters.export_onnx`
-        bakes it into the graph, so PyTorch and ONNX compute the same function.
+        bakes it into the graph, so PyTorch and ONNX compute the same function. Baselines return
+        their own head (:mod:`coopkit.heads`) holding their extra matrices.
         """
+        if self.head_tensors is not None:
+            return build_head(self.method, self.head_tensors, self.class_weights())
         return LinearHead(self.class_weights()).eval()
 
     def with_classes(self, classnames: Sequence[str]) -> "Classifier":
@@ -120,6 +138,9 @@ class Classifier:
         has no vectors for unseen classes, so it is refused.
         """
         names = check_classnames(classnames)
+        if self.head_tensors is not None:
+            raise ValueError(f"a {self.method} head holds weights for its training classes only; it has none for "
+                             "other class names")
         config = RunConfig(**{**self.config.__dict__, "classnames": names, "metrics": {}})
         if self.learner is None:
             return Classifier(self.backbone, config)
@@ -237,6 +258,9 @@ class Classifier:
         if self.learner is not None:
             blobs[CTX_FILE] = st_save({"ctx": self.learner.ctx.detach().float().cpu().contiguous()})
             self.config.ctx_sha256 = hashlib.sha256(blobs[CTX_FILE]).hexdigest()
+        if self.head_tensors is not None:
+            blobs[HEAD_FILE] = st_save({k: v.detach().cpu().contiguous() for k, v in self.head_tensors.items()})
+            self.config.head_sha256 = hashlib.sha256(blobs[HEAD_FILE]).hexdigest()
         self.config.coopkit_version = __version__
         blobs[CONFIG_FILE] = self.config.to_json().encode()
         parent = target.parent
@@ -260,9 +284,14 @@ class Classifier:
         return target
 
 
-def template_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], chunk: int = 256) -> torch.Tensor:
-    """Hand-written prompt features: mean of normalised template embeddings, renormalised."""
+def template_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], chunk: int = 256,
+                      *, raw: bool = False) -> torch.Tensor:
+    """Hand-written prompt features: mean of normalised template embeddings, renormalised.
+
+    ``raw=True``: the plain mean of the unnormalised embeddings instead (CLAP's prototypes).
+    """
     model, tok = backbone.model, backbone.tokenizer
+    norm = (lambda x: x) if raw else (lambda x: F.normalize(x, dim=-1))
     out = []
     with torch.no_grad(), autocast_for(backbone.device):
         for start in range(0, len(classnames), chunk):
@@ -270,8 +299,8 @@ def template_features(backbone: Backbone, classnames: Sequence[str], templates: 
             per_template = []
             for t in templates:
                 tokens = tok(fill_templates(t, names)).to(backbone.device)
-                per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-            out.append(F.normalize(torch.stack(per_template).mean(0), dim=-1))  # (chunk, D)
+                per_template.append(norm(model.encode_text(tokens).float()))
+            out.append(norm(torch.stack(per_template).mean(0)))  # (chunk, D)
     return torch.cat(out)
 
 
@@ -341,6 +370,7 @@ def load(
         blob = ctx_path.read_bytes()
         if config.ctx_sha256 and hashlib.sha256(blob).hexdigest() != config.ctx_sha256:
             raise ValueError(f"{ctx_path} does not match {CONFIG_FILE} (interrupted save or edited file)")
+    head_tensors = _read_head(folder, config) if config.method in HEAD_METHODS else None
     if backbone is None:
         if config.model_config is not None:
             register_model_config(config.model, config.model_config)
@@ -367,4 +397,27 @@ def load(
         with torch.no_grad():
             learner.ctx.copy_(ctx)
         learner.requires_grad_(False)
-    return Classifier(backbone, config, learner)
+    return Classifier(backbone, config, learner, head_tensors)
+
+
+def _read_head(folder: Path, config: RunConfig) -> dict[str, torch.Tensor]:
+    """A baseline run's ``head.safetensors``, checked against its recorded sha256 and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    path = folder / HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is a {config.method} run without {HEAD_FILE}")
+    blob = path.read_bytes()
+    if config.head_sha256 and hashlib.sha256(blob).hexdigest() != config.head_sha256:
+        raise ValueError(f"{path} does not match {CONFIG_FILE} (interrupted save or edited file)")
+    try:
+        tensors = st_load(blob)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    width = next((int(tensors[k].shape[-1]) for k in ("weight", "keys") if k in tensors and tensors[k].ndim == 2), 0)
+    try:
+        check_head_tensors(config.method, tensors, len(config.classnames), width)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return tensors

@@ -42,7 +42,14 @@ logger = logging.getLogger(__name__)
 
 
 def check_text_encoder_supported(classifier: "Classifier") -> None:
-    """Refuse class-specific context: it has no context to give a class name it was not trained on."""
+    """Refuse what has nothing to give a class name it was not trained on: class-specific context, and
+    the heads of the few-shot baselines (weights for their training classes only)."""
+    if classifier.method not in ("coop", "zeroshot"):
+        raise ValueError(
+            f"--with-text-encoder needs a CoOp or zero-shot run; a {classifier.method} head holds weights learned "
+            "for its training classes only, so new class names would be scored without them. Export without "
+            "--with-text-encoder"
+        )
     learner = classifier.learner
     if learner is not None and learner.config.csc:
         raise ValueError(

@@ -38,7 +38,8 @@ TEXT_OUTPUT = "class_weights"
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
-METHODS = ("coop", "zeroshot")
+#: How a file's class scores were learned: CoOp, hand-written prompts, or a few-shot baseline's head.
+METHODS = ("coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f")
 
 #: Where the class-name tokens sit relative to the learned context.
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
