@@ -19,7 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TypeVar
 
 from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
-from .runtime.contract import CLASS_TOKEN_POSITIONS, METHODS, check_classnames, check_position, check_templates
+from .runtime.contract import (
+    CLASS_TOKEN_POSITIONS,
+    DEFAULT_TEMPLATE,
+    METHODS,
+    check_classnames,
+    check_position,
+    check_templates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +230,8 @@ class TrainConfig(ConfigMixin):
         "help": "auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16", "choices": PRECISIONS})
     strict: bool = field(default=False, metadata={"help": "fail on unreadable images instead of skipping them"})
     kg_weight: float = field(default=0.0, metadata={"help": "KgCoOp regularisation weight (0: plain CoOp)"})
+    kg_template: str = field(default=DEFAULT_TEMPLATE, metadata={
+        "help": "the hand-written prompt KgCoOp keeps the learned prompt near ({} = class name)"})
 
     def __post_init__(self) -> None:
         for name in ("shots", "batch_size", "n_views", "text_chunk_size"):
@@ -234,6 +243,7 @@ class TrainConfig(ConfigMixin):
         _float("warmup_lr", self.warmup_lr, positive=True)
         _float("weight_decay", self.weight_decay)
         _float("kg_weight", self.kg_weight)
+        check_templates([self.kg_template])
         _float("momentum", self.momentum, below=1.0)
         for name in ("augment", "strict"):
             _bool(name, getattr(self, name))

@@ -15,10 +15,34 @@ from ..config import BackboneConfig, PromptConfig, TrainConfig
 from .base import command, config_options, emit, pct, pop_config, print_table
 
 IMAGE_ROOT_HELP = "Root of relative paths in CSV/split files."
+DATASET_HELP = "Instead of DATA: an official dataset (coopkit datasets lists them), read from --root."
+ROOT_HELP = "With --dataset: the folder holding the datasets ($DATA of CoOp's DATASETS.md)."
+
+
+def _official(data: Optional[str], dataset: Optional[str], root: Optional[str]) -> Any:
+    """The official dataset named by --dataset/--root, or None when DATA was given (exactly one of them)."""
+    if (data is None) == (dataset is None):
+        raise click.UsageError("give DATA or --dataset NAME --root DATA_ROOT (one of them)")
+    if dataset is None:
+        return None
+    if root is None:
+        raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
+    from ..datasets import load_official
+
+    return load_official(dataset, root)
+
+
+def _split_of(official: Any, split: str) -> Any:
+    part = getattr(official, split, None) if split in ("train", "val", "test") else None
+    if part is None:
+        raise click.BadParameter(f"{official.spec.name} has no {split!r} split", param_hint="--split")
+    return part
 
 
 @command("fit")
-@click.argument("data", type=click.Path())
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help=DATASET_HELP + " Trains on the official few-shot draw of --shots, --seed.")
+@click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
 @click.option("--out", "out", required=True, type=click.Path(), help="Folder to save the run to.")
 @config_options(BackboneConfig)
 @config_options(PromptConfig)
@@ -27,14 +51,21 @@ IMAGE_ROOT_HELP = "Root of relative paths in CSV/split files."
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def fit_cmd(data: str, out: str, val: Optional[str], image_root: Optional[str], as_json: bool, quiet: bool,
-            **settings: Any) -> None:
-    """Fit CoOp context vectors on DATA (ImageFolder dir, CSV of path,label, or CoOp split JSON)."""
+def fit_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], out: str, val: Optional[str],
+            image_root: Optional[str], as_json: bool, quiet: bool, **settings: Any) -> None:
+    """Fit CoOp context vectors on DATA (ImageFolder dir, CSV of path,label, or CoOp split JSON)
+    or on an official dataset (--dataset NAME --root DATA_ROOT)."""
     from ..train import fit
 
     bb = pop_config(BackboneConfig, settings)
     prompt, train = pop_config(PromptConfig, settings), pop_config(TrainConfig, settings)
-    clf = fit(data, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
+    official = _official(data, dataset, root)
+    source: Any = data
+    if official is not None:
+        from ..datasets import few_shot_official
+
+        source = few_shot_official(official, train.shots, train.seed)[0]
+    clf = fit(source, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
               val=val, image_root=image_root, progress=not quiet)
     path = clf.save(out)
     m = clf.config.metrics
@@ -57,44 +88,56 @@ def _emit_eval(res: dict[str, Any], method: str, per_class: bool, as_json: bool)
 
 @command("eval")
 @click.argument("run_dir", type=click.Path())
-@click.argument("data", type=click.Path())
-@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON.")
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help=DATASET_HELP)
+@click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
+@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON or of --dataset.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
 @config_options(BackboneConfig, only=("device",))
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(run_dir: str, data: str, split: str, image_root: Optional[str], device: str,
-             per_class: bool, as_json: bool) -> None:
-    """Evaluate a saved run (fit or zeroshot --out) on labelled DATA."""
+def eval_cmd(run_dir: str, data: Optional[str], dataset: Optional[str], root: Optional[str], split: str,
+             image_root: Optional[str], device: str, per_class: bool, as_json: bool) -> None:
+    """Evaluate a saved run (fit or zeroshot --out) on labelled DATA or an official dataset's split."""
     from ..classifier import load
 
+    official = _official(data, dataset, root)
+    source: Any = _split_of(official, split) if official is not None else data
     clf = load(run_dir, device=device)
-    res = clf.evaluate(data, split=split, image_root=image_root, progress=not as_json)
+    res = clf.evaluate(source, split=split, image_root=image_root, progress=not as_json)
     _emit_eval(res, clf.method, per_class, as_json)
 
 
 @command("zeroshot")
-@click.argument("data", type=click.Path())
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help=DATASET_HELP + " Its hand-written prompt is the default template.")
+@click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
 @config_options(BackboneConfig)
 @click.option("--template", "templates", multiple=True,
               help="Prompt template with {} for the class name; repeat to ensemble. Default: 'a photo of a {}.'")
-@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON.")
+@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON or of --dataset.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
 @click.option("--out", type=click.Path(), default=None, help="Also save the zero-shot classifier as a run.")
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def zeroshot_cmd(data: str, templates: tuple[str, ...], split: str, image_root: Optional[str], out: Optional[str],
-                 per_class: bool, as_json: bool, **settings: Any) -> None:
-    """Evaluate hand-written prompts on labelled DATA (the zero-shot baseline)."""
+def zeroshot_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], templates: tuple[str, ...],
+                 split: str, image_root: Optional[str], out: Optional[str], per_class: bool, as_json: bool,
+                 **settings: Any) -> None:
+    """Evaluate hand-written prompts on labelled DATA or an official dataset (the zero-shot baseline)."""
     from ..backbone import load_backbone
     from ..classifier import DEFAULT_TEMPLATES, zero_shot
     from ..data import load_dataset
 
     bb = pop_config(BackboneConfig, settings)
-    dataset = load_dataset(data, split=split, image_root=image_root)
-    clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device), dataset.classnames,
+    official = _official(data, dataset, root)
+    if official is not None:
+        templates = templates or (official.spec.template,)
+        labelled = _split_of(official, split)
+    else:
+        labelled = load_dataset(data, split=split, image_root=image_root)
+    clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device), labelled.classnames,
                     templates or DEFAULT_TEMPLATES)
-    res = clf.evaluate(dataset, progress=not as_json)
+    res = clf.evaluate(labelled, progress=not as_json)
     if out:
         clf.save(out)
     _emit_eval(res, "zeroshot", per_class, as_json)
