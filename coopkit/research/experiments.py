@@ -178,7 +178,9 @@ def fewshot_curves(
                     continue
                 for m in n_ctx:
                     for pos in positions:
-                        clf = fit(sample, backbone=bb, shots=k, seed=seed, n_ctx=m, csc=method == "coop-csc",
+                        # fit() draws the same shots from train_data itself (a drawn set it would reorder)
+                        clf = fit(sample if sampler else train_data, backbone=bb, shots=k, seed=seed, n_ctx=m,
+                                  csc=method == "coop-csc",
                                   class_token_position=pos, epochs=n_epochs, n_views=n_views, progress=progress,
                                   **fit_kwargs)
                         add(method, f"n_ctx={m},{pos}", k, seed, clf)
