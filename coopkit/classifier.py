@@ -364,12 +364,7 @@ def load(
         raise ValueError(f"{cfg_path} is corrupt: {e}") from None
     blob = None
     if config.method == "coop":
-        ctx_path = folder / CTX_FILE
-        if not ctx_path.is_file():
-            raise FileNotFoundError(f"{folder} is a CoOp run without {CTX_FILE}")
-        blob = ctx_path.read_bytes()
-        if config.ctx_sha256 and hashlib.sha256(blob).hexdigest() != config.ctx_sha256:
-            raise ValueError(f"{ctx_path} does not match {CONFIG_FILE} (interrupted save or edited file)")
+        blob = _read_run_file(folder, CTX_FILE, config.ctx_sha256, "CoOp")
     head_tensors = _read_head(folder, config) if config.method in HEAD_METHODS else None
     if backbone is None:
         if config.model_config is not None:
@@ -400,17 +395,24 @@ def load(
     return Classifier(backbone, config, learner, head_tensors)
 
 
+def _read_run_file(folder: Path, name: str, sha256: str, what: str) -> bytes:
+    """The bytes of a run's ``name``, checked against the sha256 its config recorded (if any)."""
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is a {what} run without {name}")
+    blob = path.read_bytes()
+    if sha256 and hashlib.sha256(blob).hexdigest() != sha256:
+        raise ValueError(f"{path} does not match {CONFIG_FILE} (interrupted save or edited file)")
+    return blob
+
+
 def _read_head(folder: Path, config: RunConfig) -> dict[str, torch.Tensor]:
     """A baseline run's ``head.safetensors``, checked against its recorded sha256 and shapes."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     path = folder / HEAD_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is a {config.method} run without {HEAD_FILE}")
-    blob = path.read_bytes()
-    if config.head_sha256 and hashlib.sha256(blob).hexdigest() != config.head_sha256:
-        raise ValueError(f"{path} does not match {CONFIG_FILE} (interrupted save or edited file)")
+    blob = _read_run_file(folder, HEAD_FILE, config.head_sha256, config.method)
     try:
         tensors = st_load(blob)
     except SafetensorError as e:

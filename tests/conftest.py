@@ -66,42 +66,28 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 IMAGENET_CLASSES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark",
                     "n01491361": "tiger shark"}
-#: dataset -> (class names as the split file / class list writes them, the image path of image k of class c)
-SPLIT_LAYOUTS = {
-    "caltech-101": ("split_zhou_Caltech101.json", "101_ObjectCategories",
-                    {"accordion": "accordion", "airplanes": "airplane", "Faces": "face", "yin_yang": "yin_yang"},
-                    lambda folder, k: f"{folder}/image_{k + 1:04d}.jpg"),
-    "oxford_pets": ("split_zhou_OxfordPets.json", "images",
-                    {"Abyssinian": "abyssinian", "american_bulldog": "american_bulldog", "Bengal": "bengal",
-                     "yorkshire_terrier": "yorkshire_terrier"},
-                    lambda folder, k: f"{folder}_{k + 1}.jpg"),
-    "stanford_cars": ("split_zhou_StanfordCars.json", "",
-                      {"a": "2012 AM General Hummer SUV", "b": "2012 Acura RL Sedan", "c": "2007 BMW X5 SUV",
-                       "d": "2012 smart fortwo Convertible"},
-                      None),
-    "oxford_flowers": ("split_zhou_OxfordFlowers.json", "jpg",
-                       {"1": "pink primrose", "2": "hard-leaved pocket orchid", "3": "canterbury bells",
-                        "4": "sweet pea"}, None),
-    "food-101": ("split_zhou_Food101.json", "images",
-                 {"apple_pie": "apple_pie", "baby_back_ribs": "baby_back_ribs", "baklava": "baklava",
-                  "beef_carpaccio": "beef_carpaccio"},
-                 lambda folder, k: f"{folder}/{1005649 + 37 * k}.jpg"),
-    "sun397": ("split_zhou_SUN397.json", "SUN397",
-               {"a/abbey": "abbey", "a/apartment_building/outdoor": "outdoor apartment_building",
-                "b/bakery/shop": "shop bakery", "y/youth_hostel": "youth_hostel"},
-               lambda folder, k: f"{folder}/sun_aaa{k}zqrimafwbiv.jpg"),
-    "dtd": ("split_zhou_DescribableTextures.json", "images",
-            {"banded": "banded", "blotchy": "blotchy", "braided": "braided", "zigzagged": "zigzagged"},
-            lambda folder, k: f"{folder}/{folder}_{k + 2:04d}.jpg"),
-    "eurosat": ("split_zhou_EuroSAT.json", "2750",
-                {"AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
-                 "SeaLake": "Sea or Lake"},
-                lambda folder, k: f"{folder}/{folder}_{k + 1}.jpg"),
-    "ucf101": ("split_zhou_UCF101.json", "UCF-101-midframes",
-               {"Apply_Eye_Makeup": "Apply_Eye_Makeup", "Archery": "Archery", "Baby_Crawling": "Baby_Crawling",
-                "YoYo": "YoYo"},
-               lambda folder, k: f"{folder}/v_{folder.replace('_', '')}_g{k + 1:02d}_c01.jpg"),
-}
+#: One split-file dataset per line: folder | split file | image folder | image path pattern | class folder=class
+#: name in the split file, ... (pattern: {c} the class folder, {c_} without "_", {n} a running number, {k} the
+#: image's index within its class and split, {split_dir} StanfordCars' cars_train or cars_test)
+SPLIT_LAYOUTS = [line.split(" | ") for line in """\
+caltech-101 | split_zhou_Caltech101.json | 101_ObjectCategories | {c}/image_{k:04d}.jpg | accordion=accordion,\
+airplanes=airplane,Faces=face,yin_yang=yin_yang
+oxford_pets | split_zhou_OxfordPets.json | images | {c}_{k}.jpg | Abyssinian=abyssinian,american_bulldog=american_bulldog,\
+Bengal=bengal,yorkshire_terrier=yorkshire_terrier
+stanford_cars | split_zhou_StanfordCars.json |  | {split_dir}/{n:05d}.jpg | a=2012 AM General Hummer SUV,\
+b=2012 Acura RL Sedan,c=2007 BMW X5 SUV,d=2012 smart fortwo Convertible
+oxford_flowers | split_zhou_OxfordFlowers.json | jpg | image_{n:05d}.jpg | 1=pink primrose,2=hard-leaved pocket orchid,\
+3=canterbury bells,4=sweet pea
+food-101 | split_zhou_Food101.json | images | {c}/10056{k:02d}.jpg | apple_pie=apple_pie,baby_back_ribs=baby_back_ribs,\
+baklava=baklava,beef_carpaccio=beef_carpaccio
+sun397 | split_zhou_SUN397.json | SUN397 | {c}/sun_aaa{k}zqrimafwbiv.jpg | a/abbey=abbey,\
+a/apartment_building/outdoor=outdoor apartment_building,b/bakery/shop=shop bakery,y/youth_hostel=youth_hostel
+dtd | split_zhou_DescribableTextures.json | images | {c}/{c}_{k:04d}.jpg | banded=banded,blotchy=blotchy,\
+braided=braided,zigzagged=zigzagged
+eurosat | split_zhou_EuroSAT.json | 2750 | {c}/{c}_{k}.jpg | AnnualCrop=Annual Crop Land,Forest=Forest,\
+HerbaceousVegetation=Herbaceous Vegetation Land,SeaLake=Sea or Lake
+ucf101 | split_zhou_UCF101.json | UCF-101-midframes | {c}/v_{c_}_g{k:02d}_c01.jpg | Apply_Eye_Makeup=Apply_Eye_Makeup,\
+Archery=Archery,Baby_Crawling=Baby_Crawling,YoYo=YoYo""".splitlines()]
 FGVC_VARIANTS = ["707-320", "A300B4", "Cessna 172", "F/A-18"]
 PER_SPLIT = {"train": 5, "val": 2, "test": 2}
 
@@ -118,18 +104,16 @@ def write_official_layouts(root: Path) -> Path:
     """All 15 datasets under ``root`` as CoOp's DATASETS.md lays them out (4 classes each; 5 train,
     2 val and 2 test images per class; ImageNet-A/-R hold 2 of ImageNet's classes)."""
     n = 0
-    for folder, (split_file, images, classes, name_of) in SPLIT_LAYOUTS.items():
+    for folder, split_file, images, pattern, classes in SPLIT_LAYOUTS:
         split: dict[str, list] = {s: [] for s in PER_SPLIT}
-        for y, (sub, cname) in enumerate(classes.items()):
+        for y, pair in enumerate(classes.split(",")):
+            sub, cname = pair.split("=")
             for part, count in PER_SPLIT.items():
                 for j in range(count):
                     n += 1
-                    if folder == "stanford_cars":
-                        rel = f"{'cars_test' if part == 'test' else 'cars_train'}/{n:05d}.jpg"
-                    elif folder == "oxford_flowers":
-                        rel = f"image_{n:05d}.jpg"
-                    else:
-                        rel = name_of(sub, {"train": 0, "val": 10, "test": 20}[part] + j)
+                    k = {"train": 1, "val": 11, "test": 21}[part] + j
+                    rel = pattern.format(c=sub, c_=sub.replace("_", ""), n=n, k=k,
+                                         split_dir="cars_test" if part == "test" else "cars_train")
                     _tiny_image(root / folder / images / rel, y, j)
                     split[part].append([rel, y, cname])
         (root / folder / split_file).write_text(json.dumps(split))

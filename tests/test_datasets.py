@@ -93,7 +93,7 @@ def test_class_without_images_on_disk_is_named(copy_of):
     root = copy_of("food-101")
     shutil.rmtree(root / "food-101/images/baklava")
     with pytest.raises(ValueError, match=r"food101 train: no images on disk for 1 class\(es\) \['baklava'\] "
-                                         r"\(e.g. .*baklava/1005649.jpg is missing\)"):
+                                         r"\(e.g. .*baklava/1005601.jpg is missing\)"):
         load_official("food101", root)
 
 
