@@ -121,6 +121,11 @@ def test_kgcoop_imports_cocoop_and_maple_are_refused_with_the_reason(tiny_backbo
                 "epoch": 5, "optimizer": None, "scheduler": None, "val_result": None}, maple)
     with pytest.raises(ValueError, match="MaPLe checkpoint: its prompts enter the first layers of both"):
         import_official(maple, NAMES, backbone=tiny_backbone)
+    ivlp = tmp_path / "ivlp.pth.tar-20"  # IVLP / PromptSRC: deep vision prompts inside the image encoder
+    torch.save({"state_dict": {"prompt_learner.ctx": torch.randn(4, 512),
+                               "image_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, 768)}}, ivlp)
+    with pytest.raises(ValueError, match="whole prompted CLIP .* prompts inside the image encoder's layers"):
+        import_official(ivlp, NAMES, backbone=tiny_backbone)
 
 
 class _Evil:

@@ -191,7 +191,7 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
                  epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool, **settings: Any) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from ..backbone import load_backbone
-    from ..research.experiments import base2new_paper_table, base_to_new, official_base2new
+    from ..research.experiments import base2new_paper_table, base_to_new, markdown_table, official_base2new, summarize
     from ..research.protocols import published_for
 
     _sources(dataset, root, train, test)
@@ -212,9 +212,11 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
                            **common)
         published = []
     table = base2new_paper_table(rows, published)
-    click.echo(table)
-    _write(out, rows, "# Base-to-new generalisation\n\nMean ± std over seeds (%); per-seed top-5 and mean per-class "
-           "accuracy in results.csv.\n\n" + table)
+    keys, extra = ["method", "kg_weight"], ["base_top5", "base_macro", "new_top5", "new_macro"]
+    more = markdown_table(summarize(rows, keys, extra), keys, extra)
+    click.echo(table + "\n" + more)
+    _write(out, rows, "# Base-to-new generalisation\n\nMean ± std over seeds (%): top-1 accuracy on the base and the "
+           "new classes and their harmonic mean H, then top-5 and mean per-class accuracy.\n\n" + table + "\n" + more)
 
 
 @command("datasets")

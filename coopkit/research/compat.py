@@ -165,6 +165,11 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
             "text features depend on the image and cannot be baked into one class-weight matrix; coopkit cannot "
             "import it (CoOp and KgCoOp checkpoints can be)"
         )
+    if any("VPT" in k for k in keys) or "prompt_learner.ctx" in keys:
+        raise ValueError(
+            f"{file} holds a whole prompted CLIP (IVLP / PromptSRC style: prompts inside the image encoder's layers), "
+            "so no frozen image encoder gives its image features; coopkit cannot import it"
+        )
     ctx = state.get("ctx")
     if not isinstance(ctx, torch.Tensor):
         raise ValueError(f"{file} has no 'ctx' tensor in its state_dict (keys: {keys[:8]}); expected an official "
