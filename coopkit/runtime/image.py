@@ -114,6 +114,16 @@ def rank(
     return out
 
 
+def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image and resize/crop it as the file's ``metadata`` says: uint8 ``(H, W, 3)``.
+
+    What :meth:`Classifier.prepare` does, without a session: for decoding in other processes
+    (Ray tasks, a Triton Python backend) that only have the metadata.
+    """
+    m = metadata
+    return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=max_pixels)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -231,8 +241,19 @@ class Classifier:
     # --- preprocessing ------------------------------------------------------------------------
 
     def _prepare_one(self, source: ImageInput) -> np.ndarray:
-        m = self.metadata
-        return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=self.max_pixels)
+        return prepare_image(source, self.metadata, self.max_pixels)
+
+    def prepare(self, source: ImageInput) -> np.ndarray:
+        """One image decoded, resized and cropped for the graph: uint8 ``(H, W, 3)``.
+
+        The first half of :meth:`predict`, for pipelines that decode in their own threads or
+        processes and batch images themselves (then :meth:`run_batch` and :func:`rank`).
+
+        Raises:
+            ImageDecodeError: the image is unreadable, of an unsupported type or too large.
+            FileNotFoundError: a path that does not exist.
+        """
+        return self._prepare_one(source)
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if self._workers <= 1 or len(items) <= 1:
@@ -285,6 +306,39 @@ class Classifier:
         else:
             outs = self.session.run(list(names), {INPUT_NAME: batch})
         return [np.asarray(o[:n], dtype=np.float32) for o in outs]
+
+    def run_batch(
+        self, batch: np.ndarray, outputs: Sequence[str] = ("probs",)
+    ) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+        """Run the graph on images already prepared by :meth:`prepare`, stacked ``(n, H, W, 3)`` uint8.
+
+        The second half of :meth:`predict`: one consistent set of classes (a concurrent
+        :meth:`set_classes` takes effect on the next call), chunks of ``batch_size``.
+
+        Returns:
+            The class names the columns of ``logits``/``probs`` follow, and a dict with the
+            requested ``outputs`` (any of ``logits``, ``probs``, ``image_embeds``), float32.
+        """
+        wanted = tuple(outputs)
+        unknown = [o for o in wanted if o not in OUTPUT_NAMES]
+        if unknown or not wanted:
+            raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {list(outputs)}")
+        batch = np.asarray(batch)
+        h, w = self.metadata.image_size
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (h, w, 3):
+            raise ValueError(f"batch must be uint8 (n, {h}, {w}, 3) as prepare() gives, got {batch.dtype} {batch.shape}")
+        head = self._head
+        names = wanted if head.weights is None else ("image_embeds",)
+        parts = [self._run(batch[s : s + self.batch_size], names) for s in range(0, len(batch), self.batch_size)]
+        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
+        got = {
+            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
+            for i, name in enumerate(names)
+        }
+        if head.weights is not None:
+            logits = got["image_embeds"] @ head.weights.T  # (n, n_classes)
+            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": _softmax(logits)}
+        return head.classnames, {name: got[name] for name in wanted}
 
     def _chunks(self, sources: list[Any]) -> Iterable[list[Any]]:
         for start in range(0, len(sources), self.batch_size):

@@ -20,6 +20,15 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 #: Largest image (in pixels) decoded before it is refused as a decompression bomb.
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
 
+#: File extensions read as images where a folder is listed (training folders, batch prediction).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def is_image_file(name: Union[str, os.PathLike]) -> bool:
+    """True for a file name with an image extension that is not hidden (``.name``)."""
+    base = os.path.basename(os.fspath(name))
+    return os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS and not base.startswith(".")
+
 
 class ImageDecodeError(ValueError):
     """An input could not be decoded as an image; the message names it."""
