@@ -36,6 +36,8 @@ ALLOWED = {
 }
 #: Third-party packages each torch-free layer may import (besides the standard library).
 THIRD_PARTY = {"runtime": {"numpy", "PIL", "onnxruntime", "ftfy"}, "foundation": {"numpy", "PIL"}}  # ftfy: optional, used when installed
+#: Optional extras the runtime imports lazily, inside functions (serve, ray, parquet; tqdm for progress bars).
+THIRD_PARTY["runtime"] |= {"starlette", "uvicorn", "h11", "prometheus_client", "pyarrow", "ray", "tqdm"}
 
 
 def module_name(path: Path) -> str:
