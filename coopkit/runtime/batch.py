@@ -633,8 +633,8 @@ def predict_rows(clf: Classifier, paths: Iterable[str], config: Optional[BatchCo
     h, w = clf.image_size
     with ThreadPoolExecutor(workers, thread_name_prefix="coopkit-decode") as pool:
         try:
-            for chunk, futures in _decode_ahead(iter(paths), clf.prepare, pool, cfg.batch_size, cfg.prefetch):
-                done = [f.result() for f in futures]
+            for chunk, futures in _decode_ahead(iter(paths), clf.prepare, pool, cfg.batch_size, cfg.prefetch, workers):
+                done = [d for f in futures for d in f.result()]
                 errs = [d if isinstance(d, str) else None for d in done]
                 crops = [d for d in done if not isinstance(d, str)]
                 batch = np.stack(crops) if crops else np.zeros((0, h, w, 3), np.uint8)  # (n_ok, H, W, 3)
@@ -711,13 +711,21 @@ def _try(prepare: Callable[[str], np.ndarray], path: str) -> Union[np.ndarray, s
         return message if known and message else f"{type(e).__name__}: {message or 'no message'} ({path})"
 
 
+def _decode_part(prepare: Callable[[str], np.ndarray], paths: list[str]) -> list[Union[np.ndarray, str]]:
+    return [_try(prepare, p) for p in paths]
+
+
 def _decode_ahead(
-    paths: Iterator[str], prepare: Callable[[str], np.ndarray], pool: ThreadPoolExecutor, batch_size: int, prefetch: int
+    paths: Iterator[str], prepare: Callable[[str], np.ndarray], pool: ThreadPoolExecutor, batch_size: int,
+    prefetch: int, workers: int,
 ) -> Iterator[tuple[list[str], list[Future]]]:
-    """Batches of paths with their decoding futures, at most ``prefetch`` batches submitted ahead."""
+    """Batches of paths with their decoding futures (one per slice of the batch, ``workers`` slices),
+    at most ``prefetch`` batches submitted ahead of the one yielded."""
     window: deque[tuple[list[str], list[Future]]] = deque()
     for chunk in _chunked(paths, batch_size):
-        window.append((chunk, [pool.submit(_try, prepare, p) for p in chunk]))
+        step = -(-len(chunk) // workers)  # ceil: one slice per decoding thread
+        window.append((chunk, [pool.submit(_decode_part, prepare, chunk[i : i + step])
+                               for i in range(0, len(chunk), step)]))
         if len(window) > prefetch:
             yield window.popleft()
     while window:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
@@ -102,7 +101,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
     if isinstance(source, Image.Image):
         img = source
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):  # no Path(): it interns every name
             raise FileNotFoundError(f"image not found: {source}")
         fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
         try:
