@@ -60,15 +60,19 @@ class RayConfig:
     address: Optional[str] = field(default=None, metadata={
         "help": "Ray cluster to join (e.g. ray://head:10001 or auto); default: a local Ray instance on this machine."})
     actors: int = field(default=1, metadata={"help": "Classifier actors in the pool (one GPU each where there are GPUs)."})
-    cpus_per_actor: int = field(default=1, metadata={"help": "CPUs reserved by each actor (its onnxruntime threads on CPU)."})
+    cpus_per_actor: float = field(default=1.0, metadata={
+        "help": "CPUs reserved by each actor (fractions allowed; its onnxruntime threads on CPU, at least 1)."})
+    decode_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved by each decoding task."})
     gpus_per_actor: Optional[float] = field(default=None, metadata={
         "help": "GPUs per actor (default: 1 when the cluster has GPUs, else 0)."})
 
     def __post_init__(self) -> None:
-        for name in ("actors", "cpus_per_actor"):
+        if isinstance(self.actors, bool) or not isinstance(self.actors, int) or self.actors < 1:
+            raise ValueError(f"actors must be a positive integer, got {self.actors!r}")
+        for name in ("cpus_per_actor", "decode_cpus"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1024:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         g = self.gpus_per_actor
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 8):
             raise ValueError(f"gpus_per_actor must be a number from 0 to 8 or None, got {g!r}")
@@ -270,17 +274,25 @@ def _run(ray: Any, refs: list[Any], model: str, metadata: str, max_pixels: int, 
     ctx.execution_options.preserve_order = True  # rows come back in input order (resume relies on it)
     ctx.max_errored_blocks = -1  # a batch that killed its actor twice is dropped, and written as failed rows
     ctx.enable_progress_bars = progress
+    resources = ray.cluster_resources()
     gpus = rcfg.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    cpus = resources.get("CPU", 0)
+    if rcfg.actors * rcfg.cpus_per_actor + rcfg.decode_cpus > cpus:  # the job would wait forever
+        raise ValueError(
+            f"{rcfg.actors} actors x {rcfg.cpus_per_actor:g} CPU plus {rcfg.decode_cpus:g} CPU for decoding need more "
+            f"than the cluster's {cpus:g} CPUs; use fewer --actors or a smaller --cpus-per-actor (fractions work)"
+        )
     ds = ray.data.from_arrow_refs(refs)
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy",
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=rcfg.decode_cpus,
                         fn_kwargs={"metadata": metadata, "max_pixels": max_pixels})
     ds = ds.map_batches(
         actor,
         fn_constructor_kwargs={"model": model, "config": cfg, "device": "cuda" if gpus > 0 else "cpu",
-                               "threads": rcfg.cpus_per_actor},
-        batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=rcfg.actors),
+                               "threads": max(1, round(rcfg.cpus_per_actor))},
+        batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
+            size=rcfg.actors, max_tasks_in_flight_per_actor=1),  # a dying actor takes only its own batch down
         num_cpus=rcfg.cpus_per_actor, num_gpus=gpus,
         # a dead actor is replaced and its batch retried once (Ray Data's default retries forever)
         max_restarts=-1, max_task_retries=1,
