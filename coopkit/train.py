@@ -182,6 +182,7 @@ def _train_loop(
     device = bb.device
     views, n, _ = feats.shape
     scale = bb.model.logit_scale.exp().float().to(device)
+    bias = bb.logit_bias  # scored as Classifier.head() scores: + the logit bias where the model has one
     optimizer = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
@@ -201,6 +202,8 @@ def _train_loop(
             with autocast_for(device, cfg.precision):
                 text = learner.text_features()  # (n_cls, D)
                 logits = scale * x @ text.float().T  # (b, n_cls)
+                if bias is not None:
+                    logits = logits + bias
                 loss = F.cross_entropy(logits.float(), y)
                 if hand is not None:
                     loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)
