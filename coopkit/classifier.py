@@ -290,7 +290,7 @@ def template_features(backbone: Backbone, classnames: Sequence[str], templates: 
             names = list(classnames[start : start + chunk])
             per_template = []
             for t in templates:
-                tokens = tok(fill_templates(t, names)).to(backbone.device)
+                tokens = torch.as_tensor(tok(fill_templates(t, names))).to(backbone.device)
                 per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
             out.append(F.normalize(torch.stack(per_template).mean(0), dim=-1))  # (chunk, D)
     return torch.cat(out)
@@ -315,6 +315,8 @@ def zero_shot(
         model=backbone.name,
         pretrained=backbone.pretrained,
         model_config=backbone.model_config,
+        tokenizer=backbone.tokenizer_path,
+        text_model=backbone.text_model,
         backbone_sha256=backbone.weights_sha256,
         templates=check_templates(templates),
         coopkit_version=__version__,
@@ -328,6 +330,7 @@ def load(
     device: str = "auto",
     pretrained: Optional[str] = None,
     backbone: Optional[Backbone] = None,
+    tokenizer: Optional[str] = None,
 ) -> Classifier:
     """Restore a saved run.
 
@@ -336,6 +339,7 @@ def load(
         device: Where to load the backbone.
         pretrained: Override the recorded checkpoint path (e.g. the run moved machines).
         backbone: Reuse an already loaded backbone (must be the one the run was trained with).
+        tokenizer: Override the recorded local tokenizer path (e.g. the run moved machines).
 
     Raises:
         FileNotFoundError: the folder or its files are missing.
@@ -365,7 +369,8 @@ def load(
     if backbone is None:
         if config.model_config is not None:
             register_model_config(config.model, config.model_config)
-        backbone = load_backbone(config.model, pretrained if pretrained is not None else config.pretrained, device)
+        backbone = load_backbone(config.model, pretrained if pretrained is not None else config.pretrained, device,
+                                 tokenizer if tokenizer is not None else config.tokenizer, config.text_model)
     if config.backbone_sha256 and backbone.weights_sha256 != config.backbone_sha256:
         raise ValueError(
             f"the backbone weights differ from those this run was trained with ({config.model}, "
