@@ -91,10 +91,13 @@ class TextTower:
             "Hugging Face text encoder); CoOp needs one"
         )
 
+    #: The module that owns the tower's weights (the model, or its ``text``).
+    source: nn.Module
+
     @property
     def parts(self) -> list[nn.Module]:
         """The modules the tower runs (an export graph registers them, so they move with it)."""
-        raise NotImplementedError
+        return [self.source]
 
     @property
     def device(self) -> torch.device:
@@ -165,10 +168,6 @@ class ClipTower(TextTower):
         return tower
 
     @property
-    def parts(self) -> list[nn.Module]:
-        return [self.source]
-
-    @property
     def width(self) -> int:
         return int(self.token_embedding.weight.shape[1])
 
@@ -231,10 +230,6 @@ class HFTower(TextTower):
         if pad is None:
             raise ValueError(f"the Hugging Face text tower {type(src.transformer).__name__} has no pad_token_id")
         return cls(source=src, embeddings=src.transformer.get_input_embeddings(), pad_id=int(pad))
-
-    @property
-    def parts(self) -> list[nn.Module]:
-        return [self.source]
 
     @property
     def width(self) -> int:
