@@ -30,4 +30,4 @@ def serve_cmd(model: str, device: str, threads: Optional[int], **kwargs: Any) ->
     app = create_app(model, cfg, device=device, threads=threads)  # load errors before the banner
     click.echo(f"{len(app.clf.classnames)} classes on {app.clf.provider}; listening on http://{cfg.host}:{cfg.port} "
                f"(max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms:g} ms)", err=True)
-    serve(app.clf, cfg)
+    serve(app)

@@ -178,7 +178,7 @@ class MicroBatcher:
     async def stop(self) -> None:
         """Serve what is queued, then stop."""
         if self.queue is not None:
-            while not self.queue.empty():
+            while not self.queue.empty() and self.task is not None and not self.task.done():
                 await asyncio.sleep(0.01)
         if self.task is not None:
             self.task.cancel()
@@ -514,14 +514,21 @@ def create_app(model: Union[str, "os.PathLike[str]", Classifier], config: Option
     return App(clf, cfg)
 
 
-def serve(model: Union[str, "os.PathLike[str]", Classifier], config: Optional[ServeConfig] = None, *,
+def serve(model: Union[str, "os.PathLike[str]", Classifier, App], config: Optional[ServeConfig] = None, *,
           device: str = "auto", threads: Optional[int] = None, **overrides: Any) -> None:
-    """Run the server until SIGTERM or Ctrl-C (then finish the requests in flight)."""
+    """Run the server until SIGTERM or Ctrl-C (then finish the requests in flight).
+
+    ``model`` is a path, an open :class:`Classifier`, or an :class:`App` from :func:`create_app`
+    (then ``config`` and ``overrides`` are its own).
+    """
     _imports()
     import uvicorn
 
-    cfg = dataclasses.replace(config or ServeConfig(), **overrides)
-    app = create_app(model, cfg, device=device, threads=threads)
+    if isinstance(model, App):
+        app, cfg = model, model.config
+    else:
+        cfg = dataclasses.replace(config or ServeConfig(), **overrides)
+        app = create_app(model, cfg, device=device, threads=threads)
     server = uvicorn.Server(uvicorn.Config(
         app.asgi, host=cfg.host, port=cfg.port, http=json_400_protocol(), log_level="warning", access_log=False, server_header=False,
         limit_concurrency=cfg.max_connections, timeout_keep_alive=5,
