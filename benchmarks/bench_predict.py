@@ -12,11 +12,15 @@ the same process and interleaved round by round (best round of each):
   prepared crops), whose maximum is the best any overlap can reach and whose sum is what no
   overlap gives.
 
-Then once, ``coopkit predict MODEL DIR --out x.jsonl`` as a command (start-up included).
+Then once, ``coopkit predict MODEL DIR --out x.jsonl`` as a command (start-up included), and
+with ``--ray-actors 1 2`` the same job with ``--engine ray`` on a local Ray instance for each
+pool size (Ray start-up excluded, each actor and each decoding task reserving
+``--ray-cpus-per-actor`` / 0.5 CPUs so that two actors fit on two cores).
 A benchmark, not a test: it prints a table and never fails on a ratio.
 
     python benchmarks/bench_predict.py                                  # coopkit-tiny, 512 images
     python benchmarks/bench_predict.py --model ViT-B-32 --precision int8 --images 256
+    python benchmarks/bench_predict.py --ray-actors 1 2
 """
 
 from __future__ import annotations
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: one per core)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ray-actors", type=int, nargs="*", default=[], help="also time --engine ray with these pool sizes")
+    parser.add_argument("--ray-cpus-per-actor", type=float, default=0.5)
     args = parser.parse_args()
 
     from coopkit.runtime import Classifier
@@ -149,6 +155,7 @@ def main() -> None:
                               str(args.batch_size)], capture_output=True, text=True)
         cli_s = time.perf_counter() - start
         assert cli.returncode == 0, cli.stderr
+        ray_ips = bench_ray(model, root / "photos", root, args) if args.ray_actors else {}
     n = args.images
     ips = {k: n / v for k, v in secs.items()}
     ideal = n / max(secs["decode"], secs["session"])
@@ -162,6 +169,31 @@ def main() -> None:
     print(f"| {ips['loop']:.1f} | {ips['stream']:.1f} | {ips['stream'] / ips['loop']:.2f}x | {ips['decode']:.1f} | "
           f"{ips['session']:.1f} | {serial:.1f} | {ideal:.1f} | {n / cli_s:.1f} |")
     print("(images per second)")
+    if ray_ips:
+        print("\n| --engine ray, actors | " + " | ".join(str(a) for a in ray_ips) + " |")
+        print("|---|" + "---|" * len(ray_ips))
+        print("| images/s | " + " | ".join(f"{v:.1f}" for v in ray_ips.values()) + " |")
+
+
+def bench_ray(model: Path, photos: Path, root: Path, args: argparse.Namespace) -> dict[int, float]:
+    """Images per second of predict_ray for each pool size (best of ``args.rounds``), one local Ray instance."""
+    import ray
+
+    from coopkit.runtime.batch import BatchConfig
+    from coopkit.runtime.ray_engine import RayConfig, predict_ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        cfg = BatchConfig(batch_size=args.batch_size, overwrite=True)
+        out: dict[int, float] = {}
+        for actors in args.ray_actors:
+            rcfg = RayConfig(actors=actors, cpus_per_actor=args.ray_cpus_per_actor, decode_cpus=0.5)
+            best = min(predict_ray(model, photos, root / "ray.jsonl", cfg, rcfg, progress=False).seconds
+                       for _ in range(args.rounds))
+            out[actors] = args.images / best
+        return out
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -75,13 +75,19 @@ def load(port: int, payloads: list[bytes], clients: int, requests: int) -> dict[
         for r in range(requests):
             body = payloads[(c * requests + r) % len(payloads)]
             t = time.perf_counter()
-            conn.request("POST", "/predict?top_k=3", body, {"Content-Type": "image/jpeg"})
-            resp = conn.getresponse()
-            data = resp.read()
+            try:
+                conn.request("POST", "/predict?top_k=3", body, {"Content-Type": "image/jpeg"})
+                resp = conn.getresponse()
+                data = resp.read()
+                ok = resp.status == 200 and "labels" in json.loads(data)
+                problem = f"{resp.status} {data[:100]!r}"
+            except (OSError, http.client.HTTPException) as e:  # counted, and the client goes on
+                conn.close()
+                ok, problem = False, f"{type(e).__name__}: {e}"
             mine.append(time.perf_counter() - t)
-            if resp.status != 200 or "labels" not in json.loads(data):
+            if not ok:
                 with lock:
-                    errors.append(f"{resp.status} {data[:100]!r}")
+                    errors.append(problem)
         conn.close()
         with lock:
             latencies.extend(mine)
@@ -95,8 +101,8 @@ def load(port: int, payloads: list[bytes], clients: int, requests: int) -> dict[
         t.join()
     total = time.perf_counter() - start_t
     lat = np.array(latencies) * 1000
-    return {"img_s": len(lat) / total, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "errors": len(errors), "n": len(lat)}
+    return {"img_s": (len(lat) - len(errors)) / total, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors), "n": len(lat), "first_error": errors[:1]}
 
 
 def main() -> None:
@@ -145,6 +151,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['img_s']:.1f} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {r['errors']} of {r['n']} |")
+    for name, r in results.items():
+        if r["first_error"]:
+            print(f"first error, {name}: {r['first_error'][0]}")
 
 
 if __name__ == "__main__":

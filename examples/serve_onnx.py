@@ -112,6 +112,7 @@ class BoundedServer(ThreadingHTTPServer):
     """A thread per connection, at most ``max_connections`` at once (more get 503 and are closed)."""
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog (socketserver's 5 reset connections under 16 concurrent clients)
 
     def __init__(self, address: tuple[str, int], handler: type, max_connections: int = 64) -> None:
         super().__init__(address, handler)
