@@ -113,6 +113,20 @@ def fill_templates(template: str, classnames: Sequence[str]) -> list[str]:
     return [fill_template(template, c) for c in classnames]
 
 
+def check_prompts_fit(prompts: Sequence[str], n_tokens: Sequence[int], context_length: int) -> None:
+    """Refuse prompts whose tokens, with the start and end tokens, exceed ``context_length``.
+
+    A tokenizer cuts them silently, so two long names that share their beginning would get
+    identical class weights.
+    """
+    too_long = [p for p, n in zip(prompts, n_tokens) if n + 2 > context_length]
+    if too_long:
+        raise ValueError(
+            f"prompts {too_long[:3]!r:.200} need more than the {context_length - 2} tokens a text context of "
+            f"{context_length} holds (they would be cut); shorten the class names or the template"
+        )
+
+
 # --- CoOp token layout ---------------------------------------------------------------------------
 
 
@@ -174,6 +188,8 @@ class TextEncoderSpec:
         n_ctx: Learned context vectors baked into the graph (0 for zero-shot).
         class_token_position: Where the graph puts the class name (CoOp files).
         layout: :data:`LAYOUT_COOP` or :data:`LAYOUT_PLAIN`.
+        tensors_sha256: sha256 of every stored tensor of the text graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`), checked when it is opened.
     """
 
     file: str
@@ -189,6 +205,7 @@ class TextEncoderSpec:
     n_ctx: int = 0
     class_token_position: str = "end"
     layout: str = LAYOUT_PLAIN
+    tensors_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.file, str) or not self.file or "/" in self.file or "\\" in self.file:
@@ -245,7 +262,12 @@ class ModelMetadata:
             for CoOp; ``templates`` for zero-shot).
         precision: ``fp32``, ``fp16`` or ``int8``.
         embed_dim: Width of ``image_embeds``.
-        weights_sha256: sha256 of the class weight matrix (float32, C order).
+        weights_sha256: sha256 of the class weight matrix ``(n_classes, embed_dim)``, float32,
+            C order; the graph stores it as a float32 initializer of that shape or its
+            transpose, and the runtime checks it on load.
+        tensors_sha256: sha256 of every stored tensor of the graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`); the runtime checks it on load
+            unless told not to.
         coopkit_version: Version of coopkit that wrote the file.
         text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
         schema_version: Version of this schema.
@@ -265,6 +287,7 @@ class ModelMetadata:
     precision: str = "fp32"
     embed_dim: int = 0
     weights_sha256: str = ""
+    tensors_sha256: str = ""
     coopkit_version: str = ""
     text_encoder: Optional[TextEncoderSpec] = None
     schema_version: int = SCHEMA_VERSION

@@ -19,6 +19,10 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 #: Largest image (in pixels) decoded before it is refused as a decompression bomb.
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
+#: Largest intermediate image of the resize step: the short side goes to the model's size, so
+#: a 2x40000 strip would become 224x4480000 (4 GB and 30 s); such extreme aspect ratios (beyond
+#: about 1:330 at 224 pixels) are refused instead.
+MAX_RESIZED_PIXELS = 4096 * 4096
 
 
 class ImageDecodeError(ValueError):
@@ -73,10 +77,12 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
 
     Accepts a path, encoded bytes, a PIL image or a uint8 array (HW, HW1, HW3 or HW4).
     EXIF orientation is applied; greyscale, palette, RGBA, CMYK and 16-bit images become
-    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused.
+    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused, and so
+    are empty (zero-size) and closed images: every problem of one input is an error of that
+    input alone.
 
     Raises:
-        ImageDecodeError: the input is unreadable, of an unsupported type, or too large.
+        ImageDecodeError: the input is unreadable, empty, closed, of an unsupported type, or too large.
         FileNotFoundError: a path that does not exist.
     """
     if isinstance(source, np.ndarray):
@@ -87,11 +93,21 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             arr = arr[:, :, 0]
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
             raise ImageDecodeError(f"{describe(source)}: arrays must be HW, HW1, HW3 or HW4")
+        if arr.shape[0] * arr.shape[1] == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if arr.shape[0] * arr.shape[1] > max_pixels:
             raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     if isinstance(source, Image.Image):
         img = source
+        if img.size[0] * img.size[1] == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
+        if img.size[0] * img.size[1] > max_pixels:
+            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        try:
+            img.load()  # a closed image, or a lazily opened file that is gone or truncated
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises, it is this input's problem
+            raise ImageDecodeError(f"{describe(source)}: cannot read this PIL image ({type(e).__name__}: {e})") from None
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
         if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
             raise FileNotFoundError(f"image not found: {source}")
@@ -110,8 +126,8 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
     else:
         raise ImageDecodeError(
             f"unsupported image input {describe(source)}: expected a path, bytes, a PIL image "
@@ -119,11 +135,16 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         )
     if img.size[0] * img.size[1] > max_pixels:
         raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+    if img.size[0] * img.size[1] == 0:
+        raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
         pass
-    return _to_rgb(img)
+    try:
+        return _to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - e.g. a mode Pillow cannot convert
+        raise ImageDecodeError(f"{describe(source)}: cannot convert the image to RGB ({type(e).__name__}: {e})") from None
 
 
 # --- open_clip's eval transform, up to (not including) ToTensor + Normalize ----------------------
@@ -159,6 +180,11 @@ def _keep_ratio_size(width: int, height: int, target: tuple[int, int], longest: 
 def _resize(img: Image.Image, size_wh: tuple[int, int], interpolation: str) -> Image.Image:
     if img.size == size_wh:  # torchvision returns the image untouched
         return img
+    if size_wh[0] * size_wh[1] > MAX_RESIZED_PIXELS:
+        raise ImageDecodeError(
+            f"{img.size[0]}x{img.size[1]} image: aspect ratio too extreme (resizing it for the model would make a "
+            f"{size_wh[0]}x{size_wh[1]} image, more than {MAX_RESIZED_PIXELS} pixels)"
+        )
     return img.resize(size_wh, _FILTERS[interpolation])
 
 
@@ -201,6 +227,10 @@ def resize_and_crop(
 
     Returns:
         A contiguous uint8 array ``(height, width, 3)``.
+
+    Raises:
+        ImageDecodeError: an aspect ratio so extreme that the resized image would exceed
+            :data:`MAX_RESIZED_PIXELS`.
     """
     if resize_mode not in ("shortest", "longest", "squash"):
         raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
@@ -244,4 +274,7 @@ def preprocess(
     ``ToTensor``/``Normalize`` (the exported graph does those), as a uint8 ``(H, W, 3)`` array.
     """
     img = load_image(source, max_pixels=max_pixels)
-    return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+    try:
+        return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{describe(source)}: {e}") from None
