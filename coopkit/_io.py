@@ -101,7 +101,7 @@ def fsync_dir(path: PathLike) -> None:
 # ``<name>`` but the complete old folder under that name, which :func:`interrupted_backup` finds.
 # Hidden leftovers of a killed process are removed by the next write to the same target.
 
-_NEW, _OLD = "coopkit-new", "coopkit-old"
+_NEW, _OLD, _PROBE = "coopkit-new", "coopkit-old", "coopkit-probe"
 _RENAME_EXCHANGE = 2  # linux/fs.h; macOS RENAME_SWAP has the same value
 _AT_FDCWD = -100
 
@@ -188,11 +188,22 @@ def remove_stale(target: PathLike) -> None:
     """Delete hidden leftovers of writes to ``target`` by processes that no longer run (an
     old-folder backup only once ``target`` exists again)."""
     target = Path(target)
-    stale = [p for p in _siblings(target, _NEW) if not _owner_alive(p)]
+    stale = [p for p in _siblings(target, _NEW) + _siblings(target, _PROBE) if not _owner_alive(p)]
     if target.exists():
         stale += [p for p in _siblings(target, _OLD) if not _owner_alive(p)]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
+
+
+def probe_beside(target: PathLike) -> None:
+    """Create ``target``'s parent folders and prove that a folder can be made beside ``target``
+    (made and removed at once): permission problems and read-only or full filesystems show
+    now, as the ``OSError`` they are, instead of after long work."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    probe = _sibling(target, _PROBE)
+    os.mkdir(probe)
+    os.rmdir(probe)
 
 
 def interrupted_backup(target: PathLike) -> Optional[Path]:
@@ -242,6 +253,7 @@ def atomic_dir(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remove_stale(target)  # e.g. the old folder an earlier, killed write left (target exists again)
 
 
 @contextlib.contextmanager

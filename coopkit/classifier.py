@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from ._io import atomic_dir, deferred_interrupt, interrupted_backup
+from ._io import atomic_dir, deferred_interrupt, interrupted_backup, probe_beside
 from .backbone import Backbone, load_backbone, register_model_config
 from .config import RunConfig
 from .data import Dataset, load_dataset
@@ -241,10 +240,10 @@ class Classifier:
     def save(self, path: Union[str, os.PathLike], *, overwrite: bool = False) -> Path:
         """Write the run to a folder: ``config.json`` and, for CoOp, ``ctx.safetensors``.
 
-        The folder is written beside ``path`` and swapped in with one rename: a crash, a full
-        disk or Ctrl-C at any moment leaves the previous run (or no folder) exactly as it was.
-        ``config.json`` records ``run_sha256``, a checksum of the whole run that
-        :func:`load` verifies.
+        The folder is written beside ``path`` and swapped in with one rename: a crash or a full
+        disk at any moment leaves the previous run (or no folder) exactly as it was, and Ctrl-C
+        takes effect once the save (a few milliseconds) is complete. ``config.json`` records
+        ``run_sha256``, a checksum of the whole run that :func:`load` verifies.
 
         Args:
             path: The run folder (created with its parents; an existing run is replaced).
@@ -257,23 +256,24 @@ class Classifier:
         """
         from safetensors.torch import save as st_save
 
-        target = check_run_target(path, overwrite=overwrite)
-        ctx = None
-        if self.learner is not None:
-            ctx = st_save({"ctx": self.learner.ctx.detach().float().cpu().contiguous()})
-            self.config.ctx_sha256 = hashlib.sha256(ctx).hexdigest()
-        self.config.coopkit_version = __version__
-        self.config.run_sha256 = run_checksum(json.loads(self.config.to_json()), ctx)
-        text = self.config.to_json()
-        try:
-            with deferred_interrupt(), atomic_dir(target) as tmp:
-                (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
-                if ctx is not None:
-                    (tmp / CTX_FILE).write_bytes(ctx)
-        except OSError as e:
-            if e.filename is None and e.errno is not None:  # name the run, e.g. for a full disk
-                raise OSError(e.errno, e.strerror or str(e), os.fspath(target)) from None
-            raise
+        with deferred_interrupt():  # Ctrl-C waits for the few milliseconds a save takes
+            target = check_run_target(path, overwrite=overwrite)
+            ctx = None
+            if self.learner is not None:
+                ctx = st_save({"ctx": self.learner.ctx.detach().float().cpu().contiguous()})
+                self.config.ctx_sha256 = hashlib.sha256(ctx).hexdigest()
+            self.config.coopkit_version = __version__
+            self.config.run_sha256 = run_checksum(json.loads(self.config.to_json()), ctx)
+            text = self.config.to_json()
+            try:
+                with atomic_dir(target) as tmp:
+                    (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
+                    if ctx is not None:
+                        (tmp / CTX_FILE).write_bytes(ctx)
+            except OSError as e:
+                if e.filename is None and e.errno is not None:  # name the run, e.g. for a full disk
+                    raise OSError(e.errno, e.strerror or str(e), os.fspath(target)) from None
+                raise
         logger.info("saved %s run to %s", self.method, target)
         return target
 
@@ -327,16 +327,17 @@ def check_run_target(path: Union[str, os.PathLike], *, overwrite: bool = False) 
         other = _foreign_contents(target)
         if other:
             raise ValueError(
-                f"{target} holds {other}, not a coopkit run; save to another folder, or pass "
+                f"{target} is not a coopkit run (it holds {other}); save to another folder, or pass "
                 "overwrite=True (--overwrite) to replace the folder and everything in it"
             )
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.coopkit-probe-", dir=target.parent))
+        probe_beside(target)
     except OSError as e:
+        where = os.fspath(target.parent) if e.filename is None or Path(e.filename).parent == target.parent \
+            else e.filename  # the folder that could not be written, not the probe's name
         if isinstance(e, PermissionError) or e.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise ValueError(f"cannot save a run to {target}: {e.strerror or e}: {e.filename or target.parent}") from None
+            raise OSError(e.errno, e.strerror, where) from None  # the environment (exit 1)
+        raise ValueError(f"cannot save a run to {target}: {e.strerror or e}: {where}") from None
     return target
 
 
@@ -442,18 +443,16 @@ def load(
         raise ValueError(f"{cfg_path} is corrupt: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_path} is corrupt: expected a JSON object, got {type(raw).__name__}")
-    blob = None
     ctx_path = folder / CTX_FILE
-    if raw.get("method") == "coop":
-        if not ctx_path.is_file():
-            raise FileNotFoundError(f"{folder} is a CoOp run without {CTX_FILE}")
-        blob = ctx_path.read_bytes()
+    blob = ctx_path.read_bytes() if ctx_path.is_file() else None
+    if raw.get("method") == "coop" and blob is None:
+        raise FileNotFoundError(f"{folder} is a CoOp run without {CTX_FILE}")
     _check_checksums(raw, blob, folder)
     try:
         config = RunConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{cfg_path}: {e}") from None
-    ctx = _read_context(blob, config, ctx_path) if blob is not None else None
+    ctx = _read_context(blob, config, ctx_path) if config.method == "coop" and blob is not None else None
     if backbone is None:
         if config.model_config is not None:
             register_model_config(config.model, config.model_config)
@@ -491,8 +490,10 @@ def _check_checksums(raw: dict[str, Any], ctx: Optional[bytes], folder: Path) ->
         logger.info("%s was saved before runs recorded a checksum of %s; only %s is checked",
                     folder, CONFIG_FILE, CTX_FILE)
     elif not isinstance(recorded, str) or recorded != run_checksum(raw, ctx):
-        raise ValueError(f"{folder / CONFIG_FILE} changed after the run was saved (checksum mismatch: edited or "
-                         "corrupted); restore the saved file or save the run again")
+        config_only = ctx is None or (recorded_ctx and hashlib.sha256(ctx).hexdigest() == recorded_ctx)
+        what = CONFIG_FILE if config_only else f"{CONFIG_FILE} or {CTX_FILE}"
+        raise ValueError(f"{folder}: {what} changed after the run was saved (checksum mismatch: edited, corrupted "
+                         "or added); restore the saved files or save the run again")
 
 
 def _read_context(blob: bytes, config: RunConfig, path: Path) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .runtime.preprocess import ImageDecodeError, ImageInput, describe, load_image
+from .runtime.preprocess import ImageDecodeError, ImageInput, check_resizable, describe, load_image
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -30,6 +30,13 @@ def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.Ab
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast("cuda", dtype=dtype)
+
+
+def _check_resizable(img: Any, source: ImageInput, image_size: tuple[int, int], resize_mode: str) -> None:
+    try:
+        check_resizable(img.size, image_size, resize_mode)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{describe(source)}: {e}") from None
 
 
 def _transform_one(transform: Callable, img: Any, source: ImageInput) -> torch.Tensor:
@@ -80,6 +87,9 @@ def encode_images(
     from tqdm.auto import tqdm
 
     transform = transform or backbone.preprocess
+    # the eval transform resizes the short side to the model's size: refuse extreme strips as
+    # the runtime does, instead of building a gigapixel intermediate image
+    resize_mode = backbone.preprocess_cfg.get("resize_mode", "shortest") if transform is backbone.preprocess else None
     model = backbone.model
     kept: list[int] = []
     skipped: list[str] = []
@@ -91,6 +101,8 @@ def encode_images(
             for i in range(start, min(len(images), start + batch_size)):
                 try:
                     img = load_image(images[i])
+                    if resize_mode is not None:
+                        _check_resizable(img, images[i], backbone.image_size, resize_mode)
                     first.append(_transform_one(transform, img, images[i]))
                     decoded.append(img)
                     kept.append(i)

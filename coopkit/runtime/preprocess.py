@@ -180,11 +180,6 @@ def _keep_ratio_size(width: int, height: int, target: tuple[int, int], longest: 
 def _resize(img: Image.Image, size_wh: tuple[int, int], interpolation: str) -> Image.Image:
     if img.size == size_wh:  # torchvision returns the image untouched
         return img
-    if size_wh[0] * size_wh[1] > MAX_RESIZED_PIXELS:
-        raise ImageDecodeError(
-            f"{img.size[0]}x{img.size[1]} image: aspect ratio too extreme (resizing it for the model would make a "
-            f"{size_wh[0]}x{size_wh[1]} image, more than {MAX_RESIZED_PIXELS} pixels)"
-        )
     return img.resize(size_wh, _FILTERS[interpolation])
 
 
@@ -206,6 +201,30 @@ def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> I
     top = int(round((height - crop_h) / 2.0))
     left = int(round((width - crop_w) / 2.0))
     return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def resized_size(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> tuple[int, int]:
+    """``(width, height)`` of an image of ``size_wh`` after the resize step of :func:`resize_and_crop`."""
+    width, height = size_wh
+    target = (int(image_size[0]), int(image_size[1]))  # (h, w)
+    if resize_mode == "squash":
+        return target[1], target[0]
+    if resize_mode == "longest":
+        return _keep_ratio_size(width, height, target, longest=1.0)
+    if target[0] == target[1]:
+        return _shortest_edge_size(width, height, target[0])
+    return _keep_ratio_size(width, height, target, longest=0.0)
+
+
+def check_resizable(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> None:
+    """Refuse (:class:`ImageDecodeError`) an image so elongated that resizing its short side to
+    the model's size would exceed :data:`MAX_RESIZED_PIXELS`."""
+    w, h = resized_size(size_wh, image_size, resize_mode)
+    if w * h > MAX_RESIZED_PIXELS:
+        raise ImageDecodeError(
+            f"{size_wh[0]}x{size_wh[1]} image: aspect ratio too extreme (resizing it for the model would make a "
+            f"{w}x{h} image, more than {MAX_RESIZED_PIXELS} pixels)"
+        )
 
 
 def resize_and_crop(
@@ -239,19 +258,20 @@ def resize_and_crop(
     target = (int(image_size[0]), int(image_size[1]))  # (h, w)
     if img.mode != "RGB":
         img = _to_rgb(img)
-    width, height = img.size
+    check_resizable(img.size, target, resize_mode)
+    size = resized_size(img.size, target, resize_mode)
     if resize_mode == "squash":
-        img = _resize(img, (target[1], target[0]), interpolation)
+        img = _resize(img, size, interpolation)
     elif resize_mode == "longest":
-        img = _resize(img, _keep_ratio_size(width, height, target, longest=1.0), interpolation)
+        img = _resize(img, size, interpolation)
         img = _center_crop_or_pad(img, target, fill_color)
     elif target[0] == target[1]:
-        img = _resize(img, _shortest_edge_size(width, height, target[0]), interpolation)
+        img = _resize(img, size, interpolation)
         img = _center_crop_or_pad(img, target, 0)
     else:
         # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation,
         # so non-square "shortest" models always resize bicubic; mirrored on purpose.
-        img = _resize(img, _keep_ratio_size(width, height, target, longest=0.0), "bicubic")
+        img = _resize(img, size, "bicubic")
         img = _center_crop_or_pad(img, target, 0)
     arr = np.asarray(img, dtype=np.uint8)
     assert arr.shape == (target[0], target[1], 3), arr.shape
