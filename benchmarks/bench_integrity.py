@@ -43,6 +43,19 @@ def _export_vit(folder: Path, n_classes: int) -> Path:
     return path
 
 
+def _cpu() -> str:
+    """The CPU model and the vector / hash instruction sets that decide these timings."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    sets = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"),
+                                    ("sha_ni", "SHA-NI")) if flag in flags]
+    return f"{model} ({', '.join(sets)})"
+
+
 def _uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median
         base = med(plain) - med(weights)  # the open without any check
         print(f"\nfile: {path.name}, {size / 1e6:.1f} MB, {len(clf.classnames)} classes; cpu: "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} onnxruntime "
+              f"{_cpu()}, {os.cpu_count()} cores, {args.threads} onnxruntime "
               f"threads; medians of {args.rounds} interleaved rounds\n")
         print("| step | time | share of opening without checks |")
         print("|---|---|---|")
