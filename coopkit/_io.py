@@ -124,8 +124,10 @@ def _owner_alive(path: Path) -> bool:
         pid = int(path.name.rsplit("-", 2)[-2])
     except (ValueError, IndexError):
         return False
-    if pid == os.getpid():
-        return False
+    if pid == os.getpid():  # another thread of this process may be writing it
+        return True
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: assume it runs
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +143,7 @@ def _exchange_function() -> Optional[Callable[[bytes, bytes], int]]:
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
+    except (OSError, TypeError):  # no C library to look into (Windows)
         return None
     if hasattr(libc, "renameat2"):
         fn = libc.renameat2
@@ -171,7 +173,7 @@ def exchange(a: PathLike, b: PathLike) -> bool:
     if fn(os.fsencode(a), os.fsencode(b)) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+    if err in {getattr(errno, name, None) for name in ("EINVAL", "ENOSYS", "ENOTSUP", "EOPNOTSUPP", "EXDEV")}:
         return False
     raise OSError(err, os.strerror(err), os.fspath(b))
 
