@@ -9,10 +9,10 @@ A saved run is a folder with ``config.json`` (:class:`coopkit.config.RunConfig`)
 CoOp, ``ctx.safetensors`` holding only the learned context. Loading uses no pickle.
 
 What a run promises: a save replaces the folder in one atomic step (written beside it, then
-swapped in), so a crash, a full disk or Ctrl-C leaves the previous run loadable byte for byte;
-``config.json`` records a sha256 over the whole run (the config itself and the context file),
-checked on load together with the meaning of every field; a folder that holds anything but a
-run is never saved over unless asked (``overwrite=True``).
+swapped in), so a crash or a full disk leaves the previous run loadable byte for byte (Ctrl-C
+lets the save finish first); ``config.json`` records a sha256 over the whole run (the config
+itself and the context file), checked on load together with the meaning of every field; a
+folder that holds anything but a run is never saved over unless asked (``overwrite=True``).
 """
 
 from __future__ import annotations

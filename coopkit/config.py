@@ -306,8 +306,9 @@ class RunConfig(ConfigMixin):
         self.classnames = check_classnames(self.classnames)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be an open_clip model name, got {self.model!r}")
-        if self.pretrained is not None and not isinstance(self.pretrained, str):
-            raise ValueError(f"pretrained must be a tag, a checkpoint path or null, got {self.pretrained!r}")
+        for name in ("pretrained", "tokenizer", "text_model"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
         for name in ("backbone_sha256", "ctx_sha256", "coopkit_version", "run_sha256"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")

@@ -312,6 +312,10 @@ def test_save_refuses_a_folder_that_is_not_a_run(coop, image_folder, tmp_path):
     res = CliRunner().invoke(main, ["fit", str(image_folder / "train"), "--out", str(project),
                                     "--model", "no-such-model"])
     _one_line_error(res, 2, "other files (notes.txt)")  # before the (bad) model is looked at
+    res = CliRunner().invoke(main, ["fit", str(image_folder / "train"), "--out", str(project), "--overwrite",
+                                    "--model", "no-such-model"])
+    _one_line_error(res, 2, "unknown model 'no-such-model'")  # --overwrite lets it past the folder check
+    assert (project / "notes.txt").exists()  # and nothing is touched until a run is saved
     coop.save(project, overwrite=True)
     assert sorted(os.listdir(project)) == [CONFIG_FILE, CTX_FILE]
     coop.save(project)  # a run is replaced without asking
@@ -529,6 +533,22 @@ def test_runtime_detects_flipped_bytes_in_the_weights(coop, exported, tmp_path):
     unchecked = RuntimeClassifier(path, device="cpu", check_tensors=False)  # the documented opt-out
     crops = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     assert not np.allclose(unchecked.logits(crops), clean.logits(crops), atol=1e-3)  # why it matters
+
+
+def test_runtime_checks_tensors_kept_in_an_external_data_file(coop, tmp_path):
+    from coopkit.exporters import export_onnx
+
+    res = export_onnx(coop, tmp_path / "big.onnx", "fp32", size_threshold=0, n_verify=2)
+    assert res.external_data
+    crops = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(RuntimeClassifier(res.path, device="cpu").logits(crops), coop.logits(list(crops)),
+                               atol=1e-4)  # the class weights were found and hashed in big.onnx.data
+    data = tmp_path / "big.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x01  # one bit
+    data.write_bytes(bytes(blob))
+    with pytest.raises(MetadataError, match="the stored tensors do not match"):
+        RuntimeClassifier(res.path, device="cpu")
 
 
 def test_runtime_detects_a_damaged_text_graph(exported, tmp_path):
