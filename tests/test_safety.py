@@ -551,6 +551,31 @@ def test_runtime_checks_tensors_kept_in_an_external_data_file(coop, tmp_path):
         RuntimeClassifier(res.path, device="cpu")
 
 
+@pytest.mark.parametrize("shape,transposed", [((3, 5), False), ((5, 3), True), ((4, 4), True), ((4, 4), False)])
+def test_class_weight_reader_finds_the_matrix_either_way_round(tmp_path, shape, transposed):
+    """The protobuf reader against the onnx package: a (n_classes, embed_dim) matrix stored as
+    it is or transposed (as the exporter stores ``x W^T``), square ones included, among other tensors."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from coopkit.runtime.integrity import class_weights_sha256, tensors_sha256
+
+    n_classes, embed_dim = (shape[1], shape[0]) if transposed else shape
+    w = np.random.default_rng(0).normal(size=(n_classes, embed_dim)).astype(np.float32)
+    stored = w.T.copy() if transposed else w
+    inits = [numpy_helper.from_array(np.ones((7,), np.float32), "other"), numpy_helper.from_array(stored, "w")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert hashlib.sha256(w.tobytes()).hexdigest() in class_weights_sha256(path, n_classes, embed_dim)
+    expected = hashlib.sha256(b"coopkit tensors v1\n")
+    for init in onnx.load(str(path)).graph.initializer:
+        expected.update(init.SerializeToString())
+    assert tensors_sha256(path) == expected.hexdigest()
+
+
 def test_runtime_detects_a_damaged_text_graph(exported, tmp_path):
     import onnx
 

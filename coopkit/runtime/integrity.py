@@ -183,9 +183,9 @@ def class_weights_sha256(path: Union[str, os.PathLike], n_classes: int, embed_di
             if values.size != n_classes * embed_dim:
                 continue
             matrix = values.reshape(t.dims)
-            if t.dims != (n_classes, embed_dim):
-                matrix = matrix.T
-            digests.append(hashlib.sha256(np.ascontiguousarray(matrix, dtype=np.float32).tobytes()).hexdigest())
+            readings = ([matrix] if t.dims == (n_classes, embed_dim) else []) + \
+                ([matrix.T] if t.dims == (embed_dim, n_classes) else [])  # both when square
+            digests += [hashlib.sha256(np.ascontiguousarray(m, dtype=np.float32).tobytes()).hexdigest() for m in readings]
     return digests
 
 
