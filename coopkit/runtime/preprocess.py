@@ -10,7 +10,7 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -141,15 +141,56 @@ _FILTERS = {
 }
 
 
-def _shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision ``Resize(int)``: short edge -> ``size``, long edge truncated. Returns ``(w, h)``."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
+class ResizePlan(NamedTuple):
+    """How open_clip's eval transform resizes an image for one preprocessing config.
+
+    Attributes:
+        rule: How the resized size follows from the image's size (see :func:`resized_size`):
+            ``exact`` (stretch to the target), ``shortest_edge`` (torchvision ``Resize(int)``:
+            short side to the target, long side truncated), ``keep_ratio_shortest`` or
+            ``keep_ratio_longest`` (open_clip ``ResizeKeepRatio``: the short or the long side
+            fits, both sides rounded).
+        interpolation: The filter really used (``bicubic``, ``bilinear`` or ``nearest``).
+        fill: Grey level of the centre crop-or-pad that follows, or ``None`` (no crop).
+    """
+
+    rule: str
+    interpolation: str
+    fill: Optional[int]
 
 
-def _keep_ratio_size(width: int, height: int, target: tuple[int, int], longest: float) -> tuple[int, int]:
-    """open_clip ``ResizeKeepRatio.get_params`` (no random scaling). Returns ``(w, h)``."""
+def resize_plan(image_size: tuple[int, int], resize_mode: str, interpolation: str, fill_color: int = 0) -> ResizePlan:
+    """The steps of open_clip's ``image_transform(image_size, is_train=False, ...)`` up to ``ToTensor``.
+
+    The one statement of the rule: :func:`resize_and_crop` follows it with Pillow, and the raw-input
+    export (:mod:`coopkit.exporters.preprocess`) builds the same steps into the ONNX graph.
+    """
+    if resize_mode not in ("shortest", "longest", "squash"):
+        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
+    if interpolation not in _FILTERS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_FILTERS)}")
+    if resize_mode == "squash":
+        return ResizePlan("exact", interpolation, None)
+    if resize_mode == "longest":
+        return ResizePlan("keep_ratio_longest", interpolation, int(fill_color))
+    if image_size[0] == image_size[1]:
+        return ResizePlan("shortest_edge", interpolation, 0)
+    # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation, so
+    # non-square "shortest" models always resize bicubic; mirrored on purpose.
+    return ResizePlan("keep_ratio_shortest", "bicubic", 0)
+
+
+def resized_size(rule: str, width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The ``(w, h)`` an image of ``width`` x ``height`` is resized to under ``rule`` (target ``(h, w)``)."""
+    if rule == "exact":
+        return target[1], target[0]
+    if rule == "shortest_edge":  # torchvision Resize(int): short edge -> size, long edge truncated
+        size = target[0]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size, int(size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    # open_clip ResizeKeepRatio.get_params (no random scaling)
+    longest = {"keep_ratio_longest": 1.0, "keep_ratio_shortest": 0.0}[rule]
     ratio_h, ratio_w = height / target[0], width / target[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
     new_h, new_w = (round(x * 1.0 / ratio) for x in (height, width))  # Python round, as open_clip
@@ -202,27 +243,13 @@ def resize_and_crop(
     Returns:
         A contiguous uint8 array ``(height, width, 3)``.
     """
-    if resize_mode not in ("shortest", "longest", "squash"):
-        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
-    if interpolation not in _FILTERS:
-        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_FILTERS)}")
     target = (int(image_size[0]), int(image_size[1]))  # (h, w)
+    plan = resize_plan(target, resize_mode, interpolation, fill_color)
     if img.mode != "RGB":
         img = _to_rgb(img)
-    width, height = img.size
-    if resize_mode == "squash":
-        img = _resize(img, (target[1], target[0]), interpolation)
-    elif resize_mode == "longest":
-        img = _resize(img, _keep_ratio_size(width, height, target, longest=1.0), interpolation)
-        img = _center_crop_or_pad(img, target, fill_color)
-    elif target[0] == target[1]:
-        img = _resize(img, _shortest_edge_size(width, height, target[0]), interpolation)
-        img = _center_crop_or_pad(img, target, 0)
-    else:
-        # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation,
-        # so non-square "shortest" models always resize bicubic; mirrored on purpose.
-        img = _resize(img, _keep_ratio_size(width, height, target, longest=0.0), "bicubic")
-        img = _center_crop_or_pad(img, target, 0)
+    img = _resize(img, resized_size(plan.rule, img.size[0], img.size[1], target), plan.interpolation)
+    if plan.fill is not None:
+        img = _center_crop_or_pad(img, target, plan.fill)
     arr = np.asarray(img, dtype=np.uint8)
     assert arr.shape == (target[0], target[1], 3), arr.shape
     return np.ascontiguousarray(arr)
