@@ -272,3 +272,18 @@ def preprocess(
     """
     img = load_image(source, max_pixels=max_pixels)
     return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+
+
+def decode(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image with :func:`load_image` to a uint8 ``(H, W, 3)`` RGB array, at full size.
+
+    What a raw-input file receives (it resizes and crops in its graph).
+
+    Raises:
+        ImageDecodeError: as :func:`load_image`, and for an image without pixels.
+        FileNotFoundError: a path that does not exist.
+    """
+    img = load_image(source, max_pixels=max_pixels)
+    if img.size[0] * img.size[1] == 0:
+        raise ImageDecodeError(f"{describe(source)}: empty image ({img.size[0]}x{img.size[1]} pixels)")
+    return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
