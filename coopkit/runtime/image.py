@@ -140,6 +140,24 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def resizes_in_graph(metadata: ModelMetadata, provider: str, name: str = "") -> bool:
+    """Whether decoded images go to the graph as they are (a raw-input file on a provider whose
+    resize is right), or Pillow crops them first (cropped files, and raw-input files whose filter
+    is in :data:`CUDA_WRONG_RESIZE` on CUDA or TensorRT; a warning says so, naming ``name``)."""
+    m = metadata
+    if m.input_kind != INPUT_RAW:
+        return False
+    interpolation = resize_plan(m.image_size, m.resize_mode, m.interpolation, m.fill_color).interpolation
+    if provider in (CUDA, TENSORRT) and interpolation in CUDA_WRONG_RESIZE:
+        logger.warning(
+            "%s: onnxruntime's CUDA resize is wrong for %s with antialias (onnxruntime issue 25264); this "
+            "raw-input file gets its images cropped by Pillow on the CPU, the model still runs on CUDA",
+            name or "raw-input file", interpolation,
+        )
+        return False
+    return True
+
+
 #: Prepared images: a uint8 batch ``(n, H, W, 3)``, or decoded images of any sizes (raw input).
 Batch = Union[np.ndarray, list[np.ndarray]]
 
@@ -201,7 +219,7 @@ class Classifier:
         self._head = _Head(tuple(self.metadata.classnames))
         self.provider: str = self.session.get_providers()[0]
         self._use_io_binding = self.provider in (CUDA, TENSORRT)
-        self._feed_raw = self._raw_input_runs_in_graph()
+        self._feed_raw = resizes_in_graph(self.metadata, self.provider, self.path.name)
         out_dim = {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
         self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
         logger.info("loaded %s (%d classes) on %s", self.path, len(self._head.classnames), self.provider)
@@ -215,22 +233,6 @@ class Classifier:
             return ModelMetadata.from_props(props)
         except MetadataError as e:
             raise MetadataError(f"{path}: {e}") from None
-
-    def _raw_input_runs_in_graph(self) -> bool:
-        """Whether decoded images go to the graph as they are (a raw-input file on a provider
-        whose resize is right), or Pillow crops them first (cropped files; CUDA's cubic resize)."""
-        m = self.metadata
-        if m.input_kind != INPUT_RAW:
-            return False
-        interpolation = resize_plan(m.image_size, m.resize_mode, m.interpolation, m.fill_color).interpolation
-        if self.provider in (CUDA, TENSORRT) and interpolation in CUDA_WRONG_RESIZE:
-            logger.warning(
-                "%s: onnxruntime's CUDA resize is wrong for %s with antialias (onnxruntime issue 25264); "
-                "this raw-input file gets its images cropped by Pillow on the CPU, the model still runs on CUDA",
-                self.path.name, interpolation,
-            )
-            return False
-        return True
 
     def _check_graph(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
