@@ -247,7 +247,7 @@ def test_bad_inputs_are_converted_or_refused_per_image(raw_run: dict[str, Any], 
 def test_cuda_safeguard_and_the_pillow_fallback_path(raw_run: dict[str, Any], caplog: Any) -> None:
     clf = Classifier(raw_run["path"], device="cpu")
     meta = clf.metadata
-    assert clf.provider == CPU and clf.input_kind == "raw" and resizes_in_graph(meta, CPU)
+    assert clf.provider == CPU and clf.input_kind == "raw" and clf.resizes_in_graph and resizes_in_graph(meta, CPU)
     with caplog.at_level(logging.WARNING, logger="coopkit"):
         assert not resizes_in_graph(meta, CUDA, "model.onnx")  # cubic + antialias: onnxruntime issue 25264
     assert "25264" in caplog.text and len(caplog.records) == 1
@@ -280,3 +280,19 @@ def test_metadata_input_kind() -> None:
     assert ModelMetadata.from_json(old).input_kind == "cropped"  # files written before the field
     with pytest.raises(MetadataError, match="input_kind"):
         ModelMetadata(["a"], (32, 32), input_kind="decoded")
+
+
+def test_gpu_check_section_dry_run_on_the_cpu(raw_run: dict[str, Any], monkeypatch: Any, capsys: Any) -> None:
+    """benchmarks/gpu_check_rawgraph.py, with every CUDA step on the CPU (fewer modes and sizes)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check_rawgraph.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_rawgraph", script)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    monkeypatch.setattr(module, "MODES", module.MODES[:2])
+    monkeypatch.setattr(module, "SIZES", [(60, 80), (7, 5), (1, 300)])
+    assert module.main(["--device", "cpu", "--no-export", "--model", str(raw_run["path"])]) == 0
+    out = capsys.readouterr().out
+    assert "| graph shortest/bicubic 224x224 | CPU | CPU | 0 levels |" in out
+    assert "model.onnx runtime (in graph)" in out and "agrees with the CPU on all 1 files" in out

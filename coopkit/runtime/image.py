@@ -271,6 +271,13 @@ class Classifier:
         return self.metadata.input_kind
 
     @property
+    def resizes_in_graph(self) -> bool:
+        """True when decoded images go to the graph, which resizes and crops them (a raw-input
+        file, except on CUDA for the filters in :data:`CUDA_WRONG_RESIZE`); False when Pillow
+        crops them first."""
+        return self._feed_raw
+
+    @property
     def device(self) -> str:
         """``cuda`` or ``cpu``: where the graph really runs."""
         return "cpu" if self.provider == CPU else "cuda"

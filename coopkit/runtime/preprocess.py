@@ -283,6 +283,13 @@ def decode(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         ImageDecodeError: as :func:`load_image`, and for an image without pixels.
         FileNotFoundError: a path that does not exist.
     """
+    if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3:
+        h, w = source.shape[:2]  # already RGB: used as it is, without a copy through Pillow
+        if h * w == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image ({w}x{h} pixels)")
+        if h * w > max_pixels:
+            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        return np.ascontiguousarray(source)
     img = load_image(source, max_pixels=max_pixels)
     if img.size[0] * img.size[1] == 0:
         raise ImageDecodeError(f"{describe(source)}: empty image ({img.size[0]}x{img.size[1]} pixels)")
