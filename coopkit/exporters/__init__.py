@@ -9,6 +9,8 @@ Layers, each importing only those above it in this list:
 
 * :mod:`~coopkit.exporters.io`: output checks, metadata, external data, the checker, moving
   files into place;
+* :mod:`~coopkit.exporters.preprocess`: open_clip's resize and crop as an ONNX graph, put in
+  front of the image graph of a raw-input file (no torch);
 * :mod:`~coopkit.exporters.trace` and :mod:`~coopkit.exporters.graphs`: the torch modules
   that are traced and the tracing itself;
 * :mod:`~coopkit.exporters.verify`: public checks of a written file against PyTorch;
