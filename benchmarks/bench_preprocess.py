@@ -37,13 +37,9 @@ SETTINGS = {"image_size": (224, 224), "resize_mode": "shortest", "interpolation"
 
 
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A photo-like uint8 image: smooth colour fields, an edge and grain."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    field = np.stack([128 + 100 * np.sin(7 * xx / w), 128 + 100 * np.cos(5 * yy / h),
-                      np.where(xx / w + yy / h > 1, 220.0, 30.0)], axis=-1)  # (h, w, 3)
-    field += rng.normal(0, 12, field.shape).astype(np.float32)
-    return np.clip(field, 0, 255).astype(np.uint8)
+    from coopkit.exporters.verify import synthetic_image
+
+    return synthetic_image(h, w, seed, photo=True)
 
 
 def _methods(threads: int) -> dict[str, Any]:

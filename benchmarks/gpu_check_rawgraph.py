@@ -51,13 +51,9 @@ SIZES = [(480, 640), (3000, 4000), (99, 640), (640, 99), (7, 5), (100, 150), (22
 
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    if seed % 2 == 0:
-        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    field = np.stack([128 + 100 * np.sin(7 * xx / w), 128 + 100 * np.cos(5 * yy / h),
-                      np.where(xx / w + yy / h > 1, 220.0, 30.0)], axis=-1)  # (h, w, 3)
-    return np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+    from coopkit.exporters.verify import synthetic_image
+
+    return synthetic_image(h, w, seed, photo=seed % 2 == 1)
 
 
 def _providers(device: str) -> list[str]:

@@ -25,7 +25,7 @@ import coopkit
 from coopkit.cli import main
 from coopkit.exporters import export_onnx
 from coopkit.exporters.preprocess import RAW_INPUT_OPSET, preprocess_model
-from coopkit.exporters.verify import RAW_LOGIT_TOLERANCE, RAW_PIXEL_TOLERANCE
+from coopkit.exporters.verify import RAW_LOGIT_TOLERANCE, RAW_PIXEL_TOLERANCE, synthetic_image
 from coopkit.runtime import Classifier
 from coopkit.runtime.contract import INPUT_NAME, MetadataError, ModelMetadata
 from coopkit.runtime.image import resizes_in_graph
@@ -40,14 +40,8 @@ CLASSES = ["red", "green", "blue", "yellow"]
 
 
 def _image(h: int, w: int, seed: int) -> np.ndarray:
-    """Uniform noise (even seeds: the worst case for resampling) or a smooth field with an edge."""
-    rng = np.random.default_rng(seed)
-    if seed % 2 == 0:
-        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    field = np.stack([128 + 100 * np.sin(5 * xx / w), 128 + 100 * np.cos(3 * yy / h),
-                      np.where(xx / w + yy / h > 1, 220.0, 30.0)], axis=-1)  # (h, w, 3)
-    return np.clip(field + rng.normal(0, 10, field.shape), 0, 255).astype(np.uint8)
+    """Uniform noise (even seeds: the worst case for resampling) or a photo-like field with an edge."""
+    return synthetic_image(h, w, seed, photo=seed % 2 == 1)
 
 
 SIZES = [(1, 1), (2, 3), (7, 5), (33, 47), (99, 640), (640, 99), (1, 300), (300, 1), (223, 225), (68, 15),
@@ -244,13 +238,11 @@ def test_bad_inputs_are_converted_or_refused_per_image(raw_run: dict[str, Any], 
     np.testing.assert_allclose(clf.logits([jpeg]), clf.logits([upright]), atol=1e-6)
 
 
-def test_cuda_safeguard_and_the_pillow_fallback_path(raw_run: dict[str, Any], caplog: Any) -> None:
+def test_cuda_safeguard_and_the_pillow_fallback_path(raw_run: dict[str, Any]) -> None:
     clf = Classifier(raw_run["path"], device="cpu")
     meta = clf.metadata
     assert clf.provider == CPU and clf.input_kind == "raw" and clf.resizes_in_graph and resizes_in_graph(meta, CPU)
-    with caplog.at_level(logging.WARNING, logger="coopkit"):
-        assert not resizes_in_graph(meta, CUDA, "model.onnx")  # cubic + antialias: onnxruntime issue 25264
-    assert "25264" in caplog.text and len(caplog.records) == 1
+    assert not resizes_in_graph(meta, CUDA)  # cubic + antialias: onnxruntime issue 25264
     assert resizes_in_graph(dataclasses.replace(meta, interpolation="bilinear"), CUDA)
     assert not resizes_in_graph(dataclasses.replace(meta, input_kind="cropped"), CPU)
     # the fallback feeds Pillow's crops to the raw graph: the same answers as resizing in the graph
@@ -296,3 +288,13 @@ def test_gpu_check_section_dry_run_on_the_cpu(raw_run: dict[str, Any], monkeypat
     out = capsys.readouterr().out
     assert "| graph shortest/bicubic 224x224 | CPU | CPU | 0 levels |" in out
     assert "model.onnx runtime (in graph)" in out and "agrees with the CPU on all 1 files" in out
+
+
+def test_triton_repository_of_a_raw_file(raw_run: dict[str, Any], tmp_path: Path, caplog: Any) -> None:
+    from coopkit.exporters import write_triton_repository
+
+    with caplog.at_level(logging.WARNING, logger="coopkit"):
+        folder = write_triton_repository(raw_run["path"], tmp_path / "repo")
+    config = (folder / "config.pbtxt").read_text()
+    assert "dims: [ -1, -1, 3 ]" in config  # any height and width
+    assert "kind: KIND_CPU" in config and "25264" in caplog.text  # bicubic: CUDA's resize is wrong

@@ -276,13 +276,26 @@ def verification_data(data: Any, classifier: "Classifier", meta: ModelMetadata) 
     return np.stack(arrays), labels  # (n, H, W, 3)
 
 
+def synthetic_image(h: int, w: int, seed: int, photo: bool = False) -> np.ndarray:
+    """A uint8 RGB image ``(h, w, 3)``: uniform noise (the worst case for resampling), or with
+    ``photo`` smooth colour fields with one sharp edge and grain."""
+    rng = np.random.default_rng(seed)
+    if not photo:
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a, b = rng.uniform(1.0, 9.0, 2)
+    field = np.stack([128 + 100 * np.sin(a * xx / w * np.pi), 128 + 100 * np.cos(b * yy / h * np.pi),
+                      np.where((xx / w + yy / h) > 1.0, 230.0, 25.0)], axis=-1)  # (h, w, 3)
+    return np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+
+
 def raw_test_images(image_size: tuple[int, int], n_random: int = 16, seed: int = 0) -> list[np.ndarray]:
     """Decoded uint8 RGB images ``(H, W, 3)`` of many sizes for verifying a raw-input graph.
 
     Tiny (1x1, 2x3, 5x7), odd sizes around and at the model's size, extreme aspect ratios
     (1x300, 1000x3, 20x2000), two large photos (2000x1333, 4000x3000) and ``n_random`` sizes
     drawn log-uniformly from 8 to 1200 pixels a side; contents alternate between uniform noise
-    (the worst case for resampling) and smooth colour fields with edges and grain.
+    and photo-like fields (:func:`synthetic_image`).
     """
     rng = np.random.default_rng(seed)
     h, w = image_size
@@ -290,17 +303,7 @@ def raw_test_images(image_size: tuple[int, int], n_random: int = 16, seed: int =
              (h, w), (h + 1, w), (h - 1 or 1, w + 1), (2 * h + 1, 2 * w - 1 or 1),
              (1, 300), (300, 1), (3, 1000), (1000, 3), (20, 2000), (1333, 2000), (3000, 4000)]
     sizes += [tuple(int(x) for x in np.exp(rng.uniform(np.log(8), np.log(1200), 2))) for _ in range(n_random)]
-    images = []
-    for i, (hh, ww) in enumerate(sizes):
-        if i % 2 == 0:
-            images.append(rng.integers(0, 256, (hh, ww, 3), dtype=np.uint8))
-            continue
-        yy, xx = np.mgrid[0:hh, 0:ww].astype(np.float32)
-        a, b = rng.uniform(1.0, 9.0, 2)
-        field = np.stack([128 + 100 * np.sin(a * xx / ww * np.pi), 128 + 100 * np.cos(b * yy / hh * np.pi),
-                          np.where((xx / ww + yy / hh) > 1.0, 230.0, 25.0)], axis=-1)  # (hh, ww, 3), one sharp edge
-        images.append(np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8))
-    return images
+    return [synthetic_image(hh, ww, seed * 1000 + i, photo=i % 2 == 1) for i, (hh, ww) in enumerate(sizes)]
 
 
 def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Sequence[np.ndarray],

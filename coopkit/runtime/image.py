@@ -140,22 +140,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def resizes_in_graph(metadata: ModelMetadata, provider: str, name: str = "") -> bool:
+def resizes_in_graph(metadata: ModelMetadata, provider: str) -> bool:
     """Whether decoded images go to the graph as they are (a raw-input file on a provider whose
     resize is right), or Pillow crops them first (cropped files, and raw-input files whose filter
-    is in :data:`CUDA_WRONG_RESIZE` on CUDA or TensorRT; a warning says so, naming ``name``)."""
+    is in :data:`CUDA_WRONG_RESIZE` on CUDA or TensorRT)."""
     m = metadata
     if m.input_kind != INPUT_RAW:
         return False
     interpolation = resize_plan(m.image_size, m.resize_mode, m.interpolation, m.fill_color).interpolation
-    if provider in (CUDA, TENSORRT) and interpolation in CUDA_WRONG_RESIZE:
-        logger.warning(
-            "%s: onnxruntime's CUDA resize is wrong for %s with antialias (onnxruntime issue 25264); this "
-            "raw-input file gets its images cropped by Pillow on the CPU, the model still runs on CUDA",
-            name or "raw-input file", interpolation,
-        )
-        return False
-    return True
+    return not (provider in (CUDA, TENSORRT) and interpolation in CUDA_WRONG_RESIZE)
 
 
 #: Prepared images: a uint8 batch ``(n, H, W, 3)``, or decoded images of any sizes (raw input).
@@ -219,7 +212,13 @@ class Classifier:
         self._head = _Head(tuple(self.metadata.classnames))
         self.provider: str = self.session.get_providers()[0]
         self._use_io_binding = self.provider in (CUDA, TENSORRT)
-        self._feed_raw = resizes_in_graph(self.metadata, self.provider, self.path.name)
+        self._feed_raw = resizes_in_graph(self.metadata, self.provider)
+        if self.metadata.input_kind == INPUT_RAW and not self._feed_raw:
+            logger.warning(
+                "%s: onnxruntime's CUDA kernel for this file's antialiased resize is wrong (onnxruntime issue "
+                "25264); Pillow crops this raw-input file's images on the CPU, the model still runs on CUDA",
+                self.path.name,
+            )
         out_dim = {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
         self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
         logger.info("loaded %s (%d classes) on %s", self.path, len(self._head.classnames), self.provider)
