@@ -224,9 +224,11 @@ def test_bad_inputs_are_converted_or_refused_per_image(raw_run: dict[str, Any], 
     as_rgb = [np.stack([grey] * 3, axis=-1), rgb]  # what the runtime converts them to
     np.testing.assert_allclose(clf.logits([grey, rgba]), clf.logits(as_rgb), atol=1e-6)
     huge = np.zeros((500, 500, 3), np.uint8)  # 250 000 pixels > max_pixels
-    results = clf.predict([rgb, np.zeros((0, 10, 3), np.uint8), huge, rgb[:, :0]], errors="skip")
-    assert [r.ok for r in results] == [True, False, False, False]
+    strip = np.zeros((2, 40_000, 3), np.uint8)  # 80 000 pixels, but 32 x 640 000 once resized
+    results = clf.predict([rgb, np.zeros((0, 10, 3), np.uint8), huge, rgb[:, :0], strip], errors="skip")
+    assert [r.ok for r in results] == [True, False, False, False, False]
     assert "empty image" in results[1].error and "more than 200000 pixels" in results[2].error
+    assert "aspect ratio too extreme" in results[4].error and "(2, 40000, 3)" in results[4].error
     with pytest.raises(ImageDecodeError, match="empty image"):
         clf.predict([rgb, np.zeros((4, 0, 3), np.uint8)])
     jpeg = tmp_path / "rotated.jpg"  # EXIF orientation applied before the graph, as for cropped files

@@ -293,7 +293,9 @@ class Classifier:
     def _prepare_one(self, source: ImageInput) -> np.ndarray:
         """What the graph receives for one image: the decoded image (raw input) or its crop."""
         if self._feed_raw:
-            return decode(source, max_pixels=self.max_pixels)  # (H, W, 3), any size
+            m = self.metadata
+            return decode(source, max_pixels=self.max_pixels, image_size=m.image_size,
+                          resize_mode=m.resize_mode)  # (H, W, 3), any size
         return self._crop_one(source)
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:

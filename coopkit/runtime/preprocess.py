@@ -19,6 +19,10 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 #: Largest image (in pixels) decoded before it is refused as a decompression bomb.
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
+#: Largest intermediate image of the resize step: the short side goes to the model's size, so a
+#: 2x40000 strip would become 224x4480000 (4 GB); such extreme aspect ratios (beyond about 1:330
+#: at 224 pixels) are refused instead, by the Pillow path and before a raw-input graph alike.
+MAX_RESIZED_PIXELS = 4096 * 4096
 
 
 class ImageDecodeError(ValueError):
@@ -159,29 +163,41 @@ class ResizePlan(NamedTuple):
     fill: Optional[int]
 
 
+def _size_rule(image_size: tuple[int, int], resize_mode: str) -> str:
+    if resize_mode not in ("shortest", "longest", "squash"):
+        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
+    if resize_mode == "squash":
+        return "exact"
+    if resize_mode == "longest":
+        return "keep_ratio_longest"
+    return "shortest_edge" if image_size[0] == image_size[1] else "keep_ratio_shortest"
+
+
 def resize_plan(image_size: tuple[int, int], resize_mode: str, interpolation: str, fill_color: int = 0) -> ResizePlan:
     """The steps of open_clip's ``image_transform(image_size, is_train=False, ...)`` up to ``ToTensor``.
 
     The one statement of the rule: :func:`resize_and_crop` follows it with Pillow, and the raw-input
     export (:mod:`coopkit.exporters.preprocess`) builds the same steps into the ONNX graph.
     """
-    if resize_mode not in ("shortest", "longest", "squash"):
-        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
+    rule = _size_rule(image_size, resize_mode)
     if interpolation not in _FILTERS:
         raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_FILTERS)}")
-    if resize_mode == "squash":
-        return ResizePlan("exact", interpolation, None)
-    if resize_mode == "longest":
-        return ResizePlan("keep_ratio_longest", interpolation, int(fill_color))
-    if image_size[0] == image_size[1]:
-        return ResizePlan("shortest_edge", interpolation, 0)
+    if rule == "exact":
+        return ResizePlan(rule, interpolation, None)
+    if rule == "keep_ratio_longest":
+        return ResizePlan(rule, interpolation, int(fill_color))
+    if rule == "shortest_edge":
+        return ResizePlan(rule, interpolation, 0)
     # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation, so
     # non-square "shortest" models always resize bicubic; mirrored on purpose.
-    return ResizePlan("keep_ratio_shortest", "bicubic", 0)
+    return ResizePlan(rule, "bicubic", 0)
 
 
-def resized_size(rule: str, width: int, height: int, target: tuple[int, int]) -> tuple[int, int]:
-    """The ``(w, h)`` an image of ``width`` x ``height`` is resized to under ``rule`` (target ``(h, w)``)."""
+def resized_size(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> tuple[int, int]:
+    """``(width, height)`` of an image of ``size_wh`` after the resize step of :func:`resize_and_crop`."""
+    width, height = size_wh
+    target = (int(image_size[0]), int(image_size[1]))  # (h, w)
+    rule = _size_rule(target, resize_mode)
     if rule == "exact":
         return target[1], target[0]
     if rule == "shortest_edge":  # torchvision Resize(int): short edge -> size, long edge truncated
@@ -190,11 +206,22 @@ def resized_size(rule: str, width: int, height: int, target: tuple[int, int]) ->
         new_short, new_long = size, int(size * long / short)
         return (new_short, new_long) if width <= height else (new_long, new_short)
     # open_clip ResizeKeepRatio.get_params (no random scaling)
-    longest = {"keep_ratio_longest": 1.0, "keep_ratio_shortest": 0.0}[rule]
+    longest = 1.0 if rule == "keep_ratio_longest" else 0.0
     ratio_h, ratio_w = height / target[0], width / target[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
     new_h, new_w = (round(x * 1.0 / ratio) for x in (height, width))  # Python round, as open_clip
     return max(1, new_w), max(1, new_h)
+
+
+def check_resizable(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> None:
+    """Refuse (:class:`ImageDecodeError`) an image so elongated that resizing it for the model would
+    exceed :data:`MAX_RESIZED_PIXELS`."""
+    w, h = resized_size(size_wh, image_size, resize_mode)
+    if w * h > MAX_RESIZED_PIXELS:
+        raise ImageDecodeError(
+            f"{size_wh[0]}x{size_wh[1]} image: aspect ratio too extreme (resizing it for the model would make a "
+            f"{w}x{h} image, more than {MAX_RESIZED_PIXELS} pixels)"
+        )
 
 
 def _resize(img: Image.Image, size_wh: tuple[int, int], interpolation: str) -> Image.Image:
@@ -242,12 +269,17 @@ def resize_and_crop(
 
     Returns:
         A contiguous uint8 array ``(height, width, 3)``.
+
+    Raises:
+        ImageDecodeError: an aspect ratio so extreme that the resized image would exceed
+            :data:`MAX_RESIZED_PIXELS`.
     """
     target = (int(image_size[0]), int(image_size[1]))  # (h, w)
     plan = resize_plan(target, resize_mode, interpolation, fill_color)
     if img.mode != "RGB":
         img = _to_rgb(img)
-    img = _resize(img, resized_size(plan.rule, img.size[0], img.size[1], target), plan.interpolation)
+    check_resizable(img.size, target, resize_mode)
+    img = _resize(img, resized_size(img.size, target, resize_mode), plan.interpolation)
     if plan.fill is not None:
         img = _center_crop_or_pad(img, target, plan.fill)
     arr = np.asarray(img, dtype=np.uint8)
@@ -271,26 +303,41 @@ def preprocess(
     ``ToTensor``/``Normalize`` (the exported graph does those), as a uint8 ``(H, W, 3)`` array.
     """
     img = load_image(source, max_pixels=max_pixels)
-    return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+    try:
+        return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{describe(source)}: {e}") from None
 
 
-def decode(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode(
+    source: ImageInput,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    image_size: Optional[tuple[int, int]] = None,
+    resize_mode: str = "shortest",
+) -> np.ndarray:
     """Decode one image with :func:`load_image` to a uint8 ``(H, W, 3)`` RGB array, at full size.
 
-    What a raw-input file receives (it resizes and crops in its graph).
+    What a raw-input file receives (it resizes and crops in its graph). With ``image_size``, an
+    image whose resize for that model would exceed :data:`MAX_RESIZED_PIXELS` is refused too.
 
     Raises:
-        ImageDecodeError: as :func:`load_image`, and for an image without pixels.
+        ImageDecodeError: as :func:`load_image`, and for an image without pixels or too elongated.
         FileNotFoundError: a path that does not exist.
     """
     if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3:
         h, w = source.shape[:2]  # already RGB: used as it is, without a copy through Pillow
-        if h * w == 0:
-            raise ImageDecodeError(f"{describe(source)}: empty image ({w}x{h} pixels)")
         if h * w > max_pixels:
             raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
-        return np.ascontiguousarray(source)
-    img = load_image(source, max_pixels=max_pixels)
-    if img.size[0] * img.size[1] == 0:
-        raise ImageDecodeError(f"{describe(source)}: empty image ({img.size[0]}x{img.size[1]} pixels)")
-    return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+        arr = np.ascontiguousarray(source)
+    else:
+        arr = np.asarray(load_image(source, max_pixels=max_pixels), dtype=np.uint8)  # (H, W, 3)
+    h, w = arr.shape[:2]
+    if h * w == 0:
+        raise ImageDecodeError(f"{describe(source)}: empty image ({w}x{h} pixels)")
+    if image_size is not None:
+        try:
+            check_resizable((w, h), image_size, resize_mode)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{describe(source)}: {e}") from None
+    return arr
