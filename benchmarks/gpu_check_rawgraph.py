@@ -6,7 +6,12 @@
 
 One section of the GPU check (``benchmarks/gpu_check.sh`` calls it; it needs the runtime,
 ``onnx`` and onnxruntime with CUDA; exporting the coopkit-tiny files also needs torch and
-open_clip, else that part is skipped with the reason). It prints one table:
+open_clip, else that part is skipped with the reason). On a bare GPU machine whose Python has
+torch, onnx and Pillow but not onnxruntime-gpu or open_clip, carry their wheels (an
+onnxruntime-gpu built for the machine's CUDA major version; open_clip_torch, ftfy, wcwidth),
+install them with ``pip install --no-index --no-deps --target /tmp/site WHEELS`` and run this
+script from the repository root with ``PYTHONPATH=/tmp/site:.``; it takes well under a minute
+there. It prints one table:
 
 1. **the preprocessing graph alone**, for every resize mode and filter open_clip uses: the crops
    onnxruntime makes on CUDA against those it makes on the CPU and against Pillow's, on images

@@ -37,6 +37,7 @@ _EXPORTS = {
     "DEFAULT_OPSET": ".trace",
     "verify_image_graph": ".verify",
     "verify_text_graph": ".verify",
+    "verify_raw_input": ".verify",
     "write_triton_repository": ".triton",
 }
 
@@ -47,6 +48,6 @@ if TYPE_CHECKING:
     from .io import EXTERNAL_DATA_THRESHOLD, ExportVerificationError, text_graph_name
     from .trace import DEFAULT_OPSET
     from .triton import write_triton_repository
-    from .verify import verify_image_graph, verify_text_graph
+    from .verify import verify_image_graph, verify_raw_input, verify_text_graph
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
