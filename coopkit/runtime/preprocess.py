@@ -267,30 +267,6 @@ def _center_crop_or_pad(img: Image.Image, size: tuple[int, int], fill: int) -> I
     return img.crop((left, top, left + crop_w, top + crop_h))
 
 
-def resized_size(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> tuple[int, int]:
-    """``(width, height)`` of an image of ``size_wh`` after the resize step of :func:`resize_and_crop`."""
-    width, height = size_wh
-    target = (int(image_size[0]), int(image_size[1]))  # (h, w)
-    if resize_mode == "squash":
-        return target[1], target[0]
-    if resize_mode == "longest":
-        return _keep_ratio_size(width, height, target, longest=1.0)
-    if target[0] == target[1]:
-        return _shortest_edge_size(width, height, target[0])
-    return _keep_ratio_size(width, height, target, longest=0.0)
-
-
-def check_resizable(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> None:
-    """Refuse (:class:`ImageDecodeError`) an image so elongated that resizing its short side to
-    the model's size would exceed :data:`MAX_RESIZED_PIXELS`."""
-    w, h = resized_size(size_wh, image_size, resize_mode)
-    if w * h > MAX_RESIZED_PIXELS:
-        raise ImageDecodeError(
-            f"{size_wh[0]}x{size_wh[1]} image: aspect ratio too extreme (resizing it for the model would make a "
-            f"{w}x{h} image, more than {MAX_RESIZED_PIXELS} pixels)"
-        )
-
-
 def resize_and_crop(
     img: Image.Image,
     image_size: tuple[int, int],
