@@ -171,8 +171,8 @@ class Classifier:
             core; ``1``: in the calling thread).
         max_pixels: Larger images are refused as decompression bombs.
         check_tensors: Check every stored tensor against the sha256 recorded at export
-            (``tensors_sha256``; reading and hashing the file took 0.6 s for a 353 MB ViT-B-32 on
-            2 loaded cores, a third of opening it).
+            (``tensors_sha256``; reading and hashing a 353 MB ViT-B-32 file took 0.3-0.6 s on 2
+            busy cores, 30-45% of opening it).
             ``False`` skips it; the class weights and the output widths are checked anyway.
 
     One instance may be shared by many threads: calls do not share mutable state.
