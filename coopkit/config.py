@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TypeVar
 
@@ -173,8 +174,9 @@ class BackboneConfig(ConfigMixin):
             raise ValueError(f"pretrained must be a tag, a checkpoint path or None, got {self.pretrained!r}")
         if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "random", ""):
             self.pretrained = None
-        if not isinstance(self.device, str) and type(self.device).__name__ != "device":
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if type(self.device).__name__ != "device" and not (
+                isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
+            raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
 
 
 @dataclass
@@ -278,6 +280,8 @@ class RunConfig(ConfigMixin):
         metrics: Final metrics (training loss and accuracy, validation accuracy if any).
         ctx_sha256: sha256 of ``ctx.safetensors``, checked on load.
         coopkit_version: Version that wrote the run.
+        run_sha256: sha256 of the whole run (this config without this field, and
+            ``ctx.safetensors``), checked on load (:func:`coopkit.classifier.run_checksum`).
     """
 
     method: str
@@ -295,10 +299,22 @@ class RunConfig(ConfigMixin):
     ctx_sha256: str = ""
     coopkit_version: str = ""
     config_version: int = CONFIG_VERSION
+    run_sha256: str = ""
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         self.classnames = check_classnames(self.classnames)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be an open_clip model name, got {self.model!r}")
+        for name in ("pretrained", "tokenizer", "text_model"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("backbone_sha256", "ctx_sha256", "coopkit_version", "run_sha256"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        _int("config_version", self.config_version, 0)
+        if self.templates is not None and not isinstance(self.templates, (list, tuple)):
+            raise ValueError(f"templates must be a list of strings or null, got {self.templates!r:.80}")
         if self.prompt is not None:
             self.prompt = PromptConfig.from_dict(self.prompt)
         if self.train is not None:

@@ -25,6 +25,7 @@ from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, apply_
 from .data import Dataset, few_shot, load_dataset
 from .features import autocast_for, encode_images
 from .prompts import PromptLearner
+from .runtime.contract import check_classnames
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def fit(
         A fitted :class:`Classifier` whose ``config.metrics`` holds the training history.
 
     Raises:
-        ValueError / FileNotFoundError: bad settings or data, before any model is loaded.
+        ValueError / FileNotFoundError: bad settings or data (fewer than two classes, duplicate or
+            blank ``classnames``), before any model is loaded.
         RuntimeError: the loss or the context became NaN or infinite (the message names the epoch).
     """
     for name, cfg, cls in (("prompt", prompt, PromptConfig), ("train", train, TrainConfig)):
@@ -119,9 +121,16 @@ def fit(
     if backbone is None:
         BackboneConfig(model=model, pretrained=pretrained, device=device, tokenizer=tokenizer,
                        text_model=text_model)  # checked before any data is read
+    if classnames is not None:
+        classnames = check_classnames(classnames, "classnames=")
     dataset = load_dataset(data, split="train", image_root=image_root)
     if classnames is not None:
         dataset = dataset.subset(classnames)
+    if len(dataset.classnames) < 2:
+        raise ValueError(
+            f"{dataset.source}: {len(dataset.classnames)} class {dataset.classnames}; CoOp learns to tell classes "
+            "apart and needs at least two (with one, the loss is 0 and nothing is learned)"
+        )
     val_data = load_dataset(val, split="val", image_root=image_root) if val is not None else None
     bb = backbone or load_backbone(model, pretrained, device, tokenizer, text_model)
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
 import click
@@ -12,10 +13,20 @@ from ..exporters.trace import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..runtime.contract import PRECISIONS
 from .base import command, pct, print_table
 
+DEFAULT_FILE = "model.onnx"
+
+
+def output_file(out: str) -> str:
+    """``--out``: a file, or a folder (existing, or written with a trailing ``/``) that gets :data:`DEFAULT_FILE`."""
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return os.path.join(out, DEFAULT_FILE)
+    return out
+
 
 @command("export")
 @click.argument("run_dir", type=click.Path())
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--out", "out", required=True, type=click.Path(),
+              help=f"The .onnx file to write; a folder (an existing one, or a path ending in /) gets {DEFAULT_FILE}.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: dynamic quantisation).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None,
@@ -43,7 +54,9 @@ def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_inp
     """Export the run in RUN_DIR (fit or zeroshot --out) as one ONNX file, proven equal to PyTorch."""
     from ..classifier import load
     from ..exporters import export_onnx, write_triton_repository
+    from ..exporters.io import check_target
 
+    out = check_target(output_file(out))  # before the run is loaded and traced
     clf = load(run_dir, device=device, pretrained=pretrained)
     result = export_onnx(clf, out, precision, opset=opset, raw_input=raw_input, with_text_encoder=with_text_encoder,
                          verify_data=verify_data)

@@ -43,6 +43,7 @@ from .io import (
     check_target,
     file_size,
     move_into_place,
+    record_tensors_sha256,
     remove_stale_companions,
     save_model,
     set_metadata,
@@ -248,11 +249,13 @@ def export_onnx(
         proof of equality.
 
     Raises:
-        ValueError: bad precision or opset, an output that cannot be written, a class-specific
-            context with ``with_text_encoder``, unreadable verification data, ``raw_input`` for
-            a model that resizes nearest-neighbour or with an opset below 18.
+        ValueError: bad precision or opset, an output path that is a folder or cannot be created,
+            a class-specific context with ``with_text_encoder``, unreadable verification data,
+            ``raw_input`` for a model that resizes nearest-neighbour or with an opset below 18.
         ExportVerificationError: the graph did not match PyTorch (nothing was written).
         RuntimeError: the exporter or a converter failed.
+        OSError: the environment: permission denied, a read-only or full disk (nothing is left
+            behind, and an earlier file at ``path`` is kept).
     """
     import onnx
 
@@ -280,10 +283,7 @@ def export_onnx(
         if labels is not None:
             labels = np.concatenate([np.full(n_verify, -1), labels])
 
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except PermissionError:
-        raise ValueError(f"cannot write to {target.parent}: permission denied") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         checks: dict[str, Any] = {}
         text_files: list[Path] = []
@@ -314,6 +314,7 @@ def export_onnx(
         _fix_output_dims(model, len(meta.classnames), meta.embed_dim)
         set_metadata(model, meta)
         files = save_model(model, final, size_threshold)
+        record_tensors_sha256(model, meta, final)
         del model
         check_model(final)
         checks.update(verify_image_graph(final, classifier, precision, images, verify_batch, labels))
@@ -345,8 +346,10 @@ def export_onnx(
         # into place: external data and the text graph first, the image graph (which names them) last
         written = move_into_place([*text_files, *files[1:], files[0]], target.parent)
         remove_stale_companions(target, written)
-    except PermissionError as e:
-        raise ValueError(f"cannot write {target}: permission denied ({e.filename or target})") from None
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # name the output, e.g. for a full disk
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(target)) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

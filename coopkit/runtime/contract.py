@@ -135,6 +135,22 @@ def fill_templates(template: str, classnames: Sequence[str]) -> list[str]:
     return [fill_template(template, c) for c in classnames]
 
 
+def check_prompts_fit(prompts: Sequence[str], n_tokens: Sequence[int], context_length: int, n_special: int = 2) -> None:
+    """Refuse prompts whose ``n_tokens``, with the tokenizer's ``n_special`` tokens (CLIP's
+    start and end tokens), exceed ``context_length``.
+
+    A tokenizer cuts them silently, so two long names that share their beginning would get
+    identical class weights.
+    """
+    room = context_length - n_special
+    too_long = [p for p, n in zip(prompts, n_tokens) if n > room]
+    if too_long:
+        raise ValueError(
+            f"prompts {too_long[:3]!r:.200} need more than the {room} tokens a text context of "
+            f"{context_length} holds (they would be cut); shorten the class names or the template"
+        )
+
+
 # --- CoOp token layout ---------------------------------------------------------------------------
 
 
@@ -219,6 +235,8 @@ class TextEncoderSpec:
             ``canonicalize``; CLIP's BPE always lower-cases).
         strip_sep_id: Token id replaced by 0 after tokenising (open_clip's ``strip_sep_token``).
         n_prefix: Special tokens before the text; the context follows them.
+        tensors_sha256: sha256 of every stored tensor of the text graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`), checked when it is opened.
     """
 
     file: str
@@ -239,6 +257,7 @@ class TextEncoderSpec:
     clean: str = "lower"
     strip_sep_id: Optional[int] = None
     n_prefix: int = 1
+    tensors_sha256: str = ""
 
     def __post_init__(self) -> None:
         for name in ("file", "tokenizer_file"):
@@ -298,7 +317,12 @@ class ModelMetadata:
             for CoOp; ``templates`` for zero-shot).
         precision: ``fp32``, ``fp16`` or ``int8``.
         embed_dim: Width of ``image_embeds``.
-        weights_sha256: sha256 of the class weight matrix (float32, C order).
+        weights_sha256: sha256 of the class weight matrix ``(n_classes, embed_dim)``, float32,
+            C order; the graph stores it as a float32 initializer of that shape or its
+            transpose, and the runtime checks it on load.
+        tensors_sha256: sha256 of every stored tensor of the graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`); the runtime checks it on load
+            unless told not to.
         coopkit_version: Version of coopkit that wrote the file.
         text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
         schema_version: Version of this schema.
@@ -326,6 +350,7 @@ class ModelMetadata:
     precision: str = "fp32"
     embed_dim: int = 0
     weights_sha256: str = ""
+    tensors_sha256: str = ""
     coopkit_version: str = ""
     text_encoder: Optional[TextEncoderSpec] = None
     schema_version: int = SCHEMA_VERSION

@@ -77,10 +77,12 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
 
     Accepts a path, encoded bytes, a PIL image or a uint8 array (HW, HW1, HW3 or HW4).
     EXIF orientation is applied; greyscale, palette, RGBA, CMYK and 16-bit images become
-    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused.
+    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused, and so
+    are empty (zero-size) and closed images: every problem of one input is an error of that
+    input alone.
 
     Raises:
-        ImageDecodeError: the input is unreadable, of an unsupported type, or too large.
+        ImageDecodeError: the input is unreadable, empty, closed, of an unsupported type, or too large.
         FileNotFoundError: a path that does not exist.
     """
     if isinstance(source, np.ndarray):
@@ -91,11 +93,21 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             arr = arr[:, :, 0]
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
             raise ImageDecodeError(f"{describe(source)}: arrays must be HW, HW1, HW3 or HW4")
+        if arr.shape[0] * arr.shape[1] == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if arr.shape[0] * arr.shape[1] > max_pixels:
             raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     if isinstance(source, Image.Image):
         img = source
+        if img.size[0] * img.size[1] == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
+        if img.size[0] * img.size[1] > max_pixels:
+            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        try:
+            img.load()  # a closed image, or a lazily opened file that is gone or truncated
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises, it is this input's problem
+            raise ImageDecodeError(f"{describe(source)}: cannot read this PIL image ({type(e).__name__}: {e})") from None
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
         if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
             raise FileNotFoundError(f"image not found: {source}")
@@ -114,8 +126,8 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
     else:
         raise ImageDecodeError(
             f"unsupported image input {describe(source)}: expected a path, bytes, a PIL image "
@@ -123,11 +135,16 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         )
     if img.size[0] * img.size[1] > max_pixels:
         raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+    if img.size[0] * img.size[1] == 0:
+        raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
         pass
-    return _to_rgb(img)
+    try:
+        return _to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - e.g. a mode Pillow cannot convert
+        raise ImageDecodeError(f"{describe(source)}: cannot convert the image to RGB ({type(e).__name__}: {e})") from None
 
 
 # --- open_clip's eval transform, up to (not including) ToTensor + Normalize ----------------------
