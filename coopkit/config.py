@@ -246,6 +246,22 @@ class TrainConfig(ConfigMixin):
 
 
 @dataclass
+class TrainingData(ConfigMixin):
+    """Where a run's training images came from, so that an export can find them again (int8
+    calibrates on them). With the run's class names and ``train.shots`` / ``train.seed``,
+    :func:`coopkit.data.few_shot` draws the same sample again."""
+
+    source: str = field(metadata={"help": "absolute path of the ImageFolder, CSV or CoOp split file"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative paths in a CSV / split"})
+
+    def __post_init__(self) -> None:
+        for name in ("source", "image_root"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"training data {name} must be a path string, got {value!r}")
+
+
+@dataclass
 class RunConfig(ConfigMixin):
     """Everything a saved run records next to its learned context (``config.json``).
 
@@ -263,6 +279,8 @@ class RunConfig(ConfigMixin):
         metrics: Final metrics (training loss and accuracy, validation accuracy if any).
         ctx_sha256: sha256 of ``ctx.safetensors``, checked on load.
         coopkit_version: Version that wrote the run.
+        data: Where the training images came from (CoOp runs fitted on a path; ``None`` for a
+            Dataset object or a zero-shot run).
     """
 
     method: str
@@ -278,6 +296,7 @@ class RunConfig(ConfigMixin):
     ctx_sha256: str = ""
     coopkit_version: str = ""
     config_version: int = CONFIG_VERSION
+    data: Optional[TrainingData] = None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -286,6 +305,8 @@ class RunConfig(ConfigMixin):
             self.prompt = PromptConfig.from_dict(self.prompt)
         if self.train is not None:
             self.train = TrainConfig.from_dict(self.train)
+        if self.data is not None:
+            self.data = TrainingData.from_dict(self.data)
         if self.method == "coop" and self.prompt is None:
             raise ValueError("a coop run needs prompt settings")
         if self.templates is not None:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .classifier import DEFAULT_TEMPLATES, Classifier, template_features
-from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, apply_overrides, default_of
+from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
 from .data import Dataset, few_shot, load_dataset
 from .features import autocast_for, encode_images
 from .prompts import PromptLearner
@@ -45,6 +46,15 @@ def kg_penalty(text: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
     Both inputs are L2-normalised ``(n_classes, embed_dim)``.
     """
     return (1 - (text * hand).sum(-1)).mean()
+
+
+def training_data(data: DataSource, image_root: Optional[Union[str, os.PathLike]]) -> Optional[TrainingData]:
+    """What a run records about its training images: absolute paths of a file or folder source
+    (``None`` for a Dataset object, which may not be readable again)."""
+    if isinstance(data, Dataset):
+        return None
+    root = str(Path(image_root).expanduser().resolve()) if image_root is not None else None
+    return TrainingData(str(Path(data).expanduser().resolve()), root)
 
 
 def seed_everything(seed: int) -> None:
@@ -149,6 +159,7 @@ def fit(
         prompt=learner.config,
         train=train_cfg,
         coopkit_version=__version__,
+        data=training_data(data, image_root),
     )
     clf = Classifier(bb, config, learner)
     metrics: dict[str, Any] = {

@@ -16,7 +16,8 @@ from .base import command, pct, print_table
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: dynamic quantisation).")
+              help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: static quantisation, "
+                   "calibrated; an image's answer does not depend on its batch).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False), default=None,
@@ -30,11 +31,15 @@ from .base import command, pct, print_table
 @click.option("--verify-data", type=click.Path(), default=None,
               help="Labelled images (ImageFolder, CSV or CoOp split) to verify on as well; int8 must agree "
                    "on 99% of the clear calls and, from 100 images on, stay within 1 accuracy point.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="int8: images to calibrate activation ranges on (a folder of images, an ImageFolder, CSV or "
+                   "CoOp split); default: the run's own training images, found where the run recorded them.")
 @click.option("--device", default="cpu", show_default=True, help="Where to load the run for tracing: cpu or cuda.")
 @click.option("--pretrained", default=None, help="Override the checkpoint path recorded in the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(run_dir: str, out: str, precision: str, opset: int, triton_repo: Optional[str], triton_name: Optional[str],
-           max_batch_size: int, with_text_encoder: bool, verify_data: Optional[str], device: str,
+           max_batch_size: int, with_text_encoder: bool, verify_data: Optional[str], calibration: Optional[str],
+           device: str,
            pretrained: Optional[str], as_json: bool) -> None:
     """Export the run in RUN_DIR (fit or zeroshot --out) as one ONNX file, proven equal to PyTorch."""
     from ..classifier import load
@@ -42,7 +47,7 @@ def export(run_dir: str, out: str, precision: str, opset: int, triton_repo: Opti
 
     clf = load(run_dir, device=device, pretrained=pretrained)
     result = export_onnx(clf, out, precision, opset=opset, with_text_encoder=with_text_encoder,
-                         verify_data=verify_data)
+                         verify_data=verify_data, calibration=calibration)
     triton_dir = None
     if triton_repo:
         triton_dir = write_triton_repository(result.path, triton_repo, triton_name, max_batch_size=max_batch_size)
@@ -60,6 +65,8 @@ def export(run_dir: str, out: str, precision: str, opset: int, triton_repo: Opti
         "text_max_abs_diff": c.get("text_max_abs_diff"),
         "accuracy_torch": c.get("accuracy_torch"),
         "accuracy_onnx": c.get("accuracy_onnx"),
+        "batch_invariance_max_diff": c.get("batch_invariance_max_diff"),
+        "calibration_images": c.get("calibration_images"),
         "external_data": result.external_data,
         "triton": str(triton_dir) if triton_dir else None,
     }
@@ -70,7 +77,7 @@ def export(run_dir: str, out: str, precision: str, opset: int, triton_repo: Opti
     for key, value in summary.items():
         if value is None:
             continue
-        if key in ("max_abs_logit_diff", "text_max_abs_diff"):
+        if key in ("max_abs_logit_diff", "text_max_abs_diff", "batch_invariance_max_diff"):
             value = f"{value:.3g}"
         elif key in ("top1_agreement", "accuracy_torch", "accuracy_onnx"):
             value = pct(value)
