@@ -20,6 +20,7 @@ from typing import Any, Optional, TypeVar
 
 from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
 from .runtime.contract import CLASS_TOKEN_POSITIONS, METHODS, check_classnames, check_position, check_templates
+from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class BackboneConfig(ConfigMixin):
         "help": f"open_clip pretrained tag, checkpoint path, none for random init, or '{DEFAULT_PRETRAINED}' "
                 f"('{EMBEDDED_PRETRAINED}', the shipped weights, for {EMBEDDED_MODEL}; other models must name theirs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "CPU threads (default: one per CPU that other processes leave idle, measured at the start)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
@@ -162,6 +165,7 @@ class BackboneConfig(ConfigMixin):
             self.pretrained = None
         if not isinstance(self.device, str) and type(self.device).__name__ != "device":
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_threads(self.threads)
 
 
 @dataclass

@@ -24,7 +24,8 @@ from .backbone import Backbone, load_backbone
 from .classifier import DEFAULT_TEMPLATES, Classifier, template_features
 from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
 from .data import Dataset, few_shot, load_dataset
-from .features import autocast_for, encode_images
+from .features import autocast_for, encode_images, torch_threads
+from .runtime.session import check_threads
 from .prompts import PromptLearner
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def fit(
     model: str = default_of(BackboneConfig, "model"),
     pretrained: Optional[str] = default_of(BackboneConfig, "pretrained"),
     device: str = default_of(BackboneConfig, "device"),
+    threads: Optional[int] = default_of(BackboneConfig, "threads"),
     backbone: Optional[Backbone] = None,
     val: Optional[DataSource] = None,
     image_root: Optional[Union[str, os.PathLike]] = None,
@@ -99,6 +101,8 @@ def fit(
         pretrained: open_clip tag, checkpoint path, ``None`` for random init, or ``"default"``
             (the shipped weights of ``coopkit-tiny``; other models must name theirs).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads for torch while fitting (``None``: one per CPU that other
+            processes leave idle when training starts; torch's own count is restored after).
         backbone: An already loaded backbone (then ``model``/``pretrained``/``device`` are unused).
         val: Optional labelled set evaluated after training (``metrics["val_accuracy"]``).
         image_root: Folder for relative paths in CSV / split files.
@@ -121,12 +125,29 @@ def fit(
     prompt_cfg: PromptConfig = configs["prompt"]
     train_cfg: TrainConfig = configs["train"]
     if backbone is None:
-        BackboneConfig(model=model, pretrained=pretrained, device=device)  # checked before any data is read
+        BackboneConfig(model=model, pretrained=pretrained, device=device, threads=threads)  # checked before any data is read
+    else:
+        check_threads(threads)
     dataset = load_dataset(data, split="train", image_root=image_root)
     if classnames is not None:
         dataset = dataset.subset(classnames)
     val_data = load_dataset(val, split="val", image_root=image_root) if val is not None else None
     bb = backbone or load_backbone(model, pretrained, device)
+    with torch_threads(threads):
+        return _fit(bb, dataset, val_data, prompt_cfg, train_cfg, data, image_root, progress, callback)
+
+
+def _fit(
+    bb: Backbone,
+    dataset: Dataset,
+    val_data: Optional[Dataset],
+    prompt_cfg: PromptConfig,
+    train_cfg: TrainConfig,
+    data: DataSource,
+    image_root: Optional[Union[str, os.PathLike]],
+    progress: bool,
+    callback: Optional[Callable[[int, dict[str, float]], None]],
+) -> Classifier:
     started = time.perf_counter()
 
     seed_everything(train_cfg.seed)

@@ -127,13 +127,16 @@ class Classifier:
         path: The ``.onnx`` file written by ``coopkit export``.
         device: ``auto`` (CUDA when a GPU and its libraries really work, else CPU), ``cpu``,
             ``cuda`` or ``cuda:N``.
-        threads: CPU threads for onnxruntime (``None``: one per core).
+        threads: CPU threads for onnxruntime (``None``: one per CPU that other processes leave
+            idle when the file is opened; see :func:`~coopkit.runtime.session.default_threads`).
         providers: Explicit onnxruntime execution providers (e.g. TensorRT first); overrides
             ``device``.
         batch_size: Images per graph run; longer inputs are processed in chunks.
         workers: Threads that decode and resize images in parallel (``None``: up to 8, one per
             core; ``1``: in the calling thread).
         max_pixels: Larger images are refused as decompression bombs.
+        spinning: Let idle onnxruntime threads spin (off by default: faster only on a machine
+            that runs nothing else).
 
     One instance may be shared by many threads: calls do not share mutable state.
 
@@ -153,6 +156,7 @@ class Classifier:
         batch_size: int = 32,
         workers: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
+        spinning: bool = False,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -162,7 +166,7 @@ class Classifier:
         if workers is not None and int(workers) < 1:
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         self._device, self._threads, self._providers = device, threads, providers
-        self.session = open_session(self.path, device, threads, providers)
+        self.session = open_session(self.path, device, threads, providers, spinning=spinning)
         self.metadata = self._read_metadata(self.session, self.path)
         self._check_graph()
         fixed = self.session.get_inputs()[0].shape[0]
