@@ -73,7 +73,7 @@ def main() -> None:
                 got = binding.copy_outputs_to_cpu()[0]
                 ref = rt.session.run(["logits"], {"images": batch})[0]
                 row(S, f"runtime {precision} {dev}, batch {b}: numpy / IO binding ({dev} memory)",
-                    f"{rate(b / s_numpy)} / {rate(b / s_bound)}", f"max |bound - numpy| {np.abs(got - ref).max():.2g}")
+                    f"{rate(b / s_numpy)} / {rate(b / s_bound)}", f"largest difference bound vs numpy {np.abs(got - ref).max():.2g}")
             if precision != "fp16":
                 continue
             if TENSORRT not in ort.get_available_providers():
