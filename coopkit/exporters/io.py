@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from coopkit.runtime.contract import METADATA_KEY, ModelMetadata
+from coopkit.runtime.contract import INPUT_RAW, METADATA_KEY, ModelMetadata
 
 if TYPE_CHECKING:
     import onnx
@@ -109,9 +109,12 @@ def set_metadata(model: "onnx.ModelProto", meta: ModelMetadata) -> None:
     entry.key, entry.value = METADATA_KEY, meta.to_json()
     model.producer_name = "coopkit"
     model.producer_version = __version__
+    h, w = meta.image_size
+    images = ("decoded uint8 RGB images (batch, height, width, 3) of any size, resized and cropped in the graph"
+              if meta.input_kind == INPUT_RAW else f"uint8 images (batch, {h}, {w}, 3)")
     model.doc_string = (
         f"coopkit {meta.method} classifier over {meta.model} ({len(meta.classnames)} classes, {meta.precision}): "
-        f"uint8 images (batch, {meta.image_size[0]}, {meta.image_size[1]}, 3) -> logits, probs, image_embeds"
+        f"{images} -> logits, probs, image_embeds"
     )
 
 

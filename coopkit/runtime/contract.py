@@ -3,8 +3,10 @@
 Everything an exported file promises, and every rule that must be applied the same way when
 coopkit trains a prompt and when the runtime rebuilds it, lives here:
 
-* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB, already
-  resized and cropped to ``image_size``) to ``logits`` ``(batch, n_classes)``, ``probs``
+* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB; of the
+  :data:`INPUT_CROPPED` kind already resized and cropped to ``image_size``, of the
+  :data:`INPUT_RAW` kind decoded images of any size, resized and cropped inside the graph, the
+  images of one run all of one size) to ``logits`` ``(batch, n_classes)``, ``probs``
   (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised);
 * **scores**: ``logits = exp(logit_scale) * cos(image, class) + logit_bias`` where the model
   was trained with a logit bias (SigLIP's sigmoid loss; :attr:`ModelMetadata.logit_bias`),
@@ -47,6 +49,11 @@ RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
 METHODS = ("coop", "zeroshot")
+#: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
+#: existed), or decoded RGB images of any size that the graph resizes and crops itself.
+INPUT_CROPPED = "cropped"
+INPUT_RAW = "raw"
+INPUT_KINDS = (INPUT_CROPPED, INPUT_RAW)
 
 #: Where the class-name tokens sit relative to the learned context.
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -298,6 +305,11 @@ class ModelMetadata:
         logit_bias: The model's logit bias (SigLIP-family models), baked into the graph's
             ``logits`` and added to logits computed from text-graph class weights; ``None``
             for models without one (files written before it existed).
+        input_kind: :data:`INPUT_CROPPED` (``images`` are crops at ``image_size``; files
+            without this field) or :data:`INPUT_RAW` (decoded uint8 RGB images of any size; the
+            graph applies ``resize_mode``, ``interpolation`` and ``fill_color`` itself). A raw
+            file fed crops at ``image_size`` returns the same answers: its resize and crop
+            leave such an image unchanged.
     """
 
     classnames: list[str]
@@ -318,6 +330,7 @@ class ModelMetadata:
     text_encoder: Optional[TextEncoderSpec] = None
     schema_version: int = SCHEMA_VERSION
     logit_bias: Optional[float] = None
+    input_kind: str = INPUT_CROPPED
 
     def __post_init__(self) -> None:
         if self.logit_bias is not None:
@@ -338,7 +351,8 @@ class ModelMetadata:
             raise MetadataError("mean and std must have 3 values (RGB)")
         for name, value, valid in (("resize_mode", self.resize_mode, RESIZE_MODES),
                                    ("interpolation", self.interpolation, INTERPOLATIONS),
-                                   ("precision", self.precision, PRECISIONS)):
+                                   ("precision", self.precision, PRECISIONS),
+                                   ("input_kind", self.input_kind, INPUT_KINDS)):
             if value not in valid:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")
         if self.text_encoder is not None:
