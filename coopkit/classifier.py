@@ -35,7 +35,7 @@ from ._io import atomic_dir, deferred_interrupt, interrupted_backup, probe_besid
 from .backbone import Backbone, load_backbone, register_model_config
 from .config import RunConfig
 from .data import Dataset, load_dataset
-from .features import autocast_for, encode_images
+from .features import autocast_for, encode_images, torch_threads
 from .prompts import PromptLearner, TextTower
 from .runtime.contract import (
     DEFAULT_TEMPLATE,
@@ -398,13 +398,19 @@ def zero_shot(
     backbone: Backbone,
     classnames: Sequence[str],
     templates: Union[str, Sequence[str]] = DEFAULT_TEMPLATES,
+    *,
+    threads: Optional[int] = None,
 ) -> Classifier:
     """The hand-written-prompt baseline: one template, or an ensemble of them.
+
+    The class weights are computed here (the text tower over every class and template).
 
     Args:
         backbone: From :func:`coopkit.load_backbone`.
         classnames: Labels, in output order.
         templates: Strings with one ``{}`` for the class name; several are averaged (CLIP's ensembling).
+        threads: CPU threads for torch meanwhile (``None``: one per CPU that other processes
+            leave idle; torch's own count is restored after).
     """
     names = check_classnames(classnames)
     templates = check_templates(templates)
@@ -424,7 +430,10 @@ def zero_shot(
         templates=templates,
         coopkit_version=__version__,
     )
-    return Classifier(backbone, config)
+    clf = Classifier(backbone, config)
+    with torch_threads(threads):
+        clf.class_weights()
+    return clf
 
 
 def load(

@@ -21,6 +21,7 @@ from typing import Any, Optional, TypeVar
 
 from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
 from .runtime.contract import CLASS_TOKEN_POSITIONS, METHODS, check_classnames, check_position, check_templates
+from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ class BackboneConfig(ConfigMixin):
         "help": f"open_clip pretrained tag, checkpoint path, none for random init, or '{DEFAULT_PRETRAINED}' "
                 f"('{EMBEDDED_PRETRAINED}', the shipped weights, for {EMBEDDED_MODEL}; other models must name theirs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "CPU threads (default: one per CPU that other processes leave idle, measured at the start)"})
     tokenizer: Optional[str] = field(default=None, metadata={
         "help": "local tokenizer, for working offline: a folder with the model's Hugging Face tokenizer.json "
                 "(SigLIP, CLIPA, MetaCLIP 2, Hugging Face text towers), a tokenizer.json file, or a CLIP BPE "
@@ -177,6 +180,7 @@ class BackboneConfig(ConfigMixin):
         if type(self.device).__name__ != "device" and not (
                 isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
             raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        check_threads(self.threads)
 
 
 @dataclass
@@ -261,6 +265,22 @@ class TrainConfig(ConfigMixin):
 
 
 @dataclass
+class TrainingData(ConfigMixin):
+    """Where a run's training images came from, so that an export can find them again (int8
+    calibrates on them). With the run's class names and ``train.shots`` / ``train.seed``,
+    :func:`coopkit.data.few_shot` draws the same sample again."""
+
+    source: str = field(metadata={"help": "absolute path of the ImageFolder, CSV or CoOp split file"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative paths in a CSV / split"})
+
+    def __post_init__(self) -> None:
+        for name in ("source", "image_root"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"training data {name} must be a path string, got {value!r}")
+
+
+@dataclass
 class RunConfig(ConfigMixin):
     """Everything a saved run records next to its learned context (``config.json``).
 
@@ -282,6 +302,8 @@ class RunConfig(ConfigMixin):
         coopkit_version: Version that wrote the run.
         run_sha256: sha256 of the whole run (this config without this field, and
             ``ctx.safetensors``), checked on load (:func:`coopkit.classifier.run_checksum`).
+        data: Where the training images came from (CoOp runs fitted on a path; ``None`` for a
+            Dataset object or a zero-shot run).
     """
 
     method: str
@@ -300,6 +322,7 @@ class RunConfig(ConfigMixin):
     coopkit_version: str = ""
     config_version: int = CONFIG_VERSION
     run_sha256: str = ""
+    data: Optional[TrainingData] = None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -319,6 +342,8 @@ class RunConfig(ConfigMixin):
             self.prompt = PromptConfig.from_dict(self.prompt)
         if self.train is not None:
             self.train = TrainConfig.from_dict(self.train)
+        if self.data is not None:
+            self.data = TrainingData.from_dict(self.data)
         if self.method == "coop" and self.prompt is None:
             raise ValueError("a coop run needs prompt settings")
         if self.templates is not None:

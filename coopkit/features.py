@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .runtime.preprocess import ImageDecodeError, ImageInput, check_resizable, describe, load_image
+from .runtime.session import check_threads, default_threads
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -45,6 +46,22 @@ def _transform_one(transform: Callable, img: Any, source: ImageInput) -> torch.T
         return transform(img)
     except (ValueError, RuntimeError, OSError, ArithmeticError) as e:
         raise ImageDecodeError(f"{describe(source)}: cannot preprocess ({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: one per CPU that other
+    processes leave idle, :func:`coopkit.runtime.session.default_threads`); restores the previous
+    count afterwards. Yields the count used."""
+    n = check_threads(threads) or default_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    if threads is None:
+        logger.info("torch threads: %d (%d before)", n, previous)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
 
 
 def encode_images(

@@ -28,7 +28,8 @@ def output_file(out: str) -> str:
 @click.option("--out", "out", required=True, type=click.Path(),
               help=f"The .onnx file to write; a folder (an existing one, or a path ending in /) gets {DEFAULT_FILE}.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: dynamic quantisation).")
+              help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: static quantisation, "
+                   "calibrated; an image's answer does not depend on its batch).")
 @click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None,
               help=f"ONNX opset [default: {DEFAULT_OPSET}; {RAW_INPUT_OPSET} with --raw-input, which needs it].")
 @click.option("--raw-input", is_flag=True,
@@ -45,12 +46,15 @@ def output_file(out: str) -> str:
 @click.option("--verify-data", type=click.Path(), default=None,
               help="Labelled images (ImageFolder, CSV or CoOp split) to verify on as well; int8 must agree "
                    "on 99% of the clear calls and, from 100 images on, stay within 1 accuracy point.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="int8: images to calibrate activation ranges on (a folder of images, an ImageFolder, CSV or "
+                   "CoOp split); default: the run's own training images, found where the run recorded them.")
 @click.option("--device", default="cpu", show_default=True, help="Where to load the run for tracing: cpu or cuda.")
 @click.option("--pretrained", default=None, help="Override the checkpoint path recorded in the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_input: bool, triton_repo: Optional[str],
            triton_name: Optional[str], max_batch_size: int, with_text_encoder: bool, verify_data: Optional[str],
-           device: str, pretrained: Optional[str], as_json: bool) -> None:
+           calibration: Optional[str], device: str, pretrained: Optional[str], as_json: bool) -> None:
     """Export the run in RUN_DIR (fit or zeroshot --out) as one ONNX file, proven equal to PyTorch."""
     from ..classifier import load
     from ..exporters import export_onnx, write_triton_repository
@@ -59,7 +63,7 @@ def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_inp
     out = check_target(output_file(out))  # before the run is loaded and traced
     clf = load(run_dir, device=device, pretrained=pretrained)
     result = export_onnx(clf, out, precision, opset=opset, raw_input=raw_input, with_text_encoder=with_text_encoder,
-                         verify_data=verify_data)
+                         verify_data=verify_data, calibration=calibration)
     triton_dir = None
     if triton_repo:
         triton_dir = write_triton_repository(result.path, triton_repo, triton_name, max_batch_size=max_batch_size)
@@ -82,6 +86,8 @@ def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_inp
         "text_max_abs_diff": c.get("text_max_abs_diff"),
         "accuracy_torch": c.get("accuracy_torch"),
         "accuracy_onnx": c.get("accuracy_onnx"),
+        "batch_invariance_max_diff": c.get("batch_invariance_max_diff"),
+        "calibration_images": c.get("calibration_images"),
         "external_data": result.external_data,
         "triton": str(triton_dir) if triton_dir else None,
     }
@@ -92,7 +98,7 @@ def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_inp
     for key, value in summary.items():
         if value is None:
             continue
-        if key in ("max_abs_logit_diff", "text_max_abs_diff", "raw_max_abs_logit_diff"):
+        if key in ("max_abs_logit_diff", "text_max_abs_diff", "raw_max_abs_logit_diff", "batch_invariance_max_diff"):
             value = f"{value:.3g}"
         elif key in ("top1_agreement", "accuracy_torch", "accuracy_onnx", "raw_top1_agreement"):
             value = pct(value)

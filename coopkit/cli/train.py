@@ -39,7 +39,8 @@ def fit_cmd(data: str, out: str, val: Optional[str], image_root: Optional[str], 
     prompt, train = pop_config(PromptConfig, settings), pop_config(TrainConfig, settings)
     check_run_target(out, overwrite=overwrite)  # before training, not after
     clf = fit(data, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
-              tokenizer=bb.tokenizer, text_model=bb.text_model, val=val, image_root=image_root, progress=not quiet)
+              threads=bb.threads, tokenizer=bb.tokenizer, text_model=bb.text_model, val=val, image_root=image_root,
+              progress=not quiet)
     path = clf.save(out, overwrite=overwrite)
     m = clf.config.metrics
     emit({
@@ -64,16 +65,18 @@ def _emit_eval(res: dict[str, Any], method: str, per_class: bool, as_json: bool)
 @click.argument("data", type=click.Path())
 @click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
-@config_options(BackboneConfig, only=("device",))
+@config_options(BackboneConfig, only=("device", "threads"))
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(run_dir: str, data: str, split: str, image_root: Optional[str], device: str,
+def eval_cmd(run_dir: str, data: str, split: str, image_root: Optional[str], device: str, threads: Optional[int],
              per_class: bool, as_json: bool) -> None:
     """Evaluate a saved run (fit or zeroshot --out) on labelled DATA."""
     from ..classifier import load
+    from ..features import torch_threads
 
     clf = load(run_dir, device=device)
-    res = clf.evaluate(data, split=split, image_root=image_root, progress=not as_json)
+    with torch_threads(threads):
+        res = clf.evaluate(data, split=split, image_root=image_root, progress=not as_json)
     _emit_eval(res, clf.method, per_class, as_json)
 
 
@@ -94,14 +97,16 @@ def zeroshot_cmd(data: str, templates: tuple[str, ...], split: str, image_root: 
     from ..backbone import load_backbone
     from ..classifier import DEFAULT_TEMPLATES, check_run_target, zero_shot
     from ..data import load_dataset
+    from ..features import torch_threads
 
     bb = pop_config(BackboneConfig, settings)
     if out:
         check_run_target(out, overwrite=overwrite)
     dataset = load_dataset(data, split=split, image_root=image_root)
-    clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device, bb.tokenizer, bb.text_model), dataset.classnames,
-                    templates or DEFAULT_TEMPLATES)
-    res = clf.evaluate(dataset, progress=not as_json)
+    with torch_threads(bb.threads):
+        clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device, bb.tokenizer, bb.text_model),
+                        dataset.classnames, templates or DEFAULT_TEMPLATES, threads=bb.threads)
+        res = clf.evaluate(dataset, progress=not as_json)
     if out:
         clf.save(out, overwrite=overwrite)
     _emit_eval(res, "zeroshot", per_class, as_json)

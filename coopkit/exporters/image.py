@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
+from coopkit.data import few_shot, list_images, load_dataset
 from coopkit.runtime.contract import INPUT_CROPPED, INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, PRECISIONS, ModelMetadata
+from coopkit.runtime.preprocess import preprocess
 
 from .graphs import ImageGraph
 from .io import (
@@ -185,6 +187,62 @@ def build_metadata(
 
 
 
+#: int8: calibration images used at most (an even spread over those given).
+CALIBRATION_MAX_IMAGES = 256
+_CALIBRATION_HINT = (
+    "pass calibration= images like those the model will serve (coopkit export --calibration DIR: "
+    "a folder of images, an ImageFolder, CSV or CoOp split)"
+)
+
+
+def _training_images(classifier: "Classifier") -> list[str]:
+    """The few-shot sample the run was trained on, drawn again from its recorded data source."""
+    config = classifier.config
+    if config.data is None or config.train is None:
+        why = ("a zero-shot classifier has no training images" if config.method == "zeroshot" else
+               "this run does not record where its training images are (fitted on a Dataset object, or saved by "
+               "an older coopkit)")
+        raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
+    try:
+        dataset = load_dataset(config.data.source, split="train", image_root=config.data.image_root)
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"int8 calibrates on the run's training images, but they are not where the run recorded them ({e}); "
+            f"{_CALIBRATION_HINT}"
+        ) from None
+    return few_shot(dataset.subset(classifier.classnames), config.train.shots, config.train.seed).paths
+
+
+def calibration_images(
+    classifier: "Classifier", calibration: Optional[Any], meta: ModelMetadata, limit: int = CALIBRATION_MAX_IMAGES
+) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)`` at the model's size for int8 calibration, as the runtime
+    crops them: the run's own training images by default, else ``calibration`` (a folder of
+    images at any depth, an ImageFolder / CSV / CoOp split file, a list of images, or a uint8
+    batch at the model's size). At most ``limit``, spread evenly over those given."""
+    h, w = meta.image_size
+    if isinstance(calibration, np.ndarray):
+        if calibration.dtype != np.uint8 or calibration.ndim != 4 or calibration.shape[1:] != (h, w, 3):
+            raise ValueError(f"calibration images must be uint8 (n, {h}, {w}, 3), got {calibration.dtype} {calibration.shape}")
+        sources: list[Any] = list(calibration)
+    elif calibration is None:
+        sources = _training_images(classifier)
+    elif isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration).expanduser()
+        if path.is_dir():
+            sources = list_images(path)  # plain or ImageFolder: every image at any depth, labels unused
+        else:
+            sources = load_dataset(path, split="train").paths
+    else:
+        sources = list(calibration)
+    if not sources:
+        raise ValueError(f"no calibration images; {_CALIBRATION_HINT}")
+    if len(sources) > limit:
+        sources = [sources[i] for i in np.linspace(0, len(sources) - 1, limit).round().astype(int)]
+    arrays = [preprocess(s, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for s in sources]
+    return np.stack(arrays)  # (n, H, W, 3)
+
+
 def _image_module(classifier: "Classifier") -> "torch.nn.Module":
     bb = classifier.backbone
     head = classifier.head().to(next(bb.model.parameters()).device)
@@ -215,6 +273,7 @@ def export_onnx(
     verify_batch: int = 8,
     size_threshold: int = EXTERNAL_DATA_THRESHOLD,
     seed: int = 0,
+    calibration: Optional[Any] = None,
 ) -> ExportResult:
     """Export a fitted or zero-shot classifier as one ONNX graph, verified against PyTorch.
 
@@ -222,8 +281,10 @@ def export_onnx(
         classifier: From :func:`coopkit.fit`, :func:`coopkit.zero_shot` or :func:`coopkit.load`.
         path: The ``.onnx`` file to write (its folder is created).
         precision: ``fp32``; ``fp16`` (weights and most activations in half precision; inputs,
-            outputs, LayerNorm, softmax and the head in fp32: for GPUs); ``int8`` (dynamic
-            quantisation of the MatMul/Gemm weights: for CPUs).
+            outputs, LayerNorm, softmax and the head in fp32: for GPUs); ``int8`` (static
+            quantisation, calibrated: int8 per-channel weights and fixed uint8 activation scales
+            for every MatMul/Gemm with constant weights, so an image's answer does not depend on
+            the batch; for CPUs; see :func:`~coopkit.exporters.quantize.to_int8`).
         opset: ONNX opset, 14 to 20 (``None``: 17, or 18 with ``raw_input``, which needs 18 or newer).
         raw_input: The file takes decoded uint8 RGB images of any size, ``(batch, height,
             width, 3)`` with the images of one run sharing a size, and resizes and crops them in
@@ -243,6 +304,10 @@ def export_onnx(
         verify_batch: Batch size of the verification runs (a batch of 1 is always run too).
         size_threshold: Tensors above this many bytes are written to ``<file>.data``.
         seed: Seed of the generated test images.
+        calibration: int8 only: images to calibrate the activation ranges on (see
+            :func:`calibration_images`). Default: the run's own training images, drawn again
+            from the data source its config records; a zero-shot classifier has none and
+            needs this.
 
     Returns:
         An :class:`ExportResult`: the files, their size, the time taken and the numbers of the
@@ -275,6 +340,9 @@ def export_onnx(
     meta = build_metadata(classifier, precision, input_kind=INPUT_RAW if raw_input else INPUT_CROPPED)
     if raw_input:
         check_raw_input_supported(meta)
+    calib = calibration_images(classifier, calibration, meta) if precision == "int8" else None
+    if calibration is not None and precision != "int8":
+        raise ValueError(f"calibration images are for int8 exports; precision is {precision}")
     images = random_images(n_verify, meta.image_size, seed)
     labels = None
     if verify_data is not None:
@@ -303,7 +371,7 @@ def export_onnx(
         if precision == "int8":
             big = tensor_bytes(onnx.load(os.fspath(raw), load_external_data=False)) > size_threshold
             quantised = tmp / "raw-int8.onnx"
-            to_int8(raw, quantised, external_data=big)
+            checks.update(to_int8(raw, quantised, calib, input_name=INPUT_NAME, external_data=big))
             model = onnx.load(os.fspath(quantised))
         else:
             model = onnx.load(os.fspath(raw))

@@ -163,7 +163,8 @@ class Classifier:
         path: The ``.onnx`` file written by ``coopkit export``.
         device: ``auto`` (CUDA when a GPU and its libraries really work, else CPU), ``cpu``,
             ``cuda`` or ``cuda:N``.
-        threads: CPU threads for onnxruntime (``None``: one per core).
+        threads: CPU threads for onnxruntime (``None``: one per CPU that other processes leave
+            idle when the file is opened; see :func:`~coopkit.runtime.session.default_threads`).
         providers: Explicit onnxruntime execution providers (e.g. TensorRT first); overrides
             ``device``.
         batch_size: Images per graph run; longer inputs are processed in chunks.
@@ -174,6 +175,8 @@ class Classifier:
             (``tensors_sha256``; reading and hashing a 353 MB ViT-B-32 file took 0.3-0.6 s on 2
             busy cores, 30-45% of opening it).
             ``False`` skips it; the class weights and the output widths are checked anyway.
+        spinning: Let idle onnxruntime threads spin (off by default: faster only on a machine
+            that runs nothing else).
 
     One instance may be shared by many threads: calls do not share mutable state.
 
@@ -195,6 +198,7 @@ class Classifier:
         workers: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
         check_tensors: bool = True,
+        spinning: bool = False,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -205,7 +209,8 @@ class Classifier:
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         self._device, self._threads, self._providers = device, threads, providers
         self._check_tensors = bool(check_tensors)
-        self.session = open_session(self.path, device, threads, providers)
+        self._spinning = bool(spinning)
+        self.session = open_session(self.path, device, threads, providers, spinning=spinning)
         self.metadata = self._read_metadata(self.session, self.path)
         self._check_graph()
         self._check_weights()
