@@ -46,7 +46,7 @@ def _expand(args: tuple[str, ...], column: str) -> Iterator[str]:
 @click.option("--json", "as_json", is_flag=True, help="Without --out: one JSON object per line instead of text.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when it really works, else CPU.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime (default: one per core).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime (default: one per CPU that other processes leave idle).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="With --out: a progress bar with images/s.")
 def predict(model: str, inputs: tuple[str, ...], out: Optional[str], engine: str, as_json: bool, device: str,
             threads: Optional[int], progress: bool, **kwargs: Any) -> None:

@@ -15,7 +15,7 @@ from .base import command, config_options, pop_config
 @config_options(ServeConfig)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when it really works, else CPU.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime (default: one per core).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads for onnxruntime (default: one per CPU that other processes leave idle).")
 def serve_cmd(model: str, device: str, threads: Optional[int], **kwargs: Any) -> None:
     """Serve the exported MODEL (.onnx) over HTTP until SIGTERM or Ctrl-C.
 

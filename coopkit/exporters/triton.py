@@ -14,6 +14,13 @@ Layout written (each model folder replaces any previous one of that name as a wh
 A client sends JPEG or PNG bytes (``TYPE_STRING``, ``dims [1]``) to ``<name>_ensemble`` and
 gets ``logits``, ``probs`` and ``image_embeds``; or uint8 crops straight to ``<name>``. The
 Python backend needs ``pip install coopkit`` (torch-free) in Triton's Python environment.
+
+A raw-input file (``export --raw-input``) declares ``images`` as ``[-1, -1, 3]``; Triton's
+dynamic batcher groups requests of one shape. One that resizes bicubic is pinned to the CPU
+(``instance_group KIND_CPU``, with a warning): onnxruntime's CUDA kernel for that resize is
+wrong (onnxruntime issue 25264), and unlike ``coopkit.runtime`` Triton has no Pillow to fall back on.
+The ensemble's preprocessing step always sends Pillow's crops (``[H, W, 3]``), so every request
+batches with every other, and a raw-input graph's own resize then meets images already at its size.
 """
 
 from __future__ import annotations
@@ -186,7 +193,9 @@ def write_triton_repository(
     """
     import onnx
 
-    from coopkit.runtime.contract import ModelMetadata
+    from coopkit.runtime.contract import INPUT_RAW, ModelMetadata
+    from coopkit.runtime.image import resizes_in_graph
+    from coopkit.runtime.session import CUDA
 
     src = Path(model_path)
     if not src.is_file():
@@ -211,6 +220,11 @@ def write_triton_repository(
     inputs, outputs = _io(model.graph.input), _io(model.graph.output)
     model_name = _sanitise(name if name is not None else (src.name[:-5] if src.name.endswith(".onnx") else src.stem))
     config = _config_text(model_name, max_batch_size, inputs, outputs, max_queue_delay_us, len(meta.classnames))
+    if meta.input_kind == INPUT_RAW and not resizes_in_graph(meta, CUDA):  # the runtime crops with Pillow there
+        config += "instance_group [\n  {\n    kind: KIND_CPU\n  }\n]\n"
+        logger.warning("%s: onnxruntime's CUDA resize is wrong for this raw-input file (onnxruntime issue 25264): "
+                       "the Triton model runs on the CPU (instance_group KIND_CPU); to serve it on a GPU with Triton, "
+                       "export without --raw-input", src.name)
 
     repo = Path(repo_dir).expanduser()
     if repo.exists() and not repo.is_dir():
