@@ -57,7 +57,7 @@ def machine_info(threads: Any) -> str:
     except OSError:
         pass
     load = os.getloadavg()
-    return (f"{model} ({flags}), {os.cpu_count()} cores, onnxruntime threads: {threads or 'one per core'}, "
+    return (f"{model} ({flags}), {os.cpu_count()} cores, onnxruntime threads: {threads or 'the runtime default'}, "
             f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
 
 

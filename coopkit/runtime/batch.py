@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +62,8 @@ LIST_SUFFIXES = (".txt", ".lst", ".list")
 TABLE_SUFFIXES = (".csv", ".parquet")
 BASE_FIELDS = ("path", "label", "prob", "labels", "probs")
 PARQUET_EXTRA = "pip install 'coopkit[parquet]'"
+#: How much lower decoding threads run than the session's (``nice`` steps; Linux only).
+DECODE_NICENESS = 5
 
 PathLike = Union[str, "os.PathLike[str]"]
 Row = dict[str, Any]
@@ -631,7 +634,7 @@ def predict_rows(clf: Classifier, paths: Iterable[str], config: Optional[BatchCo
     cfg = config or BatchConfig()
     workers = cfg.workers or max(1, min(8, os.cpu_count() or 1))
     h, w = clf.image_size
-    with ThreadPoolExecutor(workers, thread_name_prefix="coopkit-decode") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="coopkit-decode", initializer=_yield_to_session) as pool:
         try:
             for chunk, futures in _decode_ahead(iter(paths), clf.prepare, pool, cfg.batch_size, cfg.prefetch, workers):
                 done = [d for f in futures for d in f.result()]
@@ -709,6 +712,17 @@ def _try(prepare: Callable[[str], np.ndarray], path: str) -> Union[np.ndarray, s
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         known = isinstance(e, (ValueError, OSError))
         return message if known and message else f"{type(e).__name__}: {message or 'no message'} ({path})"
+
+
+def _yield_to_session() -> None:
+    """Run this decoding thread at a lower priority (Linux: per thread), so that on a CPU the
+    session's threads get the cores first and decoding fills the time they leave: onnxruntime's
+    parallel loops wait for their slowest thread, and a thread pushed aside by decoding stalls
+    the whole run."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: decode at the same priority
+        pass
 
 
 def _decode_part(prepare: Callable[[str], np.ndarray], paths: list[str]) -> list[Union[np.ndarray, str]]:
