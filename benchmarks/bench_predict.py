@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,27 +37,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, load  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def machine_info(threads: Any) -> str:
-    """CPU model, instruction sets that matter here, cores, threads and the load average."""
-    flags = ""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = " + ".join(f for f, k in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"))
-                                   if k in have)
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return (f"{model} ({flags}), {os.cpu_count()} cores, onnxruntime threads: {threads or 'the runtime default'}, "
-            f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+    """CPU, instruction sets, threads and load (``benchmarks/machine.py``), on one line."""
+    d = describe(threads)
+    return f"{d['cpu']} ({d['isa']}), onnxruntime threads: {threads or 'the runtime default'}, {load()}"
 
 
 def write_photos(folder: Path, n: int, size: tuple[int, int]) -> list[str]:
