@@ -418,18 +418,8 @@ def zero_shot(
     if len(names) == 1:
         logger.warning("zero-shot classifier over one class %r: its probability is always 1; use its logit "
                        "(a scaled cosine similarity) as a score", names[0])
-    config = RunConfig(
-        method="zeroshot",
-        classnames=names,
-        model=backbone.name,
-        pretrained=backbone.pretrained,
-        model_config=backbone.model_config,
-        tokenizer=backbone.tokenizer_path,
-        text_model=backbone.text_model,
-        backbone_sha256=backbone.weights_sha256,
-        templates=templates,
-        coopkit_version=__version__,
-    )
+    config = RunConfig(method="zeroshot", classnames=names, templates=templates, coopkit_version=__version__,
+                       **backbone.run_fields())
     clf = Classifier(backbone, config)
     with torch_threads(threads):
         clf.class_weights()

@@ -186,20 +186,8 @@ def _fit(
     history = _train_loop(learner, bb, feats, labels, train_cfg, hand, progress, callback)
 
     learner.requires_grad_(False)
-    config = RunConfig(
-        method="coop",
-        classnames=sample.classnames,
-        model=bb.name,
-        pretrained=bb.pretrained,
-        model_config=bb.model_config,
-        tokenizer=bb.tokenizer_path,
-        text_model=bb.text_model,
-        backbone_sha256=bb.weights_sha256,
-        prompt=learner.config,
-        train=train_cfg,
-        coopkit_version=__version__,
-        data=training_data(data, image_root),
-    )
+    config = RunConfig(method="coop", classnames=sample.classnames, prompt=learner.config, train=train_cfg,
+                       coopkit_version=__version__, data=training_data(data, image_root), **bb.run_fields())
     clf = Classifier(bb, config, learner)
     metrics: dict[str, Any] = {
         "train_loss": history["loss"][-1],
