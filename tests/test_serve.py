@@ -320,3 +320,32 @@ def test_example_refuses_bad_values_stalls_and_crowds(server: Any, images: list[
         for sock in stalled:
             sock.close()
     assert post(s.url + "/predict", images[0])[0] == 200
+
+
+@pytest.fixture(scope="module")
+def int8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")  # the exporter; the torch-free CI run skips this
+    import coopkit
+    from coopkit.exporters import export_onnx
+
+    backbone = request.getfixturevalue("tiny_backbone")
+    path = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    calibration = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    export_onnx(coopkit.zero_shot(backbone, ["red", "green", "blue", "yellow"]), path, "int8", calibration=calibration)
+    return path
+
+
+def test_int8_answers_do_not_depend_on_the_batch(server: Any, int8_model: Path, images: list[bytes]) -> None:
+    """Static int8 (issue 14) is batch-invariant: micro-batched answers equal predict() alone."""
+    want = [Classifier(int8_model, device="cpu", threads=1).predict(img, top_k=4)[0] for img in images[:8]]
+    s = Server("coopkit", int8_model, "--max-batch-size", "8", "--max-wait-ms", "300")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: post(s.url + "/predict?top_k=4", images[i]), range(8)))
+        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+    finally:
+        s.stop()
+    assert metric(text, "coopkit_batch_size_count") < 8  # some images shared a session run
+    for (status, body), w in zip(got, want):
+        assert status == 200 and body["labels"] == list(w.labels)
+        np.testing.assert_allclose(body["probs"], w.probs, atol=1e-6)
