@@ -9,6 +9,7 @@ plain ``open(path, "w")`` would give it (``0o666`` minus the umask), not ``mkste
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import threading
@@ -84,3 +85,12 @@ def fsync_dir(path: PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (hex digest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -61,6 +61,7 @@ def export(run_dir: str, out: str, precision: str, opset: int, triton_repo: Opti
         "accuracy_torch": c.get("accuracy_torch"),
         "accuracy_onnx": c.get("accuracy_onnx"),
         "external_data": result.external_data,
+        "sidecar": str(result.sidecar) if result.sidecar else None,
         "triton": str(triton_dir) if triton_dir else None,
     }
     if as_json:

@@ -7,6 +7,7 @@ crop as open_clip does, per the file's metadata) -> uint8 batch ``(n, H, W, 3)``
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -17,7 +18,16 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .contract import INPUT_NAME, OUTPUT_NAMES, MetadataError, ModelMetadata, check_classnames
+from .contract import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    MetadataError,
+    ModelMetadata,
+    check_classnames,
+    is_sidecar,
+    sidecar_mismatches,
+    sidecar_name,
+)
 from .preprocess import MAX_PIXELS, ImageDecodeError, ImageInput, as_image_list, describe, preprocess
 from .session import CPU, CUDA, TENSORRT, ProviderSpec, open_session
 from .text import TextEncoder
@@ -165,6 +175,7 @@ class Classifier:
         self.session = open_session(self.path, device, threads, providers)
         self.metadata = self._read_metadata(self.session, self.path)
         self._check_graph()
+        self._cross_check_sidecar()
         fixed = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)
@@ -207,6 +218,21 @@ class Classifier:
         for got, want in zip(node.shape[1:], (h, w, 3)):
             if isinstance(got, int) and got != want:
                 raise MetadataError(f"{self.path}: graph input is {node.shape} but metadata says image_size {self.metadata.image_size}")
+
+    def _cross_check_sidecar(self) -> None:
+        """Warn when the sidecar beside the file (``model.json``, what web clients read instead of
+        the ONNX metadata) describes another export. The runtime itself never uses it."""
+        side = self.path.with_name(sidecar_name(self.path.name))
+        try:
+            raw = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+        except (OSError, ValueError):
+            raw = None
+        if not is_sidecar(raw):
+            return  # no sidecar (or an unrelated JSON file): nothing to check
+        problems = sidecar_mismatches(raw, self.metadata, self.path.stat().st_size)
+        if problems:
+            logger.warning("%s does not describe %s (%s); web clients will refuse this pair: re-export, or copy "
+                           "the sidecar written with this file", side.name, self.path.name, "; ".join(problems[:3]))
 
     # --- public properties --------------------------------------------------------------------
 
