@@ -20,6 +20,7 @@ import os
 import shutil
 import struct
 import threading
+import urllib.error
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -391,6 +392,15 @@ def test_api_probabilities_match_the_runtime(browser, site):
             agree = (q.argmax(1) == int8.argmax(1)).mean()
             assert agree >= 0.99, f"int8 top-1 agreement {agree:.1%} on {len(images)} images"
             assert _in_page(page, "return m.MAX_PIXELS;") == MAX_PIXELS
+            # every kind of input gives the same row: URL (above), Blob, File, ImageData
+            kinds = _in_page(page, """
+                const clf = await m.loadClassifier('/models/tiny.onnx', {backend: 'wasm'});
+                const blob = await (await fetch(arg)).blob();
+                const file = new File([blob], 'x.png', {type: blob.type});
+                const {data, width, height} = await m.decodeImage(blob);
+                const rows = await clf.probs([blob, file, new ImageData(new Uint8ClampedArray(data), width, height)]);
+                return rows.map((r) => Array.from(r));""", _urls(site, images[:1])[0])
+            assert np.abs(np.array(kinds) - fp32[:1]).max() <= 1e-4
         page.close()
 
 
@@ -443,3 +453,32 @@ def test_sha256_without_webcrypto_matches_hashlib(browser, site):
     for blob, (plain, subtle) in zip(blobs, got):
         assert plain == subtle == hashlib.sha256(blob).hexdigest()
     page.close()
+
+
+def test_serve_script(site):
+    """examples/web/serve.py as a user runs it: prints the page's URL and serves the page, the
+    module and the model's sidecar with the cross-origin isolation headers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "web" / "serve.py"), str(site["root"] / "tiny.onnx"),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/examples/web/?model=/models/tiny.onnx"), url
+        base = url.split("/examples/")[0]
+        for path, want in [("/examples/web/", "coopkit in the browser"), ("/web/coopkit.js", "loadClassifier"),
+                           ("/models/tiny.json", SIDECAR_FORMAT)]:
+            with urllib.request.urlopen(base + path, timeout=30) as r:
+                assert want in r.read().decode()
+                assert r.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+                assert r.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        with pytest.raises(urllib.error.HTTPError):  # nothing outside the model's folder under /models/
+            urllib.request.urlopen(base + "/models/../../etc/passwd", timeout=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "web" / "serve.py"), str(site["root"] / "nope.onnx")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "model not found" in out.stderr

@@ -351,26 +351,26 @@ const clip8 = (s) => {
   return v < 0 ? 0 : v > 255 ? 255 : v;
 };
 
+/** One output pixel: `count` taps of RGB from `p` (step `step`) weighted by kk[kb..], rounded to 8 bits. */
+function convolve(src, p, step, count, kk, kb, out, o) {
+  let s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
+  for (let i = 0; i < count; i++, p += step) {
+    const w = kk[kb + i];
+    s0 += src[p] * w;
+    s1 += src[p + 1] * w;
+    s2 += src[p + 2] * w;
+  }
+  out[o] = clip8(s0);
+  out[o + 1] = clip8(s1);
+  out[o + 2] = clip8(s2);
+}
+
 function resampleHorizontal(src, inW, yFirst, rows, outW, { ksize, bounds, kk }) {
   const out = new Uint8Array(outW * rows * 3);
-  const half = 1 << (PRECISION_BITS - 1);
-  let o = 0;
-  for (let yy = 0; yy < rows; yy++) {
+  for (let yy = 0, o = 0; yy < rows; yy++) {
     const row = (yy + yFirst) * inW * 3;
-    for (let xx = 0; xx < outW; xx++) {
-      const xmin = bounds[xx * 2];
-      const xmax = bounds[xx * 2 + 1];
-      const kb = xx * ksize;
-      let s0 = half, s1 = half, s2 = half;
-      for (let x = 0, p = row + xmin * 3; x < xmax; x++, p += 3) {
-        const w = kk[kb + x];
-        s0 += src[p] * w;
-        s1 += src[p + 1] * w;
-        s2 += src[p + 2] * w;
-      }
-      out[o++] = clip8(s0);
-      out[o++] = clip8(s1);
-      out[o++] = clip8(s2);
+    for (let xx = 0; xx < outW; xx++, o += 3) {
+      convolve(src, row + bounds[xx * 2] * 3, 3, bounds[xx * 2 + 1], kk, xx * ksize, out, o);
     }
   }
   return out;
@@ -378,24 +378,11 @@ function resampleHorizontal(src, inW, yFirst, rows, outW, { ksize, bounds, kk })
 
 function resampleVertical(src, width, outH, { ksize, bounds, kk }, yShift) {
   const out = new Uint8Array(width * outH * 3);
-  const half = 1 << (PRECISION_BITS - 1);
   const stride = width * 3;
-  for (let yy = 0; yy < outH; yy++) {
-    const ymin = bounds[yy * 2] - yShift;
-    const ymax = bounds[yy * 2 + 1];
-    const kb = yy * ksize;
-    let o = yy * stride;
-    for (let xx = 0; xx < stride; xx += 3) {
-      let s0 = half, s1 = half, s2 = half;
-      for (let y = 0, p = ymin * stride + xx; y < ymax; y++, p += stride) {
-        const w = kk[kb + y];
-        s0 += src[p] * w;
-        s1 += src[p + 1] * w;
-        s2 += src[p + 2] * w;
-      }
-      out[o++] = clip8(s0);
-      out[o++] = clip8(s1);
-      out[o++] = clip8(s2);
+  for (let yy = 0, o = 0; yy < outH; yy++) {
+    const first = (bounds[yy * 2] - yShift) * stride;
+    for (let xx = 0; xx < stride; xx += 3, o += 3) {
+      convolve(src, first + xx, stride, bounds[yy * 2 + 1], kk, yy * ksize, out, o);
     }
   }
   return out;

@@ -151,7 +151,6 @@ def remove_stale_companions(target: Path, written: Sequence[Path]) -> None:
             logger.info("removed %s, left by an earlier export to %s", stale.name, target.name)
 
 
-
 def sidecar_role(name: str, model_file: str) -> str:
     """The sidecar role of a file written by an export to ``model_file`` (see ``SIDECAR_ROLES``)."""
     text = text_graph_name(model_file)
