@@ -37,7 +37,7 @@ def main() -> None:
     clf = coopkit.fit(args.train, backbone=backbone, shots=args.shots, epochs=args.epochs)
     print(f"CoOp, {args.shots} shots:         {clf.evaluate(args.test)['accuracy']:.1%}")
     print(f"saved to {clf.save(args.out)}; predictions for two test images:",
-          clf.predict(coopkit.load_dataset(args.test).paths[:2]))
+          [p.label for p in clf.predict(coopkit.load_dataset(args.test).paths[:2])])
 
 
 if __name__ == "__main__":
