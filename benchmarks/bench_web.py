@@ -8,13 +8,14 @@ precision, the script exports a zero-shot classifier (20 classes), serves the de
 
 * **time to first prediction**: page navigation to the first result of one dropped JPEG (load
   onnxruntime-web, fetch the sidecar and the model, check its sha256, create the session,
-  decode, resize, run); for Python, a fresh interpreter's import + ``Classifier`` + ``predict``;
+  decode, resize, run), best of two fresh browser contexts (empty cache); for Python, a fresh
+  interpreter's import + ``Classifier`` + ``predict``, best of two;
 * **images/s end to end**: ``Classifier.probs`` on JPEG bytes (decode, Pillow-exact resize and
   crop, graph), batches of ``--batch-size``;
 * **images/s graph only**: the session on a prepared uint8 batch.
 
-Each browser run uses a fresh browser context (empty cache); throughput is the best of
-``--rounds`` runs after one warm-up. A benchmark, not a test: it prints a table, never fails on
+Throughput is the best of ``--rounds`` runs after one warm-up, on ``--images`` photo-like
+JPEGs (640x480 and similar). A benchmark, not a test: it prints a table, never fails on
 a ratio, and says how busy the machine was.
 
     python benchmarks/bench_web.py                                   # both models, fp32 + int8
@@ -137,12 +138,12 @@ BROWSER_RATES = """async (arg) => {
 }"""
 
 
-def _browser(browser: Any, url: str, model_url: str, image: Path, images: list[str], threads: int, batch: int,
-             rounds: int) -> dict[str, Any]:
+def _first_prediction(browser: Any, page_url: str, image: Path) -> tuple[float, float, Any]:
+    """Navigation to the first result of one dropped image, in a fresh context (empty cache)."""
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(600_000)
-    page.goto(f"{url}/examples/web/?model={model_url}&backend=wasm&threads={threads}")
+    page.goto(page_url)
     page.wait_for_function("document.body.dataset.state !== undefined")
     if page.evaluate("document.body.dataset.state") != "ready":
         raise RuntimeError(page.inner_text("#error"))
@@ -150,9 +151,18 @@ def _browser(browser: Any, url: str, model_url: str, image: Path, images: list[s
     page.set_input_files("#files", [str(image)])
     page.wait_for_function("document.getElementById('status').dataset.batches === '1'")
     first_ms = float(page.evaluate("document.getElementById('status').dataset.ms"))
+    return (ready_ms + first_ms) / 1000, ready_ms / 1000, (context, page)
+
+
+def _browser(browser: Any, url: str, model_url: str, image: Path, images: list[str], threads: int, batch: int,
+             rounds: int) -> dict[str, Any]:
+    page_url = f"{url}/examples/web/?model={model_url}&backend=wasm&threads={threads}"
+    first, ready, (context, _) = _first_prediction(browser, page_url, image)
+    context.close()
+    first2, ready2, (context, page) = _first_prediction(browser, page_url, image)  # best of two
     rates = page.evaluate(BROWSER_RATES, {"model": model_url, "images": images, "batch": batch, "rounds": rounds})
     context.close()
-    return {"first_prediction_s": (ready_ms + first_ms) / 1000, "ready_s": ready_ms / 1000, **rates}
+    return {"first_prediction_s": min(first, first2), "ready_s": min(ready, ready2), **rates}
 
 
 def main() -> None:
@@ -160,9 +170,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="Keep exports here (default: a temporary folder).")
     args = parser.parse_args()

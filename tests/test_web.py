@@ -440,6 +440,17 @@ def test_bad_models_give_a_visible_message(browser, site, model, message):
     page.close()
 
 
+def test_missing_scripts_give_a_visible_message(browser, site):
+    """When onnxruntime-web cannot be loaded (web/node_modules missing), the page says so."""
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.route("**/onnxruntime-web/dist/*", lambda route: route.fulfill(status=404, body="not found"))
+    page.goto(f"{site['url']}/examples/web/?model=/models/tiny.onnx")
+    page.wait_for_selector("#error", state="visible")
+    assert "npm ci" in page.inner_text("#error")
+    page.close()
+
+
 def test_sha256_without_webcrypto_matches_hashlib(browser, site):
     page = _open_demo(browser, site, "model=/models/tiny.onnx&backend=wasm")
     blobs = [b"", b"abc", bytes(range(55)), bytes(range(56)), bytes(64), os.urandom(100_003)]
