@@ -43,18 +43,21 @@ DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 
 
 class LinearHead(nn.Module):
-    """Logits of L2-normalised image features: ``x W^T`` with ``W = exp(logit_scale) * text features``.
+    """Logits of L2-normalised image features: ``x W^T + b`` with ``W = exp(logit_scale) * text
+    features`` and ``b`` the model's logit bias (SigLIP-family models; none for CLIP's).
 
     The head :meth:`Classifier.head` returns, and the one the exporter bakes into the graph
-    (a pure module: the weights are a buffer, nothing else).
+    (a pure module: the weights and the bias are buffers, nothing else).
     """
 
-    def __init__(self, weights: torch.Tensor) -> None:
+    def __init__(self, weights: torch.Tensor, bias: Optional[float] = None) -> None:
         super().__init__()
         self.register_buffer("weights_t", weights.detach().to(torch.float32).t().contiguous())  # (embed_dim, C)
+        self.register_buffer("bias", None if bias is None else torch.tensor(float(bias), dtype=torch.float32))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features.to(torch.float32) @ self.weights_t  # (b, C)
+        logits = features.to(torch.float32) @ self.weights_t  # (b, C)
+        return logits if self.bias is None else logits + self.bias
 
 
 class Classifier:
@@ -111,7 +114,7 @@ class Classifier:
         Every score this classifier gives goes through it, and :func:`coopkit.exporters.export_onnx`
         bakes it into the graph, so PyTorch and ONNX compute the same function.
         """
-        return LinearHead(self.class_weights()).eval()
+        return LinearHead(self.class_weights(), self.backbone.logit_bias).eval()
 
     def with_classes(self, classnames: Sequence[str]) -> "Classifier":
         """The same prompt over other class names (base-to-new, open vocabulary).
@@ -141,14 +144,32 @@ class Classifier:
         return feats[0]
 
     def logits(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
-        """Logits ``(n_images, n_classes)`` (scaled cosine similarities), float32, for paths, bytes,
-        PIL images or uint8 HWC arrays; the same numbers the exported file gives."""
+        """Logits ``(n_images, n_classes)`` (scaled cosine similarities, plus the logit bias of
+        SigLIP-family models), float32, for paths, bytes, PIL images or uint8 HWC arrays; the
+        same numbers the exported file gives."""
         with torch.no_grad():
             return self.head()(self.image_features(images, batch_size)).numpy()
 
     def probs(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits), float32."""
+        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits over the label
+        set, for every model family; a logit bias cancels), float32."""
         return torch.from_numpy(self.logits(images, batch_size=batch_size)).softmax(-1).numpy()
+
+    def scores(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
+        """Per-class match probabilities ``sigmoid(logits)`` ``(n_images, n_classes)`` of a model
+        trained with a sigmoid loss (SigLIP family: it has a logit bias), as it was trained to
+        output them; each class on its own, so rows need not sum to 1.
+
+        Raises:
+            ValueError: a softmax-trained model (no logit bias), whose logits are not calibrated
+                for a sigmoid; use :meth:`probs`.
+        """
+        if self.backbone.logit_bias is None:
+            raise ValueError(
+                f"{self.backbone.name} was trained with a softmax loss (no logit bias), so sigmoid scores mean "
+                "nothing for it; use probs() (softmax over the label set)"
+            )
+        return torch.from_numpy(self.logits(images, batch_size=batch_size)).sigmoid().numpy()
 
     def embed(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
         """L2-normalised image embeddings ``(n_images, embed_dim)``, float32."""
@@ -269,7 +290,7 @@ def template_features(backbone: Backbone, classnames: Sequence[str], templates: 
             names = list(classnames[start : start + chunk])
             per_template = []
             for t in templates:
-                tokens = tok(fill_templates(t, names)).to(backbone.device)
+                tokens = torch.as_tensor(tok(fill_templates(t, names))).to(backbone.device)
                 per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
             out.append(F.normalize(torch.stack(per_template).mean(0), dim=-1))  # (chunk, D)
     return torch.cat(out)
@@ -294,6 +315,8 @@ def zero_shot(
         model=backbone.name,
         pretrained=backbone.pretrained,
         model_config=backbone.model_config,
+        tokenizer=backbone.tokenizer_path,
+        text_model=backbone.text_model,
         backbone_sha256=backbone.weights_sha256,
         templates=check_templates(templates),
         coopkit_version=__version__,
@@ -307,6 +330,7 @@ def load(
     device: str = "auto",
     pretrained: Optional[str] = None,
     backbone: Optional[Backbone] = None,
+    tokenizer: Optional[str] = None,
 ) -> Classifier:
     """Restore a saved run.
 
@@ -315,6 +339,7 @@ def load(
         device: Where to load the backbone.
         pretrained: Override the recorded checkpoint path (e.g. the run moved machines).
         backbone: Reuse an already loaded backbone (must be the one the run was trained with).
+        tokenizer: Override the recorded local tokenizer path (e.g. the run moved machines).
 
     Raises:
         FileNotFoundError: the folder or its files are missing.
@@ -344,7 +369,8 @@ def load(
     if backbone is None:
         if config.model_config is not None:
             register_model_config(config.model, config.model_config)
-        backbone = load_backbone(config.model, pretrained if pretrained is not None else config.pretrained, device)
+        backbone = load_backbone(config.model, pretrained if pretrained is not None else config.pretrained, device,
+                                 tokenizer if tokenizer is not None else config.tokenizer, config.text_model)
     if config.backbone_sha256 and backbone.weights_sha256 != config.backbone_sha256:
         raise ValueError(
             f"the backbone weights differ from those this run was trained with ({config.model}, "

@@ -150,8 +150,21 @@ class BackboneConfig(ConfigMixin):
         "help": f"open_clip pretrained tag, checkpoint path, none for random init, or '{DEFAULT_PRETRAINED}' "
                 f"('{EMBEDDED_PRETRAINED}', the shipped weights, for {EMBEDDED_MODEL}; other models must name theirs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "local tokenizer, for working offline: a folder with the model's Hugging Face tokenizer.json "
+                "(SigLIP, CLIPA, MetaCLIP 2, Hugging Face text towers), a tokenizer.json file, or a CLIP BPE "
+                "vocabulary .txt.gz (default: open_clip's, from the hub where it lives there)"})
+    text_model: Optional[str] = field(default=None, metadata={
+        "help": "Hugging Face text towers (roberta, xlm-roberta, mt5, nllb): a local folder with the text "
+                "model's config.json, for working offline (default: the tokenizer folder when it has one)"})
 
     def __post_init__(self) -> None:
+        for name in ("tokenizer", "text_model"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a local path or None, got {value!r}")
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
         if not isinstance(self.model, str) or not self.model.strip():
@@ -256,6 +269,8 @@ class RunConfig(ConfigMixin):
         pretrained: open_clip pretrained tag or checkpoint path; ``None`` for random init.
         model_config: The open_clip model config for custom architectures (``None`` for
             registered names), so the run loads without the original JSON file.
+        tokenizer: The local tokenizer the backbone was loaded with (``None``: open_clip's).
+        text_model: The local Hugging Face text-model config folder, if one was given.
         backbone_sha256: Fingerprint of the backbone weights the context was trained with.
         prompt: Prompt settings (CoOp runs).
         train: Training settings (CoOp runs).
@@ -270,6 +285,8 @@ class RunConfig(ConfigMixin):
     model: str
     pretrained: Optional[str] = None
     model_config: Optional[dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    text_model: Optional[str] = None
     backbone_sha256: str = ""
     prompt: Optional[PromptConfig] = None
     train: Optional[TrainConfig] = None

@@ -61,6 +61,8 @@ def fit(
     model: str = default_of(BackboneConfig, "model"),
     pretrained: Optional[str] = default_of(BackboneConfig, "pretrained"),
     device: str = default_of(BackboneConfig, "device"),
+    tokenizer: Optional[str] = default_of(BackboneConfig, "tokenizer"),
+    text_model: Optional[str] = default_of(BackboneConfig, "text_model"),
     backbone: Optional[Backbone] = None,
     val: Optional[DataSource] = None,
     image_root: Optional[Union[str, os.PathLike]] = None,
@@ -89,7 +91,11 @@ def fit(
         pretrained: open_clip tag, checkpoint path, ``None`` for random init, or ``"default"``
             (the shipped weights of ``coopkit-tiny``; other models must name theirs).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        backbone: An already loaded backbone (then ``model``/``pretrained``/``device`` are unused).
+        tokenizer: A local tokenizer (folder with ``tokenizer.json``, the file, or a CLIP BPE
+            ``.txt.gz``): no hub access for it (see :func:`coopkit.load_backbone`).
+        text_model: Hugging Face text towers: a local folder with the text model's ``config.json``.
+        backbone: An already loaded backbone (then ``model``/``pretrained``/``device``/``tokenizer``/
+            ``text_model`` are unused).
         val: Optional labelled set evaluated after training (``metrics["val_accuracy"]``).
         image_root: Folder for relative paths in CSV / split files.
         classnames: Train on these classes only, in this order (default: all, sorted).
@@ -111,12 +117,13 @@ def fit(
     prompt_cfg: PromptConfig = configs["prompt"]
     train_cfg: TrainConfig = configs["train"]
     if backbone is None:
-        BackboneConfig(model=model, pretrained=pretrained, device=device)  # checked before any data is read
+        BackboneConfig(model=model, pretrained=pretrained, device=device, tokenizer=tokenizer,
+                       text_model=text_model)  # checked before any data is read
     dataset = load_dataset(data, split="train", image_root=image_root)
     if classnames is not None:
         dataset = dataset.subset(classnames)
     val_data = load_dataset(val, split="val", image_root=image_root) if val is not None else None
-    bb = backbone or load_backbone(model, pretrained, device)
+    bb = backbone or load_backbone(model, pretrained, device, tokenizer, text_model)
     started = time.perf_counter()
 
     seed_everything(train_cfg.seed)
@@ -145,6 +152,8 @@ def fit(
         model=bb.name,
         pretrained=bb.pretrained,
         model_config=bb.model_config,
+        tokenizer=bb.tokenizer_path,
+        text_model=bb.text_model,
         backbone_sha256=bb.weights_sha256,
         prompt=learner.config,
         train=train_cfg,
@@ -182,6 +191,7 @@ def _train_loop(
     device = bb.device
     views, n, _ = feats.shape
     scale = bb.model.logit_scale.exp().float().to(device)
+    bias = bb.logit_bias  # scored as Classifier.head() scores: + the logit bias where the model has one
     optimizer = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
@@ -201,6 +211,8 @@ def _train_loop(
             with autocast_for(device, cfg.precision):
                 text = learner.text_features()  # (n_cls, D)
                 logits = scale * x @ text.float().T  # (b, n_cls)
+                if bias is not None:
+                    logits = logits + bias
                 loss = F.cross_entropy(logits.float(), y)
                 if hand is not None:
                     loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)

@@ -35,7 +35,8 @@ ALLOWED = {
     "cli": {"runtime", "foundation", "core", "exporters", "research", "cli"},
 }
 #: Third-party packages each torch-free layer may import (besides the standard library).
-THIRD_PARTY = {"runtime": {"numpy", "PIL", "onnxruntime", "ftfy"}, "foundation": {"numpy", "PIL"}}  # ftfy: optional, used when installed
+THIRD_PARTY = {"runtime": {"numpy", "PIL", "onnxruntime", "ftfy", "tokenizers"},  # ftfy, tokenizers: optional, lazily
+               "foundation": {"numpy", "PIL"}}
 
 
 def module_name(path: Path) -> str:

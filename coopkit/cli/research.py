@@ -30,7 +30,7 @@ def bench() -> None:
 @bench.command("fewshot")
 @click.option("--train", "train", required=True, type=click.Path(), help="Training set (ImageFolder, CSV or split JSON).")
 @click.option("--test", "test", required=True, type=click.Path(), help="Test set with the same classes.")
-@config_options(BackboneConfig)
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model"))
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Comma-separated shots per class.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @click.option("--methods", default="zeroshot,linear-probe,coop,coop-csc", show_default=True,
@@ -72,7 +72,7 @@ def _task_name(train: str) -> str:
 @click.option("--train", "train", required=True, type=click.Path())
 @click.option("--test", "tests", required=True, multiple=True,
               help="NAME=PATH of a test set; repeat for the source test set and each shifted one.")
-@config_options(BackboneConfig)
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model"))
 @config_options(TrainConfig, only=("shots",))
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @config_options(TrainConfig, only=("epochs", "augment"))
@@ -102,7 +102,7 @@ def shift_cmd(train: str, tests: tuple[str, ...], shots: int, seeds: str, epochs
 @click.option("--test", "test", required=True, type=click.Path())
 @click.option("--base", required=True, help="Comma-separated base classes (trained on).")
 @click.option("--new", required=True, help="Comma-separated new classes (never seen in training).")
-@config_options(BackboneConfig)
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model"))
 @click.option("--shots", default=16, show_default=True)
 @click.option("--seeds", default="1,2,3", show_default=True)
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
@@ -159,7 +159,7 @@ def explain(run_dir: str, top: int, device: str) -> None:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--classes-from", required=True, type=click.Path(),
               help="Dataset (split JSON, folder or CSV) whose class names, in label order, the run used.")
-@config_options(BackboneConfig, defaults={"model": "RN50", "pretrained": "openai"})
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model"), defaults={"model": "RN50", "pretrained": "openai"})
 @config_options(PromptConfig, only=("class_token_position",))
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
 def import_official_cmd(checkpoint: str, classes_from: str, class_token_position: str, out: str,

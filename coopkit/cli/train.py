@@ -35,7 +35,7 @@ def fit_cmd(data: str, out: str, val: Optional[str], image_root: Optional[str], 
     bb = pop_config(BackboneConfig, settings)
     prompt, train = pop_config(PromptConfig, settings), pop_config(TrainConfig, settings)
     clf = fit(data, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
-              val=val, image_root=image_root, progress=not quiet)
+              tokenizer=bb.tokenizer, text_model=bb.text_model, val=val, image_root=image_root, progress=not quiet)
     path = clf.save(out)
     m = clf.config.metrics
     emit({
@@ -92,7 +92,7 @@ def zeroshot_cmd(data: str, templates: tuple[str, ...], split: str, image_root: 
 
     bb = pop_config(BackboneConfig, settings)
     dataset = load_dataset(data, split=split, image_root=image_root)
-    clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device), dataset.classnames,
+    clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device, bb.tokenizer, bb.text_model), dataset.classnames,
                     templates or DEFAULT_TEMPLATES)
     res = clf.evaluate(dataset, progress=not as_json)
     if out:

@@ -172,6 +172,7 @@ def build_metadata(
             weights_sha256=weights_sha256(weights),
             coopkit_version=__version__,
             text_encoder=text_encoder,
+            logit_bias=bb.logit_bias,
         )
     except ValueError as e:  # MetadataError: e.g. an interpolation the runtime cannot reproduce
         raise ValueError(f"cannot export {bb.name}: {e}") from None

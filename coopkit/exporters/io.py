@@ -57,6 +57,13 @@ def text_graph_name(image_file: str) -> str:
     return f"{stem}.text.onnx"
 
 
+def tokenizer_file_name(text_file: str) -> str:
+    """``model.text.onnx`` -> ``model.tokenizer.json`` (the text graph's Hugging Face tokenizer)."""
+    stem = text_file[: -len(".onnx")] if text_file.endswith(".onnx") else text_file
+    stem = stem[: -len(".text")] if stem.endswith(".text") else stem
+    return f"{stem}.tokenizer.json"
+
+
 def tensor_bytes(model: "onnx.ModelProto") -> int:
     """Bytes of initializer data of the model, whether held in it or in external files
     (what decides on external data)."""
@@ -139,13 +146,14 @@ def move_into_place(files: Sequence[Path], folder: Path) -> list[Path]:
 
 
 def remove_stale_companions(target: Path, written: Sequence[Path]) -> None:
-    """Delete the data file and text graph an earlier export to ``target`` left, if this one wrote none.
+    """Delete the data file, text graph and tokenizer an earlier export to ``target`` left, if this one wrote none.
 
     The new image graph is already in place and names only what it uses; an old ``<file>.data``
     or text graph next to it would be dead weight that a later copy might ship by mistake.
     """
     text = target.parent / text_graph_name(target.name)
-    for stale in (target.parent / f"{target.name}.data", text, text.parent / f"{text.name}.data"):
+    tokenizer = text.parent / tokenizer_file_name(text.name)
+    for stale in (target.parent / f"{target.name}.data", text, text.parent / f"{text.name}.data", tokenizer):
         if stale not in written and stale.is_file():
             stale.unlink()
             logger.info("removed %s, left by an earlier export to %s", stale.name, target.name)

@@ -235,7 +235,7 @@ def verify_text_graph(path: Path, classifier: "Classifier", spec: TextEncoderSpe
     Raises:
         ExportVerificationError: they differ by more than :data:`TEXT_TOLERANCE`.
     """
-    encoder = TextEncoder(cpu_session(path), spec)
+    encoder = TextEncoder(cpu_session(path), spec, folder=path.parent)
     names = list(classifier.classnames)
     expected = classifier.class_weights().numpy()  # (n_classes, embed_dim)
     diff = float(np.abs(encoder.class_weights(names) - expected).max())

@@ -5,18 +5,26 @@ coopkit trains a prompt and when the runtime rebuilds it, lives here:
 
 * **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB, already
   resized and cropped to ``image_size``) to ``logits`` ``(batch, n_classes)``, ``probs``
-  (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised); the
+  (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised);
+* **scores**: ``logits = exp(logit_scale) * cos(image, class) + logit_bias`` where the model
+  was trained with a logit bias (SigLIP's sigmoid loss; :attr:`ModelMetadata.logit_bias`),
+  else without; ``probs`` is the softmax over the label set (classification: the bias cancels);
+  for sigmoid-trained models, ``scores = sigmoid(logits)`` is each class's own match
+  probability, as the model was trained to output it (:data:`SCORE_RULE`); the
   optional text graph maps ``token_ids`` int64 ``(n, context_length)`` to ``class_weights``
   ``(n, embed_dim)``, already multiplied by ``exp(logit_scale)``;
 * **class names**: a list of distinct, non-blank strings; ``_`` is read as a space when a
   name goes into a prompt (:func:`prompt_name`);
 * **templates**: strings with exactly one ``{}`` for the class name, filled by
   :func:`fill_template` (no ``str.format``: other braces stay as written);
-* **token layout of CoOp prompts**: ``[SOS] + context + class tokens + "." + [EOT]`` with the
+* **token layout of CoOp prompts**: ``[prefix] + context + class tokens + "." + [end]`` with the
   class tokens at the ``end``, in the ``middle`` (after ``n_ctx // 2`` context vectors) or
-  at the ``front`` (:func:`context_before_name`, :func:`prompt_order`); a text graph is fed
-  the tokenisation of :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then
-  the name and ``"."``) and swaps the learned context in for the placeholders;
+  at the ``front`` (:func:`context_before_name`, :func:`prompt_order`); ``prefix`` is the
+  ``n_prefix`` special tokens the tokenizer puts before the text (CLIP's start token, BERT's
+  ``[CLS]``, ``<s>``; none for SigLIP and mT5), ``end`` the token after it (:func:`name_length`
+  reads the class name's length off the ids); a text graph is fed the tokenisation of
+  :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then the name and ``"."``)
+  and swaps the learned context in for the placeholders;
 * **metadata**: :class:`ModelMetadata`, stored as JSON under :data:`METADATA_KEY` in the
   file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`;
 * **the sidecar**: the same metadata as a JSON file beside the graph (:func:`sidecar_name`,
@@ -56,6 +64,13 @@ LAYOUT_COOP = "coop_placeholders_v1"
 LAYOUT_PLAIN = "plain_v1"
 LAYOUTS = (LAYOUT_COOP, LAYOUT_PLAIN)
 CLIP_BPE_VOCAB = "clip_bpe_49408"
+#: Tokenizers a text graph may declare: CLIP's BPE (numpy, always there) or a Hugging Face
+#: ``tokenizer.json`` beside the model, run by the ``tokenizers`` library (an optional extra).
+TOKENIZER_CLIP_BPE = "clip_bpe"
+TOKENIZER_HF = "hf_tokenizers"
+TOKENIZERS = (TOKENIZER_CLIP_BPE, TOKENIZER_HF)
+#: What ``scores`` means (per-class sigmoid of the logits), offered where ``logit_bias`` is set.
+SCORE_RULE = "sigmoid(logits)"
 
 
 class MetadataError(ValueError):
@@ -130,18 +145,33 @@ def context_before_name(position: str, n_ctx: int) -> int:
     return {"end": n_ctx, "middle": n_ctx // 2, "front": 0}[check_position(position)]
 
 
-def prompt_order(position: str, n_ctx: int, name_len: int, length: int) -> list[int]:
-    """Positions, in prompt order, of the "end" layout ``[SOS, ctx * n_ctx, name, rest]``.
+def prompt_order(position: str, n_ctx: int, name_len: int, length: int, n_prefix: int = 1) -> list[int]:
+    """Positions, in prompt order, of the "end" layout ``[prefix, ctx * n_ctx, name, rest]``.
 
-    The prompt at position ``j`` takes the end-layout token ``order[j]``: SOS, the first
-    :func:`context_before_name` context vectors, the ``name_len`` name tokens, the remaining
-    context vectors, then ``"."``, EOT and padding up to ``length``.
+    The prompt at position ``j`` takes the end-layout token ``order[j]``: the ``n_prefix``
+    special tokens, the first :func:`context_before_name` context vectors, the ``name_len``
+    name tokens, the remaining context vectors, then ``"."``, the end token and padding up to
+    ``length``.
     """
     s = context_before_name(position, n_ctx)
-    sos, ctx = [0], list(range(1, 1 + n_ctx))
-    name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
-    rest = list(range(1 + n_ctx + name_len, length))
+    sos, ctx = list(range(n_prefix)), list(range(n_prefix, n_prefix + n_ctx))
+    name = list(range(n_prefix + n_ctx, n_prefix + n_ctx + name_len))
+    rest = list(range(n_prefix + n_ctx + name_len, length))
     return sos + ctx[:s] + name + ctx[s:] + rest
+
+
+def name_length(ids: Sequence[int], n_prefix: int, n_ctx: int, end_id: int, dot_id: Optional[int]) -> int:
+    """Tokens of the class name in an end-layout row ``[prefix, ctx, name, ".", end, ...]``.
+
+    The name runs from ``n_prefix + n_ctx`` to the first ``end_id`` after it, less the last
+    token when it is ``dot_id`` (a name whose last token swallowed the full stop, like ``").``",
+    keeps it; ``dot_id`` is ``None`` where the tokenizer drops the full stop). A text graph
+    applies the same rule to the ids it is fed (:class:`coopkit.exporters.graphs.TextGraph`).
+    """
+    start = n_prefix + n_ctx
+    rest = list(ids[start:])
+    end = start + (rest.index(end_id) if end_id in rest else len(rest))
+    return end - start - int(dot_id is not None and end > start and ids[end - 1] == dot_id)
 
 
 def coop_prompt_template(n_ctx: int) -> str:
@@ -177,6 +207,14 @@ class TextEncoderSpec:
         n_ctx: Learned context vectors baked into the graph (0 for zero-shot).
         class_token_position: Where the graph puts the class name (CoOp files).
         layout: :data:`LAYOUT_COOP` or :data:`LAYOUT_PLAIN`.
+        tokenizer: :data:`TOKENIZER_CLIP_BPE` (files written before it existed) or
+            :data:`TOKENIZER_HF` (``tokenizer_file`` run by the ``tokenizers`` library).
+        tokenizer_file: The ``tokenizer.json`` beside the model (Hugging Face tokenizers; it
+            records the padding and truncation to ``context_length``).
+        clean: open_clip's text cleaning before tokenising (``lower``, ``whitespace`` or
+            ``canonicalize``; CLIP's BPE always lower-cases).
+        strip_sep_id: Token id replaced by 0 after tokenising (open_clip's ``strip_sep_token``).
+        n_prefix: Special tokens before the text; the context follows them.
     """
 
     file: str
@@ -192,10 +230,18 @@ class TextEncoderSpec:
     n_ctx: int = 0
     class_token_position: str = "end"
     layout: str = LAYOUT_PLAIN
+    tokenizer: str = TOKENIZER_CLIP_BPE
+    tokenizer_file: Optional[str] = None
+    clean: str = "lower"
+    strip_sep_id: Optional[int] = None
+    n_prefix: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.file, str) or not self.file or "/" in self.file or "\\" in self.file:
-            raise MetadataError(f"text_encoder.file must be a file name beside the model, got {self.file!r}")
+        for name in ("file", "tokenizer_file"):
+            value = getattr(self, name)
+            if (name == "file" or value is not None) and (
+                    not isinstance(value, str) or not value or "/" in value or "\\" in value):
+                raise MetadataError(f"text_encoder.{name} must be a file name beside the model, got {value!r}")
         if not isinstance(self.context_length, int) or self.context_length < 2:
             raise MetadataError(f"text_encoder.context_length must be an integer >= 2, got {self.context_length!r}")
         if self.layout not in LAYOUTS:
@@ -252,6 +298,9 @@ class ModelMetadata:
         coopkit_version: Version of coopkit that wrote the file.
         text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
         schema_version: Version of this schema.
+        logit_bias: The model's logit bias (SigLIP-family models), baked into the graph's
+            ``logits`` and added to logits computed from text-graph class weights; ``None``
+            for models without one (files written before it existed).
     """
 
     classnames: list[str]
@@ -271,8 +320,11 @@ class ModelMetadata:
     coopkit_version: str = ""
     text_encoder: Optional[TextEncoderSpec] = None
     schema_version: int = SCHEMA_VERSION
+    logit_bias: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.logit_bias is not None:
+            self.logit_bias = float(self.logit_bias)
         try:
             self.classnames = check_classnames(self.classnames, "metadata classnames")
         except ValueError as e:

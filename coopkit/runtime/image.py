@@ -323,6 +323,8 @@ class Classifier:
         if head.weights is None:
             return self._run(batch, [want])[0]
         logits = self._run(batch, ["image_embeds"])[0] @ head.weights.T  # (n, n_classes)
+        if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
+            logits = logits + np.float32(self.metadata.logit_bias)
         return logits if want == "logits" else _softmax(logits)
 
     def _collect(self, images: Any, want: str) -> np.ndarray:
@@ -335,12 +337,29 @@ class Classifier:
         return np.zeros((0, width), np.float32)
 
     def logits(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
-        """Logits ``(n_images, n_classes)`` (scaled cosine similarities), float32."""
+        """Logits ``(n_images, n_classes)`` (scaled cosine similarities, plus the logit bias of
+        SigLIP-family models), float32."""
         return self._collect(images, "logits")
 
     def probs(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
-        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits), float32."""
+        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits over the label set), float32."""
         return self._collect(images, "probs")
+
+    def scores(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """Per-class match probabilities ``sigmoid(logits)`` ``(n_images, n_classes)`` of a model
+        trained with a sigmoid loss (SigLIP family: its file records a logit bias); each class on
+        its own, as the model was trained to output them.
+
+        Raises:
+            ValueError: a softmax-trained model (no logit bias); use :meth:`probs`.
+        """
+        if self.metadata.logit_bias is None:
+            raise ValueError(
+                f"{self.path} is a softmax-trained model (no logit bias), so sigmoid scores mean nothing for it; "
+                "use probs()"
+            )
+        logits = self._collect(images, "logits")
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
     def embed(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
         """L2-normalised image embeddings ``(n_images, embed_dim)``, float32."""
