@@ -30,7 +30,7 @@ import pytest
 from PIL import Image
 
 from coopkit.runtime import Classifier
-from coopkit.runtime.contract import SIDECAR_FORMAT, ModelMetadata, sidecar_name
+from coopkit.runtime.contract import SIDECAR_FORMAT, SIDECAR_ROLES, ModelMetadata, sidecar_name
 from coopkit.runtime.preprocess import MAX_PIXELS, ImageDecodeError, load_image, resize_and_crop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,9 +115,15 @@ def test_runtime_cross_checks_the_sidecar(tiny_backbone, tmp_path, caplog):
     assert caplog.text == ""
 
 
-def test_sidecar_name():
+def test_sidecar_name_and_roles():
+    from coopkit.exporters.io import sidecar_role
+
     assert sidecar_name("model.onnx") == "model.json" and sidecar_name("m.v2.onnx") == "m.v2.json"
     assert sidecar_name("model") == "model.json"
+    assert [sidecar_role(n, "m.onnx") for n in ("m.onnx", "m.onnx.data", "m.text.onnx", "m.text.onnx.data",
+                                                  "m.tokenizer.json")] == list(SIDECAR_ROLES)
+    with pytest.raises(ValueError, match="not a file of the export"):
+        sidecar_role("other.onnx", "m.onnx")
 
 
 # --- the browser --------------------------------------------------------------------------------

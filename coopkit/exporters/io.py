@@ -163,7 +163,7 @@ def sidecar_role(name: str, model_file: str) -> str:
     """The sidecar role of a file written by an export to ``model_file`` (see ``SIDECAR_ROLES``)."""
     text = text_graph_name(model_file)
     roles = {model_file: "model", f"{model_file}.data": "external_data", text: "text_model",
-             f"{text}.data": "text_external_data"}
+             f"{text}.data": "text_external_data", tokenizer_file_name(text): "tokenizer"}
     if name not in roles:
         raise ValueError(f"{name} is not a file of the export {model_file}; expected one of {sorted(roles)}")
     return roles[name]

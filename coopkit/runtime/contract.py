@@ -388,8 +388,8 @@ class ModelMetadata:
 SIDECAR_FORMAT = "coopkit-sidecar"
 SIDECAR_VERSION = 1
 #: What each file listed in a sidecar is: the image graph (always first), its external data, the
-#: companion text graph and its external data.
-SIDECAR_ROLES = ("model", "external_data", "text_model", "text_external_data")
+#: companion text graph, its external data and its tokenizer.
+SIDECAR_ROLES = ("model", "external_data", "text_model", "text_external_data", "tokenizer")
 
 
 def sidecar_name(model_file: str) -> str:
