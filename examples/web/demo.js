@@ -108,6 +108,7 @@ try {
     (classifier.backendNote ? ` (${classifier.backendNote})` : '');
   $('status').textContent = `Ready in ${(performance.now() / 1000).toFixed(2)} s. Drop images to classify them.`;
   $('status').dataset.readyMs = String(performance.now());
+  $('status').dataset.timings = JSON.stringify(classifier.timings);  // sidecar, files (fetch + sha256), session
   drop.classList.remove('disabled');
   document.body.dataset.state = 'ready';
 } catch (e) {
