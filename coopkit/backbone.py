@@ -78,6 +78,18 @@ class Backbone:
         bias = getattr(self.model, "logit_bias", None)
         return None if bias is None else float(bias.detach().float().reshape(-1)[0])
 
+    def run_fields(self) -> dict[str, Any]:
+        """What a saved run records about this backbone (the :class:`~coopkit.config.RunConfig`
+        fields that let :func:`coopkit.load` rebuild it and check its weights)."""
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "model_config": self.model_config,
+            "tokenizer": self.tokenizer_path,
+            "text_model": self.text_model,
+            "backbone_sha256": self.weights_sha256,
+        }
+
     @property
     def weights_sha256(self) -> str:
         """sha256 over the model's state dict (names, dtypes, shapes and bytes), computed once."""

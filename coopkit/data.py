@@ -81,6 +81,22 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+def list_images(root: PathLike) -> list[str]:
+    """Every image file under the folder ``root`` (any depth, by extension), sorted.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: it holds no image.
+    """
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _is_image(p))
+    if not files:
+        raise ValueError(f"{root}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
 def _check_unique(classnames: Sequence[str], source: str) -> None:
     seen: set[str] = set()
     dupes = sorted({c for c in classnames if c in seen or seen.add(c)})  # type: ignore[func-returns-value]

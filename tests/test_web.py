@@ -63,7 +63,8 @@ def test_export_writes_a_sidecar_beside_every_file(tiny_backbone, tmp_path):
     runtime = Classifier(result.path, device="cpu")
     assert ModelMetadata.from_json(json.dumps(side["metadata"])) == runtime.metadata
     assert side["metadata"]["classnames"] == ["red", "green", "blue"] and side["metadata"]["precision"] == "int8"
-    assert side["input"] == {"name": "images", "dtype": "uint8", "shape": ["batch", 32, 32, 3], "channels": "RGB"}
+    assert side["input"] == {"name": "images", "dtype": "uint8", "shape": ["batch", 32, 32, 3], "channels": "RGB",
+                             "kind": "cropped"}
     assert side["outputs"] == ["logits", "probs", "image_embeds"]
     # checksums computed here with hashlib, independently of the exporter's file_sha256
     assert side["files"] == [{"name": "model.onnx", "role": "model", "bytes": result.path.stat().st_size,

@@ -23,7 +23,7 @@ from .base import EXIT_BAD_INPUT, command
     help="auto: CUDA when it really works, else CPU.",
 )
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per graph run.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (default: one per core).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (default: one per CPU that other processes leave idle).")
 def predict(model: str, images: tuple[str, ...], top_k: int, as_json: bool, device: str, batch_size: int, threads: Optional[int]) -> None:
     """Label IMAGES with the exported MODEL (.onnx): one line per image, best label first.
 

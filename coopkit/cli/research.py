@@ -11,15 +11,19 @@ from ..config import BackboneConfig, PromptConfig, TrainConfig
 from .base import LazyGroup, command, config_options, pop_config, print_table
 
 
-def _ints(value: str) -> list[int]:
+def _strs(value: str, option: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{option} is empty; give comma-separated values, e.g. {option} 1,2")
+    return items
+
+
+def _ints(value: str, option: str) -> list[int]:
+    items = _strs(value, option)
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in items]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-
-
-def _strs(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+        raise ValueError(f"{option} expects comma-separated integers, got {value!r}") from None
 
 
 @click.group("bench", cls=LazyGroup)
@@ -30,7 +34,7 @@ def bench() -> None:
 @bench.command("fewshot")
 @click.option("--train", "train", required=True, type=click.Path(), help="Training set (ImageFolder, CSV or split JSON).")
 @click.option("--test", "test", required=True, type=click.Path(), help="Test set with the same classes.")
-@config_options(BackboneConfig, exclude=("tokenizer", "text_model"))
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Comma-separated shots per class.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @click.option("--methods", default="zeroshot,linear-probe,coop,coop-csc", show_default=True,
@@ -47,8 +51,9 @@ def fewshot_cmd(train: str, test: str, shots: str, seeds: str, methods: str, n_c
 
     bb = pop_config(BackboneConfig, settings)
     rows = fewshot_curves(train, test, model=bb.model, pretrained=bb.pretrained, device=bb.device,
-                          shots=_ints(shots), seeds=_ints(seeds), methods=_strs(methods), n_ctx=_ints(n_ctx),
-                          positions=_strs(position), epochs=epochs, n_views=n_views, augment=augment,
+                          shots=_ints(shots, "--shots"), seeds=_ints(seeds, "--seeds"),
+                          methods=_strs(methods, "--methods"), n_ctx=_ints(n_ctx, "--n-ctx"),
+                          positions=_strs(position, "--position"), epochs=epochs, n_views=n_views, augment=augment,
                           progress=not quiet)
     files = write_fewshot_report(rows, out, title=f"{_task_name(train)} ({bb.model})")
     click.echo(markdown_table(summarize(rows, ["method", "setting", "shots"], ["accuracy"]),
@@ -72,7 +77,7 @@ def _task_name(train: str) -> str:
 @click.option("--train", "train", required=True, type=click.Path())
 @click.option("--test", "tests", required=True, multiple=True,
               help="NAME=PATH of a test set; repeat for the source test set and each shifted one.")
-@config_options(BackboneConfig, exclude=("tokenizer", "text_model"))
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @config_options(TrainConfig, only=("shots",))
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @config_options(TrainConfig, only=("epochs", "augment"))
@@ -91,7 +96,7 @@ def shift_cmd(train: str, tests: tuple[str, ...], shots: int, seeds: str, epochs
         named[name] = path
     bb = pop_config(BackboneConfig, settings)
     rows = domain_shift(train, named, model=bb.model, pretrained=bb.pretrained, device=bb.device, shots=shots,
-                        seeds=_ints(seeds), epochs=epochs, augment=augment, progress=not quiet)
+                        seeds=_ints(seeds, "--seeds"), epochs=epochs, augment=augment, progress=not quiet)
     table = markdown_table(summarize(rows, ["method", "test"], ["accuracy"]), ["method", "test"], ["accuracy"])
     click.echo(table)
     _write(out, rows, "# Domain shift\n\n" + table)
@@ -102,7 +107,7 @@ def shift_cmd(train: str, tests: tuple[str, ...], shots: int, seeds: str, epochs
 @click.option("--test", "test", required=True, type=click.Path())
 @click.option("--base", required=True, help="Comma-separated base classes (trained on).")
 @click.option("--new", required=True, help="Comma-separated new classes (never seen in training).")
-@config_options(BackboneConfig, exclude=("tokenizer", "text_model"))
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @click.option("--shots", default=16, show_default=True)
 @click.option("--seeds", default="1,2,3", show_default=True)
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
@@ -115,10 +120,15 @@ def base2new_cmd(train: str, test: str, base: str, new: str, shots: int, seeds: 
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from ..research.experiments import base_to_new, markdown_table, summarize
 
-    weights = [float(w) for w in _strs(kg_weights)]
+    names = _strs(kg_weights, "--kg-weight")
+    try:
+        weights = [float(w) for w in names]
+    except ValueError:
+        raise ValueError(f"--kg-weight expects comma-separated numbers, got {kg_weights!r}") from None
     bb = pop_config(BackboneConfig, settings)
-    rows = base_to_new(train, test, _strs(base), _strs(new), model=bb.model, pretrained=bb.pretrained,
-                       device=bb.device, shots=shots, seeds=_ints(seeds), kg_weights=weights, epochs=epochs,
+    rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), model=bb.model,
+                       pretrained=bb.pretrained, device=bb.device, shots=shots, seeds=_ints(seeds, "--seeds"),
+                       kg_weights=weights, epochs=epochs,
                        augment=augment, progress=not quiet)
     keys, values = ["method", "kg_weight"], ["base", "new", "hm"]
     table = markdown_table(summarize(rows, keys, values), keys, values)
@@ -159,15 +169,17 @@ def explain(run_dir: str, top: int, device: str) -> None:
 @click.argument("checkpoint", type=click.Path())
 @click.option("--classes-from", required=True, type=click.Path(),
               help="Dataset (split JSON, folder or CSV) whose class names, in label order, the run used.")
-@config_options(BackboneConfig, exclude=("tokenizer", "text_model"), defaults={"model": "RN50", "pretrained": "openai"})
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"), defaults={"model": "RN50", "pretrained": "openai"})
 @config_options(PromptConfig, only=("class_token_position",))
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
 def import_official_cmd(checkpoint: str, classes_from: str, class_token_position: str, out: str,
                         **settings: Any) -> None:
     """Import a context learned by the official CoOp code (prompt_learner/model.pth.tar-N)."""
-    from ..research.compat import import_official
+    from ..classifier import check_run_target
     from ..data import load_dataset
+    from ..research.compat import import_official
 
+    check_run_target(out)
     names = load_dataset(classes_from).classnames
     bb = pop_config(BackboneConfig, settings)
     clf = import_official(checkpoint, names, model=bb.model, pretrained=bb.pretrained,

@@ -10,6 +10,7 @@ metadata) is written last.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Sequence, Union
 import numpy as np
 
 from coopkit._io import atomic_write, file_sha256
-from coopkit.runtime.contract import METADATA_KEY, ModelMetadata, build_sidecar, sidecar_name
+from coopkit.runtime.contract import INPUT_RAW, METADATA_KEY, ModelMetadata, build_sidecar, sidecar_name
+from coopkit.runtime.integrity import tensors_sha256
 
 if TYPE_CHECKING:
     import onnx
@@ -35,18 +37,22 @@ class ExportVerificationError(RuntimeError):
 
 
 def check_target(path: Union[str, os.PathLike]) -> Path:
-    """The output file: its folder is created; a folder or an unwritable place is refused."""
+    """The output file: its folder is created; a folder (or a path ending in ``/``) is refused
+    (ValueError), and so is a place that cannot be written (PermissionError, or OSError for a
+    read-only filesystem)."""
     target = Path(path).expanduser()
-    if not target.name or target.is_dir():
-        raise ValueError(f"output {str(path)!r} is a folder; give a file name such as model.onnx")
+    if not target.name or target.is_dir() or os.fspath(path).endswith(("/", os.sep)):
+        raise ValueError(f"output {os.fspath(path)!r} is a folder; give a file name such as model.onnx")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-    except (PermissionError, FileExistsError, NotADirectoryError) as e:
+    except PermissionError:
+        raise
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
         raise ValueError(f"cannot create the output folder {target.parent}: {e.strerror or e}") from None
+    if hasattr(os, "statvfs") and os.statvfs(target.parent).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(target.parent))
     if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {target.parent}: permission denied")
-    if target.exists() and not os.access(target, os.W_OK) and not os.access(target.parent, os.W_OK):
-        raise ValueError(f"cannot replace {target}: permission denied")
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(target.parent))
     return target
 
 
@@ -113,10 +119,23 @@ def set_metadata(model: "onnx.ModelProto", meta: ModelMetadata) -> None:
     entry.key, entry.value = METADATA_KEY, meta.to_json()
     model.producer_name = "coopkit"
     model.producer_version = __version__
+    h, w = meta.image_size
+    images = ("decoded uint8 RGB images (batch, height, width, 3) of any size, resized and cropped in the graph"
+              if meta.input_kind == INPUT_RAW else f"uint8 images (batch, {h}, {w}, 3)")
     model.doc_string = (
         f"coopkit {meta.method} classifier over {meta.model} ({len(meta.classnames)} classes, {meta.precision}): "
-        f"uint8 images (batch, {meta.image_size[0]}, {meta.image_size[1]}, 3) -> logits, probs, image_embeds"
+        f"{images} -> logits, probs, image_embeds"
     )
+
+
+def record_tensors_sha256(model: "onnx.ModelProto", meta: ModelMetadata, path: Path) -> None:
+    """Put the sha256 of every tensor of the saved graph at ``path`` into ``meta`` and rewrite
+    the graph file with it (its tensors, inline or external, are written unchanged)."""
+    import onnx
+
+    meta.tensors_sha256 = tensors_sha256(path)
+    set_metadata(model, meta)
+    onnx.save_model(model, os.fspath(path))
 
 
 def check_model(path: Path) -> None:

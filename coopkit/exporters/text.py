@@ -31,6 +31,7 @@ from coopkit.runtime.contract import (
     coop_prompt_template,
     fill_templates,
 )
+from coopkit.runtime.integrity import tensors_sha256
 from coopkit.runtime.tokenizer import ClipTokenizer, HFTokenizer, dot_token_id, is_clip_bpe, token_layout
 
 from .graphs import TextGraph
@@ -148,5 +149,6 @@ def export_text_graph(
     files = save_model(model, path, size_threshold) + files
     del model
     raw.unlink()
+    spec.tensors_sha256 = tensors_sha256(path)  # checked by the runtime when it opens the text graph
     check_model(path)
     return files, spec, verify_text_graph(path, classifier, spec)

@@ -5,6 +5,11 @@ Layout written (``<repo>/<name>/`` replaces any previous model of that name as a
     <repo>/<name>/config.pbtxt     platform onnxruntime_onnx, dynamic batching, the graph's I/O
     <repo>/<name>/labels.txt       class names, one per line (Triton's classification extension)
     <repo>/<name>/1/model.onnx     the graph (and its external data file, if any)
+
+A raw-input file (``export --raw-input``) declares ``images`` as ``[-1, -1, 3]``; Triton's
+dynamic batcher groups requests of one shape. One that resizes bicubic is pinned to the CPU
+(``instance_group KIND_CPU``, with a warning): onnxruntime's CUDA kernel for that resize is
+wrong (onnxruntime issue 25264), and unlike ``coopkit.runtime`` Triton has no Pillow to fall back on.
 """
 
 from __future__ import annotations
@@ -104,7 +109,9 @@ def write_triton_repository(
     """
     import onnx
 
-    from coopkit.runtime.contract import ModelMetadata
+    from coopkit.runtime.contract import INPUT_RAW, ModelMetadata
+    from coopkit.runtime.image import resizes_in_graph
+    from coopkit.runtime.session import CUDA
 
     src = Path(model_path)
     if not src.is_file():
@@ -127,6 +134,11 @@ def write_triton_repository(
     inputs, outputs = _io(model.graph.input), _io(model.graph.output)
     model_name = _sanitise(name if name is not None else (src.name[:-5] if src.name.endswith(".onnx") else src.stem))
     config = _config_text(model_name, max_batch_size, inputs, outputs, max_queue_delay_us, len(meta.classnames))
+    if meta.input_kind == INPUT_RAW and not resizes_in_graph(meta, CUDA):  # the runtime crops with Pillow there
+        config += "instance_group [\n  {\n    kind: KIND_CPU\n  }\n]\n"
+        logger.warning("%s: onnxruntime's CUDA resize is wrong for this raw-input file (onnxruntime issue 25264): "
+                       "the Triton model runs on the CPU (instance_group KIND_CPU); to serve it on a GPU with Triton, "
+                       "export without --raw-input", src.name)
 
     repo = Path(repo_dir).expanduser()
     if repo.exists() and not repo.is_dir():

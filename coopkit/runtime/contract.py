@@ -3,8 +3,10 @@
 Everything an exported file promises, and every rule that must be applied the same way when
 coopkit trains a prompt and when the runtime rebuilds it, lives here:
 
-* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB, already
-  resized and cropped to ``image_size``) to ``logits`` ``(batch, n_classes)``, ``probs``
+* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB; of the
+  :data:`INPUT_CROPPED` kind already resized and cropped to ``image_size``, of the
+  :data:`INPUT_RAW` kind decoded images of any size, resized and cropped inside the graph, the
+  images of one run all of one size) to ``logits`` ``(batch, n_classes)``, ``probs``
   (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised);
 * **scores**: ``logits = exp(logit_scale) * cos(image, class) + logit_bias`` where the model
   was trained with a logit bias (SigLIP's sigmoid loss; :attr:`ModelMetadata.logit_bias`),
@@ -50,6 +52,11 @@ RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
 METHODS = ("coop", "zeroshot")
+#: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
+#: existed), or decoded RGB images of any size that the graph resizes and crops itself.
+INPUT_CROPPED = "cropped"
+INPUT_RAW = "raw"
+INPUT_KINDS = (INPUT_CROPPED, INPUT_RAW)
 
 #: Where the class-name tokens sit relative to the learned context.
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -129,6 +136,22 @@ def fill_template(template: str, classname: str) -> str:
 def fill_templates(template: str, classnames: Sequence[str]) -> list[str]:
     """One filled-in template per class name."""
     return [fill_template(template, c) for c in classnames]
+
+
+def check_prompts_fit(prompts: Sequence[str], n_tokens: Sequence[int], context_length: int, n_special: int = 2) -> None:
+    """Refuse prompts whose ``n_tokens``, with the tokenizer's ``n_special`` tokens (CLIP's
+    start and end tokens), exceed ``context_length``.
+
+    A tokenizer cuts them silently, so two long names that share their beginning would get
+    identical class weights.
+    """
+    room = context_length - n_special
+    too_long = [p for p, n in zip(prompts, n_tokens) if n > room]
+    if too_long:
+        raise ValueError(
+            f"prompts {too_long[:3]!r:.200} need more than the {room} tokens a text context of "
+            f"{context_length} holds (they would be cut); shorten the class names or the template"
+        )
 
 
 # --- CoOp token layout ---------------------------------------------------------------------------
@@ -215,6 +238,8 @@ class TextEncoderSpec:
             ``canonicalize``; CLIP's BPE always lower-cases).
         strip_sep_id: Token id replaced by 0 after tokenising (open_clip's ``strip_sep_token``).
         n_prefix: Special tokens before the text; the context follows them.
+        tensors_sha256: sha256 of every stored tensor of the text graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`), checked when it is opened.
     """
 
     file: str
@@ -235,6 +260,7 @@ class TextEncoderSpec:
     clean: str = "lower"
     strip_sep_id: Optional[int] = None
     n_prefix: int = 1
+    tensors_sha256: str = ""
 
     def __post_init__(self) -> None:
         for name in ("file", "tokenizer_file"):
@@ -294,13 +320,23 @@ class ModelMetadata:
             for CoOp; ``templates`` for zero-shot).
         precision: ``fp32``, ``fp16`` or ``int8``.
         embed_dim: Width of ``image_embeds``.
-        weights_sha256: sha256 of the class weight matrix (float32, C order).
+        weights_sha256: sha256 of the class weight matrix ``(n_classes, embed_dim)``, float32,
+            C order; the graph stores it as a float32 initializer of that shape or its
+            transpose, and the runtime checks it on load.
+        tensors_sha256: sha256 of every stored tensor of the graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`); the runtime checks it on load
+            unless told not to.
         coopkit_version: Version of coopkit that wrote the file.
         text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
         schema_version: Version of this schema.
         logit_bias: The model's logit bias (SigLIP-family models), baked into the graph's
             ``logits`` and added to logits computed from text-graph class weights; ``None``
             for models without one (files written before it existed).
+        input_kind: :data:`INPUT_CROPPED` (``images`` are crops at ``image_size``; files
+            without this field) or :data:`INPUT_RAW` (decoded uint8 RGB images of any size; the
+            graph applies ``resize_mode``, ``interpolation`` and ``fill_color`` itself). A raw
+            file fed crops at ``image_size`` returns the same answers: its resize and crop
+            leave such an image unchanged.
     """
 
     classnames: list[str]
@@ -317,10 +353,12 @@ class ModelMetadata:
     precision: str = "fp32"
     embed_dim: int = 0
     weights_sha256: str = ""
+    tensors_sha256: str = ""
     coopkit_version: str = ""
     text_encoder: Optional[TextEncoderSpec] = None
     schema_version: int = SCHEMA_VERSION
     logit_bias: Optional[float] = None
+    input_kind: str = INPUT_CROPPED
 
     def __post_init__(self) -> None:
         if self.logit_bias is not None:
@@ -341,7 +379,8 @@ class ModelMetadata:
             raise MetadataError("mean and std must have 3 values (RGB)")
         for name, value, valid in (("resize_mode", self.resize_mode, RESIZE_MODES),
                                    ("interpolation", self.interpolation, INTERPOLATIONS),
-                                   ("precision", self.precision, PRECISIONS)):
+                                   ("precision", self.precision, PRECISIONS),
+                                   ("input_kind", self.input_kind, INPUT_KINDS)):
             if value not in valid:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")
         if self.text_encoder is not None:
@@ -409,7 +448,8 @@ def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[
 
     Returns:
         A JSON-ready dict: ``format``, ``sidecar_version``, ``files``, the graph's ``input``
-        (name, dtype, shape) and ``outputs``, and ``metadata``.
+        (name, dtype, shape, kind: crops at ``image_size`` or raw images of any size) and
+        ``outputs``, and ``metadata``.
     """
     listed = [dict(f) for f in files]
     if not listed or listed[0].get("role") != "model":
@@ -418,11 +458,12 @@ def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[
         if set(f) != {"name", "role", "bytes", "sha256"} or f["role"] not in SIDECAR_ROLES:
             raise ValueError(f"sidecar file entries need name, role (one of {SIDECAR_ROLES}), bytes and sha256; got {f}")
     h, w = meta.image_size
+    shape = ["batch", h, w, 3] if meta.input_kind == INPUT_CROPPED else ["batch", "height", "width", 3]
     return {
         "format": SIDECAR_FORMAT,
         "sidecar_version": SIDECAR_VERSION,
         "files": listed,
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": ["batch", h, w, 3], "channels": "RGB"},
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": shape, "channels": "RGB", "kind": meta.input_kind},
         "outputs": list(OUTPUT_NAMES),
         "metadata": asdict(meta),
     }

@@ -23,10 +23,12 @@ from .contract import (
     MetadataError,
     TextEncoderSpec,
     check_classnames,
+    check_prompts_fit,
     fill_templates,
 )
+from .integrity import verify_tensors
 from .session import ProviderSpec, open_session
-from .tokenizer import ClipTokenizer, HFTokenizer, default_tokenizer
+from .tokenizer import ClipTokenizer, HFTokenizer, default_tokenizer, token_layout
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +100,29 @@ class TextEncoder:
         device: str = "auto",
         threads: Optional[int] = None,
         providers: Optional[Sequence[ProviderSpec]] = None,
+        *,
+        check_tensors: bool = True,
     ) -> "TextEncoder":
-        """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`)."""
+        """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`),
+        after checking its tensors against ``spec.tensors_sha256`` (unless ``check_tensors=False``)."""
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"text encoder graph not found: {file}")
+        if check_tensors:
+            verify_tensors(file, TextEncoderSpec.from_dict(spec).tensors_sha256)
         try:
             return cls(open_session(file, device, threads, providers), spec, folder=file.parent)
         except MetadataError as e:
             raise MetadataError(f"{file}: {e}") from None
 
     def tokens(self, template: str, classnames: Sequence[str]) -> np.ndarray:
-        """Token ids ``(n, context_length)`` of ``template`` filled with each class name."""
-        return self.tokenizer(fill_templates(template, classnames), self.spec.context_length)
+        """Token ids ``(n, context_length)`` of ``template`` filled with each class name; a
+        prompt that does not fit the context is refused (ValueError), not cut."""
+        prompts = fill_templates(template, classnames)
+        n_prefix, n_suffix, _ = token_layout(self.tokenizer)
+        check_prompts_fit(prompts, [len(self.tokenizer.encode(p)) for p in prompts], self.spec.context_length,
+                          n_prefix + n_suffix)
+        return self.tokenizer(prompts, self.spec.context_length)
 
     def class_weights(self, classnames: Sequence[str]) -> np.ndarray:
         """Class weights ``(n, embed_dim)`` float32 for ``classnames``.
