@@ -51,11 +51,11 @@ def _load_avg() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _jpegs(folder: Path, n: int) -> list[Path]:
+def _jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
     """Photo-like JPEGs of a few sizes (640x480 and neighbours), written once."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
@@ -189,6 +189,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="coopkit-bench-web-"))
     work.mkdir(parents=True, exist_ok=True)
     images = _jpegs(work / "img", args.images)
+    calibration = _jpegs(work / "calibration", 16, seed=1)  # int8's activation ranges, other images
     server = serve.make_server(work, 0, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -204,7 +205,7 @@ def main() -> None:
             for precision in args.precisions:
                 path = work / f"{name}-{precision}.onnx"
                 if not path.is_file() or not path.with_suffix(".json").is_file():
-                    export_onnx(clf, path, precision)
+                    export_onnx(clf, path, precision, calibration=calibration if precision == "int8" else None)
                 size_mb = path.stat().st_size / 1e6
                 for threads in args.threads:
                     web = _browser(browser, url, f"/models/{path.name}", images[0], image_urls, threads,

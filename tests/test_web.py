@@ -50,12 +50,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_export_writes_a_sidecar_beside_every_file(tiny_backbone, tmp_path):
+def test_export_writes_a_sidecar_beside_every_file(tiny_backbone, image_folder, tmp_path):
     import coopkit
     from coopkit.exporters import export_onnx
 
     clf = coopkit.zero_shot(tiny_backbone, ["red", "green", "blue"])
-    result = export_onnx(clf, tmp_path / "model.onnx", "int8")
+    result = export_onnx(clf, tmp_path / "model.onnx", "int8", calibration=image_folder / "train")
     assert result.sidecar == tmp_path / "model.json"
     side = json.loads(result.sidecar.read_text())
     assert side["format"] == SIDECAR_FORMAT and side["sidecar_version"] == 1
@@ -215,10 +215,13 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     from coopkit.exporters import export_onnx
 
     root = tmp_path_factory.mktemp("web")
+    images = _scene_images(root / "img", 100, seed=0)
+    calibration = _scene_images(root / "calibration", 16, seed=1)  # other scenes than the test's
     clf = coopkit.zero_shot(coopkit.load_backbone(), world.task_classes(COLOR_TASK))
     export_onnx(clf, root / "tiny.onnx", "fp32")
-    export_onnx(clf, root / "tiny-int8.onnx", "int8")
+    export_onnx(clf, root / "tiny-int8.onnx", "int8", calibration=calibration)
     export_onnx(clf, root / "tiny-ext.onnx", "fp32", size_threshold=0)  # graph + tiny-ext.onnx.data
+    export_onnx(clf, root / "tiny-raw.onnx", "fp32", raw_input=True)  # resizes and crops inside the graph
     # a model whose sidecar does not match it: same size, another checksum
     shutil.copy(root / "tiny.onnx", root / "tampered.onnx")
     side = json.loads((root / "tiny.json").read_text())
@@ -226,7 +229,6 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     side["files"][0]["sha256"] = ("0" if digest[0] != "0" else "1") + digest[1:]
     (root / "tampered.json").write_text(json.dumps(side))
     shutil.copy(root / "tiny.onnx", root / "lonely.onnx")  # no sidecar at all
-    images = _scene_images(root / "img", 100, seed=0)
     (root / "notes.txt").write_text("this is not an image\n")
     _huge_png(root / "huge.png")
     server = _load_serve_module().make_server(root, 0, quiet=True)
@@ -381,7 +383,8 @@ def test_demo_page_classifies_like_the_runtime(browser, site):
 
 def test_api_probabilities_match_the_runtime(browser, site):
     """Full probability rows through the module's API, WebAssembly with 1 and 2 threads, fp32
-    (within 1e-4), fp32 with external data, and int8 (same top-1 on at least 99%)."""
+    (within 1e-4), fp32 with external data, a raw-input file, and int8 (same top-1 on at least
+    99%)."""
     images = site["images"]  # 100: one int8 disagreement would be 1%
     fp32 = Classifier(site["root"] / "tiny.onnx", device="cpu").probs(images[:24])
     int8 = Classifier(site["root"] / "tiny-int8.onnx", device="cpu").probs(images)
@@ -399,6 +402,10 @@ def test_api_probabilities_match_the_runtime(browser, site):
             agree = (q.argmax(1) == int8.argmax(1)).mean()
             assert agree >= 0.99, f"int8 top-1 agreement {agree:.1%} on {len(images)} images"
             assert _in_page(page, "return m.MAX_PIXELS;") == MAX_PIXELS
+            # a raw-input file gets the decoded images, as from the Python runtime (one run per size)
+            raw = _probs_in_page(page, "/models/tiny-raw.onnx", _urls(site, images[:12]), backend="wasm")
+            want = Classifier(site["root"] / "tiny-raw.onnx", device="cpu").probs(images[:12])
+            assert np.abs(np.array(raw["rows"]) - want).max() <= 1e-4
             # every kind of input gives the same row: URL (above), Blob, File, ImageData
             kinds = _in_page(page, """
                 const clf = await m.loadClassifier('/models/tiny.onnx', {backend: 'wasm'});

@@ -687,8 +687,7 @@ export async function loadClassifier(model, options = {}) {
   return clf;
 }
 
-async function runProbs(session, sidecar, batch, n) {
-  const [h, w] = sidecar.metadata.image_size;
+async function runProbs(session, sidecar, batch, n, [h, w] = sidecar.metadata.image_size) {
   const input = new ort.Tensor('uint8', batch, [n, h, w, 3]);
   const out = await session.run({ [sidecar.input.name]: input }, ['probs']);
   const probs = out.probs.data;
@@ -705,6 +704,8 @@ export class Classifier {
     this.classnames = [...sidecar.metadata.classnames];
     this.imageSize = [...sidecar.metadata.image_size];
     this.precision = sidecar.metadata.precision;
+    /** A raw-input file (`coopkit export --raw-input`): the graph resizes and crops decoded images itself. */
+    this.rawInput = sidecar.metadata.input_kind === 'raw';
     this.backend = backend;
     this.backendNote = note;
     this.batchSize = batchSize;
@@ -719,15 +720,24 @@ export class Classifier {
     }
   }
 
-  /** The uint8 (h, w, 3) crop the graph receives for one image (decoded, resized, cropped). */
+  /** The uint8 (h, w, 3) crop at the model's size for one image (decoded, resized, cropped). */
   async preprocess(image, name) {
     const { data, width, height } = await decodeImage(image, { maxPixels: this.maxPixels, name });
     return resizeAndCrop(rgbaToRgb(data, width, height), width, height, this.metadata);
   }
 
-  /** Probabilities for a prepared uint8 batch (n, h, w, 3): a Float32Array (n * n_classes). */
-  async run(batch, n) {
-    return runProbs(this.session, this.sidecar, batch, n);
+  /** What the graph receives for one image, `{data, height, width}`: the crop, or for a raw-input
+   * file the decoded RGB image (the graph resizes and crops it, as the Python runtime lets it). */
+  async prepare(image, name) {
+    if (!this.rawInput) return { data: await this.preprocess(image, name), height: this.imageSize[0], width: this.imageSize[1] };
+    const { data, width, height } = await decodeImage(image, { maxPixels: this.maxPixels, name });
+    return { data: rgbaToRgb(data, width, height), height, width };
+  }
+
+  /** Probabilities for a prepared uint8 batch (n, h, w, 3), by default at the model's size: a
+   * Float32Array (n * n_classes). */
+  async run(batch, n, size = this.imageSize) {
+    return runProbs(this.session, this.sidecar, batch, n, size);
   }
 
   /**
@@ -756,25 +766,29 @@ export class Classifier {
    */
   async probs(images, { errors = 'raise' } = {}) {
     const list = Array.isArray(images) ? images : [images];
-    const [h, w] = this.imageSize;
     const n = this.classnames.length;
     const out = new Array(list.length);
     for (let start = 0; start < list.length; start += this.batchSize) {
       const chunk = list.slice(start, start + this.batchSize);
-      const crops = [];
+      const ready = [];
       for (let i = 0; i < chunk.length; i++) {
         try {
-          crops.push([start + i, await this.preprocess(chunk[i], describe(chunk[i], start + i))]);
+          ready.push([start + i, await this.prepare(chunk[i], describe(chunk[i], start + i))]);
         } catch (e) {
           if (errors !== 'skip' || !(e instanceof CoopkitError)) throw e;
           out[start + i] = e;
         }
       }
-      if (!crops.length) continue;
-      const batch = new Uint8Array(crops.length * h * w * 3);  // (n, h, w, 3)
-      crops.forEach(([, crop], i) => batch.set(crop, i * h * w * 3));
-      const probs = await this.run(batch, crops.length);
-      crops.forEach(([index], i) => { out[index] = probs.slice(i * n, (i + 1) * n); });
+      // one run per stretch of same-size images (all of them, for a cropped file)
+      for (let a = 0, b = 1; a < ready.length; a = b, b = a + 1) {
+        const { height: h, width: w } = ready[a][1];
+        while (b < ready.length && ready[b][1].height === h && ready[b][1].width === w) b++;
+        const group = ready.slice(a, b);
+        const batch = new Uint8Array(group.length * h * w * 3);  // (n, h, w, 3)
+        group.forEach(([, img], i) => batch.set(img.data, i * h * w * 3));
+        const probs = await this.run(batch, group.length, [h, w]);
+        group.forEach(([index], i) => { out[index] = probs.slice(i * n, (i + 1) * n); });
+      }
     }
     return out;
   }
