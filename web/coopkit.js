@@ -15,7 +15,9 @@
  *   session (WebAssembly; WebGPU when present and when it gives the same answers);
  *   image -> decode (EXIF orientation applied, no colour management) -> RGB -> resize and crop
  *   exactly as coopkit/runtime/preprocess.py does with Pillow (a port of Pillow's
- *   ImagingResample, fixed-point rounding included) -> uint8 (n, H, W, 3) -> probs.
+ *   ImagingResample, fixed-point rounding included) -> uint8 (n, H, W, 3) -> probs. A raw-input
+ *   file (metadata input_kind 'raw') resizes and crops inside its graph: it gets the decoded
+ *   RGB image instead, one run per image size, as the Python runtime feeds it.
  *
  * Every failure a person can cause (a non-image file, a huge image, a sidecar that does not
  * match the file, a missing file) is a CoopkitError with a one-line message and a `kind`.
