@@ -12,6 +12,7 @@ written with :func:`atomic_dir`: beside the target, then swapped in with one ren
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -88,6 +89,15 @@ def fsync_dir(path: PathLike) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (hex digest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --- folders that are replaced whole -------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 if TYPE_CHECKING:
     import torch
 
+from ._io import file_sha256
 from .config import DEFAULT_PRETRAINED, BackboneConfig, default_of
 from .embedded import ASSETS, EMBEDDED_MODEL, EMBEDDED_PRETRAINED
 
@@ -116,15 +117,6 @@ def _byte_dtype() -> "torch.dtype":
     import torch
 
     return torch.uint8
-
-
-def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_device(device: Union[str, "torch.device"] = "auto") -> "torch.device":

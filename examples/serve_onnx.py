@@ -26,6 +26,7 @@ onnxruntime's CUDA provider works there, else on the CPU. Each request is one se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -156,12 +157,8 @@ def main() -> None:
     handler = make_handler(clf, args.max_upload, args.max_pixels, args.max_decodes, args.timeout)
     server = BoundedServer((args.host, args.port), handler, args.max_connections)
     print(f"{len(clf.classnames)} classes on {clf.provider}; listening on http://{args.host}:{args.port}", flush=True)
-    try:
+    with server, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: close the socket, exit quietly
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_runtime_classifier_serves_the_file(coop, exported, image_folder):
 
 def test_files_are_written_atomically(exported):
     folder = exported.path.parent
-    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.text.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.text.onnx"]  # + sidecar
     assert exported.files == [exported.path, exported.text_path]
     assert exported.size_bytes == sum(f.stat().st_size for f in exported.files)
 
@@ -347,7 +347,7 @@ def test_reexport_without_text_encoder_removes_the_old_text_graph(coop, tmp_path
     assert first.text_path is not None and first.text_path.is_file()
     second = export_onnx(coop, tmp_path / "m.onnx", "fp32")
     assert second.text_path is None and not first.text_path.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.onnx"]
 
 
 # --- open vocabulary: the text graph ----------------------------------------------------------------

@@ -89,6 +89,7 @@ def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_inp
         "batch_invariance_max_diff": c.get("batch_invariance_max_diff"),
         "calibration_images": c.get("calibration_images"),
         "external_data": result.external_data,
+        "sidecar": str(result.sidecar) if result.sidecar else None,
         "triton": str(triton_dir) if triton_dir else None,
     }
     if as_json:

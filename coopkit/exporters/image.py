@@ -17,7 +17,9 @@ How a file is made, one layer each:
 4. onnxruntime runs it on the CPU against the PyTorch classifier on the same inputs
    (:mod:`~coopkit.exporters.verify`); a file that does not match is never moved into place;
 5. everything is written in a temporary folder beside the target and renamed into place
-   (external data and the text graph first, the image graph last).
+   (external data and the text graph first, the image graph last);
+6. the sidecar ``<stem>.json`` (metadata and every file's sha256, for web clients) is written
+   beside it (:func:`~coopkit.exporters.io.write_sidecar`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from .io import (
     set_metadata,
     tensor_bytes,
     text_graph_name,
+    write_sidecar,
 )
 from .preprocess import RAW_INPUT_OPSET, check_raw_input_supported, prepend_preprocessing
 from .quantize import to_fp16, to_int8
@@ -95,6 +98,8 @@ class ExportResult:
         metadata: The metadata stored in the file.
         text_path: The text graph, when exported.
         external_data: Whether the tensors live in ``<file>.data``.
+        sidecar: ``<stem>.json`` beside the graph: the metadata and every file's sha256, for
+            clients that cannot read ONNX metadata (onnxruntime-web).
     """
 
     path: Path
@@ -106,6 +111,7 @@ class ExportResult:
     metadata: ModelMetadata
     text_path: Optional[Path] = None
     external_data: bool = False
+    sidecar: Optional[Path] = None
 
 
 
@@ -422,6 +428,7 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
 
     main_file = written[-1]
+    sidecar = write_sidecar(main_file, meta, written)
     result = ExportResult(
         path=main_file,
         precision=precision,
@@ -432,6 +439,7 @@ def export_onnx(
         metadata=meta,
         text_path=next((w for w in written if w.name == text_graph_name(target.name)), None),
         external_data=len(files) > 1,
+        sidecar=sidecar,
     )
     logger.info("exported %s (%s, %.1f MB) in %.1fs", main_file, precision, result.size_bytes / 1e6, result.seconds)
     return result

@@ -3,12 +3,15 @@ files into place (the lowest layer of :mod:`coopkit.exporters`; no torch).
 
 A file is assembled in a temporary folder beside its target and moved into place only after
 it was verified; companions (external data, the text graph) go first, the graph that names
-them last, so a reader never sees a graph whose companions are missing.
+them last, so a reader never sees a graph whose companions are missing. The sidecar
+(``model.json``: the metadata and every file's sha256, for clients that cannot read ONNX
+metadata) is written last.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,7 +19,8 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from coopkit.runtime.contract import INPUT_RAW, METADATA_KEY, ModelMetadata
+from coopkit._io import atomic_write, file_sha256
+from coopkit.runtime.contract import INPUT_RAW, METADATA_KEY, ModelMetadata, build_sidecar, sidecar_name
 from coopkit.runtime.integrity import tensors_sha256
 
 if TYPE_CHECKING:
@@ -173,3 +177,23 @@ def remove_stale_companions(target: Path, written: Sequence[Path]) -> None:
             stale.unlink()
             logger.info("removed %s, left by an earlier export to %s", stale.name, target.name)
 
+
+def sidecar_role(name: str, model_file: str) -> str:
+    """The sidecar role of a file written by an export to ``model_file`` (see ``SIDECAR_ROLES``)."""
+    text = text_graph_name(model_file)
+    roles = {model_file: "model", f"{model_file}.data": "external_data", text: "text_model",
+             f"{text}.data": "text_external_data", tokenizer_file_name(text): "tokenizer"}
+    if name not in roles:
+        raise ValueError(f"{name} is not a file of the export {model_file}; expected one of {sorted(roles)}")
+    return roles[name]
+
+
+def write_sidecar(model: Path, meta: ModelMetadata, files: Sequence[Path]) -> Path:
+    """Write ``model.json`` beside the image graph ``model``: its metadata and, for each of
+    ``files`` (the graph and its companions, in place), name, role, size and sha256."""
+    entries = [{"name": f.name, "role": sidecar_role(f.name, model.name), "bytes": f.stat().st_size,
+                "sha256": file_sha256(f)} for f in files]
+    entries.sort(key=lambda e: e["role"] != "model")  # the image graph first
+    path = model.parent / sidecar_name(model.name)
+    atomic_write(path, json.dumps(build_sidecar(meta, entries), indent=2, sort_keys=True) + "\n")
+    return path

@@ -28,7 +28,10 @@ coopkit trains a prompt and when the runtime rebuilds it, lives here:
   :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then the name and ``"."``)
   and swaps the learned context in for the placeholders;
 * **metadata**: :class:`ModelMetadata`, stored as JSON under :data:`METADATA_KEY` in the
-  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`.
+  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`;
+* **the sidecar**: the same metadata as a JSON file beside the graph (:func:`sidecar_name`,
+  :func:`build_sidecar`) with each file's size and sha256, for clients that cannot read ONNX
+  metadata (onnxruntime-web); :func:`sidecar_mismatches` says where one disagrees with a file.
 
 Standard library only, so the torch-free runtime and the training side share it.
 """
@@ -416,3 +419,78 @@ class ModelMetadata:
                 "(export one with `coopkit export`)"
             )
         return cls.from_json(props[METADATA_KEY])
+
+
+# --- the sidecar ---------------------------------------------------------------------------------
+
+#: ``format`` of a sidecar, and the newest sidecar version this coopkit writes and reads.
+SIDECAR_FORMAT = "coopkit-sidecar"
+SIDECAR_VERSION = 1
+#: What each file listed in a sidecar is: the image graph (always first), its external data, the
+#: companion text graph, its external data and its tokenizer.
+SIDECAR_ROLES = ("model", "external_data", "text_model", "text_external_data", "tokenizer")
+
+
+def sidecar_name(model_file: str) -> str:
+    """``model.onnx`` -> ``model.json``: the sidecar's file name beside an exported image graph."""
+    stem = model_file[: -len(".onnx")] if model_file.endswith(".onnx") else model_file
+    return f"{stem}.json"
+
+
+def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The sidecar of an export: everything a client needs that cannot read ONNX metadata.
+
+    Args:
+        meta: The metadata stored in the image graph; it is copied whole under ``metadata``
+            (class names, ``image_size``, resize and crop rule, precision, ``weights_sha256``...).
+        files: One ``{"name", "role", "bytes", "sha256"}`` per file of the export, the image
+            graph (role ``model``) first; roles from :data:`SIDECAR_ROLES`.
+
+    Returns:
+        A JSON-ready dict: ``format``, ``sidecar_version``, ``files``, the graph's ``input``
+        (name, dtype, shape, kind: crops at ``image_size`` or raw images of any size) and
+        ``outputs``, and ``metadata``.
+    """
+    listed = [dict(f) for f in files]
+    if not listed or listed[0].get("role") != "model":
+        raise ValueError("a sidecar lists the image graph (role 'model') first")
+    for f in listed:
+        if set(f) != {"name", "role", "bytes", "sha256"} or f["role"] not in SIDECAR_ROLES:
+            raise ValueError(f"sidecar file entries need name, role (one of {SIDECAR_ROLES}), bytes and sha256; got {f}")
+    h, w = meta.image_size
+    shape = ["batch", h, w, 3] if meta.input_kind == INPUT_CROPPED else ["batch", "height", "width", 3]
+    return {
+        "format": SIDECAR_FORMAT,
+        "sidecar_version": SIDECAR_VERSION,
+        "files": listed,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": shape, "channels": "RGB", "kind": meta.input_kind},
+        "outputs": list(OUTPUT_NAMES),
+        "metadata": asdict(meta),
+    }
+
+
+def is_sidecar(raw: Any) -> bool:
+    """Whether parsed JSON claims to be a coopkit sidecar (any version)."""
+    return isinstance(raw, dict) and raw.get("format") == SIDECAR_FORMAT
+
+
+def sidecar_mismatches(raw: Any, meta: ModelMetadata, model_bytes: Optional[int] = None) -> list[str]:
+    """Where a parsed sidecar disagrees with an image graph's metadata (and size): empty when it
+    describes that file. Cheap: the file's sha256 is not recomputed."""
+    if not is_sidecar(raw):
+        return [f"not a coopkit sidecar (no format {SIDECAR_FORMAT!r})"]
+    version = raw.get("sidecar_version")
+    if not isinstance(version, int) or version > SIDECAR_VERSION:
+        return [f"sidecar version {version!r}, this coopkit reads up to {SIDECAR_VERSION}"]
+    try:
+        theirs = ModelMetadata.from_json(json.dumps(raw.get("metadata")))
+    except MetadataError as e:
+        return [f"sidecar metadata unreadable: {e}"]
+    mine = asdict(meta)
+    problems = [f"{k} differs" for k, v in asdict(theirs).items() if v != mine.get(k)]
+    files = raw.get("files")
+    if model_bytes is not None:
+        listed = files[0].get("bytes") if isinstance(files, list) and files and isinstance(files[0], dict) else None
+        if listed != model_bytes:
+            problems.append(f"the model file has {model_bytes} bytes, the sidecar says {listed}")
+    return problems

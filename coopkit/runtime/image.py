@@ -13,6 +13,7 @@ the graph passes through unchanged; a warning says so.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -23,7 +24,17 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .contract import INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, MetadataError, ModelMetadata, check_classnames
+from .contract import (
+    INPUT_NAME,
+    INPUT_RAW,
+    OUTPUT_NAMES,
+    MetadataError,
+    ModelMetadata,
+    check_classnames,
+    is_sidecar,
+    sidecar_mismatches,
+    sidecar_name,
+)
 from .integrity import FileFormatError, class_weights_sha256, verify_tensors
 from .preprocess import (
     MAX_PIXELS,
@@ -226,6 +237,7 @@ class Classifier:
         self._check_weights()
         if self._check_tensors:
             verify_tensors(self.path, self.metadata.tensors_sha256)
+        self._cross_check_sidecar()
         fixed = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)
@@ -302,6 +314,21 @@ class Classifier:
         if m.weights_sha256 not in found:
             raise MetadataError(f"{self.path}: the class weights do not match the weights_sha256 recorded at export "
                                 "(the file is corrupted or was edited); export it again")
+
+    def _cross_check_sidecar(self) -> None:
+        """Warn when the sidecar beside the file (``model.json``, what web clients read instead of
+        the ONNX metadata) describes another export. The runtime itself never uses it."""
+        side = self.path.with_name(sidecar_name(self.path.name))
+        try:
+            raw = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+        except (OSError, ValueError):
+            raw = None
+        if not is_sidecar(raw):
+            return  # no sidecar (or an unrelated JSON file): nothing to check
+        problems = sidecar_mismatches(raw, self.metadata, self.path.stat().st_size)
+        if problems:
+            logger.warning("%s does not describe %s (%s); web clients will refuse this pair: re-export, or copy "
+                           "the sidecar written with this file", side.name, self.path.name, "; ".join(problems[:3]))
 
     # --- public properties --------------------------------------------------------------------
 
