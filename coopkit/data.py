@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .runtime.preprocess import IMAGE_EXTENSIONS, is_image_file
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
 
 PathLike = Union[str, os.PathLike]
@@ -78,7 +79,7 @@ class Dataset:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return is_image_file(path)
 
 
 def list_images(root: PathLike) -> list[str]:

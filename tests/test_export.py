@@ -497,7 +497,7 @@ def test_triton_repository_matches_the_graph(exported, tmp_path):
     (tmp_path / "repo" / "other").mkdir()
     write_triton_repository(exported.path, tmp_path / "repo", max_batch_size=8)
     assert _parse_pbtxt((model_dir / "config.pbtxt").read_text())["max_batch_size"] == 8
-    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["model", "other"]
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["model", "model_ensemble", "model_preprocess", "other"]
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -146,6 +146,16 @@ def rank(
     return out
 
 
+def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image and resize/crop it as the file's ``metadata`` says: uint8 ``(H, W, 3)``.
+
+    What :meth:`Classifier.prepare` does, without a session: for decoding in other processes
+    (Ray tasks, a Triton Python backend) that only have the metadata.
+    """
+    m = metadata
+    return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=max_pixels)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -355,8 +365,7 @@ class Classifier:
     # --- preprocessing ------------------------------------------------------------------------
 
     def _crop_one(self, source: ImageInput) -> np.ndarray:
-        m = self.metadata
-        return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=self.max_pixels)
+        return prepare_image(source, self.metadata, self.max_pixels)
 
     def _prepare_one(self, source: ImageInput) -> np.ndarray:
         """What the graph receives for one image: the decoded image (raw input) or its crop."""
@@ -364,6 +373,21 @@ class Classifier:
             m = self.metadata
             return decode(source, max_pixels=self.max_pixels, image_size=m.image_size,
                           resize_mode=m.resize_mode)  # (H, W, 3), any size
+        return self._crop_one(source)
+
+    def prepare(self, source: ImageInput) -> np.ndarray:
+        """One image decoded and cropped as open_clip's transform does: uint8 ``(H, W, 3)``.
+
+        The first half of :meth:`predict` for pipelines that decode in their own threads or
+        processes and batch images themselves (then :meth:`run_batch` and :func:`rank`). Always
+        the crop, whatever the file's input kind, so a queue of prepared images holds
+        ``H * W * 3`` bytes each (a raw-input graph's own resize then meets an image already at
+        its size; :meth:`predict` hands such a graph the decoded image instead).
+
+        Raises:
+            ImageDecodeError: the image is unreadable, of an unsupported type or too large.
+            FileNotFoundError: a path that does not exist.
+        """
         return self._crop_one(source)
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
@@ -450,6 +474,46 @@ class Classifier:
                 outs[j][idx] = result  # type: ignore[index]
         return [o for o in outs if o is not None]
 
+    def run_batch(
+        self, images: Batch, outputs: Sequence[str] = ("probs",)
+    ) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+        """Run the graph on images prepared by :meth:`prepare`: a uint8 batch ``(n, H, W, 3)``, or
+        a list of prepared images (a raw-input file's decoded images may differ in size).
+
+        The second half of :meth:`predict`: one consistent set of classes (a concurrent
+        :meth:`set_classes` takes effect on the next call), chunks of ``batch_size``.
+
+        Returns:
+            The class names the columns of ``logits``/``probs`` follow, and a dict with the
+            requested ``outputs`` (any of ``logits``, ``probs``, ``image_embeds``), float32.
+        """
+        wanted = tuple(outputs)
+        unknown = [o for o in wanted if o not in OUTPUT_NAMES]
+        if unknown or not wanted:
+            raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {list(outputs)}")
+        h, w = self.metadata.image_size
+        items = list(images) if not isinstance(images, np.ndarray) else images
+        bad = [x for x in items if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and
+                                        x.shape[2] == 3 and (self._feed_raw or x.shape[:2] == (h, w)))]
+        if bad:
+            raise ValueError(f"images must be what prepare() gives: uint8 ({h}, {w}, 3) crops"
+                             f"{' or decoded (H, W, 3) images' if self._feed_raw else ''}, got {bad[0]!r:.80}")
+        if isinstance(items, list) and not self._feed_raw:
+            items = np.stack(items) if items else np.zeros((0, h, w, 3), np.uint8)  # (n, H, W, 3)
+        head = self._head
+        names = wanted if head.weights is None else ("image_embeds",)
+        parts = [self._run(items[s : s + self.batch_size], names) for s in range(0, len(items), self.batch_size)]
+        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
+        got = {
+            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
+            for i, name in enumerate(names)
+        }
+        if head.weights is not None:
+            logits = self._head_logits(got["image_embeds"], head)
+            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": _softmax(logits)}
+        return head.classnames, {name: got[name] for name in wanted}
+
+
     def _chunks(self, sources: list[Any]) -> Iterable[list[Any]]:
         for start in range(0, len(sources), self.batch_size):
             yield sources[start : start + self.batch_size]
@@ -460,10 +524,16 @@ class Classifier:
             return self._run(batch, ["image_embeds"])[0]
         if head.weights is None:
             return self._run(batch, [want])[0]
-        logits = self._run(batch, ["image_embeds"])[0] @ head.weights.T  # (n, n_classes)
+        logits = self._head_logits(self._run(batch, ["image_embeds"])[0], head)
+        return logits if want == "logits" else _softmax(logits)
+
+    def _head_logits(self, embeds: np.ndarray, head: _Head) -> np.ndarray:
+        """Logits of replaced classes (:meth:`set_classes`) from image embeddings."""
+        assert head.weights is not None
+        logits = embeds @ head.weights.T  # (n, n_classes)
         if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
             logits = logits + np.float32(self.metadata.logit_bias)
-        return logits if want == "logits" else _softmax(logits)
+        return logits
 
     def _collect(self, images: Any, want: str) -> np.ndarray:
         sources = as_image_list(images)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
@@ -23,6 +22,15 @@ MAX_PIXELS = 89_478_485  # Pillow's own default limit
 #: 2x40000 strip would become 224x4480000 (4 GB); such extreme aspect ratios (beyond about 1:330
 #: at 224 pixels) are refused instead, by the Pillow path and before a raw-input graph alike.
 MAX_RESIZED_PIXELS = 4096 * 4096
+
+#: File extensions read as images where a folder is listed (training folders, batch prediction).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def is_image_file(name: Union[str, os.PathLike]) -> bool:
+    """True for a file name with an image extension that is not hidden (``.name``)."""
+    base = os.path.basename(os.fspath(name))
+    return os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS and not base.startswith(".")
 
 
 class ImageDecodeError(ValueError):
@@ -109,7 +117,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, it is this input's problem
             raise ImageDecodeError(f"{describe(source)}: cannot read this PIL image ({type(e).__name__}: {e})") from None
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):  # no Path(): it interns every name
             raise FileNotFoundError(f"image not found: {source}")
         fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
         try:
