@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, clf in _classifiers(models, task_dir, args.seed):
             for precision in precisions:
                 out = Path(tmp) / f"{len(rows)}-{precision}.onnx"
-                res = export_onnx(clf, out, precision, verify_data=task_dir / "test")
+                # int8 calibrates on the run's training images; a zero-shot run has none: the task's
+                calib = task_dir / "train" if precision == "int8" and clf.method == "zeroshot" else None
+                res = export_onnx(clf, out, precision, verify_data=task_dir / "test", calibration=calib)
                 c = res.checks
                 rows.append((
                     label, precision, f"{res.seconds:.1f}", f"{res.size_bytes / 1e6:.1f}",

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TypeVar
 
@@ -27,6 +28,7 @@ from .runtime.contract import (
     check_position,
     check_templates,
 )
+from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +159,23 @@ class BackboneConfig(ConfigMixin):
         "help": f"open_clip pretrained tag, checkpoint path, none for random init, or '{DEFAULT_PRETRAINED}' "
                 f"('{EMBEDDED_PRETRAINED}', the shipped weights, for {EMBEDDED_MODEL}; other models must name theirs)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    threads: Optional[int] = field(default=None, metadata={
+        "help": "CPU threads (default: one per CPU that other processes leave idle, measured at the start)"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "local tokenizer, for working offline: a folder with the model's Hugging Face tokenizer.json "
+                "(SigLIP, CLIPA, MetaCLIP 2, Hugging Face text towers), a tokenizer.json file, or a CLIP BPE "
+                "vocabulary .txt.gz (default: open_clip's, from the hub where it lives there)"})
+    text_model: Optional[str] = field(default=None, metadata={
+        "help": "Hugging Face text towers (roberta, xlm-roberta, mt5, nllb): a local folder with the text "
+                "model's config.json, for working offline (default: the tokenizer folder when it has one)"})
 
     def __post_init__(self) -> None:
+        for name in ("tokenizer", "text_model"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name} must be a local path or None, got {value!r}")
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
         if not isinstance(self.model, str) or not self.model.strip():
@@ -167,8 +184,10 @@ class BackboneConfig(ConfigMixin):
             raise ValueError(f"pretrained must be a tag, a checkpoint path or None, got {self.pretrained!r}")
         if isinstance(self.pretrained, str) and self.pretrained.lower() in ("none", "random", ""):
             self.pretrained = None
-        if not isinstance(self.device, str) and type(self.device).__name__ != "device":
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if type(self.device).__name__ != "device" and not (
+                isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device)):
+            raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        check_threads(self.threads)
 
 
 @dataclass
@@ -256,6 +275,22 @@ class TrainConfig(ConfigMixin):
 
 
 @dataclass
+class TrainingData(ConfigMixin):
+    """Where a run's training images came from, so that an export can find them again (int8
+    calibrates on them). With the run's class names and ``train.shots`` / ``train.seed``,
+    :func:`coopkit.data.few_shot` draws the same sample again."""
+
+    source: str = field(metadata={"help": "absolute path of the ImageFolder, CSV or CoOp split file"})
+    image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative paths in a CSV / split"})
+
+    def __post_init__(self) -> None:
+        for name in ("source", "image_root"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"training data {name} must be a path string, got {value!r}")
+
+
+@dataclass
 class TipAdapterConfig(ConfigMixin):
     """Tip-Adapter and Tip-Adapter-F (Zhang et al., 2022). Defaults follow the official code's configs."""
 
@@ -311,6 +346,8 @@ class RunConfig(ConfigMixin):
         pretrained: open_clip pretrained tag or checkpoint path; ``None`` for random init.
         model_config: The open_clip model config for custom architectures (``None`` for
             registered names), so the run loads without the original JSON file.
+        tokenizer: The local tokenizer the backbone was loaded with (``None``: open_clip's).
+        text_model: The local Hugging Face text-model config folder, if one was given.
         backbone_sha256: Fingerprint of the backbone weights the context was trained with.
         prompt: Prompt settings (CoOp runs).
         train: Training settings (CoOp runs).
@@ -319,6 +356,10 @@ class RunConfig(ConfigMixin):
         ctx_sha256: sha256 of ``ctx.safetensors``, checked on load.
         head_sha256: sha256 of ``head.safetensors`` (few-shot baselines), checked on load.
         coopkit_version: Version that wrote the run.
+        run_sha256: sha256 of the whole run (this config without this field, and
+            ``ctx.safetensors``), checked on load (:func:`coopkit.classifier.run_checksum`).
+        data: Where the training images came from (CoOp runs fitted on a path; ``None`` for a
+            Dataset object or a zero-shot run).
     """
 
     method: str
@@ -326,6 +367,8 @@ class RunConfig(ConfigMixin):
     model: str
     pretrained: Optional[str] = None
     model_config: Optional[dict[str, Any]] = None
+    tokenizer: Optional[str] = None
+    text_model: Optional[str] = None
     backbone_sha256: str = ""
     prompt: Optional[PromptConfig] = None
     train: Optional[TrainConfig] = None
@@ -335,14 +378,29 @@ class RunConfig(ConfigMixin):
     head_sha256: str = ""
     coopkit_version: str = ""
     config_version: int = CONFIG_VERSION
+    run_sha256: str = ""
+    data: Optional[TrainingData] = None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         self.classnames = check_classnames(self.classnames)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be an open_clip model name, got {self.model!r}")
+        for name in ("pretrained", "tokenizer", "text_model"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
+        for name in ("backbone_sha256", "ctx_sha256", "head_sha256", "coopkit_version", "run_sha256"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        _int("config_version", self.config_version, 0)
+        if self.templates is not None and not isinstance(self.templates, (list, tuple)):
+            raise ValueError(f"templates must be a list of strings or null, got {self.templates!r:.80}")
         if self.prompt is not None:
             self.prompt = PromptConfig.from_dict(self.prompt)
         if self.train is not None:
             self.train = TrainConfig.from_dict(self.train)
+        if self.data is not None:
+            self.data = TrainingData.from_dict(self.data)
         if self.method == "coop" and self.prompt is None:
             raise ValueError("a coop run needs prompt settings")
         if self.templates is not None:

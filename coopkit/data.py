@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .runtime.preprocess import IMAGE_EXTENSIONS, is_image_file
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
 
 PathLike = Union[str, os.PathLike]
@@ -79,7 +80,23 @@ class Dataset:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return is_image_file(path)
+
+
+def list_images(root: PathLike) -> list[str]:
+    """Every image file under the folder ``root`` (any depth, by extension), sorted.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: it holds no image.
+    """
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(str(p) for p in folder.rglob("*") if p.is_file() and _is_image(p))
+    if not files:
+        raise ValueError(f"{root}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    return files
 
 
 def _check_unique(classnames: Sequence[str], source: str) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .runtime.preprocess import ImageDecodeError, ImageInput, describe, load_image
+from .runtime.preprocess import ImageDecodeError, ImageInput, check_resizable, describe, load_image
+from .runtime.session import check_threads, default_threads
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -30,6 +31,37 @@ def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.Ab
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast("cuda", dtype=dtype)
+
+
+def _check_resizable(img: Any, source: ImageInput, image_size: tuple[int, int], resize_mode: str) -> None:
+    try:
+        check_resizable(img.size, image_size, resize_mode)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{describe(source)}: {e}") from None
+
+
+def _transform_one(transform: Callable, img: Any, source: ImageInput) -> torch.Tensor:
+    """``transform(img)``; a failure becomes that image's :class:`ImageDecodeError`."""
+    try:
+        return transform(img)
+    except (ValueError, RuntimeError, OSError, ArithmeticError) as e:
+        raise ImageDecodeError(f"{describe(source)}: cannot preprocess ({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[int]:
+    """Run the block with ``threads`` torch intra-op threads (``None``: one per CPU that other
+    processes leave idle, :func:`coopkit.runtime.session.default_threads`); restores the previous
+    count afterwards. Yields the count used."""
+    n = check_threads(threads) or default_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    if threads is None:
+        logger.info("torch threads: %d (%d before)", n, previous)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
 
 
 def encode_images(
@@ -72,6 +104,9 @@ def encode_images(
     from tqdm.auto import tqdm
 
     transform = transform or backbone.preprocess
+    # the eval transform resizes the short side to the model's size: refuse extreme strips as
+    # the runtime does, instead of building a gigapixel intermediate image
+    resize_mode = backbone.preprocess_cfg.get("resize_mode", "shortest") if transform is backbone.preprocess else None
     model = backbone.model
     kept: list[int] = []
     skipped: list[str] = []
@@ -79,10 +114,14 @@ def encode_images(
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
     with torch.inference_mode(), autocast_for(backbone.device, precision):
         for start in range(0, len(images), batch_size):
-            decoded = []
+            decoded, first = [], []  # images, and their first view: every failure stays with its image
             for i in range(start, min(len(images), start + batch_size)):
                 try:
-                    decoded.append(load_image(images[i]))
+                    img = load_image(images[i])
+                    if resize_mode is not None:
+                        _check_resizable(img, images[i], backbone.image_size, resize_mode)
+                    first.append(_transform_one(transform, img, images[i]))
+                    decoded.append(img)
                     kept.append(i)
                 except (ImageDecodeError, FileNotFoundError) as e:
                     if strict:
@@ -92,8 +131,9 @@ def encode_images(
                         errors_out[i] = str(e)
             if decoded:
                 per_view = []
-                for _ in range(views):
-                    batch = torch.stack([transform(img) for img in decoded]).to(backbone.device)  # (b, 3, H, W)
+                for v in range(views):
+                    views_v = first if v == 0 else [transform(img) for img in decoded]
+                    batch = torch.stack(views_v).to(backbone.device)  # (b, 3, H, W)
                     per_view.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu())  # (b, D)
                 out.append(torch.stack(per_view))  # (views, b, D)
             bar.update(min(batch_size, len(images) - start))

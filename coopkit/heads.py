@@ -8,15 +8,16 @@ saved in a run's ``head.safetensors`` and rebuilt here:
 * ``linear-probe`` and ``clap``: a linear classifier ``x W^T + b`` (tensors ``weight``
   ``(C, D)`` and ``bias`` ``(C,)``; CLAP's bias is zero and its ``weight`` already holds
   ``exp(logit_scale) * normalise(prototypes)``);
-* ``tip-adapter`` and ``tip-adapter-f``: Tip-Adapter's cache model over the text weights ``W``,
-  ``x W^T + alpha * exp(-beta * (1 - x K^T)) V`` (tensors ``keys`` ``K`` ``(N, D)``, ``labels``
+* ``tip-adapter`` and ``tip-adapter-f``: Tip-Adapter's cache model over the text weights ``W``
+  (and the model's logit bias ``b``, SigLIP's; none for CLIP),
+  ``x W^T + b + alpha * exp(-beta * (1 - x K^T)) V`` (tensors ``keys`` ``K`` ``(N, D)``, ``labels``
   ``(N,)`` whose one-hot rows are ``V``, ``alpha`` and ``beta``; Tip-Adapter-F's keys are
   fine-tuned, Tip-Adapter's are the training images' features).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ class AffineHead(nn.Module):
 
 
 class CacheHead(nn.Module):
-    """Tip-Adapter: ``x W^T + alpha * exp(-beta * (1 - x K^T)) V`` over L2-normalised image features.
+    """Tip-Adapter: ``x W^T + b + alpha * exp(-beta * (1 - x K^T)) V`` over L2-normalised image features.
 
     Args:
         class_weights: ``W = exp(logit_scale) * text features``, ``(C, D)``.
@@ -49,10 +50,11 @@ class CacheHead(nn.Module):
         labels: Class index of each key ``(N,)``; ``V`` is their one-hot matrix ``(N, C)``.
         alpha: Weight of the cache logits.
         beta: Sharpness of the affinity.
+        logit_bias: The model's logit bias ``b`` (SigLIP family), or ``None``.
     """
 
     def __init__(self, class_weights: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
-                 alpha: torch.Tensor, beta: torch.Tensor) -> None:
+                 alpha: torch.Tensor, beta: torch.Tensor, logit_bias: Optional[float] = None) -> None:
         super().__init__()
         n_classes = class_weights.shape[0]
         self.register_buffer("weights_t", class_weights.detach().to(torch.float32).t().contiguous())  # (D, C)
@@ -61,12 +63,14 @@ class CacheHead(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("alpha", alpha.detach().to(torch.float32).reshape(()).clone())
         self.register_buffer("beta", beta.detach().to(torch.float32).reshape(()).clone())
+        self.register_buffer("logit_bias", None if logit_bias is None else torch.tensor(float(logit_bias)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.to(torch.float32)
         affinity = x @ self.keys_t  # (b, N)
         cache = torch.exp(-self.beta * (1 - affinity)) @ self.values  # (b, C)
-        return x @ self.weights_t + self.alpha * cache  # (b, C)
+        text = x @ self.weights_t if self.logit_bias is None else x @ self.weights_t + self.logit_bias  # (b, C)
+        return text + self.alpha * cache  # (b, C)
 
 
 def check_head_tensors(method: str, tensors: Mapping[str, torch.Tensor], n_classes: int, embed_dim: int) -> None:
@@ -89,9 +93,12 @@ def check_head_tensors(method: str, tensors: Mapping[str, torch.Tensor], n_class
         raise ValueError(f"{method} head tensors {shapes} do not fit {n_classes} classes of width {embed_dim}")
 
 
-def build_head(method: str, tensors: Mapping[str, torch.Tensor], class_weights: torch.Tensor) -> nn.Module:
-    """The head module of a ``method`` run from its saved tensors (and the class text weights ``(C, D)``)."""
+def build_head(method: str, tensors: Mapping[str, torch.Tensor], class_weights: torch.Tensor,
+               logit_bias: Optional[float] = None) -> nn.Module:
+    """The head module of a ``method`` run from its saved tensors, the class text weights ``(C, D)``
+    and the model's logit bias (used by the cache head's text part; a linear probe has its own bias)."""
     check_head_tensors(method, tensors, class_weights.shape[0], class_weights.shape[1])
     if HEAD_METHODS[method] == "linear":
         return AffineHead(tensors["weight"], tensors["bias"]).eval()
-    return CacheHead(class_weights, tensors["keys"], tensors["labels"], tensors["alpha"], tensors["beta"]).eval()
+    return CacheHead(class_weights, tensors["keys"], tensors["labels"], tensors["alpha"], tensors["beta"],
+                     logit_bias).eval()

@@ -1,21 +1,35 @@
 """CoOp's prompt learner and the text-tower pass with learned context (nn.Modules only: no I/O).
 
-A prompt is ``[SOS] + context + class tokens + "." + [EOT]`` (class tokens at the end, in
-the middle after M/2 context vectors, or at the front), run through CLIP's own text tower.
+A prompt is ``[prefix] + context + class tokens + "." + [end]`` (class tokens at the end, in the
+middle after M/2 context vectors, or at the front), run through the model's own text tower.
+``prefix`` is whatever the tokenizer puts before the text (CLIP's start token, BERT's
+``[CLS]``, ``<s>``; nothing for SigLIP or mT5), so the context goes where CoOp puts it.
 
-Three computations here are exact rewrites of the plain full-length pass, not
-approximations (``tests/test_prompts.py`` checks them against :func:`reference_text_features`):
+Every open_clip text tower is reached through a :class:`TextTower` adapter:
 
-* prompts are cut after their EOT token, classes grouped by prompt length so that no
-  group carries padding: the causal mask makes later positions irrelevant to the EOT features;
-* with unified context, the positions before the first class token (SOS and the leading
+* :class:`ClipTower`: open_clip's own text transformer (CLIP, SigLIP / SigLIP 2, CLIPA,
+  MetaCLIP 2, CoCa, EVA, PE, MobileCLIP, ...), causal or not, pooled at the EOT token
+  (``argmax``), at an end token by id (``eos``), at the ``first`` or ``last`` position, or at
+  an appended CLS embedding (CoCa's ``embed_cls``, with its padding mask);
+* :class:`HFTower`: Hugging Face text towers (RoBERTa, XLM-R, mT5, NLLB), fed through their
+  input embeddings (``inputs_embeds``) with the padding mask open_clip gives them.
+
+Where the tower is causal and pooled at the end token (:attr:`TextTower.exact_cut`), three
+computations here are exact rewrites of the plain full-length pass, not approximations
+(``tests/test_prompts.py`` and ``tests/test_families.py`` check them):
+
+* prompts are cut after their end token, classes grouped by prompt length so that no
+  group carries padding: the causal mask makes later positions irrelevant to its features;
+* with unified context, the positions before the first class token (prefix and the leading
   context vectors) are the same for every class and attend only to each other, so they go
   through each layer once, and every class reuses their keys and values;
 * the rows of all length groups are packed into one matrix for the token-wise layers (one
   large matmul instead of one small one per group; attention stays per group), and the last
-  block runs its output projection and MLP on the EOT rows only, the only ones read;
-* large label sets go through the tower in chunks, with activation checkpointing when
-  gradients are needed, so memory stays bounded.
+  block runs its output projection and MLP on the end-token rows only, the only ones read.
+
+Other towers (non-causal ones attend to their padding; CoCa's CLS sees the whole row) run the
+plain full-length pass. Large label sets go through the tower in chunks, with activation
+checkpointing when gradients are needed, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -30,17 +44,92 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import PromptConfig, apply_overrides
-from .runtime.contract import PROMPT_SUFFIX, check_classnames, context_before_name, prompt_name, prompt_order
-from .runtime.tokenizer import is_clip_bpe
+from .runtime.contract import (
+    PLACEHOLDER,
+    PROMPT_SUFFIX,
+    check_classnames,
+    context_before_name,
+    name_length,
+    prompt_name,
+    prompt_order,
+)
+from .runtime.tokenizer import dot_token_id, token_layout
 
 if TYPE_CHECKING:
     from .backbone import Backbone
 
+#: open_clip pool types CoOp can read a class feature from.
+POOL_TYPES = ("argmax", "eos", "first", "last")
+
+
+class TextTower:
+    """A view of an open_clip model's text tower, as CoOp uses it (not a module: nothing is owned).
+
+    :meth:`embed` gives token embeddings, :meth:`encode` runs the tower on prompt embeddings
+    exactly as the model's ``encode_text`` runs on its own, so learned context can stand
+    where word embeddings were. Build one with :meth:`of`.
+    """
+
+    #: Positions after the pooled token cannot change its features (a causal tower pooled at its
+    #: end token, no appended CLS): prompts may be cut there, and the fast paths apply.
+    exact_cut: bool = False
+    #: ``clip`` (open_clip's text transformer) or ``hf`` (a Hugging Face tower).
+    kind: str = ""
+
+    @staticmethod
+    def of(model: nn.Module) -> "TextTower":
+        """The text tower of an open_clip ``CLIP``, ``CustomTextCLIP`` or ``CoCa``."""
+        src = getattr(model, "text", None)
+        if src is not None and all(hasattr(src, a) for a in ("transformer", "pooler", "proj", "config")):
+            return HFTower.of(src)
+        if src is not None and hasattr(src, "token_embedding"):
+            return ClipTower.of(src)
+        if hasattr(model, "token_embedding") and hasattr(model, "transformer"):
+            return ClipTower.of(model)
+        raise ValueError(
+            f"{type(model).__name__} has no text tower coopkit knows (open_clip's text transformer or a "
+            "Hugging Face text encoder); CoOp needs one"
+        )
+
+    #: The module that owns the tower's weights (the model, or its ``text``).
+    source: nn.Module
+
+    @property
+    def parts(self) -> list[nn.Module]:
+        """The modules the tower runs (an export graph registers them, so they move with it)."""
+        return [self.source]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parts[0].parameters()).device
+
+    @property
+    def width(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def cast_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``(n, L) -> (n, L, width)`` in the tower's compute dtype."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features ``(n, embed_dim)`` (unnormalised) of prompt embeddings ``x (n, L, width)``
+        standing for the token ids ``tokens (n, L)`` (their padding and pooling position)."""
+        raise NotImplementedError
+
+    def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Position of the pooled token of each row ``(n,)`` (towers with :attr:`exact_cut`)."""
+        raise NotImplementedError
+
 
 @dataclass
-class TextTower:
-    """Views of an open_clip model's text transformer (not a module: nothing here is owned)."""
+class ClipTower(TextTower):
+    """open_clip's text transformer, in a ``CLIP`` (attributes on the model) or as ``model.text``."""
 
+    source: nn.Module
     token_embedding: nn.Embedding
     positional_embedding: torch.Tensor
     transformer: nn.Module
@@ -48,25 +137,21 @@ class TextTower:
     text_projection: Any
     attn_mask: Optional[torch.Tensor]
     pool_type: str
+    eos_id: Optional[int]
     context_length: int
+    cls_emb: Optional[torch.Tensor] = None
+    pad_mask: bool = False
+    kind: str = "clip"
 
     @classmethod
-    def of(cls, model: nn.Module) -> "TextTower":
-        """Find the CLIP-style text tower of an open_clip ``CLIP`` or ``CustomTextCLIP``."""
-        src = getattr(model, "text", None)
-        if src is None or not hasattr(src, "token_embedding"):
-            src = model
-        if not hasattr(src, "token_embedding") or not hasattr(src, "transformer"):
-            raise ValueError(
-                f"{type(model).__name__} has no CLIP-style text transformer (token embedding + causal "
-                "transformer); CoOp needs one, Hugging Face text towers are not supported"
-            )
-        if getattr(src, "cls_emb", None) is not None:
-            raise ValueError("text towers with a CLS embedding (embed_cls) are not supported")
-        pool = getattr(src, "text_pool_type", getattr(src, "pool_type", "argmax"))
-        if pool not in ("argmax", "eos"):
-            raise ValueError(f"text pool type {pool!r} is not supported; CoOp reads the feature at the EOT token")
-        return cls(
+    def of(cls, src: nn.Module) -> "ClipTower":
+        is_text = hasattr(src, "pool_type")  # a TextTransformer; a CLIP carries text_pool_type
+        pool = src.pool_type if is_text else getattr(src, "text_pool_type", "argmax")
+        if pool not in POOL_TYPES:
+            raise ValueError(f"text pool type {pool!r} gives no single text feature; CoOp reads one of {POOL_TYPES}")
+        cls_emb = getattr(src, "cls_emb", None) if is_text else None
+        tower = cls(
+            source=src,
             token_embedding=src.token_embedding,
             positional_embedding=src.positional_embedding,
             transformer=src.transformer,
@@ -74,8 +159,13 @@ class TextTower:
             text_projection=src.text_projection,
             attn_mask=getattr(src, "attn_mask", None),
             pool_type=pool,
-            context_length=int(src.positional_embedding.shape[0]),
+            eos_id=getattr(src, "eos_id" if is_text else "text_eos_id", None),
+            context_length=int(src.positional_embedding.shape[0]) - (cls_emb is not None),
+            cls_emb=cls_emb,
+            pad_mask=bool(is_text and (cls_emb is not None or getattr(src, "use_pad_mask", False))),
         )
+        tower.exact_cut = tower.attn_mask is not None and cls_emb is None and pool in ("argmax", "eos")
+        return tower
 
     @property
     def width(self) -> int:
@@ -86,14 +176,81 @@ class TextTower:
         get = getattr(self.transformer, "get_cast_dtype", None)
         return get() if get is not None else self.token_embedding.weight.dtype
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.token_embedding(tokens).to(self.cast_dtype)
+
+    def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)  # the end token has the largest id
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Final LayerNorm and text projection of EOT features ``(n, width) -> (n, embed_dim)``."""
-        x = self.ln_final(x)
+        """Final LayerNorm and text projection of pooled features ``(n, width) -> (n, embed_dim)``."""
+        return self._projection(self.ln_final(x))
+
+    def _projection(self, x: torch.Tensor) -> torch.Tensor:
         if self.text_projection is None:
             return x
         if isinstance(self.text_projection, nn.Module):
             return self.text_projection(x)
         return x @ self.text_projection
+
+    def encode(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        n = x.shape[1]
+        if self.cls_emb is not None:  # CoCa: a CLS embedding appended after the whole row
+            cls_row = self.cls_emb.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)  # (k, 1, width)
+            x = torch.cat([x, cls_row], dim=1)  # (k, n + 1, width)
+            n += 1
+        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        if self.pad_mask:  # open_clip's own padding (and CLS) mask: (k * heads, n, n)
+            extra = self.source._build_additive_mask(tokens, n, x.dtype)
+            mask = extra if mask is None else mask.unsqueeze(0) + extra
+        x = x + self.positional_embedding[:n].to(x.dtype)
+        x = self.transformer(x, attn_mask=mask)  # (k, n, width)
+        if self.cls_emb is not None:
+            return self._projection(self.ln_final(x[:, -1]))  # CoCa pools the CLS, LayerNorm after
+        pooled = text_global_pool(self.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_id)
+        return self._projection(pooled)
+
+
+@dataclass
+class HFTower(TextTower):
+    """A Hugging Face text encoder in an open_clip ``CustomTextCLIP`` (``HFTextEncoder``)."""
+
+    source: nn.Module
+    embeddings: nn.Module
+    pad_id: int
+    kind: str = "hf"
+
+    @classmethod
+    def of(cls, src: nn.Module) -> "HFTower":
+        pad = getattr(src.config, "pad_token_id", None)
+        if pad is None:
+            raise ValueError(f"the Hugging Face text tower {type(src.transformer).__name__} has no pad_token_id")
+        return cls(source=src, embeddings=src.transformer.get_input_embeddings(), pad_id=int(pad))
+
+    @property
+    def width(self) -> int:
+        return int(self.embeddings.weight.shape[1])
+
+    @property
+    def cast_dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.source, "context_length", 0) or 0)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(tokens)  # (n, L, width), scaled where the model scales them (NLLB)
+
+    def encode(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        src = self.source
+        mask = (tokens != self.pad_id).long()  # (n, L): as HFTextEncoder.forward
+        out = src.transformer(inputs_embeds=x, attention_mask=mask)
+        return src.proj(src.pooler(out, mask))
 
 
 def _causal_mask(n_query: int, n_key: int, device: torch.device) -> torch.Tensor:
@@ -175,12 +332,8 @@ class PromptLearner(nn.Module):
         self.text_chunk_size = text_chunk_size
         self.tower = TextTower.of(backbone.model)
         tokenizer = backbone.tokenizer
-        if not is_clip_bpe(tokenizer):
-            raise ValueError(
-                f"model {backbone.name!r} uses a {type(tokenizer).__name__} tokenizer; CoOp needs CLIP's "
-                "BPE tokenizer with start and end tokens"
-            )
-        device = self.tower.token_embedding.weight.device
+        n_prefix, n_suffix, end_id = token_layout(tokenizer)
+        device = self.tower.device
         names = [prompt_name(n) for n in self.classnames]
 
         if config.ctx_init is not None:
@@ -192,28 +345,49 @@ class PromptLearner(nn.Module):
             config = dataclasses.replace(config, n_ctx=n_ctx)
         else:
             n_ctx = config.n_ctx
-            prompt_prefix = " ".join(["X"] * n_ctx)
+            prompt_prefix = " ".join([PLACEHOLDER] * n_ctx)
+            init_ids = tokenizer.encode(prompt_prefix)
+            if len(init_ids) != n_ctx:
+                raise ValueError(
+                    f"model {backbone.name!r}: its tokenizer splits the placeholder word {PLACEHOLDER!r} into "
+                    f"{len(init_ids) / n_ctx:g} tokens; CoOp needs one token per context vector (give ctx_init words)"
+                )
         self.config = config
         self.n_ctx = n_ctx
         self.n_cls = len(names)
+        self.n_prefix = n_prefix
 
-        name_lens = [len(tokenizer.encode(n)) for n in names]
-        budget = self.tower.context_length - n_ctx - 3  # SOS, ".", EOT
-        too_long = [n for n, ln in zip(self.classnames, name_lens) if ln > budget]
+        texts = [f"{prompt_prefix} {n}{PROMPT_SUFFIX}" for n in names]
+        tokens = torch.as_tensor(tokenizer(texts)).to(device)  # (n_cls, context_length)
+        context_length = tokens.shape[1]
+        too_long = [c for c, t in zip(self.classnames, texts) if n_prefix + len(tokenizer.encode(t)) + n_suffix > context_length]
         if too_long:
+            budget = context_length - n_prefix - n_suffix - n_ctx - len(tokenizer.encode(PROMPT_SUFFIX))
             raise ValueError(
                 f"class names {too_long[:3]} need more than the {budget} tokens left by n_ctx={n_ctx} in a "
-                f"context of {self.tower.context_length}; shorten them or lower n_ctx"
+                f"context of {context_length}; shorten them or lower n_ctx"
             )
-        tokens = tokenizer([f"{prompt_prefix} {n}{PROMPT_SUFFIX}" for n in names]).to(device)  # (n_cls, context_length)
-        eot = (tokens == tokenizer.eot_token_id).int().argmax(dim=-1)  # (n_cls,)
-        length = int(eot.max()) + 1 if self.tower.attn_mask is not None else tokens.shape[1]
+        rows = tokens.tolist()
+        moved = [c for c, r in zip(self.classnames, rows) if r[n_prefix : n_prefix + n_ctx] != list(init_ids)]
+        if moved:
+            raise ValueError(
+                f"model {backbone.name!r}: its tokenizer merges the context words {prompt_prefix!r} with the class "
+                f"names {moved[:3]}, so the context has no fixed place in the prompt"
+            )
+        dot_id = dot_token_id(tokenizer, PROMPT_SUFFIX)
+        name_lens = [name_length(r, n_prefix, n_ctx, end_id, dot_id) for r in rows]
+        if self.tower.exact_cut:
+            eot = self.tower.pool_index(tokens)  # (n_cls,)
+            length = int(eot.max()) + 1
+        else:  # every position matters: no cutting
+            eot = torch.zeros(self.n_cls, dtype=torch.long, device=device)
+            length = context_length
         with torch.no_grad():
-            embedding = self.tower.token_embedding(tokens).to(self.tower.cast_dtype)  # (n_cls, context_length, width)
+            embedding = self.tower.embed(tokens)  # (n_cls, context_length, width)
 
         width = self.tower.width
         if self.config.ctx_init is not None:
-            ctx = embedding[0, 1 : 1 + n_ctx, :].detach().clone().float()  # (n_ctx, width)
+            ctx = embedding[0, n_prefix : n_prefix + n_ctx, :].detach().clone().float()  # (n_ctx, width)
             if self.config.csc:
                 ctx = ctx.unsqueeze(0).repeat(self.n_cls, 1, 1)  # (n_cls, n_ctx, width)
         else:
@@ -223,27 +397,28 @@ class PromptLearner(nn.Module):
 
         # Derived tensors: non-persistent, so a saved learner holds only ctx.
         self.register_buffer("tokens", tokens, persistent=False)  # (n_cls, context_length)
-        self.register_buffer("token_prefix", embedding[:, :1, :].clone(), persistent=False)  # (n_cls, 1, width)
+        self.register_buffer("token_prefix", embedding[:, :n_prefix, :].clone(), persistent=False)  # (n_cls, p, width)
         self.register_buffer(
-            "token_suffix", embedding[:, 1 + n_ctx : length, :].clone(), persistent=False
-        )  # (n_cls, length - 1 - n_ctx, width): class tokens, ".", EOT
-        self.register_buffer("eot_idx", eot, persistent=False)  # (n_cls,)
+            "token_suffix", embedding[:, n_prefix + n_ctx : length, :].clone(), persistent=False
+        )  # (n_cls, length - p - n_ctx, width): class tokens, ".", end token
+        self.register_buffer("eot_idx", eot, persistent=False)  # (n_cls,): pooled position (exact_cut towers)
         order = torch.stack([self._order(nl, length) for nl in name_lens]).to(device)  # (n_cls, length)
         self.register_buffer("order", order, persistent=False)
         self.length = length
 
         # Packed pass (with split attention) for open_clip's standard causal blocks; otherwise
-        # open_clip's own transformer on the cut prompts.
-        self.packed = self.tower.attn_mask is not None and _split_attention_supported(self.tower.transformer)
+        # the tower's own pass, on cut prompts where that is exact.
+        self.packed = self.tower.exact_cut and _split_attention_supported(self.tower.transformer)
         position = self.config.class_token_position
-        shared = 1 + context_before_name(position, n_ctx)
+        shared = n_prefix + context_before_name(position, n_ctx)
         # Positions computed once for all classes (0: none, every class runs its whole prompt).
-        self.n_shared = shared if self.packed and not self.config.csc and shared < int(eot.min()) + 1 else 0
+        self.n_shared = shared if self.packed and not self.config.csc and 0 < shared < int(eot.min()) + 1 else 0
 
     def _order(self, name_len: int, length: int) -> torch.Tensor:
-        """Positions, in prompt order, of ``cat([SOS, ctx, class tokens, rest])`` (the "end" layout)."""
-        return torch.tensor(prompt_order(self.config.class_token_position, self.n_ctx, name_len, length),
-                            dtype=torch.long)
+        """Positions, in prompt order, of ``cat([prefix, ctx, class tokens, rest])`` (the "end" layout)."""
+        return torch.tensor(
+            prompt_order(self.config.class_token_position, self.n_ctx, name_len, length, self.n_prefix),
+            dtype=torch.long)
 
     def prompts(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Prompt embeddings ``(k, length, width)`` for the classes ``idx`` (all by default)."""
@@ -256,16 +431,6 @@ class PromptLearner(nn.Module):
             return end_layout
         order = self.order[idx].unsqueeze(-1).expand(-1, -1, end_layout.shape[-1])  # (k, length, width)
         return torch.gather(end_layout, 1, order)
-
-    def _plain(self, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """Text tower over cut prompts ``(k, L, width) -> (k, embed_dim)`` (unnormalised)."""
-        t = self.tower
-        n = prompts.shape[1]
-        x = prompts + t.positional_embedding[:n].to(prompts.dtype)
-        mask = t.attn_mask[:n, :n] if t.attn_mask is not None else None
-        x = t.transformer(x, attn_mask=mask)  # (k, L, width)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (k, width)
-        return t.project(x)
 
     def _shared_pass(self) -> list[torch.Tensor]:
         """Run the shared positions (SOS + leading context) once; keys and values per layer."""
@@ -322,11 +487,12 @@ class PromptLearner(nn.Module):
         return t.project(x)  # (classes, embed_dim)
 
     def _plain_chunk(self, idx: torch.Tensor) -> torch.Tensor:
-        eot = self.eot_idx[idx]
-        prompts = self.prompts(idx)
-        if self.tower.attn_mask is not None:
-            prompts = prompts[:, : int(eot.max()) + 1]  # (k, L, width)
-        return self._plain(prompts, eot)
+        """The tower's own pass over the prompts of ``idx``, cut after their end token where exact."""
+        prompts, tokens = self.prompts(idx), self.tokens[idx]
+        if self.tower.exact_cut:
+            cut = int(self.eot_idx[idx].max()) + 1
+            prompts, tokens = prompts[:, :cut], tokens[:, :cut]  # (k, cut, width), (k, cut)
+        return self.tower.encode(prompts, tokens)
 
     def text_features(self) -> torch.Tensor:
         """L2-normalised class text features ``(n_classes, embed_dim)``, differentiable w.r.t. ``ctx``."""
@@ -349,10 +515,7 @@ class PromptLearner(nn.Module):
 
         Packed towers take several length groups per chunk; the plain path takes one group.
         """
-        if self.tower.attn_mask is None:  # no causal mask: every position matters, no cutting
-            lengths = torch.zeros_like(self.eot_idx)
-        else:
-            lengths = self.eot_idx
+        lengths = self.eot_idx  # zeros where every position matters (no cutting)
         by_length = torch.argsort(lengths, stable=True)
         chunks = []
         for chunk in torch.split(by_length, self.text_chunk_size):
@@ -363,32 +526,22 @@ class PromptLearner(nn.Module):
 
     @property
     def use_shared_prefix(self) -> bool:
-        """Whether the shared SOS + context positions run once for all classes (unified context)."""
+        """Whether the shared prefix + context positions run once for all classes (unified context)."""
         return self.n_shared > 0
 
     forward = text_features
 
 
 def reference_text_features(learner: PromptLearner) -> torch.Tensor:
-    """The plain computation: every class's full-length prompt through open_clip's own text tower.
+    """The plain computation: every class's full-length prompt through the tower's own pass.
 
-    No cutting, no shared prefix, no chunks: the prompt embeddings are placed into the full
-    context, passed through ``transformer`` with the model's full causal mask, and pooled with
-    open_clip's ``text_global_pool``. Tests and benchmarks compare :meth:`PromptLearner.text_features`
-    with this.
+    No cutting, no shared prefix, no chunks, no packing: the prompt embeddings are placed into
+    the full context (the token embeddings of the padding after them) and passed through
+    :meth:`TextTower.encode` with the full token rows. Tests and benchmarks compare
+    :meth:`PromptLearner.text_features` with this.
     """
-    from open_clip.transformer import text_global_pool
-
     t = learner.tower
-    full_len = learner.tokens.shape[1]
-    emb = t.token_embedding(learner.tokens).to(t.cast_dtype)  # (n_cls, context_length, width)
-    cut = learner.prompts()  # (n_cls, length, width)
-    x = torch.cat([cut, emb[:, learner.length :]], dim=1)  # (n_cls, context_length, width)
-    assert x.shape[1] == full_len
-    x = x + t.positional_embedding.to(x.dtype)
-    x = t.transformer(x, attn_mask=t.attn_mask)
-    x = t.ln_final(x)
-    x = text_global_pool(x, learner.tokens, "argmax")  # (n_cls, width)
-    if t.text_projection is not None:
-        x = t.text_projection(x) if isinstance(t.text_projection, nn.Module) else x @ t.text_projection
-    return F.normalize(x.float(), dim=-1)
+    emb = t.embed(learner.tokens)  # (n_cls, context_length, width)
+    x = torch.cat([learner.prompts(), emb[:, learner.length :]], dim=1)  # (n_cls, context_length, width)
+    assert x.shape[1] == learner.tokens.shape[1]
+    return F.normalize(t.encode(x, learner.tokens).float(), dim=-1)

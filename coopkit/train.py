@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .classifier import Classifier, template_features
-from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, apply_overrides, default_of
+from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
 from .data import Dataset, few_shot, load_dataset
-from .features import autocast_for, encode_images
+from .features import autocast_for, encode_images, torch_threads
 from .prompts import PromptLearner
+from .runtime.contract import check_classnames
+from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,15 @@ def kg_penalty(text: torch.Tensor, hand: torch.Tensor) -> torch.Tensor:
     return (1 - (text * hand).sum(-1)).mean()
 
 
+def training_data(data: DataSource, image_root: Optional[Union[str, os.PathLike]]) -> Optional[TrainingData]:
+    """What a run records about its training images: absolute paths of a file or folder source
+    (``None`` for a Dataset object, which may not be readable again)."""
+    if isinstance(data, Dataset):
+        return None
+    root = str(Path(image_root).expanduser().resolve()) if image_root is not None else None
+    return TrainingData(str(Path(data).expanduser().resolve()), root)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -61,6 +73,9 @@ def fit(
     model: str = default_of(BackboneConfig, "model"),
     pretrained: Optional[str] = default_of(BackboneConfig, "pretrained"),
     device: str = default_of(BackboneConfig, "device"),
+    threads: Optional[int] = default_of(BackboneConfig, "threads"),
+    tokenizer: Optional[str] = default_of(BackboneConfig, "tokenizer"),
+    text_model: Optional[str] = default_of(BackboneConfig, "text_model"),
     backbone: Optional[Backbone] = None,
     val: Optional[DataSource] = None,
     image_root: Optional[Union[str, os.PathLike]] = None,
@@ -89,7 +104,13 @@ def fit(
         pretrained: open_clip tag, checkpoint path, ``None`` for random init, or ``"default"``
             (the shipped weights of ``coopkit-tiny``; other models must name theirs).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        backbone: An already loaded backbone (then ``model``/``pretrained``/``device`` are unused).
+        threads: CPU threads for torch while fitting (``None``: one per CPU that other
+            processes leave idle when training starts; torch's own count is restored after).
+        tokenizer: A local tokenizer (folder with ``tokenizer.json``, the file, or a CLIP BPE
+            ``.txt.gz``): no hub access for it (see :func:`coopkit.load_backbone`).
+        text_model: Hugging Face text towers: a local folder with the text model's ``config.json``.
+        backbone: An already loaded backbone (then ``model``/``pretrained``/``device``/``tokenizer``/
+            ``text_model`` are unused).
         val: Optional labelled set evaluated after training (``metrics["val_accuracy"]``).
         image_root: Folder for relative paths in CSV / split files.
         classnames: Train on these classes only, in this order (default: all, sorted).
@@ -101,7 +122,8 @@ def fit(
         A fitted :class:`Classifier` whose ``config.metrics`` holds the training history.
 
     Raises:
-        ValueError / FileNotFoundError: bad settings or data, before any model is loaded.
+        ValueError / FileNotFoundError: bad settings or data (fewer than two classes, duplicate or
+            blank ``classnames``), before any model is loaded.
         RuntimeError: the loss or the context became NaN or infinite (the message names the epoch).
     """
     for name, cfg, cls in (("prompt", prompt, PromptConfig), ("train", train, TrainConfig)):
@@ -111,12 +133,37 @@ def fit(
     prompt_cfg: PromptConfig = configs["prompt"]
     train_cfg: TrainConfig = configs["train"]
     if backbone is None:
-        BackboneConfig(model=model, pretrained=pretrained, device=device)  # checked before any data is read
+        BackboneConfig(model=model, pretrained=pretrained, device=device, threads=threads, tokenizer=tokenizer,
+                       text_model=text_model)  # checked before any data is read
+    else:
+        check_threads(threads)
+    if classnames is not None:
+        classnames = check_classnames(classnames, "classnames=")
     dataset = load_dataset(data, split="train", image_root=image_root)
     if classnames is not None:
         dataset = dataset.subset(classnames)
+    if len(dataset.classnames) < 2:
+        raise ValueError(
+            f"{dataset.source}: {len(dataset.classnames)} class {dataset.classnames}; CoOp learns to tell classes "
+            "apart and needs at least two (with one, the loss is 0 and nothing is learned)"
+        )
     val_data = load_dataset(val, split="val", image_root=image_root) if val is not None else None
-    bb = backbone or load_backbone(model, pretrained, device)
+    bb = backbone or load_backbone(model, pretrained, device, tokenizer, text_model)
+    with torch_threads(threads):
+        return _fit(bb, dataset, val_data, prompt_cfg, train_cfg, data, image_root, progress, callback)
+
+
+def _fit(
+    bb: Backbone,
+    dataset: Dataset,
+    val_data: Optional[Dataset],
+    prompt_cfg: PromptConfig,
+    train_cfg: TrainConfig,
+    data: DataSource,
+    image_root: Optional[Union[str, os.PathLike]],
+    progress: bool,
+    callback: Optional[Callable[[int, dict[str, float]], None]],
+) -> Classifier:
     started = time.perf_counter()
 
     seed_everything(train_cfg.seed)
@@ -139,17 +186,8 @@ def fit(
     history = _train_loop(learner, bb, feats, labels, train_cfg, hand, progress, callback)
 
     learner.requires_grad_(False)
-    config = RunConfig(
-        method="coop",
-        classnames=sample.classnames,
-        model=bb.name,
-        pretrained=bb.pretrained,
-        model_config=bb.model_config,
-        backbone_sha256=bb.weights_sha256,
-        prompt=learner.config,
-        train=train_cfg,
-        coopkit_version=__version__,
-    )
+    config = RunConfig(method="coop", classnames=sample.classnames, prompt=learner.config, train=train_cfg,
+                       coopkit_version=__version__, data=training_data(data, image_root), **bb.run_fields())
     clf = Classifier(bb, config, learner)
     metrics: dict[str, Any] = {
         "train_loss": history["loss"][-1],
@@ -182,6 +220,7 @@ def _train_loop(
     device = bb.device
     views, n, _ = feats.shape
     scale = bb.model.logit_scale.exp().float().to(device)
+    bias = bb.logit_bias  # scored as Classifier.head() scores: + the logit bias where the model has one
     optimizer = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
@@ -201,6 +240,8 @@ def _train_loop(
             with autocast_for(device, cfg.precision):
                 text = learner.text_features()  # (n_cls, D)
                 logits = scale * x @ text.float().T  # (b, n_cls)
+                if bias is not None:
+                    logits = logits + bias
                 loss = F.cross_entropy(logits.float(), y)
                 if hand is not None:
                     loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)

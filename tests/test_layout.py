@@ -36,7 +36,11 @@ ALLOWED = {
     "cli": {"runtime", "foundation", "core", "exporters", "research", "cli"},
 }
 #: Third-party packages each torch-free layer may import (besides the standard library).
-THIRD_PARTY = {"runtime": {"numpy", "PIL", "onnxruntime", "ftfy"}, "foundation": {"numpy", "PIL"}}  # ftfy: optional, used when installed
+THIRD_PARTY = {"runtime": {"numpy", "PIL", "onnxruntime", "ftfy", "tokenizers"},  # ftfy, tokenizers: optional, lazily
+               "foundation": {"numpy", "PIL"}}
+#: Optional extras the runtime imports lazily, inside functions (serve, ray, parquet; tqdm for progress bars).
+THIRD_PARTY["runtime"] |= {"starlette", "uvicorn", "h11", "prometheus_client", "pyarrow", "ray", "tqdm",
+                           "triton_python_backend_utils"}  # the last: Triton's own, inside a Triton server only
 
 
 def module_name(path: Path) -> str:

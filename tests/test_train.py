@@ -88,22 +88,23 @@ def test_load_detects_mismatched_or_corrupt_files(fitted, tmp_path):
 
 
 def test_interrupted_save_keeps_the_old_run(fitted, tmp_path, monkeypatch):
+    import coopkit._io
+
     run = fitted.save(tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    real = os.replace
 
-    def crash(src, dst):  # the disk "fails" at the first rename of the new files
+    def crash(*args, **kwargs):  # the disk "fails" when the new folder is flushed, before any rename
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(os, "replace", crash)
+    monkeypatch.setattr(coopkit._io, "_fsync_tree", crash)
     with pytest.raises(OSError):
         fitted.save(run)
     with pytest.raises(OSError):
         fitted.save(tmp_path / "fresh")
-    monkeypatch.setattr(os, "replace", real)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert not (tmp_path / "fresh").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary leftovers
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary leftovers, hidden ones included
 
 
 def test_unreadable_images_are_skipped_or_fatal(tiny_backbone, image_folder, tmp_path, caplog):

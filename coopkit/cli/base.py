@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "zeroshot": "coopkit.cli.train:zeroshot_cmd",
     "export": "coopkit.cli.export:export",
     "predict": "coopkit.cli.predict:predict",
+    "serve": "coopkit.cli.serve:serve_cmd",
     "demo": "coopkit.cli.demo:demo",
     "bench": "coopkit.cli.research:bench",
     "explain": "coopkit.cli.research:explain",

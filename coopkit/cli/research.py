@@ -12,15 +12,27 @@ from ..research.protocols import DEFAULT_METHODS, METHODS
 from .base import LazyGroup, command, config_options, pop_config, print_table
 
 
-def _ints(value: str) -> list[int]:
+def _strs(value: str, option: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{option} is empty; give comma-separated values, e.g. {option} 1,2")
+    return items
+
+
+def _ints(value: str, option: str) -> list[int]:
+    items = _strs(value, option)
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in items]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        raise ValueError(f"{option} expects comma-separated integers, got {value!r}") from None
 
 
-def _strs(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _floats(value: str, option: str) -> list[float]:
+    items = _strs(value, option)
+    try:
+        return [float(v) for v in items]
+    except ValueError:
+        raise ValueError(f"{option} expects comma-separated numbers, got {value!r}") from None
 
 
 @click.group("bench", cls=LazyGroup)
@@ -69,7 +81,7 @@ def _default_unless_given(name: str, value: Any, protocol_value: Any) -> Any:
 @click.option("--train", "train", default=None, type=click.Path(), help="Training set (ImageFolder, CSV or split JSON).")
 @click.option("--test", "test", default=None, type=click.Path(), help="Test set with the same classes.")
 @_dataset_options
-@config_options(BackboneConfig)
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Comma-separated shots per class.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
@@ -87,14 +99,23 @@ def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str
     """Accuracy against shots for each method, over seeds (the paper's Figure 3), with the few-shot
     baselines beside CoOp; top-1, top-5 and mean per-class accuracy."""
     from ..backbone import load_backbone
-    from ..research.experiments import fewshot_curves, fewshot_paper_table, official_fewshot, write_fewshot_report
+    from ..research.experiments import (
+        check_methods,
+        check_seeds,
+        fewshot_curves,
+        fewshot_paper_table,
+        official_fewshot,
+        write_fewshot_report,
+    )
     from ..research.protocols import published_for
 
     _sources(dataset, root, train, test)
+    common: dict[str, Any] = dict(
+        shots=_ints(shots, "--shots"), seeds=check_seeds(_ints(seeds, "--seeds")),
+        methods=check_methods(_strs(methods, "--methods")), n_ctx=_ints(n_ctx, "--n-ctx"),
+        positions=_strs(position, "--position"), epochs=epochs, n_views=n_views, augment=augment, progress=not quiet)
     bb = _protocol_backbone("fewshot", dataset, pop_config(BackboneConfig, settings))
-    backbone = load_backbone(bb.model, bb.pretrained, bb.device)
-    common = dict(backbone=backbone, shots=_ints(shots), seeds=_ints(seeds), methods=_strs(methods), n_ctx=_ints(n_ctx),
-                  positions=_strs(position), epochs=epochs, n_views=n_views, augment=augment, progress=not quiet)
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
     if dataset is not None:
         from ..datasets import dataset_spec
 
@@ -129,7 +150,7 @@ def _task_name(train: str) -> str:
 @_dataset_options
 @click.option("--targets", default="imagenetv2,imagenet_sketch,imagenet_a,imagenet_r", show_default=True,
               help="With --dataset imagenet: the shifted test sets.")
-@config_options(BackboneConfig)
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @config_options(TrainConfig, only=("shots",))
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @config_options(TrainConfig, only=("epochs", "augment"))
@@ -140,12 +161,13 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
               **settings: Any) -> None:
     """Fit on a source task, compare zero-shot and CoOp on shifted test sets (the paper's Table 1)."""
     from ..backbone import load_backbone
-    from ..research.experiments import SCORES, domain_shift, markdown_table, official_shift, summarize
+    from ..research.experiments import SCORES, check_seeds, domain_shift, markdown_table, official_shift, summarize
 
     _sources(dataset, root, train, "x" if tests else None)
+    common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
+                                  progress=not quiet)
     bb = _protocol_backbone("shift", dataset, pop_config(BackboneConfig, settings))
-    backbone = load_backbone(bb.model, bb.pretrained, bb.device)
-    common = dict(backbone=backbone, shots=shots, seeds=_ints(seeds), augment=augment, progress=not quiet)
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
     if epochs is not None:
         common["epochs"] = epochs
     if dataset is not None:
@@ -154,7 +176,7 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
         if dataset_spec(dataset).name != "imagenet":
             raise click.BadParameter("the shifted test sets are ImageNet's variants: use --dataset imagenet",
                                      param_hint="--dataset")
-        rows = official_shift(root, targets=_strs(targets), **common)
+        rows = official_shift(root, targets=_strs(targets, "--targets"), **common)
         note = ("\nCoOp's Table 1 numbers could not be verified from a readable source here, so none are printed "
                 "beside these.\n")
     else:
@@ -178,7 +200,7 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
 @click.option("--base", default=None, help="Comma-separated base classes (trained on).")
 @click.option("--new", default=None, help="Comma-separated new classes (never seen in training).")
 @_dataset_options
-@config_options(BackboneConfig)
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @click.option("--shots", default=16, show_default=True)
 @click.option("--seeds", default="1,2,3", show_default=True)
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
@@ -191,25 +213,31 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
                  epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool, **settings: Any) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from ..backbone import load_backbone
-    from ..research.experiments import base2new_paper_table, base_to_new, markdown_table, official_base2new, summarize
+    from ..research.experiments import (
+        base2new_paper_table,
+        base_to_new,
+        check_seeds,
+        markdown_table,
+        official_base2new,
+        summarize,
+    )
     from ..research.protocols import published_for
 
     _sources(dataset, root, train, test)
-    bb = _protocol_backbone("base2new", dataset, pop_config(BackboneConfig, settings))
-    backbone = load_backbone(bb.model, bb.pretrained, bb.device)
-    common: dict[str, Any] = dict(backbone=backbone, shots=shots, seeds=_ints(seeds), augment=augment,
+    common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
                                   progress=not quiet)
+    if dataset is None and not (base and new):
+        raise click.UsageError("give --base and --new (or --dataset NAME --root DATA)")
+    weights = _floats(_default_unless_given("kg_weights", kg_weights, "0,8" if dataset else kg_weights), "--kg-weight")
     if epochs is not None:
         common["epochs"] = epochs
+    bb = _protocol_backbone("base2new", dataset, pop_config(BackboneConfig, settings))
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
     if dataset is not None:
-        weights = [float(w) for w in _strs(_default_unless_given("kg_weights", kg_weights, "0,8"))]
         rows = official_base2new(dataset, root, kg_weights=weights, **common)
         published = published_for("base2new", dataset)
     else:
-        if not (base and new):
-            raise click.UsageError("give --base and --new (or --dataset NAME --root DATA)")
-        rows = base_to_new(train, test, _strs(base), _strs(new), kg_weights=[float(w) for w in _strs(kg_weights)],
-                           **common)
+        rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), kg_weights=weights, **common)
         published = []
     table = base2new_paper_table(rows, published)
     keys, extra = ["method", "kg_weight"], ["base_top5", "base_macro", "new_top5", "new_macro"]
@@ -280,7 +308,7 @@ def explain(run_dir: str, top: int, device: str) -> None:
 @click.option("--root", type=click.Path(), default=None, help="With --dataset: the folder holding the datasets ($DATA).")
 @click.option("--subsample", type=click.Choice(["all", "base", "new"]), default="all", show_default=True,
               help="With --dataset: the classes the run was trained on (base: a base-to-new run).")
-@config_options(BackboneConfig, defaults={"model": "RN50", "pretrained": "openai"})
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"), defaults={"model": "RN50", "pretrained": "openai"})
 @config_options(PromptConfig, only=("class_token_position",))
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
 def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
@@ -290,8 +318,10 @@ def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: O
     The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
     with the reason.
     """
+    from ..classifier import check_run_target
     from ..research.compat import import_official
 
+    check_run_target(out)
     names = _official_classnames(classes_from, dataset, root, subsample)
     bb = pop_config(BackboneConfig, settings)
     clf = import_official(checkpoint, names, model=bb.model, pretrained=bb.pretrained,

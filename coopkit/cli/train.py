@@ -15,6 +15,7 @@ from ..config import BackboneConfig, PromptConfig, TrainConfig
 from .base import command, config_options, emit, pct, pop_config, print_table
 
 IMAGE_ROOT_HELP = "Root of relative paths in CSV/split files."
+OVERWRITE_HELP = "Save even over a folder that holds files other than a coopkit run (everything in it is replaced)."
 DATASET_HELP = "Instead of DATA: an official dataset (coopkit datasets lists them), read from --root."
 ROOT_HELP = "With --dataset: the folder holding the datasets ($DATA of CoOp's DATASETS.md)."
 
@@ -49,25 +50,29 @@ def _split_of(official: Any, split: str) -> Any:
 @config_options(TrainConfig)
 @click.option("--val", type=click.Path(), default=None, help="Labelled set evaluated after training.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def fit_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], out: str, val: Optional[str],
-            image_root: Optional[str], as_json: bool, quiet: bool, **settings: Any) -> None:
+            image_root: Optional[str], overwrite: bool, as_json: bool, quiet: bool, **settings: Any) -> None:
     """Fit CoOp context vectors on DATA (ImageFolder dir, CSV of path,label, or CoOp split JSON)
     or on an official dataset (--dataset NAME --root DATA_ROOT)."""
+    from ..classifier import check_run_target
     from ..train import fit
 
     bb = pop_config(BackboneConfig, settings)
     prompt, train = pop_config(PromptConfig, settings), pop_config(TrainConfig, settings)
     official = _official(data, dataset, root)
+    check_run_target(out, overwrite=overwrite)  # before training, not after
     source: Any = data
     if official is not None:
         from ..datasets import few_shot_official
 
         source = few_shot_official(official, train.shots, train.seed)[0]
     clf = fit(source, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
-              val=val, image_root=image_root, progress=not quiet)
-    path = clf.save(out)
+              threads=bb.threads, tokenizer=bb.tokenizer, text_model=bb.text_model, val=val, image_root=image_root,
+              progress=not quiet)
+    path = clf.save(out, overwrite=overwrite)
     m = clf.config.metrics
     emit({
         "run": str(path), "classes": len(clf.classnames), "train_images": m["train_images"],
@@ -93,18 +98,20 @@ def _emit_eval(res: dict[str, Any], method: str, per_class: bool, as_json: bool)
 @click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
 @click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON or of --dataset.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
-@config_options(BackboneConfig, only=("device",))
+@config_options(BackboneConfig, only=("device", "threads"))
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(run_dir: str, data: Optional[str], dataset: Optional[str], root: Optional[str], split: str,
-             image_root: Optional[str], device: str, per_class: bool, as_json: bool) -> None:
+             image_root: Optional[str], device: str, threads: Optional[int], per_class: bool, as_json: bool) -> None:
     """Evaluate a saved run (fit or zeroshot --out) on labelled DATA or an official dataset's split."""
     from ..classifier import load
+    from ..features import torch_threads
 
     official = _official(data, dataset, root)
     source: Any = _split_of(official, split) if official is not None else data
     clf = load(run_dir, device=device)
-    res = clf.evaluate(source, split=split, image_root=image_root, progress=not as_json)
+    with torch_threads(threads):
+        res = clf.evaluate(source, split=split, image_root=image_root, progress=not as_json)
     _emit_eval(res, clf.method, per_class, as_json)
 
 
@@ -118,26 +125,31 @@ def eval_cmd(run_dir: str, data: Optional[str], dataset: Optional[str], root: Op
 @click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON or of --dataset.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
 @click.option("--out", type=click.Path(), default=None, help="Also save the zero-shot classifier as a run.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def zeroshot_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], templates: tuple[str, ...],
-                 split: str, image_root: Optional[str], out: Optional[str], per_class: bool, as_json: bool,
-                 **settings: Any) -> None:
+                 split: str, image_root: Optional[str], out: Optional[str], overwrite: bool, per_class: bool,
+                 as_json: bool, **settings: Any) -> None:
     """Evaluate hand-written prompts on labelled DATA or an official dataset (the zero-shot baseline)."""
     from ..backbone import load_backbone
-    from ..classifier import DEFAULT_TEMPLATES, zero_shot
+    from ..classifier import DEFAULT_TEMPLATES, check_run_target, zero_shot
     from ..data import load_dataset
+    from ..features import torch_threads
 
     bb = pop_config(BackboneConfig, settings)
+    if out:
+        check_run_target(out, overwrite=overwrite)
     official = _official(data, dataset, root)
     if official is not None:
         templates = templates or (official.spec.template,)
         labelled = _split_of(official, split)
     else:
         labelled = load_dataset(data, split=split, image_root=image_root)
-    clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device), labelled.classnames,
-                    templates or DEFAULT_TEMPLATES)
-    res = clf.evaluate(labelled, progress=not as_json)
+    with torch_threads(bb.threads):
+        clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device, bb.tokenizer, bb.text_model),
+                        labelled.classnames, templates or DEFAULT_TEMPLATES, threads=bb.threads)
+        res = clf.evaluate(labelled, progress=not as_json)
     if out:
-        clf.save(out)
+        clf.save(out, overwrite=overwrite)
     _emit_eval(res, "zeroshot", per_class, as_json)

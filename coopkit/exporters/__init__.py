@@ -9,6 +9,8 @@ Layers, each importing only those above it in this list:
 
 * :mod:`~coopkit.exporters.io`: output checks, metadata, external data, the checker, moving
   files into place;
+* :mod:`~coopkit.exporters.preprocess`: open_clip's resize and crop as an ONNX graph, put in
+  front of the image graph of a raw-input file (no torch);
 * :mod:`~coopkit.exporters.trace` and :mod:`~coopkit.exporters.graphs`: the torch modules
   that are traced and the tracing itself;
 * :mod:`~coopkit.exporters.verify`: public checks of a written file against PyTorch;
@@ -35,6 +37,7 @@ _EXPORTS = {
     "DEFAULT_OPSET": ".trace",
     "verify_image_graph": ".verify",
     "verify_text_graph": ".verify",
+    "verify_raw_input": ".verify",
     "write_triton_repository": ".triton",
 }
 
@@ -45,6 +48,6 @@ if TYPE_CHECKING:
     from .io import EXTERNAL_DATA_THRESHOLD, ExportVerificationError, text_graph_name
     from .trace import DEFAULT_OPSET
     from .triton import write_triton_repository
-    from .verify import verify_image_graph, verify_text_graph
+    from .verify import verify_image_graph, verify_raw_input, verify_text_graph
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

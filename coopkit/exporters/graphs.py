@@ -3,12 +3,13 @@
 :class:`ImageGraph` is the served classifier: uint8 images in, logits / probabilities /
 normalised embeddings out, with the class weight matrix ``W`` baked in as a buffer.
 
-:class:`TextGraph` is the optional companion for open vocabularies: CLIP token ids in, class
-weights out, with CoOp's learned (unified) context baked in. Its token layout is the one
-of :mod:`coopkit.runtime.contract` (:func:`~coopkit.runtime.contract.prompt_order`); in short, the runtime tokenises
-``"X X ... X <name>."`` (``n_ctx`` placeholders, exactly the prompt coopkit trains with) and
-the graph overwrites the placeholder embeddings at positions ``1 .. n_ctx`` with the learned
-context, then moves the class-name tokens to the learned position (``middle`` / ``front``).
+:class:`TextGraph` is the optional companion for open vocabularies: token ids in, class
+weights out, with CoOp's learned (unified) context baked in, for every text-tower family. Its
+token layout is the one of :mod:`coopkit.runtime.contract` (:func:`~coopkit.runtime.contract.prompt_order`);
+in short, the runtime tokenises ``"X X ... X <name>."`` (``n_ctx`` placeholders, exactly the
+prompt coopkit trains with) and the graph overwrites the placeholder embeddings after the
+tokenizer's prefix with the learned context, then moves the class-name tokens to the learned
+position (``middle`` / ``front``).
 """
 
 from __future__ import annotations
@@ -77,23 +78,25 @@ class TextGraph(nn.Module):
     """``token_ids int64 (n, context_length)`` -> ``class_weights (n, embed_dim)``.
 
     Args:
-        tower: The classifier's text tower (:attr:`coopkit.Classifier.text_tower`: token
-            embedding, positional embedding, transformer, final LayerNorm, projection, mask).
+        tower: The classifier's text tower (:attr:`coopkit.Classifier.text_tower`): any family's
+            adapter, with ``embed(ids)``, ``encode(x, ids)``, ``width`` and ``parts``.
         logit_scale: ``log`` of the logit scale (the model's ``logit_scale``); the output is
             multiplied by its ``exp``.
         ctx: The learned unified context ``(n_ctx, width)``, or ``None`` for plain prompts
             (zero-shot: the token ids are the whole prompt).
         class_token_position: ``end``, ``middle`` or ``front`` (CoOp only).
-        dot_token_id: Token id of ``"."`` (used to find where the class name ends).
+        n_prefix: Special tokens the tokenizer puts before the text (the context follows them).
+        end_id: Id of the first token after the text (the tokenizer's end token, or padding).
+        dot_id: Id of ``"."`` after a word, or ``None`` where the tokenizer drops it.
 
-    With ``ctx``, row ``i`` of ``token_ids`` must be the CLIP tokenisation of
-    ``"X X ... X <name>."`` (``n_ctx`` placeholder words): ``[SOS, X * n_ctx, name tokens,
-    ".", EOT, 0 ...]``. Positions ``1 .. n_ctx`` are replaced by ``ctx`` (the "end" layout);
-    for ``middle`` and ``front`` the name tokens are then moved in front of the last
-    ``n_ctx - n_ctx // 2`` or all context vectors. The name length is read from the ids:
-    ``eot - n_ctx - 2`` when the token before EOT is ``"."``, else ``eot - n_ctx - 1`` (the
-    last name token swallowed the full stop, e.g. ``").``"), exactly as
-    :class:`coopkit.prompts.PromptLearner` lays out its prompts.
+    With ``ctx``, row ``i`` of ``token_ids`` must be the tokenisation of ``"X X ... X <name>."``
+    (``n_ctx`` placeholder words): ``[prefix, X * n_ctx, name tokens, ".", end, pad ...]``.
+    Positions ``n_prefix .. n_prefix + n_ctx`` are replaced by ``ctx`` (the "end" layout); for
+    ``middle`` and ``front`` the name tokens are then moved in front of the last
+    ``n_ctx - n_ctx // 2`` or all context vectors, the name's length read off the ids by the
+    contract's rule (:func:`~coopkit.runtime.contract.name_length`), exactly as
+    :class:`coopkit.prompts.PromptLearner` lays out its prompts. The tower then runs its own
+    full-length pass (its masks and pooling), as in training.
     """
 
     def __init__(
@@ -102,75 +105,65 @@ class TextGraph(nn.Module):
         logit_scale: torch.Tensor,
         ctx: Optional[torch.Tensor],
         class_token_position: str = "end",
-        dot_token_id: int = 269,
+        *,
+        n_prefix: int = 1,
+        end_id: int = 49407,
+        dot_id: Optional[int] = 269,
     ) -> None:
         super().__init__()
         check_position(class_token_position)
-        self.token_embedding = tower.token_embedding
-        self.transformer = tower.transformer
-        self.ln_final = tower.ln_final
-        proj = tower.text_projection
-        self.proj_module = proj if isinstance(proj, nn.Module) else None
-        device = tower.token_embedding.weight.device
-        self.register_buffer("positional_embedding", tower.positional_embedding.detach().clone())  # (L, width)
-        if tower.attn_mask is not None:
-            self.register_buffer("attn_mask", tower.attn_mask.detach().clone())  # (L, L)
-        else:
-            self.attn_mask = None
-        if proj is not None and not isinstance(proj, nn.Module):
-            self.register_buffer("proj_matrix", proj.detach().clone())  # (width, embed_dim)
-        else:
-            self.proj_matrix = None
+        self.tower = tower
+        self.parts = nn.ModuleList(tower.parts)  # registered, so .to() and .eval() reach them
         self.register_buffer("scale", logit_scale.detach().exp().float().reshape(()).clone())
-        self.dtype = tower.cast_dtype
-        self.context_length = tower.context_length
         self.class_token_position = class_token_position
-        self.dot_token_id = int(dot_token_id)
+        self.n_prefix, self.end_id, self.dot_id = int(n_prefix), int(end_id), dot_id
         if ctx is not None:
             if ctx.dim() != 2 or ctx.shape[1] != tower.width:
                 raise ValueError(f"ctx must be (n_ctx, {tower.width}) (unified context), got {tuple(ctx.shape)}")
-            self.register_buffer("ctx", ctx.detach().to(device=device, dtype=torch.float32).clone())
+            self.register_buffer("ctx", ctx.detach().to(device=tower.device, dtype=torch.float32).clone())
             self.n_ctx = int(ctx.shape[0])
         else:
             self.ctx = None
             self.n_ctx = 0
         self.n_before = context_before_name(class_token_position, self.n_ctx)
 
+    def _name_length(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Tokens of each row's class name ``(n,)``: the contract's ``name_length`` on tensors."""
+        length = token_ids.shape[1]
+        start = self.n_prefix + self.n_ctx
+        j = torch.arange(length, device=token_ids.device).unsqueeze(0)  # (1, L)
+        is_end = (token_ids == self.end_id) & (j >= start)  # (n, L)
+        end = torch.where(is_end.any(dim=1), is_end.to(torch.int64).argmax(dim=1),
+                          torch.full_like(token_ids[:, 0], length))  # (n,): first end token after the context
+        name_len = end - start
+        if self.dot_id is not None:
+            before = torch.gather(token_ids, 1, (end - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (n,)
+            name_len = name_len - ((before == self.dot_id) & (end > start)).to(name_len.dtype)
+        return name_len
+
     def _prompts(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings ``(n, L, width)`` with the learned context in place."""
-        x = self.token_embedding(token_ids).to(self.dtype)  # (n, L, width)
+        x = self.tower.embed(token_ids)  # (n, L, width)
         if self.ctx is None:
             return x
         n, length, width = x.shape
-        m = self.n_ctx
+        p, m = self.n_prefix, self.n_ctx
         ctx = self.ctx.to(x.dtype).unsqueeze(0).expand(n, -1, -1)  # (n, m, width)
-        x = torch.cat([x[:, :1], ctx, x[:, 1 + m :]], dim=1)  # (n, L, width): SOS, ctx, name, ".", EOT
+        x = torch.cat([x[:, :p], ctx, x[:, p + m :]], dim=1)  # (n, L, width): prefix, ctx, name, ".", end
         if self.n_before == m:
             return x
-        eot = token_ids.argmax(dim=-1)  # (n,)
-        before_eot = torch.gather(token_ids, 1, (eot - 1).unsqueeze(1)).squeeze(1)  # (n,)
-        name_len = eot - m - 1 - (before_eot == self.dot_token_id).to(eot.dtype)  # (n,)
         j = torch.arange(length, device=x.device).unsqueeze(0)  # (1, L)
-        k = name_len.unsqueeze(1)  # (n, 1)
+        k = self._name_length(token_ids).unsqueeze(1)  # (n, 1)
         s = self.n_before
-        # output position j takes end-layout position order[j]: SOS and the first s context
-        # vectors stay, then the name (from 1 + m), then the remaining context, then the rest
+        # output position j takes end-layout position order[j]: the prefix and the first s context
+        # vectors stay, then the name (from p + m), then the remaining context, then the rest
         order = torch.where(
-            j < 1 + s,
+            j < p + s,
             j,
-            torch.where(j < 1 + s + k, j + (m - s), torch.where(j < 1 + m + k, j - k, j)),
+            torch.where(j < p + s + k, j + (m - s), torch.where(j < p + m + k, j - k, j)),
         )  # (n, L)
         return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, width))  # (n, L, width)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        x = self._prompts(token_ids)  # (n, L, width)
-        x = x + self.positional_embedding.to(x.dtype)
-        x = self.transformer(x, attn_mask=self.attn_mask)  # (n, L, width)
-        x = self.ln_final(x)
-        eot = token_ids.argmax(dim=-1)  # (n,): EOT has the largest id
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (n, width)
-        if self.proj_module is not None:
-            x = self.proj_module(x)
-        elif self.proj_matrix is not None:
-            x = x @ self.proj_matrix  # (n, embed_dim)
+        x = self.tower.encode(self._prompts(token_ids), token_ids)  # (n, embed_dim)
         return F.normalize(x.to(torch.float32), dim=-1) * self.scale

@@ -3,11 +3,15 @@ files into place (the lowest layer of :mod:`coopkit.exporters`; no torch).
 
 A file is assembled in a temporary folder beside its target and moved into place only after
 it was verified; companions (external data, the text graph) go first, the graph that names
-them last, so a reader never sees a graph whose companions are missing.
+them last, so a reader never sees a graph whose companions are missing. The sidecar
+(``model.json``: the metadata and every file's sha256, for clients that cannot read ONNX
+metadata) is written last.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,7 +19,9 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from coopkit.runtime.contract import METADATA_KEY, ModelMetadata
+from coopkit._io import atomic_write, file_sha256
+from coopkit.runtime.contract import INPUT_RAW, METADATA_KEY, ModelMetadata, build_sidecar, sidecar_name
+from coopkit.runtime.integrity import tensors_sha256
 
 if TYPE_CHECKING:
     import onnx
@@ -31,18 +37,22 @@ class ExportVerificationError(RuntimeError):
 
 
 def check_target(path: Union[str, os.PathLike]) -> Path:
-    """The output file: its folder is created; a folder or an unwritable place is refused."""
+    """The output file: its folder is created; a folder (or a path ending in ``/``) is refused
+    (ValueError), and so is a place that cannot be written (PermissionError, or OSError for a
+    read-only filesystem)."""
     target = Path(path).expanduser()
-    if not target.name or target.is_dir():
-        raise ValueError(f"output {str(path)!r} is a folder; give a file name such as model.onnx")
+    if not target.name or target.is_dir() or os.fspath(path).endswith(("/", os.sep)):
+        raise ValueError(f"output {os.fspath(path)!r} is a folder; give a file name such as model.onnx")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-    except (PermissionError, FileExistsError, NotADirectoryError) as e:
+    except PermissionError:
+        raise
+    except (FileExistsError, NotADirectoryError, FileNotFoundError) as e:
         raise ValueError(f"cannot create the output folder {target.parent}: {e.strerror or e}") from None
+    if hasattr(os, "statvfs") and os.statvfs(target.parent).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(target.parent))
     if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {target.parent}: permission denied")
-    if target.exists() and not os.access(target, os.W_OK) and not os.access(target.parent, os.W_OK):
-        raise ValueError(f"cannot replace {target}: permission denied")
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(target.parent))
     return target
 
 
@@ -51,6 +61,13 @@ def text_graph_name(image_file: str) -> str:
     """``model.onnx`` -> ``model.text.onnx`` (the companion text graph's file name)."""
     stem = image_file[: -len(".onnx")] if image_file.endswith(".onnx") else image_file
     return f"{stem}.text.onnx"
+
+
+def tokenizer_file_name(text_file: str) -> str:
+    """``model.text.onnx`` -> ``model.tokenizer.json`` (the text graph's Hugging Face tokenizer)."""
+    stem = text_file[: -len(".onnx")] if text_file.endswith(".onnx") else text_file
+    stem = stem[: -len(".text")] if stem.endswith(".text") else stem
+    return f"{stem}.tokenizer.json"
 
 
 def tensor_bytes(model: "onnx.ModelProto") -> int:
@@ -102,10 +119,23 @@ def set_metadata(model: "onnx.ModelProto", meta: ModelMetadata) -> None:
     entry.key, entry.value = METADATA_KEY, meta.to_json()
     model.producer_name = "coopkit"
     model.producer_version = __version__
+    h, w = meta.image_size
+    images = ("decoded uint8 RGB images (batch, height, width, 3) of any size, resized and cropped in the graph"
+              if meta.input_kind == INPUT_RAW else f"uint8 images (batch, {h}, {w}, 3)")
     model.doc_string = (
         f"coopkit {meta.method} classifier over {meta.model} ({len(meta.classnames)} classes, {meta.precision}): "
-        f"uint8 images (batch, {meta.image_size[0]}, {meta.image_size[1]}, 3) -> logits, probs, image_embeds"
+        f"{images} -> logits, probs, image_embeds"
     )
+
+
+def record_tensors_sha256(model: "onnx.ModelProto", meta: ModelMetadata, path: Path) -> None:
+    """Put the sha256 of every tensor of the saved graph at ``path`` into ``meta`` and rewrite
+    the graph file with it (its tensors, inline or external, are written unchanged)."""
+    import onnx
+
+    meta.tensors_sha256 = tensors_sha256(path)
+    set_metadata(model, meta)
+    onnx.save_model(model, os.fspath(path))
 
 
 def check_model(path: Path) -> None:
@@ -135,14 +165,35 @@ def move_into_place(files: Sequence[Path], folder: Path) -> list[Path]:
 
 
 def remove_stale_companions(target: Path, written: Sequence[Path]) -> None:
-    """Delete the data file and text graph an earlier export to ``target`` left, if this one wrote none.
+    """Delete the data file, text graph and tokenizer an earlier export to ``target`` left, if this one wrote none.
 
     The new image graph is already in place and names only what it uses; an old ``<file>.data``
     or text graph next to it would be dead weight that a later copy might ship by mistake.
     """
     text = target.parent / text_graph_name(target.name)
-    for stale in (target.parent / f"{target.name}.data", text, text.parent / f"{text.name}.data"):
+    tokenizer = text.parent / tokenizer_file_name(text.name)
+    for stale in (target.parent / f"{target.name}.data", text, text.parent / f"{text.name}.data", tokenizer):
         if stale not in written and stale.is_file():
             stale.unlink()
             logger.info("removed %s, left by an earlier export to %s", stale.name, target.name)
 
+
+def sidecar_role(name: str, model_file: str) -> str:
+    """The sidecar role of a file written by an export to ``model_file`` (see ``SIDECAR_ROLES``)."""
+    text = text_graph_name(model_file)
+    roles = {model_file: "model", f"{model_file}.data": "external_data", text: "text_model",
+             f"{text}.data": "text_external_data", tokenizer_file_name(text): "tokenizer"}
+    if name not in roles:
+        raise ValueError(f"{name} is not a file of the export {model_file}; expected one of {sorted(roles)}")
+    return roles[name]
+
+
+def write_sidecar(model: Path, meta: ModelMetadata, files: Sequence[Path]) -> Path:
+    """Write ``model.json`` beside the image graph ``model``: its metadata and, for each of
+    ``files`` (the graph and its companions, in place), name, role, size and sha256."""
+    entries = [{"name": f.name, "role": sidecar_role(f.name, model.name), "bytes": f.stat().st_size,
+                "sha256": file_sha256(f)} for f in files]
+    entries.sort(key=lambda e: e["role"] != "model")  # the image graph first
+    path = model.parent / sidecar_name(model.name)
+    atomic_write(path, json.dumps(build_sidecar(meta, entries), indent=2, sort_keys=True) + "\n")
+    return path

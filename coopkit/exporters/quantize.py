@@ -1,4 +1,4 @@
-"""Precision variants of an exported fp32 graph: fp16 (GPU) and dynamic int8 (CPU).
+"""Precision variants of an exported fp32 graph: fp16 (GPU) and calibrated static int8 (CPU).
 
 Both keep the graph's interface (uint8 ``images`` in, float32 outputs) and keep the parts
 where precision matters in fp32: the input normalisation, the head (L2 normalisation, the
@@ -9,12 +9,13 @@ reduction. Node names of the head and the input normalisation start with ``/head
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
 
 if TYPE_CHECKING:
     import onnx
@@ -243,38 +244,153 @@ def topological_sort(graph: "onnx.GraphProto") -> None:
     graph.node.extend(nodes[i] for i in order)
 
 
+#: int8 calibration: images fed per calibration batch (the ranges do not depend on it).
+CALIBRATION_BATCH = 8
+
+
+def int8_targets(model: "onnx.ModelProto") -> list[str]:
+    """The nodes the int8 variant quantises: every MatMul / Gemm whose weight operand is a
+    constant, outside the full-precision parts (the head and the input normalisation).
+
+    Products of two activations (attention's ``q k^T`` and ``softmax v``) stay fp32."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    keep = set(_full_precision_nodes(model, FULL_PRECISION_PREFIXES))
+    return [
+        n.name for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in constants and n.name not in keep
+    ]
+
+
+def activation_ranges(
+    source: Union[str, os.PathLike], tensors: Iterable[str], images: Any, input_name: str = "images",
+    batch_size: int = CALIBRATION_BATCH,
+) -> dict[str, tuple[float, float]]:
+    """Smallest and largest value each float tensor takes on ``images`` (uint8 batches through
+    onnxruntime on the CPU), computed batch by batch so memory stays that of one batch.
+
+    (onnxruntime's own calibrator keeps every batch's tensors until the end, and its option
+    to bound that, ``CalibMaxIntermediateOutputs``, drops the data it clears in 1.31.)"""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    names = list(dict.fromkeys(tensors))
+    model = onnx.load(os.fspath(source), load_external_data=False)  # external data stays where it is
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    augmented = Path(source).with_name(f".{Path(source).stem}.calibration.onnx")
+    try:
+        onnx.save(model, os.fspath(augmented))
+        del model
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(os.fspath(augmented), opts, providers=["CPUExecutionProvider"])
+        low = {n: np.inf for n in names}
+        high = {n: -np.inf for n in names}
+        for start in range(0, len(images), batch_size):
+            values = session.run(names, {input_name: np.ascontiguousarray(images[start : start + batch_size])})
+            for n, v in zip(names, values):
+                low[n] = min(low[n], float(v.min()))
+                high[n] = max(high[n], float(v.max()))
+        del session
+    finally:
+        augmented.unlink(missing_ok=True)
+    return {n: (low[n], high[n]) for n in names}
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """onnxruntime's quantiser logs "consider pre-processing" warnings on the root logger."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def to_int8(
     source: Union[str, os.PathLike],
     target: Union[str, os.PathLike],
+    calibration: Any,
     *,
-    per_channel: bool = True,
+    input_name: str = "images",
+    reduce_range: bool = True,
     external_data: bool = False,
-) -> None:
-    """Dynamic int8 quantisation of the MatMul/Gemm weights (activations quantised at run time).
+) -> dict[str, Any]:
+    """Static int8 quantisation (QDQ), calibrated: the same answer for an image in any batch.
 
-    The head (``x W^T`` with the baked-in class weights) stays fp32: it is tiny, and it is
-    where a quantisation error is multiplied by ``exp(logit_scale)``.
+    Every MatMul / Gemm with a constant weight operand (:func:`int8_targets`) gets int8
+    weights with one symmetric scale per output channel and uint8 inputs with ONE fixed scale
+    and zero point per tensor, from the range that tensor takes on the ``calibration`` images
+    (onnxruntime's MinMax calibration). Fixed activation scales are what makes the file
+    batch-invariant: dynamic quantisation computes them over the whole batch at run time, so an
+    image's logits depend on the images beside it. Outputs of the quantised products stay
+    float (onnxruntime runs ``QuantizeLinear`` + ``MatMulIntegerToFloat``); attention's
+    activation-activation products, LayerNorm, softmax, the input normalisation and the head
+    (``x W^T`` with the class weights, multiplied by ``exp(logit_scale)``) stay fp32.
+
+    ``reduce_range`` (default) keeps weights within [-64, 64] (7 bits): CPUs without AVX-512
+    VNNI multiply uint8 x int8 pairs with ``vpmaddubsw``, whose 16-bit sums saturate for full
+    8-bit weights (255 * 127 * 2 > 32767) and then give wrong answers on those machines only.
 
     Args:
         source: The fp32 ONNX file.
         target: Where to write the quantised file.
-        per_channel: One scale per output channel of each weight (more accurate).
+        calibration: uint8 images ``(n, H, W, 3)`` at the model's input size, like those it
+            will serve (a run's training images, centre-cropped as the runtime does).
+        input_name: The graph's image input.
+        reduce_range: 7-bit weights (safe on every x86 CPU); ``False``: full 8 bits, for
+            VNNI-only deployments.
         external_data: Write the tensors to a ``<target>.data`` file (models over 2 GB).
-    """
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    Returns:
+        ``{"int8_nodes": quantised products, "calibration_images": n}``.
+    """
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    if len(calibration) == 0:
+        raise ValueError("int8 calibration needs at least one image")
     model = onnx.load(os.fspath(source), load_external_data=False)
-    exclude = _full_precision_nodes(model, FULL_PRECISION_PREFIXES)
+    targets = int8_targets(model)
+    inputs = [n.input[0] for n in model.graph.node if n.name in set(targets)]
     del model
-    quantize_dynamic(
-        Path(source),
-        Path(target),
-        op_types_to_quantize=["MatMul", "Gemm"],
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude,
-        use_external_data_format=external_data,
-        extra_options={"MatMulConstBOnly": True},
-    )
-    logger.info("int8: quantised %s -> %s (excluded %d full-precision nodes)", source, target, len(exclude))
+    if not targets:
+        raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
+    ranges = activation_ranges(source, inputs, calibration, input_name)
+
+    class OneBatch(CalibrationDataReader):  # quantize_static calibrates once more; the overrides win
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: np.ascontiguousarray(calibration[:1])}])
+
+        def get_next(self) -> Optional[dict[str, Any]]:
+            return next(self.batches, None)
+
+    overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in ranges.items()}
+    with _without_preprocessing_advice():
+        quantize_static(
+            Path(source),
+            Path(target),
+            OneBatch(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_quantize=targets,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external_data,
+            extra_options={
+                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # float outputs: MatMulIntegerToFloat
+                "TensorQuantOverrides": overrides,  # the ranges over every calibration image
+            },
+        )
+    logger.info("int8: quantised %d products of %s -> %s on %d calibration images", len(targets), source, target,
+                len(calibration))
+    return {"int8_nodes": len(targets), "calibration_images": int(len(calibration))}

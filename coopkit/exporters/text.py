@@ -2,9 +2,10 @@
 
 With unified context, CoOp's learned context is class-agnostic, so the text tower with the
 context baked in can weigh class names it never saw. The runtime
-(:class:`coopkit.runtime.TextEncoder`) tokenises prompts with CLIP's BPE (no torch) and runs
-this graph; the token layout is the contract's (:mod:`coopkit.runtime.contract`) and
-:class:`coopkit.exporters.graphs.TextGraph` implements it.
+(:class:`coopkit.runtime.TextEncoder`) tokenises prompts without torch (CLIP's BPE in numpy;
+other tokenizers from a ``tokenizer.json`` written beside the graph, through the ``tokenizers``
+library) and runs this graph; the token layout is the contract's (:mod:`coopkit.runtime.contract`)
+and :class:`coopkit.exporters.graphs.TextGraph` implements it for every text-tower family.
 
 Zero-shot classifiers export their plain text tower; the runtime fills the templates in and
 averages them as :func:`coopkit.classifier.template_features` does.
@@ -24,14 +25,17 @@ from coopkit.runtime.contract import (
     PROMPT_SUFFIX,
     TEXT_INPUT,
     TEXT_OUTPUT,
+    TOKENIZER_CLIP_BPE,
+    TOKENIZER_HF,
     TextEncoderSpec,
     coop_prompt_template,
     fill_templates,
 )
-from coopkit.runtime.tokenizer import ClipTokenizer, is_clip_bpe
+from coopkit.runtime.integrity import tensors_sha256
+from coopkit.runtime.tokenizer import ClipTokenizer, HFTokenizer, dot_token_id, is_clip_bpe, token_layout
 
 from .graphs import TextGraph
-from .io import check_model, save_model
+from .io import check_model, save_model, tokenizer_file_name
 from .trace import trace
 from .verify import verify_text_graph
 
@@ -41,9 +45,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _runtime_tokenizer(tokenizer: Any) -> Any:
+    """The torch-free tokenizer behind a backbone's tokenizer, or ``None`` for CLIP's BPE."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # coopkit.backbone.TorchTokenizer wraps one
+    return inner if isinstance(inner, HFTokenizer) else None
+
+
 def check_text_encoder_supported(classifier: "Classifier") -> None:
-    """Refuse what has nothing to give a class name it was not trained on: class-specific context, and
-    the heads of the few-shot baselines (weights for their training classes only)."""
+    """Refuse class-specific context (it has no context to give a class name it was not trained
+    on), the heads of the few-shot baselines (weights for their training classes only) and
+    tokenizers the torch-free runtime cannot run."""
     if classifier.method not in ("coop", "zeroshot"):
         raise ValueError(
             f"--with-text-encoder needs a CoOp or zero-shot run; a {classifier.method} head holds weights learned "
@@ -58,27 +69,34 @@ def check_text_encoder_supported(classifier: "Classifier") -> None:
             "--with-text-encoder, or fit again without --csc"
         )
     tokenizer = classifier.backbone.tokenizer
-    if not is_clip_bpe(tokenizer):
+    if not is_clip_bpe(tokenizer) and _runtime_tokenizer(tokenizer) is None:
         raise ValueError(
-            f"--with-text-encoder needs a model with CLIP's BPE tokenizer; {classifier.backbone.name!r} uses "
-            f"{type(tokenizer).__name__}"
+            f"--with-text-encoder needs a tokenizer the torch-free runtime can run (CLIP's BPE or a Hugging Face "
+            f"tokenizer.json); {classifier.backbone.name!r} uses {type(tokenizer).__name__}. Export without "
+            "--with-text-encoder"
         )
 
 
 def text_encoder_spec(classifier: "Classifier", file: str) -> TextEncoderSpec:
     """The ``text_encoder`` entry of the metadata for a text graph written to ``file``."""
     tokenizer = classifier.backbone.tokenizer
-    tower = classifier.text_tower
+    hf = _runtime_tokenizer(tokenizer)
+    n_prefix, _, end_id = token_layout(tokenizer)
     common: dict[str, Any] = {
         "file": file,
         "input": TEXT_INPUT,
         "output": TEXT_OUTPUT,
-        "context_length": int(tower.context_length),
-        "sot_token_id": int(tokenizer.sot_token_id),
-        "eot_token_id": int(tokenizer.eot_token_id),
-        "vocab": CLIP_BPE_VOCAB,
         "prompt_suffix": PROMPT_SUFFIX,
+        "n_prefix": n_prefix,
     }
+    if hf is None:
+        common.update(context_length=int(getattr(tokenizer, "context_length", None) or classifier.text_tower.context_length),
+                      sot_token_id=int(tokenizer.sot_token_id), eot_token_id=int(tokenizer.eot_token_id),
+                      vocab=CLIP_BPE_VOCAB, tokenizer=TOKENIZER_CLIP_BPE)
+    else:
+        common.update(context_length=hf.context_length, sot_token_id=-1, eot_token_id=end_id, vocab=TOKENIZER_HF,
+                      tokenizer=TOKENIZER_HF, tokenizer_file=tokenizer_file_name(file), clean=hf.clean,
+                      strip_sep_id=hf.strip_sep_id)
     learner = classifier.learner
     if learner is not None:
         return TextEncoderSpec(**common, prompt_template=coop_prompt_template(learner.n_ctx), n_ctx=int(learner.n_ctx),
@@ -93,7 +111,8 @@ def export_text_graph(
     opset: int,
     size_threshold: int,
 ) -> tuple[list[Path], TextEncoderSpec, dict[str, Any]]:
-    """Trace, save, check and verify the text graph at ``path`` (a temporary location).
+    """Trace, save, check and verify the text graph at ``path`` (a temporary location); with a
+    Hugging Face tokenizer, its ``tokenizer.json`` (padding and truncation included) beside it.
 
     Returns ``(files written, its spec for the metadata, checks)``.
 
@@ -107,26 +126,36 @@ def export_text_graph(
     spec = text_encoder_spec(classifier, path.name)
     learner = classifier.learner
     bb = classifier.backbone
-    dot = bb.tokenizer.encode(PROMPT_SUFFIX)
-    if len(dot) != 1:
-        raise RuntimeError(f"the tokenizer splits {PROMPT_SUFFIX!r} into {len(dot)} tokens; expected one")
+    n_prefix, _, end_id = token_layout(bb.tokenizer)
     module = TextGraph(
         classifier.text_tower,
         bb.model.logit_scale,
         learner.ctx if learner is not None else None,
         learner.config.class_token_position if learner is not None else "end",
-        dot_token_id=dot[0],
+        n_prefix=n_prefix,
+        end_id=end_id,
+        dot_id=dot_token_id(bb.tokenizer, PROMPT_SUFFIX),
     ).eval()
+    files: list[Path] = []
+    hf = _runtime_tokenizer(bb.tokenizer)
+    if hf is not None:
+        assert spec.tokenizer_file is not None
+        tokenizer_path = path.parent / spec.tokenizer_file
+        hf.save(tokenizer_path)
+        files.append(tokenizer_path)
+        runtime_tokenizer: Any = HFTokenizer.from_file(tokenizer_path, clean=spec.clean, strip_sep_id=spec.strip_sep_id)
+    else:
+        runtime_tokenizer = ClipTokenizer(context_length=spec.context_length)
     names = list(classifier.classnames)
-    tokenizer = ClipTokenizer(context_length=spec.context_length)
-    example = torch.from_numpy(tokenizer(fill_templates(spec.prompt_templates()[0], names[:2])))
+    example = torch.from_numpy(runtime_tokenizer(fill_templates(spec.prompt_templates()[0], names[:2])))
     raw = path.parent / f"raw-{path.name}"
     trace(module.to(bb.device), example.to(bb.device), raw, opset, TEXT_INPUT, [TEXT_OUTPUT], "n_prompts")
     model = onnx.load(os.fspath(raw))
     model.producer_name = "coopkit"
     model.doc_string = f"coopkit text graph: {TEXT_INPUT} int64 (n, {spec.context_length}) -> {TEXT_OUTPUT} (n, embed_dim)"
-    files = save_model(model, path, size_threshold)
+    files = save_model(model, path, size_threshold) + files
     del model
     raw.unlink()
+    spec.tensors_sha256 = tensors_sha256(path)  # checked by the runtime when it opens the text graph
     check_model(path)
     return files, spec, verify_text_graph(path, classifier, spec)

@@ -99,8 +99,8 @@ def _plain_attention_forward(mha: nn.MultiheadAttention):
         k = k.reshape(b, -1, heads, d // heads).permute(0, 2, 3, 1)  # (b, h, hd, n)
         v = v.reshape(b, -1, heads, d // heads).transpose(1, 2)  # (b, h, n, hd)
         scores = q @ k  # (b, h, n, n)
-        if attn_mask is not None:
-            scores = scores + attn_mask
+        if attn_mask is not None:  # (n, n), or per sequence and head (b * h, n, n) as CoCa's padding mask
+            scores = scores + (attn_mask.view(b, heads, *attn_mask.shape[1:]) if attn_mask.dim() == 3 else attn_mask)
         out = (scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, -1, d)  # (b, n, d)
         out = mha.out_proj(out)
         return (out if mha.batch_first else out.transpose(0, 1)), None

@@ -18,10 +18,11 @@ import numpy as np
 from coopkit.data import load_dataset
 from coopkit.runtime.contract import INPUT_NAME, OUTPUT_NAMES, ModelMetadata, TextEncoderSpec
 from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS
-from coopkit.runtime.preprocess import preprocess
+from coopkit.runtime.preprocess import decode, preprocess, resize_and_crop
 from coopkit.runtime.text import TextEncoder
 
 from .io import ExportVerificationError
+from .preprocess import preprocess_model
 
 if TYPE_CHECKING:
     from coopkit.classifier import Classifier
@@ -40,10 +41,24 @@ INT8_DECISIVE_MARGIN = 0.02
 INT8_MAX_ACCURACY_DROP = 0.01
 #: ... enforced from this many labelled images on (below it, one changed answer exceeds 1 point).
 INT8_MIN_LABELLED = 100
+#: Largest change of an image's logits between batches (alone, or beside other images, some
+#: of them extreme), per precision: an image's answer must not depend on what shares its batch.
+BATCH_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-5, "int8": 1e-5}
+#: Images whose batch invariance each verification checks.
+BATCH_CHECK_IMAGES = 4
+#: Extreme images that share the batch of a checked image.
+BATCH_COMPANIONS = 3
 #: Largest absolute class-weight difference of a text graph against PyTorch.
 TEXT_TOLERANCE = 1e-4
 #: Generated verification images per export (besides any labelled ones).
 VERIFY_IMAGES = 16
+#: Raw input: largest grey-level difference between the graph's crop and the Pillow path's.
+RAW_PIXEL_TOLERANCE = 3
+#: Raw input: largest logit difference, as a share of ``exp(logit_scale)`` (so in cosine units),
+#: between the file fed decoded images and the same file fed the Pillow path's crops.
+RAW_LOGIT_TOLERANCE = 0.005
+#: Raw input: share of the verification images whose top-1 class must be the same both ways.
+RAW_MIN_TOP1_AGREEMENT = 0.995
 
 
 #: onnxruntime 1.31's CPU layout optimiser crashes the process on some fp16 transformer graphs;
@@ -121,6 +136,11 @@ def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: in
     return {"logits": logit.numpy(), "probs": logit.softmax(-1).numpy(), "image_embeds": torch.cat(embeds).numpy()}
 
 
+def logit_scale(classifier: "Classifier") -> float:
+    """``exp(logit_scale)`` of the classifier: the mean norm of its class weight rows."""
+    return float(classifier.class_weights().norm(dim=1).mean())
+
+
 def run_image_graph(session: Any, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     """Run the image graph in batches of ``batch_size``; outputs as float32 arrays."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
@@ -129,6 +149,31 @@ def run_image_graph(session: Any, images: np.ndarray, batch_size: int) -> dict[s
         for name, value in zip(OUTPUT_NAMES, outs):
             parts[name].append(np.asarray(value, dtype=np.float32))
     return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def batch_companions(size: tuple[int, int], n: int = BATCH_COMPANIONS, seed: int = 1) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)`` with extreme statistics: all white, all black, then full-range
+    noise (what would move a scale computed over the batch)."""
+    h, w = size
+    out = np.random.default_rng(seed).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    out[0] = 255
+    if n > 1:
+        out[1] = 0
+    return out
+
+
+def batch_invariance(session: Any, images: np.ndarray, batched_logits: np.ndarray, n: int = BATCH_CHECK_IMAGES) -> float:
+    """Largest difference between the logits of the first ``n`` images in ``batched_logits`` and
+    those of the same images run alone and run first in a batch of :func:`batch_companions`."""
+    n = min(n, len(images))
+    companions = batch_companions(images.shape[1:3])
+    worst = 0.0
+    for i in range(n):
+        (alone,) = session.run(["logits"], {INPUT_NAME: np.ascontiguousarray(images[i : i + 1])})
+        (mixed,) = session.run(["logits"], {INPUT_NAME: np.concatenate([images[i : i + 1], companions])})
+        for got in (alone[0], mixed[0]):
+            worst = max(worst, float(np.abs(got - batched_logits[i]).max()))
+    return worst
 
 
 def compare(
@@ -205,12 +250,14 @@ def verify_image_graph(
         raise ExportVerificationError(f"graph input is {inp.name} {inp.type}, expected {INPUT_NAME} tensor(uint8)")
     reference = torch_reference(classifier, images)
     got = run_image_graph(session, images, batch_size)
-    single = run_image_graph(session, images[:1], 1)  # the batch axis really is dynamic
-    scale = float(classifier.class_weights().norm(dim=1).mean())  # exp(logit_scale)
-    result = compare(reference, got, precision, scale)
-    result["batch_sizes"] = sorted({1, min(batch_size, len(images)), len(images) % batch_size or batch_size})
-    if not np.allclose(single["logits"], got["logits"][:1], atol=1e-4 if precision == "fp32" else 5e-2):
-        result["problems"].append("batch of 1 and a larger batch give different logits")
+    result = compare(reference, got, precision, logit_scale(classifier))
+    result["batch_sizes"] = sorted({1, 1 + BATCH_COMPANIONS, min(batch_size, len(images)), len(images) % batch_size or batch_size})
+    result["batch_invariance_max_diff"] = invariance = batch_invariance(session, images, got["logits"])
+    if not invariance <= BATCH_TOLERANCE[precision]:
+        result["problems"].append(
+            f"an image's logits change by up to {invariance:.3g} with the images that share its batch "
+            f"(tolerance {BATCH_TOLERANCE[precision]:g})"
+        )
     if labels is not None and (labels >= 0).any():
         known = labels >= 0
         acc_ref = float((reference["logits"][known].argmax(1) == labels[known]).mean())
@@ -235,7 +282,7 @@ def verify_text_graph(path: Path, classifier: "Classifier", spec: TextEncoderSpe
     Raises:
         ExportVerificationError: they differ by more than :data:`TEXT_TOLERANCE`.
     """
-    encoder = TextEncoder(cpu_session(path), spec)
+    encoder = TextEncoder(cpu_session(path), spec, folder=path.parent)
     names = list(classifier.classnames)
     expected = classifier.class_weights().numpy()  # (n_classes, embed_dim)
     diff = float(np.abs(encoder.class_weights(names) - expected).max())
@@ -257,6 +304,121 @@ def verification_data(data: Any, classifier: "Classifier", meta: ModelMetadata) 
             raise ValueError(f"verification images must be uint8 (n, {h}, {w}, 3), got {data.dtype} {data.shape}")
         return data, None
 
+    sources, labels = _sources(data, classifier)
+    arrays = [
+        preprocess(src, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for src in sources
+    ]
+    return np.stack(arrays), labels  # (n, H, W, 3)
+
+
+def synthetic_image(h: int, w: int, seed: int, photo: bool = False) -> np.ndarray:
+    """A uint8 RGB image ``(h, w, 3)``: uniform noise (the worst case for resampling), or with
+    ``photo`` smooth colour fields with one sharp edge and grain."""
+    rng = np.random.default_rng(seed)
+    if not photo:
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a, b = rng.uniform(1.0, 9.0, 2)
+    field = np.stack([128 + 100 * np.sin(a * xx / w * np.pi), 128 + 100 * np.cos(b * yy / h * np.pi),
+                      np.where((xx / w + yy / h) > 1.0, 230.0, 25.0)], axis=-1)  # (h, w, 3)
+    return np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+
+
+def raw_test_images(image_size: tuple[int, int], n_random: int = 16, seed: int = 0) -> list[np.ndarray]:
+    """Decoded uint8 RGB images ``(H, W, 3)`` of many sizes for verifying a raw-input graph.
+
+    Tiny (1x1, 2x3, 5x7), odd sizes around and at the model's size, extreme aspect ratios
+    (1x300, 1000x3, 20x2000), two large photos (2000x1333, 4000x3000) and ``n_random`` sizes
+    drawn log-uniformly from 8 to 1200 pixels a side; contents alternate between uniform noise
+    and photo-like fields (:func:`synthetic_image`).
+    """
+    rng = np.random.default_rng(seed)
+    h, w = image_size
+    sizes = [(1, 1), (2, 3), (3, 2), (5, 7), (33, 47), (99, 640), (640, 99), (479, 641),
+             (h, w), (h + 1, w), (h - 1 or 1, w + 1), (2 * h + 1, 2 * w - 1 or 1),
+             (1, 300), (300, 1), (3, 1000), (1000, 3), (20, 2000), (1333, 2000), (3000, 4000)]
+    sizes += [tuple(int(x) for x in np.exp(rng.uniform(np.log(8), np.log(1200), 2))) for _ in range(n_random)]
+    return [synthetic_image(hh, ww, seed * 1000 + i, photo=i % 2 == 1) for i, (hh, ww) in enumerate(sizes)]
+
+
+def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Sequence[np.ndarray],
+                     scale: float) -> dict[str, Any]:
+    """Check a raw-input file against the runtime's Pillow path on decoded images of any size.
+
+    For each image: the graph's crop (its preprocessing alone, built as in the file) against
+    :func:`~coopkit.runtime.preprocess.resize_and_crop`, within :data:`RAW_PIXEL_TOLERANCE`
+    grey levels; the file's logits for the image against its logits for the Pillow crop, within
+    :data:`RAW_LOGIT_TOLERANCE` x ``scale`` (``exp(logit_scale)``), with the same top-1 on at
+    least :data:`RAW_MIN_TOP1_AGREEMENT` of the images; and a batch of same-size images against
+    the batch of their crops, within the same tolerance. The file itself is proven equal to PyTorch on crops by
+    :func:`verify_image_graph` (a raw file passes crops through unchanged).
+
+    Raises:
+        ExportVerificationError: any of these fails.
+    """
+    from PIL import Image
+
+    session = cpu_session(path, precision)
+    pre = cpu_session_from_model(preprocess_model(meta))
+    pixel_max, pixel_sum, n_values = 0, 0.0, 0
+    raw_logits, crop_logits = [], []
+    for img in images:
+        ours = pre.run(None, {INPUT_NAME: img[None]})[0][0]  # (h, w, 3)
+        pillow = resize_and_crop(Image.fromarray(img), meta.image_size, meta.resize_mode, meta.interpolation,
+                                 meta.fill_color)
+        diff = np.abs(ours.astype(np.int16) - pillow.astype(np.int16))
+        pixel_max, pixel_sum, n_values = max(pixel_max, int(diff.max())), pixel_sum + float(diff.sum()), n_values + diff.size
+        raw_logits.append(session.run(["logits"], {INPUT_NAME: img[None]})[0][0])
+        crop_logits.append(session.run(["logits"], {INPUT_NAME: pillow[None]})[0][0])
+    raw, crop = np.stack(raw_logits), np.stack(crop_logits)  # (n, n_classes)
+    logit_diff = float(np.abs(raw - crop).max())
+    agreement = float((raw.argmax(1) == crop.argmax(1)).mean())
+    # a batch of same-size images against the batch of their Pillow crops (the same batch, so that
+    # int8's per-batch activation scales see the same company on both sides)
+    same_size = [images[-1], images[-1][::-1], images[-1][:, ::-1]]
+    crops = np.stack([resize_and_crop(Image.fromarray(x), meta.image_size, meta.resize_mode, meta.interpolation,
+                                      meta.fill_color) for x in same_size])  # (3, h, w, 3)
+    batched = session.run(["logits"], {INPUT_NAME: np.stack(same_size)})[0]  # (3, n_classes)
+    batched_crops = session.run(["logits"], {INPUT_NAME: crops})[0]
+    result: dict[str, Any] = {
+        "raw_n_images": len(images),
+        "raw_max_pixel_diff": pixel_max,
+        "raw_mean_pixel_diff": pixel_sum / max(n_values, 1),
+        "raw_max_abs_logit_diff": logit_diff,
+        "raw_logit_tolerance": RAW_LOGIT_TOLERANCE * scale,
+        "raw_top1_agreement": agreement,
+        "raw_batch_max_abs_logit_diff": float(np.abs(batched - batched_crops).max()),
+    }
+    problems = []
+    if pixel_max > RAW_PIXEL_TOLERANCE:
+        problems.append(f"the in-graph crop differs from Pillow's by up to {pixel_max} grey levels "
+                        f"(tolerance {RAW_PIXEL_TOLERANCE})")
+    if not logit_diff <= RAW_LOGIT_TOLERANCE * scale:
+        problems.append(f"logits on decoded images differ from those on Pillow crops by up to {logit_diff:.3g} "
+                        f"(tolerance {RAW_LOGIT_TOLERANCE * scale:.3g})")
+    if agreement < RAW_MIN_TOP1_AGREEMENT:
+        problems.append(f"top-1 agrees with the Pillow path on only {agreement:.1%} of the images "
+                        f"(need {RAW_MIN_TOP1_AGREEMENT:.1%})")
+    if not result["raw_batch_max_abs_logit_diff"] <= RAW_LOGIT_TOLERANCE * scale:
+        problems.append(f"a batch of same-size images differs from the batch of their Pillow crops by up to "
+                        f"{result['raw_batch_max_abs_logit_diff']:.3g}")
+    if problems:
+        raise ExportVerificationError(
+            f"the raw-input graph does not match the Pillow path on {len(images)} images: " + "; ".join(problems))
+    return result
+
+
+def cpu_session_from_model(model: Any) -> Any:
+    """An onnxruntime CPU session for an in-memory ``onnx.ModelProto``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _sources(data: Any, classifier: "Classifier") -> tuple[Sequence[Any], Optional[np.ndarray]]:
+    """The image sources of ``verify_data`` (a labelled set's test split, or a list) and their labels."""
     labels = None
     if isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel"):
         dataset = load_dataset(data, split="test").relabel(classifier.classnames)
@@ -266,8 +428,12 @@ def verification_data(data: Any, classifier: "Classifier", meta: ModelMetadata) 
         sources = list(data)
     if len(sources) == 0:
         raise ValueError("verification data has no images")
-    arrays = [
-        preprocess(src, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for src in sources
-    ]
-    return np.stack(arrays), labels  # (n, H, W, 3)
+    return sources, labels
+
+
+def decoded_images(data: Any, classifier: "Classifier") -> list[np.ndarray]:
+    """The images of ``verify_data`` decoded as the runtime decodes them (EXIF, RGB), at full size."""
+    if isinstance(data, np.ndarray) and data.ndim == 4:
+        return list(data)
+    return [decode(src) for src in _sources(data, classifier)[0]]
 

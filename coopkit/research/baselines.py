@@ -71,9 +71,8 @@ def encode_fewshot(backbone: Backbone, data: Dataset, *, views: int = 10, augmen
 
 def _config(bb: Backbone, method: str, names: Sequence[str], templates: Sequence[str],
             metrics: dict) -> RunConfig:
-    return RunConfig(method=method, classnames=list(names), model=bb.name, pretrained=bb.pretrained,
-                     model_config=bb.model_config, backbone_sha256=bb.weights_sha256,
-                     templates=check_templates(list(templates)), metrics=metrics, coopkit_version=__version__)
+    return RunConfig(method=method, classnames=list(names), templates=check_templates(list(templates)),
+                     metrics=metrics, coopkit_version=__version__, **bb.run_fields())
 
 
 def _text_weights(bb: Backbone, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:

@@ -232,8 +232,7 @@ def import_official(
         learner.ctx.copy_(ctx)
     learner.requires_grad_(False)
     config = RunConfig(
-        method="coop", classnames=list(classnames), model=bb.name, pretrained=bb.pretrained,
-        model_config=bb.model_config, backbone_sha256=bb.weights_sha256,
+        method="coop", classnames=list(classnames), **bb.run_fields(),
         prompt=prompt,
         metrics={"imported_from": str(path), "official_trainer": ck.trainer, "official_epoch": ck.epoch,
                  "official_val_result": ck.val_result},

@@ -82,11 +82,20 @@ class _Scorer:
         return self.scores(clf)["accuracy"]
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The few-shot methods, each one of :data:`METHODS`."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
     return list(methods)
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """A non-empty list of integer seeds (an empty one would leave only the zero-shot rows)."""
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds}")
+    return seeds
 
 
 def fewshot_curves(
@@ -131,7 +140,8 @@ def fewshot_curves(
 
     Returns rows with ``method, setting, shots, seed`` and :data:`SCORES` (zero-shot rows have shots 0).
     """
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
+    seeds = check_seeds(seeds)
     if not shots or min(shots) < 1:
         raise ValueError(f"shots must be integers >= 1, got {list(shots)}")
     bb = backbone or load_backbone(model, pretrained, device)
@@ -209,6 +219,7 @@ def domain_shift(
     """
     if not tests:
         raise ValueError("give at least one test set")
+    seeds = check_seeds(seeds)
     bb = backbone or load_backbone(model, pretrained, device)
     train_data = load_dataset(train)
     scorers = {}
@@ -262,6 +273,7 @@ def base_to_new(
     overlap = sorted(set(base) & set(new))
     if overlap:
         raise ValueError(f"classes {overlap} are both base and new")
+    seeds = check_seeds(seeds)
     bb = backbone or load_backbone(model, pretrained, device)
     full = load_dataset(train)
     test_data = load_dataset(test)

@@ -3,22 +3,35 @@
 Everything an exported file promises, and every rule that must be applied the same way when
 coopkit trains a prompt and when the runtime rebuilds it, lives here:
 
-* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB, already
-  resized and cropped to ``image_size``) to ``logits`` ``(batch, n_classes)``, ``probs``
-  (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised); the
+* **graph names**: the image graph maps ``images`` (uint8 ``(batch, H, W, 3)``, RGB; of the
+  :data:`INPUT_CROPPED` kind already resized and cropped to ``image_size``, of the
+  :data:`INPUT_RAW` kind decoded images of any size, resized and cropped inside the graph, the
+  images of one run all of one size) to ``logits`` ``(batch, n_classes)``, ``probs``
+  (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised);
+* **scores**: ``logits = exp(logit_scale) * cos(image, class) + logit_bias`` where the model
+  was trained with a logit bias (SigLIP's sigmoid loss; :attr:`ModelMetadata.logit_bias`),
+  else without; ``probs`` is the softmax over the label set (classification: the bias cancels);
+  for sigmoid-trained models, ``scores = sigmoid(logits)`` is each class's own match
+  probability, as the model was trained to output it (:data:`SCORE_RULE`); the
   optional text graph maps ``token_ids`` int64 ``(n, context_length)`` to ``class_weights``
   ``(n, embed_dim)``, already multiplied by ``exp(logit_scale)``;
 * **class names**: a list of distinct, non-blank strings; ``_`` is read as a space when a
   name goes into a prompt (:func:`prompt_name`);
 * **templates**: strings with exactly one ``{}`` for the class name, filled by
   :func:`fill_template` (no ``str.format``: other braces stay as written);
-* **token layout of CoOp prompts**: ``[SOS] + context + class tokens + "." + [EOT]`` with the
+* **token layout of CoOp prompts**: ``[prefix] + context + class tokens + "." + [end]`` with the
   class tokens at the ``end``, in the ``middle`` (after ``n_ctx // 2`` context vectors) or
-  at the ``front`` (:func:`context_before_name`, :func:`prompt_order`); a text graph is fed
-  the tokenisation of :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then
-  the name and ``"."``) and swaps the learned context in for the placeholders;
+  at the ``front`` (:func:`context_before_name`, :func:`prompt_order`); ``prefix`` is the
+  ``n_prefix`` special tokens the tokenizer puts before the text (CLIP's start token, BERT's
+  ``[CLS]``, ``<s>``; none for SigLIP and mT5), ``end`` the token after it (:func:`name_length`
+  reads the class name's length off the ids); a text graph is fed the tokenisation of
+  :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then the name and ``"."``)
+  and swaps the learned context in for the placeholders;
 * **metadata**: :class:`ModelMetadata`, stored as JSON under :data:`METADATA_KEY` in the
-  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`.
+  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`;
+* **the sidecar**: the same metadata as a JSON file beside the graph (:func:`sidecar_name`,
+  :func:`build_sidecar`) with each file's size and sha256, for clients that cannot read ONNX
+  metadata (onnxruntime-web); :func:`sidecar_mismatches` says where one disagrees with a file.
 
 Standard library only, so the torch-free runtime and the training side share it.
 """
@@ -40,6 +53,11 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
 #: How a file's class scores were learned: CoOp, hand-written prompts, or a few-shot baseline's head.
 METHODS = ("coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f")
+#: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
+#: existed), or decoded RGB images of any size that the graph resizes and crops itself.
+INPUT_CROPPED = "cropped"
+INPUT_RAW = "raw"
+INPUT_KINDS = (INPUT_CROPPED, INPUT_RAW)
 
 #: Where the class-name tokens sit relative to the learned context.
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -54,6 +72,13 @@ LAYOUT_COOP = "coop_placeholders_v1"
 LAYOUT_PLAIN = "plain_v1"
 LAYOUTS = (LAYOUT_COOP, LAYOUT_PLAIN)
 CLIP_BPE_VOCAB = "clip_bpe_49408"
+#: Tokenizers a text graph may declare: CLIP's BPE (numpy, always there) or a Hugging Face
+#: ``tokenizer.json`` beside the model, run by the ``tokenizers`` library (an optional extra).
+TOKENIZER_CLIP_BPE = "clip_bpe"
+TOKENIZER_HF = "hf_tokenizers"
+TOKENIZERS = (TOKENIZER_CLIP_BPE, TOKENIZER_HF)
+#: What ``scores`` means (per-class sigmoid of the logits), offered where ``logit_bias`` is set.
+SCORE_RULE = "sigmoid(logits)"
 
 
 class MetadataError(ValueError):
@@ -114,6 +139,22 @@ def fill_templates(template: str, classnames: Sequence[str]) -> list[str]:
     return [fill_template(template, c) for c in classnames]
 
 
+def check_prompts_fit(prompts: Sequence[str], n_tokens: Sequence[int], context_length: int, n_special: int = 2) -> None:
+    """Refuse prompts whose ``n_tokens``, with the tokenizer's ``n_special`` tokens (CLIP's
+    start and end tokens), exceed ``context_length``.
+
+    A tokenizer cuts them silently, so two long names that share their beginning would get
+    identical class weights.
+    """
+    room = context_length - n_special
+    too_long = [p for p, n in zip(prompts, n_tokens) if n > room]
+    if too_long:
+        raise ValueError(
+            f"prompts {too_long[:3]!r:.200} need more than the {room} tokens a text context of "
+            f"{context_length} holds (they would be cut); shorten the class names or the template"
+        )
+
+
 # --- CoOp token layout ---------------------------------------------------------------------------
 
 
@@ -128,18 +169,33 @@ def context_before_name(position: str, n_ctx: int) -> int:
     return {"end": n_ctx, "middle": n_ctx // 2, "front": 0}[check_position(position)]
 
 
-def prompt_order(position: str, n_ctx: int, name_len: int, length: int) -> list[int]:
-    """Positions, in prompt order, of the "end" layout ``[SOS, ctx * n_ctx, name, rest]``.
+def prompt_order(position: str, n_ctx: int, name_len: int, length: int, n_prefix: int = 1) -> list[int]:
+    """Positions, in prompt order, of the "end" layout ``[prefix, ctx * n_ctx, name, rest]``.
 
-    The prompt at position ``j`` takes the end-layout token ``order[j]``: SOS, the first
-    :func:`context_before_name` context vectors, the ``name_len`` name tokens, the remaining
-    context vectors, then ``"."``, EOT and padding up to ``length``.
+    The prompt at position ``j`` takes the end-layout token ``order[j]``: the ``n_prefix``
+    special tokens, the first :func:`context_before_name` context vectors, the ``name_len``
+    name tokens, the remaining context vectors, then ``"."``, the end token and padding up to
+    ``length``.
     """
     s = context_before_name(position, n_ctx)
-    sos, ctx = [0], list(range(1, 1 + n_ctx))
-    name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
-    rest = list(range(1 + n_ctx + name_len, length))
+    sos, ctx = list(range(n_prefix)), list(range(n_prefix, n_prefix + n_ctx))
+    name = list(range(n_prefix + n_ctx, n_prefix + n_ctx + name_len))
+    rest = list(range(n_prefix + n_ctx + name_len, length))
     return sos + ctx[:s] + name + ctx[s:] + rest
+
+
+def name_length(ids: Sequence[int], n_prefix: int, n_ctx: int, end_id: int, dot_id: Optional[int]) -> int:
+    """Tokens of the class name in an end-layout row ``[prefix, ctx, name, ".", end, ...]``.
+
+    The name runs from ``n_prefix + n_ctx`` to the first ``end_id`` after it, less the last
+    token when it is ``dot_id`` (a name whose last token swallowed the full stop, like ``").``",
+    keeps it; ``dot_id`` is ``None`` where the tokenizer drops the full stop). A text graph
+    applies the same rule to the ids it is fed (:class:`coopkit.exporters.graphs.TextGraph`).
+    """
+    start = n_prefix + n_ctx
+    rest = list(ids[start:])
+    end = start + (rest.index(end_id) if end_id in rest else len(rest))
+    return end - start - int(dot_id is not None and end > start and ids[end - 1] == dot_id)
 
 
 def coop_prompt_template(n_ctx: int) -> str:
@@ -175,6 +231,16 @@ class TextEncoderSpec:
         n_ctx: Learned context vectors baked into the graph (0 for zero-shot).
         class_token_position: Where the graph puts the class name (CoOp files).
         layout: :data:`LAYOUT_COOP` or :data:`LAYOUT_PLAIN`.
+        tokenizer: :data:`TOKENIZER_CLIP_BPE` (files written before it existed) or
+            :data:`TOKENIZER_HF` (``tokenizer_file`` run by the ``tokenizers`` library).
+        tokenizer_file: The ``tokenizer.json`` beside the model (Hugging Face tokenizers; it
+            records the padding and truncation to ``context_length``).
+        clean: open_clip's text cleaning before tokenising (``lower``, ``whitespace`` or
+            ``canonicalize``; CLIP's BPE always lower-cases).
+        strip_sep_id: Token id replaced by 0 after tokenising (open_clip's ``strip_sep_token``).
+        n_prefix: Special tokens before the text; the context follows them.
+        tensors_sha256: sha256 of every stored tensor of the text graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`), checked when it is opened.
     """
 
     file: str
@@ -190,10 +256,19 @@ class TextEncoderSpec:
     n_ctx: int = 0
     class_token_position: str = "end"
     layout: str = LAYOUT_PLAIN
+    tokenizer: str = TOKENIZER_CLIP_BPE
+    tokenizer_file: Optional[str] = None
+    clean: str = "lower"
+    strip_sep_id: Optional[int] = None
+    n_prefix: int = 1
+    tensors_sha256: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.file, str) or not self.file or "/" in self.file or "\\" in self.file:
-            raise MetadataError(f"text_encoder.file must be a file name beside the model, got {self.file!r}")
+        for name in ("file", "tokenizer_file"):
+            value = getattr(self, name)
+            if (name == "file" or value is not None) and (
+                    not isinstance(value, str) or not value or "/" in value or "\\" in value):
+                raise MetadataError(f"text_encoder.{name} must be a file name beside the model, got {value!r}")
         if not isinstance(self.context_length, int) or self.context_length < 2:
             raise MetadataError(f"text_encoder.context_length must be an integer >= 2, got {self.context_length!r}")
         if self.layout not in LAYOUTS:
@@ -246,10 +321,23 @@ class ModelMetadata:
             for CoOp; ``templates`` for zero-shot).
         precision: ``fp32``, ``fp16`` or ``int8``.
         embed_dim: Width of ``image_embeds``.
-        weights_sha256: sha256 of the class weight matrix (float32, C order).
+        weights_sha256: sha256 of the class weight matrix ``(n_classes, embed_dim)``, float32,
+            C order; the graph stores it as a float32 initializer of that shape or its
+            transpose, and the runtime checks it on load.
+        tensors_sha256: sha256 of every stored tensor of the graph
+            (:func:`coopkit.runtime.integrity.tensors_sha256`); the runtime checks it on load
+            unless told not to.
         coopkit_version: Version of coopkit that wrote the file.
         text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
         schema_version: Version of this schema.
+        logit_bias: The model's logit bias (SigLIP-family models), baked into the graph's
+            ``logits`` and added to logits computed from text-graph class weights; ``None``
+            for models without one (files written before it existed).
+        input_kind: :data:`INPUT_CROPPED` (``images`` are crops at ``image_size``; files
+            without this field) or :data:`INPUT_RAW` (decoded uint8 RGB images of any size; the
+            graph applies ``resize_mode``, ``interpolation`` and ``fill_color`` itself). A raw
+            file fed crops at ``image_size`` returns the same answers: its resize and crop
+            leave such an image unchanged.
     """
 
     classnames: list[str]
@@ -266,11 +354,16 @@ class ModelMetadata:
     precision: str = "fp32"
     embed_dim: int = 0
     weights_sha256: str = ""
+    tensors_sha256: str = ""
     coopkit_version: str = ""
     text_encoder: Optional[TextEncoderSpec] = None
     schema_version: int = SCHEMA_VERSION
+    logit_bias: Optional[float] = None
+    input_kind: str = INPUT_CROPPED
 
     def __post_init__(self) -> None:
+        if self.logit_bias is not None:
+            self.logit_bias = float(self.logit_bias)
         try:
             self.classnames = check_classnames(self.classnames, "metadata classnames")
         except ValueError as e:
@@ -287,7 +380,8 @@ class ModelMetadata:
             raise MetadataError("mean and std must have 3 values (RGB)")
         for name, value, valid in (("resize_mode", self.resize_mode, RESIZE_MODES),
                                    ("interpolation", self.interpolation, INTERPOLATIONS),
-                                   ("precision", self.precision, PRECISIONS)):
+                                   ("precision", self.precision, PRECISIONS),
+                                   ("input_kind", self.input_kind, INPUT_KINDS)):
             if value not in valid:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")
         if self.text_encoder is not None:
@@ -326,3 +420,78 @@ class ModelMetadata:
                 "(export one with `coopkit export`)"
             )
         return cls.from_json(props[METADATA_KEY])
+
+
+# --- the sidecar ---------------------------------------------------------------------------------
+
+#: ``format`` of a sidecar, and the newest sidecar version this coopkit writes and reads.
+SIDECAR_FORMAT = "coopkit-sidecar"
+SIDECAR_VERSION = 1
+#: What each file listed in a sidecar is: the image graph (always first), its external data, the
+#: companion text graph, its external data and its tokenizer.
+SIDECAR_ROLES = ("model", "external_data", "text_model", "text_external_data", "tokenizer")
+
+
+def sidecar_name(model_file: str) -> str:
+    """``model.onnx`` -> ``model.json``: the sidecar's file name beside an exported image graph."""
+    stem = model_file[: -len(".onnx")] if model_file.endswith(".onnx") else model_file
+    return f"{stem}.json"
+
+
+def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The sidecar of an export: everything a client needs that cannot read ONNX metadata.
+
+    Args:
+        meta: The metadata stored in the image graph; it is copied whole under ``metadata``
+            (class names, ``image_size``, resize and crop rule, precision, ``weights_sha256``...).
+        files: One ``{"name", "role", "bytes", "sha256"}`` per file of the export, the image
+            graph (role ``model``) first; roles from :data:`SIDECAR_ROLES`.
+
+    Returns:
+        A JSON-ready dict: ``format``, ``sidecar_version``, ``files``, the graph's ``input``
+        (name, dtype, shape, kind: crops at ``image_size`` or raw images of any size) and
+        ``outputs``, and ``metadata``.
+    """
+    listed = [dict(f) for f in files]
+    if not listed or listed[0].get("role") != "model":
+        raise ValueError("a sidecar lists the image graph (role 'model') first")
+    for f in listed:
+        if set(f) != {"name", "role", "bytes", "sha256"} or f["role"] not in SIDECAR_ROLES:
+            raise ValueError(f"sidecar file entries need name, role (one of {SIDECAR_ROLES}), bytes and sha256; got {f}")
+    h, w = meta.image_size
+    shape = ["batch", h, w, 3] if meta.input_kind == INPUT_CROPPED else ["batch", "height", "width", 3]
+    return {
+        "format": SIDECAR_FORMAT,
+        "sidecar_version": SIDECAR_VERSION,
+        "files": listed,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": shape, "channels": "RGB", "kind": meta.input_kind},
+        "outputs": list(OUTPUT_NAMES),
+        "metadata": asdict(meta),
+    }
+
+
+def is_sidecar(raw: Any) -> bool:
+    """Whether parsed JSON claims to be a coopkit sidecar (any version)."""
+    return isinstance(raw, dict) and raw.get("format") == SIDECAR_FORMAT
+
+
+def sidecar_mismatches(raw: Any, meta: ModelMetadata, model_bytes: Optional[int] = None) -> list[str]:
+    """Where a parsed sidecar disagrees with an image graph's metadata (and size): empty when it
+    describes that file. Cheap: the file's sha256 is not recomputed."""
+    if not is_sidecar(raw):
+        return [f"not a coopkit sidecar (no format {SIDECAR_FORMAT!r})"]
+    version = raw.get("sidecar_version")
+    if not isinstance(version, int) or version > SIDECAR_VERSION:
+        return [f"sidecar version {version!r}, this coopkit reads up to {SIDECAR_VERSION}"]
+    try:
+        theirs = ModelMetadata.from_json(json.dumps(raw.get("metadata")))
+    except MetadataError as e:
+        return [f"sidecar metadata unreadable: {e}"]
+    mine = asdict(meta)
+    problems = [f"{k} differs" for k, v in asdict(theirs).items() if v != mine.get(k)]
+    files = raw.get("files")
+    if model_bytes is not None:
+        listed = files[0].get("bytes") if isinstance(files, list) and files and isinstance(files[0], dict) else None
+        if listed != model_bytes:
+            problems.append(f"the model file has {model_bytes} bytes, the sidecar says {listed}")
+    return problems

@@ -3,10 +3,17 @@
 Data flow: image inputs -> :func:`~coopkit.runtime.preprocess.preprocess` (decode, resize and
 crop as open_clip does, per the file's metadata) -> uint8 batch ``(n, H, W, 3)`` -> the graph
 (normalise, image encoder, L2, x W^T) -> logits / probabilities / embeddings.
+
+A raw-input file (``input_kind="raw"``) resizes and crops in its graph: the runtime only decodes
+(:func:`~coopkit.runtime.preprocess.decode`: EXIF orientation, RGB) and runs images of the same
+size together. Where onnxruntime's resize kernel is known to be wrong (CUDA, cubic with
+antialias: :data:`CUDA_WRONG_RESIZE`), it crops with Pillow instead and feeds the crop, which
+the graph passes through unchanged; a warning says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -17,14 +24,39 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .contract import INPUT_NAME, OUTPUT_NAMES, MetadataError, ModelMetadata, check_classnames
-from .preprocess import MAX_PIXELS, ImageDecodeError, ImageInput, as_image_list, describe, preprocess
+from .contract import (
+    INPUT_NAME,
+    INPUT_RAW,
+    OUTPUT_NAMES,
+    MetadataError,
+    ModelMetadata,
+    check_classnames,
+    is_sidecar,
+    sidecar_mismatches,
+    sidecar_name,
+)
+from .integrity import FileFormatError, class_weights_sha256, verify_tensors
+from .preprocess import (
+    MAX_PIXELS,
+    ImageDecodeError,
+    ImageInput,
+    as_image_list,
+    decode,
+    describe,
+    preprocess,
+    resize_plan,
+)
 from .session import CPU, CUDA, TENSORRT, ProviderSpec, open_session
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
 
 ERROR_MODES = ("raise", "skip")
+#: Filters whose antialiased ``Resize`` onnxruntime's CUDA kernel gets wrong (onnxruntime issue
+#: 25264: cubic with antialias, a wrong launch grid and a hardcoded cubic coefficient). A raw-input
+#: file resizing with one of them is fed Pillow crops on CUDA (``benchmarks/gpu_check_rawgraph.py``
+#: compares CUDA with the CPU for every filter).
+CUDA_WRONG_RESIZE = ("bicubic",)
 
 
 @dataclass(frozen=True)
@@ -114,10 +146,35 @@ def rank(
     return out
 
 
+def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image and resize/crop it as the file's ``metadata`` says: uint8 ``(H, W, 3)``.
+
+    What :meth:`Classifier.prepare` does, without a session: for decoding in other processes
+    (Ray tasks, a Triton Python backend) that only have the metadata.
+    """
+    m = metadata
+    return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=max_pixels)
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resizes_in_graph(metadata: ModelMetadata, provider: str) -> bool:
+    """Whether decoded images go to the graph as they are (a raw-input file on a provider whose
+    resize is right), or Pillow crops them first (cropped files, and raw-input files whose filter
+    is in :data:`CUDA_WRONG_RESIZE` on CUDA or TensorRT)."""
+    m = metadata
+    if m.input_kind != INPUT_RAW:
+        return False
+    interpolation = resize_plan(m.image_size, m.resize_mode, m.interpolation, m.fill_color).interpolation
+    return not (provider in (CUDA, TENSORRT) and interpolation in CUDA_WRONG_RESIZE)
+
+
+#: Prepared images: a uint8 batch ``(n, H, W, 3)``, or decoded images of any sizes (raw input).
+Batch = Union[np.ndarray, list[np.ndarray]]
 
 
 class Classifier:
@@ -127,19 +184,27 @@ class Classifier:
         path: The ``.onnx`` file written by ``coopkit export``.
         device: ``auto`` (CUDA when a GPU and its libraries really work, else CPU), ``cpu``,
             ``cuda`` or ``cuda:N``.
-        threads: CPU threads for onnxruntime (``None``: one per core).
+        threads: CPU threads for onnxruntime (``None``: one per CPU that other processes leave
+            idle when the file is opened; see :func:`~coopkit.runtime.session.default_threads`).
         providers: Explicit onnxruntime execution providers (e.g. TensorRT first); overrides
             ``device``.
         batch_size: Images per graph run; longer inputs are processed in chunks.
         workers: Threads that decode and resize images in parallel (``None``: up to 8, one per
             core; ``1``: in the calling thread).
         max_pixels: Larger images are refused as decompression bombs.
+        check_tensors: Check every stored tensor against the sha256 recorded at export
+            (``tensors_sha256``; reading and hashing a 353 MB ViT-B-32 file took 0.3-0.6 s on 2
+            busy cores, 30-45% of opening it).
+            ``False`` skips it; the class weights and the output widths are checked anyway.
+        spinning: Let idle onnxruntime threads spin (off by default: faster only on a machine
+            that runs nothing else).
 
     One instance may be shared by many threads: calls do not share mutable state.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        MetadataError: not an ONNX file, not a coopkit export, or a newer schema.
+        MetadataError: not an ONNX file, not a coopkit export, or a newer schema; a file whose
+            output widths, class weights or tensors do not match its metadata (edited or corrupted).
         RuntimeError: ``device="cuda"`` where CUDA cannot run.
     """
 
@@ -153,6 +218,8 @@ class Classifier:
         batch_size: int = 32,
         workers: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
+        check_tensors: bool = True,
+        spinning: bool = False,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -162,9 +229,15 @@ class Classifier:
         if workers is not None and int(workers) < 1:
             raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
         self._device, self._threads, self._providers = device, threads, providers
-        self.session = open_session(self.path, device, threads, providers)
+        self._check_tensors = bool(check_tensors)
+        self._spinning = bool(spinning)
+        self.session = open_session(self.path, device, threads, providers, spinning=spinning)
         self.metadata = self._read_metadata(self.session, self.path)
         self._check_graph()
+        self._check_weights()
+        if self._check_tensors:
+            verify_tensors(self.path, self.metadata.tensors_sha256)
+        self._cross_check_sidecar()
         fixed = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)
@@ -177,6 +250,13 @@ class Classifier:
         self._head = _Head(tuple(self.metadata.classnames))
         self.provider: str = self.session.get_providers()[0]
         self._use_io_binding = self.provider in (CUDA, TENSORRT)
+        self._feed_raw = resizes_in_graph(self.metadata, self.provider)
+        if self.metadata.input_kind == INPUT_RAW and not self._feed_raw:
+            logger.warning(
+                "%s: onnxruntime's CUDA kernel for this file's antialiased resize is wrong (onnxruntime issue "
+                "25264); Pillow crops this raw-input file's images on the CPU, the model still runs on CUDA",
+                self.path.name,
+            )
         out_dim = {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
         self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
         logger.info("loaded %s (%d classes) on %s", self.path, len(self._head.classnames), self.provider)
@@ -204,9 +284,51 @@ class Classifier:
         if node.type != "tensor(uint8)" or len(node.shape) != 4:
             raise MetadataError(f"{self.path}: input {INPUT_NAME!r} must be uint8 (batch, H, W, 3), got {node.type} {node.shape}")
         h, w = self.metadata.image_size
+        if self.metadata.input_kind == INPUT_RAW:
+            h, w = node.shape[1], node.shape[2]  # any size; the channels are checked below
         for got, want in zip(node.shape[1:], (h, w, 3)):
             if isinstance(got, int) and got != want:
                 raise MetadataError(f"{self.path}: graph input is {node.shape} but metadata says image_size {self.metadata.image_size}")
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        for name in OUTPUT_NAMES:
+            self._check_width(name, shapes[name][-1] if shapes[name] else None)
+
+    def _check_width(self, output: str, width: Any) -> None:
+        """An output's last dimension against the metadata: one logit per class name, embed_dim embeddings."""
+        want = self.metadata.embed_dim if output == "image_embeds" else len(self.metadata.classnames)
+        if isinstance(width, (int, np.integer)) and want and int(width) != want:
+            what = "embed_dim" if output == "image_embeds" else "class names"
+            raise MetadataError(f"{self.path}: the graph's {output!r} output is {width} wide but the metadata has "
+                                f"{want} {what}; the file was edited or assembled from different exports")
+
+    def _check_weights(self) -> None:
+        """The class weight matrix stored in the graph against the metadata's ``weights_sha256``."""
+        m = self.metadata
+        if not m.weights_sha256:
+            return
+        embed_dim = m.embed_dim or {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
+        try:
+            found = class_weights_sha256(self.path, len(m.classnames), embed_dim)
+        except FileFormatError as e:
+            raise MetadataError(f"{self.path}: {e}") from None
+        if m.weights_sha256 not in found:
+            raise MetadataError(f"{self.path}: the class weights do not match the weights_sha256 recorded at export "
+                                "(the file is corrupted or was edited); export it again")
+
+    def _cross_check_sidecar(self) -> None:
+        """Warn when the sidecar beside the file (``model.json``, what web clients read instead of
+        the ONNX metadata) describes another export. The runtime itself never uses it."""
+        side = self.path.with_name(sidecar_name(self.path.name))
+        try:
+            raw = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
+        except (OSError, ValueError):
+            raw = None
+        if not is_sidecar(raw):
+            return  # no sidecar (or an unrelated JSON file): nothing to check
+        problems = sidecar_mismatches(raw, self.metadata, self.path.stat().st_size)
+        if problems:
+            logger.warning("%s does not describe %s (%s); web clients will refuse this pair: re-export, or copy "
+                           "the sidecar written with this file", side.name, self.path.name, "; ".join(problems[:3]))
 
     # --- public properties --------------------------------------------------------------------
 
@@ -217,8 +339,20 @@ class Classifier:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        """``(height, width)`` of the graph's input."""
+        """``(height, width)`` of the crop the model sees (a raw-input file makes it in its graph)."""
         return self.metadata.image_size
+
+    @property
+    def input_kind(self) -> str:
+        """``cropped`` or ``raw``: what the file's graph takes (see :class:`ModelMetadata`)."""
+        return self.metadata.input_kind
+
+    @property
+    def resizes_in_graph(self) -> bool:
+        """True when decoded images go to the graph, which resizes and crops them (a raw-input
+        file, except on CUDA for the filters in :data:`CUDA_WRONG_RESIZE`); False when Pillow
+        crops them first."""
+        return self._feed_raw
 
     @property
     def device(self) -> str:
@@ -230,9 +364,31 @@ class Classifier:
 
     # --- preprocessing ------------------------------------------------------------------------
 
+    def _crop_one(self, source: ImageInput) -> np.ndarray:
+        return prepare_image(source, self.metadata, self.max_pixels)
+
     def _prepare_one(self, source: ImageInput) -> np.ndarray:
-        m = self.metadata
-        return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=self.max_pixels)
+        """What the graph receives for one image: the decoded image (raw input) or its crop."""
+        if self._feed_raw:
+            m = self.metadata
+            return decode(source, max_pixels=self.max_pixels, image_size=m.image_size,
+                          resize_mode=m.resize_mode)  # (H, W, 3), any size
+        return self._crop_one(source)
+
+    def prepare(self, source: ImageInput) -> np.ndarray:
+        """One image decoded and cropped as open_clip's transform does: uint8 ``(H, W, 3)``.
+
+        The first half of :meth:`predict` for pipelines that decode in their own threads or
+        processes and batch images themselves (then :meth:`run_batch` and :func:`rank`). Always
+        the crop, whatever the file's input kind, so a queue of prepared images holds
+        ``H * W * 3`` bytes each (a raw-input graph's own resize then meets an image already at
+        its size; :meth:`predict` hands such a graph the decoded image instead).
+
+        Raises:
+            ImageDecodeError: the image is unreadable, of an unsupported type or too large.
+            FileNotFoundError: a path that does not exist.
+        """
+        return self._crop_one(source)
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if self._workers <= 1 or len(items) <= 1:
@@ -243,12 +399,17 @@ class Classifier:
             pool = self._pool
         return list(pool.map(fn, items))
 
-    def _prepare_batch(self, sources: list[Any], skip: bool) -> tuple[np.ndarray, list[Optional[str]]]:
-        """Decode and crop; returns the uint8 batch of readable images and one error per input."""
+    def _prepare_batch(self, sources: list[Any], skip: bool, crop: bool = False) -> tuple[Batch, list[Optional[str]]]:
+        """Decode (and crop); returns the readable images and one error per input.
+
+        The images are one uint8 batch ``(n, H, W, 3)`` of crops, or, for a raw-input file, a
+        list of decoded ``(H, W, 3)`` images of any sizes (``crop=True``: crops in any case).
+        """
+        prepare = self._crop_one if crop else self._prepare_one
 
         def one(src: Any) -> Union[np.ndarray, str]:
             try:
-                return self._prepare_one(src)
+                return prepare(src)
             except (ImageDecodeError, FileNotFoundError) as e:
                 if not skip:
                     raise
@@ -257,18 +418,27 @@ class Classifier:
         done = self._map(one, sources)
         errors = [d if isinstance(d, str) else None for d in done]
         arrays = [d for d in done if not isinstance(d, str)]
+        if self._feed_raw and not crop:
+            return arrays, errors
         h, w = self.metadata.image_size
         batch = np.stack(arrays) if arrays else np.zeros((0, h, w, 3), np.uint8)  # (n, H, W, 3)
         return batch, errors
 
     def preprocess(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
-        """The uint8 batch ``(n, H, W, 3)`` the graph receives for ``images``."""
-        return self._prepare_batch(as_image_list(images), skip=False)[0]
+        """The uint8 crops ``(n, H, W, 3)`` open_clip's transform makes of ``images``: what a
+        cropped-input file receives (a raw-input file makes the same crops in its graph)."""
+        return self._prepare_batch(as_image_list(images), skip=False, crop=True)[0]
 
     # --- running the graph --------------------------------------------------------------------
 
-    def _run(self, batch: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
-        """Run the image graph on a prepared uint8 batch; returns float32 outputs."""
+    def _run(self, batch: Batch, names: Sequence[str]) -> list[np.ndarray]:
+        """Run the image graph on a prepared uint8 batch; returns float32 outputs.
+
+        A list of decoded images of several sizes (raw input) runs as one graph call per size,
+        the outputs put back in input order.
+        """
+        if isinstance(batch, list):
+            return self._run_by_size(batch, names)
         n = batch.shape[0]
         if self._fixed_batch and n != self._fixed_batch:  # a static-batch export: pad the last chunk
             pad = np.zeros((self._fixed_batch - n, *batch.shape[1:]), np.uint8)
@@ -284,20 +454,86 @@ class Classifier:
             outs = binding.copy_outputs_to_cpu()
         else:
             outs = self.session.run(list(names), {INPUT_NAME: batch})
+        for name, out in zip(names, outs):  # graphs with symbolic output widths are checked here
+            self._check_width(name, out.shape[-1])
         return [np.asarray(o[:n], dtype=np.float32) for o in outs]
+
+    def _run_by_size(self, images: list[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
+        if not images:
+            width = {"image_embeds": self._embed_dim}
+            return [np.zeros((0, width.get(name, len(self._head.classnames))), np.float32) for name in names]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(img.shape, []).append(i)
+        outs: list[Optional[np.ndarray]] = [None] * len(names)
+        for shape, idx in groups.items():
+            results = self._run(np.stack([images[i] for i in idx]), names)  # (k, H, W, 3) of one size
+            for j, result in enumerate(results):
+                if outs[j] is None:
+                    outs[j] = np.zeros((len(images), *result.shape[1:]), np.float32)
+                outs[j][idx] = result  # type: ignore[index]
+        return [o for o in outs if o is not None]
+
+    def run_batch(
+        self, images: Batch, outputs: Sequence[str] = ("probs",)
+    ) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+        """Run the graph on images prepared by :meth:`prepare`: a uint8 batch ``(n, H, W, 3)``, or
+        a list of prepared images (a raw-input file's decoded images may differ in size).
+
+        The second half of :meth:`predict`: one consistent set of classes (a concurrent
+        :meth:`set_classes` takes effect on the next call), chunks of ``batch_size``.
+
+        Returns:
+            The class names the columns of ``logits``/``probs`` follow, and a dict with the
+            requested ``outputs`` (any of ``logits``, ``probs``, ``image_embeds``), float32.
+        """
+        wanted = tuple(outputs)
+        unknown = [o for o in wanted if o not in OUTPUT_NAMES]
+        if unknown or not wanted:
+            raise ValueError(f"outputs must be a non-empty subset of {OUTPUT_NAMES}, got {list(outputs)}")
+        h, w = self.metadata.image_size
+        items = list(images) if not isinstance(images, np.ndarray) else images
+        bad = [x for x in items if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 3 and
+                                        x.shape[2] == 3 and (self._feed_raw or x.shape[:2] == (h, w)))]
+        if bad:
+            raise ValueError(f"images must be what prepare() gives: uint8 ({h}, {w}, 3) crops"
+                             f"{' or decoded (H, W, 3) images' if self._feed_raw else ''}, got {bad[0]!r:.80}")
+        if isinstance(items, list) and not self._feed_raw:
+            items = np.stack(items) if items else np.zeros((0, h, w, 3), np.uint8)  # (n, H, W, 3)
+        head = self._head
+        names = wanted if head.weights is None else ("image_embeds",)
+        parts = [self._run(items[s : s + self.batch_size], names) for s in range(0, len(items), self.batch_size)]
+        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
+        got = {
+            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
+            for i, name in enumerate(names)
+        }
+        if head.weights is not None:
+            logits = self._head_logits(got["image_embeds"], head)
+            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": _softmax(logits)}
+        return head.classnames, {name: got[name] for name in wanted}
+
 
     def _chunks(self, sources: list[Any]) -> Iterable[list[Any]]:
         for start in range(0, len(sources), self.batch_size):
             yield sources[start : start + self.batch_size]
 
-    def _scores(self, batch: np.ndarray, head: _Head, want: str) -> np.ndarray:
+    def _scores(self, batch: Batch, head: _Head, want: str) -> np.ndarray:
         """``want`` is ``logits``, ``probs`` or ``image_embeds`` for a prepared batch."""
         if want == "image_embeds":
             return self._run(batch, ["image_embeds"])[0]
         if head.weights is None:
             return self._run(batch, [want])[0]
-        logits = self._run(batch, ["image_embeds"])[0] @ head.weights.T  # (n, n_classes)
+        logits = self._head_logits(self._run(batch, ["image_embeds"])[0], head)
         return logits if want == "logits" else _softmax(logits)
+
+    def _head_logits(self, embeds: np.ndarray, head: _Head) -> np.ndarray:
+        """Logits of replaced classes (:meth:`set_classes`) from image embeddings."""
+        assert head.weights is not None
+        logits = embeds @ head.weights.T  # (n, n_classes)
+        if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
+            logits = logits + np.float32(self.metadata.logit_bias)
+        return logits
 
     def _collect(self, images: Any, want: str) -> np.ndarray:
         sources = as_image_list(images)
@@ -309,12 +545,29 @@ class Classifier:
         return np.zeros((0, width), np.float32)
 
     def logits(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
-        """Logits ``(n_images, n_classes)`` (scaled cosine similarities), float32."""
+        """Logits ``(n_images, n_classes)`` (scaled cosine similarities, plus the logit bias of
+        SigLIP-family models), float32."""
         return self._collect(images, "logits")
 
     def probs(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
-        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits), float32."""
+        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits over the label set), float32."""
         return self._collect(images, "probs")
+
+    def scores(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
+        """Per-class match probabilities ``sigmoid(logits)`` ``(n_images, n_classes)`` of a model
+        trained with a sigmoid loss (SigLIP family: its file records a logit bias); each class on
+        its own, as the model was trained to output them.
+
+        Raises:
+            ValueError: a softmax-trained model (no logit bias); use :meth:`probs`.
+        """
+        if self.metadata.logit_bias is None:
+            raise ValueError(
+                f"{self.path} is a softmax-trained model (no logit bias), so sigmoid scores mean nothing for it; "
+                "use probs()"
+            )
+        logits = self._collect(images, "logits")
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
     def embed(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
         """L2-normalised image embeddings ``(n_images, embed_dim)``, float32."""
@@ -369,7 +622,8 @@ class Classifier:
         with self._text_lock:
             if self._text_encoder is None:
                 self._text_encoder = TextEncoder.open(
-                    self.path.parent / spec.file, spec, self._device, self._threads, self._providers
+                    self.path.parent / spec.file, spec, self._device, self._threads, self._providers,
+                    check_tensors=self._check_tensors,
                 )
             return self._text_encoder
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
-from typing import Any, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,6 +18,19 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
 
 #: Largest image (in pixels) decoded before it is refused as a decompression bomb.
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
+#: Largest intermediate image of the resize step: the short side goes to the model's size, so a
+#: 2x40000 strip would become 224x4480000 (4 GB); such extreme aspect ratios (beyond about 1:330
+#: at 224 pixels) are refused instead, by the Pillow path and before a raw-input graph alike.
+MAX_RESIZED_PIXELS = 4096 * 4096
+
+#: File extensions read as images where a folder is listed (training folders, batch prediction).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def is_image_file(name: Union[str, os.PathLike]) -> bool:
+    """True for a file name with an image extension that is not hidden (``.name``)."""
+    base = os.path.basename(os.fspath(name))
+    return os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS and not base.startswith(".")
 
 
 class ImageDecodeError(ValueError):
@@ -73,10 +85,12 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
 
     Accepts a path, encoded bytes, a PIL image or a uint8 array (HW, HW1, HW3 or HW4).
     EXIF orientation is applied; greyscale, palette, RGBA, CMYK and 16-bit images become
-    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused.
+    RGB (alpha is dropped, as open_clip does). Images over ``max_pixels`` are refused, and so
+    are empty (zero-size) and closed images: every problem of one input is an error of that
+    input alone.
 
     Raises:
-        ImageDecodeError: the input is unreadable, of an unsupported type, or too large.
+        ImageDecodeError: the input is unreadable, empty, closed, of an unsupported type, or too large.
         FileNotFoundError: a path that does not exist.
     """
     if isinstance(source, np.ndarray):
@@ -87,13 +101,23 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             arr = arr[:, :, 0]
         if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
             raise ImageDecodeError(f"{describe(source)}: arrays must be HW, HW1, HW3 or HW4")
+        if arr.shape[0] * arr.shape[1] == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if arr.shape[0] * arr.shape[1] > max_pixels:
             raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     if isinstance(source, Image.Image):
         img = source
+        if img.size[0] * img.size[1] == 0:
+            raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
+        if img.size[0] * img.size[1] > max_pixels:
+            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        try:
+            img.load()  # a closed image, or a lazily opened file that is gone or truncated
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises, it is this input's problem
+            raise ImageDecodeError(f"{describe(source)}: cannot read this PIL image ({type(e).__name__}: {e})") from None
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
-        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+        if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):  # no Path(): it interns every name
             raise FileNotFoundError(f"image not found: {source}")
         fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
         try:
@@ -110,8 +134,8 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+            raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
     else:
         raise ImageDecodeError(
             f"unsupported image input {describe(source)}: expected a path, bytes, a PIL image "
@@ -119,11 +143,16 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         )
     if img.size[0] * img.size[1] > max_pixels:
         raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+    if img.size[0] * img.size[1] == 0:
+        raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
     try:
         img = ImageOps.exif_transpose(img) or img
     except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
         pass
-    return _to_rgb(img)
+    try:
+        return _to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - e.g. a mode Pillow cannot convert
+        raise ImageDecodeError(f"{describe(source)}: cannot convert the image to RGB ({type(e).__name__}: {e})") from None
 
 
 # --- open_clip's eval transform, up to (not including) ToTensor + Normalize ----------------------
@@ -141,19 +170,83 @@ _FILTERS = {
 }
 
 
-def _shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """torchvision ``Resize(int)``: short edge -> ``size``, long edge truncated. Returns ``(w, h)``."""
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = size, int(size * long / short)
-    return (new_short, new_long) if width <= height else (new_long, new_short)
+class ResizePlan(NamedTuple):
+    """How open_clip's eval transform resizes an image for one preprocessing config.
+
+    Attributes:
+        rule: How the resized size follows from the image's size (see :func:`resized_size`):
+            ``exact`` (stretch to the target), ``shortest_edge`` (torchvision ``Resize(int)``:
+            short side to the target, long side truncated), ``keep_ratio_shortest`` or
+            ``keep_ratio_longest`` (open_clip ``ResizeKeepRatio``: the short or the long side
+            fits, both sides rounded).
+        interpolation: The filter really used (``bicubic``, ``bilinear`` or ``nearest``).
+        fill: Grey level of the centre crop-or-pad that follows, or ``None`` (no crop).
+    """
+
+    rule: str
+    interpolation: str
+    fill: Optional[int]
 
 
-def _keep_ratio_size(width: int, height: int, target: tuple[int, int], longest: float) -> tuple[int, int]:
-    """open_clip ``ResizeKeepRatio.get_params`` (no random scaling). Returns ``(w, h)``."""
+def _size_rule(image_size: tuple[int, int], resize_mode: str) -> str:
+    if resize_mode not in ("shortest", "longest", "squash"):
+        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
+    if resize_mode == "squash":
+        return "exact"
+    if resize_mode == "longest":
+        return "keep_ratio_longest"
+    return "shortest_edge" if image_size[0] == image_size[1] else "keep_ratio_shortest"
+
+
+def resize_plan(image_size: tuple[int, int], resize_mode: str, interpolation: str, fill_color: int = 0) -> ResizePlan:
+    """The steps of open_clip's ``image_transform(image_size, is_train=False, ...)`` up to ``ToTensor``.
+
+    The one statement of the rule: :func:`resize_and_crop` follows it with Pillow, and the raw-input
+    export (:mod:`coopkit.exporters.preprocess`) builds the same steps into the ONNX graph.
+    """
+    rule = _size_rule(image_size, resize_mode)
+    if interpolation not in _FILTERS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_FILTERS)}")
+    if rule == "exact":
+        return ResizePlan(rule, interpolation, None)
+    if rule == "keep_ratio_longest":
+        return ResizePlan(rule, interpolation, int(fill_color))
+    if rule == "shortest_edge":
+        return ResizePlan(rule, interpolation, 0)
+    # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation, so
+    # non-square "shortest" models always resize bicubic; mirrored on purpose.
+    return ResizePlan(rule, "bicubic", 0)
+
+
+def resized_size(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> tuple[int, int]:
+    """``(width, height)`` of an image of ``size_wh`` after the resize step of :func:`resize_and_crop`."""
+    width, height = size_wh
+    target = (int(image_size[0]), int(image_size[1]))  # (h, w)
+    rule = _size_rule(target, resize_mode)
+    if rule == "exact":
+        return target[1], target[0]
+    if rule == "shortest_edge":  # torchvision Resize(int): short edge -> size, long edge truncated
+        size = target[0]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = size, int(size * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    # open_clip ResizeKeepRatio.get_params (no random scaling)
+    longest = 1.0 if rule == "keep_ratio_longest" else 0.0
     ratio_h, ratio_w = height / target[0], width / target[1]
     ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
     new_h, new_w = (round(x * 1.0 / ratio) for x in (height, width))  # Python round, as open_clip
     return max(1, new_w), max(1, new_h)
+
+
+def check_resizable(size_wh: tuple[int, int], image_size: tuple[int, int], resize_mode: str = "shortest") -> None:
+    """Refuse (:class:`ImageDecodeError`) an image so elongated that resizing it for the model would
+    exceed :data:`MAX_RESIZED_PIXELS`."""
+    w, h = resized_size(size_wh, image_size, resize_mode)
+    if w * h > MAX_RESIZED_PIXELS:
+        raise ImageDecodeError(
+            f"{size_wh[0]}x{size_wh[1]} image: aspect ratio too extreme (resizing it for the model would make a "
+            f"{w}x{h} image, more than {MAX_RESIZED_PIXELS} pixels)"
+        )
 
 
 def _resize(img: Image.Image, size_wh: tuple[int, int], interpolation: str) -> Image.Image:
@@ -201,28 +294,19 @@ def resize_and_crop(
 
     Returns:
         A contiguous uint8 array ``(height, width, 3)``.
+
+    Raises:
+        ImageDecodeError: an aspect ratio so extreme that the resized image would exceed
+            :data:`MAX_RESIZED_PIXELS`.
     """
-    if resize_mode not in ("shortest", "longest", "squash"):
-        raise ValueError(f"resize_mode {resize_mode!r} is not one of ('shortest', 'longest', 'squash')")
-    if interpolation not in _FILTERS:
-        raise ValueError(f"interpolation {interpolation!r} is not one of {tuple(_FILTERS)}")
     target = (int(image_size[0]), int(image_size[1]))  # (h, w)
+    plan = resize_plan(target, resize_mode, interpolation, fill_color)
     if img.mode != "RGB":
         img = _to_rgb(img)
-    width, height = img.size
-    if resize_mode == "squash":
-        img = _resize(img, (target[1], target[0]), interpolation)
-    elif resize_mode == "longest":
-        img = _resize(img, _keep_ratio_size(width, height, target, longest=1.0), interpolation)
-        img = _center_crop_or_pad(img, target, fill_color)
-    elif target[0] == target[1]:
-        img = _resize(img, _shortest_edge_size(width, height, target[0]), interpolation)
-        img = _center_crop_or_pad(img, target, 0)
-    else:
-        # open_clip builds ResizeKeepRatio(image_size) here without passing the interpolation,
-        # so non-square "shortest" models always resize bicubic; mirrored on purpose.
-        img = _resize(img, _keep_ratio_size(width, height, target, longest=0.0), "bicubic")
-        img = _center_crop_or_pad(img, target, 0)
+    check_resizable(img.size, target, resize_mode)
+    img = _resize(img, resized_size(img.size, target, resize_mode), plan.interpolation)
+    if plan.fill is not None:
+        img = _center_crop_or_pad(img, target, plan.fill)
     arr = np.asarray(img, dtype=np.uint8)
     assert arr.shape == (target[0], target[1], 3), arr.shape
     return np.ascontiguousarray(arr)
@@ -244,4 +328,41 @@ def preprocess(
     ``ToTensor``/``Normalize`` (the exported graph does those), as a uint8 ``(H, W, 3)`` array.
     """
     img = load_image(source, max_pixels=max_pixels)
-    return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+    try:
+        return resize_and_crop(img, image_size, resize_mode, interpolation, fill_color)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{describe(source)}: {e}") from None
+
+
+def decode(
+    source: ImageInput,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    image_size: Optional[tuple[int, int]] = None,
+    resize_mode: str = "shortest",
+) -> np.ndarray:
+    """Decode one image with :func:`load_image` to a uint8 ``(H, W, 3)`` RGB array, at full size.
+
+    What a raw-input file receives (it resizes and crops in its graph). With ``image_size``, an
+    image whose resize for that model would exceed :data:`MAX_RESIZED_PIXELS` is refused too.
+
+    Raises:
+        ImageDecodeError: as :func:`load_image`, and for an image without pixels or too elongated.
+        FileNotFoundError: a path that does not exist.
+    """
+    if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3:
+        h, w = source.shape[:2]  # already RGB: used as it is, without a copy through Pillow
+        if h * w > max_pixels:
+            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        arr = np.ascontiguousarray(source)
+    else:
+        arr = np.asarray(load_image(source, max_pixels=max_pixels), dtype=np.uint8)  # (H, W, 3)
+    h, w = arr.shape[:2]
+    if h * w == 0:
+        raise ImageDecodeError(f"{describe(source)}: empty image ({w}x{h} pixels)")
+    if image_size is not None:
+        try:
+            check_resizable((w, h), image_size, resize_mode)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"{describe(source)}: {e}") from None
+    return arr

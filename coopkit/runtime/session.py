@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -32,6 +33,9 @@ ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 #: onnxruntime 1.31's CPU layout optimiser crashes the process (segfault) when it opens some fp16
 #: transformer graphs; it is switched off in every session the runtime creates (about 2% on fp32).
 CPU_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
+#: Seconds over which :func:`default_threads` measures how busy the CPUs are.
+DEFAULT_SAMPLE_SECONDS = 0.05
 
 _ORT_DEFAULT_LOG_SEVERITY = 2  # onnxruntime's default (warning); there is no getter to read it back
 
@@ -120,16 +124,89 @@ def _preload_cuda_libraries(ort: Any) -> None:
     _preload_cuda_libraries.done = True  # type: ignore[attr-defined]
 
 
-def session_options(threads: Optional[int] = None) -> Any:
-    """Session options: onnxruntime's session log at error level, optional intra-op threads."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask; all of them where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _cpu_jiffies(cpus: Sequence[int]) -> tuple[int, int]:
+    """(busy, total) scheduler ticks of ``cpus`` since boot, from /proc/stat."""
+    busy = total = 0
+    wanted = {f"cpu{c}" for c in cpus}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name in wanted:
+                ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def _own_jiffies() -> int:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def busy_cpus(seconds: float = DEFAULT_SAMPLE_SECONDS) -> float:
+    """How many of :func:`usable_cpus` other processes keep busy, measured over ``seconds``
+    (Linux /proc/stat; 0.0 where it cannot be read)."""
+    cpus = usable_cpus()
+    try:
+        busy0, total0 = _cpu_jiffies(cpus)
+        own0 = _own_jiffies()
+        time.sleep(seconds)
+        busy1, total1 = _cpu_jiffies(cpus)
+        own1 = _own_jiffies()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    others = max(0, (busy1 - busy0) - (own1 - own0))
+    return len(cpus) * others / (total1 - total0)
+
+
+def default_threads(seconds: float = DEFAULT_SAMPLE_SECONDS) -> int:
+    """The thread count ``threads=None`` means: the usable CPUs that other processes leave idle
+    (at least 1), measured when the work starts.
+
+    A thread pool larger than the idle CPUs makes every parallel step wait for a thread on a CPU
+    another process holds: with one of 2 cores busy, a CoOp training step took 45x longer with
+    2 threads than with 1. Later changes of the load are not followed; pass ``threads`` to fix it.
+    """
+    usable = len(usable_cpus())
+    busy = busy_cpus(seconds) if usable > 1 else 0.0
+    threads = max(1, min(usable, int(usable - busy + 0.5)))
+    logger.debug("threads: %d (%d usable CPUs, %.1f busy with other processes)", threads, usable, busy)
+    return threads
+
+
+def check_threads(threads: Optional[int]) -> Optional[int]:
+    """``threads`` if it is ``None`` or a positive integer; else a ValueError naming it."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None (one per idle CPU), got {threads!r}")
+    return threads
+
+
+def session_options(threads: Optional[int] = None, spinning: bool = False) -> Any:
+    """Session options: onnxruntime's session log at error level, ``threads`` intra-op threads
+    (``None``: :func:`default_threads`), one inter-op thread, and no spinning.
+
+    onnxruntime's threads spin while they wait for work by default: on a busy machine that burns
+    the CPU the other threads need (batch-1 latency on a loaded 2-core machine: 430 ms spinning,
+    120-250 ms not). ``spinning=True`` brings it back for machines that serve nothing else.
+    """
     ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if threads is not None:
-        if int(threads) < 1:
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = check_threads(threads) or default_threads()
+    opts.inter_op_num_threads = 1
+    allow = "1" if spinning else "0"
+    opts.add_session_config_entry("session.intra_op.allow_spinning", allow)
+    opts.add_session_config_entry("session.inter_op.allow_spinning", allow)
     return opts
 
 
@@ -143,16 +220,20 @@ def create_session(
     device: str = "auto",
     threads: Optional[int] = None,
     providers: Optional[Sequence[ProviderSpec]] = None,
+    spinning: bool = False,
 ) -> Any:
     """Create an ``onnxruntime.InferenceSession`` on the requested device.
 
     Args:
         model: Path of the ONNX file (or its bytes).
         device: ``auto`` (CUDA when it really runs, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        threads: Intra-op CPU threads (``None``: onnxruntime's default, one per core).
+        threads: Intra-op CPU threads (``None``: one per CPU that other processes leave idle,
+            see :func:`default_threads`).
         providers: Explicit onnxruntime providers (names or ``(name, options)`` pairs), e.g.
             ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``; overrides ``device``.
             The CPU provider is always appended as the last fallback.
+        spinning: Let idle onnxruntime threads spin (faster on a machine that runs nothing
+            else, much slower on a busy one; see :func:`session_options`).
 
     Raises:
         ValueError: an unknown device.
@@ -160,7 +241,7 @@ def create_session(
     """
     request = DeviceRequest.parse(device)
     ort = _ort()
-    opts = session_options(threads)
+    opts = session_options(threads, spinning)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
 
     if providers is not None:
@@ -214,13 +295,14 @@ def open_session(
     device: str = "auto",
     threads: Optional[int] = None,
     providers: Optional[Sequence[ProviderSpec]] = None,
+    spinning: bool = False,
 ) -> Any:
     """:func:`create_session` for a file, with onnxruntime's load errors as one-line MetadataError exceptions.
 
     The shared opening step of the image classifier and the text encoder.
     """
     try:
-        return create_session(path, device=device, threads=threads, providers=providers)
+        return create_session(path, device=device, threads=threads, providers=providers, spinning=spinning)
     except Exception as e:
         if not type(e).__module__.startswith("onnxruntime"):
             raise

@@ -3,7 +3,8 @@
 The open-vocabulary half of the runtime. A file exported with ``--with-text-encoder`` has a
 companion graph (``<name>.text.onnx``) described by :class:`~coopkit.runtime.contract.TextEncoderSpec`;
 this class builds the prompts the way training did (:mod:`coopkit.runtime.contract`),
-tokenises them with CLIP's BPE in numpy and runs the graph. No torch.
+tokenises them (CLIP's BPE in numpy, or the ``tokenizer.json`` beside the graph through the
+``tokenizers`` library, an optional extra) and runs the graph. No torch, no transformers.
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .contract import CLIP_BPE_VOCAB, MetadataError, TextEncoderSpec, check_classnames, fill_templates
+from .contract import (
+    CLIP_BPE_VOCAB,
+    TOKENIZER_HF,
+    TOKENIZERS,
+    MetadataError,
+    TextEncoderSpec,
+    check_classnames,
+    check_prompts_fit,
+    fill_templates,
+)
+from .integrity import verify_tensors
 from .session import ProviderSpec, open_session
-from .tokenizer import ClipTokenizer, default_tokenizer
+from .tokenizer import ClipTokenizer, HFTokenizer, default_tokenizer, token_layout
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +39,21 @@ class TextEncoder:
     Args:
         session: An onnxruntime session of the text graph.
         spec: How the graph is called (from the image graph's metadata).
-        tokenizer: CLIP's BPE tokenizer (the shared one by default).
+        tokenizer: The tokenizer (default: CLIP's shared BPE, or the spec's ``tokenizer_file``
+            in ``folder``).
+        folder: Where the spec's files are (the image graph's folder).
 
     Use :meth:`open` to create the session from a file. Thread-safe: calls share no mutable state.
 
     Raises:
         MetadataError: the graph does not have the inputs and outputs ``spec`` names, or
             ``spec`` asks for a tokenizer this runtime cannot run.
+        ImportError: the file's tokenizer needs the ``tokenizers`` library (the message says
+            what to install).
     """
 
-    def __init__(self, session: Any, spec: TextEncoderSpec, tokenizer: Optional[ClipTokenizer] = None) -> None:
+    def __init__(self, session: Any, spec: TextEncoderSpec, tokenizer: Optional[Any] = None,
+                 folder: Optional[Union[str, os.PathLike]] = None) -> None:
         self.session = session
         self.spec = TextEncoderSpec.from_dict(spec)
         names_in = [i.name for i in session.get_inputs()]
@@ -47,6 +63,14 @@ class TextEncoder:
                 f"text graph must map {self.spec.input!r} to {self.spec.output!r}; it has inputs "
                 f"{names_in} and outputs {names_out}"
             )
+        if self.spec.tokenizer not in TOKENIZERS:
+            raise MetadataError(
+                f"text encoder tokenizer {self.spec.tokenizer!r} cannot be run by this runtime (it runs "
+                f"{', '.join(TOKENIZERS)}); upgrade coopkit"
+            )
+        if self.spec.tokenizer == TOKENIZER_HF:
+            self.tokenizer = tokenizer or self._hf_tokenizer(folder)
+            return
         if self.spec.vocab != CLIP_BPE_VOCAB:
             raise MetadataError(f"text encoder vocabulary {self.spec.vocab!r} is not supported (only {CLIP_BPE_VOCAB!r})")
         self.tokenizer = tokenizer or default_tokenizer()
@@ -57,6 +81,17 @@ class TextEncoder:
                 f"from CLIP's BPE {special}"
             )
 
+    def _hf_tokenizer(self, folder: Optional[Union[str, os.PathLike]]) -> HFTokenizer:
+        if not self.spec.tokenizer_file:
+            raise MetadataError(f"text encoder tokenizer {TOKENIZER_HF!r} needs tokenizer_file in the metadata")
+        path = Path(folder or ".") / self.spec.tokenizer_file
+        if not path.is_file():
+            raise FileNotFoundError(f"text encoder tokenizer not found: {path} (it is exported beside the model)")
+        tok = HFTokenizer.from_file(path, clean=self.spec.clean, strip_sep_id=self.spec.strip_sep_id)
+        if tok.context_length != self.spec.context_length:
+            raise MetadataError(f"{path} pads to {tok.context_length} tokens, the graph takes {self.spec.context_length}")
+        return tok
+
     @classmethod
     def open(
         cls,
@@ -65,19 +100,29 @@ class TextEncoder:
         device: str = "auto",
         threads: Optional[int] = None,
         providers: Optional[Sequence[ProviderSpec]] = None,
+        *,
+        check_tensors: bool = True,
     ) -> "TextEncoder":
-        """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`)."""
+        """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`),
+        after checking its tensors against ``spec.tensors_sha256`` (unless ``check_tensors=False``)."""
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"text encoder graph not found: {file}")
+        if check_tensors:
+            verify_tensors(file, TextEncoderSpec.from_dict(spec).tensors_sha256)
         try:
-            return cls(open_session(file, device, threads, providers), spec)
+            return cls(open_session(file, device, threads, providers), spec, folder=file.parent)
         except MetadataError as e:
             raise MetadataError(f"{file}: {e}") from None
 
     def tokens(self, template: str, classnames: Sequence[str]) -> np.ndarray:
-        """Token ids ``(n, context_length)`` of ``template`` filled with each class name."""
-        return self.tokenizer(fill_templates(template, classnames), self.spec.context_length)
+        """Token ids ``(n, context_length)`` of ``template`` filled with each class name; a
+        prompt that does not fit the context is refused (ValueError), not cut."""
+        prompts = fill_templates(template, classnames)
+        n_prefix, n_suffix, _ = token_layout(self.tokenizer)
+        check_prompts_fit(prompts, [len(self.tokenizer.encode(p)) for p in prompts], self.spec.context_length,
+                          n_prefix + n_suffix)
+        return self.tokenizer(prompts, self.spec.context_length)
 
     def class_weights(self, classnames: Sequence[str]) -> np.ndarray:
         """Class weights ``(n, embed_dim)`` float32 for ``classnames``.

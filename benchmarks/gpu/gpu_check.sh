@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# coopkit GPU check: one table of what runs on an NVIDIA GPU (and what the CPU fallback does).
+#
+#   bash benchmarks/gpu/gpu_check.sh            # on the GPU machine, from the repository root
+#   GPU_CHECK_QUICK=1 bash benchmarks/gpu/gpu_check.sh   # the CPU path: small model and batches
+#
+# Setup: wheels in ./.whl (or $COOPKIT_WHEELS) are installed with pip --no-index --no-deps into
+# /tmp/coopkit-site, which goes first on PYTHONPATH (the machine has torch, onnx and onnxruntime
+# without CUDA; carry open_clip_torch, ftfy, wcwidth and, for the CUDA provider, onnxruntime-gpu).
+# A wheel too large to carry at once can come in parts named NAME.whl.part-NN (split -b 60m
+# -d --additional-suffix= NAME.whl NAME.whl.part-) in earlier calls: parts are appended in
+# /tmp/coopkit-wheel-parts and a wheel is installed once all its parts are there (NAME.whl.parts
+# holds the count). The repository itself is imported from the working tree (PYTHONPATH).
+#
+# Each section is one script, benchmarks/gpu/section_*.py, run in name order in its own Python
+# process; each prints rows "ROW|section|what|value|note" that are gathered into one table here.
+# To add a section, add a file. Output: stdout, and $OUT/gpu_check.md when OUT is set.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+WHEELS="${COOPKIT_WHEELS:-$ROOT/.whl}"
+SITE=/tmp/coopkit-site
+PARTS=/tmp/coopkit-wheel-parts
+mkdir -p "$SITE" "$PARTS"
+if [ -d "$WHEELS" ]; then
+  for part in "$WHEELS"/*.whl.part-* "$WHEELS"/*.whl.parts; do
+    [ -e "$part" ] && cp "$part" "$PARTS/"
+  done
+  for count in "$PARTS"/*.whl.parts; do
+    [ -e "$count" ] || continue
+    wheel="${count%.parts}"
+    have=$(ls "$wheel".part-* 2>/dev/null | wc -l)
+    if [ "$have" -ge "$(cat "$count")" ] && [ ! -e "$wheel" ]; then
+      cat "$wheel".part-* > "$wheel" && echo "# assembled $(basename "$wheel") from $have parts"
+    fi
+  done
+  whls=$(ls "$WHEELS"/*.whl "$PARTS"/*.whl 2>/dev/null)
+  if [ -n "$whls" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $whls \
+      || echo "# pip could not install the carried wheels"
+  fi
+fi
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+LOG="$(mktemp)"
+for section in "$ROOT"/benchmarks/gpu/section_*.py; do
+  name="$(basename "$section" .py)"
+  echo "# running $name"
+  timeout "${GPU_CHECK_SECTION_TIMEOUT:-300}" "$PY" "$section" > "$LOG.part" 2>&1
+  rc=$?
+  cat "$LOG.part" >> "$LOG"
+  grep -v '^ROW|' "$LOG.part" || true
+  if [ "$rc" -ne 0 ]; then
+    echo "ROW|${name#section_}|section failed|exit $rc|see the log above" >> "$LOG"
+  fi
+done
+{
+  echo "| section | what | value | note |"
+  echo "|---|---|---|---|"
+  grep '^ROW|' "$LOG" | awk -F'|' '{ printf "| %s | %s | %s | %s |\n", $2, $3, $4, $5 }'
+} > "$LOG.md"
+echo
+cat "$LOG.md"
+if [ -n "${OUT:-}" ]; then cp "$LOG.md" "$OUT/gpu_check.md"; cp "$LOG" "$OUT/gpu_check.log"; fi

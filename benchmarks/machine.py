@@ -1,0 +1,64 @@
+"""What every benchmark reports about the machine, and a second process that keeps one CPU busy.
+
+Figures depend on the CPU's instruction set (AVX2, AVX-512, VNNI), the thread count and the
+load from other processes: :func:`describe` names all three, :func:`load` reads the load
+average before and after, and :func:`busy_core` starts the contention the rows "one CPU busy"
+are measured under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Iterator, Optional
+
+
+def isa() -> str:
+    """The x86 vector extensions that matter for these kernels, e.g. ``AVX2 + AVX-512 + AVX-512 VNNI``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return platform.machine()
+    names = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+             ("amx_int8", "AMX-INT8")]
+    found = [label for flag, label in names if flag in flags]
+    return " + ".join(found) or "no AVX2"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def load() -> str:
+    """The 1-minute load average and the number of CPUs, e.g. ``load 3.2 on 2 CPUs``."""
+    one = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"load {one:.1f} on {os.cpu_count()} CPUs"
+
+
+def describe(threads: Optional[int] = None) -> dict[str, Any]:
+    return {"cpu": cpu_model(), "isa": isa(), "cpus": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "load_before": load()}
+
+
+@contextlib.contextmanager
+def busy_core(cpu: Optional[int] = None) -> Iterator[int]:
+    """A second process spinning on one CPU (the last one this process may use) meanwhile."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpu = cpus[-1] if cpu is None else cpu
+    code = f"import os\nif hasattr(os, 'sched_setaffinity'): os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)
+    try:
+        yield cpu
+    finally:
+        child.kill()
+        child.wait()

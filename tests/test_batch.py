@@ -1,0 +1,274 @@
+"""Streaming collection prediction (coopkit.runtime.batch and ``coopkit predict ... --out``).
+
+Expected labels come from ``Classifier.predict`` on each image alone; the fixture graph's
+outputs are checked against numpy in test_runtime.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pq = pytest.importorskip("pyarrow.parquet")
+
+from test_runtime import image_graph, photo  # noqa: E402
+
+from coopkit.runtime import Classifier  # noqa: E402
+from coopkit.runtime.batch import BatchConfig, iter_inputs, predict_collection  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("batch_model") / "model.onnx"
+    image_graph(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clf(model: Path) -> Classifier:
+    return Classifier(model, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """b/ and a/sub/ with PNGs and JPEGs, plus a broken image, a hidden file and a non-image."""
+    root = tmp_path_factory.mktemp("collection")
+    for i in range(23):
+        sub = root / ("b" if i % 3 == 0 else "a/sub")
+        sub.mkdir(parents=True, exist_ok=True)
+        ext = "jpg" if i % 2 else "png"
+        Image.fromarray(photo(36 + i, 30 + i % 5, seed=i)).save(sub / f"img{i:02d}.{ext}")
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (root / "a" / ".hidden.png").write_bytes(b"x")
+    (root / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({k: (json.loads(v) if k in ("labels", "probs", "logits", "embedding") and v else
+                             float(v) if k == "prob" and v else v or None) for k, v in r.items()})
+    return rows
+
+
+def test_every_input_kind_lists_the_same_sorted_images(folder: Path, tmp_path: Path) -> None:
+    walked = list(iter_inputs(folder))
+    names = [os.path.relpath(p, folder) for p in walked]
+    assert names == sorted(names, key=lambda n: n.split(os.sep)) and "a/broken.png" in names
+    assert not any(".hidden" in n or n.endswith(".txt") for n in names) and len(names) == 24
+    assert list(iter_inputs(f"{folder}/**/*.png")) == [p for p in walked if p.endswith(".png")]
+    assert list(iter_inputs(f"{folder}/b/*")) == [p for p in walked if "/b/" in p]
+    lst = folder / "list.txt"
+    lst.write_text("# images\n" + "\n".join(os.path.relpath(p, folder) for p in walked) + "\n\n")
+    assert list(iter_inputs(lst)) == [os.path.join(folder, os.path.relpath(p, folder)) for p in walked]
+    table = tmp_path / "t.csv"
+    table.write_text("id,file\n" + "".join(f"{i},{p}\n" for i, p in enumerate(walked)))
+    assert list(iter_inputs(table, column="file")) == walked
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"file": walked}), tmp_path / "t.parquet")
+    assert list(iter_inputs(tmp_path / "t.parquet", column="file")) == walked
+    with pytest.raises(ValueError, match="no column 'path'"):
+        iter_inputs(table)
+    with pytest.raises(FileNotFoundError):
+        iter_inputs(tmp_path / "missing")
+    with pytest.raises(ValueError, match="INPUT must be"):
+        iter_inputs(_touch(tmp_path / "x.json"))
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_rows_equal_predict_alone_in_every_format(clf: Classifier, folder: Path, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"labels.{fmt}"
+    summary = predict_collection(clf, folder, out, BatchConfig(top_k=3, batch_size=5, embedding=True, logits=True),
+                                 progress=False)
+    assert (summary.rows, summary.errors, summary.skipped) == (24, 1, 0)
+    rows = read_rows(out)
+    assert [r["path"] for r in rows] == list(iter_inputs(folder))
+    assert list(rows[0]) == ["path", "label", "prob", "labels", "probs", "logits", "embedding", "error"]
+    for row in rows:
+        if row["path"].endswith("broken.png"):
+            assert row["label"] is None and row["labels"] == [] and "cannot decode" in row["error"]
+            continue
+        (want,) = clf.predict(row["path"], top_k=3)
+        assert row["labels"] == list(want.labels) and row["label"] == want.label and row["error"] is None
+        np.testing.assert_allclose(row["probs"], want.probs, atol=1e-6)
+        np.testing.assert_allclose(row["logits"], clf.logits(row["path"])[0], atol=1e-5)
+        np.testing.assert_allclose(row["embedding"], clf.embed(row["path"])[0], atol=1e-6)
+
+
+def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> None:
+    d = tmp_path / "bad"
+    d.mkdir()
+    good = d / "good.png"
+    Image.fromarray(photo(40, 40)).save(good)
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_text("hello")
+    data = good.read_bytes()
+    (d / "cut.png").write_bytes(data[: len(data) // 2])
+    Image.fromarray(photo(200, 200)).save(d / "huge.png")
+    (d / "folder.png").mkdir()
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(p) for p in [good, d / "empty.png", d / "text.png", d / "cut.png", d / "huge.png",
+                                              d / "folder.png", d / "missing.png", good]))
+    small = Classifier(model, device="cpu", max_pixels=100 * 100)
+    out = tmp_path / "out.jsonl"
+    summary = predict_collection(small, lst, out, progress=False, batch_size=3)
+    rows = read_rows(out)
+    assert summary.errors == 6 and len(rows) == 8
+    assert [r["error"] is None for r in rows] == [True] + [False] * 6 + [True]
+    assert "more than 10000 pixels" in rows[4]["error"] and "not found" in rows[6]["error"]
+
+
+def test_resume_after_interruption_and_kill(clf: Classifier, model: Path, folder: Path, tmp_path: Path) -> None:
+    want = read_rows(_full(clf, folder, tmp_path / "full.jsonl"))
+
+    class Interrupt:  # the inputs, with Ctrl-C while the 20th is listed (3 batches are decoded ahead)
+        def __iter__(self) -> Any:
+            for i, p in enumerate(iter_inputs(folder)):
+                if i == 19:
+                    raise KeyboardInterrupt
+                yield p
+
+    for fmt in ("jsonl", "csv", "parquet"):
+        out = tmp_path / f"resume.{fmt}"
+        with pytest.raises(KeyboardInterrupt):
+            predict_collection(clf, Interrupt(), out, progress=False, batch_size=4, flush_rows=4)
+        partial = read_rows(out)  # a valid file: the whole batches done before Ctrl-C
+        assert 0 < len(partial) < 24 and len(partial) % 4 == 0, (fmt, len(partial))
+        if fmt == "jsonl":  # a crash in the middle of a write leaves a cut row: dropped on resume
+            with open(out, "a") as f:
+                f.write('{"path": "cut sho')
+        summary = predict_collection(clf, folder, out, progress=False, batch_size=4)
+        assert summary.skipped == len(partial) and summary.rows == 24 - len(partial)
+        got = read_rows(out)
+        assert [r["path"] for r in got] == [r["path"] for r in want]
+        assert [r["labels"] for r in got] == [r["labels"] for r in want], fmt
+
+    # kill -9 in the middle of a Parquet run: complete parts survive, the rerun finishes the file
+    out = tmp_path / "killed.parquet"
+    code = f"""
+import sys, time
+from coopkit.runtime.batch import iter_inputs, predict_collection
+def slow():
+    for p in iter_inputs({str(folder)!r}):
+        time.sleep(0.15)
+        yield p
+        print("row", flush=True)
+predict_collection({str(model)!r}, slow(), {str(out)!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    for _ in range(12):
+        assert proc.stdout.readline().startswith("row")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    parts = out.parent / f".{out.name}.parts"
+    assert not out.exists() and len(list(parts.glob("part-*.parquet"))) >= 3
+    summary = predict_collection(clf, folder, out, progress=False, batch_size=4)
+    assert summary.skipped >= 6 and summary.skipped + summary.rows == 24
+    assert [r["labels"] for r in read_rows(out)] == [r["labels"] for r in want] and not parts.exists()
+
+
+def _full(clf: Classifier, folder: Path, out: Path) -> Path:
+    predict_collection(clf, folder, out, progress=False)
+    return out
+
+
+def test_resume_refuses_other_inputs_or_columns(clf: Classifier, folder: Path, tmp_path: Path) -> None:
+    out = _full(clf, folder, tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="input has only 8"):
+        predict_collection(clf, f"{folder}/b/*", out, progress=False)
+    reordered = tmp_path / "reordered.txt"
+    reordered.write_text("\n".join(reversed(list(iter_inputs(folder)))))
+    with pytest.raises(ValueError, match="inputs changed"):
+        predict_collection(clf, reordered, out, progress=False)
+    with pytest.raises(ValueError, match="columns"):
+        predict_collection(clf, folder, out, progress=False, embedding=True)
+    before = out.read_bytes()
+    with pytest.raises(ValueError, match="holds rows with columns \\[.a., .b.\\]"):
+        predict_collection(clf, folder, _touch_csv(tmp_path / "mine.csv"), progress=False)
+    assert out.read_bytes() == before and (tmp_path / "mine.csv").read_text() == "a,b\n1,2\n"
+    assert predict_collection(clf, folder, out, progress=False, overwrite=True, embedding=True).rows == 24
+    for bad, err in ((tmp_path / "x.txt", "extension"), (tmp_path, "folder"), (tmp_path / "no" / "x.csv", "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=err):
+            predict_collection(clf, folder, bad, progress=False)
+
+
+def _touch_csv(path: Path) -> Path:
+    path.write_text("a,b\n1,2\n")
+    return path
+
+
+def test_a_hundred_thousand_inputs_stream_in_bounded_memory(clf: Classifier, folder: Path, tmp_path: Path) -> None:
+    """10^5 listed paths (one in 1000 a real image, the rest missing): every row written, and the
+    peak of Python allocations stays far below what holding the list would take (~11 MB)."""
+    real = next(p for p in iter_inputs(folder) if "broken" not in p)
+    lst = tmp_path / "many.txt"
+    with open(lst, "w") as f:
+        for i in range(100_000):
+            f.write(f"{real}\n" if i % 1000 == 0 else f"{tmp_path}/missing/some/longer/folder/name/img{i:07d}.jpg\n")
+    out = tmp_path / "many.jsonl"
+    tracemalloc.start()
+    try:
+        summary = predict_collection(clf, lst, out, progress=False, batch_size=64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (summary.rows, summary.errors) == (100_000, 99_900)
+    with open(out) as f:
+        assert sum(1 for _ in f) == 100_000
+    assert peak < 2**20, f"peak {peak / 2**20:.1f} MB of Python allocations"
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+
+def _cli(*args: Any) -> Any:
+    from click.testing import CliRunner
+
+    from coopkit.cli.predict import predict
+
+    return CliRunner().invoke(predict, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, model: Path, folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli.parquet"
+    r = _cli(model, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "wrote 24 rows (1 unreadable)" in r.stderr and "images/s" in r.stderr
+    assert len(read_rows(out)) == 24
+    r = _cli(model, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0 and "wrote 0 rows (0 unreadable, 24 already there)" in r.stderr
+    r = _cli(model, folder / "b", "--json", "--device", "cpu", "--top-k", "2")
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 0 and [d["source"] for d in lines] == list(iter_inputs(folder / "b"))
+    assert lines[0]["labels"] == list(clf.predict(lines[0]["source"], top_k=2)[0].labels)
+    for args, needle in (((folder, folder, "--out", tmp_path / "x.csv"), "one INPUT"),
+                         ((folder, "--out", tmp_path / "x.txt"), "extension"),
+                         ((folder, "--engine", "ray"), "--out"),
+                         ((folder, "--out", tmp_path / "y.csv", "--top-k", "0"), "top_k")):
+        r = _cli(model, *args)
+        assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.output)

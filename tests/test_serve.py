@@ -1,0 +1,351 @@
+"""``coopkit serve`` and the standard-library example, as real servers on 127.0.0.1.
+
+Every request loop is bounded in count and time and stops by itself; servers are child
+processes ended by their own PID. The expected answers come from ``Classifier.predict`` on
+each image alone (the independent path the server must agree with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+from test_runtime import image_graph, photo  # noqa: E402
+
+from coopkit.runtime import Classifier  # noqa: E402
+from coopkit.runtime.serve import HTTPError, Metrics, MicroBatcher, ServeConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "serve_onnx.py"
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "model.onnx"
+    image_graph(path)  # fp32: batch composition cannot change an answer beyond float rounding
+    return path
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    return [_png(photo(40 + 3 * i, 30 + 2 * i, seed=i)) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def expected(model: Path, images: list[bytes]) -> list[Any]:
+    clf = Classifier(model, device="cpu", threads=1)
+    return [clf.predict(img, top_k=3)[0] for img in images]  # each image alone
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server child process on 127.0.0.1 (``coopkit serve`` or the example)."""
+
+    def __init__(self, kind: str, model: Path, *args: str) -> None:
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if kind == "coopkit":
+            cmd = [sys.executable, "-m", "coopkit", "serve", str(model), "--port", str(self.port), "--device", "cpu",
+                   "--threads", "1", *args]
+        else:
+            cmd = [sys.executable, str(EXAMPLE), str(model), "--port", str(self.port), "--device", "cpu", *args]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return
+            except (urllib.error.URLError, ConnectionError):
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"server exited: {self.proc.stdout.read()}")
+                time.sleep(0.2)
+        raise AssertionError("server did not start within 60 s")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.stdout.read()
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM")
+
+
+@pytest.fixture()
+def server(model: Path) -> Iterator[Any]:
+    started: list[Server] = []
+
+    def start(kind: str = "coopkit", *args: str) -> Server:
+        started.append(Server(kind, model, *args))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def post(url: str, data: bytes, headers: Optional[dict[str, str]] = None, timeout: float = 30) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def raw(port: int, payload: bytes, timeout: float = 10) -> tuple[int, dict]:
+    """Send bytes as they are (headers no client library would send); read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    boundary = "coopkit-test-boundary"
+    out = b""
+    for name, data in files:
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or
+               line.startswith(name + "{"))
+
+
+# --- coopkit serve -----------------------------------------------------------------------------------
+
+
+def test_endpoints_and_answers_equal_predict_alone(server: Any, images: list[bytes], expected: list[Any]) -> None:
+    s = server("coopkit")
+    assert json.load(urllib.request.urlopen(s.url + "/health")) == {"status": "ok"}
+    assert json.load(urllib.request.urlopen(s.url + "/ready")) == {"status": "ready"}
+    meta = json.load(urllib.request.urlopen(s.url + "/metadata"))
+    assert meta["classes"] == ["cat", "dog", "sea turtle", "golden retriever", "red fox"]
+    assert (meta["precision"], meta["provider"], meta["input_size"]) == ("fp32", "CPUExecutionProvider", [32, 32])
+    status, got = post(s.url + "/predict?top_k=3", images[0])
+    assert status == 200 and got["labels"] == list(expected[0].labels)
+    np.testing.assert_allclose(got["probs"], expected[0].probs, atol=1e-6)
+    body, ctype = multipart([("a.png", images[1]), ("bad.png", b"not an image"), ("c.png", images[2])])
+    status, got = post(s.url + "/predict?top_k=3", body, {"Content-Type": ctype})
+    assert status == 200 and [r["name"] for r in got["results"]] == ["a.png", "bad.png", "c.png"]
+    assert got["results"][0]["labels"] == list(expected[1].labels)
+    assert got["results"][2]["labels"] == list(expected[2].labels)
+    assert "cannot decode" in got["results"][1]["error"] and "labels" not in got["results"][1]
+    text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+    assert metric(text, "coopkit_images_total") == 4 and 'outcome="error"} 1.0' in text
+    assert metric(text, "coopkit_request_seconds_count") == 2 and "coopkit_batch_size_bucket" in text
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server: Any, images: list[bytes]) -> None:
+    s = server("coopkit", "--max-body-bytes", "100000", "--max-pixels", "1000000")
+    big = _png(np.zeros((1001, 1000, 3), np.uint8))  # 1,001,000 pixels, a small PNG
+    cases = [
+        (post(s.url + "/predict?top_k=abc", images[0]), 400, "top_k"),
+        (post(s.url + "/predict?top_k=0", images[0]), 400, "top_k"),
+        (post(s.url + "/predict", b"not an image"), 400, "cannot decode"),
+        (post(s.url + "/predict", b""), 400, "empty body"),
+        (post(s.url + "/predict", big), 413, "1001"),
+        (post(s.url + "/predict", b"x" * 100001), 413, "limit"),
+        (post(s.url + "/nowhere", b"x"), 404, "no such endpoint"),
+        (raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\nxyz"), 400, "Content-Length"),
+        (raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n"), 413, "limit"),
+        (raw(s.port, b"GET /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 405, "not allowed"),
+    ]
+    for (status, body), want, needle in cases:
+        assert status == want and needle in body["error"], (status, body, want)
+    assert post(s.url + "/predict", images[0])[0] == 200
+
+
+def test_a_stalled_upload_gets_408_and_is_closed(server: Any, images: list[bytes]) -> None:
+    s = server("coopkit", "--read-timeout-s", "1")
+    start = time.monotonic()
+    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + images[0][:100])
+    assert status == 408 and "not received" in body["error"] and time.monotonic() - start < 8
+    assert post(s.url + "/predict", images[0])[0] == 200
+
+
+def test_full_queue_answers_503_then_the_queued_images_are_served(model: Path, images: list[bytes],
+                                                                  expected: list[Any]) -> None:
+    clf = Classifier(model, device="cpu", threads=1)
+    metrics = Metrics()
+    batcher = MicroBatcher(clf, ServeConfig(queue_size=2, max_wait_ms=0), metrics)
+    crops = [clf.prepare(img) for img in images[:3]]
+
+    async def scenario() -> list[Any]:
+        batcher.queue = asyncio.Queue(2)  # nothing consumes yet: the queue fills
+        waiting = [asyncio.ensure_future(batcher.submit(c)) for c in crops[:2]]
+        await asyncio.sleep(0)
+        with pytest.raises(HTTPError) as err:
+            await batcher.submit(crops[2])
+        assert err.value.status == 503 and err.value.headers["Retry-After"] == "1"
+        batcher.start()
+        done = await asyncio.wait_for(asyncio.gather(*waiting), 30)
+        await batcher.stop()
+        return done
+
+    done = asyncio.run(scenario())
+    for (classnames, probs), want in zip(done, expected):
+        assert classnames[int(np.argmax(probs))] == want.label
+    text = metrics.exposition().decode()
+    assert metric(text, "coopkit_batch_size_count") == 1 and metric(text, "coopkit_batch_size_sum") == 2
+    assert metric(text, 'coopkit_rejected_total{reason="queue_full"}') == 1
+
+
+def test_load_16_clients_x_50_requests(server: Any, images: list[bytes], expected: list[Any]) -> None:
+    """Loopback load: every answer correct, none lost, batches formed, the server still answers."""
+    s = server("coopkit", "--max-batch-size", "16", "--max-wait-ms", "5")
+    clients, per_client = 16, 50
+
+    def client(c: int) -> list[str]:
+        bad = []
+        for r in range(per_client):
+            i = (c * per_client + r) % len(images)
+            status, got = post(s.url + "/predict?top_k=3", images[i], timeout=60)
+            if status != 200 or got["labels"] != list(expected[i].labels) or \
+                    not np.allclose(got["probs"], expected[i].probs, atol=1e-6):
+                bad.append(f"client {c} request {r}: {status} {got}")
+        return bad
+
+    with ThreadPoolExecutor(clients) as pool:
+        bad = sum(pool.map(client, range(clients)), [])
+    assert not bad, bad[:3]
+    text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+    assert metric(text, 'coopkit_requests_total{path="/predict",status="200"}') == clients * per_client
+    runs, images_run = metric(text, "coopkit_batch_size_count"), metric(text, "coopkit_batch_size_sum")
+    assert images_run == clients * per_client and runs < images_run  # concurrent requests shared runs
+    assert post(s.url + "/predict", images[0])[0] == 200
+
+
+def test_sigterm_finishes_requests_in_flight(server: Any, images: list[bytes], expected: list[Any]) -> None:
+    s = server("coopkit", "--max-batch-size", "64", "--max-wait-ms", "1500")
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(post, s.url + "/predict?top_k=3", images[i]) for i in range(8)]
+        time.sleep(0.7)  # the requests wait in the batcher (max wait 1.5 s)
+        assert not any(f.done() for f in futures)
+        s.proc.send_signal(signal.SIGTERM)
+        answers = [f.result(timeout=30) for f in futures]
+    assert [a[0] for a in answers] == [200] * 8
+    assert [a[1]["labels"] for a in answers] == [list(e.labels) for e in expected[:8]]
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(s.url + "/health", timeout=2)
+
+
+# --- both servers: the decode bound keeps memory bounded -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["coopkit", "example"])
+def test_concurrent_huge_images_are_decoded_one_at_a_time(server: Any, kind: str) -> None:
+    """6 concurrent 4000x4000 PNGs (80 KB each, ~70 MB each decoded) with a bound of 1 decode:
+    all answered, and the server's peak memory grows by about one decode, not six."""
+    huge = _png(np.full((4000, 4000, 3), 90, np.uint8))
+    s = server(kind, "--max-decodes", "1")
+    base = s.peak_rss_mb()
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: post(s.url + "/predict", huge, timeout=120), range(6)))
+    assert [a[0] for a in answers] == [200] * 6
+    grown = s.peak_rss_mb() - base
+    assert grown < 200, f"peak memory grew by {grown:.0f} MB (6 decodes at once would be ~420 MB)"
+    if kind == "coopkit":
+        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+        assert metric(text, "coopkit_decodes_in_flight_max") == 1
+
+
+def test_example_refuses_bad_values_stalls_and_crowds(server: Any, images: list[bytes]) -> None:
+    s = server("example", "--timeout", "1", "--max-connections", "4")
+    status, body = raw(s.port, b"POST /predict?top_k=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz")
+    assert status == 400 and "top_k" in body["error"]
+    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\nxyz")
+    assert status == 400 and "Content-Length" in body["error"]
+    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
+    assert status == 413
+    start = time.monotonic()
+    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + images[0][:100])
+    assert status == 408 and time.monotonic() - start < 8
+    stalled = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]  # hold every slot
+    try:
+        time.sleep(0.3)
+        status, body = raw(s.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and "busy" in body["error"]
+        time.sleep(1.5)  # the stalled connections time out and free their slots
+        assert json.load(urllib.request.urlopen(s.url + "/health", timeout=5))["classes"]
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert post(s.url + "/predict", images[0])[0] == 200
+
+
+@pytest.fixture(scope="module")
+def int8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")  # the exporter; the torch-free CI run skips this
+    import coopkit
+    from coopkit.exporters import export_onnx
+
+    backbone = request.getfixturevalue("tiny_backbone")
+    path = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    calibration = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    export_onnx(coopkit.zero_shot(backbone, ["red", "green", "blue", "yellow"]), path, "int8", calibration=calibration)
+    return path
+
+
+def test_int8_answers_do_not_depend_on_the_batch(server: Any, int8_model: Path, images: list[bytes]) -> None:
+    """Static int8 (issue 14) is batch-invariant: micro-batched answers equal predict() alone."""
+    want = [Classifier(int8_model, device="cpu", threads=1).predict(img, top_k=4)[0] for img in images[:8]]
+    s = Server("coopkit", int8_model, "--max-batch-size", "8", "--max-wait-ms", "300")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: post(s.url + "/predict?top_k=4", images[i]), range(8)))
+        text = urllib.request.urlopen(s.url + "/metrics").read().decode()
+    finally:
+        s.stop()
+    assert metric(text, "coopkit_batch_size_count") < 8  # some images shared a session run
+    for (status, body), w in zip(got, want):
+        assert status == 200 and body["labels"] == list(w.labels)
+        np.testing.assert_allclose(body["probs"], w.probs, atol=1e-6)
