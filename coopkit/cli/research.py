@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 
@@ -19,20 +19,20 @@ def _strs(value: str, option: str) -> list[str]:
     return items
 
 
-def _ints(value: str, option: str) -> list[int]:
+def _numbers(value: str, option: str, cast: Callable[[str], Any], what: str) -> list[Any]:
     items = _strs(value, option)
     try:
-        return [int(v) for v in items]
+        return [cast(v) for v in items]
     except ValueError:
-        raise ValueError(f"{option} expects comma-separated integers, got {value!r}") from None
+        raise ValueError(f"{option} expects comma-separated {what}, got {value!r}") from None
+
+
+def _ints(value: str, option: str) -> list[int]:
+    return _numbers(value, option, int, "integers")
 
 
 def _floats(value: str, option: str) -> list[float]:
-    items = _strs(value, option)
-    try:
-        return [float(v) for v in items]
-    except ValueError:
-        raise ValueError(f"{option} expects comma-separated numbers, got {value!r}") from None
+    return _numbers(value, option, float, "numbers")
 
 
 @click.group("bench", cls=LazyGroup)
