@@ -198,6 +198,10 @@ def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_confi
     assert bad.exit_code == 2 and "use --dataset imagenet" in bad.output
     bad = CliRunner().invoke(main, ["bench", "fewshot", "--dataset", "dtd", *common, "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--dataset needs --root" in bad.output
+    for cmd in (["fewshot", "--out", str(tmp_path / "x")], ["base2new"], ["shift"]):  # the layout fails first
+        bad = CliRunner().invoke(main, ["bench", *cmd, "--dataset", "imagenet", "--root", str(tmp_path / "none"),
+                                        "--model", "no-such-model"])
+        assert bad.exit_code == 2 and "dataset root not found" in bad.output, bad.output
 
 
 def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config, tmp_path):

@@ -70,6 +70,15 @@ def _sources(dataset: Optional[str], root: Optional[str], train: Optional[str], 
         raise click.UsageError("give --train and --test (or --dataset NAME --root DATA)")
 
 
+def _read_official(dataset: Optional[str], root: Optional[str]) -> Any:
+    """The official dataset of --dataset/--root (None without --dataset)."""
+    if dataset is None:
+        return None
+    from ..datasets import load_official
+
+    return load_official(dataset, root)  # type: ignore[arg-type]
+
+
 def _default_unless_given(name: str, value: Any, protocol_value: Any) -> Any:
     from click.core import ParameterSource
 
@@ -114,14 +123,13 @@ def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str
         shots=_ints(shots, "--shots"), seeds=check_seeds(_ints(seeds, "--seeds")),
         methods=check_methods(_strs(methods, "--methods")), n_ctx=_ints(n_ctx, "--n-ctx"),
         positions=_strs(position, "--position"), epochs=epochs, n_views=n_views, augment=augment, progress=not quiet)
+    official = _read_official(dataset, root)  # a missing layout fails before the model loads
     bb = _protocol_backbone("fewshot", dataset, pop_config(BackboneConfig, settings))
     common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
-    if dataset is not None:
-        from ..datasets import dataset_spec
-
-        name = dataset_spec(dataset).name
-        rows = official_fewshot(name, root, **common)
-        title = f"{name} ({bb.model}, {bb.pretrained})"
+    if official is not None:
+        name = official.spec.name
+        rows = official_fewshot(official, **common)
+        title = f"{name} ({bb.model}, {bb.pretrained or 'random init'})"
     else:
         rows = fewshot_curves(train, test, val=val, **common)
         name, title = None, f"{_task_name(train)} ({bb.model})"
@@ -166,17 +174,20 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
     _sources(dataset, root, train, "x" if tests else None)
     common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
                                   progress=not quiet)
-    bb = _protocol_backbone("shift", dataset, pop_config(BackboneConfig, settings))
-    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
     if epochs is not None:
         common["epochs"] = epochs
+    loaded = []
     if dataset is not None:
         from ..datasets import dataset_spec
 
         if dataset_spec(dataset).name != "imagenet":
             raise click.BadParameter("the shifted test sets are ImageNet's variants: use --dataset imagenet",
                                      param_hint="--dataset")
-        rows = official_shift(root, targets=_strs(targets, "--targets"), **common)
+        loaded = [_read_official(n, root) for n in ("imagenet", *_strs(targets, "--targets"))]  # before the model
+    bb = _protocol_backbone("shift", dataset, pop_config(BackboneConfig, settings))
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
+    if loaded:
+        rows = official_shift(None, source=loaded[0], targets=loaded[1:], **common)
         note = ("\nCoOp's Table 1 numbers could not be verified from a readable source here, so none are printed "
                 "beside these.\n")
     else:
@@ -231,10 +242,11 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
     weights = _floats(_default_unless_given("kg_weights", kg_weights, "0,8" if dataset else kg_weights), "--kg-weight")
     if epochs is not None:
         common["epochs"] = epochs
+    official = _read_official(dataset, root)  # a missing layout fails before the model loads
     bb = _protocol_backbone("base2new", dataset, pop_config(BackboneConfig, settings))
     common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
-    if dataset is not None:
-        rows = official_base2new(dataset, root, kg_weights=weights, **common)
+    if official is not None:
+        rows = official_base2new(official, kg_weights=weights, **common)
         published = published_for("base2new", dataset)
     else:
         rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), kg_weights=weights, **common)

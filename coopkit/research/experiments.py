@@ -301,10 +301,15 @@ def base_to_new(
 # --- the protocols on the official datasets ------------------------------------------------------
 
 
-def _official(name: str, root: Union[str, os.PathLike]) -> Any:
-    from ..datasets import load_official
+def _official(dataset: Any, root: Optional[Union[str, os.PathLike]]) -> Any:
+    """``dataset`` read from ``root``, or as given when it is already an OfficialDataset."""
+    from ..datasets import OfficialDataset, load_official
 
-    return load_official(name, root)
+    if isinstance(dataset, OfficialDataset):
+        return dataset
+    if root is None:
+        raise ValueError(f"give the root folder that holds {dataset}")
+    return load_official(dataset, root)
 
 
 def _official_sampler(data: Any) -> Sampler:
@@ -314,8 +319,8 @@ def _official_sampler(data: Any) -> Sampler:
 
 
 def official_fewshot(
-    dataset: str,
-    root: Union[str, os.PathLike],
+    dataset: Any,
+    root: Optional[Union[str, os.PathLike]] = None,
     *,
     backbone: Backbone,
     shots: Sequence[int] = (1, 2, 4, 8, 16),
@@ -353,8 +358,8 @@ def official_fewshot(
 
 
 def official_base2new(
-    dataset: str,
-    root: Union[str, os.PathLike],
+    dataset: Any,
+    root: Optional[Union[str, os.PathLike]] = None,
     *,
     backbone: Backbone,
     seeds: Sequence[int] = (1, 2, 3),
@@ -379,10 +384,11 @@ def official_base2new(
 
 
 def official_shift(
-    root: Union[str, os.PathLike],
+    root: Optional[Union[str, os.PathLike]],
     *,
     backbone: Backbone,
-    targets: Sequence[str] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
+    targets: Sequence[Any] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
+    source: Any = "imagenet",
     seeds: Sequence[int] = (1, 2, 3),
     shots: int = 16,
     progress: bool = True,
@@ -390,7 +396,7 @@ def official_shift(
 ) -> list[dict[str, Any]]:
     """CoOp's Table 1: trained on 16-shot ImageNet (50 epochs), tested on ImageNet and its variants,
     ImageNet-A and -R among their 200 classes."""
-    source = _official("imagenet", root)
+    source = _official(source, root)
     tests: dict[str, Source] = {"imagenet": source.test}
     for t in targets:
         variant = _official(t, root)
