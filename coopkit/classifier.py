@@ -6,12 +6,13 @@ templates (zero-shot), a classifier reduces to one matrix once fitted:
 ``logits = normalise(image features) @ W.T``. That matrix is what the exporter bakes into ONNX.
 
 A saved run is a folder with ``config.json`` (:class:`coopkit.config.RunConfig`) and, for
-CoOp, ``ctx.safetensors`` holding only the learned context. Loading uses no pickle.
+CoOp, ``ctx.safetensors`` holding only the learned context; a few-shot baseline's run holds its
+head's tensors in ``head.safetensors`` instead (:mod:`coopkit.heads`). Loading uses no pickle.
 
 What a run promises: a save replaces the folder in one atomic step (written beside it, then
 swapped in), so a crash or a full disk leaves the previous run loadable byte for byte (Ctrl-C
 lets the save finish first); ``config.json`` records a sha256 over the whole run (the config
-itself and the context file), checked on load together with the meaning of every field; a
+itself, the context file and the head file), checked on load together with the meaning of every field; a
 folder that holds anything but a run is never saved over unless asked (``overwrite=True``).
 """
 
@@ -36,6 +37,7 @@ from .backbone import Backbone, load_backbone, register_model_config
 from .config import RunConfig
 from .data import Dataset, load_dataset
 from .features import autocast_for, encode_images, torch_threads
+from .heads import HEAD_METHODS, build_head, check_head_tensors
 from .prompts import PromptLearner, TextTower
 from .runtime.contract import (
     DEFAULT_TEMPLATE,
@@ -53,8 +55,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CTX_FILE = "ctx.safetensors"
+HEAD_FILE = "head.safetensors"
 #: Everything a saved run folder holds.
-RUN_FILES = (CONFIG_FILE, CTX_FILE)
+RUN_FILES = (CONFIG_FILE, CTX_FILE, HEAD_FILE)
 DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
 
 
@@ -77,22 +80,29 @@ class LinearHead(nn.Module):
 
 
 class Classifier:
-    """A CLIP classifier over a fixed label set (CoOp or zero-shot).
+    """A CLIP classifier over a fixed label set (CoOp, zero-shot, or a few-shot baseline's head).
 
-    Build one with :func:`coopkit.fit`, :func:`coopkit.zero_shot` or :func:`coopkit.load`.
+    Build one with :func:`coopkit.fit`, :func:`coopkit.zero_shot`, :func:`coopkit.load` or the
+    baselines of :mod:`coopkit.research.baselines`.
 
     Attributes:
         backbone: The frozen backbone.
         config: What the run is (method, model, prompt and training settings, metrics).
-        learner: The CoOp prompt learner, or ``None`` for zero-shot.
+        learner: The CoOp prompt learner, or ``None``.
+        head_tensors: The extra tensors of a baseline's head (:mod:`coopkit.heads`), or ``None``.
     """
 
-    def __init__(self, backbone: Backbone, config: RunConfig, learner: Optional[PromptLearner] = None) -> None:
-        if (learner is None) != (config.method == "zeroshot"):
-            raise ValueError("a coop classifier needs a PromptLearner; a zero-shot one must not have one")
+    def __init__(self, backbone: Backbone, config: RunConfig, learner: Optional[PromptLearner] = None,
+                 head_tensors: Optional[dict[str, torch.Tensor]] = None) -> None:
+        if (learner is None) == (config.method == "coop"):
+            raise ValueError("a coop classifier needs a PromptLearner; other methods must not have one")
+        if (head_tensors is None) == (config.method in HEAD_METHODS):
+            raise ValueError(f"{config.method} classifiers {'need' if config.method in HEAD_METHODS else 'have no'} "
+                             "head tensors")
         self.backbone = backbone
         self.config = config
         self.learner = learner
+        self.head_tensors = dict(head_tensors) if head_tensors is not None else None
         self._weights: Optional[torch.Tensor] = None
 
     @property
@@ -118,18 +128,27 @@ class Classifier:
 
     @torch.no_grad()
     def class_weights(self) -> torch.Tensor:
-        """``W = exp(logit_scale) * text features``, ``(n_classes, embed_dim)`` float32 on the CPU (cached)."""
+        """``W = exp(logit_scale) * text features``, ``(n_classes, embed_dim)`` float32 on the CPU (cached).
+
+        For a linear-probe head, its learned weight matrix instead.
+        """
         if self._weights is None:
-            scale = self.backbone.model.logit_scale.exp().float().cpu()
-            self._weights = (scale * self.text_features().cpu()).contiguous()
+            if self.head_tensors is not None and HEAD_METHODS[self.method] == "linear":
+                self._weights = self.head_tensors["weight"].detach().float().cpu().contiguous()
+            else:
+                scale = self.backbone.model.logit_scale.exp().float().cpu()
+                self._weights = (scale * self.text_features().cpu()).contiguous()
         return self._weights
 
     def head(self) -> nn.Module:
         """L2-normalised image features ``(b, embed_dim)`` -> logits ``(b, n_classes)``, on the CPU.
 
         Every score this classifier gives goes through it, and :func:`coopkit.exporters.export_onnx`
-        bakes it into the graph, so PyTorch and ONNX compute the same function.
+        bakes it into the graph, so PyTorch and ONNX compute the same function. Baselines return
+        their own head (:mod:`coopkit.heads`) holding their extra matrices.
         """
+        if self.head_tensors is not None:
+            return build_head(self.method, self.head_tensors, self.class_weights(), self.backbone.logit_bias)
         return LinearHead(self.class_weights(), self.backbone.logit_bias).eval()
 
     def with_classes(self, classnames: Sequence[str]) -> "Classifier":
@@ -139,6 +158,9 @@ class Classifier:
         has no vectors for unseen classes, so it is refused.
         """
         names = check_classnames(classnames)
+        if self.head_tensors is not None:
+            raise ValueError(f"a {self.method} head holds weights for its training classes only; it has none for "
+                             "other class names")
         config = RunConfig(**{**self.config.__dict__, "classnames": names, "metrics": {}, "run_sha256": ""})
         if self.learner is None:
             check_templates_fit(self.backbone, names, self.config.templates or DEFAULT_TEMPLATES)
@@ -280,18 +302,22 @@ class Classifier:
 
         with deferred_interrupt():  # Ctrl-C waits for the few milliseconds a save takes
             target = check_run_target(path, overwrite=overwrite)
-            ctx = None
+            ctx = head = None
             if self.learner is not None:
                 ctx = st_save({"ctx": self.learner.ctx.detach().float().cpu().contiguous()})
                 self.config.ctx_sha256 = hashlib.sha256(ctx).hexdigest()
+            if self.head_tensors is not None:
+                head = st_save({k: v.detach().cpu().contiguous() for k, v in self.head_tensors.items()})
+                self.config.head_sha256 = hashlib.sha256(head).hexdigest()
             self.config.coopkit_version = __version__
-            self.config.run_sha256 = run_checksum(json.loads(self.config.to_json()), ctx)
+            self.config.run_sha256 = run_checksum(json.loads(self.config.to_json()), ctx, head)
             text = self.config.to_json()
             try:
                 with atomic_dir(target) as tmp:
                     (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
-                    if ctx is not None:
-                        (tmp / CTX_FILE).write_bytes(ctx)
+                    for name, blob in ((CTX_FILE, ctx), (HEAD_FILE, head)):
+                        if blob is not None:
+                            (tmp / name).write_bytes(blob)
             except OSError as e:
                 if e.filename is None and e.errno is not None:  # name the run, e.g. for a full disk
                     raise OSError(e.errno, e.strerror or str(e), os.fspath(target)) from None
@@ -300,14 +326,18 @@ class Classifier:
         return target
 
 
-def run_checksum(config: dict[str, Any], ctx: Optional[bytes]) -> str:
+def run_checksum(config: dict[str, Any], ctx: Optional[bytes], head: Optional[bytes] = None) -> str:
     """sha256 of a whole run: its config (as parsed JSON, without ``run_sha256``) in canonical
-    form, then the bytes of ``ctx.safetensors`` (none for zero-shot runs)."""
+    form, then the bytes of ``ctx.safetensors`` (none for zero-shot runs) and, for a few-shot
+    baseline, of ``head.safetensors``."""
     body = {k: v for k, v in config.items() if k != "run_sha256"}
     digest = hashlib.sha256(b"coopkit run v1\n")
     digest.update(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii"))
     digest.update(b"\n")
     digest.update(ctx or b"")
+    if head is not None:
+        digest.update(b"\nhead\n")
+        digest.update(head)
     return digest.hexdigest()
 
 
@@ -363,9 +393,14 @@ def check_run_target(path: Union[str, os.PathLike], *, overwrite: bool = False) 
     return target
 
 
-def template_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], chunk: int = 256) -> torch.Tensor:
-    """Hand-written prompt features: mean of normalised template embeddings, renormalised."""
+def template_features(backbone: Backbone, classnames: Sequence[str], templates: Sequence[str], chunk: int = 256,
+                      *, raw: bool = False) -> torch.Tensor:
+    """Hand-written prompt features: mean of normalised template embeddings, renormalised.
+
+    ``raw=True``: the plain mean of the unnormalised embeddings instead (CLAP's prototypes).
+    """
     model, tok = backbone.model, backbone.tokenizer
+    norm = (lambda x: x) if raw else (lambda x: F.normalize(x, dim=-1))
     out = []
     with torch.no_grad(), autocast_for(backbone.device):
         for start in range(0, len(classnames), chunk):
@@ -373,8 +408,8 @@ def template_features(backbone: Backbone, classnames: Sequence[str], templates: 
             per_template = []
             for t in templates:
                 tokens = torch.as_tensor(tok(fill_templates(t, names))).to(backbone.device)
-                per_template.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-            out.append(F.normalize(torch.stack(per_template).mean(0), dim=-1))  # (chunk, D)
+                per_template.append(norm(model.encode_text(tokens).float()))
+            out.append(norm(torch.stack(per_template).mean(0)))  # (chunk, D)
     return torch.cat(out)
 
 
@@ -470,16 +505,20 @@ def load(
         raise ValueError(f"{cfg_path} is corrupt: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_path} is corrupt: expected a JSON object, got {type(raw).__name__}")
-    ctx_path = folder / CTX_FILE
+    ctx_path, head_path = folder / CTX_FILE, folder / HEAD_FILE
     blob = ctx_path.read_bytes() if ctx_path.is_file() else None
+    head_blob = head_path.read_bytes() if head_path.is_file() else None
     if raw.get("method") == "coop" and blob is None:
         raise FileNotFoundError(f"{folder} is a CoOp run without {CTX_FILE}")
-    _check_checksums(raw, blob, folder)
+    if raw.get("method") in HEAD_METHODS and head_blob is None:
+        raise FileNotFoundError(f"{folder} is a {raw['method']} run without {HEAD_FILE}")
+    _check_checksums(raw, blob, folder, head_blob)
     try:
         config = RunConfig.from_dict(raw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{cfg_path}: {e}") from None
     ctx = _read_context(blob, config, ctx_path) if config.method == "coop" and blob is not None else None
+    head_tensors = _read_head(head_blob, config, head_path) if config.method in HEAD_METHODS else None
     if backbone is None:
         if config.model_config is not None:
             register_model_config(config.model, config.model_config)
@@ -504,20 +543,21 @@ def load(
         with torch.no_grad():
             learner.ctx.copy_(ctx)
         learner.requires_grad_(False)
-    return Classifier(backbone, config, learner)
+    return Classifier(backbone, config, learner, head_tensors)
 
 
-def _check_checksums(raw: dict[str, Any], ctx: Optional[bytes], folder: Path) -> None:
+def _check_checksums(raw: dict[str, Any], ctx: Optional[bytes], folder: Path, head: Optional[bytes] = None) -> None:
     """The whole-run checksum (``run_sha256``); for older runs only the context file's."""
     recorded_ctx = raw.get("ctx_sha256")
-    if ctx is not None and recorded_ctx and hashlib.sha256(ctx).hexdigest() != recorded_ctx:
-        raise ValueError(f"{folder / CTX_FILE} does not match {CONFIG_FILE} (an interrupted copy, an edited file, "
-                         "or files of different runs mixed); restore the saved files or save the run again")
+    for name, blob, sha in ((CTX_FILE, ctx, recorded_ctx), (HEAD_FILE, head, raw.get("head_sha256"))):
+        if blob is not None and sha and hashlib.sha256(blob).hexdigest() != sha:
+            raise ValueError(f"{folder / name} does not match {CONFIG_FILE} (an interrupted copy, an edited file, "
+                             "or files of different runs mixed); restore the saved files or save the run again")
     recorded = raw.get("run_sha256")
     if recorded is None:
         logger.info("%s was saved before runs recorded a checksum of %s; only %s is checked",
                     folder, CONFIG_FILE, CTX_FILE)
-    elif not isinstance(recorded, str) or recorded != run_checksum(raw, ctx):
+    elif not isinstance(recorded, str) or recorded != run_checksum(raw, ctx, head):
         config_only = ctx is None or (recorded_ctx and hashlib.sha256(ctx).hexdigest() == recorded_ctx)
         what = CONFIG_FILE if config_only else f"{CONFIG_FILE} or {CTX_FILE}"
         raise ValueError(f"{folder}: {what} changed after the run was saved (checksum mismatch: edited, corrupted "
@@ -547,3 +587,24 @@ def _read_context(blob: bytes, config: RunConfig, path: Path) -> torch.Tensor:
     if not bool(torch.isfinite(ctx).all()):
         raise ValueError(f"{path}: the context holds NaN or infinite values; retrain the run")
     return ctx
+
+
+def _read_head(blob: Optional[bytes], config: RunConfig, path: Path) -> dict[str, torch.Tensor]:
+    """A baseline's head tensors from the bytes of ``head.safetensors``: the tensors its method
+    needs, of shapes that fit the class count, finite."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    assert blob is not None
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
+    width = next((int(tensors[k].shape[-1]) for k in ("weight", "keys") if k in tensors and tensors[k].ndim == 2), 0)
+    try:
+        check_head_tensors(config.method, tensors, len(config.classnames), width)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not all(bool(torch.isfinite(t.float()).all()) for t in tensors.values()):
+        raise ValueError(f"{path}: the head holds NaN or infinite values; fit the run again")
+    return tensors

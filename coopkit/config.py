@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TypeVar
 
 from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
-from .runtime.contract import CLASS_TOKEN_POSITIONS, METHODS, check_classnames, check_position, check_templates
+from .runtime.contract import (
+    CLASS_TOKEN_POSITIONS,
+    DEFAULT_TEMPLATE,
+    METHODS,
+    check_classnames,
+    check_position,
+    check_templates,
+)
 from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
@@ -242,6 +249,8 @@ class TrainConfig(ConfigMixin):
         "help": "auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16", "choices": PRECISIONS})
     strict: bool = field(default=False, metadata={"help": "fail on unreadable images instead of skipping them"})
     kg_weight: float = field(default=0.0, metadata={"help": "KgCoOp regularisation weight (0: plain CoOp)"})
+    kg_template: str = field(default=DEFAULT_TEMPLATE, metadata={
+        "help": "the hand-written prompt KgCoOp keeps the learned prompt near ({} = class name)"})
 
     def __post_init__(self) -> None:
         for name in ("shots", "batch_size", "n_views", "text_chunk_size"):
@@ -253,6 +262,7 @@ class TrainConfig(ConfigMixin):
         _float("warmup_lr", self.warmup_lr, positive=True)
         _float("weight_decay", self.weight_decay)
         _float("kg_weight", self.kg_weight)
+        check_templates([self.kg_template])
         _float("momentum", self.momentum, below=1.0)
         for name in ("augment", "strict"):
             _bool(name, getattr(self, name))
@@ -281,11 +291,56 @@ class TrainingData(ConfigMixin):
 
 
 @dataclass
+class TipAdapterConfig(ConfigMixin):
+    """Tip-Adapter and Tip-Adapter-F (Zhang et al., 2022). Defaults follow the official code's configs."""
+
+    alpha: float = field(default=1.0, metadata={"help": "weight of the cache logits (when not searched)"})
+    beta: float = field(default=1.0, metadata={"help": "sharpness of the cache affinity (when not searched)"})
+    search_scale: Optional[tuple[float, float]] = field(default=(7.0, 3.0), metadata={
+        "help": "largest beta and alpha searched on the validation set (None: no search)"})
+    search_steps: tuple[int, int] = field(default=(200, 20), metadata={"help": "grid points for beta and alpha"})
+    epochs: int = field(default=20, metadata={"help": "Tip-Adapter-F: epochs of fine-tuning the cache keys"})
+    lr: float = field(default=0.001, metadata={"help": "Tip-Adapter-F: AdamW learning rate (cosine schedule)"})
+    batch_size: int = field(default=256, metadata={"help": "Tip-Adapter-F: images per step"})
+
+    def __post_init__(self) -> None:
+        _float("alpha", self.alpha)
+        _float("beta", self.beta)
+        if self.search_scale is not None:
+            self.search_scale = (_float("search_scale[0]", self.search_scale[0], 0.1, positive=True),
+                                 _float("search_scale[1]", self.search_scale[1], 0.1, positive=True))
+        self.search_steps = (_int("search_steps[0]", self.search_steps[0], 1), _int("search_steps[1]", self.search_steps[1], 1))
+        for name in ("epochs", "batch_size"):
+            _int(name, getattr(self, name), 1)
+        _float("lr", self.lr, positive=True)
+
+
+@dataclass
+class ClapConfig(ConfigMixin):
+    """The zero-shot-initialised linear probe with CLAP's class-adaptive constraint (Silva-Rodriguez et al.,
+    2024). Defaults follow the official code (SGD lr 0.1, batch 256, 300 epochs, one warm-up epoch)."""
+
+    epochs: int = field(default=300, metadata={"help": "passes over the cached training views"})
+    lr: float = field(default=0.1, metadata={"help": "peak SGD learning rate (momentum 0.9, cosine)"})
+    batch_size: int = field(default=256, metadata={"help": "features per step"})
+    constraint: bool = field(default=True, metadata={
+        "help": "penalise each class's drift from its zero-shot prototype, weighted by its zero-shot accuracy "
+                "(off: plain zero-shot-initialised linear probe)"})
+
+    def __post_init__(self) -> None:
+        _int("epochs", self.epochs, 1)
+        _int("batch_size", self.batch_size, 1)
+        _float("lr", self.lr, positive=True)
+        _bool("constraint", self.constraint)
+
+
+@dataclass
 class RunConfig(ConfigMixin):
     """Everything a saved run records next to its learned context (``config.json``).
 
     Attributes:
-        method: ``coop`` or ``zeroshot``.
+        method: ``coop``, ``zeroshot`` or a few-shot baseline (``linear-probe``, ``clap``,
+            ``tip-adapter``, ``tip-adapter-f``).
         classnames: The label set, in output order.
         model: open_clip model name.
         pretrained: open_clip pretrained tag or checkpoint path; ``None`` for random init.
@@ -299,6 +354,7 @@ class RunConfig(ConfigMixin):
         templates: Hand-written templates (zero-shot runs).
         metrics: Final metrics (training loss and accuracy, validation accuracy if any).
         ctx_sha256: sha256 of ``ctx.safetensors``, checked on load.
+        head_sha256: sha256 of ``head.safetensors`` (few-shot baselines), checked on load.
         coopkit_version: Version that wrote the run.
         run_sha256: sha256 of the whole run (this config without this field, and
             ``ctx.safetensors``), checked on load (:func:`coopkit.classifier.run_checksum`).
@@ -319,6 +375,7 @@ class RunConfig(ConfigMixin):
     templates: Optional[list[str]] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     ctx_sha256: str = ""
+    head_sha256: str = ""
     coopkit_version: str = ""
     config_version: int = CONFIG_VERSION
     run_sha256: str = ""
@@ -332,7 +389,7 @@ class RunConfig(ConfigMixin):
         for name in ("pretrained", "tokenizer", "text_model"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
-        for name in ("backbone_sha256", "ctx_sha256", "coopkit_version", "run_sha256"):
+        for name in ("backbone_sha256", "ctx_sha256", "head_sha256", "coopkit_version", "run_sha256"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         _int("config_version", self.config_version, 0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -204,27 +205,69 @@ def load_dataset(
     return data
 
 
-def few_shot(data: Dataset, shots: int, seed: int) -> Dataset:
-    """At most ``shots`` images per class, drawn with ``seed`` (deterministic, order-independent).
+def _sample(data: Dataset, shots: int, rng: random.Random) -> Dataset:
+    """Dassl's ``generate_fewshot_dataset`` for one list, drawing from ``rng``.
 
-    A class with fewer images than ``shots`` keeps all of them, with one warning naming them.
+    Classes in the order of their first image in ``data``, each class's images in data order;
+    ``rng.sample(images, shots)`` per class (a class with fewer keeps all of them, unshuffled).
     """
-    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
-        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
-    by_class: list[list[str]] = [[] for _ in data.classnames]
+    by_class: dict[int, list[str]] = {}
     for p, y in data.items:
-        by_class[y].append(p)
-    rng = random.Random(seed)
+        by_class.setdefault(y, []).append(p)
     items: list[tuple[str, int]] = []
     short = []
-    for y, paths in enumerate(by_class):
-        paths = sorted(paths)
-        if len(paths) < shots:
+    for y, paths in by_class.items():
+        if len(paths) >= shots:
+            chosen = rng.sample(paths, shots)
+        else:
             short.append(f"{data.classnames[y]} ({len(paths)})")
             chosen = paths
-        else:
-            chosen = rng.sample(paths, shots)
         items += [(p, y) for p in chosen]
     if short:
         logger.warning("fewer than %d images, using all of them: %s", shots, ", ".join(short))
     return Dataset(items, data.classnames, data.source)
+
+
+def _check_shots(shots: int) -> int:
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    return shots
+
+
+def few_shot(data: Dataset, shots: int, seed: int) -> Dataset:
+    """At most ``shots`` images per class, drawn exactly as Dassl (the official CoOp code) draws them.
+
+    The same images, in the same order, as ``random.seed(seed)`` followed by Dassl's
+    ``DatasetBase.generate_fewshot_dataset(items, num_shots=shots)`` over the same list of
+    images (tested against a list recorded from Dassl itself). The draw depends on the order
+    of ``data.items``: the folder reader lists classes and files sorted, a CSV or split file
+    keeps its own order (as Dassl does). A class with fewer images than ``shots`` keeps all of
+    them, with one warning naming them.
+    """
+    return _sample(data, _check_shots(shots), random.Random(seed))
+
+
+def few_shot_splits(train: Dataset, val: Optional[Dataset], shots: int, seed: int) -> tuple[Dataset, Optional[Dataset]]:
+    """The official few-shot train and validation sets for one seed.
+
+    As every CoOp dataset reader does after ``random.seed(seed)``: ``shots`` training images
+    per class, then, from the same random stream, ``min(shots, 4)`` validation images per
+    class. ``val=None`` (ImageNet, which has no validation split) draws the training set only.
+    """
+    rng = random.Random(seed)
+    sampled = _sample(train, _check_shots(shots), rng)
+    return sampled, (_sample(val, min(shots, 4), rng) if val is not None else None)
+
+
+def subsample_classes(data: Dataset, subsample: str) -> Dataset:
+    """CoCoOp's base/new split: ``base`` is the first half of the classes in label order
+    (rounded up), ``new`` the rest, ``all`` everything; images relabelled from 0.
+
+    As the official ``subsample_classes``, which is applied after the few-shot draw.
+    """
+    names = data.classnames
+    half = math.ceil(len(names) / 2)
+    chosen = {"all": names, "base": names[:half], "new": names[half:]}.get(subsample)
+    if chosen is None:
+        raise ValueError(f"unknown subsample {subsample!r}; valid: 'all', 'base', 'new'")
+    return data.subset(chosen)

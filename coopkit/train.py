@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .backbone import Backbone, load_backbone
-from .classifier import DEFAULT_TEMPLATES, Classifier, template_features
+from .classifier import Classifier, template_features
 from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
 from .data import Dataset, few_shot, load_dataset
 from .features import autocast_for, encode_images, torch_threads
@@ -182,7 +182,7 @@ def _fit(
     learner = learner.to(bb.device)
     hand = None
     if train_cfg.kg_weight > 0:
-        hand = template_features(bb, sample.classnames, DEFAULT_TEMPLATES).to(bb.device)
+        hand = template_features(bb, sample.classnames, [train_cfg.kg_template]).to(bb.device)
     history = _train_loop(learner, bb, feats, labels, train_cfg, hand, progress, callback)
 
     learner.requires_grad_(False)

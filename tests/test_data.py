@@ -149,3 +149,28 @@ def test_subset_and_relabel(image_folder):
         data.subset(["purple"])
     with pytest.raises(ValueError, match="not among the model's classes"):
         data.relabel(["blue", "green"])
+
+
+def test_few_shot_equals_dassls_recorded_draw():
+    """coopkit's draw against Dassl's own: ``tests/data/dassl_fewshot.json`` was recorded by running
+    Dassl's ``generate_fewshot_dataset`` (see its ``how`` field) on the lists rebuilt here."""
+    from coopkit.data import Dataset, few_shot_splits
+
+    rec = json.loads((Path(__file__).parent / "data" / "dassl_fewshot.json").read_text())
+
+    def items(sizes, prefix, shuffle):
+        out = [(f"{prefix}c{y}_{j:02d}.jpg", y) for y, n in enumerate(sizes) for j in range(n)]
+        if shuffle:
+            out = [out[i] for i in sorted(range(len(out)), key=lambda i: (i * 37) % len(out))]
+        return out
+
+    names = [f"class {y}" for y in range(len(rec["train_sizes"]))]
+    train = Dataset(items(rec["train_sizes"], "t_", True), names)
+    val = Dataset(items(rec["val_sizes"], "v_", False), names)
+    assert len(rec["samples"]) == 15
+    for key, expected in rec["samples"].items():
+        seed, shots = (int(x) for x in key.replace("seed", "").split("_shots"))
+        got_train, got_val = few_shot_splits(train, val, shots, seed)
+        assert got_train.paths == expected["train"], key
+        assert got_val.paths == expected["val"], key
+        assert few_shot(train, shots, seed).paths == expected["train"], key

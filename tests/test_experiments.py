@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,7 +13,6 @@ from click.testing import CliRunner
 import coopkit
 from coopkit.classifier import Classifier, template_features
 from coopkit.cli import main
-from coopkit.research.compat import import_official
 from coopkit.config import PromptConfig, RunConfig
 from coopkit.research.experiments import plot_fewshot
 from coopkit.features import encode_images
@@ -133,38 +133,95 @@ def test_base2new_and_shift_commands(image_folder, tiny_config, tmp_path):
     assert bad.exit_code == 2 and "both base and new" in bad.output
 
 
-def _official_checkpoint(path, ctx):
-    # The layout Dassl's save_checkpoint writes for CoOp's prompt learner.
-    torch.save({"state_dict": {"ctx": ctx, "token_prefix": torch.zeros(4, 1, ctx.shape[-1]),
-                               "token_suffix": torch.zeros(4, 60, ctx.shape[-1])},
-                "epoch": 50, "optimizer": {"state": {}, "param_groups": [{"lr": 0.002, "params": [0]}]},
-                "scheduler": {"last_epoch": 50}, "val_result": None}, path)
+# --- the papers' protocols on the official layouts (tiny fake copies; mechanics only) -------------
 
 
-@pytest.mark.parametrize("shape", [(4, 64), (4, 4, 64)])
-def test_import_official_checkpoint(tiny_backbone, image_folder, tmp_path, shape):
-    ctx = torch.randn(*shape)
-    ckpt = tmp_path / "model.pth.tar-50"
-    _official_checkpoint(ckpt, ctx)
-    clf = import_official(ckpt, NAMES, backbone=tiny_backbone)
-    assert torch.equal(clf.learner.ctx.detach(), ctx)
-    assert clf.config.prompt.csc == (len(shape) == 3)
-    run = clf.save(tmp_path / "run")
-    assert torch.equal(coopkit.load(run, backbone=tiny_backbone).learner.ctx, ctx)
+def test_bench_fewshot_on_an_official_dataset_prints_the_published_row(official_root, tiny_config, tmp_path):
+    out = tmp_path / "dtd"
+    res = CliRunner().invoke(main, ["bench", "fewshot", "--dataset", "DescribableTextures", "--root", str(official_root),
+                                    *_common(tiny_config), "--shots", "1", "--seeds", "1", "--epochs", "1",
+                                    "--n-views", "1", "--no-augment", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["method"] for r in rows} == {"zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f", "coop",
+                                           "coop-csc"}
+    assert next(r for r in rows if r["method"] == "zeroshot")["setting"] == "{} texture."  # dtd's hand prompt
+    assert next(r for r in rows if r["method"] == "tip-adapter")["setting"] == "searched on val"
+    for r in rows:
+        assert 0 <= float(r["accuracy"]) <= float(r["top5"]) <= 1 and 0 <= float(r["macro"]) <= 1
+    # beside them, Tip-Adapter's published 1-shot DTD numbers (RN50), with their source
+    assert "| published: tip-adapter, RN50* |  | 46.22 |" in res.output
+    assert "| published: tip-adapter-f, RN50* |  | 49.65 |" in res.output and "exp.log" in res.output
+    summary = (out / "summary.md").read_text()
+    assert "| method | setting | shots | accuracy | top5 | macro | seeds |" in summary and "46.22" in summary
 
 
-def test_import_official_bad_files(tiny_backbone, tmp_path):
-    with pytest.raises(FileNotFoundError):
-        import_official(tmp_path / "nope", NAMES, backbone=tiny_backbone)
-    junk = tmp_path / "junk"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a loadable torch checkpoint"):
-        import_official(junk, NAMES, backbone=tiny_backbone)
-    other = tmp_path / "other.pt"
-    torch.save({"state_dict": {"weight": torch.zeros(2)}}, other)
-    with pytest.raises(ValueError, match="no 'ctx'"):
-        import_official(other, NAMES, backbone=tiny_backbone)
-    wrong = tmp_path / "wrong.pt"
-    _official_checkpoint(wrong, torch.randn(4, 32))
-    with pytest.raises(ValueError, match="does not fit"):
-        import_official(wrong, NAMES, backbone=tiny_backbone)
+def test_scores_restrict_to_the_test_sets_classes_top5_and_macro(tiny_backbone, official_root):
+    from coopkit.datasets import load_official
+    from coopkit.research.experiments import domain_shift
+
+    imagenet, adv = load_official("imagenet", official_root), load_official("imagenet_a", official_root)
+    rows = domain_shift(imagenet.train, {"a": adv.test, "in": imagenet.test}, backbone=tiny_backbone, seeds=(1,),
+                        shots=1, epochs=1, n_views=1, templates=["a photo of a {}."], progress=False)
+    rows = [r for r in rows if r["method"] == "zeroshot"]
+    # independently: the zero-shot logits of ImageNet-A's images, among its own 2 classes only
+    zs = coopkit.zero_shot(tiny_backbone, imagenet.classnames)
+    cols = [imagenet.classnames.index(c) for c in adv.classnames]
+    pred = zs.logits(adv.test.paths)[:, cols].argmax(1)
+    labels = torch.tensor(adv.test.labels)
+    got = {r["test"]: r for r in rows}
+    assert got["a"]["accuracy"] == pytest.approx(float((torch.from_numpy(pred) == labels).float().mean()), abs=1e-6)
+    assert got["a"]["top5"] == 1.0  # 2 classes: top-5 holds both
+    logits = zs.logits(imagenet.test.paths)
+    hit = logits.argmax(1) == np.array(imagenet.test.labels)
+    per_class = [hit[np.array(imagenet.test.labels) == c].mean() for c in range(4)]
+    assert got["in"]["macro"] == pytest.approx(float(np.mean(per_class)), abs=1e-6)
+
+
+def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_config, tmp_path):
+    common = [*_common(tiny_config), "--seeds", "1", "--epochs", "1", "-q"]
+    res = CliRunner().invoke(main, ["bench", "base2new", "--dataset", "caltech101", "--root", str(official_root),
+                                    *common, "--out", str(tmp_path / "b2n")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "b2n" / "results.csv")))
+    assert [(r["method"], float(r["kg_weight"])) for r in rows] == [("zeroshot", 0), ("coop", 0), ("kgcoop", 8)]
+    assert {"base_top5", "base_macro", "new_top5", "new_macro"} <= set(rows[0])
+    assert "| published: cocoop, ViT-B/16* | 80.47 | 71.69 | 75.83 |" in res.output
+    assert "average over the 11 datasets" in res.output
+    res = CliRunner().invoke(main, ["bench", "shift", "--dataset", "imagenet", "--root", str(official_root), "--shots",
+                                    "2", *common])
+    assert res.exit_code == 0, res.output
+    for name in ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
+        assert f"| coop | {name} |" in res.output
+    assert "could not be verified" in res.output
+    bad = CliRunner().invoke(main, ["bench", "shift", "--dataset", "dtd", "--root", str(official_root), *common])
+    assert bad.exit_code == 2 and "use --dataset imagenet" in bad.output
+    bad = CliRunner().invoke(main, ["bench", "fewshot", "--dataset", "dtd", *common, "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--dataset needs --root" in bad.output
+    for cmd in (["fewshot", "--out", str(tmp_path / "x")], ["base2new"], ["shift"]):  # the layout fails first
+        bad = CliRunner().invoke(main, ["bench", *cmd, "--dataset", "imagenet", "--root", str(tmp_path / "none"),
+                                        "--model", "no-such-model"])
+        assert bad.exit_code == 2 and "dataset root not found" in bad.output, bad.output
+
+
+def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config, tmp_path):
+    from coopkit.datasets import few_shot_official, load_official
+
+    common = [*_common(tiny_config)]
+    res = CliRunner().invoke(main, ["fit", "--dataset", "oxford_pets", "--root", str(official_root), *common, "--shots",
+                                    "2", "--seed", "3", "--epochs", "1", "--n-views", "1", "--out", str(tmp_path / "run"),
+                                    "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    clf = coopkit.load(tmp_path / "run")
+    pets = load_official("oxford_pets", official_root)
+    assert clf.classnames == pets.classnames == ["abyssinian", "american bulldog", "bengal", "yorkshire terrier"]
+    assert clf.config.metrics["train_images"] == len(few_shot_official(pets, 2, 3)[0]) == 8
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "run"), "--dataset", "oxford_pets", "--root",
+                                    str(official_root), "--device", "cpu", "--json"])
+    assert res.exit_code == 0 and '"n": 8' in res.output
+    res = CliRunner().invoke(main, ["zeroshot", "--dataset", "oxford_pets", "--root", str(official_root), *common,
+                                    "--out", str(tmp_path / "zs"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert coopkit.load(tmp_path / "zs").config.templates == ["a photo of a {}, a type of pet."]
+    res = CliRunner().invoke(main, ["datasets", "--root", str(official_root)])
+    assert res.exit_code == 0 and "imagenet_a (ImageNetA)" in res.output and "2 classes: test 2" in res.output

@@ -19,9 +19,10 @@ PACKAGE = ROOT / "coopkit"
 #: the exporter works on the classifier object it is given).
 LAYERS = {
     "runtime": ("coopkit.runtime",),
-    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit.config", "coopkit.data",
-                   "coopkit.embedded", "coopkit.embedded.world"),
-    "core": ("coopkit.backbone", "coopkit.features", "coopkit.prompts", "coopkit.classifier", "coopkit.train"),
+    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.data",
+                   "coopkit.datasets", "coopkit.embedded", "coopkit.embedded.world"),
+    "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.classifier",
+             "coopkit.train"),
     "exporters": ("coopkit.exporters",),
     "research": ("coopkit.research", "coopkit.embedded.pretrain"),
     "cli": ("coopkit.cli", "coopkit.__main__"),

@@ -35,6 +35,7 @@ LAZY_COMMANDS = {
     "bench": "coopkit.cli.research:bench",
     "explain": "coopkit.cli.research:explain",
     "import-official": "coopkit.cli.research:import_official_cmd",
+    "datasets": "coopkit.cli.research:datasets_cmd",
 }
 
 EXIT_OK, EXIT_ENVIRONMENT, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130

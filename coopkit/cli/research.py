@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import click
 
 from ..config import BackboneConfig, PromptConfig, TrainConfig
+from ..research.protocols import DEFAULT_METHODS, METHODS
 from .base import LazyGroup, command, config_options, pop_config, print_table
 
 
@@ -18,12 +19,20 @@ def _strs(value: str, option: str) -> list[str]:
     return items
 
 
-def _ints(value: str, option: str) -> list[int]:
+def _numbers(value: str, option: str, cast: Callable[[str], Any], what: str) -> list[Any]:
     items = _strs(value, option)
     try:
-        return [int(v) for v in items]
+        return [cast(v) for v in items]
     except ValueError:
-        raise ValueError(f"{option} expects comma-separated integers, got {value!r}") from None
+        raise ValueError(f"{option} expects comma-separated {what}, got {value!r}") from None
+
+
+def _ints(value: str, option: str) -> list[int]:
+    return _numbers(value, option, int, "integers")
+
+
+def _floats(value: str, option: str) -> list[float]:
+    return _numbers(value, option, float, "numbers")
 
 
 @click.group("bench", cls=LazyGroup)
@@ -31,34 +40,103 @@ def bench() -> None:
     """The CoOp paper's experiments on your data: few-shot curves, domain shift, base-to-new."""
 
 
+def _dataset_options(fn: Any) -> Any:
+    """``--dataset NAME --root DATA``: run the papers' protocol on an official dataset instead of --train/--test."""
+    fn = click.option("--root", type=click.Path(), default=None,
+                      help="With --dataset: the folder holding the datasets ($DATA of CoOp's DATASETS.md).")(fn)
+    return click.option("--dataset", default=None,
+                        help="An official dataset (coopkit datasets lists them): the papers' protocol, "
+                             "backbone and epochs, beside their published numbers.")(fn)
+
+
+def _protocol_backbone(experiment: str, dataset: Optional[str], bb: BackboneConfig) -> BackboneConfig:
+    """With --dataset, the paper's backbone and weights, except for what --model / --pretrained gave."""
+    from ..research.protocols import PAPER_BACKBONES
+
+    if dataset is None:
+        return bb
+    model, pretrained = PAPER_BACKBONES[experiment]
+    return BackboneConfig(model=_default_unless_given("model", bb.model, model),
+                          pretrained=_default_unless_given("pretrained", bb.pretrained, pretrained), device=bb.device)
+
+
+def _sources(dataset: Optional[str], root: Optional[str], train: Optional[str], test: Optional[str]) -> None:
+    if dataset is not None:
+        if root is None:
+            raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
+        if train or test:
+            raise click.UsageError("give --dataset NAME --root DATA or --train/--test, not both")
+    elif not (train and test):
+        raise click.UsageError("give --train and --test (or --dataset NAME --root DATA)")
+
+
+def _read_official(dataset: Optional[str], root: Optional[str]) -> Any:
+    """The official dataset of --dataset/--root (None without --dataset)."""
+    if dataset is None:
+        return None
+    from ..datasets import load_official
+
+    return load_official(dataset, root)  # type: ignore[arg-type]
+
+
+def _default_unless_given(name: str, value: Any, protocol_value: Any) -> Any:
+    from click.core import ParameterSource
+
+    given = click.get_current_context().get_parameter_source(name) != ParameterSource.DEFAULT
+    return value if given else protocol_value
+
+
 @bench.command("fewshot")
-@click.option("--train", "train", required=True, type=click.Path(), help="Training set (ImageFolder, CSV or split JSON).")
-@click.option("--test", "test", required=True, type=click.Path(), help="Test set with the same classes.")
+@click.option("--train", "train", default=None, type=click.Path(), help="Training set (ImageFolder, CSV or split JSON).")
+@click.option("--test", "test", default=None, type=click.Path(), help="Test set with the same classes.")
+@_dataset_options
 @config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @click.option("--shots", default="1,2,4,8,16", show_default=True, help="Comma-separated shots per class.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
-@click.option("--methods", default="zeroshot,linear-probe,coop,coop-csc", show_default=True,
-              help="Any of zeroshot, zeroshot-ensemble, linear-probe, coop, coop-csc.")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help=f"Any of {', '.join(METHODS)}.")
 @click.option("--n-ctx", default="16", show_default=True, help="Comma-separated context lengths (CoOp methods).")
 @click.option("--position", default="end", show_default=True, help="Comma-separated class-token positions.")
 @config_options(TrainConfig, only=("epochs", "n_views", "augment"))
+@click.option("--val", type=click.Path(), default=None,
+              help="Validation set Tip-Adapter searches alpha and beta on (with --dataset: the official one).")
 @click.option("--out", required=True, type=click.Path(), help="Folder for results.csv, summary.md, fewshot.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def fewshot_cmd(train: str, test: str, shots: str, seeds: str, methods: str, n_ctx: str, position: str,
-                epochs: Optional[int], n_views: int, augment: bool, out: str, quiet: bool, **settings: Any) -> None:
-    """Accuracy against shots for each method, over seeds (the paper's Figure 3)."""
-    from ..research.experiments import fewshot_curves, markdown_table, summarize, write_fewshot_report
+def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str], root: Optional[str], shots: str,
+                seeds: str, methods: str, n_ctx: str, position: str, epochs: Optional[int], n_views: int,
+                augment: bool, val: Optional[str], out: str, quiet: bool, **settings: Any) -> None:
+    """Accuracy against shots for each method, over seeds (the paper's Figure 3), with the few-shot
+    baselines beside CoOp; top-1, top-5 and mean per-class accuracy."""
+    from ..backbone import load_backbone
+    from ..research.experiments import (
+        check_methods,
+        check_seeds,
+        fewshot_curves,
+        fewshot_paper_table,
+        official_fewshot,
+        write_fewshot_report,
+    )
+    from ..research.protocols import published_for
 
-    bb = pop_config(BackboneConfig, settings)
-    rows = fewshot_curves(train, test, model=bb.model, pretrained=bb.pretrained, device=bb.device,
-                          shots=_ints(shots, "--shots"), seeds=_ints(seeds, "--seeds"),
-                          methods=_strs(methods, "--methods"), n_ctx=_ints(n_ctx, "--n-ctx"),
-                          positions=_strs(position, "--position"), epochs=epochs, n_views=n_views, augment=augment,
-                          progress=not quiet)
-    files = write_fewshot_report(rows, out, title=f"{_task_name(train)} ({bb.model})")
-    click.echo(markdown_table(summarize(rows, ["method", "setting", "shots"], ["accuracy"]),
-                              ["method", "setting", "shots"], ["accuracy"]))
-    click.echo(f"wrote {files['csv']} and {files['summary']}")
+    _sources(dataset, root, train, test)
+    common: dict[str, Any] = dict(
+        shots=_ints(shots, "--shots"), seeds=check_seeds(_ints(seeds, "--seeds")),
+        methods=check_methods(_strs(methods, "--methods")), n_ctx=_ints(n_ctx, "--n-ctx"),
+        positions=_strs(position, "--position"), epochs=epochs, n_views=n_views, augment=augment, progress=not quiet)
+    official = _read_official(dataset, root)  # a missing layout fails before the model loads
+    bb = _protocol_backbone("fewshot", dataset, pop_config(BackboneConfig, settings))
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
+    if official is not None:
+        name = official.spec.name
+        rows = official_fewshot(official, **common)
+        title = f"{name} ({bb.model}, {bb.pretrained or 'random init'})"
+    else:
+        rows = fewshot_curves(train, test, val=val, **common)
+        name, title = None, f"{_task_name(train)} ({bb.model})"
+    table = fewshot_paper_table(rows, published_for("fewshot", name))
+    files = write_fewshot_report(rows, out, title=title, extra="## In the papers' form (top-1 %)\n\n" + table)
+    click.echo(table)
+    click.echo(f"wrote {files['csv']} and {files['summary']} (top-1, top-5 and mean per-class accuracy)")
     if files["plot"]:
         click.echo(f"wrote {files['plot']}")
     else:
@@ -74,66 +152,135 @@ def _task_name(train: str) -> str:
 
 
 @bench.command("shift")
-@click.option("--train", "train", required=True, type=click.Path())
-@click.option("--test", "tests", required=True, multiple=True,
+@click.option("--train", "train", default=None, type=click.Path())
+@click.option("--test", "tests", multiple=True,
               help="NAME=PATH of a test set; repeat for the source test set and each shifted one.")
+@_dataset_options
+@click.option("--targets", default="imagenetv2,imagenet_sketch,imagenet_a,imagenet_r", show_default=True,
+              help="With --dataset imagenet: the shifted test sets.")
 @config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @config_options(TrainConfig, only=("shots",))
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @config_options(TrainConfig, only=("epochs", "augment"))
 @click.option("--out", type=click.Path(), default=None, help="Also write results.csv and summary.md here.")
 @click.option("-q", "--quiet", is_flag=True)
-def shift_cmd(train: str, tests: tuple[str, ...], shots: int, seeds: str, epochs: Optional[int], augment: bool,
-              out: Optional[str], quiet: bool, **settings: Any) -> None:
+def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[str], root: Optional[str], targets: str,
+              shots: int, seeds: str, epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool,
+              **settings: Any) -> None:
     """Fit on a source task, compare zero-shot and CoOp on shifted test sets (the paper's Table 1)."""
-    from ..research.experiments import domain_shift, markdown_table, summarize
+    from ..backbone import load_backbone
+    from ..research.experiments import SCORES, check_seeds, domain_shift, markdown_table, official_shift, summarize
 
-    named = {}
-    for t in tests:
-        if "=" not in t:
-            raise click.BadParameter(f"expected NAME=PATH, got {t!r}", param_hint="--test")
-        name, path = t.split("=", 1)
-        named[name] = path
-    bb = pop_config(BackboneConfig, settings)
-    rows = domain_shift(train, named, model=bb.model, pretrained=bb.pretrained, device=bb.device, shots=shots,
-                        seeds=_ints(seeds, "--seeds"), epochs=epochs, augment=augment, progress=not quiet)
-    table = markdown_table(summarize(rows, ["method", "test"], ["accuracy"]), ["method", "test"], ["accuracy"])
-    click.echo(table)
-    _write(out, rows, "# Domain shift\n\n" + table)
+    _sources(dataset, root, train, "x" if tests else None)
+    common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
+                                  progress=not quiet)
+    if epochs is not None:
+        common["epochs"] = epochs
+    loaded = []
+    if dataset is not None:
+        from ..datasets import dataset_spec
+
+        if dataset_spec(dataset).name != "imagenet":
+            raise click.BadParameter("the shifted test sets are ImageNet's variants: use --dataset imagenet",
+                                     param_hint="--dataset")
+        loaded = [_read_official(n, root) for n in ("imagenet", *_strs(targets, "--targets"))]  # before the model
+    bb = _protocol_backbone("shift", dataset, pop_config(BackboneConfig, settings))
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
+    if loaded:
+        rows = official_shift(None, source=loaded[0], targets=loaded[1:], **common)
+        note = ("\nCoOp's Table 1 numbers could not be verified from a readable source here, so none are printed "
+                "beside these.\n")
+    else:
+        named = {}
+        for t in tests:
+            if "=" not in t:
+                raise click.BadParameter(f"expected NAME=PATH, got {t!r}", param_hint="--test")
+            name, path = t.split("=", 1)
+            named[name] = path
+        rows = domain_shift(train, named, **common)
+        note = ""
+    table = markdown_table(summarize(rows, ["method", "test"], SCORES), ["method", "test"], SCORES)
+    click.echo(table + note)
+    _write(out, rows, "# Domain shift\n\nMean ± std over seeds (%): top-1, top-5, mean per-class accuracy.\n\n"
+           + table + note)
 
 
 @bench.command("base2new")
-@click.option("--train", "train", required=True, type=click.Path())
-@click.option("--test", "test", required=True, type=click.Path())
-@click.option("--base", required=True, help="Comma-separated base classes (trained on).")
-@click.option("--new", required=True, help="Comma-separated new classes (never seen in training).")
+@click.option("--train", "train", default=None, type=click.Path())
+@click.option("--test", "test", default=None, type=click.Path())
+@click.option("--base", default=None, help="Comma-separated base classes (trained on).")
+@click.option("--new", default=None, help="Comma-separated new classes (never seen in training).")
+@_dataset_options
 @config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
 @click.option("--shots", default=16, show_default=True)
 @click.option("--seeds", default="1,2,3", show_default=True)
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
-              help="Comma-separated KgCoOp weights to compare (0 = plain CoOp).")
+              help="Comma-separated KgCoOp weights to compare (0 = plain CoOp; with --dataset: 0,8).")
 @config_options(TrainConfig, only=("epochs", "augment"))
 @click.option("--out", type=click.Path(), default=None)
 @click.option("-q", "--quiet", is_flag=True)
-def base2new_cmd(train: str, test: str, base: str, new: str, shots: int, seeds: str, kg_weights: str,
+def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str], new: Optional[str],
+                 dataset: Optional[str], root: Optional[str], shots: int, seeds: str, kg_weights: str,
                  epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool, **settings: Any) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
-    from ..research.experiments import base_to_new, markdown_table, summarize
+    from ..backbone import load_backbone
+    from ..research.experiments import (
+        base2new_paper_table,
+        base_to_new,
+        check_seeds,
+        markdown_table,
+        official_base2new,
+        summarize,
+    )
+    from ..research.protocols import published_for
 
-    names = _strs(kg_weights, "--kg-weight")
-    try:
-        weights = [float(w) for w in names]
-    except ValueError:
-        raise ValueError(f"--kg-weight expects comma-separated numbers, got {kg_weights!r}") from None
-    bb = pop_config(BackboneConfig, settings)
-    rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), model=bb.model,
-                       pretrained=bb.pretrained, device=bb.device, shots=shots, seeds=_ints(seeds, "--seeds"),
-                       kg_weights=weights, epochs=epochs,
-                       augment=augment, progress=not quiet)
-    keys, values = ["method", "kg_weight"], ["base", "new", "hm"]
-    table = markdown_table(summarize(rows, keys, values), keys, values)
-    click.echo(table)
-    _write(out, rows, "# Base-to-new generalisation\n\n" + table)
+    _sources(dataset, root, train, test)
+    common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
+                                  progress=not quiet)
+    if dataset is None and not (base and new):
+        raise click.UsageError("give --base and --new (or --dataset NAME --root DATA)")
+    weights = _floats(_default_unless_given("kg_weights", kg_weights, "0,8" if dataset else kg_weights), "--kg-weight")
+    if epochs is not None:
+        common["epochs"] = epochs
+    official = _read_official(dataset, root)  # a missing layout fails before the model loads
+    bb = _protocol_backbone("base2new", dataset, pop_config(BackboneConfig, settings))
+    common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
+    if official is not None:
+        rows = official_base2new(official, kg_weights=weights, **common)
+        published = published_for("base2new", dataset)
+    else:
+        rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), kg_weights=weights, **common)
+        published = []
+    table = base2new_paper_table(rows, published)
+    keys, extra = ["method", "kg_weight"], ["base_top5", "base_macro", "new_top5", "new_macro"]
+    more = markdown_table(summarize(rows, keys, extra), keys, extra)
+    click.echo(table + "\n" + more)
+    _write(out, rows, "# Base-to-new generalisation\n\nMean ± std over seeds (%): top-1 accuracy on the base and the "
+           "new classes and their harmonic mean H, then top-5 and mean per-class accuracy.\n\n" + table + "\n" + more)
+
+
+@command("datasets")
+@click.option("--root", type=click.Path(), default=None, help="Also read each dataset found under this folder.")
+def datasets_cmd(root: Optional[str]) -> None:
+    """The official datasets coopkit reads (--dataset NAME) and, with --root, which are present and their sizes."""
+    from ..datasets import DATASETS, load_official
+
+    rows = []
+    for name, spec in DATASETS.items():
+        status = spec.layout
+        if root is not None:
+            if not (Path(root) / spec.folder).is_dir():
+                status = f"absent ({spec.folder}/)"
+            else:
+                try:
+                    data = load_official(name, root)
+                    sizes = ", ".join(f"{p} {len(d)}" for p, d in (("train", data.train), ("val", data.val),
+                                                                    ("test", data.test)) if d is not None)
+                    status = f"{len(data.classnames)} classes: {sizes}"
+                except (ValueError, FileNotFoundError) as e:
+                    status = f"unreadable: {e}"
+        rows.append((f"{name} ({spec.official})", status))
+    print_table(rows)
 
 
 def _write(out: Optional[str], rows: list[dict[str, Any]], summary: str) -> None:
@@ -167,21 +314,47 @@ def explain(run_dir: str, top: int, device: str) -> None:
 
 @command("import-official")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--classes-from", required=True, type=click.Path(),
+@click.option("--classes-from", type=click.Path(), default=None,
               help="Dataset (split JSON, folder or CSV) whose class names, in label order, the run used.")
+@click.option("--dataset", default=None, help="Or: the official dataset the run used (e.g. dtd; see coopkit datasets).")
+@click.option("--root", type=click.Path(), default=None, help="With --dataset: the folder holding the datasets ($DATA).")
+@click.option("--subsample", type=click.Choice(["all", "base", "new"]), default="all", show_default=True,
+              help="With --dataset: the classes the run was trained on (base: a base-to-new run).")
 @config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"), defaults={"model": "RN50", "pretrained": "openai"})
 @config_options(PromptConfig, only=("class_token_position",))
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
-def import_official_cmd(checkpoint: str, classes_from: str, class_token_position: str, out: str,
-                        **settings: Any) -> None:
-    """Import a context learned by the official CoOp code (prompt_learner/model.pth.tar-N)."""
+def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
+                        subsample: str, class_token_position: str, out: str, **settings: Any) -> None:
+    """Import a context learned by the official CoOp or KgCoOp code (prompt_learner/model.pth.tar-N).
+
+    The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
+    with the reason.
+    """
     from ..classifier import check_run_target
-    from ..data import load_dataset
     from ..research.compat import import_official
 
     check_run_target(out)
-    names = load_dataset(classes_from).classnames
+    names = _official_classnames(classes_from, dataset, root, subsample)
     bb = pop_config(BackboneConfig, settings)
     clf = import_official(checkpoint, names, model=bb.model, pretrained=bb.pretrained,
                           class_token_position=class_token_position, device=bb.device)
-    click.echo(f"imported {len(names)} classes, context {tuple(clf.learner.ctx.shape)}; saved to {clf.save(out)}")
+    trainer = clf.config.metrics.get("official_trainer", "CoOp")
+    click.echo(f"imported {trainer} context {tuple(clf.learner.ctx.shape)} for {len(names)} classes; "
+               f"saved to {clf.save(out)}")
+
+
+def _official_classnames(classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
+                         subsample: str) -> list[str]:
+    if (classes_from is None) == (dataset is None):
+        raise click.UsageError("give either --classes-from PATH or --dataset NAME --root DATA")
+    if classes_from is not None:
+        from ..data import load_dataset
+
+        return load_dataset(classes_from).classnames
+    if root is None:
+        raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
+    from ..data import Dataset, subsample_classes
+    from ..datasets import load_official
+
+    names = load_official(dataset, root).classnames
+    return subsample_classes(Dataset([], names), subsample).classnames

@@ -16,10 +16,34 @@ from .base import command, config_options, emit, pct, pop_config, print_table
 
 IMAGE_ROOT_HELP = "Root of relative paths in CSV/split files."
 OVERWRITE_HELP = "Save even over a folder that holds files other than a coopkit run (everything in it is replaced)."
+DATASET_HELP = "Instead of DATA: an official dataset (coopkit datasets lists them), read from --root."
+ROOT_HELP = "With --dataset: the folder holding the datasets ($DATA of CoOp's DATASETS.md)."
+
+
+def _official(data: Optional[str], dataset: Optional[str], root: Optional[str]) -> Any:
+    """The official dataset named by --dataset/--root, or None when DATA was given (exactly one of them)."""
+    if (data is None) == (dataset is None):
+        raise click.UsageError("give DATA or --dataset NAME --root DATA_ROOT (one of them)")
+    if dataset is None:
+        return None
+    if root is None:
+        raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
+    from ..datasets import load_official
+
+    return load_official(dataset, root)
+
+
+def _split_of(official: Any, split: str) -> Any:
+    part = getattr(official, split, None) if split in ("train", "val", "test") else None
+    if part is None:
+        raise click.BadParameter(f"{official.spec.name} has no {split!r} split", param_hint="--split")
+    return part
 
 
 @command("fit")
-@click.argument("data", type=click.Path())
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help=DATASET_HELP + " Trains on the official few-shot draw of --shots, --seed.")
+@click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
 @click.option("--out", "out", required=True, type=click.Path(), help="Folder to save the run to.")
 @config_options(BackboneConfig)
 @config_options(PromptConfig)
@@ -29,16 +53,23 @@ OVERWRITE_HELP = "Save even over a folder that holds files other than a coopkit 
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def fit_cmd(data: str, out: str, val: Optional[str], image_root: Optional[str], overwrite: bool, as_json: bool,
-            quiet: bool, **settings: Any) -> None:
-    """Fit CoOp context vectors on DATA (ImageFolder dir, CSV of path,label, or CoOp split JSON)."""
+def fit_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], out: str, val: Optional[str],
+            image_root: Optional[str], overwrite: bool, as_json: bool, quiet: bool, **settings: Any) -> None:
+    """Fit CoOp context vectors on DATA (ImageFolder dir, CSV of path,label, or CoOp split JSON)
+    or on an official dataset (--dataset NAME --root DATA_ROOT)."""
     from ..classifier import check_run_target
     from ..train import fit
 
     bb = pop_config(BackboneConfig, settings)
     prompt, train = pop_config(PromptConfig, settings), pop_config(TrainConfig, settings)
+    official = _official(data, dataset, root)
     check_run_target(out, overwrite=overwrite)  # before training, not after
-    clf = fit(data, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
+    source: Any = data
+    if official is not None:
+        from ..datasets import few_shot_official
+
+        source = few_shot_official(official, train.shots, train.seed)[0]
+    clf = fit(source, prompt=prompt, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
               threads=bb.threads, tokenizer=bb.tokenizer, text_model=bb.text_model, val=val, image_root=image_root,
               progress=not quiet)
     path = clf.save(out, overwrite=overwrite)
@@ -62,38 +93,45 @@ def _emit_eval(res: dict[str, Any], method: str, per_class: bool, as_json: bool)
 
 @command("eval")
 @click.argument("run_dir", type=click.Path())
-@click.argument("data", type=click.Path())
-@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON.")
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help=DATASET_HELP)
+@click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
+@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON or of --dataset.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
 @config_options(BackboneConfig, only=("device", "threads"))
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(run_dir: str, data: str, split: str, image_root: Optional[str], device: str, threads: Optional[int],
-             per_class: bool, as_json: bool) -> None:
-    """Evaluate a saved run (fit or zeroshot --out) on labelled DATA."""
+def eval_cmd(run_dir: str, data: Optional[str], dataset: Optional[str], root: Optional[str], split: str,
+             image_root: Optional[str], device: str, threads: Optional[int], per_class: bool, as_json: bool) -> None:
+    """Evaluate a saved run (fit or zeroshot --out) on labelled DATA or an official dataset's split."""
     from ..classifier import load
     from ..features import torch_threads
 
+    official = _official(data, dataset, root)
+    source: Any = _split_of(official, split) if official is not None else data
     clf = load(run_dir, device=device)
     with torch_threads(threads):
-        res = clf.evaluate(data, split=split, image_root=image_root, progress=not as_json)
+        res = clf.evaluate(source, split=split, image_root=image_root, progress=not as_json)
     _emit_eval(res, clf.method, per_class, as_json)
 
 
 @command("zeroshot")
-@click.argument("data", type=click.Path())
+@click.argument("data", type=click.Path(), required=False)
+@click.option("--dataset", default=None, help=DATASET_HELP + " Its hand-written prompt is the default template.")
+@click.option("--root", type=click.Path(), default=None, help=ROOT_HELP)
 @config_options(BackboneConfig)
 @click.option("--template", "templates", multiple=True,
               help="Prompt template with {} for the class name; repeat to ensemble. Default: 'a photo of a {}.'")
-@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON.")
+@click.option("--split", default="test", show_default=True, help="Split of a CoOp split JSON or of --dataset.")
 @click.option("--image-root", type=click.Path(), default=None, help=IMAGE_ROOT_HELP)
 @click.option("--out", type=click.Path(), default=None, help="Also save the zero-shot classifier as a run.")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--per-class", is_flag=True, help="Also print accuracy per class.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def zeroshot_cmd(data: str, templates: tuple[str, ...], split: str, image_root: Optional[str], out: Optional[str],
-                 overwrite: bool, per_class: bool, as_json: bool, **settings: Any) -> None:
-    """Evaluate hand-written prompts on labelled DATA (the zero-shot baseline)."""
+def zeroshot_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], templates: tuple[str, ...],
+                 split: str, image_root: Optional[str], out: Optional[str], overwrite: bool, per_class: bool,
+                 as_json: bool, **settings: Any) -> None:
+    """Evaluate hand-written prompts on labelled DATA or an official dataset (the zero-shot baseline)."""
     from ..backbone import load_backbone
     from ..classifier import DEFAULT_TEMPLATES, check_run_target, zero_shot
     from ..data import load_dataset
@@ -102,11 +140,16 @@ def zeroshot_cmd(data: str, templates: tuple[str, ...], split: str, image_root: 
     bb = pop_config(BackboneConfig, settings)
     if out:
         check_run_target(out, overwrite=overwrite)
-    dataset = load_dataset(data, split=split, image_root=image_root)
+    official = _official(data, dataset, root)
+    if official is not None:
+        templates = templates or (official.spec.template,)
+        labelled = _split_of(official, split)
+    else:
+        labelled = load_dataset(data, split=split, image_root=image_root)
     with torch_threads(bb.threads):
         clf = zero_shot(load_backbone(bb.model, bb.pretrained, bb.device, bb.tokenizer, bb.text_model),
-                        dataset.classnames, templates or DEFAULT_TEMPLATES, threads=bb.threads)
-        res = clf.evaluate(dataset, progress=not as_json)
+                        labelled.classnames, templates or DEFAULT_TEMPLATES, threads=bb.threads)
+        res = clf.evaluate(labelled, progress=not as_json)
     if out:
         clf.save(out, overwrite=overwrite)
     _emit_eval(res, "zeroshot", per_class, as_json)

@@ -53,7 +53,14 @@ def _runtime_tokenizer(tokenizer: Any) -> Any:
 
 def check_text_encoder_supported(classifier: "Classifier") -> None:
     """Refuse class-specific context (it has no context to give a class name it was not trained
-    on) and tokenizers the torch-free runtime cannot run."""
+    on), the heads of the few-shot baselines (weights for their training classes only) and
+    tokenizers the torch-free runtime cannot run."""
+    if classifier.method not in ("coop", "zeroshot"):
+        raise ValueError(
+            f"--with-text-encoder needs a CoOp or zero-shot run; a {classifier.method} head holds weights learned "
+            "for its training classes only, so new class names would be scored without them. Export without "
+            "--with-text-encoder"
+        )
     learner = classifier.learner
     if learner is not None and learner.config.csc:
         raise ValueError(

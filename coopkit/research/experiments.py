@@ -1,8 +1,16 @@
-"""The CoOp paper's experiments on any data: few-shot curves, domain shift, base-to-new.
+"""The CoOp paper's experiments on any data, and on the official datasets with the papers' protocols.
 
-Each returns result rows (dicts) and can write ``results.csv``, ``summary.md`` and a plot.
-Test images are encoded once per experiment; every classifier is then scored on the cached
-features, so a grid of methods x shots x seeds costs one training run per cell.
+Few-shot curves (CoOp's Figure 3, with the few-shot baselines beside CoOp), domain shift (its
+Table 1) and base-to-new generalisation (CoCoOp's Table 1, with KgCoOp). Each returns result
+rows (dicts: top-1 ``accuracy``, ``top5`` and ``macro`` = mean per-class accuracy) and can write
+``results.csv``, ``summary.md`` and a plot. Test images are encoded once per experiment; every
+classifier is then scored on the cached features, so a grid of methods x shots x seeds costs
+one training run per cell. A test set is scored among its own classes (ImageNet-A and -R on
+their 200; a base or new half on its half), as the official code builds its classifier from
+the test set's class names.
+
+The ``official_*`` functions run the protocols on a dataset read by :mod:`coopkit.datasets`
+(:mod:`coopkit.research.protocols` holds the settings and the published numbers).
 """
 
 from __future__ import annotations
@@ -14,23 +22,27 @@ import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from .._io import atomic_path, atomic_write
 from ..backbone import Backbone, load_backbone
 from ..classifier import DEFAULT_TEMPLATES, Classifier, zero_shot
-from ..config import BackboneConfig, default_of
-from ..data import Dataset, few_shot, load_dataset
+from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, default_of
+from ..data import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
 from ..train import fit
-from .linear_probe import fit_linear_probe
+from . import baselines
+from .protocols import DEFAULT_METHODS, METHODS
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zeroshot", "zeroshot-ensemble", "linear-probe", "coop", "coop-csc")
+#: What every row reports: top-1 accuracy, top-5 accuracy and the mean of the per-class accuracies.
+SCORES = ("accuracy", "top5", "macro")
 Source = Union[str, os.PathLike, Dataset]
+#: ``(shots, seed) -> (few-shot training set, few-shot validation set or None)``.
+Sampler = Callable[[int, int], "tuple[Dataset, Optional[Dataset]]"]
 
 
 def ensemble_templates() -> list[str]:
@@ -41,22 +53,37 @@ def ensemble_templates() -> list[str]:
 
 
 class _Scorer:
-    """A labelled set encoded once, scored against any class-weight matrix."""
+    """A labelled set encoded once, scored against any classifier among the set's own classes."""
 
     def __init__(self, backbone: Backbone, data: Dataset, progress: bool, desc: str) -> None:
         feats, kept = encode_images(backbone, data.paths, progress=progress, desc=desc)
         self.feats = feats[0]
         self.labels = torch.tensor([data.labels[i] for i in kept])
-        self.classnames = data.classnames
+        self.classnames = list(data.classnames)
+
+    def scores(self, clf: Classifier) -> dict[str, float]:
+        """``accuracy`` (top-1), ``top5`` and ``macro`` (mean per-class accuracy), the classifier's
+        logits restricted to this set's classes."""
+        index = {c: i for i, c in enumerate(clf.classnames)}
+        missing = [c for c in self.classnames if c not in index]
+        if missing:
+            raise ValueError(f"classes {missing[:5]} of the test set are not among the classifier's classes")
+        with torch.no_grad():
+            logits = clf.head()(self.feats)[:, [index[c] for c in self.classnames]]  # (n, test classes)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # (n, k)
+        hit1 = top[:, 0] == self.labels
+        hit5 = (top == self.labels.unsqueeze(1)).any(1)
+        per_class = [float(hit1[self.labels == c].float().mean()) for c in sorted(set(self.labels.tolist()))]
+        return {"accuracy": round(float(hit1.float().mean()), 6), "top5": round(float(hit5.float().mean()), 6),
+                "macro": round(statistics.mean(per_class), 6)}
 
     def accuracy(self, clf: Classifier) -> float:
-        index = {c: i for i, c in enumerate(clf.classnames)}
-        target = torch.tensor([index[self.classnames[y]] for y in self.labels.tolist()])
-        with torch.no_grad():
-            return float((clf.head()(self.feats).argmax(1) == target).float().mean())
+        return self.scores(clf)["accuracy"]
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The few-shot methods, each one of :data:`METHODS`."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
@@ -82,52 +109,91 @@ def fewshot_curves(
     methods: Sequence[str] = ("zeroshot", "linear-probe", "coop", "coop-csc"),
     n_ctx: Sequence[int] = (16,),
     positions: Sequence[str] = ("end",),
-    epochs: Optional[int] = None,
+    epochs: Union[None, int, Callable[[int], int]] = None,
     n_views: int = 10,
     device: str = "auto",
     backbone: Optional[Backbone] = None,
     progress: bool = True,
+    val: Optional[Source] = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    sampler: Optional[Sampler] = None,
+    tip: Optional[TipAdapterConfig] = None,
+    clap_config: Optional[ClapConfig] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Accuracy against shots for each method and prompt setting, over seeds (the paper's Figure 3).
 
-    Returns rows with ``method, setting, shots, seed, accuracy`` (zero-shot rows have shots 0).
+    Args:
+        train, test: The training images (sampled per shots and seed) and the test set.
+        methods: Any of :data:`METHODS`: zero-shot (``templates``) and its 80-template
+            ensemble, CLIP's linear probe, CLAP, Tip-Adapter, Tip-Adapter-F, CoOp (unified
+            and class-specific context).
+        epochs: CoOp's epochs: a number, a function of the shots, or ``None`` (50/100/200).
+        n_views: Augmented views encoded per training image (CoOp, CLAP, Tip-Adapter).
+        val: A validation set on which Tip-Adapter searches alpha and beta (its own protocol
+            uses the full validation split); without one they stay at ``tip``'s values.
+        templates: The hand-written prompt(s) of zero-shot and of the baselines' text side.
+        sampler: Draws the training (and validation) shots: ``(shots, seed) -> (train, val)``;
+            default :func:`coopkit.data.few_shot` of ``train``.
+        tip, clap_config: Tip-Adapter's and CLAP's settings.
+        **fit_kwargs: Passed to :func:`coopkit.fit` (CoOp).
+
+    Returns rows with ``method, setting, shots, seed`` and :data:`SCORES` (zero-shot rows have shots 0).
     """
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     seeds = check_seeds(seeds)
     if not shots or min(shots) < 1:
         raise ValueError(f"shots must be integers >= 1, got {list(shots)}")
     bb = backbone or load_backbone(model, pretrained, device)
     train_data = load_dataset(train)
-    scorer = _Scorer(bb, load_dataset(test).relabel(train_data.classnames), progress, "encoding test set")
+    scorer = _Scorer(bb, load_dataset(test), progress, "encoding test set")
     names = train_data.classnames
+    draw: Sampler = sampler or (lambda k, seed: (few_shot(train_data, k, seed), None))
+    tip_val = None
+    if val is not None and any(m.startswith("tip") for m in methods):
+        vs = _Scorer(bb, load_dataset(val).relabel(names), progress, "encoding validation set")
+        tip_val = (vs.feats, vs.labels)
     rows: list[dict[str, Any]] = []
 
-    def add(method: str, setting: str, k: int, seed: int, acc: float) -> None:
-        rows.append({"method": method, "setting": setting, "shots": k, "seed": seed, "accuracy": round(acc, 6)})
-        logger.info("%s %s shots=%d seed=%d: %.4f", method, setting, k, seed, acc)
+    def add(method: str, setting: str, k: int, seed: int, clf: Classifier) -> None:
+        res = scorer.scores(clf)
+        rows.append({"method": method, "setting": setting, "shots": k, "seed": seed, **res})
+        logger.info("%s %s shots=%d seed=%d: %.4f", method, setting, k, seed, res["accuracy"])
 
     if "zeroshot" in methods:
-        add("zeroshot", DEFAULT_TEMPLATES[0], 0, 0, scorer.accuracy(zero_shot(bb, names)))
+        add("zeroshot", " | ".join(templates), 0, 0, zero_shot(bb, names, templates))
     if "zeroshot-ensemble" in methods:
-        add("zeroshot-ensemble", "80 templates", 0, 0, scorer.accuracy(zero_shot(bb, names, ensemble_templates())))
+        add("zeroshot-ensemble", "80 templates", 0, 0, zero_shot(bb, names, ensemble_templates()))
     for k in shots:
         for seed in seeds:
+            sample, _ = draw(k, seed)
             if "linear-probe" in methods:
-                sample = few_shot(train_data, k, seed)
-                feats, kept = encode_images(bb, sample.paths)
-                labels = torch.tensor([sample.labels[i] for i in kept])
-                probe = fit_linear_probe(feats[0], labels, len(names), seed=seed)
-                add("linear-probe", "L2 chosen on held-out shots", k, seed, probe.accuracy(scorer.feats, scorer.labels))
+                plain = baselines.encode_fewshot(bb, sample, augment=False)
+                add("linear-probe", "L2 chosen on held-out shots", k, seed,
+                    baselines.linear_probe(bb, plain, templates=templates, seed=seed))
+            if {"clap", "tip-adapter", "tip-adapter-f"} & set(methods):
+                aug = fit_kwargs.get("augment", True)
+                views = baselines.encode_fewshot(bb, sample, views=n_views, augment=aug, progress=progress)
+                if "clap" in methods:
+                    add("clap", "zero-shot init, class-adaptive L2", k, seed,
+                        baselines.clap(bb, views, templates=templates, config=clap_config, seed=seed))
+                for method in ("tip-adapter", "tip-adapter-f"):
+                    if method in methods:
+                        clf = baselines.tip_adapter(bb, views, templates=templates, config=tip, val=tip_val,
+                                                    finetune=method == "tip-adapter-f", seed=seed)
+                        add(method, "searched on val" if tip_val is not None else "alpha, beta fixed", k, seed, clf)
+            n_epochs = epochs(k) if callable(epochs) else epochs
             for method in ("coop", "coop-csc"):
                 if method not in methods:
                     continue
                 for m in n_ctx:
                     for pos in positions:
-                        clf = fit(train_data, backbone=bb, shots=k, seed=seed, n_ctx=m, csc=method == "coop-csc",
-                                  class_token_position=pos, epochs=epochs, n_views=n_views, progress=progress,
+                        # fit() draws the same shots from train_data itself (a drawn set it would reorder)
+                        clf = fit(sample if sampler else train_data, backbone=bb, shots=k, seed=seed, n_ctx=m,
+                                  csc=method == "coop-csc",
+                                  class_token_position=pos, epochs=n_epochs, n_views=n_views, progress=progress,
                                   **fit_kwargs)
-                        add(method, f"n_ctx={m},{pos}", k, seed, scorer.accuracy(clf))
+                        add(method, f"n_ctx={m},{pos}", k, seed, clf)
     return rows
 
 
@@ -142,25 +208,33 @@ def domain_shift(
     device: str = "auto",
     backbone: Optional[Backbone] = None,
     progress: bool = True,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    sampler: Optional[Sampler] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Fit on a source task; zero-shot vs CoOp on each (shifted) test set (the paper's Table 1).
 
-    Returns rows with ``method, test, seed, accuracy`` (zero-shot rows have seed 0).
+    Each test set is scored among its own classes (which must be among the training classes).
+    Returns rows with ``method, test, seed`` and :data:`SCORES` (zero-shot rows have seed 0).
     """
     if not tests:
         raise ValueError("give at least one test set")
     seeds = check_seeds(seeds)
     bb = backbone or load_backbone(model, pretrained, device)
     train_data = load_dataset(train)
-    scorers = {name: _Scorer(bb, load_dataset(src).relabel(train_data.classnames), progress, f"encoding {name}")
-               for name, src in tests.items()}
-    zs = zero_shot(bb, train_data.classnames)
-    rows = [{"method": "zeroshot", "test": n, "seed": 0, "accuracy": round(s.accuracy(zs), 6)} for n, s in scorers.items()]
+    scorers = {}
+    for name, src in tests.items():
+        data = load_dataset(src)
+        unknown = sorted(set(data.classnames) - set(train_data.classnames))
+        if unknown:
+            raise ValueError(f"test set {name}: classes {unknown[:5]} are not among the training classes")
+        scorers[name] = _Scorer(bb, data, progress, f"encoding {name}")
+    draw: Sampler = sampler or (lambda k, seed: (train_data, None))
+    zs = zero_shot(bb, train_data.classnames, templates)
+    rows = [{"method": "zeroshot", "test": n, "seed": 0, **s.scores(zs)} for n, s in scorers.items()]
     for seed in seeds:
-        clf = fit(train_data, backbone=bb, shots=shots, seed=seed, progress=progress, **fit_kwargs)
-        rows += [{"method": "coop", "test": n, "seed": seed, "accuracy": round(s.accuracy(clf), 6)}
-                 for n, s in scorers.items()]
+        clf = fit(draw(shots, seed)[0], backbone=bb, shots=shots, seed=seed, progress=progress, **fit_kwargs)
+        rows += [{"method": "coop", "test": n, "seed": seed, **s.scores(clf)} for n, s in scorers.items()]
     return rows
 
 
@@ -182,34 +256,154 @@ def base_to_new(
     device: str = "auto",
     backbone: Optional[Backbone] = None,
     progress: bool = True,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    sampler: Optional[Sampler] = None,
+    settings: Optional[dict[str, dict[str, Any]]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """The CoCoOp protocol: fit on base classes, test on base and on unseen new classes.
 
     Each base/new test set is scored among its own classes. ``kg_weights`` > 0 adds the
-    KgCoOp regulariser. Returns rows with ``method, kg_weight, seed, base, new, hm``.
+    KgCoOp regulariser. ``sampler`` draws the few-shot training set of a seed over *all*
+    classes before the base half is kept, as the official code does; ``settings`` maps
+    ``coop`` / ``kgcoop`` to fit() settings of that method (e.g. from
+    :func:`coopkit.research.protocols.base2new_settings`). Returns rows with ``method,
+    kg_weight, seed, base, new, hm`` and ``base_top5, base_macro, new_top5, new_macro``.
     """
     overlap = sorted(set(base) & set(new))
     if overlap:
         raise ValueError(f"classes {overlap} are both base and new")
     seeds = check_seeds(seeds)
     bb = backbone or load_backbone(model, pretrained, device)
-    train_data = load_dataset(train).subset(base)
+    full = load_dataset(train)
     test_data = load_dataset(test)
     base_scorer = _Scorer(bb, test_data.subset(base), progress, "encoding base test")
     new_scorer = _Scorer(bb, test_data.subset(new), progress, "encoding new test")
+    draw: Sampler = sampler or (lambda k, seed: (full, None))
 
     def row(method: str, kg: float, seed: int, clf: Classifier) -> dict[str, Any]:
-        b, n = base_scorer.accuracy(clf), new_scorer.accuracy(clf.with_classes(new))
-        return {"method": method, "kg_weight": kg, "seed": seed, "base": round(b, 6), "new": round(n, 6),
-                "hm": round(harmonic_mean(b, n), 6)}
+        b, n = base_scorer.scores(clf), new_scorer.scores(clf.with_classes(new))
+        return {"method": method, "kg_weight": kg, "seed": seed, "base": b["accuracy"], "new": n["accuracy"],
+                "hm": round(harmonic_mean(b["accuracy"], n["accuracy"]), 6), "base_top5": b["top5"],
+                "base_macro": b["macro"], "new_top5": n["top5"], "new_macro": n["macro"]}
 
-    rows = [row("zeroshot", 0.0, 0, zero_shot(bb, list(base)))]
+    rows = [row("zeroshot", 0.0, 0, zero_shot(bb, list(base), templates))]
     for kg in kg_weights:
+        method = "coop" if kg == 0 else "kgcoop"
+        extra = {**(settings or {}).get(method, {}), **fit_kwargs, "kg_weight": kg}  # given settings win
         for seed in seeds:
-            clf = fit(train_data, backbone=bb, shots=shots, seed=seed, kg_weight=kg, progress=progress, **fit_kwargs)
-            rows.append(row("coop" if kg == 0 else "kgcoop", kg, seed, clf))
+            data = draw(shots, seed)[0].subset(base)
+            clf = fit(data, backbone=bb, shots=shots, seed=seed, progress=progress, **extra)
+            rows.append(row(method, kg, seed, clf))
     return rows
+
+
+# --- the protocols on the official datasets ------------------------------------------------------
+
+
+def _official(dataset: Any, root: Optional[Union[str, os.PathLike]]) -> Any:
+    """``dataset`` read from ``root``, or as given when it is already an OfficialDataset."""
+    from ..datasets import OfficialDataset, load_official
+
+    if isinstance(dataset, OfficialDataset):
+        return dataset
+    if root is None:
+        raise ValueError(f"give the root folder that holds {dataset}")
+    return load_official(dataset, root)
+
+
+def _official_sampler(data: Any) -> Sampler:
+    from ..datasets import few_shot_official
+
+    return lambda k, seed: few_shot_official(data, k, seed)
+
+
+def official_fewshot(
+    dataset: Any,
+    root: Optional[Union[str, os.PathLike]] = None,
+    *,
+    backbone: Backbone,
+    shots: Sequence[int] = (1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (1, 2, 3),
+    methods: Sequence[str] = DEFAULT_METHODS,
+    epochs: Optional[int] = None,
+    n_views: int = 10,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """CoOp's few-shot protocol on an official dataset, with the baselines beside it.
+
+    The official few-shot draws (:func:`coopkit.datasets.few_shot_official`), the dataset's
+    hand-written prompt for zero-shot and the baselines' text side (7-template ensemble on
+    ImageNet, as CoOp's and Tip-Adapter's code), CoOp's epochs per dataset and shots
+    (:func:`~coopkit.research.protocols.coop_epochs`; ``epochs`` overrides), Tip-Adapter's
+    per-dataset settings with alpha and beta searched on the full validation split (the test
+    split on ImageNet, as its code does).
+    """
+    from ..datasets import IMAGENET_TEMPLATES_SELECT
+    from .protocols import coop_epochs, tip_settings
+
+    data = _official(dataset, root)
+    name = data.spec.name
+    if data.train is None:
+        raise ValueError(f"{name} is a test set only; few-shot curves need a training split (one of the 11 datasets)")
+    templates = list(IMAGENET_TEMPLATES_SELECT) if name == "imagenet" else [data.spec.template]
+    val = data.val if data.val is not None else data.test
+    return fewshot_curves(
+        data.train, data.test, backbone=backbone, shots=shots, seeds=seeds, methods=methods,
+        epochs=epochs if epochs is not None else (lambda k: coop_epochs(name, k)), n_views=n_views,
+        progress=progress, val=val, templates=templates, sampler=_official_sampler(data), tip=tip_settings(name),
+        **kwargs,
+    )
+
+
+def official_base2new(
+    dataset: Any,
+    root: Optional[Union[str, os.PathLike]] = None,
+    *,
+    backbone: Backbone,
+    seeds: Sequence[int] = (1, 2, 3),
+    kg_weights: Sequence[float] = (0.0, 8.0),
+    shots: int = 16,
+    progress: bool = True,
+    **fit_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """CoCoOp's base-to-new protocol on an official dataset: 16 shots drawn over all classes,
+    the first half (in label order) trained on, CoOp and KgCoOp with their papers' settings."""
+    from .protocols import base2new_settings
+
+    data = _official(dataset, root)
+    if data.train is None:
+        raise ValueError(f"{data.spec.name} is a test set only; base-to-new needs a training split")
+    names = data.classnames
+    base = subsample_classes(Dataset([], names), "base").classnames
+    new = subsample_classes(Dataset([], names), "new").classnames
+    return base_to_new(data.train, data.test, base, new, backbone=backbone, shots=shots, seeds=seeds,
+                       kg_weights=kg_weights, progress=progress, templates=[data.spec.template],
+                       sampler=_official_sampler(data), settings=base2new_settings(data.spec.name), **fit_kwargs)
+
+
+def official_shift(
+    root: Optional[Union[str, os.PathLike]],
+    *,
+    backbone: Backbone,
+    targets: Sequence[Any] = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
+    source: Any = "imagenet",
+    seeds: Sequence[int] = (1, 2, 3),
+    shots: int = 16,
+    progress: bool = True,
+    **fit_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """CoOp's Table 1: trained on 16-shot ImageNet (50 epochs), tested on ImageNet and its variants,
+    ImageNet-A and -R among their 200 classes."""
+    source = _official(source, root)
+    tests: dict[str, Source] = {"imagenet": source.test}
+    for t in targets:
+        variant = _official(t, root)
+        tests[variant.spec.name] = variant.test
+    fit_kwargs.setdefault("epochs", 50)
+    return domain_shift(source.train, tests, backbone=backbone, shots=shots, seeds=seeds, progress=progress,
+                        templates=[source.spec.template], sampler=_official_sampler(source), **fit_kwargs)
 
 
 def summarize(rows: Sequence[dict[str, Any]], keys: Sequence[str], values: Sequence[str]) -> list[dict[str, Any]]:
@@ -254,7 +448,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike]) -> 
 def plot_fewshot(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], title: str = "") -> bool:
     """Accuracy against shots in the style of the paper's figure; ``False`` without matplotlib.
 
-    Zero-shot is a star at 0 shots, the linear probe dashed, CoOp variants solid, with
+    Zero-shot is a star at 0 shots, the baselines dashed, CoOp variants solid, with
     the standard deviation over seeds as a band.
     """
     try:
@@ -273,11 +467,11 @@ def plot_fewshot(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], 
         x = [xpos[s["shots"]] for s in group]
         y = [100 * s["accuracy"] for s in group]
         sd = [100 * s["accuracy_std"] for s in group]
-        label = method if setting in ("", DEFAULT_TEMPLATES[0]) else f"{method} ({setting})"
+        label = f"{method} ({setting})" if method.startswith("coop") and setting else method
         if method.startswith("zeroshot"):
             ax.plot(x, y, marker="*", markersize=14, linestyle="none", label=label)
         else:
-            style = "--" if method == "linear-probe" else "-"
+            style = "-" if method.startswith("coop") else "--"  # the baselines dashed
             line, = ax.plot(x, y, style, marker="o", label=label)
             ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
                             color=line.get_color(), alpha=0.15)
@@ -303,20 +497,81 @@ def _by(items: Iterable[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, lis
     return out
 
 
-def write_fewshot_report(rows: Sequence[dict[str, Any]], out: Union[str, os.PathLike], title: str = "") -> dict[str, Any]:
-    """``results.csv``, ``summary.md`` and ``fewshot.png`` (when matplotlib is installed) under ``out``."""
+def write_fewshot_report(rows: Sequence[dict[str, Any]], out: Union[str, os.PathLike], title: str = "",
+                         extra: str = "") -> dict[str, Any]:
+    """``results.csv``, ``summary.md`` (top-1, top-5 and mean per-class accuracy; ``extra`` appended)
+    and ``fewshot.png`` (when matplotlib is installed) under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
-    summary = summarize(rows, ["method", "setting", "shots"], ["accuracy"])
-    text = f"# {title or 'Few-shot accuracy'}\n\nMean ± standard deviation over seeds (%).\n\n"
-    text += markdown_table(summary, ["method", "setting", "shots"], ["accuracy"])
+    summary = summarize(rows, ["method", "setting", "shots"], SCORES)
+    text = f"# {title or 'Few-shot accuracy'}\n\nMean ± standard deviation over seeds (%): top-1 accuracy, top-5 " \
+           "accuracy and the mean of the per-class accuracies.\n\n"
+    text += markdown_table(summary, ["method", "setting", "shots"], SCORES)
+    if extra:
+        text += "\n" + extra
     atomic_write(out / "summary.md", text.encode())
     plotted = plot_fewshot(rows, out / "fewshot.png", title)
     return {"csv": out / "results.csv", "summary": out / "summary.md", "plot": out / "fewshot.png" if plotted else None}
 
 
+def _cell(mean: float, std: float, seeds: int) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if seeds > 1 else f"{100 * mean:.1f}"
+
+
+def fewshot_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any] = ()) -> str:
+    """Top-1 accuracy per method (rows) and shots (columns), as the papers' tables, with the published
+    numbers (:class:`coopkit.research.protocols.Published`) below, each with its source."""
+    summary = summarize(rows, ["method", "setting", "shots"], ["accuracy"])
+    shots = sorted({s["shots"] for s in summary if s["shots"] > 0})
+    cols = [0, *shots] if any(s["shots"] == 0 for s in summary) else shots
+    head = "| method | " + " | ".join("0 (zero-shot)" if k == 0 else str(k) for k in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for (method, setting), group in _by(summary, ("method", "setting")).items():
+        by_shots = {g["shots"]: g for g in group}
+        cells = [_cell(by_shots[k]["accuracy"], by_shots[k]["accuracy_std"], by_shots[k]["seeds"])
+                 if k in by_shots else "" for k in cols]
+        lines.append(f"| {method} ({setting}) | " + " | ".join(cells) + " |")
+    sources = []
+    for p in published:
+        cells = [f"{p.values[k]:.2f}" if k in p.values else "" for k in cols]
+        if not any(cells):
+            continue
+        if p.source not in sources:
+            sources.append(p.source)
+        mark = "*" * (sources.index(p.source) + 1)
+        lines.append(f"| published: {p.method}, {p.backbone}{mark} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    for i, src in enumerate(sources):
+        notes = "; ".join(sorted({p.note for p in published if p.source == src and p.note}))
+        text += f"\n{'*' * (i + 1)} {src}" + (f" ({notes})" if notes else "") + "\n"
+    return text
+
+
+def base2new_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any] = ()) -> str:
+    """Base, new and harmonic mean per method, as CoCoOp's Table 1, with the published numbers below."""
+    summary = summarize(rows, ["method", "kg_weight"], ["base", "new", "hm"])
+    lines = ["| method | base | new | H |", "|---|---|---|---|"]
+    for s in summary:
+        label = s["method"] + (f" (weight {s['kg_weight']:g})" if s["method"] == "kgcoop" else "")
+        lines.append(f"| {label} | " + " | ".join(_cell(s[v], s[f"{v}_std"], s["seeds"]) for v in ("base", "new", "hm"))
+                     + " |")
+    sources: list[str] = []
+    for p in published:
+        if p.source not in sources:
+            sources.append(p.source)
+        mark = "*" * (sources.index(p.source) + 1)
+        lines.append(f"| published: {p.method}, {p.backbone}{mark} | "
+                     + " | ".join(f"{p.values[v]:.2f}" for v in ("base", "new", "hm")) + " |")
+    text = "\n".join(lines) + "\n"
+    for i, src in enumerate(sources):
+        notes = "; ".join(sorted({p.note for p in published if p.source == src and p.note}))
+        text += f"\n{'*' * (i + 1)} {src}" + (f" ({notes})" if notes else "") + "\n"
+    return text
+
+
 __all__ = [
-    "METHODS", "fewshot_curves", "domain_shift", "base_to_new", "summarize", "markdown_table",
-    "write_csv", "plot_fewshot", "write_fewshot_report", "harmonic_mean", "ensemble_templates",
+    "METHODS", "SCORES", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
+    "official_shift", "summarize", "markdown_table", "write_csv", "plot_fewshot", "write_fewshot_report",
+    "fewshot_paper_table", "base2new_paper_table", "harmonic_mean", "ensemble_templates",
 ]

@@ -51,7 +51,8 @@ TEXT_OUTPUT = "class_weights"
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
-METHODS = ("coop", "zeroshot")
+#: How a file's class scores were learned: CoOp, hand-written prompts, or a few-shot baseline's head.
+METHODS = ("coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f")
 #: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
 #: existed), or decoded RGB images of any size that the graph resizes and crops itself.
 INPUT_CROPPED = "cropped"

@@ -1,0 +1,128 @@
+"""The papers' protocols on the official datasets, and the published numbers they are compared with.
+
+Settings come from the official code's configs and scripts; every published number carries the
+source it was typed in from (a file in a paper's own repository, read at the commit named). A
+cell with no number here was not verifiable from a readable source and is left out rather than
+remembered: CoOp's own few-shot numbers (a figure and a spreadsheet on Google Drive), CoOp's
+Table 1 (domain shift) and the per-dataset rows of CoCoOp's Table 1 (base-to-new) are such cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import TipAdapterConfig, epochs_for_shots
+
+#: CoOp's few-shot and domain-shift experiments use ResNet-50 (its figure and Table 1 also show
+#: other backbones); CoCoOp's and KgCoOp's base-to-new experiments use ViT-B/16. OpenAI weights.
+PAPER_BACKBONES = {"fewshot": ("RN50", "openai"), "shift": ("RN50", "openai"), "base2new": ("ViT-B-16", "openai")}
+SHOTS = (1, 2, 4, 8, 16)
+#: Methods of the few-shot experiment (``coopkit bench fewshot --methods``), and its default set.
+METHODS = ("zeroshot", "zeroshot-ensemble", "linear-probe", "clap", "tip-adapter", "tip-adapter-f", "coop",
+           "coop-csc")
+DEFAULT_METHODS = ("zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f", "coop", "coop-csc")
+SEEDS = (1, 2, 3)
+
+
+def coop_epochs(dataset: str, shots: int) -> int:
+    """CoOp's epochs: 50 on ImageNet at every shot count (``*_ep50`` configs), else 50 / 100 / 200
+    for 1 / 2-4 / 8-16 shots (``scripts/coop/README.md``: ``rn50_ep50``, ``rn50_ep100``, ``rn50``)."""
+    return 50 if dataset == "imagenet" else epochs_for_shots(shots)
+
+
+def base2new_settings(dataset: str) -> dict[str, dict]:
+    """fit() settings of the base-to-new methods.
+
+    CoOp as CoCoOp runs it (``scripts/cocoop/base2new_train.sh`` with ``CFG=vit_b16_ctxv1``:
+    context "a photo of a", 200 epochs, ``vit_b16_ep50_ctxv1`` on ImageNet); KgCoOp as its
+    ``scripts/base2new_train.sh`` (``vit_b16_ep100_ctxv1``: 4 context vectors from "a photo of
+    a", 100 epochs, batch 128, weight 8, the dataset's KgCoOp template).
+    """
+    from ..datasets import dataset_spec
+
+    coop = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 50 if dataset == "imagenet" else 200}
+    kg = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 100, "batch_size": 128, "kg_weight": 8.0,
+          "kg_template": dataset_spec(dataset).kg_template}
+    return {"coop": coop, "kgcoop": kg}
+
+
+#: Tip-Adapter's per-dataset settings (``configs/<dataset>.yaml`` of gaopengcuhk/Tip-Adapter@d0e2d6f):
+#: init_alpha, init_beta, search_scale (beta, alpha), train_epoch; search_step is (200, 20) for all.
+_TIP = {
+    "imagenet": (1.17, 1, (7, 3), 20), "caltech101": (3, 1, (12, 5), 20), "dtd": (2, 1, (13, 13), 20),
+    "eurosat": (2, 1, (12, 10), 100), "fgvc_aircraft": (5, 1, (30, 30), 20), "food101": (1.17, 1, (10, 10), 20),
+    "oxford_flowers": (10, 1, (50, 50), 20), "oxford_pets": (1.17, 1, (7, 3), 20),
+    "stanford_cars": (3, 1, (20, 10), 20), "sun397": (1.17, 1, (12, 10), 20), "ucf101": (3, 1, (7, 3), 20),
+}
+
+
+def tip_settings(dataset: str) -> TipAdapterConfig:
+    """Tip-Adapter's configuration for one of the 11 datasets (see ``_TIP``'s source)."""
+    alpha, beta, scale, epochs = _TIP[dataset]
+    return TipAdapterConfig(alpha=float(alpha), beta=float(beta), search_scale=(float(scale[0]), float(scale[1])),
+                            epochs=epochs)
+
+
+@dataclass(frozen=True)
+class Published:
+    """Published numbers of one method on one dataset (percent), with where they were read."""
+
+    method: str
+    backbone: str
+    values: dict  # shots -> accuracy (few-shot) or {"base", "new", "hm"} (base-to-new)
+    source: str
+    note: str = ""
+
+
+_TIP_LOG = "Tip-Adapter exp.log (gaopengcuhk/Tip-Adapter@d0e2d6f, the numbers of its paper's Figures 4 and 5)"
+#: gaopengcuhk/Tip-Adapter exp.log: "<dataset>: <zero-shot>" then rows for 16, 8, 4, 2, 1 shots (RN50).
+_TIP_NUMBERS = {
+    "imagenet": (60.32, (62.01, 61.45, 60.98, 60.96, 60.70), (65.51, 64.00, 62.52, 61.69, 61.13)),
+    "sun397": (58.52, (66.85, 65.62, 64.15, 62.70, 61.30), (71.47, 68.87, 66.21, 63.64, 62.50)),
+    "oxford_pets": (85.83, (88.14, 87.03, 86.45, 87.03, 86.10), (89.70, 88.09, 87.54, 87.03, 87.00)),
+    "eurosat": (37.52, (70.54, 67.95, 65.32, 61.68, 54.38), (84.54, 77.93, 74.12, 66.15, 59.53)),
+    "caltech101": (85.92, (90.18, 89.83, 89.39, 88.44, 87.18), (92.86, 91.44, 90.56, 89.74, 89.33)),
+    "dtd": (42.20, (60.93, 58.63, 53.96, 49.47, 46.22), (66.55, 62.71, 57.39, 53.72, 49.65)),
+    "fgvc_aircraft": (17.10, (29.76, 25.59, 22.41, 21.21, 19.05), (35.55, 30.21, 25.80, 23.19, 20.22)),
+    "food101": (77.32, (77.83, 77.76, 77.54, 77.52, 77.42), (79.43, 78.64, 78.24, 77.81, 77.51)),
+    "oxford_flowers": (66.02, (89.89, 87.98, 83.80, 79.13, 73.12), (94.80, 91.51, 88.83, 82.30, 79.98)),
+    "ucf101": (61.35, (70.58, 68.68, 66.46, 64.74, 62.60), (78.03, 74.25, 70.55, 66.43, 64.87)),
+    "stanford_cars": (55.74, (66.77, 62.93, 61.45, 57.93, 57.54), (75.74, 69.25, 64.57, 61.50, 58.86)),
+}
+_LOG_SHOTS = (16, 8, 4, 2, 1)
+
+
+def published_fewshot(dataset: str) -> list[Published]:
+    """Published few-shot accuracies for ``dataset`` that could be verified here (RN50)."""
+    if dataset not in _TIP_NUMBERS:
+        return []
+    zs, tip, tip_f = _TIP_NUMBERS[dataset]
+    note = "Tip-Adapter-F's number is its best epoch on the test set"
+    return [
+        Published("zeroshot", "RN50", {0: zs}, _TIP_LOG, "zero-shot CLIP with Tip-Adapter's prompts"),
+        Published("tip-adapter", "RN50", dict(zip(_LOG_SHOTS, tip)), _TIP_LOG),
+        Published("tip-adapter-f", "RN50", dict(zip(_LOG_SHOTS, tip_f)), _TIP_LOG, note),
+    ]
+
+
+_MAPLE = "MaPLe README (muzairkhattak/multimodal-prompt-learning@69bce21), average over the 11 datasets"
+_KGCOOP = "KgCoOp readme.md (htyao89/KgCoOp@c43ccc3), average over the 11 datasets"
+#: Base-to-new averages over the 11 datasets (ViT-B/16, 16 shots); no per-dataset row was verifiable.
+BASE2NEW_AVERAGES = [
+    Published("zeroshot", "ViT-B/16", {"base": 69.34, "new": 74.22, "hm": 71.70}, _MAPLE),
+    Published("coop", "ViT-B/16", {"base": 82.69, "new": 63.22, "hm": 71.66}, _MAPLE,
+              "KgCoOp's readme gives CoOp 82.63 / 67.99 / 74.60 for the same average"),
+    Published("cocoop", "ViT-B/16", {"base": 80.47, "new": 71.69, "hm": 75.83}, _MAPLE),
+    Published("kgcoop", "ViT-B/16", {"base": 80.73, "new": 73.6, "hm": 77.0}, _KGCOOP),
+    Published("maple", "ViT-B/16", {"base": 82.28, "new": 75.14, "hm": 78.55}, _MAPLE),
+]
+
+
+def published_for(experiment: str, dataset: Optional[str]) -> list[Published]:
+    """What can be printed beside coopkit's numbers for ``experiment`` on ``dataset``."""
+    if experiment == "fewshot" and dataset:
+        return published_fewshot(dataset)
+    if experiment == "base2new":
+        return list(BASE2NEW_AVERAGES)
+    return []
