@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 if TYPE_CHECKING:
     import torch
 
-from ._io import file_sha256
+from .runtime.atomic import file_sha256
 from .config import DEFAULT_PRETRAINED, BackboneConfig, default_of
 from .embedded import ASSETS, EMBEDDED_MODEL, EMBEDDED_PRETRAINED
 

@@ -628,7 +628,7 @@ print("ok", res[0].label)
 
 @pytest.fixture()
 def cli() -> Any:
-    click = pytest.importorskip("click")
+    pytest.importorskip("click")
     from click.testing import CliRunner
 
     from coopkit.cli.predict import predict

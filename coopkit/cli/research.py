@@ -286,7 +286,7 @@ def datasets_cmd(root: Optional[str]) -> None:
 def _write(out: Optional[str], rows: list[dict[str, Any]], summary: str) -> None:
     if not out:
         return
-    from .._io import atomic_write
+    from ..runtime.atomic import atomic_write
     from ..research.experiments import write_csv
 
     folder = Path(out)

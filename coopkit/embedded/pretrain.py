@@ -46,7 +46,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._io import atomic_path, atomic_write
+from ..runtime.atomic import atomic_path, atomic_write
 
 logger = logging.getLogger(__name__)
 

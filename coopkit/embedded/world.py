@@ -38,7 +38,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .._io import atomic_path
+from ..runtime.atomic import atomic_path
 
 __all__ = [
     "SHAPES", "COLORS", "TEXTURES", "BACKGROUNDS", "STYLES", "TASKS", "SHIFTS",

@@ -73,6 +73,7 @@ from .verify import (
 )
 
 if TYPE_CHECKING:
+    import onnx
     import torch
 
     from coopkit.classifier import Classifier
@@ -253,7 +254,6 @@ def _image_module(classifier: "Classifier") -> "torch.nn.Module":
     bb = classifier.backbone
     head = classifier.head().to(next(bb.model.parameters()).device)
     return ImageGraph(bb.model, head, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"]).eval()
-
 
 
 def _fix_output_dims(model: "onnx.ModelProto", n_classes: int, embed_dim: int) -> None:

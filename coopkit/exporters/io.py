@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from coopkit._io import atomic_write, file_sha256
+from coopkit.runtime.atomic import atomic_write, file_sha256
 from coopkit.runtime.contract import INPUT_RAW, METADATA_KEY, ModelMetadata, build_sidecar, sidecar_name
 from coopkit.runtime.integrity import tensors_sha256
 

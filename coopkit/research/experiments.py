@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from .._io import atomic_path, atomic_write
+from ..runtime.atomic import atomic_path, atomic_write
 from ..backbone import Backbone, load_backbone
 from ..classifier import DEFAULT_TEMPLATES, Classifier, zero_shot
 from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, default_of

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from .atomic import atomic_path
 from .image import Classifier, rank
 from .preprocess import is_image_file
 
@@ -508,15 +509,8 @@ class ParquetWriter(Writer):
 
     @staticmethod
     def _replace(target: Path, write: Callable[[Path], None]) -> None:
-        # The runtime cannot import coopkit._io (it imports nothing outside coopkit.runtime), so
-        # the same pattern: a hidden sibling, renamed over the target once complete.
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
+        with atomic_path(target) as tmp:  # a hidden sibling, renamed over the target once complete
             write(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def write(self, rows: list[Row]) -> None:
         self.buffer += rows

@@ -28,7 +28,7 @@ from .contract import (
 )
 from .integrity import verify_tensors
 from .session import ProviderSpec, open_session
-from .tokenizer import ClipTokenizer, HFTokenizer, default_tokenizer, token_layout
+from .tokenizer import HFTokenizer, default_tokenizer, token_layout
 
 logger = logging.getLogger(__name__)
 

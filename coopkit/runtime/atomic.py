@@ -1,0 +1,100 @@
+"""Atomic files for the whole package: written beside the target and renamed over it.
+
+A file is written to a hidden temporary sibling and renamed over the target, so a reader
+sees the old file or the new one, never half of one. The temporary file is removed when
+anything fails (including ``KeyboardInterrupt``), and the new file gets the permissions a
+plain ``open(path, "w")`` would give it (``0o666`` minus the umask), not ``mkstemp``'s 0600.
+
+Standard library only, and in the runtime (the lowest layer), so the torch-free runtime's own
+writers (collection outputs) and every other part of coopkit share this one writer; whole
+folders (saved runs) are swapped in by :mod:`coopkit._io` on top of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows, else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
+
+    For writers that insist on a file name (``savefig``, ``Image.save``, ``save_file``)::
+
+        with atomic_path("plot.png") as tmp:
+            fig.savefig(tmp, format="png")
+
+    The temporary file keeps the target's suffix, so writers that look at it still work.
+    On any exception the temporary file is deleted and the target is left as it was.
+    """
+    target = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str], *, fsync: bool = True) -> Path:
+    """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically; returns the path.
+
+    ``fsync=False`` skips flushing to disk (the rename is still atomic); for many small files
+    that a crash may lose but must never leave half-written.
+    """
+    blob = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(blob)
+    return Path(path)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Flush a directory entry (after renames in it) where the platform allows."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (hex digest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
