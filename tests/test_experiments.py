@@ -186,8 +186,11 @@ def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_confi
     rows = list(csv.DictReader(open(tmp_path / "b2n" / "results.csv")))
     assert [(r["method"], float(r["kg_weight"])) for r in rows] == [("zeroshot", 0), ("coop", 0), ("kgcoop", 8)]
     assert {"base_top5", "base_macro", "new_top5", "new_macro"} <= set(rows[0])
-    assert "| published: cocoop, ViT-B/16* | 80.47 | 71.69 | 75.83 |" in res.output
-    assert "average over the 11 datasets" in res.output
+    # CoCoOp's Table 1 row for Caltech101 (CLIP and CoOp, then CoCoOp from another reprint), then the averages
+    assert "| published: coop, ViT-B/16* | 98.00 | 89.81 | 93.73 |" in res.output
+    assert "| published: cocoop, ViT-B/16** | 97.96 | 93.81 | 95.84 |" in res.output
+    assert "| published: cocoop, ViT-B/16*** | 80.47 | 71.69 | 75.83 |" in res.output
+    assert "average over the 11 datasets" in res.output and "RMAdapter" in res.output
     res = CliRunner().invoke(main, ["bench", "shift", "--dataset", "imagenet", "--root", str(official_root), "--shots",
                                     "2", *common])
     assert res.exit_code == 0, res.output
@@ -225,3 +228,24 @@ def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config
     assert coopkit.load(tmp_path / "zs").config.templates == ["a photo of a {}, a type of pet."]
     res = CliRunner().invoke(main, ["datasets", "--root", str(official_root)])
     assert res.exit_code == 0 and "imagenet_a (ImageNetA)" in res.output and "2 classes: test 2" in res.output
+
+
+def test_published_base2new_rows_agree_with_the_published_averages():
+    """The per-dataset rows (typed from reprints of CoCoOp's Table 1) must average to the averages
+    typed from MaPLe's README, and each row's H must be the harmonic mean of its base and new."""
+    from coopkit.datasets import FEWSHOT_DATASETS
+    from coopkit.research.protocols import BASE2NEW_AVERAGES, published_for
+
+    averages = {p.method: p.values for p in BASE2NEW_AVERAGES if "MaPLe" in p.source}
+    names = list(FEWSHOT_DATASETS)
+    assert len(names) == 11
+    for method in ("zeroshot", "coop", "cocoop"):
+        rows = [next(p for p in published_for("base2new", n) if p.method == method and "Table 1" in p.source)
+                for n in names]
+        for col in ("base", "new"):
+            assert np.mean([r.values[col] for r in rows]) == pytest.approx(averages[method][col], abs=0.006), (method, col)
+        for r in rows:
+            b, n = r.values["base"], r.values["new"]
+            assert r.values["hm"] == pytest.approx(2 * b * n / (b + n), abs=0.011), (method, r.values)
+    coop = {p.method: p.values for p in published_for("fewshot", "imagenet")}["coop"]
+    assert coop[16] == 62.95 and set(coop) == {1, 2, 4, 8, 16}
