@@ -564,3 +564,45 @@ def test_int8_rule_forgives_close_calls_only():
     clear_flips[50:52, 1] = 5.5  # 2 of 150 clear calls swap: 98.7%
     res = compare(outputs(ref), outputs(clear_flips), "int8", scale)
     assert res["n_decisive"] == 150 and "top-1 agrees on only 98.7%" in res["problems"][0]
+
+
+def test_smoothing_is_exact_in_fp32_and_evens_the_channels(exported, tmp_path):
+    """SmoothQuant's rescaling before int8: the smoothed fp32 graph gives the same logits, and each
+    quantised product's input has a flatter per-channel range (what one uint8 scale must cover)."""
+    from coopkit.exporters.quantize import activation_ranges, int8_targets, smooth_activations
+
+    model = onnx.load(os.fspath(exported.path))
+    targets = int8_targets(model)
+    inputs = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.name in set(targets)))
+    calibration = _images(24, 5)
+    ranges = activation_ranges(exported.path, inputs, calibration)
+    after = smooth_activations(model, targets, ranges, alpha=0.5)
+    assert len(after) == len(inputs) and all(name.endswith(".smoothed") for name in after)
+    onnx.checker.check_model(model)
+    smoothed = tmp_path / "smoothed.onnx"
+    onnx.save(model, os.fspath(smoothed))
+    images = _images(9, 6)
+    np.testing.assert_allclose(_session(smoothed).run(["logits"], {INPUT_NAME: images})[0],
+                               _session(exported.path).run(["logits"], {INPUT_NAME: images})[0], atol=1e-4, rtol=0)
+    new_ranges = activation_ranges(smoothed, list(after), calibration)
+    for x, name in zip(inputs, after):
+        spread = [np.abs(np.stack(r)).max(0) for r in (ranges[x], new_ranges[name])]
+        before_ratio, after_ratio = (s.max() / np.median(s) for s in spread)
+        assert after_ratio < before_ratio, (x, before_ratio, after_ratio)
+        assert after[name] == pytest.approx((new_ranges[name][0].min(), new_ranges[name][1].max()), rel=1e-4, abs=1e-5)
+
+
+def test_layout_optimiser_is_off_for_fp16_files_only(coop, tmp_path):
+    """onnxruntime's NCHWc layout optimiser crashes on some fp16 graphs and is worth 1.2-1.7x on
+    convolutional towers elsewhere: the runtime switches it off by what the file stores."""
+    from coopkit.runtime import Classifier
+    from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS, disabled_optimizers
+
+    for precision, expected in (("fp32", []), ("fp16", list(CPU_DISABLED_OPTIMIZERS)), ("int8", [])):
+        res = export_onnx(coop, tmp_path / f"{precision}.onnx", precision)
+        assert disabled_optimizers(res.path) == expected, precision
+        np.testing.assert_allclose(Classifier(res.path, device="cpu").logits(list(_images(3, 2))),
+                                   _session(res.path).run(["logits"], {INPUT_NAME: _images(3, 2)})[0], atol=1e-4)
+    assert disabled_optimizers((tmp_path / "fp32.onnx").read_bytes()) == list(CPU_DISABLED_OPTIMIZERS)
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
+    assert disabled_optimizers(tmp_path / "junk.onnx") == list(CPU_DISABLED_OPTIMIZERS)

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     import onnx
@@ -35,6 +35,10 @@ FP16_KEEP_OPS = (
     "Exp",
     "Erf",
 )
+
+#: SmoothQuant's alpha (its paper's default): how much of the activations' per-channel outliers the
+#: int8 export moves into the weights before choosing the activations' fixed scales.
+SMOOTH_ALPHA = 0.5
 
 #: Node-name prefixes kept in full precision in every variant.
 FULL_PRECISION_PREFIXES = ("/head/",)
@@ -265,9 +269,10 @@ def int8_targets(model: "onnx.ModelProto") -> list[str]:
 def activation_ranges(
     source: Union[str, os.PathLike], tensors: Iterable[str], images: Any, input_name: str = "images",
     batch_size: int = CALIBRATION_BATCH,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[Any, Any]]:
     """Smallest and largest value each float tensor takes on ``images`` (uint8 batches through
-    onnxruntime on the CPU), computed batch by batch so memory stays that of one batch.
+    onnxruntime on the CPU), per channel (the last axis), computed batch by batch so memory stays
+    that of one batch. ``lo.min(), hi.max()`` is the tensor's range.
 
     (onnxruntime's own calibrator keeps every batch's tensors until the end, and its option
     to bound that, ``CalibMaxIntermediateOutputs``, drops the data it clears in 1.31.)"""
@@ -285,17 +290,84 @@ def activation_ranges(
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         session = ort.InferenceSession(os.fspath(augmented), opts, providers=["CPUExecutionProvider"])
-        low = {n: np.inf for n in names}
-        high = {n: -np.inf for n in names}
+        low: dict[str, Any] = {n: np.inf for n in names}
+        high: dict[str, Any] = {n: -np.inf for n in names}
         for start in range(0, len(images), batch_size):
             values = session.run(names, {input_name: np.ascontiguousarray(images[start : start + batch_size])})
             for n, v in zip(names, values):
-                low[n] = min(low[n], float(v.min()))
-                high[n] = max(high[n], float(v.max()))
+                rows = v.reshape(-1, v.shape[-1])
+                low[n] = np.minimum(low[n], rows.min(0))
+                high[n] = np.maximum(high[n], rows.max(0))
         del session
     finally:
         augmented.unlink(missing_ok=True)
     return {n: (low[n], high[n]) for n in names}
+
+
+def smooth_activations(
+    model: "onnx.ModelProto", targets: Sequence[str], ranges: dict[str, tuple[Any, Any]], alpha: float = SMOOTH_ALPHA,
+) -> dict[str, tuple[float, float]]:
+    """Move each quantised product's activation outliers into its weights (SmoothQuant: Xiao et
+    al., 2023), in place: ``x W = (x / s) (s W)`` with one factor per input channel,
+    ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``. Exact in fp32 (one ``Mul`` by ``1 / s`` per
+    distinct input, shared by the products that read it); after it, one per-tensor uint8 scale
+    covers channels of similar range, where a few large channels (a ReLU network's positional
+    embedding, a transformer's LayerNorm outliers) would otherwise leave the rest few levels.
+    The factors are fixed at export, so the file stays batch-invariant.
+
+    Args:
+        model: The fp32 graph with its weights loaded.
+        targets: The products to quantise (:func:`int8_targets`).
+        ranges: Per-channel (low, high) of each product's input on the calibration images
+            (:func:`activation_ranges`).
+        alpha: How much of the outliers moves to the weights (0: none, 1: all).
+
+    Returns:
+        The per-tensor (low, high) of each quantised product's input after smoothing, by the
+        name the product now reads.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    readers: dict[str, list[Any]] = {}
+    for n in nodes:
+        if n.name in set(targets):
+            readers.setdefault(n.input[0], []).append(n)
+    out: dict[str, tuple[float, float]] = {}
+    for x, consumers in readers.items():
+        lo, hi = (np.asarray(v, dtype=np.float64) for v in ranges[x])
+        weights = []
+        for n in consumers:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+            weights.append((n, w, trans, w.T if trans else w))  # the last: (in, out)
+        if lo.shape != (weights[0][3].shape[0],):  # not one value per input channel: leave it
+            out[x] = (float(lo.min()), float(hi.max()))
+            continue
+        x_max = np.maximum(np.abs(lo), np.abs(hi)) + 1e-8
+        w_max = np.max([np.abs(w_in).max(1) for *_, w_in in weights], axis=0) + 1e-8
+        factor = np.clip(x_max**alpha / w_max ** (1 - alpha), 1e-5, 1e5)
+        for n, w, trans, w_in in weights:
+            scaled = (w_in * factor[:, None]).astype(w.dtype)
+            name = f"{n.input[1]}.smoothed"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scaled.T if trans else scaled),
+                                                                   name))
+            n.input[1] = name
+        inv, smoothed = f"{x}.inverse_smoothing", f"{x}.smoothed"
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / factor).astype(np.float32), inv))
+        first = min(nodes.index(n) for n in consumers)
+        model.graph.node.insert(first, helper.make_node("Mul", [x, inv], [smoothed], name=f"{x}/smoothing"))
+        nodes.insert(first, model.graph.node[first])
+        for n in consumers:
+            n.input[0] = smoothed
+        out[smoothed] = (float((lo / factor).min()), float((hi / factor).max()))
+    unused = {i.name for i in model.graph.initializer} - {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return out
 
 
 @contextlib.contextmanager
@@ -321,6 +393,7 @@ def to_int8(
     input_name: str = "images",
     reduce_range: bool = True,
     external_data: bool = False,
+    smooth_alpha: float = SMOOTH_ALPHA,
 ) -> dict[str, Any]:
     """Static int8 quantisation (QDQ), calibrated: the same answer for an image in any batch.
 
@@ -347,13 +420,15 @@ def to_int8(
         reduce_range: 7-bit weights (safe on every x86 CPU); ``False``: full 8 bits, for
             VNNI-only deployments.
         external_data: Write the tensors to a ``<target>.data`` file (models over 2 GB).
+        smooth_alpha: Move activation outliers into the weights first (:func:`smooth_activations`);
+            0 quantises the graph as it is.
 
     Returns:
-        ``{"int8_nodes": quantised products, "calibration_images": n}``.
+        ``{"int8_nodes": quantised products, "calibration_images": n, "int8_smoothing": alpha}``.
     """
     import numpy as np
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader
 
     if len(calibration) == 0:
         raise ValueError("int8 calibration needs at least one image")
@@ -364,6 +439,16 @@ def to_int8(
     if not targets:
         raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
     ranges = activation_ranges(source, inputs, calibration, input_name)
+    if smooth_alpha:
+        model = onnx.load(os.fspath(source))
+        tensor_ranges = smooth_activations(model, targets, ranges, smooth_alpha)
+        smoothed = Path(target).with_name(f".{Path(target).stem}.smoothed.onnx")
+        onnx.save(model, os.fspath(smoothed), save_as_external_data=external_data,
+                  location=f"{smoothed.name}.data")
+        del model
+    else:
+        tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
+        smoothed = None
 
     class OneBatch(CalibrationDataReader):  # quantize_static calibrates once more; the overrides win
         def __init__(self) -> None:
@@ -372,12 +457,27 @@ def to_int8(
         def get_next(self) -> Optional[dict[str, Any]]:
             return next(self.batches, None)
 
-    overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in ranges.items()}
+    overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in tensor_ranges.items()}
+    try:
+        _quantize(smoothed or Path(source), Path(target), OneBatch(), targets, overrides, reduce_range, external_data)
+    finally:
+        if smoothed is not None:
+            smoothed.unlink(missing_ok=True)
+            smoothed.with_name(f"{smoothed.name}.data").unlink(missing_ok=True)
+    logger.info("int8: quantised %d products of %s -> %s on %d calibration images (smoothing alpha %s)", len(targets),
+                source, target, len(calibration), smooth_alpha)
+    return {"int8_nodes": len(targets), "calibration_images": int(len(calibration)), "int8_smoothing": smooth_alpha}
+
+
+def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overrides: dict[str, Any],
+              reduce_range: bool, external_data: bool) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
     with _without_preprocessing_advice():
         quantize_static(
-            Path(source),
-            Path(target),
-            OneBatch(),
+            source,
+            target,
+            reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm"],
             nodes_to_quantize=targets,
@@ -391,6 +491,3 @@ def to_int8(
                 "TensorQuantOverrides": overrides,  # the ranges over every calibration image
             },
         )
-    logger.info("int8: quantised %d products of %s -> %s on %d calibration images", len(targets), source, target,
-                len(calibration))
-    return {"int8_nodes": len(targets), "calibration_images": int(len(calibration))}

@@ -171,6 +171,20 @@ class OnnxFile:
         return bytes(self.buf[t.data[0]:t.data[1]]) if t.data else b""
 
 
+#: onnx.TensorProto.FLOAT16
+_FLOAT16 = 10
+
+
+def stores_fp16(path: Union[str, os.PathLike]) -> bool:
+    """Whether any initializer of the file is stored as float16 (read from the tensors' headers,
+    without loading the file); ``True`` when the file cannot be parsed (the cautious answer)."""
+    try:
+        with OnnxFile(path) as f:
+            return any(t.data_type == _FLOAT16 for t in f.initializers())
+    except (OSError, ValueError, IndexError):
+        return True
+
+
 def class_weights_sha256(path: Union[str, os.PathLike], n_classes: int, embed_dim: int) -> list[str]:
     """sha256 of every float32 initializer shaped like the class weight matrix, each read as
     ``(n_classes, embed_dim)`` in C order (an ``(embed_dim, n_classes)`` one is transposed first)."""
