@@ -606,3 +606,28 @@ def test_layout_optimiser_is_off_for_fp16_files_only(coop, tmp_path):
     assert disabled_optimizers((tmp_path / "fp32.onnx").read_bytes()) == list(CPU_DISABLED_OPTIMIZERS)
     (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
     assert disabled_optimizers(tmp_path / "junk.onnx") == list(CPU_DISABLED_OPTIMIZERS)
+
+
+def test_int8_keeps_the_smoothing_closest_to_fp32(exported, tmp_path):
+    """to_int8 tries each smoothing strength and keeps the file whose logits on the calibration
+    images are closest to fp32's: never worse there than either strength alone."""
+    from coopkit.exporters.quantize import SMOOTH_ALPHAS, to_int8
+
+    calibration = _images(40, 8)
+    (ref,) = _session(exported.path).run(["logits"], {INPUT_NAME: calibration})
+
+    def error(path: Path) -> tuple[int, float]:
+        (got,) = _session(path).run(["logits"], {INPUT_NAME: calibration})
+        return int((got.argmax(1) != ref.argmax(1)).sum()), float(np.abs(got - ref).mean())
+
+    alone = {}
+    for alpha in SMOOTH_ALPHAS:
+        info = to_int8(exported.path, tmp_path / f"a{alpha}.onnx", calibration, smooth_alphas=(alpha,))
+        assert info["int8_smoothing"] == alpha
+        alone[alpha] = error(tmp_path / f"a{alpha}.onnx")
+    info = to_int8(exported.path, tmp_path / "best.onnx", calibration)
+    assert info["int8_smoothing"] == min(alone, key=alone.__getitem__)
+    assert error(tmp_path / "best.onnx") == pytest.approx(min(alone.values()), rel=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a0.0.onnx", "a0.5.onnx", "best.onnx"]  # no trial left
+    with pytest.raises(ValueError, match="smooth_alphas"):
+        to_int8(exported.path, tmp_path / "bad.onnx", calibration, smooth_alphas=(1.5,))

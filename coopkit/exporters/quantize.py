@@ -36,9 +36,11 @@ FP16_KEEP_OPS = (
     "Erf",
 )
 
-#: SmoothQuant's alpha (its paper's default): how much of the activations' per-channel outliers the
-#: int8 export moves into the weights before choosing the activations' fixed scales.
+#: How much of the activations' per-channel outliers the int8 export may move into the weights before
+#: fixing the activations' scales (SmoothQuant's alpha; 0.5 is its paper's default, 0 is none):
+#: each is tried and the one closest to fp32 on the calibration images is kept.
 SMOOTH_ALPHA = 0.5
+SMOOTH_ALPHAS = (0.0, SMOOTH_ALPHA)
 
 #: Node-name prefixes kept in full precision in every variant.
 FULL_PRECISION_PREFIXES = ("/head/",)
@@ -393,7 +395,7 @@ def to_int8(
     input_name: str = "images",
     reduce_range: bool = True,
     external_data: bool = False,
-    smooth_alpha: float = SMOOTH_ALPHA,
+    smooth_alphas: Sequence[float] = SMOOTH_ALPHAS,
 ) -> dict[str, Any]:
     """Static int8 quantisation (QDQ), calibrated: the same answer for an image in any batch.
 
@@ -420,8 +422,10 @@ def to_int8(
         reduce_range: 7-bit weights (safe on every x86 CPU); ``False``: full 8 bits, for
             VNNI-only deployments.
         external_data: Write the tensors to a ``<target>.data`` file (models over 2 GB).
-        smooth_alpha: Move activation outliers into the weights first (:func:`smooth_activations`);
-            0 quantises the graph as it is.
+        smooth_alphas: Strengths of the outlier smoothing (:func:`smooth_activations`; 0: the
+            graph as it is) to try: the file whose logits on the calibration images change
+            top-1 least often, then move least, against the fp32 file's, is kept (one value:
+            no trial; files with external data take the first value).
 
     Returns:
         ``{"int8_nodes": quantised products, "calibration_images": n, "int8_smoothing": alpha}``.
@@ -439,16 +443,6 @@ def to_int8(
     if not targets:
         raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
     ranges = activation_ranges(source, inputs, calibration, input_name)
-    if smooth_alpha:
-        model = onnx.load(os.fspath(source))
-        tensor_ranges = smooth_activations(model, targets, ranges, smooth_alpha)
-        smoothed = Path(target).with_name(f".{Path(target).stem}.smoothed.onnx")
-        onnx.save(model, os.fspath(smoothed), save_as_external_data=external_data,
-                  location=f"{smoothed.name}.data")
-        del model
-    else:
-        tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
-        smoothed = None
 
     class OneBatch(CalibrationDataReader):  # quantize_static calibrates once more; the overrides win
         def __init__(self) -> None:
@@ -457,16 +451,61 @@ def to_int8(
         def get_next(self) -> Optional[dict[str, Any]]:
             return next(self.batches, None)
 
-    overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in tensor_ranges.items()}
-    try:
-        _quantize(smoothed or Path(source), Path(target), OneBatch(), targets, overrides, reduce_range, external_data)
-    finally:
-        if smoothed is not None:
-            smoothed.unlink(missing_ok=True)
-            smoothed.with_name(f"{smoothed.name}.data").unlink(missing_ok=True)
-    logger.info("int8: quantised %d products of %s -> %s on %d calibration images (smoothing alpha %s)", len(targets),
-                source, target, len(calibration), smooth_alpha)
-    return {"int8_nodes": len(targets), "calibration_images": int(len(calibration)), "int8_smoothing": smooth_alpha}
+    def quantize(alpha: float, out: Path) -> None:
+        smoothed = None
+        if alpha:
+            model = onnx.load(os.fspath(source))
+            tensor_ranges = smooth_activations(model, targets, ranges, alpha)
+            smoothed = out.with_name(f".{out.stem}.smoothed.onnx")
+            onnx.save(model, os.fspath(smoothed), save_as_external_data=external_data, location=f"{smoothed.name}.data")
+            del model
+        else:
+            tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
+        overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in tensor_ranges.items()}
+        try:
+            _quantize(smoothed or Path(source), out, OneBatch(), targets, overrides, reduce_range, external_data)
+        finally:
+            if smoothed is not None:
+                smoothed.unlink(missing_ok=True)
+                smoothed.with_name(f"{smoothed.name}.data").unlink(missing_ok=True)
+
+    alphas = [float(a) for a in dict.fromkeys(smooth_alphas)]
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"smooth_alphas must be one or more numbers in [0, 1], got {smooth_alphas!r}")
+    if len(alphas) == 1 or external_data:  # external data files carry their data file's name: no trial copies
+        chosen, errors = alphas[0], {}
+        quantize(chosen, Path(target))
+    else:
+        reference = _logits(Path(source), calibration, input_name)
+        errors = {}
+        for alpha in alphas:
+            trial = Path(target).with_name(f".{Path(target).stem}.alpha{alpha:g}.onnx")
+            try:
+                quantize(alpha, trial)
+                got = _logits(trial, calibration, input_name)
+                errors[alpha] = (int((got.argmax(1) != reference.argmax(1)).sum()), float(np.abs(got - reference).mean()))
+                if alpha == min(errors, key=errors.__getitem__):
+                    os.replace(trial, Path(target))
+            finally:
+                trial.unlink(missing_ok=True)
+        chosen = min(errors, key=errors.__getitem__)
+    logger.info("int8: quantised %d products of %s -> %s on %d calibration images (smoothing alpha %g; tried %s)",
+                len(targets), source, target, len(calibration), chosen,
+                {a: f"{e[0]} top-1 changes, mean |logit diff| {e[1]:.3g}" for a, e in errors.items()} or "no other")
+    return {"int8_nodes": len(targets), "calibration_images": int(len(calibration)), "int8_smoothing": chosen}
+
+
+def _logits(path: Path, images: Any, input_name: str) -> Any:
+    """The graph's first output (``logits`` for coopkit's image graphs) on ``images``, on the CPU."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_outputs()[0].name
+    return np.concatenate([session.run([name], {input_name: np.ascontiguousarray(images[i : i + CALIBRATION_BATCH])})[0]
+                           for i in range(0, len(images), CALIBRATION_BATCH)])
 
 
 def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overrides: dict[str, Any],
