@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     header = ("model", "precision", "export s", "size MB", "max |dlogit|", "top-1 agree", "clear calls",
               "acc torch", "acc onnx", "CPU ms/img")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import cpu_model, isa, load
+
+    print(f"\nmachine: {cpu_model()} ({isa()}), {os.cpu_count()} CPUs, {load()} after")
     print(f"task {args.task!r}: {args.test_per_class} test images per class; verification also runs "
           f"{16} generated images; clear calls: int8 agreement where PyTorch's top-2 cosine gap > 0.02; "
           f"latency: onnxruntime CPU, batch 16, {torch.get_num_threads()} threads")

@@ -48,14 +48,17 @@ def main() -> None:
 
     import coopkit
     from coopkit.exporters import export_onnx
-    from coopkit.exporters.quantize import FULL_PRECISION_PREFIXES, int8_targets
+    from coopkit.exporters.quantize import int8_targets
     from coopkit.exporters.verify import batch_invariance, cpu_session
     from coopkit.runtime.preprocess import preprocess
 
     import onnx
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import cpu_model, isa, load
+
     print(f"# coopkit-tiny, CoOp {args.shots} shots, whole-image views, seed {args.seed}; torch threads "
-          f"{torch.get_num_threads()}; {os.cpu_count()} CPUs", file=sys.stderr)
+          f"{torch.get_num_threads()}; {cpu_model()} ({isa()}), {load()} before")
     rows = []
     bb = coopkit.load_backbone()
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,13 +87,14 @@ def main() -> None:
                     "acc_int8": float((got.argmax(1) == labels).mean()),
                     "max_dlogit": float(np.abs(got - ref).max()),
                     "batch": batch_invariance(sess, images, got, n=8),
+                    "alpha": int8.checks.get("int8_smoothing", "") if name.startswith("int8 static") else "-",
                 })
             print(f"# {task} done", file=sys.stderr)
-    print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | batch invariance (max abs logit change) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | batch invariance (max abs logit change) | smoothing alpha |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['file']} | {r['n']} | {100 * r['agree']:.1f}% | {100 * r['acc_fp32']:.1f} | "
-              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} |")
+              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -194,8 +193,11 @@ def main() -> None:
 
     print(f"# one training step, {args.model} random init, batch {args.batch}, n_ctx 16, unified context")
     print("# text path: the fast paths where exact (causal towers), else the plain full-length pass")
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; ImageNet class names; median of {args.steps} steps")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from machine import cpu_model, isa, load
+
+    print(f"# machine: {cpu_model()} ({isa()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {load()} before; ImageNet class names; median of {args.steps} steps")
     print()
     print("| K | coopkit step (s) | naive step (s) | speed-up | coopkit step peak (MB) | naive step peak (MB) "
           "| coopkit process peak (MB) | max abs diff of text features |")
@@ -214,6 +216,7 @@ def main() -> None:
         print(f"| {k} | {ours['step_s']:.3f} | {naive['step_s']:.3f} | {naive['step_s'] / ours['step_s']:.1f}x | "
               f"{ours['peak_mb']:.0f} | {naive['peak_mb']:.0f} | {ours['process_peak_mb']:.0f} | "
               f"{ours['max_abs_diff_vs_full']:.1e} |")
+    print(f"\n# {load()} after")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def isa() -> str:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return platform.machine()
-    names = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+    names = [("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"), ("avx_vnni", "AVX-VNNI"),
              ("amx_int8", "AMX-INT8")]
     found = [label for flag, label in names if flag in flags]
     return " + ".join(found) or "no AVX2"
