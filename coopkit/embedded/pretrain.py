@@ -1,6 +1,6 @@
 """Pretrain ``coopkit-tiny``, the small CLIP that ships inside coopkit, on the synthetic world.
 
-The model is an open_clip ``CLIP`` (config ``coopkit/assets/coopkit-tiny.json``): a small
+The model is an open_clip ``CLIP`` (config ``coopkit/embedded/assets/coopkit-tiny.json``): a small
 ModifiedResNet image tower at 64 pixels, a 4-layer text transformer with CLIP's BPE
 tokenizer (vocabulary 49408, context 32), 128-dimensional embeddings.
 
@@ -23,9 +23,9 @@ prompt learning to learn; at 600 steps the image features are as good for those 
 with real CLIP on EuroSAT or DTD.
 
 The run is a pure function of its seed on the same torch build and thread count; the
-shipped checkpoint ``coopkit/assets/coopkit-tiny.safetensors`` was made by::
+shipped checkpoint ``coopkit/embedded/assets/coopkit-tiny.safetensors`` was made by::
 
-    python -m coopkit.pretrain --out coopkit/assets
+    python -m coopkit.embedded.pretrain --out coopkit/embedded/assets
 
 which writes ``coopkit-tiny.safetensors`` (float16 weights, keys of open_clip's
 ``model.state_dict()``) and ``coopkit-tiny.sha256`` into ``--out``.
@@ -282,7 +282,7 @@ def save_checkpoint(model, out_dir: Path, summary: dict, stem: str = MODEL_NAME)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m coopkit.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m coopkit.embedded.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for coopkit-tiny.safetensors and .sha256")
     defaults = PretrainConfig()
     for name, value in asdict(defaults).items():
