@@ -3,8 +3,8 @@ family, and each family checked end to end on a shrunken random-init config with
 tokenizer (load -> exact prompt features -> 1-epoch fit -> fp32 export with the text graph ->
 runtime logits; :func:`coopkit.research.families.check_family`). Offline, CPU.
 
-    python benchmarks/family_coverage.py                 # one model per family (about 3 minutes on 2 cores)
-    python benchmarks/family_coverage.py --all           # every model name (about 25 minutes)
+    python benchmarks/family_coverage.py                 # one model per family (97 s on 2 loaded cores)
+    python benchmarks/family_coverage.py --all           # every model name (78 s on 2 quiet cores)
     python benchmarks/family_coverage.py --out docs/family_coverage.md
 
 Writes a markdown table: family, model names, status (the largest differences seen), and the
