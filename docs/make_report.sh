@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the README's experiment report on the embedded world (about 14 minutes on 2 quiet CPU cores):
+# Regenerates the README's experiment report on the embedded world (about 15 minutes on 2 quiet CPU cores):
 # few-shot curves with the baselines (linear probe, CLAP, Tip-Adapter, Tip-Adapter-F), base-to-new with
 # KgCoOp, domain shift, on colored_shapes with coopkit-tiny.
 #   bash docs/make_report.sh [OUT_DIR]        (needs the plot extra: pip install -e ".[plot]")
