@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 def _latency_ms(path: Path, precision: str, size: tuple[int, int], batch: int = 16, reps: int = 3) -> float:
     from coopkit.exporters.verify import cpu_session
 
-    sess = cpu_session(path, precision)  # the session the exporter verifies with
+    sess = cpu_session(path)  # the session the exporter verifies with
     x = np.random.default_rng(0).integers(0, 256, (batch, size[0], size[1], 3), dtype=np.uint8)
     sess.run(["logits"], {"images": x})  # warm-up
     best = float("inf")

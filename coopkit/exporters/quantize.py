@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
+from .verify import cpu_session
+
 if TYPE_CHECKING:
     import onnx
 
@@ -280,7 +282,6 @@ def activation_ranges(
     to bound that, ``CalibMaxIntermediateOutputs``, drops the data it clears in 1.31.)"""
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
     names = list(dict.fromkeys(tensors))
     model = onnx.load(os.fspath(source), load_external_data=False)  # external data stays where it is
@@ -289,9 +290,7 @@ def activation_ranges(
     try:
         onnx.save(model, os.fspath(augmented))
         del model
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(os.fspath(augmented), opts, providers=["CPUExecutionProvider"])
+        session = cpu_session(augmented)
         low: dict[str, Any] = {n: np.inf for n in names}
         high: dict[str, Any] = {n: -np.inf for n in names}
         for start in range(0, len(images), batch_size):
@@ -334,8 +333,9 @@ def smooth_activations(
     inits = {i.name: i for i in model.graph.initializer}
     nodes = list(model.graph.node)
     readers: dict[str, list[Any]] = {}
+    wanted = set(targets)
     for n in nodes:
-        if n.name in set(targets):
+        if n.name in wanted:
             readers.setdefault(n.input[0], []).append(n)
     out: dict[str, tuple[float, float]] = {}
     for x, consumers in readers.items():
@@ -438,7 +438,8 @@ def to_int8(
         raise ValueError("int8 calibration needs at least one image")
     model = onnx.load(os.fspath(source), load_external_data=False)
     targets = int8_targets(model)
-    inputs = [n.input[0] for n in model.graph.node if n.name in set(targets)]
+    wanted = set(targets)
+    inputs = [n.input[0] for n in model.graph.node if n.name in wanted]
     del model
     if not targets:
         raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
@@ -498,11 +499,8 @@ def to_int8(
 def _logits(path: Path, images: Any, input_name: str) -> Any:
     """The graph's first output (``logits`` for coopkit's image graphs) on ``images``, on the CPU."""
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     name = session.get_outputs()[0].name
     return np.concatenate([session.run([name], {input_name: np.ascontiguousarray(images[i : i + CALIBRATION_BATCH])})[0]
                            for i in range(0, len(images), CALIBRATION_BATCH)])

@@ -17,7 +17,7 @@ import numpy as np
 
 from coopkit.data import load_dataset
 from coopkit.runtime.contract import INPUT_NAME, OUTPUT_NAMES, ModelMetadata, TextEncoderSpec
-from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS
+from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS, disabled_optimizers
 from coopkit.runtime.preprocess import decode, preprocess, resize_and_crop
 from coopkit.runtime.text import TextEncoder
 
@@ -66,15 +66,15 @@ RAW_MIN_TOP1_AGREEMENT = 0.995
 FP16_CPU_DISABLED_OPTIMIZERS = CPU_DISABLED_OPTIMIZERS
 
 
-def cpu_session(path: Path, precision: str = "fp32") -> Any:
-    """An onnxruntime CPU session as the verification uses it (fp16: the crashing optimiser off)."""
+def cpu_session(path: Path) -> Any:
+    """An onnxruntime CPU session with the optimisers coopkit.runtime opens the file with
+    (:func:`~coopkit.runtime.session.disabled_optimizers`: the crashing one off for fp16 files)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    disabled = list(FP16_CPU_DISABLED_OPTIMIZERS) if precision == "fp16" else None
     return ort.InferenceSession(
-        os.fspath(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+        os.fspath(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(path)
     )
 
 
@@ -244,7 +244,7 @@ def verify_image_graph(
 
     ``labels`` (``-1`` for unlabelled images) adds both accuracies; for int8 they must be
     within 1 point of each other when at least :data:`INT8_MIN_LABELLED` images are labelled."""
-    session = cpu_session(path, precision)
+    session = cpu_session(path)
     inp = session.get_inputs()[0]
     if inp.name != INPUT_NAME or inp.type != "tensor(uint8)":
         raise ExportVerificationError(f"graph input is {inp.name} {inp.type}, expected {INPUT_NAME} tensor(uint8)")
@@ -358,7 +358,7 @@ def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Se
     """
     from PIL import Image
 
-    session = cpu_session(path, precision)
+    session = cpu_session(path)
     pre = cpu_session_from_model(preprocess_model(meta))
     pixel_max, pixel_sum, n_values = 0, 0.0, 0
     raw_logits, crop_logits = [], []
