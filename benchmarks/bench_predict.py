@@ -35,9 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from images import photos  # noqa: E402
 from machine import describe, load  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,22 +49,14 @@ def machine_info(threads: Any) -> str:
 
 
 def write_photos(folder: Path, n: int, size: tuple[int, int]) -> list[str]:
-    """``n`` photo-like JPEGs (smooth colour fields, a disc, noise) of ``size`` (w, h)."""
+    """``n`` photo-like JPEGs (:func:`images.photos`) of ``size`` (w, h)."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(n):
-        f = rng.uniform(1, 6, size=3)
-        img = np.stack([128 + 110 * np.sin(xx / w * f[0] + i), 128 + 110 * np.cos(yy / h * f[1]),
-                        128 + 110 * np.sin((xx + yy) / (w + h) * f[2])], -1)
-        cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.35) * min(h, w)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, size=3)
+    for i, img in enumerate(photos(n, (size[1], size[0]))):
         path = folder / f"photo{i:05d}.jpg"
-        Image.fromarray(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)).save(path, quality=90)
+        Image.fromarray(img).save(path, quality=90)
         paths.append(str(path))
     return paths
 

@@ -43,27 +43,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from images import photo_batch  # noqa: E402
 from machine import busy_core, describe, load  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = {"coopkit-tiny": "default", "ViT-B-32": None}  # name -> pretrained (None: random init)
 CLASSNAMES = [f"class {i}" for i in range(20)]
-
-
-def _photo_batch(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """uint8 (n, H, W, 3) photo-like crops: smooth colour fields, a disc and noise."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = np.empty((n, h, w, 3), np.uint8)
-    for i in range(n):
-        f = rng.uniform(1, 6, size=3)
-        img = np.stack([128 + 110 * np.sin(xx / w * f[0] + i), 128 + 110 * np.cos(yy / h * f[1]), 128 + 110 * np.sin((xx + yy) / (w + h) * f[2])], -1)
-        cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.1, 0.35) * min(h, w)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, size=3)
-        out[i] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-    return out
 
 
 def _time(fns: dict[str, Callable[[], Any]], n_images: int, min_seconds: float, warmup: int = 2) -> dict[str, float]:
@@ -184,7 +170,7 @@ def bench_model(name: str, pretrained: Any, args: argparse.Namespace, workdir: P
     clf = coopkit.zero_shot(backbone, CLASSNAMES, threads=threads)
     weights = clf.class_weights()  # (n_classes, embed_dim)
     size = backbone.image_size
-    crops = _photo_batch(args.n_images, size)  # (n, H, W, 3) uint8
+    crops = photo_batch(args.n_images, size)  # (n, H, W, 3) uint8
     mean = torch.tensor(backbone.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(backbone.preprocess_cfg["std"]).view(1, 3, 1, 1)
     pixels = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -198,7 +184,7 @@ def bench_model(name: str, pretrained: Any, args: argparse.Namespace, workdir: P
     reference = torch.cat([torch_logits(pixels[i : i + 32]) for i in range(0, len(pixels), 32)]).numpy()
     files = {"fp32": workdir / f"{name}-fp32.onnx", "int8": workdir / f"{name}-int8.onnx"}
     export_onnx(clf, files["fp32"], "fp32")
-    export_onnx(clf, files["int8"], "int8", calibration=_photo_batch(64, size, seed=123))
+    export_onnx(clf, files["int8"], "int8", calibration=photo_batch(64, size, seed=123))
     if args.int8_dynamic:
         files["int8 dynamic (before)"] = workdir / f"{name}-int8dyn.onnx"
         quantize_dynamic(files["fp32"], files["int8 dynamic (before)"], per_channel=True, weight_type=QuantType.QInt8,
@@ -339,7 +325,7 @@ def main() -> None:
             from PIL import Image
 
             jpeg = Path(tmp) / "one.jpg"
-            Image.fromarray(_photo_batch(1, (256, 256))[0]).save(jpeg, quality=90)
+            Image.fromarray(photo_batch(1, (256, 256))[0]).save(jpeg, quality=90)
             startup = _fresh_interpreter_times(fp32_file, jpeg)
     machine["load_after"] = load()
     again = matmul_peaks(threads)  # the best of two measurements, before and after the rest
