@@ -40,7 +40,8 @@ THIRD_PARTY = {"runtime": {"numpy", "PIL", "onnxruntime", "ftfy", "tokenizers"},
                "foundation": {"numpy", "PIL"}}
 #: Optional extras the runtime imports lazily, inside functions (serve, ray, parquet; tqdm for progress bars).
 THIRD_PARTY["runtime"] |= {"starlette", "uvicorn", "h11", "prometheus_client", "pyarrow", "ray", "tqdm",
-                           "triton_python_backend_utils"}  # the last: Triton's own, inside a Triton server only
+                           "triton_python_backend_utils",  # Triton's own, inside a Triton server only
+                           "openvino"}  # the openvino extra: a second engine (coopkit.runtime.engines)
 
 
 def module_name(path: Path) -> str:

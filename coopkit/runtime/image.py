@@ -44,19 +44,15 @@ from .preprocess import (
     decode,
     describe,
     preprocess,
-    resize_plan,
 )
-from .session import CPU, CUDA, TENSORRT, ProviderSpec, open_session
+from .engine_choice import open_engine
+from .engines import CUDA_WRONG_RESIZE, resizes_in_graph  # noqa: F401 - public here as before
+from .session import CUDA, TENSORRT, ProviderSpec
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
 
 ERROR_MODES = ("raise", "skip")
-#: Filters whose antialiased ``Resize`` onnxruntime's CUDA kernel gets wrong (onnxruntime issue
-#: 25264: cubic with antialias, a wrong launch grid and a hardcoded cubic coefficient). A raw-input
-#: file resizing with one of them is fed Pillow crops on CUDA (``benchmarks/gpu_check_rawgraph.py``
-#: compares CUDA with the CPU for every filter).
-CUDA_WRONG_RESIZE = ("bicubic",)
 
 
 @dataclass(frozen=True)
@@ -162,17 +158,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def resizes_in_graph(metadata: ModelMetadata, provider: str) -> bool:
-    """Whether decoded images go to the graph as they are (a raw-input file on a provider whose
-    resize is right), or Pillow crops them first (cropped files, and raw-input files whose filter
-    is in :data:`CUDA_WRONG_RESIZE` on CUDA or TensorRT)."""
-    m = metadata
-    if m.input_kind != INPUT_RAW:
-        return False
-    interpolation = resize_plan(m.image_size, m.resize_mode, m.interpolation, m.fill_color).interpolation
-    return not (provider in (CUDA, TENSORRT) and interpolation in CUDA_WRONG_RESIZE)
-
-
 #: Prepared images: a uint8 batch ``(n, H, W, 3)``, or decoded images of any sizes (raw input).
 Batch = Union[np.ndarray, list[np.ndarray]]
 
@@ -198,6 +183,13 @@ class Classifier:
             ``False`` skips it; the class weights and the output widths are checked anyway.
         spinning: Let idle onnxruntime threads spin (off by default: faster only on a machine
             that runs nothing else).
+        engine: ``onnxruntime`` (the default), ``openvino`` (the ``openvino`` extra) or ``auto``
+            (the fastest installed engine and device whose answers equal onnxruntime's on the
+            CPU, measured on the file once per machine and cached; see
+            :mod:`~coopkit.runtime.engine_choice`). :attr:`engine` says what runs the graph.
+        compute: ``fp32`` (the file's own precision; OpenVINO's bf16 default is switched off)
+            or ``bf16`` (OpenVINO computes float ops in bfloat16 where the CPU can; its agreement
+            with fp32 is measured by ``auto``).
 
     One instance may be shared by many threads: calls do not share mutable state.
 
@@ -220,6 +212,8 @@ class Classifier:
         max_pixels: int = MAX_PIXELS,
         check_tensors: bool = True,
         spinning: bool = False,
+        engine: str = "onnxruntime",
+        compute: str = "fp32",
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -231,7 +225,8 @@ class Classifier:
         self._device, self._threads, self._providers = device, threads, providers
         self._check_tensors = bool(check_tensors)
         self._spinning = bool(spinning)
-        self.session = open_session(self.path, device, threads, providers, spinning=spinning)
+        self.session, self.engine = open_engine(self.path, engine, compute, device, threads, providers,
+                                                spinning=spinning, batch_size=int(batch_size))
         self.metadata = self._read_metadata(self.session, self.path)
         self._check_graph()
         self._check_weights()
@@ -251,7 +246,7 @@ class Classifier:
         self.provider: str = self.session.get_providers()[0]
         self._use_io_binding = self.provider in (CUDA, TENSORRT)
         self._feed_raw = resizes_in_graph(self.metadata, self.provider)
-        if self.metadata.input_kind == INPUT_RAW and not self._feed_raw:
+        if self.metadata.input_kind == INPUT_RAW and not self._feed_raw and self.provider in (CUDA, TENSORRT):
             logger.warning(
                 "%s: onnxruntime's CUDA kernel for this file's antialiased resize is wrong (onnxruntime issue "
                 "25264); Pillow crops this raw-input file's images on the CPU, the model still runs on CUDA",
@@ -259,7 +254,8 @@ class Classifier:
             )
         out_dim = {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
         self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
-        logger.info("loaded %s (%d classes) on %s", self.path, len(self._head.classnames), self.provider)
+        logger.info("loaded %s (%d classes) on %s (engine %s, %s compute)", self.path, len(self._head.classnames),
+                    self.provider, self.engine.label, self.engine.compute)
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -356,8 +352,8 @@ class Classifier:
 
     @property
     def device(self) -> str:
-        """``cuda`` or ``cpu``: where the graph really runs."""
-        return "cpu" if self.provider == CPU else "cuda"
+        """``cuda``, ``gpu`` (OpenVINO's GPUs) or ``cpu``: where the graph really runs."""
+        return self.engine.where
 
     def __repr__(self) -> str:
         return f"Classifier({str(self.path)!r}, classes={len(self._head.classnames)}, provider={self.provider!r})"
@@ -622,8 +618,8 @@ class Classifier:
         with self._text_lock:
             if self._text_encoder is None:
                 self._text_encoder = TextEncoder.open(
-                    self.path.parent / spec.file, spec, self._device, self._threads, self._providers,
-                    check_tensors=self._check_tensors,
+                    self.path.parent / spec.file, spec, threads=self._threads, check_tensors=self._check_tensors,
+                    **self.engine.reopen,
                 )
             return self._text_encoder
 

@@ -27,7 +27,9 @@ from .contract import (
     fill_templates,
 )
 from .integrity import verify_tensors
-from .session import ProviderSpec, open_session
+from .engine_choice import open_engine
+from .engines import ONNXRUNTIME
+from .session import ProviderSpec
 from .tokenizer import HFTokenizer, default_tokenizer, token_layout
 
 logger = logging.getLogger(__name__)
@@ -102,16 +104,21 @@ class TextEncoder:
         providers: Optional[Sequence[ProviderSpec]] = None,
         *,
         check_tensors: bool = True,
+        engine: str = ONNXRUNTIME,
+        compute: str = "fp32",
     ) -> "TextEncoder":
         """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`),
-        after checking its tensors against ``spec.tensors_sha256`` (unless ``check_tensors=False``)."""
+        after checking its tensors against ``spec.tensors_sha256`` (unless ``check_tensors=False``),
+        on ``engine`` (``onnxruntime`` or ``openvino``: see :func:`~coopkit.runtime.engines.open_engine`)."""
+        if engine == "auto":
+            raise ValueError("a text graph runs on the engine of its image graph: engine must be 'onnxruntime' or 'openvino'")
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"text encoder graph not found: {file}")
         if check_tensors:
             verify_tensors(file, TextEncoderSpec.from_dict(spec).tensors_sha256)
         try:
-            return cls(open_session(file, device, threads, providers), spec, folder=file.parent)
+            return cls(open_engine(file, engine, compute, device, threads, providers)[0], spec, folder=file.parent)
         except MetadataError as e:
             raise MetadataError(f"{file}: {e}") from None
 
