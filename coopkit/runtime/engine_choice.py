@@ -185,10 +185,10 @@ class Measurement:
         return math.exp(sum(math.log(v) for v in speeds) / len(speeds)) if speeds else 0.0
 
     def describe(self) -> str:
+        """``target speeds images/s (prob diff d)``, and why it was skipped."""
         speeds = "/".join(f"{v:.4g}" for v in self.images_per_s.values())
-        if not self.eligible:
-            return f"{self.target} skipped ({self.reason})"
-        return f"{self.target} {speeds} images/s (prob diff {self.max_prob_diff:.2g})"
+        figures = f"{speeds} images/s (prob diff {self.max_prob_diff:.2g})" if speeds else ""
+        return f"{self.target} {figures}" if self.eligible else f"{self.target} skipped: {self.reason} {figures}".rstrip()
 
 
 @dataclass
@@ -337,11 +337,9 @@ class _Probe:
                 got = session.run(["probs"], {INPUT_NAME: self.inputs[kind][:b]})[0]
                 diff, share, reason = agreement(self.reference[kind][b], np.asarray(got, np.float32), result.tolerance)
                 worst, agree = max(worst, diff), min(agree, share)
-                if reason:
-                    result.max_prob_diff, result.top1_agreement, result.reason = worst, agree, f"{reason} at batch {b}"
-                    return result
+                result.reason = result.reason or (f"{reason} at batch {b}" if reason else "")
             result.max_prob_diff, result.top1_agreement = worst, agree
-            for b in self.batch_sizes:
+            for b in self.batch_sizes:  # timed even when it disagrees: its figures are reported
                 result.images_per_s[str(b)] = _images_per_second(session, self.inputs[kind][:b], self.seconds)
         except Exception as e:  # noqa: BLE001 - a target that crashes is skipped, with its reason
             result.reason = f"failed to run: {_one_line(e)}"
@@ -350,7 +348,7 @@ class _Probe:
             close = getattr(session, "close", None)
             if close is not None:
                 close()
-        result.eligible = True
+        result.eligible = not result.reason
         return result
 
 
