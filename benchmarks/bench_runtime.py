@@ -44,31 +44,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from images import photo_batch  # noqa: E402
-from machine import busy_core, describe, load  # noqa: E402
+from machine import busy_core, describe, interleaved_speeds, load  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODELS = {"coopkit-tiny": "default", "ViT-B-32": None}  # name -> pretrained (None: random init)
 CLASSNAMES = [f"class {i}" for i in range(20)]
-
-
-def _time(fns: dict[str, Callable[[], Any]], n_images: int, min_seconds: float, warmup: int = 2) -> dict[str, float]:
-    """Images per second of each ``fn`` (each handles ``n_images``): best single run, with the
-    candidates interleaved round by round so that load from other processes hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = {name: float("inf") for name in fns}
-    spent = 0.0
-    rounds = 0
-    while spent < min_seconds * len(fns) or rounds < 3:
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t
-            best[name], spent = min(best[name], dt), spent + dt
-        rounds += 1
-    return {name: n_images / b for name, b in best.items()}
 
 
 def matmul_peaks(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -217,7 +198,7 @@ def bench_model(name: str, pretrained: Any, args: argparse.Namespace, workdir: P
                 if hint or used != "f32":
                     fns[(engine, p)] = (lambda run: lambda: run(batch_np))(run)
         named = {f"{k[0]}|{k[1]}": fn for k, fn in fns.items()}
-        speeds = _time(named, bs, args.seconds)
+        speeds = interleaved_speeds(named, bs, args.seconds)
         for key, ips in speeds.items():
             engine, precision = key.split("|")
             peak = peaks["int8" if precision.startswith("int8") else "fp32"]
@@ -255,7 +236,7 @@ def bench_contention(name: str, files: dict[str, Path], crops: np.ndarray, threa
                         "now: default (idle CPUs, no spinning)": Classifier(files[precision], device="cpu").session,
                     }
                     threads_now = sessions["now: default (idle CPUs, no spinning)"].get_session_options().intra_op_num_threads
-                    speeds = _time({k: (lambda s: lambda: s.run(["logits"], {"images": batch}))(s) for k, s in sessions.items()},
+                    speeds = interleaved_speeds({k: (lambda s: lambda: s.run(["logits"], {"images": batch}))(s) for k, s in sessions.items()},
                                    bs, args.seconds)
                 for k, v in speeds.items():
                     results.setdefault(k, {})[state] = v
