@@ -6,7 +6,8 @@
 #
 # Setup: wheels in ./.whl (or $COOPKIT_WHEELS) are installed with pip --no-index --no-deps into
 # /tmp/coopkit-site, which goes first on PYTHONPATH (the machine has torch, onnx and onnxruntime
-# without CUDA; carry open_clip_torch, ftfy, wcwidth and, for the CUDA provider, onnxruntime-gpu).
+# without CUDA; carry open_clip_torch, ftfy, wcwidth, for the CUDA provider onnxruntime-gpu, and openvino
+# for section_5_engines.py's OpenVINO rows).
 # A wheel too large to carry at once can come in parts named NAME.whl.part-NN (split -b 60m
 # -d --additional-suffix= NAME.whl NAME.whl.part-) in earlier calls: parts are appended in
 # /tmp/coopkit-wheel-parts and a wheel is installed once all its parts are there (NAME.whl.parts
