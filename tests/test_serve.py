@@ -164,7 +164,8 @@ def metric(text: str, name: str) -> float:
 
 def test_endpoints_and_answers_equal_predict_alone(server: Any, images: list[bytes], expected: list[Any]) -> None:
     s = server("coopkit")
-    assert json.load(urllib.request.urlopen(s.url + "/health")) == {"status": "ok"}
+    assert json.load(urllib.request.urlopen(s.url + "/health")) == {"status": "ok", "engine": {
+        "engine": "onnxruntime", "device": "cpu", "compute": "fp32", "provider": "CPUExecutionProvider"}}
     assert json.load(urllib.request.urlopen(s.url + "/ready")) == {"status": "ready"}
     meta = json.load(urllib.request.urlopen(s.url + "/metadata"))
     assert meta["classes"] == ["cat", "dog", "sea turtle", "golden retriever", "red fox"]

@@ -127,7 +127,9 @@ class EngineInfo:
         out: dict[str, Any] = {"engine": self.engine, "device": self.device, "compute": self.compute,
                                "provider": self.provider}
         if self.choice is not None:
-            out["auto"] = self.choice.to_dict()
+            c = self.choice
+            out["auto"] = {"chosen": c.chosen, "from_cache": c.from_cache, "batch_sizes": c.batch_sizes,
+                           "measurements": [vars(m) for m in c.measurements]}
         return out
 
 

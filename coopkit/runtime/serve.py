@@ -340,7 +340,7 @@ class App:
         return self._json("other", 405, {"error": f"{request.method} is not allowed on {request.url.path}"})
 
     async def health(self, request: Any) -> Any:
-        return self._json("/health", 200, {"status": "ok"})
+        return self._json("/health", 200, {"status": "ok", "engine": self.clf.engine.to_dict()})
 
     async def ready_check(self, request: Any) -> Any:
         if not self.ready:
