@@ -48,6 +48,7 @@ from .engines import (
     Target,
     check_engine,
     installed_engines,
+    onnxruntime_device,
     openvino_device,
     ort_providers,
     resizes_in_graph,
@@ -510,7 +511,7 @@ def open_engine(
         raise ValueError(f"providers are onnxruntime's; they need engine='onnxruntime', not {engine!r}")
     if engine == ONNXRUNTIME:
         session = open_session(path, device, threads, providers, spinning=spinning)
-        return session, EngineInfo(ONNXRUNTIME, device, "fp32", session.get_providers()[0],
+        return session, EngineInfo(ONNXRUNTIME, onnxruntime_device(session), "fp32", session.get_providers()[0],
                                    reopen={"engine": ONNXRUNTIME, "device": device, "providers": providers})
     if engine == OPENVINO:
         name = openvino_device(device)  # CPU, GPU, GPU.1

@@ -46,13 +46,13 @@ ENGINES = ("auto", ONNXRUNTIME, OPENVINO)
 COMPUTES = ("fp32", "bf16")
 #: The provider name an OpenVINO session reports, ``OpenVINO:<device>`` (``OpenVINO:CPU``).
 OPENVINO_PROVIDER = "OpenVINO:"
-#: OpenVINO's ``INFERENCE_PRECISION_HINT`` per ``compute``.
-_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 #: Filters whose antialiased ``Resize`` onnxruntime's CUDA kernel gets wrong (onnxruntime issue
 #: 25264: cubic with antialias, a wrong launch grid and a hardcoded cubic coefficient). A raw-input
 #: file resizing with one of them is fed Pillow crops on CUDA (``benchmarks/gpu_check_rawgraph.py``
 #: compares CUDA with the CPU for every filter).
 CUDA_WRONG_RESIZE = ("bicubic",)
+#: OpenVINO's ``INFERENCE_PRECISION_HINT`` per ``compute``.
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _OV_TYPES = {"u8": "tensor(uint8)", "i8": "tensor(int8)", "f32": "tensor(float)", "f16": "tensor(float16)",
              "i64": "tensor(int64)", "i32": "tensor(int32)", "boolean": "tensor(bool)"}
 
@@ -93,8 +93,8 @@ class EngineInfo:
 
     Attributes:
         engine: ``onnxruntime`` or ``openvino``.
-        device: The engine's device (see :class:`Target`); for onnxruntime opened by hand, the
-            ``device`` argument as given.
+        device: The device the graph runs on, as a :class:`Target` names it (``cpu``,
+            ``cuda:0``, ``tensorrt:0``, ``gpu:1``).
         compute: The precision float ops really run in: ``fp32`` (the file's own precision) or
             ``bf16`` (read back from the engine, not taken from the request).
         provider: The session's first provider (``CPUExecutionProvider``, ``OpenVINO:CPU``...).
@@ -131,6 +131,15 @@ class EngineInfo:
             out["auto"] = {"chosen": c.chosen, "from_cache": c.from_cache, "batch_sizes": c.batch_sizes,
                            "measurements": [vars(m) for m in c.measurements]}
         return out
+
+
+def onnxruntime_device(session: Any) -> str:
+    """The :class:`Target` device of an onnxruntime session: ``cpu``, ``cuda:N`` or ``tensorrt:N``."""
+    provider = session.get_providers()[0]
+    if provider not in (CUDA, TENSORRT):
+        return "cpu"
+    index = session.get_provider_options().get(provider, {}).get("device_id", "0")
+    return f"{'cuda' if provider == CUDA else 'tensorrt'}:{index}"
 
 
 def resizes_in_graph(metadata: ModelMetadata, provider: str) -> bool:
@@ -301,8 +310,10 @@ class OpenVINOSession:
         except queue.Empty:
             request = self._compiled.create_infer_request()
         try:
-            results = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
-            return [np.array(results[self._outputs[n]]) for n in names]  # copies: the request is reused
+            # inputs read in place (the call is synchronous); outputs copied out (the request is reused)
+            results = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_inputs=True,
+                                    share_outputs=False)
+            return [np.asarray(results[self._outputs[n]]) for n in names]
         finally:
             self._requests.put(request)
 
