@@ -16,7 +16,8 @@ round by round on the same uint8 batches (``benchmarks/machine.py``'s ``interlea
 
 Every row gives the largest probability difference and the top-1 agreement against onnxruntime
 on the CPU (the reference engine) on ``--n-images`` generated photo-like crops, and its speed as
-a ratio to OpenVINO's own in the same compute precision. A benchmark, not a test: it prints
+a ratio to OpenVINO's own in the same compute precision. ``--contention`` adds ``auto``'s rows with
+a second process keeping one CPU busy, and their ratio to the idle speed. A benchmark, not a test: it prints
 tables and never fails on a ratio.
 
     python benchmarks/bench_engines.py                                     # both models, batch 1 and 32
@@ -38,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import MODELS, openvino_runner  # noqa: E402
 from images import photo_batch  # noqa: E402
-from machine import describe, interleaved_speeds, load  # noqa: E402
+from machine import busy_core, describe, interleaved_speeds, load  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -137,17 +138,26 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, thre
                          "img_s": ips, "vs_openvino_own": ips / baseline, **quality[label]})
         print(f"# {model} {kind} batch {bs}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
               + f" img/s; {load()}", file=sys.stderr)
+        if args.contention:  # auto's choice, made idle, with one CPU kept busy by another process
+            chosen = {label: fns[label] for label in fns if label.startswith("auto")}
+            with busy_core():
+                busy = interleaved_speeds(chosen, bs, args.seconds)
+            for label, ips in busy.items():
+                rows.append({"model": model, "file": kind, "batch": bs, "engine": f"{label}, one CPU busy",
+                             "compute": sessions[label][1], "img_s": ips, "vs_openvino_own": float("nan"),
+                             "busy_over_idle": ips / speeds[label], **quality[label]})
     return rows, choices
 
 
 def print_tables(rows: list[dict[str, Any]], choices: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     print(f"\nMachine: {machine['cpu']} ({machine['isa']}), {machine['threads']} threads; "
           f"onnxruntime {machine.get('onnxruntime')}, OpenVINO {machine.get('openvino', 'not installed')}\n")
-    print("| model | file | batch | engine | compute | images/s | x OpenVINO's own | max prob diff | top-1 agreement |")
-    print("|---|---|---:|---|---|---:|---:|---:|---:|")
+    print("| model | file | batch | engine | compute | images/s | x OpenVINO's own | busy / idle | max prob diff | top-1 agreement |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['file']} | {r['batch']} | {r['engine']} | {r['compute']} | {r['img_s']:.1f} | "
-              f"{r['vs_openvino_own']:.2f} | {r['max_prob_diff']:.2g} | {r['top1_agreement']:.1%} |")
+              f"{r['vs_openvino_own']:.2f} | {r.get('busy_over_idle', float('nan')):.2f} | {r['max_prob_diff']:.2g} | "
+              f"{r['top1_agreement']:.1%} |")
     print()
     for c in choices:
         print(f"- auto, {c['model']} {c['file']}, compute {c['compute']}: {c['summary']}")
@@ -162,6 +172,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: the runtime's default)")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timed seconds per measurement")
     parser.add_argument("--no-openvino", dest="openvino", action="store_false", help="no OpenVINO's own rows")
+    parser.add_argument("--contention", action="store_true",
+                        help="add auto's rows with a second process keeping one CPU busy (and their ratio to idle)")
     parser.add_argument("--keep-cache", action="store_true", help="let auto use the user cache (default: measure afresh)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
