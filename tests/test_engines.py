@@ -324,3 +324,32 @@ def test_classifier_auto_measures_every_installed_engine_once(files: dict[str, P
     again = Classifier(files["fp32"], device="cpu", engine="auto", batch_size=4)
     assert again.engine.choice.from_cache and again.engine.label == clf.engine.label
     np.testing.assert_array_equal(again.probs(images), clf.probs(images))
+
+
+@needs_openvino
+def test_a_cached_choice_that_no_longer_opens_is_measured_again(files: dict[str, Path], cache: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    first = Classifier(files["fp32"], device="cpu", engine="auto", batch_size=2).engine.choice
+    stored = json.loads(Path(first.cache_file).read_text())
+    gone = {**stored["measurements"][0], "target": "openvino:gpu:7", "compute": "fp32"}  # a device gone since
+    Path(first.cache_file).write_text(json.dumps({**stored, "chosen": gone["target"],
+                                                  "measurements": stored["measurements"] + [gone]}))
+    with caplog.at_level(logging.WARNING, logger="coopkit.runtime.engine_choice"):
+        again = Classifier(files["fp32"], device="cpu", engine="auto", batch_size=2)
+    assert "the cached choice openvino:gpu:7 no longer opens" in caplog.text
+    assert not again.engine.choice.from_cache and again.engine.label in {f"{e}:cpu" for e in ENGINES}
+    assert json.loads(Path(first.cache_file).read_text())["chosen"] == again.engine.label  # the cache is put right
+
+
+def test_devices_are_named_per_engine() -> None:
+    from coopkit.runtime.engines import openvino_device
+
+    assert [openvino_device(d) for d in ("auto", "cpu", "gpu", "gpu:1")] == ["CPU", "CPU", "GPU", "GPU.1"]
+    for bad in ("cuda", "cuda:0", "cpu:1", "npu"):
+        with pytest.raises(ValueError, match="for engine='openvino'"):
+            openvino_device(bad)
+    assert OnnxruntimeEngine().targets("cpu") == [Target("onnxruntime", "cpu")]
+    assert all(t.device.startswith(("cuda:", "tensorrt:")) for t in OnnxruntimeEngine().targets("cuda"))
+    if _has_openvino():
+        assert OpenVINOEngine().targets("cpu") == [Target("openvino", "cpu")]
+        assert all(t.device.startswith("gpu") for t in OpenVINOEngine().targets("gpu"))

@@ -229,8 +229,8 @@ class EngineChoice:
         return next(m for m in self.measurements if m.target == label)
 
     def compute_of(self, target: Target) -> str:
-        """The compute precision to open ``target`` with (onnxruntime has fp32 only)."""
-        return "fp32" if target.engine == ONNXRUNTIME else self.compute
+        """The compute precision ``target`` was measured in (``fp32`` for engines without bf16)."""
+        return self.measurement(target.label).compute
 
     def summary(self) -> str:
         """One line: the choice, then every target's figures (images/s at each batch size)."""
@@ -382,6 +382,7 @@ def choose_engine(
     spinning: bool = False,
     engines: Optional[Sequence[Any]] = None,
     cache: bool = True,
+    refresh: bool = False,
     probe_seconds: float = PROBE_SECONDS,
 ) -> EngineChoice:
     """The fastest engine and device whose answers equal the reference's on ``path``, measured
@@ -397,9 +398,10 @@ def choose_engine(
         threads: CPU threads each engine runs with (``None``: one per idle CPU).
         spinning: onnxruntime's thread spinning.
         engines: The engines to try (default :func:`~coopkit.runtime.engines.installed_engines`);
-            each has ``name``, ``version``, ``targets(device)`` and ``open(path, target,
-            compute, threads, spinning)``.
+            each has ``name``, ``version``, ``computes``, ``targets(device)`` and ``open(path,
+            target, compute, threads, spinning)``.
         cache: Read and write the cache (``False``: measure, keep nothing).
+        refresh: Measure again even when the cache holds a choice (and replace it).
         probe_seconds: Timing per target and batch size.
 
     Raises:
@@ -409,11 +411,13 @@ def choose_engine(
     check_engine("auto", compute)
     path = Path(path)
     engines = list(engines) if engines is not None else installed_engines()
+    targets = {e.name: _targets(e, device) for e in engines}  # name -> (targets, why none)
     fields = {
         "probe": PROBE_VERSION,
         "file": model_sha256(path),
         "machine": machine_info(),
         "engines": {e.name: _version(e) for e in engines},
+        "targets": {name: [t.label for t in found] for name, (found, _) in targets.items()},
         "compute": compute,
         "device": device,
         "batch_size": int(batch_size),
@@ -421,7 +425,7 @@ def choose_engine(
     }
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     file = cache_root() / "engines" / f"{key[:32]}.json"
-    if cache:
+    if cache and not refresh:
         cached = _read_cache(file, key)
         if cached is not None:
             return cached
@@ -429,12 +433,11 @@ def choose_engine(
     probe = _Probe(path, int(batch_size), threads, spinning, probe_seconds)
     measurements = []
     for engine in engines:
-        targets, problem = _targets(engine, device)
+        found, problem = targets[engine.name]
         if problem:
             measurements.append(Measurement(f"{engine.name}:{device}", _version(engine), reason=f"no devices: {problem}"))
-        for target in targets:
-            compute_here = "fp32" if engine.name == ONNXRUNTIME else compute
-            m = probe.measure(engine, target, compute_here)
+        for target in found:
+            m = probe.measure(engine, target, compute if compute in getattr(engine, "computes", ("fp32",)) else "fp32")
             if not m.eligible:
                 logger.warning("engine auto: %s skipped for %s: %s", m.target, path.name, m.reason)
             measurements.append(m)
@@ -522,8 +525,18 @@ def open_engine(
     choice = choose_engine(path, device=device, compute=compute, batch_size=batch_size, threads=threads,
                            spinning=spinning)
     target = choice.target
-    chosen = next(e for e in installed_engines() if e.name == target.engine)
-    session = chosen.open(path, target, choice.compute_of(target), threads, spinning)
+    engines = {e.name: e for e in installed_engines()}
+    try:
+        session = engines[target.engine].open(path, target, choice.compute_of(target), threads, spinning)
+    except Exception as e:  # noqa: BLE001 - the cached choice no longer opens: measure again, once
+        if not choice.from_cache:
+            raise
+        logger.warning("engine auto: the cached choice %s no longer opens %s (%s); measuring again",
+                       target.label, Path(path).name, _one_line(e))
+        choice = choose_engine(path, device=device, compute=compute, batch_size=batch_size, threads=threads,
+                               spinning=spinning, refresh=True)
+        target = choice.target
+        session = engines[target.engine].open(path, target, choice.compute_of(target), threads, spinning)
     info = EngineInfo(target.engine, target.device, getattr(session, "compute", "fp32"), session.get_providers()[0],
                       reopen=reopen_args(target, choice.compute_of(target)), choice=choice)
     logger.info("engine auto: %s", choice.summary())

@@ -161,6 +161,8 @@ class OnnxruntimeEngine:
     """onnxruntime's sessions, made by :mod:`coopkit.runtime.session` (the reference engine)."""
 
     name = ONNXRUNTIME
+    #: The ``compute`` values it can open a file with.
+    computes: tuple[str, ...] = ("fp32",)
 
     @property
     def version(self) -> str:
@@ -221,8 +223,9 @@ def split_device(device: str) -> tuple[str, Optional[int]]:
 def _openvino() -> Any:
     try:
         import openvino
-    except ImportError as e:
-        raise RuntimeError(f"engine='openvino' needs the openvino package (pip install 'coopkit[openvino]'): {e}") from None
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing to load its libraries
+        raise RuntimeError(f"engine='openvino' needs the openvino package (pip install 'coopkit[openvino]'): "
+                           f"{type(e).__name__}: {e}") from None
     return openvino
 
 
@@ -354,6 +357,8 @@ class OpenVINOEngine:
     """OpenVINO (the ``openvino`` extra): its CPU plugin, and its GPU plugin where OpenVINO sees a GPU."""
 
     name = OPENVINO
+    #: The ``compute`` values it can open a file with.
+    computes: tuple[str, ...] = COMPUTES
 
     @property
     def version(self) -> str:
