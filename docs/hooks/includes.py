@@ -11,6 +11,8 @@
   ``mkdocs.yml``, then every other ``docs/methods/*.md`` by file name; a line ``<!-- methods -->`` is
   replaced by a list of those pages, each with its title and the first sentence of its first paragraph.
   Adding a method to the docs is adding its page.
+* Sphinx roles left in docstrings (``:class:`~coopkit.config.PromptConfig```) render as plain code
+  (``PromptConfig``) in the API reference instead of showing the role's markup.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ METHODS = "<!-- methods -->"
 HEADING = re.compile(r"^(#{1,6}) ", re.M)
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+SPHINX_ROLE = re.compile(r":(?:mod|class|func|meth|attr|data|exc|obj):\s*<code>(~?)([\w.]+)</code>")
 
 
 def _root(config) -> Path:
@@ -111,3 +114,8 @@ def on_page_markdown(markdown: str, page, config, files):
             rows.append(f"- [{title}]({posixpath.relpath(rel, posixpath.dirname(page.file.src_path))}): {sentence}")
         markdown = markdown.replace(METHODS, "\n".join(rows))
     return markdown
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    """Sphinx roles in rendered docstrings as plain code (``~`` keeps the last name only, as Sphinx does)."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}</code>", html)
