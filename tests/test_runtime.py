@@ -27,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from coopkit.runtime import Classifier, ImageDecodeError, MetadataError, ModelMetadata, Prediction  # noqa: E402
 from coopkit.runtime.preprocess import load_image, preprocess, resize_and_crop  # noqa: E402
 from coopkit.runtime.session import CPU, CUDA, cuda_device_count, create_session  # noqa: E402
-from coopkit.runtime.tokenizer import ClipTokenizer, clean_text, split_words  # noqa: E402
+from coopkit.runtime.tokenizers.cleaning import clean_text  # noqa: E402
+from coopkit.runtime.tokenizers.clip_bpe import ClipTokenizer, split_words  # noqa: E402
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)

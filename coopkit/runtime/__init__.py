@@ -4,7 +4,7 @@
 >>> clf = Classifier("model.onnx")                      # CUDA when it really works, else CPU
 >>> [p.label for p in clf.predict(["cat.jpg", "dog.png"])]
 
-* :class:`Classifier` (``image``): images in, labels and probabilities out;
+* :class:`Classifier` (``classifier``): images in, labels and probabilities out (:class:`Prediction`, ``results``);
 * :class:`TextEncoder` (``text``): class names in, class weights out (open vocabulary);
 * :mod:`~coopkit.runtime.contract`: what training and serving share (metadata schema,
   class-name rules, templates, token layout).
@@ -15,10 +15,11 @@ brings only numpy, Pillow and onnxruntime-gpu.
 """
 
 from .contract import METADATA_KEY, SCHEMA_VERSION, MetadataError, ModelMetadata, TextEncoderSpec
-from .image import Classifier, Prediction
+from .classifier import Classifier
 from .preprocess import ImageDecodeError, load_image, preprocess
+from .results import Prediction
 from .text import TextEncoder
-from .tokenizer import ClipTokenizer
+from .tokenizers import ClipTokenizer
 
 __all__ = [
     "Classifier",

@@ -46,59 +46,17 @@ from .preprocess import (
     preprocess,
     resize_plan,
 )
-from .session import CPU, CUDA, TENSORRT, ProviderSpec, open_session
+from .results import Prediction, check_predict_args, rank, softmax
+from .session import CPU, CUDA, TENSORRT, ProviderSpec, default_workers, open_session
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
 
-ERROR_MODES = ("raise", "skip")
 #: Filters whose antialiased ``Resize`` onnxruntime's CUDA kernel gets wrong (onnxruntime issue
 #: 25264: cubic with antialias, a wrong launch grid and a hardcoded cubic coefficient). A raw-input
 #: file resizing with one of them is fed Pillow crops on CUDA (``benchmarks/gpu_check_rawgraph.py``
 #: compares CUDA with the CPU for every filter).
 CUDA_WRONG_RESIZE = ("bicubic",)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The result for one image: labels and probabilities, best first.
-
-    Attributes:
-        source: A short name of the input (its path, or e.g. ``<array (480, 640, 3) uint8>``).
-        labels: The ``top_k`` most probable class names, best first.
-        probs: Their probabilities.
-        index: Position of the image in the input list.
-        error: ``None``, or why the image could not be read (only with ``errors="skip"``);
-            ``labels`` and ``probs`` are then empty.
-    """
-
-    source: str
-    labels: tuple[str, ...] = ()
-    probs: tuple[float, ...] = ()
-    index: int = 0
-    error: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the image was classified."""
-        return self.error is None
-
-    @property
-    def label(self) -> Optional[str]:
-        """The best label (``None`` for an unreadable image)."""
-        return self.labels[0] if self.labels else None
-
-    @property
-    def prob(self) -> Optional[float]:
-        """Probability of the best label (``None`` for an unreadable image)."""
-        return self.probs[0] if self.probs else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``{"source", "labels", "probs"}`` plus ``"error"`` when unreadable."""
-        out: dict[str, Any] = {"source": self.source, "labels": list(self.labels), "probs": list(self.probs)}
-        if self.error is not None:
-            out["error"] = self.error
-        return out
 
 
 @dataclass(frozen=True)
@@ -109,43 +67,6 @@ class _Head:
     weights: Optional[np.ndarray] = field(default=None)  # (n_classes, embed_dim); None: the graph's own
 
 
-def check_predict_args(top_k: Any, errors: str) -> int:
-    """Validate ``predict``'s ``top_k`` and ``errors`` (shared by every classifier's predict)."""
-    if errors not in ERROR_MODES:
-        raise ValueError(f"errors {errors!r} is not one of {ERROR_MODES}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    return int(top_k)
-
-
-def rank(
-    probs: np.ndarray,
-    classnames: Sequence[str],
-    sources: Sequence[str],
-    errors: Sequence[Optional[str]],
-    top_k: int,
-    start: int = 0,
-) -> list[Prediction]:
-    """One :class:`Prediction` per input: the ``top_k`` classes of its row of ``probs``, best first.
-
-    ``probs`` ``(n_ok, n_classes)`` holds the rows of the inputs whose ``errors`` entry is
-    ``None``, in order; the others get a result carrying their error. ``start`` is the index of
-    the first input.
-    """
-    k = min(int(top_k), len(classnames))
-    rows = iter(probs)
-    out = []
-    for offset, (src, err) in enumerate(zip(sources, errors)):
-        if err is not None:
-            out.append(Prediction(src, index=start + offset, error=err))
-            continue
-        p = next(rows)
-        order = np.argsort(-p, kind="stable")[:k]
-        out.append(Prediction(src, tuple(classnames[i] for i in order), tuple(float(p[i]) for i in order),
-                              index=start + offset))
-    return out
-
-
 def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image and resize/crop it as the file's ``metadata`` says: uint8 ``(H, W, 3)``.
 
@@ -154,12 +75,6 @@ def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int =
     """
     m = metadata
     return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=max_pixels)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def resizes_in_graph(metadata: ModelMetadata, provider: str) -> bool:
@@ -189,8 +104,9 @@ class Classifier:
         providers: Explicit onnxruntime execution providers (e.g. TensorRT first); overrides
             ``device``.
         batch_size: Images per graph run; longer inputs are processed in chunks.
-        workers: Threads that decode and resize images in parallel (``None``: up to 8, one per
-            core; ``1``: in the calling thread).
+        workers: Threads that decode and resize images in parallel (``None``: one per usable
+            CPU, at most 8, :func:`~coopkit.runtime.session.default_workers`; ``1``: in the
+            calling thread).
         max_pixels: Larger images are refused as decompression bombs.
         check_tensors: Check every stored tensor against the sha256 recorded at export
             (``tensors_sha256``; reading and hashing a 353 MB ViT-B-32 file took 0.3-0.6 s on 2
@@ -242,7 +158,7 @@ class Classifier:
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)
         self.max_pixels = int(max_pixels)
-        self._workers = int(workers) if workers is not None else max(1, min(8, os.cpu_count() or 1))
+        self._workers = int(workers) if workers is not None else default_workers()
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
         self._text_encoder: Optional[TextEncoder] = None
@@ -474,6 +390,30 @@ class Classifier:
                 outs[j][idx] = result  # type: ignore[index]
         return [o for o in outs if o is not None]
 
+    def _infer(self, images: Batch, head: _Head, wanted: Sequence[str]) -> dict[str, np.ndarray]:
+        """The one way the graph runs: prepared ``images`` in chunks of ``batch_size``, the
+        requested outputs for the classes of ``head`` (replaced classes score the image
+        embeddings against their own weights), float32, one row per image."""
+        names = tuple(wanted) if head.weights is None else ("image_embeds",)
+        parts = [self._run(images[s : s + self.batch_size], names) for s in range(0, len(images), self.batch_size)]
+        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
+        got = {
+            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
+            for i, name in enumerate(names)
+        }
+        if head.weights is not None:
+            logits = self._head_logits(got["image_embeds"], head)
+            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": softmax(logits)}
+        return {name: got[name] for name in wanted}
+
+    def _head_logits(self, embeds: np.ndarray, head: _Head) -> np.ndarray:
+        """Logits of replaced classes (:meth:`set_classes`) from image embeddings."""
+        assert head.weights is not None
+        logits = embeds @ head.weights.T  # (n, n_classes)
+        if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
+            logits = logits + np.float32(self.metadata.logit_bias)
+        return logits
+
     def run_batch(
         self, images: Batch, outputs: Sequence[str] = ("probs",)
     ) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
@@ -501,44 +441,18 @@ class Classifier:
         if isinstance(items, list) and not self._feed_raw:
             items = np.stack(items) if items else np.zeros((0, h, w, 3), np.uint8)  # (n, H, W, 3)
         head = self._head
-        names = wanted if head.weights is None else ("image_embeds",)
-        parts = [self._run(items[s : s + self.batch_size], names) for s in range(0, len(items), self.batch_size)]
-        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
-        got = {
-            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
-            for i, name in enumerate(names)
-        }
-        if head.weights is not None:
-            logits = self._head_logits(got["image_embeds"], head)
-            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": _softmax(logits)}
-        return head.classnames, {name: got[name] for name in wanted}
-
+        return head.classnames, self._infer(items, head, wanted)
 
     def _chunks(self, sources: list[Any]) -> Iterable[list[Any]]:
         for start in range(0, len(sources), self.batch_size):
             yield sources[start : start + self.batch_size]
 
-    def _scores(self, batch: Batch, head: _Head, want: str) -> np.ndarray:
-        """``want`` is ``logits``, ``probs`` or ``image_embeds`` for a prepared batch."""
-        if want == "image_embeds":
-            return self._run(batch, ["image_embeds"])[0]
-        if head.weights is None:
-            return self._run(batch, [want])[0]
-        logits = self._head_logits(self._run(batch, ["image_embeds"])[0], head)
-        return logits if want == "logits" else _softmax(logits)
-
-    def _head_logits(self, embeds: np.ndarray, head: _Head) -> np.ndarray:
-        """Logits of replaced classes (:meth:`set_classes`) from image embeddings."""
-        assert head.weights is not None
-        logits = embeds @ head.weights.T  # (n, n_classes)
-        if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
-            logits = logits + np.float32(self.metadata.logit_bias)
-        return logits
-
     def _collect(self, images: Any, want: str) -> np.ndarray:
+        """One output for every image of ``images``, decoded chunk by chunk (unreadable images raise)."""
         sources = as_image_list(images)
         head = self._head
-        parts = [self._scores(self._prepare_batch(chunk, skip=False)[0], head, want) for chunk in self._chunks(sources)]
+        parts = [self._infer(self._prepare_batch(chunk, skip=False)[0], head, (want,))[want]
+                 for chunk in self._chunks(sources)]
         if parts:
             return np.concatenate(parts)
         width = self._embed_dim if want == "image_embeds" else len(head.classnames)
@@ -599,7 +513,7 @@ class Classifier:
         results: list[Prediction] = []
         for start, chunk in zip(range(0, len(sources), self.batch_size), self._chunks(sources)):
             batch, errs = self._prepare_batch(chunk, skip=errors == "skip")
-            probs = self._scores(batch, head, "probs") if len(batch) else np.zeros((0, len(head.classnames)), np.float32)
+            probs = self._infer(batch, head, ("probs",))["probs"]
             results += rank(probs, head.classnames, [describe(s) for s in chunk], errs, k, start)
         return results
 
