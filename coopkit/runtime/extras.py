@@ -39,5 +39,5 @@ def require(module: str, extra: str, purpose: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        missing = e.name or module
+        missing = (e.name or module).split(".")[0]  # the package to install, not its submodule
         raise MissingExtraError(f"{purpose} needs {missing} ({EXTRAS[extra]})", name=missing) from None
