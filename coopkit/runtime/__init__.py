@@ -5,7 +5,8 @@
 >>> [p.label for p in clf.predict(["cat.jpg", "dog.png"])]
 
 * :class:`Classifier` (:mod:`~coopkit.runtime.classifier`): images in, labels and probabilities
-  out, as :class:`Prediction` (:mod:`~coopkit.runtime.results`, shared with the torch classifier);
+  out, as :class:`Prediction` (:mod:`~coopkit.runtime.results`, shared with the torch classifier),
+  from a file checked against its metadata (:mod:`~coopkit.runtime.modelfile`);
 * :class:`TextEncoder` (:mod:`~coopkit.runtime.text`): class names in, class weights out (open
   vocabulary), with the tokenizers of :mod:`~coopkit.runtime.tokenizers`;
 * :mod:`~coopkit.runtime.contract`: what training and serving share (metadata schema,

@@ -13,7 +13,6 @@ the graph passes through unchanged; a warning says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,18 +23,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .contract import (
-    INPUT_NAME,
-    INPUT_RAW,
-    OUTPUT_NAMES,
-    MetadataError,
-    ModelMetadata,
-    check_classnames,
-    is_sidecar,
-    sidecar_mismatches,
-    sidecar_name,
-)
-from .integrity import FileFormatError, class_weights_sha256, verify_tensors
+from .contract import INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, ModelMetadata, check_classnames
+from .modelfile import check_output_width, open_checked
 from .preprocess import (
     MAX_PIXELS,
     ImageDecodeError,
@@ -148,12 +137,7 @@ class Classifier:
         self._check_tensors = bool(check_tensors)
         self._spinning = bool(spinning)
         self.session = open_session(self.path, device, threads, providers, spinning=spinning)
-        self.metadata = self._read_metadata(self.session, self.path)
-        self._check_graph()
-        self._check_weights()
-        if self._check_tensors:
-            verify_tensors(self.path, self.metadata.tensors_sha256)
-        self._cross_check_sidecar()
+        self.metadata = open_checked(self.session, self.path, self._check_tensors)
         fixed = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)
@@ -176,75 +160,6 @@ class Classifier:
         out_dim = {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
         self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
         logger.info("loaded %s (%d classes) on %s", self.path, len(self._head.classnames), self.provider)
-
-    # --- loading -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _read_metadata(session: Any, path: Path) -> ModelMetadata:
-        props = session.get_modelmeta().custom_metadata_map
-        try:
-            return ModelMetadata.from_props(props)
-        except MetadataError as e:
-            raise MetadataError(f"{path}: {e}") from None
-
-    def _check_graph(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in OUTPUT_NAMES if n not in outputs]
-        if INPUT_NAME not in inputs or missing or len(inputs) != 1:
-            raise MetadataError(
-                f"{self.path}: graph does not follow the coopkit contract: inputs {sorted(inputs)} "
-                f"(expected [{INPUT_NAME!r}]), outputs {sorted(outputs)} (expected {list(OUTPUT_NAMES)})"
-            )
-        node = inputs[INPUT_NAME]
-        if node.type != "tensor(uint8)" or len(node.shape) != 4:
-            raise MetadataError(f"{self.path}: input {INPUT_NAME!r} must be uint8 (batch, H, W, 3), got {node.type} {node.shape}")
-        h, w = self.metadata.image_size
-        if self.metadata.input_kind == INPUT_RAW:
-            h, w = node.shape[1], node.shape[2]  # any size; the channels are checked below
-        for got, want in zip(node.shape[1:], (h, w, 3)):
-            if isinstance(got, int) and got != want:
-                raise MetadataError(f"{self.path}: graph input is {node.shape} but metadata says image_size {self.metadata.image_size}")
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
-        for name in OUTPUT_NAMES:
-            self._check_width(name, shapes[name][-1] if shapes[name] else None)
-
-    def _check_width(self, output: str, width: Any) -> None:
-        """An output's last dimension against the metadata: one logit per class name, embed_dim embeddings."""
-        want = self.metadata.embed_dim if output == "image_embeds" else len(self.metadata.classnames)
-        if isinstance(width, (int, np.integer)) and want and int(width) != want:
-            what = "embed_dim" if output == "image_embeds" else "class names"
-            raise MetadataError(f"{self.path}: the graph's {output!r} output is {width} wide but the metadata has "
-                                f"{want} {what}; the file was edited or assembled from different exports")
-
-    def _check_weights(self) -> None:
-        """The class weight matrix stored in the graph against the metadata's ``weights_sha256``."""
-        m = self.metadata
-        if not m.weights_sha256:
-            return
-        embed_dim = m.embed_dim or {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
-        try:
-            found = class_weights_sha256(self.path, len(m.classnames), embed_dim)
-        except FileFormatError as e:
-            raise MetadataError(f"{self.path}: {e}") from None
-        if m.weights_sha256 not in found:
-            raise MetadataError(f"{self.path}: the class weights do not match the weights_sha256 recorded at export "
-                                "(the file is corrupted or was edited); export it again")
-
-    def _cross_check_sidecar(self) -> None:
-        """Warn when the sidecar beside the file (``model.json``, what web clients read instead of
-        the ONNX metadata) describes another export. The runtime itself never uses it."""
-        side = self.path.with_name(sidecar_name(self.path.name))
-        try:
-            raw = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
-        except (OSError, ValueError):
-            raw = None
-        if not is_sidecar(raw):
-            return  # no sidecar (or an unrelated JSON file): nothing to check
-        problems = sidecar_mismatches(raw, self.metadata, self.path.stat().st_size)
-        if problems:
-            logger.warning("%s does not describe %s (%s); web clients will refuse this pair: re-export, or copy "
-                           "the sidecar written with this file", side.name, self.path.name, "; ".join(problems[:3]))
 
     # --- public properties --------------------------------------------------------------------
 
@@ -371,7 +286,7 @@ class Classifier:
         else:
             outs = self.session.run(list(names), {INPUT_NAME: batch})
         for name, out in zip(names, outs):  # graphs with symbolic output widths are checked here
-            self._check_width(name, out.shape[-1])
+            check_output_width(self.path, self.metadata, name, out.shape[-1])
         return [np.asarray(o[:n], dtype=np.float32) for o in outs]
 
     def _run_by_size(self, images: list[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
