@@ -28,7 +28,9 @@ from .contract import (
 )
 from .integrity import verify_tensors
 from .session import ProviderSpec, open_session
-from .tokenizer import HFTokenizer, default_tokenizer, token_layout
+from .tokenizers.clip_bpe import default_tokenizer
+from .tokenizers.hf import HFTokenizer
+from .tokenizers.layout import token_layout
 
 logger = logging.getLogger(__name__)
 
