@@ -100,6 +100,7 @@ def main() -> None:
 
     from coopkit.runtime import Classifier
     from coopkit.runtime.batch import BatchConfig, predict_collection
+    from coopkit.runtime.session import default_workers
 
     before = machine_info(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,7 @@ def main() -> None:
         model = export_model(args.model, args.precision, root / "model.onnx")
         clf = Classifier(model, device="cpu", threads=args.threads, batch_size=args.batch_size)
         cfg = BatchConfig(batch_size=args.batch_size, overwrite=True)
-        workers = max(1, min(8, os.cpu_count() or 1))
+        workers = default_workers()
         crops = clf.preprocess(paths)  # (n, H, W, 3)
         chunks = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
 

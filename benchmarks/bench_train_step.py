@@ -73,7 +73,7 @@ def _backbone(model: str, folder: str):
 
     import coopkit
     from coopkit.research.families import tiny_tokenizer
-    from coopkit.runtime.tokenizer import HFTokenizer
+    from coopkit.runtime.tokenizers.hf import HFTokenizer
 
     if model not in SHAPED:
         return coopkit.load_backbone(model, pretrained=None, device="cpu")

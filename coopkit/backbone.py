@@ -225,7 +225,7 @@ def _resolve_pretrained(name: str, pretrained: Optional[str]) -> tuple[Optional[
 
 
 class TorchTokenizer:
-    """A torch-free tokenizer (:class:`coopkit.runtime.tokenizer.HFTokenizer`) returning
+    """A torch-free tokenizer (:class:`coopkit.runtime.tokenizers.hf.HFTokenizer`) returning
     ``torch.LongTensor`` rows, as open_clip's tokenizers do; other attributes pass through."""
 
     def __init__(self, tokenizer: Any) -> None:
@@ -248,7 +248,7 @@ def _offline_hint(what: str) -> str:
 def _hf_tokenizer_from_transformers(source: str, context_length: int, clean: str, strip_sep: bool) -> Any:
     """A Hugging Face tokenizer that has no tokenizer.json (a sentencepiece model, a hub name),
     converted by transformers, then run torch-free like any other."""
-    from .runtime.tokenizer import HFTokenizer
+    from .runtime.tokenizers.hf import HFTokenizer
 
     try:
         from transformers import AutoTokenizer
@@ -272,7 +272,7 @@ def load_tokenizer(name: str, path: Optional[str] = None) -> Any:
     CLIP-BPE models use open_clip's ``SimpleTokenizer`` (its vocabulary ships with open_clip; a
     ``.txt.gz`` ``path`` replaces it). Models with a Hugging Face tokenizer (``hf_tokenizer_name``
     in their config: SigLIP, CLIPA, MetaCLIP 2, HF text towers) get coopkit's torch-free
-    :class:`~coopkit.runtime.tokenizer.HFTokenizer` (the ``tokenizers`` library), set up as
+    :class:`~coopkit.runtime.tokenizers.hf.HFTokenizer` (the ``tokenizers`` library), set up as
     open_clip sets its own up (context length, cleaning, ``strip_sep_token``), from a local
     folder or ``tokenizer.json``, else from the hub (through transformers when installed).
 
@@ -286,7 +286,7 @@ def load_tokenizer(name: str, path: Optional[str] = None) -> Any:
     """
     import open_clip
 
-    from .runtime.tokenizer import HF_TOKENIZER_CONFIGS, HF_TOKENIZER_FILE, HFTokenizer
+    from .runtime.tokenizers.hf import HF_TOKENIZER_CONFIGS, HF_TOKENIZER_FILE, HFTokenizer
 
     text_cfg = dict((open_clip.get_model_config(name) or {}).get("text_cfg", {}))
     context_length = int(text_cfg.get("context_length", 77))

@@ -47,9 +47,9 @@ from .runtime.contract import (
     check_templates,
     fill_templates,
 )
-from .runtime.image import Prediction, check_predict_args, rank
+from .runtime.results import Prediction, check_predict_args, rank
 from .runtime.preprocess import ImageInput, as_image_list, describe
-from .runtime.tokenizer import token_layout
+from .runtime.tokenizers.layout import token_layout
 
 logger = logging.getLogger(__name__)
 

@@ -11,15 +11,18 @@ Configs are passed as objects; keyword overrides go through :func:`apply_overrid
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
+from .runtime.configbase import ConfigMixin, default_of, help_of  # noqa: F401 - help_of, default_of: used by importers
+from .runtime.configbase import check_bool as _bool
+from .runtime.configbase import check_choice as _choice
+from .runtime.configbase import check_float as _float
+from .runtime.configbase import check_int as _int
 from .runtime.contract import (
     CLASS_TOKEN_POSITIONS,
     DEFAULT_TEMPLATE,
@@ -38,91 +41,8 @@ DEFAULT_PRETRAINED = "default"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-C = TypeVar("C")
-
-
-# --- validation helpers --------------------------------------------------------------------------
-
-
-def _int(name: str, value: Any, minimum: int, optional: bool = False) -> Optional[int]:
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if optional else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
-    return value
-
-
-def _float(name: str, value: Any, minimum: float = 0.0, *, positive: bool = False, below: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    low_ok = value > minimum if positive else value >= minimum
-    high_ok = below is None or value < below
-    if not math.isfinite(value) or not low_ok or not high_ok:
-        rng = f"{'>' if positive else '>='} {minimum:g}" + (f" and < {below:g}" if below is not None else "")
-        raise ValueError(f"{name} must be a finite number {rng}, got {value!r}")
-    return value
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
-    return value
-
-
-def help_of(cls: type, name: str) -> str:
-    """The ``help`` text of a config field (used by the CLI and the docs)."""
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
-def default_of(cls: type, name: str) -> Any:
-    """The default of a config field: the one place it is written."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-
-
-class ConfigMixin:
-    """``to_dict`` / ``from_dict`` / ``to_json`` / ``from_json``, written once for every config.
-
-    ``from_dict`` ignores keys this version does not know, with one warning naming them
-    (a run saved by a newer coopkit still loads).
-    """
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls: type[C], raw: Any) -> C:
-        if isinstance(raw, cls):
-            return raw
-        if not isinstance(raw, dict):
-            raise ValueError(f"{cls.__name__} must be a JSON object, got {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            logger.warning("ignoring unknown %s keys %s (written by a newer coopkit?)", cls.__name__, unknown)
-        try:
-            return cls(**{k: v for k, v in raw.items() if k in known})
-        except TypeError as e:
-            raise ValueError(f"{cls.__name__}: {e}") from None
-
-    @classmethod
-    def from_json(cls: type[C], text: str) -> C:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON: {e}") from None
-        return cls.from_dict(raw)  # type: ignore[attr-defined]
+# The validators (check_int, check_float, check_bool, check_choice) and ConfigMixin live in
+# coopkit.runtime.configbase, the one validating base of every config (the runtime's too).
 
 
 def apply_overrides(configs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

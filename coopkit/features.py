@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .runtime.preprocess import ImageDecodeError, ImageInput, check_resizable, describe, load_image
+from .runtime.progress import progress_bar
 from .runtime.session import check_threads, default_threads
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def encode_images(
         views: Times each image is transformed and encoded (for random augmentations).
         batch_size: Images per forward pass.
         strict: Raise on the first unreadable image instead of skipping it.
-        progress: Show a tqdm bar.
+        progress: Show a progress bar (:func:`~coopkit.runtime.progress.progress_bar`).
         desc: Label of the bar.
         precision: See :func:`autocast_for`.
         errors_out: A list of ``len(images)`` entries to fill with the error of each skipped
@@ -101,8 +102,6 @@ def encode_images(
         ImageDecodeError / FileNotFoundError: with ``strict=True``, for the first bad image.
         ValueError: no image could be decoded.
     """
-    from tqdm.auto import tqdm
-
     transform = transform or backbone.preprocess
     # the eval transform resizes the short side to the model's size: refuse extreme strips as
     # the runtime does, instead of building a gigapixel intermediate image
@@ -111,7 +110,7 @@ def encode_images(
     kept: list[int] = []
     skipped: list[str] = []
     out: list[torch.Tensor] = []  # each (views, b, embed_dim)
-    bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = progress_bar(total=len(images), desc=desc, unit="img", enabled=progress, leave=False)
     with torch.inference_mode(), autocast_for(backbone.device, precision):
         for start in range(0, len(images), batch_size):
             decoded, first = [], []  # images, and their first view: every failure stays with its image

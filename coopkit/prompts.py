@@ -53,7 +53,7 @@ from .runtime.contract import (
     prompt_name,
     prompt_order,
 )
-from .runtime.tokenizer import dot_token_id, token_layout
+from .runtime.tokenizers.layout import dot_token_id, token_layout
 
 if TYPE_CHECKING:
     from .backbone import Backbone

@@ -27,6 +27,7 @@ from .data import Dataset, few_shot, load_dataset
 from .features import autocast_for, encode_images, torch_threads
 from .prompts import PromptLearner
 from .runtime.contract import check_classnames
+from .runtime.progress import progress_bar
 from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
@@ -215,8 +216,6 @@ def _train_loop(
     progress: bool,
     callback: Optional[Callable[[int, dict[str, float]], None]],
 ) -> dict[str, list[float]]:
-    from tqdm.auto import tqdm
-
     device = bb.device
     views, n, _ = feats.shape
     scale = bb.model.logit_scale.exp().float().to(device)
@@ -225,7 +224,7 @@ def _train_loop(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
     epochs = cfg.resolved_epochs
-    bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not progress)
+    bar = progress_bar(range(epochs), desc="training", unit="epoch", enabled=progress)
     for epoch in bar:
         lr = lr_at(epoch, cfg)
         for group in optimizer.param_groups:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the README's experiment report on the embedded world (about 15 minutes on 2 quiet CPU cores):
+# Regenerates the experiment report on the embedded world (docs/report/, shown in docs/experiments.md) (about 15 minutes on 2 quiet CPU cores):
 # few-shot curves with the baselines (linear probe, CLAP, Tip-Adapter, Tip-Adapter-F), base-to-new with
 # KgCoOp, domain shift, on colored_shapes with coopkit-tiny.
 #   bash docs/make_report.sh [OUT_DIR]        (needs the plot extra: pip install -e ".[plot]")
@@ -16,7 +16,7 @@ W=$world/colored_shapes
 base=$("$py" -c "from coopkit.embedded.world import base_new_split as b; print(','.join(b('colored_shapes')[0]))")
 new=$("$py" -c "from coopkit.embedded.world import base_new_split as b; print(','.join(b('colored_shapes')[1]))")
 # Whole-image training views (--no-augment): the world's 64-pixel scenes hold one object, which
-# CoOp's random crops (scale 0.08-1) mostly cut away; see the README's embedded-default section.
+# CoOp's random crops (scale 0.08-1) mostly cut away; see docs/embedded.md.
 "$py" -m coopkit bench fewshot --train "$W/train" --test "$W/test" --val "$world/val/test" --no-augment --n-views 1 -q \
     --methods zeroshot,zeroshot-ensemble,linear-probe,clap,tip-adapter,tip-adapter-f,coop,coop-csc --out "$out/fewshot"
 "$py" -m coopkit bench base2new --train "$W/train" --test "$W/test" --base "$base" --new "$new" \

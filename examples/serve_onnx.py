@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, urlparse
 from PIL import Image
 
 from coopkit.runtime import Classifier
+from coopkit.runtime.session import default_workers
 
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes
 
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-upload", type=int, default=MAX_UPLOAD, help="largest body in bytes")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels")
-    parser.add_argument("--max-decodes", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+    parser.add_argument("--max-decodes", type=int, default=default_workers(),
                         help="images decoded at once")
     parser.add_argument("--max-connections", type=int, default=64, help="connections served at once")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds for each socket read")

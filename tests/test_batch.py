@@ -25,7 +25,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 from test_runtime import image_graph, photo  # noqa: E402
 
 from coopkit.runtime import Classifier  # noqa: E402
-from coopkit.runtime.batch import BatchConfig, iter_inputs, predict_collection  # noqa: E402
+from coopkit.runtime.batch import BatchConfig, predict_collection  # noqa: E402
+from coopkit.runtime.inputs import iter_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,7 +173,8 @@ def test_resume_after_interruption_and_kill(clf: Classifier, model: Path, folder
     out = tmp_path / "killed.parquet"
     code = f"""
 import sys, time
-from coopkit.runtime.batch import iter_inputs, predict_collection
+from coopkit.runtime.batch import predict_collection
+from coopkit.runtime.inputs import iter_inputs
 def slow():
     for p in iter_inputs({str(folder)!r}):
         time.sleep(0.15)

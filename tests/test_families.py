@@ -26,7 +26,7 @@ from coopkit.research.families import (  # noqa: E402
     tiny_tokenizer,
 )
 from coopkit.runtime.contract import MetadataError, ModelMetadata, TextEncoderSpec  # noqa: E402
-from coopkit.runtime.tokenizer import HFTokenizer  # noqa: E402
+from coopkit.runtime.tokenizers.hf import HFTokenizer  # noqa: E402
 
 #: One model per family (the matrix of the issue), and the path CoOp takes on it.
 MATRIX = {

@@ -1,5 +1,5 @@
 """The shape of the package: imports point one way, no private name crosses a module, the
-runtime and the foundations stay torch-free, and the README's layout section matches the tree."""
+runtime and the foundations stay torch-free, and the docs' layout page (docs/layout.md) matches the tree."""
 
 from __future__ import annotations
 
@@ -176,13 +176,13 @@ def test_importing_the_torch_free_layers_loads_no_torch():
     assert out.returncode == 0, out.stderr
 
 
-def test_readme_layout_matches_the_tree():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+def test_docs_layout_matches_the_tree():
+    page = (ROOT / "docs" / "layout.md").read_text()
+    section = page.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\s*(coopkit/[\w/]*?)/?\s{2,}", section, flags=re.M))
     listed |= {f"coopkit/{m}" for m in re.findall(r"^\s+([a-z_]+/)\s{2,}", section, flags=re.M)}
     folders = {f"coopkit/{p.relative_to(PACKAGE)}".rstrip("/") for p in PACKAGE.iterdir()
                if p.is_dir() and not p.name.startswith("__")}
     listed = {x.rstrip("/") for x in listed}
-    assert folders <= listed, f"folders not in the README's layout: {sorted(folders - listed)}"
-    assert listed <= folders | {"coopkit"}, f"README lists folders that do not exist: {sorted(listed - folders)}"
+    assert folders <= listed, f"folders not in docs/layout.md: {sorted(folders - listed)}"
+    assert listed <= folders | {"coopkit"}, f"docs/layout.md lists folders that do not exist: {sorted(listed - folders)}"

@@ -28,7 +28,7 @@ from coopkit.exporters.preprocess import RAW_INPUT_OPSET, preprocess_model
 from coopkit.exporters.verify import RAW_LOGIT_TOLERANCE, RAW_PIXEL_TOLERANCE, synthetic_image
 from coopkit.runtime import Classifier
 from coopkit.runtime.contract import INPUT_NAME, MetadataError, ModelMetadata
-from coopkit.runtime.image import resizes_in_graph
+from coopkit.runtime.classifier import resizes_in_graph
 from coopkit.runtime.preprocess import ImageDecodeError, resize_and_crop
 from coopkit.runtime.session import CPU, CUDA
 

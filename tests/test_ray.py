@@ -22,7 +22,8 @@ pytest.importorskip("pyarrow")
 
 from test_runtime import image_graph, photo  # noqa: E402
 
-from coopkit.runtime.batch import iter_inputs, predict_collection  # noqa: E402
+from coopkit.runtime.batch import predict_collection  # noqa: E402
+from coopkit.runtime.inputs import iter_inputs  # noqa: E402
 from coopkit.runtime.ray_engine import FAILED_BATCH, ClassifierActor, RayConfig, predict_ray  # noqa: E402
 
 

@@ -27,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from coopkit.runtime import Classifier, ImageDecodeError, MetadataError, ModelMetadata, Prediction  # noqa: E402
 from coopkit.runtime.preprocess import load_image, preprocess, resize_and_crop  # noqa: E402
 from coopkit.runtime.session import CPU, CUDA, cuda_device_count, create_session  # noqa: E402
-from coopkit.runtime.tokenizer import ClipTokenizer, clean_text, split_words  # noqa: E402
+from coopkit.runtime.tokenizers.cleaning import clean_text  # noqa: E402
+from coopkit.runtime.tokenizers.clip_bpe import ClipTokenizer, split_words  # noqa: E402
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -670,3 +671,52 @@ def test_cli_bad_input_exit_2(cli: Any, model: Any, tmp_path: Path) -> None:
         assert out.exit_code == 2 and needle in out.stderr and out.stderr.count("\n") == 1, out.stderr
     out = cli(model[0])  # zero images
     assert out.exit_code == 2
+
+
+# --- the runtime's configs and extras -------------------------------------------------------------
+
+
+def test_runtime_configs_share_the_validating_base(caplog: pytest.LogCaptureFixture) -> None:
+    from coopkit.runtime.batch import BatchConfig
+    from coopkit.runtime.configbase import ConfigMixin
+    from coopkit.runtime.ray_engine import RayConfig
+    from coopkit.runtime.serve import ServeConfig
+
+    for cls, changed in ((BatchConfig, {"top_k": 3}), (ServeConfig, {"port": 9000}), (RayConfig, {"actors": 2})):
+        assert issubclass(cls, ConfigMixin)
+        cfg = cls(**changed)
+        assert cls.from_json(cfg.to_json()) == cfg
+        with caplog.at_level("WARNING"):
+            assert cls.from_dict({**cfg.to_dict(), "from_a_newer_coopkit": 1}) == cfg
+        assert "from_a_newer_coopkit" in caplog.text
+    for make, match in (
+        (lambda: BatchConfig(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (lambda: BatchConfig(workers=True), "workers must be an integer >= 1 or None"),
+        (lambda: ServeConfig(port=70000), "port must be an integer from 0 to 65535, got 70000"),
+        (lambda: ServeConfig(max_wait_ms=float("nan")), "max_wait_ms must be a finite number"),
+        (lambda: RayConfig(cpus_per_actor=0), "cpus_per_actor must be a finite number > 0"),
+        (lambda: RayConfig(gpus_per_actor=9), "gpus_per_actor must be a finite number >= 0 and <= 8 or None"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_a_missing_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from coopkit.runtime.writers import check_out
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if pyarrow were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(RuntimeError, match=r"Parquet input or output needs pyarrow \(pip install 'coopkit\[parquet\]'\)"):
+        check_out(tmp_path / "labels.parquet")
+    with pytest.raises(ImportError):  # also an ImportError, for callers that catch that
+        check_out(tmp_path / "labels.parquet")
+
+
+def test_default_workers_follow_the_usable_cpus() -> None:
+    from coopkit.runtime.batch import BatchConfig
+    from coopkit.runtime.serve import ServeConfig
+    from coopkit.runtime.session import MAX_DEFAULT_WORKERS, default_workers, usable_cpus
+
+    assert default_workers() == max(1, min(MAX_DEFAULT_WORKERS, len(usable_cpus())))
+    assert ServeConfig().decodes == default_workers() and ServeConfig(max_decodes=3).decodes == 3
+    assert BatchConfig().workers is None  # predict_rows resolves None to default_workers()

@@ -24,7 +24,7 @@ from .base import EXIT_BAD_INPUT, command, config_options, pop_config
 
 def _expand(args: tuple[str, ...], column: str) -> Iterator[str]:
     """Arguments as image paths: folders and globs expanded, anything else taken as one image."""
-    from ..runtime.batch import iter_inputs
+    from ..runtime.inputs import iter_inputs
 
     for arg in args:
         if os.path.isdir(arg) or (any(c in arg for c in "*?[") and not os.path.exists(arg)):

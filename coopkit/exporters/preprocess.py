@@ -16,7 +16,7 @@ following the same :func:`~coopkit.runtime.preprocess.resize_plan`:
    ``keep_aspect_ratio_policy`` rounds sizes differently from torchvision. The resize sits in
    an ``If`` and is skipped when the image already has the target size, as torchvision does; so
    a crop at ``image_size`` passes through unchanged, which is how the runtime feeds a raw file
-   on CUDA (see :mod:`coopkit.runtime.image`) and why an older runtime that feeds crops still
+   on CUDA (see :mod:`coopkit.runtime.classifier`) and why an older runtime that feeds crops still
    gets the right answers;
 3. the centre pad (``fill``) and crop with torchvision's offsets (``Round((padded - crop) / 2)``).
 

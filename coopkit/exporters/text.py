@@ -32,7 +32,9 @@ from coopkit.runtime.contract import (
     fill_templates,
 )
 from coopkit.runtime.integrity import tensors_sha256
-from coopkit.runtime.tokenizer import ClipTokenizer, HFTokenizer, dot_token_id, is_clip_bpe, token_layout
+from coopkit.runtime.tokenizers.clip_bpe import ClipTokenizer
+from coopkit.runtime.tokenizers.hf import HFTokenizer
+from coopkit.runtime.tokenizers.layout import dot_token_id, is_clip_bpe, token_layout
 
 from .graphs import TextGraph
 from .io import check_model, save_model, tokenizer_file_name

@@ -194,7 +194,7 @@ def write_triton_repository(
     import onnx
 
     from coopkit.runtime.contract import INPUT_RAW, ModelMetadata
-    from coopkit.runtime.image import resizes_in_graph
+    from coopkit.runtime.classifier import resizes_in_graph
     from coopkit.runtime.session import CUDA
 
     src = Path(model_path)

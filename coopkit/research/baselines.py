@@ -38,6 +38,7 @@ from ..config import ClapConfig, RunConfig, TipAdapterConfig, TrainConfig
 from ..data import Dataset
 from ..features import encode_images
 from ..runtime.contract import check_templates
+from ..runtime.progress import progress_bar
 from ..train import lr_at
 from .linear_probe import fit_linear_probe
 
@@ -99,8 +100,6 @@ def clap(bb: Backbone, shots: FewShotFeatures, *, templates: Sequence[str] = DEF
     where ``lambda_c`` is the zero-shot classifier's mean probability of class ``c`` on its own
     training shots (all views). SGD with momentum 0.9, one warm-up epoch at 1e-5, cosine.
     """
-    from tqdm.auto import tqdm
-
     cfg = config or ClapConfig()
     names = shots.classnames
     scale = bb.model.logit_scale.exp().float().cpu()
@@ -118,7 +117,7 @@ def clap(bb: Backbone, shots: FewShotFeatures, *, templates: Sequence[str] = DEF
     optim = torch.optim.SGD([weight], lr=cfg.lr, momentum=0.9, weight_decay=0.0)
     schedule = TrainConfig(epochs=cfg.epochs, lr=cfg.lr)  # CoOp's warm-up + cosine, as CLAP's config
     gen = torch.Generator().manual_seed(seed)
-    for epoch in tqdm(range(cfg.epochs), desc="CLAP", unit="epoch", disable=not progress):
+    for epoch in progress_bar(range(cfg.epochs), desc="CLAP", unit="epoch", enabled=progress):
         for group in optim.param_groups:
             group["lr"] = lr_at(epoch, schedule)
         order = torch.randperm(len(y_all), generator=gen)
@@ -177,8 +176,6 @@ def tip_adapter(bb: Backbone, shots: FewShotFeatures, *, templates: Sequence[str
         seed: Seeds the fine-tuning order.
         progress: Show a progress bar while fine-tuning.
     """
-    from tqdm.auto import tqdm
-
     cfg = config or TipAdapterConfig()
     names = shots.classnames
     weights = _text_weights(bb, names, templates)  # (C, D)
@@ -194,7 +191,7 @@ def tip_adapter(bb: Backbone, shots: FewShotFeatures, *, templates: Sequence[str
         steps = cfg.epochs * math.ceil(n / cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, steps)
         gen = torch.Generator().manual_seed(seed)
-        for _ in tqdm(range(cfg.epochs), desc="Tip-Adapter-F", unit="epoch", disable=not progress):
+        for _ in progress_bar(range(cfg.epochs), desc="Tip-Adapter-F", unit="epoch", enabled=progress):
             order, view = torch.randperm(n, generator=gen), torch.randint(views, (n,), generator=gen)
             total = 0.0
             for start in range(0, n, cfg.batch_size):

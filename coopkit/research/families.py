@@ -229,7 +229,7 @@ def shrunk_config(name: str, tokenizer: Optional[Path] = None, vocab_size: Optio
 def build_family(name: str, folder: Path) -> tuple[Path, Optional[Path]]:
     """Write the shrunken config of ``name`` (and its tiny tokenizer and Hugging Face config) to
     ``folder``; returns ``(config path, tokenizer folder or None)``."""
-    from coopkit.runtime.tokenizer import HFTokenizer
+    from coopkit.runtime.tokenizers.hf import HFTokenizer
 
     family = family_of(name)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,20 @@
 >>> clf = Classifier("model.onnx")                      # CUDA when it really works, else CPU
 >>> [p.label for p in clf.predict(["cat.jpg", "dog.png"])]
 
-* :class:`Classifier` (``image``): images in, labels and probabilities out;
-* :class:`TextEncoder` (``text``): class names in, class weights out (open vocabulary);
+* :class:`Classifier` (:mod:`~coopkit.runtime.classifier`): images in, labels and probabilities
+  out, as :class:`Prediction` (:mod:`~coopkit.runtime.results`, shared with the torch classifier),
+  from a file checked against its metadata (:mod:`~coopkit.runtime.modelfile`);
+* :class:`TextEncoder` (:mod:`~coopkit.runtime.text`): class names in, class weights out (open
+  vocabulary), with the tokenizers of :mod:`~coopkit.runtime.tokenizers`;
 * :mod:`~coopkit.runtime.contract`: what training and serving share (metadata schema,
-  class-name rules, templates, token layout).
+  class-name rules, templates, token layout);
+* :mod:`~coopkit.runtime.session`: every onnxruntime session (device, providers, threads) and the
+  decoding-worker default;
+* collections: :mod:`~coopkit.runtime.inputs` -> :mod:`~coopkit.runtime.batch` ->
+  :mod:`~coopkit.runtime.writers` (or :mod:`~coopkit.runtime.ray_engine`); HTTP:
+  :mod:`~coopkit.runtime.serve`;
+* shared low in the import order: :mod:`~coopkit.runtime.configbase` (every config's validating
+  base), :mod:`~coopkit.runtime.extras` (optional dependencies), :mod:`~coopkit.runtime.progress`.
 
 Importing this package imports neither torch nor open_clip (onnxruntime itself is imported
 when the first session is created). It is installable on its own: ``pip install coopkit``
@@ -15,10 +25,11 @@ brings only numpy, Pillow and onnxruntime-gpu.
 """
 
 from .contract import METADATA_KEY, SCHEMA_VERSION, MetadataError, ModelMetadata, TextEncoderSpec
-from .image import Classifier, Prediction
+from .classifier import Classifier
 from .preprocess import ImageDecodeError, load_image, preprocess
+from .results import Prediction
 from .text import TextEncoder
-from .tokenizer import ClipTokenizer
+from .tokenizers import ClipTokenizer
 
 __all__ = [
     "Classifier",

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import numpy as np
 
 from .contract import INPUT_RAW, MetadataError, ModelMetadata
+from .extras import require
 from .preprocess import resize_plan
 from .session import CPU, CUDA, TENSORRT, ProviderSpec, cuda_device_count, default_threads, open_session
 
@@ -221,12 +222,8 @@ def split_device(device: str) -> tuple[str, Optional[int]]:
 
 
 def _openvino() -> Any:
-    try:
-        import openvino
-    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing to load its libraries
-        raise RuntimeError(f"engine='openvino' needs the openvino package (pip install 'coopkit[openvino]'): "
-                           f"{type(e).__name__}: {e}") from None
-    return openvino
+    """The ``openvino`` package (the ``openvino`` extra); MissingExtraError (a RuntimeError) without it."""
+    return require("openvino", "openvino", "engine='openvino'")
 
 
 @dataclass(frozen=True)
@@ -399,8 +396,8 @@ def installed_engines() -> list[Any]:
     engines: list[Any] = [OnnxruntimeEngine()]
     try:
         _openvino()
-    except RuntimeError as e:
-        logger.debug("engine auto: OpenVINO is not installed: %s", e)
+    except Exception as e:  # noqa: BLE001 - not installed, or an install that fails to load its libraries
+        logger.debug("engine auto: OpenVINO cannot be used: %s", e)
     else:
         engines.append(OpenVINOEngine())
     return engines

@@ -28,33 +28,23 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .batch import (
-    BatchConfig,
-    Summary,
-    arrow_schema,
-    check_out,
-    error_row,
-    iter_inputs,
-    make_rows,
-    open_writer,
-    paths_from_csv,
-    paths_from_lines,
-    paths_from_parquet,
-    skip_done,
-)
+from .batch import BatchConfig, Summary
+from .classifier import Classifier, prepare_image
+from .configbase import ConfigMixin, check_float, check_int
 from .contract import ModelMetadata
-from .image import Classifier, prepare_image
+from .extras import require
+from .inputs import iter_inputs, paths_from_csv, paths_from_lines, paths_from_parquet
 from .preprocess import MAX_PIXELS, is_image_file
+from .writers import arrow_schema, check_out, error_row, make_rows, open_writer, skip_done
 
 logger = logging.getLogger(__name__)
 
-RAY_EXTRA = "pip install 'coopkit[ray]'"
 #: The error of rows whose batch made the actor die twice.
 FAILED_BATCH = "failed: the classifier actor died on this batch twice (it was replaced and the batch retried once)"
 
 
 @dataclass(frozen=True)
-class RayConfig:
+class RayConfig(ConfigMixin):
     """Where and how wide a Ray job runs (``coopkit predict ... --engine ray``)."""
 
     address: Optional[str] = field(default=None, metadata={
@@ -67,31 +57,23 @@ class RayConfig:
         "help": "GPUs per actor (default: 1 when the cluster has GPUs, else 0)."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.actors, bool) or not isinstance(self.actors, int) or self.actors < 1:
-            raise ValueError(f"actors must be a positive integer, got {self.actors!r}")
+        check_int("actors", self.actors)
         for name in ("cpus_per_actor", "decode_cpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1024:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-        g = self.gpus_per_actor
-        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= 8):
-            raise ValueError(f"gpus_per_actor must be a number from 0 to 8 or None, got {g!r}")
+            check_float(name, getattr(self, name), positive=True, maximum=1024)
+        check_float("gpus_per_actor", self.gpus_per_actor, maximum=8, optional=True)
 
 
 def _ray() -> Any:
-    try:
-        import ray
-        import ray.data  # noqa: F401 - the Data library is a separate extra of ray
-    except ImportError:
-        raise ImportError(f"--engine ray needs Ray Data ({RAY_EXTRA})") from None
-    return ray
+    """``ray``, with its Data library (a separate extra of ray), or an error naming the ``ray`` extra."""
+    require("ray.data", "ray", "--engine ray (Ray Data)")
+    return require("ray", "ray", "--engine ray (Ray Data)")
 
 
 # --- inputs at URIs ------------------------------------------------------------------------------
 
 
 def _uri_inputs(uri: str, column: str) -> Iterator[str]:
-    """:func:`~coopkit.runtime.batch.iter_inputs` for a pyarrow filesystem URI (``s3://``, ``gs://``, ``file://``)."""
+    """:func:`~coopkit.runtime.inputs.iter_inputs` for a pyarrow filesystem URI (``s3://``, ``gs://``, ``file://``)."""
     from pyarrow import fs as pafs
 
     filesystem, path = pafs.FileSystem.from_uri(uri)

@@ -28,7 +28,8 @@ that image alone (the rows of a batch do not interact; fp32 results agree to flo
 * bodies over ``max_body_bytes`` are refused with 413 (by ``Content-Length`` before reading,
   or while streaming); a body not received within ``read_timeout_s`` gets 408, and the
   connection is closed;
-* at most ``max_decodes`` images are decoded at once, each of at most ``max_pixels`` pixels
+* at most ``max_decodes`` images are decoded at once (default: one per usable CPU, at most 8,
+  the runtime's one decoding-thread default), each of at most ``max_pixels`` pixels
   (larger ones are refused from their header, 413). Decoding an 8-bit image peaks at about
   4.4 bytes per pixel (measured), so decoding holds at most about
   ``max_decodes * max_pixels * 4.4`` bytes (16-bit greyscale about 3x more);
@@ -60,18 +61,21 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from .image import Classifier, rank
+from .classifier import Classifier
+from .configbase import ConfigMixin, check_float, check_int, check_text
+from .extras import require
+from .results import rank
+from .session import default_workers
 
 logger = logging.getLogger(__name__)
 
-SERVE_EXTRA = "pip install 'coopkit[serve]'"
 #: Histogram buckets of the request latency (seconds) and of the batch size.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(ConfigMixin):
     """How ``coopkit serve`` listens, batches and limits (every field is a ``--flag``)."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0: every interface)."})
@@ -86,7 +90,7 @@ class ServeConfig:
     max_images: int = field(default=16, metadata={"help": "Most images in one multipart request."})
     max_pixels: int = field(default=40_000_000, metadata={"help": "Largest image, in pixels (413 beyond)."})
     max_decodes: Optional[int] = field(default=None, metadata={
-        "help": "Images decoded at once (default: one per core, at most 4); bounds decoding memory."})
+        "help": "Images decoded at once (default: one per usable CPU, at most 8); bounds decoding memory."})
     max_connections: int = field(default=256, metadata={
         "help": "Connections and requests served at once; more get 503 (uvicorn's limit_concurrency)."})
     read_timeout_s: float = field(default=30.0, metadata={"help": "Time to receive a whole request body (408 beyond)."})
@@ -94,27 +98,19 @@ class ServeConfig:
         "help": "On shutdown, how long requests in flight may take to finish."})
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_batch_size", "queue_size", "top_k", "max_body_bytes", "max_images", "max_pixels",
+        for name in ("max_batch_size", "queue_size", "top_k", "max_body_bytes", "max_images", "max_pixels",
                      "max_connections"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.port > 65535:
-            raise ValueError(f"port must be at most 65535, got {self.port}")
-        md = self.max_decodes
-        if md is not None and (isinstance(md, bool) or not isinstance(md, int) or md < 1):
-            raise ValueError(f"max_decodes must be a positive integer or None, got {md!r}")
+            check_int(name, getattr(self, name))
+        check_int("port", self.port, 0, maximum=65535)
+        check_int("max_decodes", self.max_decodes, optional=True, hint="one per usable CPU, at most 8")
         for name in ("max_wait_ms", "read_timeout_s", "graceful_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not isinstance(self.host, str) or not self.host:
-            raise ValueError(f"host must be an address, got {self.host!r}")
+            check_float(name, getattr(self, name), below=1e6)
+        check_text("host", self.host, "an address")
 
     @property
     def decodes(self) -> int:
         """The concurrent-decode bound in force."""
-        return self.max_decodes or max(1, min(4, os.cpu_count() or 1))
+        return self.max_decodes or default_workers()
 
 
 class HTTPError(Exception):
@@ -128,13 +124,10 @@ class HTTPError(Exception):
 
 
 def _imports() -> Any:
-    try:
-        import prometheus_client
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise ImportError(f"coopkit serve needs {e.name or 'its server packages'} ({SERVE_EXTRA})") from None
-    return prometheus_client
+    """``prometheus_client``, after checking that the server's packages (the ``serve`` extra) are installed."""
+    for module in ("starlette", "uvicorn"):
+        require(module, "serve", "coopkit serve")
+    return require("prometheus_client", "serve", "coopkit serve")
 
 
 class Metrics:

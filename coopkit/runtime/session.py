@@ -36,6 +36,11 @@ ProviderSpec = Union[str, tuple[str, dict[str, Any]]]
 #: and int8 files it is worth 1.2-1.7x on convolutional image towers, see :func:`disabled_optimizers`).
 CPU_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 
+#: Most image-decoding threads :func:`default_workers` gives: decoding one photo-sized JPEG and
+#: cropping it takes a few ms, so 8 threads keep even a GPU session fed, and more only add memory
+#: (each thread holds one full-size decoded image, up to ``max_pixels``).
+MAX_DEFAULT_WORKERS = 8
+
 #: Seconds over which :func:`default_threads` measures how busy the CPUs are.
 DEFAULT_SAMPLE_SECONDS = 0.05
 
@@ -138,6 +143,13 @@ def usable_cpus() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
+
+
+def default_workers() -> int:
+    """The image-decoding threads ``workers=None`` means, everywhere in the runtime (the
+    :class:`~coopkit.runtime.Classifier`'s pool, batch prediction, ``coopkit serve``'s concurrent
+    decodes): one per usable CPU, at most :data:`MAX_DEFAULT_WORKERS`."""
+    return max(1, min(MAX_DEFAULT_WORKERS, len(usable_cpus())))
 
 
 def _cpu_jiffies(cpus: Sequence[int]) -> tuple[int, int]:

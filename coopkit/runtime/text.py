@@ -30,7 +30,9 @@ from .integrity import verify_tensors
 from .engine_choice import open_engine
 from .engines import ONNXRUNTIME
 from .session import ProviderSpec
-from .tokenizer import HFTokenizer, default_tokenizer, token_layout
+from .tokenizers.clip_bpe import default_tokenizer
+from .tokenizers.hf import HFTokenizer
+from .tokenizers.layout import token_layout
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class TextEncoder:
     ) -> "TextEncoder":
         """Open the text graph at ``path`` (see :func:`~coopkit.runtime.session.create_session`),
         after checking its tensors against ``spec.tensors_sha256`` (unless ``check_tensors=False``),
-        on ``engine`` (``onnxruntime`` or ``openvino``: see :func:`~coopkit.runtime.engines.open_engine`)."""
+        on ``engine`` (``onnxruntime`` or ``openvino``: see :func:`~coopkit.runtime.engine_choice.open_engine`)."""
         if engine == "auto":
             raise ValueError("a text graph runs on the engine of its image graph: engine must be 'onnxruntime' or 'openvino'")
         file = Path(path)

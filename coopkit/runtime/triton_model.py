@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from coopkit.runtime.contract import ModelMetadata
-from coopkit.runtime.image import prepare_image
+from coopkit.runtime.classifier import prepare_image
 
 #: The ensemble's input (``TYPE_STRING``, one encoded image per batch row) and this model's output.
 INPUT = "IMAGE_BYTES"

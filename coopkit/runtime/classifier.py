@@ -13,7 +13,6 @@ the graph passes through unchanged; a warning says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -24,18 +23,8 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .contract import (
-    INPUT_NAME,
-    INPUT_RAW,
-    OUTPUT_NAMES,
-    MetadataError,
-    ModelMetadata,
-    check_classnames,
-    is_sidecar,
-    sidecar_mismatches,
-    sidecar_name,
-)
-from .integrity import FileFormatError, class_weights_sha256, verify_tensors
+from .contract import INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, ModelMetadata, check_classnames
+from .modelfile import check_output_width, open_checked
 from .preprocess import (
     MAX_PIXELS,
     ImageDecodeError,
@@ -45,57 +34,13 @@ from .preprocess import (
     describe,
     preprocess,
 )
+from .results import Prediction, check_predict_args, rank, softmax
 from .engine_choice import open_engine
 from .engines import CUDA_WRONG_RESIZE, resizes_in_graph  # noqa: F401 - public here as before
-from .session import CUDA, TENSORRT, ProviderSpec
+from .session import CUDA, TENSORRT, ProviderSpec, default_workers
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
-
-ERROR_MODES = ("raise", "skip")
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """The result for one image: labels and probabilities, best first.
-
-    Attributes:
-        source: A short name of the input (its path, or e.g. ``<array (480, 640, 3) uint8>``).
-        labels: The ``top_k`` most probable class names, best first.
-        probs: Their probabilities.
-        index: Position of the image in the input list.
-        error: ``None``, or why the image could not be read (only with ``errors="skip"``);
-            ``labels`` and ``probs`` are then empty.
-    """
-
-    source: str
-    labels: tuple[str, ...] = ()
-    probs: tuple[float, ...] = ()
-    index: int = 0
-    error: Optional[str] = None
-
-    @property
-    def ok(self) -> bool:
-        """True when the image was classified."""
-        return self.error is None
-
-    @property
-    def label(self) -> Optional[str]:
-        """The best label (``None`` for an unreadable image)."""
-        return self.labels[0] if self.labels else None
-
-    @property
-    def prob(self) -> Optional[float]:
-        """Probability of the best label (``None`` for an unreadable image)."""
-        return self.probs[0] if self.probs else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form: ``{"source", "labels", "probs"}`` plus ``"error"`` when unreadable."""
-        out: dict[str, Any] = {"source": self.source, "labels": list(self.labels), "probs": list(self.probs)}
-        if self.error is not None:
-            out["error"] = self.error
-        return out
-
 
 @dataclass(frozen=True)
 class _Head:
@@ -103,43 +48,6 @@ class _Head:
 
     classnames: tuple[str, ...]
     weights: Optional[np.ndarray] = field(default=None)  # (n_classes, embed_dim); None: the graph's own
-
-
-def check_predict_args(top_k: Any, errors: str) -> int:
-    """Validate ``predict``'s ``top_k`` and ``errors`` (shared by every classifier's predict)."""
-    if errors not in ERROR_MODES:
-        raise ValueError(f"errors {errors!r} is not one of {ERROR_MODES}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    return int(top_k)
-
-
-def rank(
-    probs: np.ndarray,
-    classnames: Sequence[str],
-    sources: Sequence[str],
-    errors: Sequence[Optional[str]],
-    top_k: int,
-    start: int = 0,
-) -> list[Prediction]:
-    """One :class:`Prediction` per input: the ``top_k`` classes of its row of ``probs``, best first.
-
-    ``probs`` ``(n_ok, n_classes)`` holds the rows of the inputs whose ``errors`` entry is
-    ``None``, in order; the others get a result carrying their error. ``start`` is the index of
-    the first input.
-    """
-    k = min(int(top_k), len(classnames))
-    rows = iter(probs)
-    out = []
-    for offset, (src, err) in enumerate(zip(sources, errors)):
-        if err is not None:
-            out.append(Prediction(src, index=start + offset, error=err))
-            continue
-        p = next(rows)
-        order = np.argsort(-p, kind="stable")[:k]
-        out.append(Prediction(src, tuple(classnames[i] for i in order), tuple(float(p[i]) for i in order),
-                              index=start + offset))
-    return out
 
 
 def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -150,12 +58,6 @@ def prepare_image(source: ImageInput, metadata: ModelMetadata, max_pixels: int =
     """
     m = metadata
     return preprocess(source, m.image_size, m.resize_mode, m.interpolation, m.fill_color, max_pixels=max_pixels)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 #: Prepared images: a uint8 batch ``(n, H, W, 3)``, or decoded images of any sizes (raw input).
@@ -174,8 +76,9 @@ class Classifier:
         providers: Explicit onnxruntime execution providers (e.g. TensorRT first); overrides
             ``device``.
         batch_size: Images per graph run; longer inputs are processed in chunks.
-        workers: Threads that decode and resize images in parallel (``None``: up to 8, one per
-            core; ``1``: in the calling thread).
+        workers: Threads that decode and resize images in parallel (``None``: one per usable
+            CPU, at most 8, :func:`~coopkit.runtime.session.default_workers`; ``1``: in the
+            calling thread).
         max_pixels: Larger images are refused as decompression bombs.
         check_tensors: Check every stored tensor against the sha256 recorded at export
             (``tensors_sha256``; reading and hashing a 353 MB ViT-B-32 file took 0.3-0.6 s on 2
@@ -227,17 +130,12 @@ class Classifier:
         self._spinning = bool(spinning)
         self.session, self.engine = open_engine(self.path, engine, compute, device, threads, providers,
                                                 spinning=spinning, batch_size=int(batch_size))
-        self.metadata = self._read_metadata(self.session, self.path)
-        self._check_graph()
-        self._check_weights()
-        if self._check_tensors:
-            verify_tensors(self.path, self.metadata.tensors_sha256)
-        self._cross_check_sidecar()
+        self.metadata = open_checked(self.session, self.path, self._check_tensors)
         fixed = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)
         self.max_pixels = int(max_pixels)
-        self._workers = int(workers) if workers is not None else max(1, min(8, os.cpu_count() or 1))
+        self._workers = int(workers) if workers is not None else default_workers()
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_lock = threading.Lock()
         self._text_encoder: Optional[TextEncoder] = None
@@ -256,75 +154,6 @@ class Classifier:
         self._embed_dim = self.metadata.embed_dim or (out_dim if isinstance(out_dim, int) else 0)
         logger.info("loaded %s (%d classes) on %s (engine %s, %s compute)", self.path, len(self._head.classnames),
                     self.provider, self.engine.label, self.engine.compute)
-
-    # --- loading -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _read_metadata(session: Any, path: Path) -> ModelMetadata:
-        props = session.get_modelmeta().custom_metadata_map
-        try:
-            return ModelMetadata.from_props(props)
-        except MetadataError as e:
-            raise MetadataError(f"{path}: {e}") from None
-
-    def _check_graph(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in OUTPUT_NAMES if n not in outputs]
-        if INPUT_NAME not in inputs or missing or len(inputs) != 1:
-            raise MetadataError(
-                f"{self.path}: graph does not follow the coopkit contract: inputs {sorted(inputs)} "
-                f"(expected [{INPUT_NAME!r}]), outputs {sorted(outputs)} (expected {list(OUTPUT_NAMES)})"
-            )
-        node = inputs[INPUT_NAME]
-        if node.type != "tensor(uint8)" or len(node.shape) != 4:
-            raise MetadataError(f"{self.path}: input {INPUT_NAME!r} must be uint8 (batch, H, W, 3), got {node.type} {node.shape}")
-        h, w = self.metadata.image_size
-        if self.metadata.input_kind == INPUT_RAW:
-            h, w = node.shape[1], node.shape[2]  # any size; the channels are checked below
-        for got, want in zip(node.shape[1:], (h, w, 3)):
-            if isinstance(got, int) and got != want:
-                raise MetadataError(f"{self.path}: graph input is {node.shape} but metadata says image_size {self.metadata.image_size}")
-        shapes = {o.name: o.shape for o in self.session.get_outputs()}
-        for name in OUTPUT_NAMES:
-            self._check_width(name, shapes[name][-1] if shapes[name] else None)
-
-    def _check_width(self, output: str, width: Any) -> None:
-        """An output's last dimension against the metadata: one logit per class name, embed_dim embeddings."""
-        want = self.metadata.embed_dim if output == "image_embeds" else len(self.metadata.classnames)
-        if isinstance(width, (int, np.integer)) and want and int(width) != want:
-            what = "embed_dim" if output == "image_embeds" else "class names"
-            raise MetadataError(f"{self.path}: the graph's {output!r} output is {width} wide but the metadata has "
-                                f"{want} {what}; the file was edited or assembled from different exports")
-
-    def _check_weights(self) -> None:
-        """The class weight matrix stored in the graph against the metadata's ``weights_sha256``."""
-        m = self.metadata
-        if not m.weights_sha256:
-            return
-        embed_dim = m.embed_dim or {o.name: o.shape for o in self.session.get_outputs()}["image_embeds"][-1]
-        try:
-            found = class_weights_sha256(self.path, len(m.classnames), embed_dim)
-        except FileFormatError as e:
-            raise MetadataError(f"{self.path}: {e}") from None
-        if m.weights_sha256 not in found:
-            raise MetadataError(f"{self.path}: the class weights do not match the weights_sha256 recorded at export "
-                                "(the file is corrupted or was edited); export it again")
-
-    def _cross_check_sidecar(self) -> None:
-        """Warn when the sidecar beside the file (``model.json``, what web clients read instead of
-        the ONNX metadata) describes another export. The runtime itself never uses it."""
-        side = self.path.with_name(sidecar_name(self.path.name))
-        try:
-            raw = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
-        except (OSError, ValueError):
-            raw = None
-        if not is_sidecar(raw):
-            return  # no sidecar (or an unrelated JSON file): nothing to check
-        problems = sidecar_mismatches(raw, self.metadata, self.path.stat().st_size)
-        if problems:
-            logger.warning("%s does not describe %s (%s); web clients will refuse this pair: re-export, or copy "
-                           "the sidecar written with this file", side.name, self.path.name, "; ".join(problems[:3]))
 
     # --- public properties --------------------------------------------------------------------
 
@@ -346,8 +175,8 @@ class Classifier:
     @property
     def resizes_in_graph(self) -> bool:
         """True when decoded images go to the graph, which resizes and crops them (a raw-input
-        file, except on CUDA for the filters in :data:`CUDA_WRONG_RESIZE`); False when Pillow
-        crops them first."""
+        file, except on CUDA for the filters in :data:`CUDA_WRONG_RESIZE`, and on OpenVINO); False
+        when Pillow crops them first."""
         return self._feed_raw
 
     @property
@@ -451,7 +280,7 @@ class Classifier:
         else:
             outs = self.session.run(list(names), {INPUT_NAME: batch})
         for name, out in zip(names, outs):  # graphs with symbolic output widths are checked here
-            self._check_width(name, out.shape[-1])
+            check_output_width(self.path, self.metadata, name, out.shape[-1])
         return [np.asarray(o[:n], dtype=np.float32) for o in outs]
 
     def _run_by_size(self, images: list[np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
@@ -469,6 +298,30 @@ class Classifier:
                     outs[j] = np.zeros((len(images), *result.shape[1:]), np.float32)
                 outs[j][idx] = result  # type: ignore[index]
         return [o for o in outs if o is not None]
+
+    def _infer(self, images: Batch, head: _Head, wanted: Sequence[str]) -> dict[str, np.ndarray]:
+        """The one way the graph runs: prepared ``images`` in chunks of ``batch_size``, the
+        requested outputs for the classes of ``head`` (replaced classes score the image
+        embeddings against their own weights), float32, one row per image."""
+        names = tuple(wanted) if head.weights is None else ("image_embeds",)
+        parts = [self._run(images[s : s + self.batch_size], names) for s in range(0, len(images), self.batch_size)]
+        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
+        got = {
+            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
+            for i, name in enumerate(names)
+        }
+        if head.weights is not None:
+            logits = self._head_logits(got["image_embeds"], head)
+            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": softmax(logits)}
+        return {name: got[name] for name in wanted}
+
+    def _head_logits(self, embeds: np.ndarray, head: _Head) -> np.ndarray:
+        """Logits of replaced classes (:meth:`set_classes`) from image embeddings."""
+        assert head.weights is not None
+        logits = embeds @ head.weights.T  # (n, n_classes)
+        if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
+            logits = logits + np.float32(self.metadata.logit_bias)
+        return logits
 
     def run_batch(
         self, images: Batch, outputs: Sequence[str] = ("probs",)
@@ -497,44 +350,18 @@ class Classifier:
         if isinstance(items, list) and not self._feed_raw:
             items = np.stack(items) if items else np.zeros((0, h, w, 3), np.uint8)  # (n, H, W, 3)
         head = self._head
-        names = wanted if head.weights is None else ("image_embeds",)
-        parts = [self._run(items[s : s + self.batch_size], names) for s in range(0, len(items), self.batch_size)]
-        widths = {"image_embeds": self._embed_dim, "logits": len(head.classnames), "probs": len(head.classnames)}
-        got = {
-            name: np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, widths[name]), np.float32)
-            for i, name in enumerate(names)
-        }
-        if head.weights is not None:
-            logits = self._head_logits(got["image_embeds"], head)
-            got = {"image_embeds": got["image_embeds"], "logits": logits, "probs": _softmax(logits)}
-        return head.classnames, {name: got[name] for name in wanted}
-
+        return head.classnames, self._infer(items, head, wanted)
 
     def _chunks(self, sources: list[Any]) -> Iterable[list[Any]]:
         for start in range(0, len(sources), self.batch_size):
             yield sources[start : start + self.batch_size]
 
-    def _scores(self, batch: Batch, head: _Head, want: str) -> np.ndarray:
-        """``want`` is ``logits``, ``probs`` or ``image_embeds`` for a prepared batch."""
-        if want == "image_embeds":
-            return self._run(batch, ["image_embeds"])[0]
-        if head.weights is None:
-            return self._run(batch, [want])[0]
-        logits = self._head_logits(self._run(batch, ["image_embeds"])[0], head)
-        return logits if want == "logits" else _softmax(logits)
-
-    def _head_logits(self, embeds: np.ndarray, head: _Head) -> np.ndarray:
-        """Logits of replaced classes (:meth:`set_classes`) from image embeddings."""
-        assert head.weights is not None
-        logits = embeds @ head.weights.T  # (n, n_classes)
-        if self.metadata.logit_bias is not None:  # as the graph's own logits (SigLIP-family models)
-            logits = logits + np.float32(self.metadata.logit_bias)
-        return logits
-
     def _collect(self, images: Any, want: str) -> np.ndarray:
+        """One output for every image of ``images``, decoded chunk by chunk (unreadable images raise)."""
         sources = as_image_list(images)
         head = self._head
-        parts = [self._scores(self._prepare_batch(chunk, skip=False)[0], head, want) for chunk in self._chunks(sources)]
+        parts = [self._infer(self._prepare_batch(chunk, skip=False)[0], head, (want,))[want]
+                 for chunk in self._chunks(sources)]
         if parts:
             return np.concatenate(parts)
         width = self._embed_dim if want == "image_embeds" else len(head.classnames)
@@ -595,7 +422,7 @@ class Classifier:
         results: list[Prediction] = []
         for start, chunk in zip(range(0, len(sources), self.batch_size), self._chunks(sources)):
             batch, errs = self._prepare_batch(chunk, skip=errors == "skip")
-            probs = self._scores(batch, head, "probs") if len(batch) else np.zeros((0, len(head.classnames)), np.float32)
+            probs = self._infer(batch, head, ("probs",))["probs"]
             results += rank(probs, head.classnames, [describe(s) for s in chunk], errs, k, start)
         return results
 
