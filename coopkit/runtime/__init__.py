@@ -13,6 +13,9 @@
   class-name rules, templates, token layout);
 * :mod:`~coopkit.runtime.session`: every onnxruntime session (device, providers, threads) and the
   decoding-worker default;
+* :mod:`~coopkit.runtime.engines`: onnxruntime and OpenVINO (the ``openvino`` extra) behind one
+  session surface; :mod:`~coopkit.runtime.engine_choice`: ``engine="auto"``, the fastest engine
+  whose answers equal onnxruntime's, measured once per file and machine;
 * collections: :mod:`~coopkit.runtime.inputs` -> :mod:`~coopkit.runtime.batch` ->
   :mod:`~coopkit.runtime.writers` (or :mod:`~coopkit.runtime.ray_engine`); HTTP:
   :mod:`~coopkit.runtime.serve`;
