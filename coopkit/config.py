@@ -77,6 +77,10 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> str:
     return value
 
 
+#: The validators under public names, for the configs of other modules (the exporter's).
+check_int, check_float, check_bool, check_choice = _int, _float, _bool, _choice
+
+
 def help_of(cls: type, name: str) -> str:
     """The ``help`` text of a config field (used by the CLI and the docs)."""
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
