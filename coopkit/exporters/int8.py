@@ -1,0 +1,374 @@
+"""The calibrated static int8 variant of an exported fp32 graph (for CPUs).
+
+Three steps, each public: the calibration images (:func:`calibration_images`: the run's own
+training images by default), the activation ranges on them (:func:`activation_ranges`) with
+SmoothQuant's outlier smoothing (:func:`smooth_activations`), and the quantisation itself with a
+trial of each smoothing strength (:func:`to_int8`), all driven by one
+:class:`~coopkit.exporters.config.QuantizationConfig`. The input normalisation and the head stay
+fp32 (:mod:`~coopkit.exporters.nodes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from coopkit.data import few_shot, list_images, load_dataset
+from coopkit.runtime.contract import ModelMetadata
+from coopkit.runtime.preprocess import preprocess
+from coopkit.runtime.session import cpu_session
+
+from .config import CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, SMOOTH_ALPHA, QuantizationConfig
+from .nodes import full_precision_nodes
+
+if TYPE_CHECKING:
+    import onnx
+
+    from coopkit.classifier import Classifier
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class Int8Summary:
+    """What :func:`to_int8` did.
+
+    Attributes:
+        nodes: Products quantised (:func:`int8_targets`).
+        calibration_images: Images the activation ranges were taken on.
+        smoothing: The smoothing strength kept (:func:`smooth_activations`).
+        trials: For each strength tried, ``(top-1 changes, mean |logit diff|)`` against the fp32
+            file on the calibration images (empty when only one was tried).
+    """
+
+    nodes: int
+    calibration_images: int
+    smoothing: float
+    trials: dict[float, tuple[int, float]] = field(default_factory=dict)
+
+
+_CALIBRATION_HINT = (
+    "pass calibration= images like those the model will serve (coopkit export --calibration DIR: "
+    "a folder of images, an ImageFolder, CSV or CoOp split)"
+)
+
+
+def _training_images(classifier: "Classifier") -> list[str]:
+    """The few-shot sample the run was trained on, drawn again from its recorded data source."""
+    config = classifier.config
+    if config.data is None or config.train is None:
+        why = ("a zero-shot classifier has no training images" if config.method == "zeroshot" else
+               "this run does not record where its training images are (fitted on a Dataset object, or saved by "
+               "an older coopkit)")
+        raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
+    try:
+        dataset = load_dataset(config.data.source, split="train", image_root=config.data.image_root)
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"int8 calibrates on the run's training images, but they are not where the run recorded them ({e}); "
+            f"{_CALIBRATION_HINT}"
+        ) from None
+    return few_shot(dataset.subset(classifier.classnames), config.train.shots, config.train.seed).paths
+
+
+def calibration_images(
+    classifier: "Classifier", calibration: Optional[Any], meta: ModelMetadata, limit: int = CALIBRATION_MAX_IMAGES
+) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)`` at the model's size for int8 calibration, as the runtime
+    crops them: the run's own training images by default, else ``calibration`` (a folder of
+    images at any depth, an ImageFolder / CSV / CoOp split file, a list of images, or a uint8
+    batch at the model's size). At most ``limit``, spread evenly over those given."""
+    h, w = meta.image_size
+    if isinstance(calibration, np.ndarray):
+        if calibration.dtype != np.uint8 or calibration.ndim != 4 or calibration.shape[1:] != (h, w, 3):
+            raise ValueError(f"calibration images must be uint8 (n, {h}, {w}, 3), got {calibration.dtype} {calibration.shape}")
+        sources: list[Any] = list(calibration)
+    elif calibration is None:
+        sources = _training_images(classifier)
+    elif isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration).expanduser()
+        if path.is_dir():
+            sources = list_images(path)  # plain or ImageFolder: every image at any depth, labels unused
+        else:
+            sources = load_dataset(path, split="train").paths
+    else:
+        sources = list(calibration)
+    if not sources:
+        raise ValueError(f"no calibration images; {_CALIBRATION_HINT}")
+    if len(sources) > limit:
+        sources = [sources[i] for i in np.linspace(0, len(sources) - 1, limit).round().astype(int)]
+    arrays = [preprocess(s, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for s in sources]
+    return np.stack(arrays)  # (n, H, W, 3)
+
+
+
+def int8_targets(model: "onnx.ModelProto") -> list[str]:
+    """The nodes the int8 variant quantises: every MatMul / Gemm whose weight operand is a
+    constant, outside the full-precision parts (the head and the input normalisation).
+
+    Products of two activations (attention's ``q k^T`` and ``softmax v``) stay fp32."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    keep = set(full_precision_nodes(model))
+    return [
+        n.name for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in constants and n.name not in keep
+    ]
+
+
+def activation_ranges(
+    source: Union[str, os.PathLike], tensors: Iterable[str], images: Any, input_name: str = "images",
+    batch_size: int = CALIBRATION_BATCH,
+) -> dict[str, tuple[Any, Any]]:
+    """Smallest and largest value each float tensor takes on ``images`` (uint8 batches through
+    onnxruntime on the CPU), per channel (the last axis), computed batch by batch so memory stays
+    that of one batch. ``lo.min(), hi.max()`` is the tensor's range.
+
+    (onnxruntime's own calibrator keeps every batch's tensors until the end, and its option
+    to bound that, ``CalibMaxIntermediateOutputs``, drops the data it clears in 1.31.)"""
+    import onnx
+
+    names = list(dict.fromkeys(tensors))
+    model = onnx.load(os.fspath(source), load_external_data=False)  # external data stays where it is
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    augmented = Path(source).with_name(f".{Path(source).stem}.calibration.onnx")
+    try:
+        onnx.save(model, os.fspath(augmented))
+        del model
+        session = cpu_session(augmented)
+        low: dict[str, Any] = {n: np.inf for n in names}
+        high: dict[str, Any] = {n: -np.inf for n in names}
+        for start in range(0, len(images), batch_size):
+            values = session.run(names, {input_name: np.ascontiguousarray(images[start : start + batch_size])})
+            for n, v in zip(names, values):
+                rows = v.reshape(-1, v.shape[-1])
+                low[n] = np.minimum(low[n], rows.min(0))
+                high[n] = np.maximum(high[n], rows.max(0))
+        del session
+    finally:
+        augmented.unlink(missing_ok=True)
+    return {n: (low[n], high[n]) for n in names}
+
+
+def smooth_activations(
+    model: "onnx.ModelProto", targets: Sequence[str], ranges: dict[str, tuple[Any, Any]], alpha: float = SMOOTH_ALPHA,
+) -> dict[str, tuple[float, float]]:
+    """Move each quantised product's activation outliers into its weights (SmoothQuant: Xiao et
+    al., 2023), in place: ``x W = (x / s) (s W)`` with one factor per input channel,
+    ``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``. Exact in fp32 (one ``Mul`` by ``1 / s`` per
+    distinct input, shared by the products that read it); after it, one per-tensor uint8 scale
+    covers channels of similar range, where a few large channels (a ReLU network's positional
+    embedding, a transformer's LayerNorm outliers) would otherwise leave the rest few levels.
+    The factors are fixed at export, so the file stays batch-invariant.
+
+    Args:
+        model: The fp32 graph with its weights loaded.
+        targets: The products to quantise (:func:`int8_targets`).
+        ranges: Per-channel (low, high) of each product's input on the calibration images
+            (:func:`activation_ranges`).
+        alpha: How much of the outliers moves to the weights (0: none, 1: all).
+
+    Returns:
+        The per-tensor (low, high) of each quantised product's input after smoothing, by the
+        name the product now reads.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = list(model.graph.node)
+    readers: dict[str, list[Any]] = {}
+    wanted = set(targets)
+    for n in nodes:
+        if n.name in wanted:
+            readers.setdefault(n.input[0], []).append(n)
+    out: dict[str, tuple[float, float]] = {}
+    for x, consumers in readers.items():
+        lo, hi = (np.asarray(v, dtype=np.float64) for v in ranges[x])
+        weights = []
+        for n in consumers:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            trans = n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)
+            weights.append((n, w, trans, w.T if trans else w))  # the last: (in, out)
+        if lo.shape != (weights[0][3].shape[0],):  # not one value per input channel: leave it
+            out[x] = (float(lo.min()), float(hi.max()))
+            continue
+        x_max = np.maximum(np.abs(lo), np.abs(hi)) + 1e-8
+        w_max = np.max([np.abs(w_in).max(1) for *_, w_in in weights], axis=0) + 1e-8
+        factor = np.clip(x_max**alpha / w_max ** (1 - alpha), 1e-5, 1e5)
+        for n, w, trans, w_in in weights:
+            scaled = (w_in * factor[:, None]).astype(w.dtype)
+            name = f"{n.input[1]}.smoothed"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scaled.T if trans else scaled),
+                                                                   name))
+            n.input[1] = name
+        inv, smoothed = f"{x}.inverse_smoothing", f"{x}.smoothed"
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / factor).astype(np.float32), inv))
+        first = min(nodes.index(n) for n in consumers)
+        model.graph.node.insert(first, helper.make_node("Mul", [x, inv], [smoothed], name=f"{x}/smoothing"))
+        nodes.insert(first, model.graph.node[first])
+        for n in consumers:
+            n.input[0] = smoothed
+        out[smoothed] = (float((lo / factor).min()), float((hi / factor).max()))
+    unused = {i.name for i in model.graph.initializer} - {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return out
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice() -> Iterator[None]:
+    """onnxruntime's quantiser logs "consider pre-processing" warnings on the root logger."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def to_int8(
+    source: Union[str, os.PathLike],
+    target: Union[str, os.PathLike],
+    calibration: Any,
+    config: Optional[QuantizationConfig] = None,
+    *,
+    input_name: str = "images",
+    external_data: bool = False,
+) -> Int8Summary:
+    """Static int8 quantisation (QDQ), calibrated: the same answer for an image in any batch.
+
+    Every MatMul / Gemm with a constant weight operand (:func:`int8_targets`) gets int8
+    weights with one symmetric scale per output channel and uint8 inputs with ONE fixed scale
+    and zero point per tensor, from the range that tensor takes on the ``calibration`` images
+    (onnxruntime's MinMax calibration). Fixed activation scales are what makes the file
+    batch-invariant: dynamic quantisation computes them over the whole batch at run time, so an
+    image's logits depend on the images beside it. Outputs of the quantised products stay
+    float (onnxruntime runs ``QuantizeLinear`` + ``MatMulIntegerToFloat``); attention's
+    activation-activation products, LayerNorm, softmax, the input normalisation and the head
+    (``x W^T`` with the class weights, multiplied by ``exp(logit_scale)``) stay fp32.
+
+    ``config.reduce_range`` (default) keeps weights within [-64, 64] (7 bits): CPUs without AVX-512
+    VNNI multiply uint8 x int8 pairs with ``vpmaddubsw``, whose 16-bit sums saturate for full
+    8-bit weights (255 * 127 * 2 > 32767) and then give wrong answers on those machines only.
+
+    Args:
+        source: The fp32 ONNX file.
+        target: Where to write the quantised file.
+        calibration: uint8 images ``(n, H, W, 3)`` at the model's input size, like those it
+            will serve (a run's training images, centre-cropped as the runtime does;
+            :func:`calibration_images`).
+        config: The smoothing strengths to try (``smooth_alphas``: the file whose logits on the
+            calibration images change top-1 least often, then move least, against the fp32
+            file's, is kept; one value: no trial; files with external data take the first value),
+            ``reduce_range`` (7-bit weights, safe on every x86 CPU; ``False``: full 8 bits, for
+            VNNI-only deployments) and the calibration batch size.
+        input_name: The graph's image input.
+        external_data: Write the tensors to a ``<target>.data`` file (models over 2 GB).
+
+    Returns:
+        An :class:`Int8Summary`.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    config = config or QuantizationConfig()
+    if len(calibration) == 0:
+        raise ValueError("int8 calibration needs at least one image")
+    model = onnx.load(os.fspath(source), load_external_data=False)
+    targets = int8_targets(model)
+    wanted = set(targets)
+    inputs = [n.input[0] for n in model.graph.node if n.name in wanted]
+    del model
+    if not targets:
+        raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
+    ranges = activation_ranges(source, inputs, calibration, input_name, config.calibration_batch)
+
+    class OneBatch(CalibrationDataReader):  # quantize_static calibrates once more; the overrides win
+        def __init__(self) -> None:
+            self.batches = iter([{input_name: np.ascontiguousarray(calibration[:1])}])
+
+        def get_next(self) -> Optional[dict[str, Any]]:
+            return next(self.batches, None)
+
+    def quantize(alpha: float, out: Path) -> None:
+        smoothed = None
+        if alpha:
+            model = onnx.load(os.fspath(source))
+            tensor_ranges = smooth_activations(model, targets, ranges, alpha)
+            smoothed = out.with_name(f".{out.stem}.smoothed.onnx")
+            onnx.save(model, os.fspath(smoothed), save_as_external_data=external_data, location=f"{smoothed.name}.data")
+            del model
+        else:
+            tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
+        overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in tensor_ranges.items()}
+        try:
+            _quantize(smoothed or Path(source), out, OneBatch(), targets, overrides, config.reduce_range, external_data)
+        finally:
+            if smoothed is not None:
+                smoothed.unlink(missing_ok=True)
+                smoothed.with_name(f"{smoothed.name}.data").unlink(missing_ok=True)
+
+    alphas = list(config.smooth_alphas)  # checked by the config: distinct, in [0, 1]
+    if len(alphas) == 1 or external_data:  # external data files carry their data file's name: no trial copies
+        chosen, errors = alphas[0], {}
+        quantize(chosen, Path(target))
+    else:
+        reference = _logits(Path(source), calibration, input_name, config.calibration_batch)
+        errors = {}
+        for alpha in alphas:
+            trial = Path(target).with_name(f".{Path(target).stem}.alpha{alpha:g}.onnx")
+            try:
+                quantize(alpha, trial)
+                got = _logits(trial, calibration, input_name, config.calibration_batch)
+                errors[alpha] = (int((got.argmax(1) != reference.argmax(1)).sum()), float(np.abs(got - reference).mean()))
+                if alpha == min(errors, key=errors.__getitem__):
+                    os.replace(trial, Path(target))
+            finally:
+                trial.unlink(missing_ok=True)
+        chosen = min(errors, key=errors.__getitem__)
+    logger.info("int8: quantised %d products of %s -> %s on %d calibration images (smoothing alpha %g; tried %s)",
+                len(targets), source, target, len(calibration), chosen,
+                {a: f"{e[0]} top-1 changes, mean |logit diff| {e[1]:.3g}" for a, e in errors.items()} or "no other")
+    return Int8Summary(len(targets), int(len(calibration)), chosen, errors)
+
+
+def _logits(path: Path, images: Any, input_name: str, batch_size: int = CALIBRATION_BATCH) -> Any:
+    """The graph's first output (``logits`` for coopkit's image graphs) on ``images``, on the CPU."""
+    session = cpu_session(path)
+    name = session.get_outputs()[0].name
+    return np.concatenate([session.run([name], {input_name: np.ascontiguousarray(images[i : i + batch_size])})[0]
+                           for i in range(0, len(images), batch_size)])
+
+
+def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overrides: dict[str, Any],
+              reduce_range: bool, external_data: bool) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    with _without_preprocessing_advice():
+        quantize_static(
+            source,
+            target,
+            reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_quantize=targets,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=external_data,
+            extra_options={
+                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # float outputs: MatMulIntegerToFloat
+                "TensorQuantOverrides": overrides,  # the ranges over every calibration image
+            },
+        )
