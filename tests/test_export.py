@@ -432,6 +432,103 @@ def test_unwritable_output(coop, tmp_path):
             export_onnx(coop, locked / "m.onnx")
 
 
+def test_export_config_is_validated_when_built(coop, tmp_path):
+    from coopkit.exporters import ExportConfig, QuantizationConfig
+
+    for kwargs, match in [
+        ({"precision": "bf16"}, r"unsupported precision 'bf16'; valid: fp32, fp16, int8"),
+        ({"opset": 21}, r"opset must be an integer from 14 to 20, got 21"),
+        ({"raw_input": True, "opset": 17}, r"raw input needs opset 18 or newer"),
+        ({"n_verify": 0}, r"n_verify must be an integer >= 1, got 0"),
+        ({"size_threshold": -1}, r"size_threshold must be an integer >= 0"),
+        ({"with_text_encoder": "yes"}, r"with_text_encoder must be True or False"),
+        ({"int8": QuantizationConfig(calibration="somewhere")}, r"calibration images are for int8 exports"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ExportConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"smooth_alphas must be one or more numbers in \[0, 1\], got \(0.0, 1.5\)"):
+        QuantizationConfig(smooth_alphas=(0.0, 1.5))
+    with pytest.raises(ValueError, match=r"calibration_max_images must be an integer >= 1"):
+        QuantizationConfig(calibration_max_images=0)
+    # keyword overrides reach the config that owns them; an unknown one names the valid ones
+    built = ExportConfig.build(precision="int8", calibration="data", seed=3, smooth_alphas=(0.5,))
+    assert built == ExportConfig(precision="int8", seed=3, int8=QuantizationConfig(calibration="data", smooth_alphas=(0.5,)))
+    assert built.resolved_opset == 17 and ExportConfig(raw_input=True).resolved_opset == 18
+    assert ExportConfig.build(built) is built
+    with pytest.raises(ValueError, match=r"unknown export settings \['n_verfy'\]; valid: .*n_verify"):
+        export_onnx(coop, tmp_path / "m.onnx", n_verfy=4)
+    assert list(tmp_path.iterdir()) == []
+    # a config object and keyword overrides give the same export; the report says how it ran
+    res = export_onnx(coop, tmp_path / "m.onnx", config=ExportConfig(n_verify=3, verify_batch=2), seed=5)
+    assert res.config == ExportConfig(n_verify=3, verify_batch=2, seed=5)
+    assert res.image.n_images == 3 and res.image.batch_sizes == [1, 2, 4] and res.int8 is None and res.raw is None
+
+
+def test_files_without_a_resize_plan_load_and_answer_as_before(exported, image_folder, tmp_path):
+    """Files written by coopkit 0.2.0 have no resize_plan: the runtime derives it as it always did."""
+    from coopkit.runtime import Classifier
+    from coopkit.runtime.preprocess import resize_plan
+
+    meta = _metadata(exported.path)
+    derived = resize_plan(meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color)
+    assert meta.resize_plan is not None and (meta.resize_plan.rule, meta.resize_plan.interpolation) == derived[:2]
+    assert meta.resize_plan.crop == (derived.fill is not None) and meta.resize_plan.size == meta.image_size
+    old = onnx.load(os.fspath(exported.path))
+    raw = json.loads(next(p.value for p in old.metadata_props if p.key == METADATA_KEY))
+    del raw["resize_plan"], raw["text_encoder"]  # as 0.2.0 wrote it (without the text graph beside it)
+    old.metadata_props[0].value = json.dumps(raw)
+    onnx.save(old, os.fspath(tmp_path / "old.onnx"))
+    paths = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
+    with Classifier(tmp_path / "old.onnx", device="cpu") as before, Classifier(exported.path, device="cpu") as now:
+        assert before.metadata.resize_plan is None
+        np.testing.assert_array_equal(before.logits(paths), now.logits(paths))
+
+
+class _ChangedImageTower:
+    """Exactly the interface the exporter documents (no learner, no text tower), for a method whose
+    image tower is changed: features go through ``I + delta``, as merged LoRA weights would change them."""
+
+    def __init__(self, classifier: Any, delta: torch.Tensor) -> None:
+        self.backbone, self.classnames, self.config, self.method = (
+            classifier.backbone, classifier.classnames, classifier.config, classifier.method)
+        self._classifier, self._encoder = classifier, _Mixed(classifier.backbone.model, delta)
+
+    def head(self) -> torch.nn.Module:
+        return self._classifier.head()
+
+    def class_weights(self) -> torch.Tensor:
+        return self._classifier.class_weights()
+
+    def image_encoder(self) -> torch.nn.Module:
+        return self._encoder
+
+
+class _Mixed(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mix", torch.eye(delta.shape[0]) + delta)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels) @ self.mix.T  # (b, embed_dim)
+
+
+def test_the_image_graph_is_the_classifiers_image_encoder(tiny_backbone, tmp_path):
+    from PIL import Image
+
+    zs = coopkit.zero_shot(tiny_backbone, ["red", "green", "blue"])
+    delta = 0.5 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    res = export_onnx(_ChangedImageTower(zs, delta), tmp_path / "m.onnx", n_verify=4)
+    images = _images(6, 12)
+    (got,) = _session(res.path).run(["logits"], {INPUT_NAME: images})
+    with torch.no_grad():  # written out here: torchvision transform, encoder, the change, L2, class weights
+        x = torch.stack([tiny_backbone.preprocess(Image.fromarray(a)) for a in images])
+        features = tiny_backbone.model.encode_image(x) @ (torch.eye(64) + delta).T
+        expected = (torch.nn.functional.normalize(features, dim=-1) @ zs.class_weights().T).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert np.abs(got - zs.logits(list(images))).max() > 1e-2  # the change is really in the file
+
+
 # --- Triton -------------------------------------------------------------------------------------
 
 
@@ -527,11 +624,36 @@ def test_cli_export(coop, tmp_path):
     ]:
         res = runner.invoke(main, ["export", *args])
         assert res.exit_code == 2 and message in res.output, res.output
+    # options made from the configs: a bad value is refused in one line before the run is even loaded
+    for args, message in [
+        (["--opset", "9"], "opset must be an integer from 14 to 20, got 9"),
+        (["--raw-input", "--opset", "17"], "raw input needs opset 18 or newer"),
+        (["--n-verify", "0"], "n_verify must be an integer >= 1, got 0"),
+        (["--calibration", str(tmp_path)], "calibration images are for int8 exports; precision is fp32"),
+    ]:
+        res = runner.invoke(main, ["export", str(tmp_path / "missing"), "--out", str(out), *args])
+        assert res.exit_code == 2 and message in res.output, res.output
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{not json")
     res = runner.invoke(main, ["export", str(corrupt), "--out", str(out)])
     assert res.exit_code == 2 and "corrupt" in res.output, res.output
+
+
+def test_cli_options_are_generated_from_the_configs():
+    import dataclasses
+
+    from coopkit.cli.export import export
+    from coopkit.exporters import ExportConfig, QuantizationConfig
+
+    options = {p.name: p for p in export.params}
+    for cls, skipped in ((ExportConfig, {"int8"}), (QuantizationConfig, {"smooth_alphas"})):
+        for f in dataclasses.fields(cls):
+            if f.name not in skipped:
+                assert options[f.name].help == f.metadata["help"], f.name
+    flags = {opt for p in export.params for opt in p.opts}
+    assert {"--out", "--precision", "--opset", "--raw-input", "--triton", "--triton-name", "--max-batch-size",
+            "--with-text-encoder", "--verify-data", "--calibration", "--device", "--pretrained", "--json"} <= flags
 
 
 def test_tensor_bytes_counts_external_tensors(coop, tmp_path):
