@@ -119,6 +119,23 @@ def test_runtime_cross_checks_the_sidecar(tiny_backbone, tmp_path, caplog):
     assert caplog.text == ""
 
 
+def test_resize_plan_is_checked_and_round_trips():
+    from coopkit.runtime.contract import MetadataError, ResizeSpec
+
+    plan = {"rule": "keep_ratio_longest", "interpolation": "bilinear", "size": [48, 64], "crop": True, "fill": 128}
+    meta = ModelMetadata(classnames=["a", "b"], image_size=(48, 64), resize_plan=plan)
+    assert meta.resize_plan == ResizeSpec("keep_ratio_longest", "bilinear", (48, 64), True, 128)
+    assert ModelMetadata.from_json(meta.to_json()) == meta
+    assert ModelMetadata.from_json(json.dumps({"classnames": ["a"], "image_size": [8, 8]})).resize_plan is None  # 0.2.0
+    for change, match in [({"rule": "stretch"}, "resize_plan.rule 'stretch' is not one of"),
+                          ({"interpolation": "lanczos"}, "resize_plan.interpolation 'lanczos'"),
+                          ({"size": [64, 48]}, r"resize_plan.size \(64, 48\) differs from image_size \(48, 64\)"),
+                          ({"crop": False}, "resize_plan.crop must be True for rule 'keep_ratio_longest'"),
+                          ({"fill": 300}, "resize_plan.fill must be a grey level 0-255")]:
+        with pytest.raises(MetadataError, match=match):
+            ModelMetadata(classnames=["a", "b"], image_size=(48, 64), resize_plan={**plan, **change})
+
+
 def test_sidecar_name_and_roles():
     from coopkit.exporters.io import sidecar_role
 

@@ -28,7 +28,8 @@ coopkit trains a prompt and when the runtime rebuilds it, lives here:
   :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then the name and ``"."``)
   and swaps the learned context in for the placeholders;
 * **metadata**: :class:`ModelMetadata`, stored as JSON under :data:`METADATA_KEY` in the
-  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`;
+  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec` and the
+  resolved resize plan by :class:`ResizeSpec`;
 * **the sidecar**: the same metadata as a JSON file beside the graph (:func:`sidecar_name`,
   :func:`build_sidecar`) with each file's size and sha256, for clients that cannot read ONNX
   metadata (onnxruntime-web); :func:`sidecar_mismatches` says where one disagrees with a file.
@@ -216,6 +217,18 @@ def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k in names}
 
 
+def _entry(cls: type, raw: Any, what: str) -> Any:
+    """A metadata entry ``what`` (a JSON object, or already a ``cls``) as a ``cls``; MetadataError otherwise."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    try:
+        return cls(**_known(cls, raw))
+    except TypeError as e:
+        raise MetadataError(f"{what} is incomplete: {e}") from None
+
+
 @dataclass
 class TextEncoderSpec:
     """How to call a file's companion text graph (``--with-text-encoder``).
@@ -296,14 +309,7 @@ class TextEncoderSpec:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "TextEncoderSpec":
-        if isinstance(raw, cls):
-            return raw
-        if not isinstance(raw, dict):
-            raise MetadataError(f"text_encoder must be a JSON object, got {type(raw).__name__}")
-        try:
-            return cls(**_known(cls, raw))
-        except TypeError as e:
-            raise MetadataError(f"text_encoder is incomplete: {e}") from None
+        return _entry(cls, raw, "text_encoder")
 
 
 @dataclass
@@ -348,14 +354,7 @@ class ResizeSpec:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "ResizeSpec":
-        if isinstance(raw, cls):
-            return raw
-        if not isinstance(raw, dict):
-            raise MetadataError(f"resize_plan must be a JSON object, got {type(raw).__name__}")
-        try:
-            return cls(**_known(cls, raw))
-        except TypeError as e:
-            raise MetadataError(f"resize_plan is incomplete: {e}") from None
+        return _entry(cls, raw, "resize_plan")
 
 
 @dataclass
