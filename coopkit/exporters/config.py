@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from coopkit.config import ConfigMixin, check_bool, check_choice, check_float, check_int
+from coopkit.config import ConfigMixin, check_bool, check_float, check_int
 from coopkit.runtime.contract import PRECISIONS
 
 from .io import EXTERNAL_DATA_THRESHOLD
