@@ -84,7 +84,7 @@ def test_baseline_saves_loads_and_exports_into_one_verified_graph(tiny_backbone,
     np.testing.assert_array_equal(_scores(back, feats), _scores(clf, feats))
 
     res = export_onnx(back, tmp_path / "m.onnx", "fp32")
-    assert res.checks["top1_agreement"] == 1.0 and res.checks["max_abs_logit_diff"] < 1e-3
+    assert res.image.top1_agreement == 1.0 and res.image.max_abs_logit_diff < 1e-3
     session = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
     meta = ModelMetadata.from_json(session.get_modelmeta().custom_metadata_map[METADATA_KEY])
     assert meta.method == method and meta.classnames == NAMES

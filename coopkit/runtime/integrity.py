@@ -185,6 +185,12 @@ def stores_fp16(path: Union[str, os.PathLike]) -> bool:
         return True
 
 
+def weights_sha256(matrix: np.ndarray) -> str:
+    """sha256 of a class weight matrix ``(n_classes, embed_dim)`` as float32 in C order: the
+    ``weights_sha256`` the exporter records and :func:`class_weights_sha256` finds in a file."""
+    return hashlib.sha256(np.ascontiguousarray(matrix, dtype=np.float32).tobytes()).hexdigest()
+
+
 def class_weights_sha256(path: Union[str, os.PathLike], n_classes: int, embed_dim: int) -> list[str]:
     """sha256 of every float32 initializer shaped like the class weight matrix, each read as
     ``(n_classes, embed_dim)`` in C order (an ``(embed_dim, n_classes)`` one is transposed first)."""
@@ -199,7 +205,7 @@ def class_weights_sha256(path: Union[str, os.PathLike], n_classes: int, embed_di
             matrix = values.reshape(t.dims)
             readings = ([matrix] if t.dims == (n_classes, embed_dim) else []) + \
                 ([matrix.T] if t.dims == (embed_dim, n_classes) else [])  # both when square
-            digests += [hashlib.sha256(np.ascontiguousarray(m, dtype=np.float32).tobytes()).hexdigest() for m in readings]
+            digests += [weights_sha256(m) for m in readings]
     return digests
 
 
