@@ -66,6 +66,11 @@ class Classifier:
         return self.config.method
 
     @property
+    def trained(self) -> bool:
+        """Whether its method learns from training images (zero-shot does not)."""
+        return get(self.method).fit is not None
+
+    @property
     def text_graph(self) -> bool:
         """Whether the exporter can export this classifier's text side (``--with-text-encoder``)."""
         return get(self.method).text_graph

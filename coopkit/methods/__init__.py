@@ -112,6 +112,13 @@ def register(method: Method) -> Method:
     return method
 
 
+def unregister(name: str) -> Method:
+    """Remove a method from the registry (for tests, or a plugin replacing a method); returns it."""
+    spec = get(name)
+    del _REGISTRY[name]
+    return spec
+
+
 def get(name: str) -> Method:
     """The registered method called ``name``.
 
@@ -165,4 +172,4 @@ def _import_methods() -> None:
 
 _import_methods()
 
-__all__ = ["Method", "PROTOCOLS", "DEFAULT_METHOD", "register", "get", "names", "for_protocol", "bench_row"]
+__all__ = ["Method", "PROTOCOLS", "DEFAULT_METHOD", "register", "unregister", "get", "names", "for_protocol", "bench_row"]
