@@ -22,7 +22,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .config import RunConfig
-from .data import Dataset, load_dataset
+from .userdata import Dataset, load_dataset
 from .features import encode_images
 from .methods import get
 from .methods.base import MethodModel

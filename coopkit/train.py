@@ -18,7 +18,7 @@ from . import __version__
 from .backbone import Backbone, load_backbone
 from .classifier import Classifier
 from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
-from .data import Dataset, few_shot, load_dataset
+from .userdata import Dataset, few_shot, load_dataset
 from .features import torch_threads
 from .methods import DEFAULT_METHOD, Method, get
 from .methods import zeroshot

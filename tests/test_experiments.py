@@ -158,7 +158,7 @@ def test_bench_fewshot_on_an_official_dataset_prints_the_published_row(official_
 
 
 def test_scores_restrict_to_the_test_sets_classes_top5_and_macro(tiny_backbone, official_root):
-    from coopkit.datasets import load_official
+    from coopkit.official_datasets import load_official
     from coopkit.research.experiments import domain_shift
 
     imagenet, adv = load_official("imagenet", official_root), load_official("imagenet_a", official_root)
@@ -209,7 +209,7 @@ def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_confi
 
 
 def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config, tmp_path):
-    from coopkit.datasets import few_shot_official, load_official
+    from coopkit.official_datasets import few_shot_official, load_official
 
     common = [*_common(tiny_config)]
     res = CliRunner().invoke(main, ["fit", "--dataset", "oxford_pets", "--root", str(official_root), *common, "--shots",
@@ -234,7 +234,7 @@ def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config
 def test_published_base2new_rows_agree_with_the_published_averages():
     """The per-dataset rows (typed from reprints of CoCoOp's Table 1) must average to the averages
     typed from MaPLe's README, and each row's H must be the harmonic mean of its base and new."""
-    from coopkit.datasets import FEWSHOT_DATASETS
+    from coopkit.official_datasets import FEWSHOT_DATASETS
     from coopkit.research.protocols import BASE2NEW_AVERAGES, published_for
 
     averages = {p.method: p.values for p in BASE2NEW_AVERAGES if "MaPLe" in p.source}

@@ -20,8 +20,8 @@ PACKAGE = ROOT / "coopkit"
 #: the exporter works on the classifier object it is given).
 LAYERS = {
     "runtime": ("coopkit.runtime",),
-    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.data",
-                   "coopkit.datasets", "coopkit.embedded", "coopkit.embedded.world"),
+    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.userdata",
+                   "coopkit.official_datasets", "coopkit.embedded", "coopkit.embedded.world"),
     "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.methods",
              "coopkit.classifier", "coopkit.runs", "coopkit.train"),
     "exporters": ("coopkit.exporters",),
@@ -213,3 +213,16 @@ def test_method_names_are_written_only_in_the_methods_modules():
                     and id(node) not in exported and (module, node.value) not in NOT_METHOD_NAMES:
                 bad.append(f"{module}:{node.lineno} writes the method name {node.value!r}")
     assert not bad, "\n".join(bad)
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml reads the version from ``coopkit.__version__`` instead of writing it again."""
+    import tomllib
+
+    from setuptools.config.expand import read_attr
+
+    import coopkit
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert read_attr("coopkit.__version__", root_dir=ROOT) == coopkit.__version__

@@ -31,7 +31,7 @@ def _official(data: Optional[str], dataset: Optional[str], root: Optional[str]) 
         return None
     if root is None:
         raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
-    from ..datasets import load_official
+    from ..official_datasets import load_official
 
     return load_official(dataset, root)
 
@@ -91,7 +91,7 @@ def fit_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], ou
     check_run_target(out, overwrite=overwrite)  # before training, not after
     source: Any = data
     if official is not None:
-        from ..datasets import few_shot_official
+        from ..official_datasets import few_shot_official
 
         source = few_shot_official(official, train.shots, train.seed)[0]
     clf = fit(source, method=method, method_config=method_config, train=train, model=bb.model, pretrained=bb.pretrained, device=bb.device,
@@ -161,7 +161,7 @@ def zeroshot_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str
     from ..methods.base import DEFAULT_TEMPLATES
     from ..runs import check_run_target
     from ..train import zero_shot
-    from ..data import load_dataset
+    from ..userdata import load_dataset
     from ..features import torch_threads
 
     bb = pop_config(BackboneConfig, settings)

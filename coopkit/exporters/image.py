@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from coopkit.data import few_shot, list_images, load_dataset
+from coopkit.userdata import few_shot, list_images, load_dataset
 from coopkit.runtime.atomic import sha256_hex
 from coopkit.runtime.contract import INPUT_CROPPED, INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, PRECISIONS, ModelMetadata
 from coopkit.runtime.preprocess import preprocess

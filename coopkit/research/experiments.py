@@ -9,7 +9,7 @@ one training run per cell. A test set is scored among its own classes (ImageNet-
 their 200; a base or new half on its half), as the official code builds its classifier from
 the test set's class names.
 
-The ``official_*`` functions run the protocols on a dataset read by :mod:`coopkit.datasets`
+The ``official_*`` functions run the protocols on a dataset read by :mod:`coopkit.official_datasets`
 (:mod:`coopkit.research.protocols` holds the settings and the published numbers).
 """
 
@@ -31,7 +31,7 @@ from ..runtime.atomic import atomic_path, atomic_write
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
 from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, TrainConfig, default_of
-from ..data import Dataset, few_shot, load_dataset, subsample_classes
+from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
 from ..methods import bench_row, coop, for_protocol, zeroshot
 from ..methods.base import DEFAULT_TEMPLATES, Shots
@@ -142,7 +142,7 @@ def fewshot_curves(
             uses the full validation split); without one they stay at ``tip``'s values.
         templates: The hand-written prompt(s) of zero-shot and of the baselines' text side.
         sampler: Draws the training (and validation) shots: ``(shots, seed) -> (train, val)``;
-            default :func:`coopkit.data.few_shot` of ``train``.
+            default :func:`coopkit.userdata.few_shot` of ``train``.
         tip, clap_config: Tip-Adapter's and CLAP's settings.
         configs: Settings of other methods: each config object applies to the methods whose config
             dataclass it is an instance of.
@@ -317,7 +317,7 @@ def base_to_new(
 
 def _official(dataset: Any, root: Optional[Union[str, os.PathLike]]) -> Any:
     """``dataset`` read from ``root``, or as given when it is already an OfficialDataset."""
-    from ..datasets import OfficialDataset, load_official
+    from ..official_datasets import OfficialDataset, load_official
 
     if isinstance(dataset, OfficialDataset):
         return dataset
@@ -327,7 +327,7 @@ def _official(dataset: Any, root: Optional[Union[str, os.PathLike]]) -> Any:
 
 
 def _official_sampler(data: Any) -> Sampler:
-    from ..datasets import few_shot_official
+    from ..official_datasets import few_shot_official
 
     return lambda k, seed: few_shot_official(data, k, seed)
 
@@ -347,14 +347,14 @@ def official_fewshot(
 ) -> list[dict[str, Any]]:
     """CoOp's few-shot protocol on an official dataset, with the baselines beside it.
 
-    The official few-shot draws (:func:`coopkit.datasets.few_shot_official`), the dataset's
+    The official few-shot draws (:func:`coopkit.official_datasets.few_shot_official`), the dataset's
     hand-written prompt for zero-shot and the baselines' text side (7-template ensemble on
     ImageNet, as CoOp's and Tip-Adapter's code), CoOp's epochs per dataset and shots
     (:func:`~coopkit.research.protocols.coop_epochs`; ``epochs`` overrides), Tip-Adapter's
     per-dataset settings with alpha and beta searched on the full validation split (the test
     split on ImageNet, as its code does).
     """
-    from ..datasets import IMAGENET_TEMPLATES_SELECT
+    from ..official_datasets import IMAGENET_TEMPLATES_SELECT
     from .protocols import coop_epochs, tip_settings
 
     data = _official(dataset, root)

@@ -43,7 +43,7 @@ def base2new_settings(dataset: str) -> dict[str, dict]:
     ``scripts/base2new_train.sh`` (``vit_b16_ep100_ctxv1``: 4 context vectors from "a photo of
     a", 100 epochs, batch 128, weight 8, the dataset's KgCoOp template).
     """
-    from ..datasets import dataset_spec
+    from ..official_datasets import dataset_spec
 
     plain = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 50 if dataset == "imagenet" else 200}
     kg = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 100, "batch_size": 128, "kg_weight": 8.0,
