@@ -33,7 +33,7 @@ from ..classifier import Classifier
 from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, TrainConfig, default_of
 from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
-from ..methods import bench_row, coop, for_protocol, zeroshot
+from ..methods import bench_row, coop, zeroshot
 from ..methods.base import DEFAULT_TEMPLATES, Shots
 from ..train import fit, fit_on_shots, zero_shot
 from .protocols import DEFAULT_METHODS, KGCOOP, METHODS
@@ -205,7 +205,7 @@ def fewshot_curves(
                     cfg = dataclasses.replace(cfg, **over)
                 clf = fit_on_shots(bb, shared, method=spec.name, method_config=cfg,
                                    train=TrainConfig(seed=seed, n_views=n_views, augment=aug))
-                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else "settings as given", k, seed,
+                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting, k, seed,
                     clf)
     return rows
 
