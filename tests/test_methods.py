@@ -143,3 +143,14 @@ def test_a_new_method_fits_saves_and_loads_through_the_registry(centroid_method,
     test = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))[:5]
     np.testing.assert_array_equal(back.logits(test), clf.logits(test))
     check_tensors_file_guarded(run, "centroids.safetensors", "test-centroid", tiny_backbone)
+
+
+def test_the_runtime_takes_any_method_name_from_a_file():
+    """A file's method is informational for the torch-free runtime: any non-empty name, even one this
+    coopkit does not register, is read; an empty one is refused."""
+    from coopkit.runtime.contract import MetadataError, ModelMetadata
+
+    meta = ModelMetadata.from_json(ModelMetadata(["a", "b"], (32, 32), method="a-method-from-the-future").to_json())
+    assert meta.method == "a-method-from-the-future"
+    with pytest.raises(MetadataError, match="method must be a non-empty string"):
+        ModelMetadata(["a", "b"], (32, 32), method=" ")
