@@ -27,22 +27,7 @@ def image_encoder(classifier: Any) -> nn.Module:
     """The module the image graph traces for ``classifier``: normalised pixels ``(b, 3, H, W)``
     -> unnormalised image features ``(b, embed_dim)``, from its ``image_encoder()`` (deep visual
     prompts baked in, LoRA updates merged: whatever the method trains in the image tower)."""
-    make = getattr(classifier, "image_encoder", None)
-    if make is None:  # TEMPORARY, until Classifier.image_encoder() lands (issue 20 part 1): open_clip's own
-        return OpenClipImageEncoder(classifier.backbone.model)
-    return make()
-
-
-class OpenClipImageEncoder(nn.Module):
-    """An open_clip model's ``encode_image`` as a module (for methods that leave the image tower
-    as it is): normalised pixels ``(b, 3, H, W)`` -> unnormalised features ``(b, embed_dim)``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
+    return classifier.image_encoder()
 
 
 class ImageGraph(nn.Module):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, U
 
 import numpy as np
 
-from coopkit.data import few_shot, list_images, load_dataset
+from coopkit.userdata import few_shot, list_images, load_dataset
 from coopkit.runtime.contract import ModelMetadata
 from coopkit.runtime.preprocess import preprocess
 from coopkit.runtime.session import cpu_session
@@ -62,7 +62,7 @@ def _training_images(classifier: "Classifier") -> list[str]:
     """The few-shot sample the run was trained on, drawn again from its recorded data source."""
     config = classifier.config
     if config.data is None or config.train is None:
-        why = ("a zero-shot classifier has no training images" if config.method == "zeroshot" else
+        why = ("a zero-shot classifier has no training images" if not classifier.trained else
                "this run does not record where its training images are (fitted on a Dataset object, or saved by "
                "an older coopkit)")
         raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
