@@ -1,0 +1,357 @@
+"""CoCoOp: conditional prompt learning (Zhou et al., CVPR 2022), on any open_clip text tower CoOp handles.
+
+CoOp's context vectors, shifted per image by a small meta-net of the image's features::
+
+    shift = linear2(relu(linear1(normalise(image features))))     # (b, width), linear1: D -> D // 16
+    prompt[i, c] = [prefix] + (ctx + shift[i]) + class tokens of c + "." + [end]
+    logits[i, c] = exp(logit_scale) * <normalise(image features[i]), normalise(text(prompt[i, c]))> (+ logit bias)
+
+as the official ``trainers/cocoop.py`` (KaiyangZhou/CoOp) computes it, with the same parameter
+names (``ctx``, ``meta_net.linear1``, ``meta_net.linear2``), so its checkpoints load as they are.
+
+What differs is how it is computed, never what: the official code encodes every image again at
+every step and runs the text tower image by image over full-length (77-token) prompts. Here the
+image encoder is frozen and unprompted, so its features are computed once; and the prompts of
+all images and classes go through the text tower together, with CoOp's exact shortcuts
+(:class:`coopkit.prompts.PromptLearner`): prompts cut after their end token, each image's prefix
+and context run once for all its classes (keys and values reused), rows of all prompt lengths
+packed into one matrix for the token-wise layers. ``tests/test_cocoop.py`` checks features,
+logits and gradients against the official modules.
+
+Because the class weights depend on the image, a CoCoOp classifier has no class weight matrix:
+its head (:class:`CoCoOpHead`) maps normalised image features to logits through the meta-net,
+the prompts and the text tower, and an exported file holds all three (its cost grows with the
+number of classes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigMixin, PromptConfig, TrainConfig
+from ..data import Dataset, few_shot
+from ..features import autocast_for, encode_images
+from ..prompts import PromptLearner
+from ..train import lr_at, seed_everything
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+
+logger = logging.getLogger(__name__)
+
+#: The meta-net's bottleneck: hidden width = image feature width // 16 (fixed in the official code).
+META_REDUCTION = 16
+#: Rows (image x class x prompt position) a head evaluates at once outside tracing: bounds memory
+#: when many images meet many classes (training and tracing run one pass).
+HEAD_ROWS_PER_PASS = 1 << 16
+
+
+@dataclass
+class CoCoOpConfig(ConfigMixin):
+    """CoCoOp's prompt and recipe. Defaults: the paper's ``vit_b16_c4_ep10_batch1_ctxv1`` config.
+
+    The optimiser settings (SGD lr 0.002, momentum 0.9, weight decay 5e-4, one warm-up epoch at
+    1e-5, cosine) are the training config's, whose defaults are the same as the official
+    CoCoOp's; only the epochs and the batch size differ from CoOp's and live here.
+    """
+
+    n_ctx: int = field(default=4, metadata={
+        "help": "number of learned context vectors (with ctx_init: the number of its tokens)"})
+    ctx_init: Optional[str] = field(default="a photo of a", metadata={
+        "help": "initialise the context from these words (None: random, std 0.02)"})
+    epochs: int = field(default=10, metadata={"help": "epochs (the official configs: 10)"})
+    batch_size: int = field(default=1, metadata={"help": "images per step (the official configs: 1)"})
+
+    def __post_init__(self) -> None:
+        self.ctx_init = self.prompt_config().ctx_init  # PromptConfig checks n_ctx and ctx_init, normalises the words
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    def prompt_config(self) -> PromptConfig:
+        """The prompt as CoOp's config states it (CoCoOp: one unified context, class name at the end)."""
+        return PromptConfig(n_ctx=self.n_ctx, csc=False, class_token_position="end", ctx_init=self.ctx_init)
+
+
+def image_feature_dim(backbone: "Backbone") -> int:
+    """Width of the backbone's image features (the meta-net's input)."""
+    proj = backbone.model.text_projection if hasattr(backbone.model, "text_projection") else None
+    visual = backbone.model.visual
+    dim = getattr(visual, "output_dim", None)
+    if isinstance(dim, int) and dim > 0:
+        return dim
+    if isinstance(proj, torch.Tensor):
+        return int(proj.shape[1])
+    with torch.no_grad():  # any other tower: ask it
+        size = backbone.image_size
+        x = torch.zeros(1, 3, *size, device=backbone.device)
+        return int(backbone.model.encode_image(x).shape[-1])
+
+
+class CoCoOpPromptLearner(PromptLearner):
+    """CoCoOp's prompt learner: CoOp's unified context plus the meta-net that shifts it per image.
+
+    Args:
+        backbone: The frozen backbone (referenced, not owned).
+        classnames: Labels, in output order.
+        config: :class:`CoCoOpConfig` (default ``CoCoOpConfig()``).
+        text_chunk_size: Classes per pass through the text tower (with ``b`` images, a pass
+            holds ``b`` times as many prompts).
+
+    Attributes:
+        ctx: ``(n_ctx, width)``, as CoOp's.
+        meta_net: ``linear1 (D -> D // 16) -> ReLU -> linear2 (D // 16 -> width)``, named as the
+            official module's. ``state_dict()`` holds exactly ``ctx`` and the meta-net's four tensors.
+    """
+
+    def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: Optional[CoCoOpConfig] = None, *,
+                 text_chunk_size: int = 256) -> None:
+        if config is not None and not isinstance(config, CoCoOpConfig):
+            raise ValueError(f"config must be a CoCoOpConfig, got {type(config).__name__}")
+        config = config or CoCoOpConfig()
+        super().__init__(backbone, classnames, config.prompt_config(), text_chunk_size=text_chunk_size)
+        self.cocoop = config
+        vis_dim = image_feature_dim(backbone)
+        hidden = vis_dim // META_REDUCTION
+        if hidden < 1:
+            raise ValueError(f"model {backbone.name!r}: image features of width {vis_dim} leave no meta-net hidden "
+                             f"units (width // {META_REDUCTION}); CoCoOp needs image features of width >= {META_REDUCTION}")
+        self.meta_net = nn.Sequential(OrderedDict([
+            ("linear1", nn.Linear(vis_dim, hidden)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("linear2", nn.Linear(hidden, self.tower.width)),
+        ])).to(self.tower.device)
+
+    def conditioned_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """L2-normalised class text features of each image's prompts ``(b, n_classes, embed_dim)``
+        from L2-normalised image features ``(b, D)``."""
+        shift = self.meta_net(image_features.to(self.meta_net.linear1.weight.dtype))  # (b, width)
+        return self.text_features(shift)
+
+    def logits(self, image_features: torch.Tensor, logit_scale: torch.Tensor,
+               logit_bias: Optional[float] = None) -> torch.Tensor:
+        """``(b, n_classes)``: each image's features against its own class features, scaled (+ bias)."""
+        text = self.conditioned_features(image_features)  # (b, C, D)
+        logits = logit_scale * (text @ image_features.float().unsqueeze(-1)).squeeze(-1)  # (b, C)
+        return logits if logit_bias is None else logits + logit_bias
+
+
+class CoCoOpHead(nn.Module):
+    """L2-normalised image features ``(b, D)`` -> logits ``(b, n_classes)`` through the meta-net,
+    the image-conditioned prompts and the text tower: what a CoCoOp classifier scores with, and
+    what the exporter traces (the learner's parameters and the text tower become the graph's).
+
+    Outside tracing, large batches go in slices of at most :data:`HEAD_ROWS_PER_PASS` prompt
+    positions (the answers are the same; memory stays bounded).
+    """
+
+    def __init__(self, learner: CoCoOpPromptLearner, logit_scale: float, logit_bias: Optional[float] = None) -> None:
+        super().__init__()
+        self.learner = learner
+        self.tower_parts = nn.ModuleList(learner.tower.parts)  # registered, so the text tower moves with the head
+        self.register_buffer("scale", torch.tensor(float(logit_scale), dtype=torch.float32))
+        self.logit_bias = None if logit_bias is None else float(logit_bias)
+        rows = int(learner.n_cls * (learner.length - learner.n_shared))
+        self.images_per_pass = max(1, HEAD_ROWS_PER_PASS // max(1, rows))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.to(torch.float32)
+        if torch.jit.is_tracing() or x.shape[0] <= self.images_per_pass:
+            return self.learner.logits(x, self.scale, self.logit_bias).float()
+        parts = [self.learner.logits(c, self.scale, self.logit_bias).float() for c in x.split(self.images_per_pass)]
+        return torch.cat(parts)  # (b, C)
+
+
+class ImageEncoder(nn.Module):
+    """pixels ``(b, 3, H, W)`` -> unnormalised image features ``(b, D)``: the frozen backbone's own
+    encoder (CoCoOp leaves it as it is)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+class CoCoOpModel(nn.Module):
+    """A fitted CoCoOp classifier's model: the frozen backbone's encoder and the learner.
+
+    ``class_weights()`` is ``None``: the class weights depend on each image, so the head carries
+    the meta-net, the prompts and the text tower (see the module docstring).
+    """
+
+    def __init__(self, backbone: "Backbone", learner: CoCoOpPromptLearner) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.learner = learner
+
+    @property
+    def config(self) -> CoCoOpConfig:
+        return self.learner.cocoop
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` normalised pixels -> ``(B, D)`` L2-normalised image features."""
+        return F.normalize(self.backbone.model.encode_image(pixels).float(), dim=-1)
+
+    def image_encoder(self) -> nn.Module:
+        return ImageEncoder(self.backbone.model)
+
+    def head(self) -> nn.Module:
+        scale = float(self.backbone.model.logit_scale.exp())
+        return CoCoOpHead(self.learner, scale, self.backbone.logit_bias).eval()
+
+    def class_weights(self) -> None:
+        return None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What was trained, under the official names: ``ctx`` and ``meta_net.linear{1,2}.{weight,bias}``."""
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.learner.state_dict().items()}
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.head()(image_features)
+
+
+def build(backbone: "Backbone", classnames: Sequence[str], config: CoCoOpConfig,
+          tensors: Optional[dict[str, torch.Tensor]], *, text_chunk_size: int = 256) -> CoCoOpModel:
+    """Rebuild a fitted model from its saved tensors (``state()``), refusing any that do not fit in one line."""
+    learner = CoCoOpPromptLearner(backbone, classnames, config, text_chunk_size=text_chunk_size)
+    if tensors is not None:
+        load_learner_state(learner, tensors, "the saved CoCoOp tensors")
+    learner.requires_grad_(False)
+    return CoCoOpModel(backbone, learner.eval())
+
+
+def load_learner_state(learner: CoCoOpPromptLearner, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Copy ``ctx`` and the meta-net's tensors into ``learner`` (in its dtype), checking names and shapes."""
+    own = learner.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ValueError(f"{what} do not fit CoCoOp: missing {missing}, unexpected {extra}; expected {sorted(own)}")
+    bad = [f"{k} {tuple(tensors[k].shape)} (expects {tuple(v.shape)})" for k, v in own.items()
+           if tuple(tensors[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"{what} do not fit this model and these classes: {'; '.join(bad)}")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(tensors[k].to(v.dtype))
+
+
+def fit(
+    backbone: "Backbone",
+    train_set: Dataset,
+    config: Optional[CoCoOpConfig] = None,
+    train: Optional[TrainConfig] = None,
+    *,
+    progress: bool = True,
+    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> tuple[CoCoOpModel, dict[str, Any]]:
+    """Fit CoCoOp on a few labelled images per class (``train.shots`` per class, drawn with ``train.seed``).
+
+    The recipe is the official one: SGD (``train.lr``, ``momentum``, ``weight_decay``) over the
+    context and the meta-net, ``train.warmup_epochs`` at ``train.warmup_lr`` then a cosine over
+    ``config.epochs``, batches of ``config.batch_size`` images, cross-entropy. The image
+    features are encoded once (``train.n_views`` augmented views per image, one drawn per epoch).
+
+    Returns:
+        The fitted model and its metrics (``train_loss``, ``train_accuracy``, ``epochs``,
+        ``train_images``, ``seconds``, ``history``).
+    """
+    config = config or CoCoOpConfig()
+    train = train or TrainConfig()
+    started = time.perf_counter()
+    seed_everything(train.seed)
+    sample = few_shot(train_set, train.shots, train.seed)
+    feats, kept = encode_images(
+        backbone, sample.paths, transform=backbone.train_preprocess if train.augment else backbone.preprocess,
+        views=train.n_views, strict=train.strict, progress=progress, desc="encoding training views",
+        precision=train.precision,
+    )  # (views, n, D)
+    labels = torch.tensor([sample.labels[i] for i in kept])
+    missing = sorted(set(range(len(sample.classnames))) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"no readable training images for classes {[sample.classnames[i] for i in missing]}")
+    learner = CoCoOpPromptLearner(backbone, sample.classnames, config, text_chunk_size=train.text_chunk_size)
+    history = train_loop(learner, backbone, feats, labels, config, train, progress=progress, callback=callback)
+    learner.requires_grad_(False)
+    metrics: dict[str, Any] = {
+        "train_loss": history["loss"][-1],
+        "train_accuracy": history["accuracy"][-1],
+        "epochs": config.epochs,
+        "train_images": int(len(labels)),
+        "seconds": round(time.perf_counter() - started, 2),
+        "history": history,
+    }
+    logger.info("CoCoOp: fitted %d classes in %.1fs: train accuracy %.3f", len(sample.classnames),
+                metrics["seconds"], metrics["train_accuracy"])
+    return CoCoOpModel(backbone, learner.eval()), metrics
+
+
+def train_loop(
+    learner: CoCoOpPromptLearner,
+    backbone: "Backbone",
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    config: CoCoOpConfig,
+    train: TrainConfig,
+    *,
+    progress: bool = False,
+    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> dict[str, list[float]]:
+    """The training loop on cached L2-normalised features ``feats (views, n, D)`` and ``labels (n,)``."""
+    from tqdm.auto import tqdm
+
+    device = backbone.device
+    schedule = TrainConfig(**{**train.to_dict(), "epochs": config.epochs, "batch_size": config.batch_size})
+    views, n, _ = feats.shape
+    scale = backbone.model.logit_scale.exp().float().to(device)
+    bias = backbone.logit_bias
+    params = [p for p in learner.parameters() if p.requires_grad]  # ctx and the meta-net (as the official optimiser)
+    optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    gen = torch.Generator().manual_seed(train.seed)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
+    learner.train()
+    bar = tqdm(range(config.epochs), desc="training CoCoOp", unit="epoch", disable=not progress)
+    for epoch in bar:
+        lr = lr_at(epoch, schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=gen)
+        view = torch.randint(views, (n,), generator=gen)
+        total, correct = 0.0, 0
+        for start in range(0, n, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            x = feats[view[idx], idx].to(device)  # (b, D)
+            y = labels[idx].to(device)
+            with autocast_for(device, train.precision):
+                logits = learner.logits(x, scale, bias)  # (b, n_cls)
+                loss = F.cross_entropy(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch + 1}/{config.epochs}; "
+                                   f"lower lr (now {lr:g}) or use precision='fp32'")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise RuntimeError(f"the CoCoOp parameters became NaN or infinite at epoch {epoch + 1}/{config.epochs}; "
+                               f"lower lr (now {lr:g}) or use precision='fp32'")
+        stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
+        for k, v in stats.items():
+            history[k].append(round(float(v), 6))
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+        if callback is not None:
+            callback(epoch, stats)
+    bar.close()
+    learner.eval()
+    return history

@@ -1,0 +1,135 @@
+"""CoCoOp against the official modules (KaiyangZhou/CoOp ``trainers/cocoop.py``, vendored in
+``tests/reference``), on tiny random-init open_clip models whose weights the official
+``clip.build_model`` loads: image features, logits, loss and gradients, in every configuration
+of the official configs (N_CTX 4 / 8 / 16, CTX_INIT "a photo of a" or none), ViT (QuickGELU) and
+ModifiedResNet image towers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coopkit
+from coopkit.methods.cocoop import CoCoOpConfig, CoCoOpPromptLearner, build, load_learner_state
+from reference import coop_clip_model, cocoop_official
+
+NAMES = ["cat", "golden retriever", "red_panda", "a rather long multi word class name", "x"]
+TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}
+FAMILIES = {  # OpenAI-architecture configs: one head per 64 channels, as clip.build_model assumes
+    "vit-quickgelu": {"embed_dim": 64, "quick_gelu": True, "text_cfg": TEXT,
+                      "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 64}},
+    "resnet": {"embed_dim": 64, "quick_gelu": True, "text_cfg": TEXT,
+               "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64}},
+}
+#: The official configs (configs/trainers/CoCoOp/*.yaml): (N_CTX, CTX_INIT).
+OFFICIAL_CONFIGS = [(4, "a photo of a"), (4, ""), (8, ""), (16, "")]
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).abs().max() / b.detach().double().abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(coopkit backbone, official CLIP) holding the same weights (the official build rounds to fp16)."""
+    path = tmp_path_factory.mktemp("cfg") / f"coopkit-test-cocoop-{request.param}.json"
+    path.write_text(json.dumps(FAMILIES[request.param]))
+    torch.manual_seed(0)
+    bb = coopkit.load_backbone(str(path), pretrained=None, device="cpu")
+    official = coop_clip_model.build_model(dict(bb.model.state_dict())).float().eval()
+    bb.model.load_state_dict(official.state_dict())
+    return bb, official
+
+
+def _official_and_ours(bb, official_clip, n_ctx, ctx_init, chunk=256):
+    torch.manual_seed(1)
+    size = official_clip.visual.input_resolution
+    ref = cocoop_official.CustomCLIP(cocoop_official.cfg(n_ctx, ctx_init, "fp32", size), NAMES, official_clip)
+    with torch.no_grad():  # move away from the init, so that the context and every meta-net weight matter
+        for p in ref.prompt_learner.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        ref.prompt_learner.meta_net.linear1.bias.add_(1.0)  # hidden units alive for every image (ReLU)
+    ours = CoCoOpPromptLearner(bb, NAMES, CoCoOpConfig(n_ctx=n_ctx, ctx_init=ctx_init or None), text_chunk_size=chunk)
+    state = cocoop_official.load_model_state_dict({"state_dict": dict(ref.prompt_learner.state_dict())})
+    load_learner_state(ours, state, "the official prompt learner's tensors")
+    return ref, ours
+
+
+@pytest.mark.parametrize("n_ctx,ctx_init", OFFICIAL_CONFIGS)
+def test_equal_to_the_official_modules(pair, n_ctx, ctx_init):
+    bb, official_clip = pair
+    ref, ours = _official_and_ours(bb, official_clip, n_ctx, ctx_init)
+    assert ours.n_ctx == n_ctx and ours.use_shared_prefix and ours.packed
+    size = official_clip.visual.input_resolution
+    images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 3, 1])
+    scale = bb.model.logit_scale.exp()
+
+    # forward: image features (cached in training, from the frozen open_clip tower) and logits
+    ref.eval()
+    with torch.no_grad():
+        ref_logits = ref(images)
+        ref_feats = F.normalize(official_clip.visual(images), dim=-1)
+        feats = F.normalize(bb.model.encode_image(images), dim=-1)
+        logits = ours.logits(feats, scale)
+    assert rel_diff(feats, ref_feats) <= 1e-5
+    assert rel_diff(logits, ref_logits) <= 1e-5
+
+    # training: the official module returns the loss in train mode; gradients of every trained tensor
+    ref.prompt_learner.train()
+    ref_loss = ref(images, labels)
+    ref_loss.backward()
+    loss = F.cross_entropy(ours.logits(feats, scale), labels)
+    loss.backward()
+    assert rel_diff(loss.detach(), ref_loss.detach()) <= 1e-5
+    ref_grads = dict(ref.prompt_learner.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert rel_diff(p.grad, ref_grads[name].grad) <= 1e-5, name
+
+
+def test_chunked_checkpointed_pass_is_the_same(pair):
+    """Several class chunks (activation checkpointing with gradients) give the one-pass answers."""
+    bb, official_clip = pair
+    _, one = _official_and_ours(bb, official_clip, 4, "a photo of a")
+    _, chunked = _official_and_ours(bb, official_clip, 4, "a photo of a", chunk=2)
+    feats = F.normalize(torch.randn(2, bb.model.text_projection.shape[1]), dim=-1)
+    a, b = one.conditioned_features(feats), chunked.conditioned_features(feats)
+    assert rel_diff(b, a) <= 1e-5
+    (ga,) = torch.autograd.grad(a.sum(), one.meta_net.linear1.weight)
+    (gb,) = torch.autograd.grad(b.sum(), chunked.meta_net.linear1.weight)
+    assert rel_diff(gb, ga) <= 1e-5
+
+
+def test_state_holds_the_official_names_only(tiny_backbone):
+    learner = CoCoOpPromptLearner(tiny_backbone, NAMES)
+    assert sorted(learner.state_dict()) == ["ctx", "meta_net.linear1.bias", "meta_net.linear1.weight",
+                                            "meta_net.linear2.bias", "meta_net.linear2.weight"]
+    assert learner.meta_net.linear1.weight.shape == (64 // 16, 64)
+    assert learner.meta_net.linear2.weight.shape == (64, 64 // 16)
+    model = build(tiny_backbone, NAMES, CoCoOpConfig(), learner.state_dict())
+    assert model.class_weights() is None
+    for k, v in model.state().items():
+        assert torch.equal(v, learner.state_dict()[k])
+
+
+def test_saved_tensors_that_do_not_fit_are_refused(tiny_backbone):
+    state = CoCoOpPromptLearner(tiny_backbone, NAMES).state_dict()
+    with pytest.raises(ValueError, match="missing \\['ctx'\\]"):
+        build(tiny_backbone, NAMES, CoCoOpConfig(), {k: v for k, v in state.items() if k != "ctx"})
+    with pytest.raises(ValueError, match="ctx \\(8, 64\\) \\(expects \\(4, 64\\)\\)"):
+        build(tiny_backbone, NAMES, CoCoOpConfig(), {**state, "ctx": torch.zeros(8, 64)})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_ctx": 0, "ctx_init": None}, "n_ctx must be an integer >= 1"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"batch_size": 1.5}, "batch_size must be an integer >= 1"),
+    ({"ctx_init": "  "}, "ctx_init has no words"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CoCoOpConfig(**kwargs)
