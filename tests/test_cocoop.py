@@ -133,3 +133,47 @@ def test_saved_tensors_that_do_not_fit_are_refused(tiny_backbone):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CoCoOpConfig(**kwargs)
+
+
+#: Families beyond the official code's reach (its clip.build_model knows OpenAI's two architectures only):
+#: plain-GELU ViT (packed path), MetaCLIP 2 (eos pooling by id), SigLIP 2 (bidirectional, logit bias),
+#: a Hugging Face text tower, CoCa (appended CLS).
+OTHER_FAMILIES = ["ViT-B-32", "ViT-H-14-worldwide", "ViT-B-16-SigLIP2", "roberta-ViT-B-32", "coca_ViT-B-32"]
+
+
+@pytest.mark.parametrize("name", OTHER_FAMILIES)
+def test_other_families_equal_the_per_image_full_length_pass(name, tmp_path):
+    """The official algorithm (each image's shifted context, every class's full-length prompt through the
+    tower's own pass, one image at a time) against the batched pass, on the families the official code
+    cannot build: features and gradients."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    from coopkit.prompts import PromptLearner, reference_text_features
+    from coopkit.research.families import CHECK_NAMES, build_family
+
+    config, tok = build_family(name, tmp_path)
+    bb = coopkit.load_backbone(str(config), pretrained=None, device="cpu", tokenizer=str(tok) if tok else None)
+    torch.manual_seed(0)
+    learner = CoCoOpPromptLearner(bb, CHECK_NAMES, CoCoOpConfig(n_ctx=4, ctx_init=None), text_chunk_size=2)
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        learner.meta_net.linear1.bias.add_(1.0)
+    dim = learner.meta_net.linear1.in_features
+    feats = F.normalize(torch.randn(3, dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    fast = learner.conditioned_features(feats)  # (3, K, D)
+    shift = learner.meta_net(feats)  # (3, width)
+    refs = []
+    for i in range(len(feats)):
+        coop = PromptLearner(bb, CHECK_NAMES, learner.config)
+        del coop.ctx
+        coop.ctx = learner.ctx + shift[i]  # (n_ctx, width): the official ctx_shifted of image i
+        refs.append(reference_text_features(coop))  # (K, D), full length, the tower's own pass
+    ref = torch.stack(refs)
+    assert rel_diff(fast, ref) <= 1e-5
+    w = torch.randn_like(ref)
+    params = [learner.ctx, learner.meta_net.linear1.weight, learner.meta_net.linear2.weight]
+    g_fast = torch.autograd.grad((fast * w).sum(), params, retain_graph=True)
+    g_ref = torch.autograd.grad((ref * w).sum(), params)
+    for a, b in zip(g_fast, g_ref):
+        assert b.abs().sum() > 0 and rel_diff(a, b) <= 1e-5
