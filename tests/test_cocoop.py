@@ -13,8 +13,16 @@ import torch
 import torch.nn.functional as F
 
 import coopkit
-from coopkit.methods.cocoop import CoCoOpConfig, CoCoOpPromptLearner, build, load_learner_state
-from reference import coop_clip_model, cocoop_official
+from coopkit.config import TrainConfig
+from coopkit.methods.cocoop import (
+    CoCoOpConfig,
+    CoCoOpPromptLearner,
+    build,
+    load_learner_state,
+    official_lr,
+    train_loop,
+)
+from reference import cocoop_official, coop_clip_model, dassl_lr_scheduler
 
 NAMES = ["cat", "golden retriever", "red_panda", "a rather long multi word class name", "x"]
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}
@@ -177,3 +185,54 @@ def test_other_families_equal_the_per_image_full_length_pass(name, tmp_path):
     g_ref = torch.autograd.grad((ref * w).sum(), params)
     for a, b in zip(g_fast, g_ref):
         assert b.abs().sum() > 0 and rel_diff(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("epochs,warmup", [(10, 1), (3, 1), (5, 0)])
+def test_schedule_is_dassls(epochs, warmup):
+    """The official configs' scheduler (Dassl's ConstantWarmupScheduler over CosineAnnealingLR), stepped per epoch."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.002)
+    ns = cocoop_official.types.SimpleNamespace
+    sched = dassl_lr_scheduler.build_lr_scheduler(opt, ns(
+        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=warmup or -1,
+        WARMUP_RECOUNT=True, WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
+    train = TrainConfig(warmup_epochs=warmup)
+    for epoch in range(epochs):
+        assert official_lr(epoch, train, epochs) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0)
+        opt.step()
+        sched.step()
+
+
+def test_training_equals_the_official_trainer_steps(pair):
+    """Three epochs (warm-up, then cosine) of one batch: the official module stepped by the official
+    optimiser and schedule (torch SGD as Dassl builds it, the vendored scheduler) against train_loop on
+    cached features: the parameter updates agree."""
+    bb, official_clip = pair
+    ref, ours = _official_and_ours(bb, official_clip, 4, "a photo of a")
+    before = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    size = official_clip.visual.input_resolution
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([2, 0])
+    epochs, train = 3, TrainConfig(lr=0.5, seed=1)
+    opt = torch.optim.SGD(ref.prompt_learner.parameters(), lr=train.lr, momentum=0.9, weight_decay=5e-4,
+                          dampening=0, nesterov=False)
+    ns = cocoop_official.types.SimpleNamespace
+    sched = dassl_lr_scheduler.build_lr_scheduler(opt, ns(
+        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=1, WARMUP_RECOUNT=True,
+        WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
+    ref.prompt_learner.train()
+    for _ in range(epochs):  # CoCoOp.forward_backward, then update_lr at the epoch's last batch
+        loss = ref(images, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        feats = F.normalize(bb.model.encode_image(images), dim=-1)[None]  # (1 view, 2, D)
+    history = train_loop(ours, bb, feats, labels, CoCoOpConfig(epochs=epochs, batch_size=2), train)
+    assert history["lr"] == pytest.approx([1e-5, 0.5, 0.375])  # 0.5 (1 + cos(pi / 3)) / 2
+    official = dict(ref.prompt_learner.named_parameters())
+    for name, p in ours.named_parameters():
+        delta, ref_delta = p.detach() - before[name], official[name].detach() - before[name]
+        assert ref_delta.abs().max() > 1e-3, name
+        assert rel_diff(delta, ref_delta) <= 1e-4, name

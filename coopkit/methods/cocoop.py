@@ -27,6 +27,7 @@ number of classes).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from ..config import ConfigMixin, PromptConfig, TrainConfig
 from ..data import Dataset, few_shot
 from ..features import autocast_for, encode_images
 from ..prompts import PromptLearner
-from ..train import lr_at, seed_everything
+from ..train import seed_everything
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -246,6 +247,15 @@ def load_learner_state(learner: CoCoOpPromptLearner, tensors: dict[str, torch.Te
             v.copy_(tensors[k].to(v.dtype))
 
 
+def official_lr(epoch: int, train: TrainConfig, epochs: int) -> float:
+    """The learning rate of ``epoch`` (0-based) under the official trainers' Dassl schedule: ``warmup_lr``
+    for ``warmup_epochs``, then ``CosineAnnealingLR(T_max=epochs)`` started at the end of the warm-up
+    (``WARMUP_RECOUNT``), so the last epoch's rate is above 0: ``lr (1 + cos(pi (epoch - warmup) / epochs)) / 2``."""
+    if epoch < train.warmup_epochs:
+        return train.warmup_lr
+    return 0.5 * train.lr * (1 + math.cos(math.pi * (epoch - train.warmup_epochs) / epochs))
+
+
 def fit(
     backbone: "Backbone",
     train_set: Dataset,
@@ -258,8 +268,8 @@ def fit(
     """Fit CoCoOp on a few labelled images per class (``train.shots`` per class, drawn with ``train.seed``).
 
     The recipe is the official one: SGD (``train.lr``, ``momentum``, ``weight_decay``) over the
-    context and the meta-net, ``train.warmup_epochs`` at ``train.warmup_lr`` then a cosine over
-    ``config.epochs``, batches of ``config.batch_size`` images, cross-entropy. The image
+    context and the meta-net, ``train.warmup_epochs`` at ``train.warmup_lr`` then Dassl's cosine
+    (:func:`official_lr`) over ``config.epochs``, batches of ``config.batch_size`` images, cross-entropy. The image
     features are encoded once (``train.n_views`` augmented views per image, one drawn per epoch).
 
     Returns:
@@ -311,7 +321,6 @@ def train_loop(
     from tqdm.auto import tqdm
 
     device = backbone.device
-    schedule = TrainConfig(**{**train.to_dict(), "epochs": config.epochs, "batch_size": config.batch_size})
     views, n, _ = feats.shape
     scale = backbone.model.logit_scale.exp().float().to(device)
     bias = backbone.logit_bias
@@ -322,7 +331,7 @@ def train_loop(
     learner.train()
     bar = tqdm(range(config.epochs), desc="training CoCoOp", unit="epoch", disable=not progress)
     for epoch in bar:
-        lr = lr_at(epoch, schedule)
+        lr = official_lr(epoch, train, config.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         order = torch.randperm(n, generator=gen)
