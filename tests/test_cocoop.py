@@ -18,11 +18,12 @@ from coopkit.methods.cocoop import (
     CoCoOpConfig,
     CoCoOpPromptLearner,
     build,
+    import_official,
     load_learner_state,
     official_lr,
     train_loop,
 )
-from reference import cocoop_official, coop_clip_model, dassl_lr_scheduler
+from reference import cocoop_official, coop_clip_model, dassl_checkpoint, dassl_lr_scheduler
 
 NAMES = ["cat", "golden retriever", "red_panda", "a rather long multi word class name", "x"]
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}
@@ -187,6 +188,60 @@ def test_other_families_equal_the_per_image_full_length_pass(name, tmp_path):
         assert b.abs().sum() > 0 and rel_diff(a, b) <= 1e-5
 
 
+def _dassl_scheduler(optimizer, epochs):
+    """The official configs' scheduler: constant warm-up for one epoch, then cosine."""
+    ns = cocoop_official.types.SimpleNamespace
+    return dassl_lr_scheduler.build_lr_scheduler(optimizer, ns(
+        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=1, WARMUP_RECOUNT=True,
+        WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
+
+
+@pytest.mark.parametrize("prec", ["fp32", "fp16"])
+def test_official_checkpoint_imports_with_the_official_logits(pair, tmp_path, prec):
+    """A checkpoint as the official trainer writes it (Dassl's save_model: state dict with the token buffers,
+    SGD state, the warm-up scheduler holding its cosine successor), read through coopkit's safe unpickler,
+    gives the logits the official module gives after its own load_model."""
+    from coopkit.research.compat import load_checkpoint
+
+    bb, official_clip = pair
+    trained, _ = _official_and_ours(bb, official_clip, 4, "a photo of a")
+    size = official_clip.visual.input_resolution
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    learner = trained.prompt_learner
+    opt = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
+    sched = _dassl_scheduler(opt, 10)
+    trained(images, torch.tensor([1, 2])).backward()  # an optimiser step, so the file holds momentum buffers
+    opt.step()
+    sched.step()
+    if prec == "fp16":  # PREC fp16: the official learner (context, meta-net, token buffers) is half precision
+        learner.half()
+    dassl_checkpoint.Trainer({"prompt_learner": learner}, {"prompt_learner": opt}, {"prompt_learner": sched}
+                             ).save_model(9, str(tmp_path), val_result=None)
+    path = tmp_path / "prompt_learner" / "model.pth.tar-10"
+    raw = load_checkpoint(path)
+    assert raw["epoch"] == 10 and raw["state_dict"]["ctx"].dtype == (torch.float16 if prec == "fp16" else torch.float32)
+    model = import_official(raw["state_dict"], NAMES, bb)
+
+    official = cocoop_official.CustomCLIP(cocoop_official.cfg(4, "", "fp32", size), NAMES, official_clip)
+    state = cocoop_official.load_model_state_dict(torch.load(path, weights_only=False))
+    official.prompt_learner.load_state_dict(state, strict=False)  # the official load_model
+    official.eval()
+    with torch.no_grad():
+        ref_logits = official(images)
+        logits = model.head()(F.normalize(bb.model.encode_image(images), dim=-1))
+    assert rel_diff(logits, ref_logits) <= 1e-5
+
+
+def test_checkpoints_that_are_not_cocoop_are_refused(tiny_backbone):
+    good = CoCoOpPromptLearner(tiny_backbone, NAMES).state_dict()
+    with pytest.raises(ValueError, match="ctx is \\(5, 4, 64\\), expected \\(n_ctx, width\\)"):
+        import_official({**good, "ctx": torch.zeros(5, 4, 64)}, NAMES, tiny_backbone)
+    with pytest.raises(ValueError, match="unexpected \\['bias_vectors'\\]"):
+        import_official({**good, "bias_vectors": torch.zeros(1, 64)}, NAMES, tiny_backbone)
+    with pytest.raises(ValueError, match="ctx \\(4, 32\\) \\(expects \\(4, 64\\)\\)"):
+        import_official({**good, "ctx": torch.zeros(4, 32)}, NAMES, tiny_backbone)
+
+
 @pytest.mark.parametrize("epochs,warmup", [(10, 1), (3, 1), (5, 0)])
 def test_schedule_is_dassls(epochs, warmup):
     """The official configs' scheduler (Dassl's ConstantWarmupScheduler over CosineAnnealingLR), stepped per epoch."""
@@ -216,10 +271,7 @@ def test_training_equals_the_official_trainer_steps(pair):
     epochs, train = 3, TrainConfig(lr=0.5, seed=1)
     opt = torch.optim.SGD(ref.prompt_learner.parameters(), lr=train.lr, momentum=0.9, weight_decay=5e-4,
                           dampening=0, nesterov=False)
-    ns = cocoop_official.types.SimpleNamespace
-    sched = dassl_lr_scheduler.build_lr_scheduler(opt, ns(
-        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=1, WARMUP_RECOUNT=True,
-        WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
+    sched = _dassl_scheduler(opt, epochs)
     ref.prompt_learner.train()
     for _ in range(epochs):  # CoCoOp.forward_backward, then update_lr at the epoch's last batch
         loss = ref(images, labels)

@@ -247,6 +247,38 @@ def load_learner_state(learner: CoCoOpPromptLearner, tensors: dict[str, torch.Te
             v.copy_(tensors[k].to(v.dtype))
 
 
+#: Entries of an official prompt-learner state dict that its ``load_model`` drops (fixed token embeddings).
+OFFICIAL_IGNORED = ("token_prefix", "token_suffix")
+
+
+def import_official(state_dict: dict[str, Any], classnames: Sequence[str], backbone: "Backbone",
+                    config: Optional[CoCoOpConfig] = None) -> CoCoOpModel:
+    """A model from the official trainer's ``prompt_learner`` state dict (``model.pth.tar-N``'s
+    ``state_dict``, read with coopkit's safe unpickler): ``ctx`` and the meta-net, fp16 or fp32.
+
+    As the official ``load_model``, ``token_prefix`` / ``token_suffix`` are dropped (they are rebuilt
+    from ``classnames``). ``config`` defaults to the checkpoint's own shape (``n_ctx`` from ``ctx``;
+    the init words do not change a trained model). Refused in one line: other entries, a
+    class-specific context, or shapes that do not fit the backbone.
+    """
+    state = {k[len("prompt_learner."):] if k.startswith("prompt_learner.") else k: v for k, v in state_dict.items()}
+    tensors = {k: v for k, v in state.items() if k not in OFFICIAL_IGNORED}
+    ctx = tensors.get("ctx")
+    if not isinstance(ctx, torch.Tensor) or ctx.ndim != 2:
+        shape = tuple(ctx.shape) if isinstance(ctx, torch.Tensor) else None
+        raise ValueError(f"not a CoCoOp prompt learner: ctx is {shape}, expected (n_ctx, width) (CoCoOp has no "
+                         "class-specific context)")
+    if config is None:
+        config = CoCoOpConfig(n_ctx=int(ctx.shape[0]), ctx_init=None)
+    elif config.n_ctx != ctx.shape[0] and config.ctx_init is None:
+        raise ValueError(f"the checkpoint has {ctx.shape[0]} context vectors, the config n_ctx={config.n_ctx}")
+    learner = CoCoOpPromptLearner(backbone, classnames, config)
+    load_learner_state(learner, {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()},
+                       "the official checkpoint's tensors")
+    learner.requires_grad_(False)
+    return CoCoOpModel(backbone, learner.eval())
+
+
 def official_lr(epoch: int, train: TrainConfig, epochs: int) -> float:
     """The learning rate of ``epoch`` (0-based) under the official trainers' Dassl schedule: ``warmup_lr``
     for ``warmup_epochs``, then ``CosineAnnealingLR(T_max=epochs)`` started at the end of the warm-up
