@@ -31,22 +31,24 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigMixin, PromptConfig, TrainConfig
-from ..data import Dataset, few_shot
-from ..features import autocast_for, encode_images
+from ..backbone import Backbone
+from ..config import ConfigMixin, PromptConfig, RunConfig, TrainConfig
+from ..features import autocast_for
 from ..prompts import PromptLearner
-from ..train import seed_everything
-
-if TYPE_CHECKING:
-    from ..backbone import Backbone
+from . import Method, register
+from .base import MethodModel, Shots, logit_scale, seed_everything
 
 logger = logging.getLogger(__name__)
+
+NAME = "cocoop"
+#: The run file holding what CoCoOp trained: ``ctx`` and the meta-net's tensors, under the official names.
+TENSORS_FILE = "cocoop.safetensors"
 
 #: The meta-net's bottleneck: hidden width = image feature width // 16 (fixed in the official code).
 META_REDUCTION = 16
@@ -83,7 +85,7 @@ class CoCoOpConfig(ConfigMixin):
         return PromptConfig(n_ctx=self.n_ctx, csc=False, class_token_position="end", ctx_init=self.ctx_init)
 
 
-def image_feature_dim(backbone: "Backbone") -> int:
+def image_feature_dim(backbone: Backbone) -> int:
     """Width of the backbone's image features (the meta-net's input)."""
     proj = backbone.model.text_projection if hasattr(backbone.model, "text_projection") else None
     visual = backbone.model.visual
@@ -114,7 +116,7 @@ class CoCoOpPromptLearner(PromptLearner):
             official module's. ``state_dict()`` holds exactly ``ctx`` and the meta-net's four tensors.
     """
 
-    def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: Optional[CoCoOpConfig] = None, *,
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], config: Optional[CoCoOpConfig] = None, *,
                  text_chunk_size: int = 256) -> None:
         if config is not None and not isinstance(config, CoCoOpConfig):
             raise ValueError(f"config must be a CoCoOpConfig, got {type(config).__name__}")
@@ -172,64 +174,70 @@ class CoCoOpHead(nn.Module):
         return torch.cat(parts)  # (b, C)
 
 
-class ImageEncoder(nn.Module):
-    """pixels ``(b, 3, H, W)`` -> unnormalised image features ``(b, D)``: the frozen backbone's own
-    encoder (CoCoOp leaves it as it is)."""
+class CoCoOpModel(MethodModel):
+    """A fitted CoCoOp classifier: the frozen backbone's encoder and the learner.
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
-
-
-class CoCoOpModel(nn.Module):
-    """A fitted CoCoOp classifier's model: the frozen backbone's encoder and the learner.
-
-    ``class_weights()`` is ``None``: the class weights depend on each image, so the head carries
+    ``class_weights()`` is ``None``: the class weights depend on each image, so :meth:`head` carries
     the meta-net, the prompts and the text tower (see the module docstring).
     """
 
-    def __init__(self, backbone: "Backbone", learner: CoCoOpPromptLearner) -> None:
-        super().__init__()
-        self.backbone = backbone
+    def __init__(self, backbone: Backbone, learner: CoCoOpPromptLearner) -> None:
+        super().__init__(backbone, learner.classnames)
         self.learner = learner
 
     @property
     def config(self) -> CoCoOpConfig:
         return self.learner.cocoop
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised pixels -> ``(B, D)`` L2-normalised image features."""
-        return F.normalize(self.backbone.model.encode_image(pixels).float(), dim=-1)
-
-    def image_encoder(self) -> nn.Module:
-        return ImageEncoder(self.backbone.model)
+    def compute_class_weights(self) -> Optional[torch.Tensor]:
+        return None
 
     def head(self) -> nn.Module:
-        scale = float(self.backbone.model.logit_scale.exp())
-        return CoCoOpHead(self.learner, scale, self.backbone.logit_bias).eval()
-
-    def class_weights(self) -> None:
-        return None
+        return CoCoOpHead(self.learner, float(logit_scale(self.backbone)), self.backbone.logit_bias).eval()
 
     def state(self) -> dict[str, torch.Tensor]:
         """What was trained, under the official names: ``ctx`` and ``meta_net.linear{1,2}.{weight,bias}``."""
         return {k: v.detach().float().cpu().contiguous() for k, v in self.learner.state_dict().items()}
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.head()(image_features)
+    def run_fields(self) -> dict[str, Any]:
+        return {"method_config": self.config}
+
+    def with_classes(self, classnames: Sequence[str]) -> "CoCoOpModel":
+        """The same context and meta-net over other class names (CoCoOp's base-to-new setting)."""
+        return _frozen(self.backbone, classnames, self.config, self.state(), self.learner.text_chunk_size)
 
 
-def build(backbone: "Backbone", classnames: Sequence[str], config: CoCoOpConfig,
-          tensors: Optional[dict[str, torch.Tensor]], *, text_chunk_size: int = 256) -> CoCoOpModel:
-    """Rebuild a fitted model from its saved tensors (``state()``), refusing any that do not fit in one line."""
+def _frozen(backbone: Backbone, classnames: Sequence[str], config: CoCoOpConfig,
+            tensors: Optional[dict[str, torch.Tensor]], text_chunk_size: int = 256) -> CoCoOpModel:
     learner = CoCoOpPromptLearner(backbone, classnames, config, text_chunk_size=text_chunk_size)
     if tensors is not None:
-        load_learner_state(learner, tensors, "the saved CoCoOp tensors")
+        load_learner_state(learner, tensors, "the CoCoOp tensors")
     learner.requires_grad_(False)
     return CoCoOpModel(backbone, learner.eval())
+
+
+def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> CoCoOpModel:
+    """A saved CoCoOp run again: its settings, context and meta-net over its class names (tensors that
+    do not fit, or are not finite, refused in one line)."""
+    if tensors is None:
+        raise ValueError(f"a {NAME} run needs its {TENSORS_FILE}")
+    if not all(bool(torch.isfinite(t.float()).all()) for t in tensors.values()):
+        raise ValueError("the CoCoOp tensors hold NaN or infinite values; fit the run again")
+    cfg = CoCoOpConfig.from_dict(config.method_config) if config.method_config is not None else CoCoOpConfig()
+    chunk = config.train.text_chunk_size if config.train else 256
+    return _frozen(backbone, config.classnames, cfg, tensors, chunk)
+
+
+def check_backbone(backbone: Backbone, config: Optional[CoCoOpConfig] = None) -> None:
+    """Refuse, in one line, a backbone CoCoOp cannot run on: image features narrower than the
+    meta-net's reduction (16), or a text tower CoOp's prompt learner does not know."""
+    from ..prompts import TextTower
+
+    TextTower.of(backbone.model)
+    dim = image_feature_dim(backbone)
+    if dim // META_REDUCTION < 1:
+        raise ValueError(f"model {backbone.name!r}: image features of width {dim} leave the meta-net no hidden "
+                         f"unit (width // {META_REDUCTION}); CoCoOp needs image features of width >= {META_REDUCTION}")
 
 
 def load_learner_state(learner: CoCoOpPromptLearner, tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -251,7 +259,7 @@ def load_learner_state(learner: CoCoOpPromptLearner, tensors: dict[str, torch.Te
 OFFICIAL_IGNORED = ("token_prefix", "token_suffix")
 
 
-def import_official(state_dict: dict[str, Any], classnames: Sequence[str], backbone: "Backbone",
+def import_official(state_dict: dict[str, Any], classnames: Sequence[str], backbone: Backbone,
                     config: Optional[CoCoOpConfig] = None) -> CoCoOpModel:
     """A model from the official trainer's ``prompt_learner`` state dict (``model.pth.tar-N``'s
     ``state_dict``, read with coopkit's safe unpickler): ``ctx`` and the meta-net, fp16 or fp32.
@@ -272,11 +280,7 @@ def import_official(state_dict: dict[str, Any], classnames: Sequence[str], backb
         config = CoCoOpConfig(n_ctx=int(ctx.shape[0]), ctx_init=None)
     elif config.n_ctx != ctx.shape[0] and config.ctx_init is None:
         raise ValueError(f"the checkpoint has {ctx.shape[0]} context vectors, the config n_ctx={config.n_ctx}")
-    learner = CoCoOpPromptLearner(backbone, classnames, config)
-    load_learner_state(learner, {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()},
-                       "the official checkpoint's tensors")
-    learner.requires_grad_(False)
-    return CoCoOpModel(backbone, learner.eval())
+    return _frozen(backbone, classnames, config, {k: v.float() for k, v in tensors.items()})
 
 
 def official_lr(epoch: int, train: TrainConfig, epochs: int) -> float:
@@ -288,59 +292,51 @@ def official_lr(epoch: int, train: TrainConfig, epochs: int) -> float:
     return 0.5 * train.lr * (1 + math.cos(math.pi * (epoch - train.warmup_epochs) / epochs))
 
 
-def fit(
-    backbone: "Backbone",
-    train_set: Dataset,
-    config: Optional[CoCoOpConfig] = None,
-    train: Optional[TrainConfig] = None,
-    *,
-    progress: bool = True,
-    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
-) -> tuple[CoCoOpModel, dict[str, Any]]:
-    """Fit CoCoOp on a few labelled images per class (``train.shots`` per class, drawn with ``train.seed``).
+def fit(backbone: Backbone, shots: Shots, config: Optional[CoCoOpConfig] = None, train: Optional[TrainConfig] = None,
+        *, progress: bool = False,
+        callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> tuple[CoCoOpModel, dict[str, Any]]:
+    """Fit CoCoOp on the shots' cached features (``train.n_views`` augmented views per image, one
+    drawn per epoch; encoded once and shared with the other methods fitted on the same shots).
 
     The recipe is the official one: SGD (``train.lr``, ``momentum``, ``weight_decay``) over the
     context and the meta-net, ``train.warmup_epochs`` at ``train.warmup_lr`` then Dassl's cosine
-    (:func:`official_lr`) over ``config.epochs``, batches of ``config.batch_size`` images, cross-entropy. The image
-    features are encoded once (``train.n_views`` augmented views per image, one drawn per epoch).
+    (:func:`official_lr`) over ``config.epochs``, batches of ``config.batch_size`` images,
+    cross-entropy (plus the model's logit bias in the logits, as coopkit scores SigLIP models).
 
     Returns:
         The fitted model and its metrics (``train_loss``, ``train_accuracy``, ``epochs``,
         ``train_images``, ``seconds``, ``history``).
+
+    Raises:
+        ValueError: a class without a readable training image.
+        RuntimeError: the loss or the parameters became NaN or infinite (the message names the epoch).
     """
     config = config or CoCoOpConfig()
     train = train or TrainConfig()
     started = time.perf_counter()
     seed_everything(train.seed)
-    sample = few_shot(train_set, train.shots, train.seed)
-    feats, kept = encode_images(
-        backbone, sample.paths, transform=backbone.train_preprocess if train.augment else backbone.preprocess,
-        views=train.n_views, strict=train.strict, progress=progress, desc="encoding training views",
-        precision=train.precision,
-    )  # (views, n, D)
-    labels = torch.tensor([sample.labels[i] for i in kept])
-    missing = sorted(set(range(len(sample.classnames))) - set(labels.tolist()))
+    encoded = shots.features(backbone, views=train.n_views, augment=train.augment, progress=progress)
+    missing = sorted(set(range(len(encoded.classnames))) - set(encoded.labels.tolist()))
     if missing:
-        raise ValueError(f"no readable training images for classes {[sample.classnames[i] for i in missing]}")
-    learner = CoCoOpPromptLearner(backbone, sample.classnames, config, text_chunk_size=train.text_chunk_size)
-    history = train_loop(learner, backbone, feats, labels, config, train, progress=progress, callback=callback)
+        raise ValueError(f"no readable training images for classes {[encoded.classnames[i] for i in missing]}")
+    learner = CoCoOpPromptLearner(backbone, encoded.classnames, config, text_chunk_size=train.text_chunk_size)
+    history = train_loop(learner, backbone, encoded.feats, encoded.labels, config, train, progress=progress,
+                         callback=callback)
     learner.requires_grad_(False)
     metrics: dict[str, Any] = {
         "train_loss": history["loss"][-1],
         "train_accuracy": history["accuracy"][-1],
         "epochs": config.epochs,
-        "train_images": int(len(labels)),
+        "train_images": int(len(encoded.labels)),
         "seconds": round(time.perf_counter() - started, 2),
         "history": history,
     }
-    logger.info("CoCoOp: fitted %d classes in %.1fs: train accuracy %.3f", len(sample.classnames),
-                metrics["seconds"], metrics["train_accuracy"])
     return CoCoOpModel(backbone, learner.eval()), metrics
 
 
 def train_loop(
     learner: CoCoOpPromptLearner,
-    backbone: "Backbone",
+    backbone: Backbone,
     feats: torch.Tensor,
     labels: torch.Tensor,
     config: CoCoOpConfig,
@@ -396,3 +392,18 @@ def train_loop(
     bar.close()
     learner.eval()
     return history
+
+
+register(Method(
+    name=NAME,
+    summary="CoCoOp: CoOp's context shifted per image by a meta-net of the image features (class weights per image)",
+    build=build,
+    config=CoCoOpConfig,
+    tensors_file=TENSORS_FILE,
+    fit=fit,
+    importer=import_official,
+    protocols=("fewshot", "base2new", "shift"),
+    text_graph=False,
+    check_backbone=check_backbone,
+    bench_default=(NAME,),
+))
