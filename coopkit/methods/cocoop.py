@@ -26,7 +26,6 @@ number of classes).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import OrderedDict
@@ -39,12 +38,9 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..config import ConfigMixin, PromptConfig, RunConfig, TrainConfig
-from ..features import autocast_for
 from ..prompts import PromptLearner
 from . import Method, register
-from .base import MethodModel, Shots, logit_scale, seed_everything
-
-logger = logging.getLogger(__name__)
+from .base import MethodModel, Shots, logit_scale, seed_everything, train_on_features
 
 NAME = "cocoop"
 #: The run file holding what CoCoOp trained: ``ctx`` and the meta-net's tensors, under the official names.
@@ -346,50 +342,19 @@ def train_loop(
     callback: Optional[Callable[[int, dict[str, float]], None]] = None,
 ) -> dict[str, list[float]]:
     """The training loop on cached L2-normalised features ``feats (views, n, D)`` and ``labels (n,)``."""
-    from tqdm.auto import tqdm
-
-    device = backbone.device
-    views, n, _ = feats.shape
-    scale = backbone.model.logit_scale.exp().float().to(device)
+    scale = backbone.model.logit_scale.exp().float().to(backbone.device)
     bias = backbone.logit_bias
     params = [p for p in learner.parameters() if p.requires_grad]  # ctx and the meta-net (as the official optimiser)
-    optimizer = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-    gen = torch.Generator().manual_seed(train.seed)
-    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = learner.logits(x, scale, bias)  # (b, n_cls): each image against its own class features
+        return F.cross_entropy(logits.float(), y), logits
+
     learner.train()
-    bar = tqdm(range(config.epochs), desc="training CoCoOp", unit="epoch", disable=not progress)
-    for epoch in bar:
-        lr = official_lr(epoch, train, config.epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.randperm(n, generator=gen)
-        view = torch.randint(views, (n,), generator=gen)
-        total, correct = 0.0, 0
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            x = feats[view[idx], idx].to(device)  # (b, D)
-            y = labels[idx].to(device)
-            with autocast_for(device, train.precision):
-                logits = learner.logits(x, scale, bias)  # (b, n_cls)
-                loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch + 1}/{config.epochs}; "
-                                   f"lower lr (now {lr:g}) or use precision='fp32'")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise RuntimeError(f"the CoCoOp parameters became NaN or infinite at epoch {epoch + 1}/{config.epochs}; "
-                               f"lower lr (now {lr:g}) or use precision='fp32'")
-        stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
-        for k, v in stats.items():
-            history[k].append(round(float(v), 6))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-        if callback is not None:
-            callback(epoch, stats)
-    bar.close()
+    history = train_on_features(params, feats, labels, batch_loss, train, epochs=config.epochs,
+                                batch_size=config.batch_size, lr_of=lambda epoch: official_lr(epoch, train, config.epochs),
+                                device=backbone.device, what="the CoCoOp parameters", desc="training CoCoOp",
+                                progress=progress, callback=callback)
     learner.eval()
     return history
 
