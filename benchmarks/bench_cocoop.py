@@ -154,7 +154,10 @@ def runtime_worker(k: int, model: str, batch: int, repeats: int) -> dict:
 
     import coopkit
     from coopkit.config import RunConfig
-    from coopkit.methods.cocoop import CoCoOpConfig, build
+    from coopkit.methods.cocoop import CoCoOpConfig, CoCoOpModel, CoCoOpPromptLearner
+
+    from coopkit.exporters import export_onnx
+    from coopkit.runtime import Classifier as RuntimeClassifier
 
     torch.manual_seed(0)
     bb = _backbone(model, "cpu")
@@ -163,12 +166,13 @@ def runtime_worker(k: int, model: str, batch: int, repeats: int) -> dict:
     folder = Path(tempfile.mkdtemp())
     images = np.random.default_rng(0).integers(0, 256, (batch, *bb.image_size, 3), dtype=np.uint8)
     coop = coopkit.zero_shot(bb, names)  # constant class weights: the same file shape as CoOp's
-    cocoop = coopkit.Classifier.from_method(bb, RunConfig(method="cocoop", classnames=names, **bb.run_fields()),
-                                            build(bb, names, CoCoOpConfig(), None))
+    learner = CoCoOpPromptLearner(bb, names, CoCoOpConfig()).requires_grad_(False).eval()
+    cocoop = coopkit.Classifier(bb, RunConfig(method="cocoop", classnames=names, method_config=CoCoOpConfig(),
+                                              **bb.run_fields()), CoCoOpModel(bb, learner))
     for label, clf in (("coop", coop), ("cocoop", cocoop)):
         path = folder / f"{label}.onnx"
-        coopkit.export_onnx(clf, path)
-        runtime = coopkit.runtime.ImageClassifier(path)
+        export_onnx(clf, path)
+        runtime = RuntimeClassifier(path)
         runtime.logits(images)  # warm-up
         times = []
         for _ in range(repeats):
