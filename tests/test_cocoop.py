@@ -373,3 +373,24 @@ def test_export_runs_in_the_unchanged_runtime(fitted, image_folder, tmp_path):
     runtime = RuntimeClassifier(result.path)
     images = sorted((image_folder / "test").rglob("*.png"))
     np.testing.assert_allclose(runtime.logits(images), fitted.logits(images), atol=1e-4, rtol=0)
+
+
+def test_import_official_cli(fitted, tiny_config, image_folder, tmp_path):
+    """coopkit import-official on a CoCoOp checkpoint as the official trainer saves it."""
+    from click.testing import CliRunner
+
+    from coopkit.cli import main
+
+    learner = fitted.model.learner
+    dassl_checkpoint.Trainer({"prompt_learner": learner}, {"prompt_learner": None}, {"prompt_learner": None}
+                             ).save_model(9, str(tmp_path / "official"))
+    ckpt = tmp_path / "official" / "prompt_learner" / "model.pth.tar-10"
+    res = CliRunner().invoke(main, ["import-official", str(ckpt), "--classes-from", str(image_folder / "train"),
+                                    "--model", str(tiny_config), "--pretrained", "none", "--device", "cpu",
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "imported CoCoOp context (2, 64) for 4 classes" in res.output
+    run = coopkit.load(tmp_path / "run", backbone=fitted.backbone)
+    assert run.method == "cocoop" and run.config.metrics["official_epoch"] == 10
+    images = sorted((image_folder / "test").rglob("*.png"))
+    np.testing.assert_array_equal(run.logits(images), fitted.logits(images))
