@@ -27,6 +27,10 @@ computations here are exact rewrites of the plain full-length pass, not approxim
   large matmul instead of one small one per group; attention stays per group), and the last
   block runs its output projection and MLP on the end-token rows only, the only ones read.
 
+With a per-image shift of the context (CoCoOp's meta-net, :meth:`PromptLearner.text_features`
+``shift=``), the same passes run over images x classes at once: each image's shared positions
+run once for all classes, and the packed rows carry a leading image dimension.
+
 Other towers (non-causal ones attend to their padding; CoCa's CLS sees the whole row) run the
 plain full-length pass. Large label sets go through the tower in chunks, with activation
 checkpointing when gradients are needed, so memory stays bounded.
