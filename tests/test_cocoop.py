@@ -141,11 +141,32 @@ def test_saved_tensors_that_do_not_fit_are_refused(tiny_backbone):
     ({"n_ctx": 0, "ctx_init": None}, "n_ctx must be an integer >= 1"),
     ({"epochs": 0}, "epochs must be an integer >= 1"),
     ({"batch_size": 1.5}, "batch_size must be an integer >= 1"),
-    ({"ctx_init": "  "}, "ctx_init has no words"),
+    ({"ctx_init": 4}, "ctx_init must be a string of words or None"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CoCoOpConfig(**kwargs)
+
+
+def test_config_reads_the_official_empty_ctx_init_as_random():
+    assert CoCoOpConfig(ctx_init="").ctx_init is None and CoCoOpConfig(ctx_init=" None ").ctx_init is None
+    assert CoCoOpConfig(ctx_init="a_photo  of a").ctx_init == "a photo of a"
+    assert CoCoOpConfig(epochs=None).epochs == 10  # coopkit bench's "the method's own epochs"
+
+
+def test_fit_command(tiny_config, image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from coopkit.cli import main
+
+    args = ["fit", str(image_folder / "train"), "--method", "cocoop", "--model", str(tiny_config), "--pretrained",
+            "none", "--device", "cpu", "--shots", "2", "--n-views", "1", "--cocoop-epochs", "1",
+            "--cocoop-n-ctx", "3", "--cocoop-ctx-init", "", "-q", "--json", "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    run = coopkit.load(tmp_path / "run")
+    assert run.method == "cocoop" and run.model.learner.ctx.shape == (3, 64)
+    assert run.config.method_config == {"n_ctx": 3, "ctx_init": None, "epochs": 1, "batch_size": 1}
 
 
 #: Families beyond the official code's reach (its clip.build_model knows OpenAI's two architectures only):

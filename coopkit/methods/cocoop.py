@@ -46,6 +46,8 @@ NAME = "cocoop"
 #: The run file holding what CoCoOp trained: ``ctx`` and the meta-net's tensors, under the official names.
 TENSORS_FILE = "cocoop.safetensors"
 
+#: Epochs of every official CoCoOp config.
+OFFICIAL_EPOCHS = 10
 #: The meta-net's bottleneck: hidden width = image feature width // 16 (fixed in the official code).
 META_REDUCTION = 16
 #: Rows (image x class x prompt position) a head evaluates at once outside tracing: bounds memory
@@ -65,12 +67,17 @@ class CoCoOpConfig(ConfigMixin):
     n_ctx: int = field(default=4, metadata={
         "help": "number of learned context vectors (with ctx_init: the number of its tokens)"})
     ctx_init: Optional[str] = field(default="a photo of a", metadata={
-        "help": "initialise the context from these words (None: random, std 0.02)"})
-    epochs: int = field(default=10, metadata={"help": "epochs (the official configs: 10)"})
+        "help": "initialise the context from these words (None, '' or 'none': random, std 0.02, as the "
+                "official CTX_INIT: \"\")"})
+    epochs: Optional[int] = field(default=OFFICIAL_EPOCHS, metadata={"help": "epochs (None: the official configs' 10)"})
     batch_size: int = field(default=1, metadata={"help": "images per step (the official configs: 1)"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.ctx_init, str) and self.ctx_init.strip().lower() in ("", "none"):
+            self.ctx_init = None  # the official configs' CTX_INIT: "" (and the command line's way to say None)
         self.ctx_init = self.prompt_config().ctx_init  # PromptConfig checks n_ctx and ctx_init, normalises the words
+        if self.epochs is None:  # e.g. coopkit bench's "the method's own epochs"
+            self.epochs = OFFICIAL_EPOCHS
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -370,5 +377,4 @@ register(Method(
     protocols=("fewshot", "base2new", "shift"),
     text_graph=False,
     check_backbone=check_backbone,
-    bench_default=(NAME,),
 ))
