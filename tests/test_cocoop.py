@@ -415,3 +415,26 @@ def test_import_official_cli(fitted, tiny_config, image_folder, tmp_path):
     assert run.method == "cocoop" and run.config.metrics["official_epoch"] == 10
     images = sorted((image_folder / "test").rglob("*.png"))
     np.testing.assert_array_equal(run.logits(images), fitted.logits(images))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")  # class indices: constants
+def test_head_traces_to_onnx_with_a_dynamic_batch(fitted, tmp_path):
+    """The head (meta-net + image-conditioned prompts + text tower) as the exporter traces it: one ONNX graph
+    whose batch size is free, equal to PyTorch at other batch sizes than the traced one."""
+    ort = pytest.importorskip("onnxruntime")
+    head = fitted.head()
+    dim = fitted.backbone.model.text_projection.shape[1]
+    example = F.normalize(torch.randn(2, dim, generator=torch.Generator().manual_seed(5)), dim=-1)
+    path = tmp_path / "head.onnx"
+    with torch.no_grad():
+        torch.onnx.export(head, (example,), str(path), dynamo=False, input_names=["features"],
+                          output_names=["logits"], dynamic_axes={"features": {0: "b"}, "logits": {0: "b"}},
+                          opset_version=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        x = F.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(n)), dim=-1)
+        with torch.no_grad():
+            expected = head(x).numpy()
+        got = session.run(["logits"], {"features": x.numpy()})[0]
+        assert got.shape == (n, len(fitted.classnames))
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
