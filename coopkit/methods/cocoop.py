@@ -38,7 +38,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..config import ConfigMixin, PromptConfig, RunConfig, TrainConfig
-from ..prompts import PromptLearner
+from ..prompts import PromptLearner, TextTower
 from . import Method, register
 from .base import MethodModel, Shots, logit_scale, seed_everything, train_on_features
 
@@ -88,19 +88,21 @@ class CoCoOpConfig(ConfigMixin):
         return PromptConfig(n_ctx=self.n_ctx, csc=False, class_token_position="end", ctx_init=self.ctx_init)
 
 
-def image_feature_dim(backbone: Backbone) -> int:
-    """Width of the backbone's image features (the meta-net's input)."""
-    proj = backbone.model.text_projection if hasattr(backbone.model, "text_projection") else None
-    visual = backbone.model.visual
-    dim = getattr(visual, "output_dim", None)
-    if isinstance(dim, int) and dim > 0:
-        return dim
-    if isinstance(proj, torch.Tensor):
-        return int(proj.shape[1])
-    with torch.no_grad():  # any other tower: ask it
-        size = backbone.image_size
-        x = torch.zeros(1, 3, *size, device=backbone.device)
-        return int(backbone.model.encode_image(x).shape[-1])
+def meta_net_widths(backbone: Backbone) -> tuple[int, int]:
+    """The meta-net's input width (the image features') and hidden width (``// 16``).
+
+    Raises:
+        ValueError: image features narrower than :data:`META_REDUCTION` (no hidden unit).
+    """
+    dim = getattr(backbone.model.visual, "output_dim", None)
+    if not isinstance(dim, int) or dim < 1:  # an image tower that does not say: ask it
+        with torch.no_grad():
+            x = torch.zeros(1, 3, *backbone.image_size, device=backbone.device)
+            dim = int(backbone.model.encode_image(x).shape[-1])
+    if dim // META_REDUCTION < 1:
+        raise ValueError(f"model {backbone.name!r}: image features of width {dim} leave the meta-net no hidden "
+                         f"unit (width // {META_REDUCTION}); CoCoOp needs image features of width >= {META_REDUCTION}")
+    return dim, dim // META_REDUCTION
 
 
 class CoCoOpPromptLearner(PromptLearner):
@@ -126,11 +128,7 @@ class CoCoOpPromptLearner(PromptLearner):
         config = config or CoCoOpConfig()
         super().__init__(backbone, classnames, config.prompt_config(), text_chunk_size=text_chunk_size)
         self.cocoop = config
-        vis_dim = image_feature_dim(backbone)
-        hidden = vis_dim // META_REDUCTION
-        if hidden < 1:
-            raise ValueError(f"model {backbone.name!r}: image features of width {vis_dim} leave no meta-net hidden "
-                             f"units (width // {META_REDUCTION}); CoCoOp needs image features of width >= {META_REDUCTION}")
+        vis_dim, hidden = meta_net_widths(backbone)
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(vis_dim, hidden)),
             ("relu", nn.ReLU(inplace=True)),
@@ -234,13 +232,8 @@ def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, tor
 def check_backbone(backbone: Backbone, config: Optional[CoCoOpConfig] = None) -> None:
     """Refuse, in one line, a backbone CoCoOp cannot run on: image features narrower than the
     meta-net's reduction (16), or a text tower CoOp's prompt learner does not know."""
-    from ..prompts import TextTower
-
     TextTower.of(backbone.model)
-    dim = image_feature_dim(backbone)
-    if dim // META_REDUCTION < 1:
-        raise ValueError(f"model {backbone.name!r}: image features of width {dim} leave the meta-net no hidden "
-                         f"unit (width // {META_REDUCTION}); CoCoOp needs image features of width >= {META_REDUCTION}")
+    meta_net_widths(backbone)
 
 
 def load_learner_state(learner: CoCoOpPromptLearner, tensors: dict[str, torch.Tensor], what: str) -> None:
