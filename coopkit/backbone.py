@@ -101,6 +101,18 @@ class Backbone:
         size = self.preprocess_cfg["size"]
         return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image features (the image tower's ``output_dim``, or measured once on a blank image)."""
+        dim = getattr(self.model.visual, "output_dim", None)
+        if not isinstance(dim, int) or dim < 1:  # an image tower that does not say: ask it
+            import torch
+
+            with torch.no_grad():
+                x = torch.zeros(1, 3, *self.image_size, device=self.device)
+                dim = int(self.model.encode_image(x).shape[-1])
+        return dim
+
 
 def state_dict_sha256(state_dict: dict[str, "torch.Tensor"]) -> str:
     """A stable fingerprint of model weights, independent of the file format they came from."""

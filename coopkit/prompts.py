@@ -27,6 +27,10 @@ computations here are exact rewrites of the plain full-length pass, not approxim
   large matmul instead of one small one per group; attention stays per group), and the last
   block runs its output projection and MLP on the end-token rows only, the only ones read.
 
+With a per-image shift of the context (CoCoOp's meta-net, :meth:`PromptLearner.text_features`
+``shift=``), the same passes run over images x classes at once: each image's shared positions
+run once for all classes, and the packed rows carry a leading image dimension.
+
 Other towers (non-causal ones attend to their padding; CoCa's CLS sees the whole row) run the
 plain full-length pass. Large label sets go through the tower in chunks, with activation
 checkpointing when gradients are needed, so memory stays bounded.
@@ -420,39 +424,52 @@ class PromptLearner(nn.Module):
             prompt_order(self.config.class_token_position, self.n_ctx, name_len, length, self.n_prefix),
             dtype=torch.long)
 
-    def prompts(self, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Prompt embeddings ``(k, length, width)`` for the classes ``idx`` (all by default)."""
+    def prompts(self, idx: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prompt embeddings ``(k, length, width)`` for the classes ``idx`` (all by default).
+
+        With ``shift`` ``(b, width)``, every context vector of image ``i`` is moved by ``shift[i]``
+        (CoCoOp's meta-net output): ``(b, k, length, width)``.
+        """
         if idx is None:
             idx = torch.arange(self.n_cls, device=self.ctx.device)
-        ctx = self.ctx.to(self.token_prefix.dtype)
+        dtype = self.token_prefix.dtype
+        ctx = self.ctx.to(dtype)
         ctx = ctx[idx] if self.config.csc else ctx.unsqueeze(0).expand(len(idx), -1, -1)  # (k, n_ctx, width)
-        end_layout = torch.cat([self.token_prefix[idx], ctx, self.token_suffix[idx]], dim=1)  # (k, length, width)
+        prefix, suffix = self.token_prefix[idx], self.token_suffix[idx]  # (k, p, width), (k, rest, width)
+        order = self.order[idx]  # (k, length)
+        if shift is not None:
+            b = shift.shape[0]
+            ctx = ctx.unsqueeze(0) + shift.to(dtype)[:, None, None, :]  # (b, k, n_ctx, width)
+            prefix, suffix, order = (t.unsqueeze(0).expand(b, *t.shape) for t in (prefix, suffix, order))
+        end_layout = torch.cat([prefix, ctx, suffix], dim=-2)  # ([b,] k, length, width)
         if self.config.class_token_position == "end":
             return end_layout
-        order = self.order[idx].unsqueeze(-1).expand(-1, -1, end_layout.shape[-1])  # (k, length, width)
-        return torch.gather(end_layout, 1, order)
+        return torch.gather(end_layout, -2, order.unsqueeze(-1).expand(*order.shape, end_layout.shape[-1]))
 
-    def _shared_pass(self) -> list[torch.Tensor]:
-        """Run the shared positions (SOS + leading context) once; keys and values per layer."""
+    def _shared_pass(self, shift: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Run the shared positions (prefix + leading context) once; keys and values per layer,
+        each ``(b, heads, p, hd)`` (``b`` images with ``shift``, else 1)."""
         t = self.tower
         p = self.n_shared
-        x = self.prompts(torch.zeros(1, dtype=torch.long, device=self.ctx.device))[:, :p]  # (1, p, width)
-        x = x + t.positional_embedding[:p].to(x.dtype)
+        x = self.prompts(torch.zeros(1, dtype=torch.long, device=self.ctx.device), shift)[..., :p, :]  # ([b,] 1, p, w)
+        x = x.reshape(-1, p, x.shape[-1]) + t.positional_embedding[:p].to(x.dtype)  # (b, p, width)
         mask = _causal_mask(p, p, x.device)
         kv: list[torch.Tensor] = []
         for blk in t.transformer.resblocks:
-            q, k, v = _qkv(blk, blk.ln_1(x))  # each (1, heads, p, hd)
+            q, k, v = _qkv(blk, blk.ln_1(x))  # each (b, heads, p, hd)
             kv += [k, v]
             x = _finish_block(blk, x, _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
         return kv
 
-    def _packed_pass(self, groups: Sequence[torch.Tensor], *kv: torch.Tensor) -> torch.Tensor:
+    def _packed_pass(self, groups: Sequence[torch.Tensor], shift: Optional[torch.Tensor], *kv: torch.Tensor) -> torch.Tensor:
         """Positions ``n_shared..EOT`` of the classes in ``groups`` (each of one prompt length).
 
-        The rows of all groups are packed into one ``(rows, width)`` matrix for the token-wise
-        layers; attention runs per group (``(k, heads, s, hd)``), over the shared keys and values
-        ``kv`` (one pair per layer; none when ``n_shared == 0``) followed by the group's own.
-        Returns unnormalised features ``(classes, embed_dim)`` in the order of ``groups``.
+        The rows of all groups are packed into one ``(b, rows, width)`` tensor for the token-wise
+        layers (``b``: images with ``shift``, else 1); attention runs per group
+        (``(b * k, heads, s, hd)``), over the shared keys and values ``kv`` (one pair per layer,
+        ``(b, heads, p, hd)``; none when ``n_shared == 0``) followed by the group's own.
+        Returns unnormalised features ``(b, classes, embed_dim)`` in the order of ``groups``.
+        Only the batch size is dynamic (a traced graph keeps every other size).
         """
         t = self.tower
         p = self.n_shared
@@ -461,54 +478,64 @@ class PromptLearner(nn.Module):
         rows, parts = 0, []
         for idx in groups:
             s = int(self.eot_idx[idx[0]]) + 1 - p
-            x = self.prompts(idx)[:, p : p + s] + t.positional_embedding[p : p + s].to(self.token_prefix.dtype)
-            parts.append(x.reshape(-1, x.shape[-1]))  # (k * s, width)
+            x = self.prompts(idx, shift)[..., p : p + s, :] + t.positional_embedding[p : p + s].to(self.token_prefix.dtype)
+            parts.append(x.reshape(-1, len(idx) * s, x.shape[-1]))  # (b, k * s, width)
             spans.append((rows, len(idx), s))
             rows += len(idx) * s
-        x = torch.cat(parts)  # (rows, width)
+        x = torch.cat(parts, dim=1)  # (b, rows, width)
         eot_rows = torch.cat([torch.arange(k, device=x.device) * s + (r0 + s - 1) for r0, k, s in spans])
         masks = {s: _causal_mask(s, p + s, x.device) for _, _, s in spans}
         for i, blk in enumerate(blocks):
             attn = blk.attn
             heads, d = attn.num_heads, x.shape[-1]
-            qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (rows, 3 * width)
+            qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (b, rows, 3 * width)
             outs = []
             for r0, k_cls, s in spans:
-                q, k, v = qkv[r0 : r0 + k_cls * s].view(k_cls, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-                if kv:  # prepend the shared keys/values: (k, heads, p + s, hd)
-                    k = torch.cat([kv[2 * i].expand(k_cls, -1, -1, -1), k], dim=2)
-                    v = torch.cat([kv[2 * i + 1].expand(k_cls, -1, -1, -1), v], dim=2)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[s])  # (k, heads, s, hd)
-                outs.append(_merge_heads(o).reshape(k_cls * s, d))
-            a = torch.cat(outs)  # (rows, width)
+                q, k, v = qkv[:, r0 : r0 + k_cls * s].reshape(-1, s, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+                if kv:  # prepend each image's shared keys/values: (b * k, heads, p + s, hd)
+                    shared = [kv[j][:, None].expand(-1, k_cls, -1, -1, -1).flatten(0, 1) for j in (2 * i, 2 * i + 1)]
+                    k, v = torch.cat([shared[0], k], dim=2), torch.cat([shared[1], v], dim=2)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[s])  # (b * k, heads, s, hd)
+                outs.append(_merge_heads(o).reshape(-1, k_cls * s, d))  # (b, k * s, width)
+            a = torch.cat(outs, dim=1)  # (b, rows, width)
             if i == len(blocks) - 1:  # only the EOT rows are read after the last block
-                x, a = x[eot_rows], a[eot_rows]
+                x, a = x[:, eot_rows], a[:, eot_rows]
             x = _finish_block(blk, x, a)
-        return t.project(x)  # (classes, embed_dim)
+        return t.project(x)  # (b, classes, embed_dim)
 
-    def _plain_chunk(self, idx: torch.Tensor) -> torch.Tensor:
-        """The tower's own pass over the prompts of ``idx``, cut after their end token where exact."""
-        prompts, tokens = self.prompts(idx), self.tokens[idx]
+    def _plain_chunk(self, idx: torch.Tensor, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tower's own pass over the prompts of ``idx``, cut after their end token where exact:
+        unnormalised features ``(b, k, embed_dim)`` (``b``: images with ``shift``, else 1)."""
+        prompts = self.prompts(idx, shift)  # ([b,] k, length, width)
+        tokens = self.tokens[idx].unsqueeze(0).expand(prompts.shape[0] if shift is not None else 1, -1, -1)  # (b, k, L)
+        prompts, tokens = prompts.reshape(-1, *prompts.shape[-2:]), tokens.reshape(-1, tokens.shape[-1])  # (b * k, ...)
         if self.tower.exact_cut:
             cut = int(self.eot_idx[idx].max()) + 1
-            prompts, tokens = prompts[:, :cut], tokens[:, :cut]  # (k, cut, width), (k, cut)
-        return self.tower.encode(prompts, tokens)
+            prompts, tokens = prompts[:, :cut], tokens[:, :cut]  # (b * k, cut, width), (b * k, cut)
+        feats = self.tower.encode(prompts, tokens)  # (b * k, embed_dim)
+        return feats.reshape(-1, len(idx), feats.shape[-1])
 
-    def text_features(self) -> torch.Tensor:
-        """L2-normalised class text features ``(n_classes, embed_dim)``, differentiable w.r.t. ``ctx``."""
-        kv = self._shared_pass() if self.n_shared else []
+    def text_features(self, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """L2-normalised class text features ``(n_classes, embed_dim)``, differentiable w.r.t. ``ctx``.
+
+        With ``shift`` ``(b, width)`` (CoCoOp's per-image context shift, see :meth:`prompts`), the
+        features of every image's prompts: ``(b, n_classes, embed_dim)``, computed for all images
+        at once with the same shortcuts (each image's shared positions run once for all classes).
+        """
+        kv = self._shared_pass(shift) if self.n_shared else []
         ckpt = torch.is_grad_enabled() and self.n_cls > self.text_chunk_size
         out, order = [], []
         for chunk in self._chunks():
             if self.packed:
-                fn, args = self._packed_pass, (chunk, *kv)
+                fn, args = self._packed_pass, (chunk, shift, *kv)
             else:
-                fn, args = self._plain_chunk, (chunk[0],)
+                fn, args = self._plain_chunk, (chunk[0], shift)
             out.append(checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args))
             order += chunk
-        feats = torch.cat(out).float()  # (n_cls, embed_dim), in chunk order
-        feats = torch.empty_like(feats).index_copy(0, torch.cat(order), feats)  # back to class order
-        return F.normalize(feats, dim=-1)
+        feats = torch.cat(out, dim=1).float()  # (b, n_cls, embed_dim), in chunk order
+        feats = torch.empty_like(feats).index_copy(1, torch.cat(order), feats)  # back to class order
+        feats = F.normalize(feats, dim=-1)
+        return feats if shift is not None else feats[0]
 
     def _chunks(self) -> list[list[torch.Tensor]]:
         """Chunks of at most ``text_chunk_size`` classes, each a list of equal-length groups.

@@ -100,7 +100,7 @@ def test_import_official_checkpoint(tiny_backbone, tmp_path, shape, dtype):
     assert torch.equal(coopkit.load(run, backbone=tiny_backbone).learner.ctx, ctx)
 
 
-def test_kgcoop_imports_cocoop_and_maple_are_refused_with_the_reason(tiny_backbone, tmp_path):
+def test_kgcoop_and_cocoop_import_maple_and_ivlp_are_refused_with_the_reason(tiny_backbone, tmp_path):
     kg = tmp_path / "kg.pth.tar-100"
     ctx = write_official(kg, torch.randn(4, 64), extra={"bias_vectors": torch.randn(1, 512),
                                                          "meta_net.linear1.weight": torch.randn(512, 512),
@@ -108,11 +108,18 @@ def test_kgcoop_imports_cocoop_and_maple_are_refused_with_the_reason(tiny_backbo
     ck = read_official_checkpoint(kg)
     assert ck.trainer == "KgCoOp" and "bias_vectors" in ck.ignored
     assert torch.equal(import_official(kg, NAMES, backbone=tiny_backbone).learner.ctx.detach(), ctx)
-    cocoop = tmp_path / "cocoop.pth.tar-10"
-    write_official(cocoop, torch.randn(4, 64), extra={"meta_net.linear1.weight": torch.randn(32, 512),
-                                                       "meta_net.linear2.weight": torch.randn(512, 32)})
-    with pytest.raises(ValueError, match="CoCoOp checkpoint: its meta-net .* depend on the image"):
-        import_official(cocoop, NAMES, backbone=tiny_backbone)
+    cocoop = tmp_path / "cocoop.pth.tar-10"  # CoCoOp imports (tests/test_cocoop.py: logits equal the official module's)
+    meta = {"meta_net.linear1.weight": torch.randn(4, 64), "meta_net.linear1.bias": torch.randn(4),
+            "meta_net.linear2.weight": torch.randn(64, 4), "meta_net.linear2.bias": torch.randn(64)}
+    ctx = write_official(cocoop, torch.randn(4, 64), extra=meta)
+    assert read_official_checkpoint(cocoop).trainer == "CoCoOp"
+    clf = import_official(cocoop, NAMES, backbone=tiny_backbone)
+    assert clf.method == "cocoop" and torch.equal(clf.model.state()["ctx"], ctx)
+    assert all(torch.equal(clf.model.state()[k], v) for k, v in meta.items())
+    wrong = tmp_path / "cocoop-wrong.pth.tar-10"  # a meta-net for 512-wide image features, on a 64-wide model
+    write_official(wrong, torch.randn(4, 64), extra={**meta, "meta_net.linear1.weight": torch.randn(32, 512)})
+    with pytest.raises(ValueError, match="meta_net.linear1.weight \\(32, 512\\) \\(expects \\(4, 64\\)\\)"):
+        import_official(wrong, NAMES, backbone=tiny_backbone)
     maple = tmp_path / "maple.pth.tar-5"  # MaPLe registers the whole CustomCLIP: keys carry "prompt_learner."
     torch.save({"state_dict": {"prompt_learner.ctx": torch.randn(2, 512),
                                "prompt_learner.proj.weight": torch.randn(768, 512),

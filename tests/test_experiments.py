@@ -120,7 +120,7 @@ def test_base2new_and_shift_commands(image_folder, tiny_config, tmp_path):
                                     "--kg-weight", "0,1", *common, "--out", str(tmp_path / "b2n")])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(tmp_path / "b2n" / "results.csv")))
-    assert [r["method"] for r in rows] == ["zeroshot", "coop", "kgcoop"]
+    assert [r["method"] for r in rows] == ["zeroshot", "coop", "kgcoop", "cocoop"]  # the registry's base2new rows
     for r in rows:
         b, n, hm = float(r["base"]), float(r["new"]), float(r["hm"])
         assert hm == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n), abs=1e-5)
@@ -185,7 +185,8 @@ def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_confi
                                     *common, "--out", str(tmp_path / "b2n")])
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(tmp_path / "b2n" / "results.csv")))
-    assert [(r["method"], float(r["kg_weight"])) for r in rows] == [("zeroshot", 0), ("coop", 0), ("kgcoop", 8)]
+    assert [(r["method"], float(r["kg_weight"])) for r in rows] == [("zeroshot", 0), ("coop", 0), ("kgcoop", 8),
+                                                                    ("cocoop", 0)]
     assert {"base_top5", "base_macro", "new_top5", "new_macro"} <= set(rows[0])
     # CoCoOp's Table 1 row for Caltech101 (CLIP and CoOp, then CoCoOp from another reprint), then the averages
     assert "| published: CoOp, ViT-B/16* | 98.00 | 89.81 | 93.73 |" in res.output

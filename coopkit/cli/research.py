@@ -342,10 +342,10 @@ def explain(run_dir: str, top: int, device: str) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
 def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
                         subsample: str, class_token_position: str, out: str, **settings: Any) -> None:
-    """Import a context learned by the official CoOp or KgCoOp code (prompt_learner/model.pth.tar-N).
+    """Import a prompt learned by the official CoOp, KgCoOp or CoCoOp code (prompt_learner/model.pth.tar-N).
 
-    The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
-    with the reason.
+    The file is read without running code from it; MaPLe, IVLP and PromptSRC checkpoints are
+    refused with the reason.
     """
     from ..runs import check_run_target
     from ..research.compat import import_official

@@ -215,8 +215,10 @@ def build_metadata(
             method=classifier.method,
             prompt=prompt,
             precision=precision,
-            embed_dim=int(weights.shape[1]),
-            weights_sha256=weights_sha256(weights.detach().to("cpu").float().numpy()),
+            # image-dependent class weights (CoCoOp) have no constant matrix to fingerprint: the
+            # runtime then skips its weight check, and tensors_sha256 still covers every tensor
+            embed_dim=int(bb.embed_dim if weights is None else weights.shape[1]),
+            weights_sha256="" if weights is None else weights_sha256(weights.detach().to("cpu").float().numpy()),
             coopkit_version=__version__,
             text_encoder=text_encoder,
             logit_bias=bb.logit_bias,

@@ -59,9 +59,10 @@ def check_text_encoder_supported(classifier: "Classifier") -> None:
     tokenizers the torch-free runtime cannot run."""
     if not classifier.text_graph:
         raise ValueError(
-            f"--with-text-encoder needs a CoOp or zero-shot run; a {classifier.method} head holds weights learned "
-            "for its training classes only, so new class names would be scored without them. Export without "
-            "--with-text-encoder"
+            f"--with-text-encoder is not available for a {classifier.method} run: its class weights are not "
+            "the text encoder over the class names alone (a head learned for its training classes, or prompts "
+            "that depend on each image). Export without --with-text-encoder, or build the classifier for the "
+            "new names (with_classes) and export that"
         )
     learner = classifier.learner
     if learner is not None and learner.config.csc:

@@ -199,8 +199,12 @@ def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: in
 
 
 def logit_scale(classifier: "Classifier") -> float:
-    """``exp(logit_scale)`` of the classifier: the mean norm of its class weight rows."""
-    return float(classifier.class_weights().norm(dim=1).mean())
+    """``exp(logit_scale)`` of the classifier: the mean norm of its class weight rows (the model's
+    own ``exp(logit_scale)`` when the weights depend on the image)."""
+    weights = classifier.class_weights()
+    if weights is None:
+        return float(classifier.backbone.model.logit_scale.exp())
+    return float(weights.norm(dim=1).mean())
 
 
 def run_image_graph(session: Any, images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -285,6 +285,80 @@ def check_templates_fit(backbone: Backbone, classnames: Sequence[str], templates
         check_prompts_fit(prompts, [len(tok.encode(p)) for p in prompts], length, n_prefix + n_suffix)
 
 
+def train_on_features(
+    params: Sequence[torch.Tensor],
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    batch_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr_of: Callable[[int], float],
+    device: torch.device,
+    what: str = "the parameters",
+    desc: str = "training",
+    progress: bool = False,
+    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> dict[str, list[float]]:
+    """The prompt learners' training loop on cached image features (CoOp's, CoCoOp's).
+
+    Each epoch draws one of the ``views`` of every image (``feats (views, n, D)``) and a new order
+    (one generator seeded with ``cfg.seed``), sets the learning rate ``lr_of(epoch)``, and steps SGD
+    (``cfg.momentum``, ``cfg.weight_decay``) over ``params`` on ``batch_loss(x (b, D), y (b,)) ->
+    (loss, logits (b, C))`` in batches of ``batch_size``, under ``cfg.precision``'s autocast.
+
+    Returns:
+        The history: per epoch ``loss`` and ``accuracy`` (over the epoch's batches) and ``lr``.
+
+    Raises:
+        RuntimeError: the loss, or ``what`` (``params``), became NaN or infinite (the message names the epoch).
+    """
+    from ..runtime.progress import progress_bar
+
+    views, n, _ = feats.shape
+    optimizer = torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch", enabled=progress)
+    for epoch in bar:
+        lr = lr_of(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=gen)
+        view = torch.randint(views, (n,), generator=gen)
+        total, correct = 0.0, 0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = feats[view[idx], idx].to(device)  # (b, D)
+            y = labels[idx].to(device)
+            with autocast_for(device, cfg.precision):
+                loss, logits = batch_loss(x, y)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
+                    "or use precision='fp32'"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise RuntimeError(
+                f"{what} became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
+                "or use precision='fp32'"
+            )
+        stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
+        for k, v in stats.items():
+            history[k].append(round(float(v), 6))
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+        if callback is not None:
+            callback(epoch, stats)
+    bar.close()
+    return history
+
+
 __all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "ImageEncoder", "MethodModel", "FewShotFeatures", "encode_fewshot", "Shots",
-           "lr_at", "seed_everything", "run_templates", "logit_scale", "HeadModel",
+           "lr_at", "seed_everything", "train_on_features", "run_templates", "logit_scale", "HeadModel",
            "build_head_model", "template_features", "check_templates_fit"]

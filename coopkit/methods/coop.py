@@ -22,7 +22,7 @@ from ..config import PromptConfig, RunConfig, TrainConfig
 from ..features import autocast_for, encode_images
 from ..prompts import PromptLearner, TextTower
 from . import Method, register
-from .base import MethodModel, Shots, logit_scale, lr_at, seed_everything, template_features
+from .base import MethodModel, Shots, logit_scale, lr_at, seed_everything, template_features, train_on_features
 
 NAME = "coop"
 #: The run file holding the learned context.
@@ -150,59 +150,22 @@ def _train_loop(
     progress: bool,
     callback: Optional[Callable[[int, dict[str, float]], None]],
 ) -> dict[str, list[float]]:
-    from ..runtime.progress import progress_bar
-
-    device = bb.device
-    views, n, _ = feats.shape
-    scale = bb.model.logit_scale.exp().float().to(device)
+    scale = bb.model.logit_scale.exp().float().to(bb.device)
     bias = bb.logit_bias  # scored as the head scores: + the logit bias where the model has one
-    optimizer = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
-    epochs = cfg.resolved_epochs
-    bar = progress_bar(range(epochs), desc="training", unit="epoch", enabled=progress)
-    for epoch in bar:
-        lr = lr_at(epoch, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.randperm(n, generator=gen)
-        view = torch.randint(views, (n,), generator=gen)
-        total, correct = 0.0, 0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            x = feats[view[idx], idx].to(device)  # (b, D)
-            y = labels[idx].to(device)
-            with autocast_for(device, cfg.precision):
-                text = learner.text_features()  # (n_cls, D)
-                logits = scale * x @ text.float().T  # (b, n_cls)
-                if bias is not None:
-                    logits = logits + bias
-                loss = F.cross_entropy(logits.float(), y)
-                if hand is not None:
-                    loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
-                    "or use precision='fp32'"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-        if not bool(torch.isfinite(learner.ctx).all()):
-            raise RuntimeError(
-                f"the context vectors became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
-                "or use precision='fp32'"
-            )
-        stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
-        for k, v in stats.items():
-            history[k].append(round(float(v), 6))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-        if callback is not None:
-            callback(epoch, stats)
-    bar.close()
-    return history
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        text = learner.text_features()  # (n_cls, D)
+        logits = scale * x @ text.float().T  # (b, n_cls)
+        if bias is not None:
+            logits = logits + bias
+        loss = F.cross_entropy(logits.float(), y)
+        if hand is not None:
+            loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)
+        return loss, logits
+
+    return train_on_features([learner.ctx], feats, labels, batch_loss, cfg, epochs=cfg.resolved_epochs,
+                             batch_size=cfg.batch_size, lr_of=lambda epoch: lr_at(epoch, cfg), device=bb.device,
+                             what="the context vectors", progress=progress, callback=callback)
 
 
 def check_context(ctx: torch.Tensor, config: PromptConfig, n_classes: int) -> None:

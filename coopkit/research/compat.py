@@ -18,8 +18,9 @@ What each trainer's prompt learner holds, and what can be served from it:
   context, imported as unified.
 * **KgCoOp**: ``ctx`` plus ``bias_vectors`` and ``meta_net`` weights that its forward pass never
   uses; the context is imported, the rest ignored (named in the log).
-* **CoCoOp**: refused: a meta-net shifts the context by each image's features, so its class
-  text features depend on the image and cannot be baked into one matrix.
+* **CoCoOp**: ``ctx`` ``(n_ctx, width)`` and the meta-net (``meta_net.linear1`` / ``linear2``),
+  fp16 or fp32; imported as a CoCoOp run (:mod:`coopkit.methods.cocoop`), whose class weights
+  are computed per image.
 * **MaPLe**: refused: its prompts enter the first layers of both encoders (the image encoder's
   are projections of the text ones), so no frozen image encoder reproduces its features, and
   coopkit exports a frozen image encoder with prompts at the text input only.
@@ -41,7 +42,7 @@ from .._unpickle import SafeUnpickler, UnsafeGlobalError
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
 from ..config import PromptConfig, RunConfig
-from ..methods import coop, get
+from ..methods import cocoop, coop, get
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,9 @@ class OfficialCheckpoint:
 
     Attributes:
         path: The file.
-        trainer: ``CoOp`` or ``KgCoOp`` (the layout its state dict has).
+        trainer: ``CoOp``, ``KgCoOp`` or ``CoCoOp`` (the layout its state dict has).
         ctx: The learned context, float32: ``(n_ctx, width)`` or ``(n_cls, n_ctx, width)``.
+        tensors: Every tensor of the state dict as read (CoCoOp's importer takes its meta-net from here).
         epoch: The ``epoch`` it records, if any.
         val_result: The ``val_result`` it records, if a number.
         ignored: State-dict entries read but not used.
@@ -137,15 +139,16 @@ class OfficialCheckpoint:
     epoch: Optional[int] = None
     val_result: Optional[float] = None
     ignored: list[str] = field(default_factory=list)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoint:
-    """Read a CoOp / KgCoOp checkpoint (refusing CoCoOp and MaPLe with the reason), running no code.
+    """Read a CoOp / KgCoOp / CoCoOp checkpoint (refusing MaPLe, IVLP and PromptSRC with the reason), running no code.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: not a checkpoint, an unsafe one, a trainer whose prompts cannot be served
-            (CoCoOp, MaPLe), or no learned context in it.
+            (MaPLe, IVLP, PromptSRC), or no learned context in it.
     """
     file = Path(path)
     raw = load_checkpoint(file)
@@ -159,12 +162,6 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
             "encoder (the image prompts are projections of the text ones), so no frozen image encoder gives its image "
             "features; coopkit serves prompts at the text input of a frozen CLIP only, so it cannot import it"
         )
-    if "meta_net.linear2.weight" in keys or any(k.startswith("prompt_learner.meta_net") for k in keys):
-        raise ValueError(
-            f"{file} is a CoCoOp checkpoint: its meta-net shifts the context by each image's features, so the class "
-            "text features depend on the image and cannot be baked into one class-weight matrix; coopkit cannot "
-            "import it (CoOp and KgCoOp checkpoints can be)"
-        )
     if any("VPT" in k for k in keys) or "prompt_learner.ctx" in keys:
         raise ValueError(
             f"{file} holds a whole prompted CLIP (IVLP / PromptSRC style: prompts inside the image encoder's layers), "
@@ -177,15 +174,20 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
     ctx = ctx.detach().float()
     if ctx.ndim not in (2, 3):
         raise ValueError(f"{file}: ctx has shape {tuple(ctx.shape)}, expected (n_ctx, width) or (n_cls, n_ctx, width)")
-    kg = "bias_vectors" in keys or "meta_net.linear1.weight" in keys
-    ignored = [k for k in keys if k not in ("ctx", "token_prefix", "token_suffix")]
+    # KgCoOp carries bias_vectors and an unused meta-net; CoCoOp a whole meta-net and no bias_vectors
+    if "meta_net.linear2.weight" in keys and "bias_vectors" not in keys:
+        trainer = "CoCoOp"
+    else:
+        trainer = "KgCoOp" if "bias_vectors" in keys or "meta_net.linear1.weight" in keys else "CoOp"
+    used = ("ctx", "token_prefix", "token_suffix") if trainer != "CoCoOp" else tuple(keys)
+    ignored = [k for k in keys if k not in used]
     epoch = raw.get("epoch") if isinstance(raw, dict) else None
     val = raw.get("val_result") if isinstance(raw, dict) else None
     return OfficialCheckpoint(
-        path=file, trainer="KgCoOp" if kg else "CoOp", ctx=ctx,
+        path=file, trainer=trainer, ctx=ctx,
         epoch=int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
         val_result=float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else None,
-        ignored=ignored,
+        ignored=ignored, tensors={k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
     )
 
 
@@ -199,7 +201,8 @@ def import_official(
     device: str = "auto",
     backbone: Optional[Backbone] = None,
 ) -> Classifier:
-    """Turn a context learned by the official CoOp (or KgCoOp) into a coopkit classifier (then save/export it).
+    """Turn a context learned by the official CoOp (or KgCoOp), or a CoCoOp prompt learner (context and
+    meta-net), into a coopkit classifier (then save/export it).
 
     Args:
         checkpoint: ``.../prompt_learner/model.pth.tar-N``, exactly as the official trainer wrote it.
@@ -207,7 +210,7 @@ def import_official(
             (``coopkit.official_datasets.load_official(name, root).classnames``, or for base-to-new runs
             the base half, ``coopkit.userdata.subsample_classes``).
         model, pretrained: The CLIP the context was learned on (the official code uses OpenAI CLIP).
-        class_token_position: The ``CLASS_TOKEN_POSITION`` of the official run.
+        class_token_position: The ``CLASS_TOKEN_POSITION`` of the official run (CoCoOp: always ``end``).
         device: Where to load the backbone.
         backbone: An already loaded backbone.
 
@@ -220,11 +223,18 @@ def import_official(
     path = ck.path
     if ck.ignored:
         logger.info("%s (%s): ignoring %s (not used by its forward pass)", path, ck.trainer, ck.ignored)
-    spec = get(coop.NAME)
+    cocoop_file = ck.trainer == "CoCoOp"
+    if cocoop_file and class_token_position != "end":
+        raise ValueError(f"{path}: a CoCoOp checkpoint puts the class name at the end (the official CoCoOp has no "
+                         f"CLASS_TOKEN_POSITION), got class_token_position={class_token_position!r}")
+    spec = get(cocoop.NAME if cocoop_file else coop.NAME)
     assert spec.importer is not None
     bb = backbone or load_backbone(model, pretrained, device)
     try:
-        fitted = spec.importer({"ctx": ck.ctx}, classnames, bb, PromptConfig(class_token_position=class_token_position))
+        if cocoop_file:
+            fitted = spec.importer(ck.tensors, classnames, bb, None)
+        else:
+            fitted = spec.importer({"ctx": ck.ctx}, classnames, bb, PromptConfig(class_token_position=class_token_position))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     config = RunConfig(
