@@ -1,0 +1,486 @@
+"""Deep prompts inside open_clip's own transformers: the shared core of IVLP, MaPLe and PromptSRC.
+
+The three methods (Khattak et al.: MaPLe and its independent vision-language baseline IVLP,
+CVPR 2023; PromptSRC, ICCV 2023) learn prompt tokens that enter the first ``J`` layers of the
+image and the text transformers. They differ only in where the tokens come from (IVLP and
+PromptSRC: free parameters on each side; MaPLe: the image tokens are linear projections of the
+text tokens) and in the training loss (PromptSRC's self-regulation). This module holds what they
+share, written once, on open_clip's modules (nothing of OpenAI's CLIP is copied):
+
+* :func:`encode_image`: the image tower with prompt tokens appended after the patch tokens
+  (after the positional embedding, before ``ln_pre``, as the official ``VisionTransformer``
+  does), replaced between blocks ``1 .. J-1`` by each layer's own tokens (the official
+  ``ResidualAttentionBlock_IVLP`` / ``_MaPLe`` drop the previous layer's prompt outputs and put
+  the new tokens in their place), and dropped before pooling;
+* :class:`ClassPrompts`: the text side, ``[SOS] + context + class name + "." + [EOT]`` with the
+  context tokens at the input and replaced the same way between text blocks; prompts are cut
+  after the longest end token (exact for a causal tower pooled at its end token: later
+  positions cannot reach it);
+* :class:`DeepPromptModel`: the fitted model every method returns (logits, the export
+  interface, saved tensors), and :class:`PromptedImageEncoder`, the pure module the exporter
+  traces (the prompts are constant buffers);
+* :func:`train_deep_prompts`: the training loop (Dassl's SGD, constant warm-up and cosine
+  schedule, random resized crop + flip per step, the prompted image encoder run each step).
+
+Families: open_clip's own ``VisionTransformer`` (OpenAI CLIP, LAION / DataComp / MetaCLIP ViTs,
+CLIPA, PE-Core, ...) with open_clip's text transformer. Towers without a token sequence of
+open_clip's (``ModifiedResNet``, timm towers: ConvNeXt, SigLIP, EVA, ViTamin, MobileCLIP) and
+Hugging Face or CoCa text towers are refused in one line by :func:`check_towers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..prompts import ClipTower, TextTower
+from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
+from ..runtime.tokenizer import token_layout
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..config import TrainConfig
+    from ..data import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+# --- checks ---------------------------------------------------------------------------------------
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an integer >= ``minimum``, or a one-line ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a finite float (> 0 with ``positive``, else >= 0), or a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _vision_blocks(model: nn.Module, method: str) -> nn.Module:
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        kind = type(visual).__name__ if visual is not None else "none"
+        raise ValueError(
+            f"{method} puts prompt tokens into the image transformer; this model's image tower ({kind}) is not "
+            "open_clip's VisionTransformer (ResNet and timm towers have no token sequence to prompt)"
+        )
+    if not getattr(visual.transformer, "batch_first", True):
+        raise ValueError(f"{method} needs a batch-first image transformer (open_clip >= 2.20)")
+    if visual.attn_pool is not None:
+        raise ValueError(f"{method}: image towers with attention pooling (CoCa) are not supported")
+    return visual.transformer.resblocks
+
+
+def text_tower(model: nn.Module, method: str) -> ClipTower:
+    """The model's text tower, if ``method`` can prompt it (open_clip's text transformer)."""
+    try:
+        tower = TextTower.of(model)
+    except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
+    if not isinstance(tower, ClipTower):
+        raise ValueError(
+            f"{method} puts prompt tokens into the text transformer; this model's text tower is a Hugging Face "
+            f"model ({type(tower.source.transformer).__name__}), not open_clip's text transformer"
+        )
+    if tower.cls_emb is not None or tower.pad_mask:
+        raise ValueError(f"{method}: text towers with an appended CLS token or a padding mask (CoCa) are not supported")
+    if not hasattr(tower.transformer, "resblocks") or not getattr(tower.transformer, "batch_first", True):
+        raise ValueError(f"{method} needs open_clip's batch-first text transformer")
+    return tower
+
+
+def check_towers(model: nn.Module, method: str, depth_text: int, depth_vision: int) -> tuple[int, int]:
+    """Refuse, in one line, a model ``method`` cannot prompt to these depths; ``(text, vision)`` layers."""
+    text_layers = len(text_tower(model, method).transformer.resblocks)
+    vision_layers = len(_vision_blocks(model, method)) if depth_vision > 0 else len(
+        getattr(getattr(getattr(model, "visual", None), "transformer", None), "resblocks", ()) or ())
+    if depth_text > text_layers:
+        raise ValueError(f"{method}: text prompt depth {depth_text} exceeds the text transformer's {text_layers} layers")
+    if depth_vision > 0 and depth_vision > vision_layers:
+        raise ValueError(
+            f"{method}: vision prompt depth {depth_vision} exceeds the image transformer's {vision_layers} layers")
+    return text_layers, vision_layers
+
+
+# --- the image side -------------------------------------------------------------------------------
+
+
+def encode_image(visual: nn.Module, pixels: torch.Tensor, ctx: Optional[torch.Tensor],
+                 deep: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """Unnormalised image features ``(B, embed_dim)`` of an open_clip ``VisionTransformer`` with prompts.
+
+    ``ctx (n, width)`` is appended after the patch tokens of the input (``None``: no prompts);
+    ``deep[i] (n, width)`` replaces them before block ``i + 1``. The prompt tokens are dropped
+    before pooling (with CLIP's class-token pooling this changes nothing).
+    """
+    x = visual._embeds(pixels)  # (B, 1 + grid ** 2, width), after ln_pre
+    if ctx is None:
+        n = 0
+    else:
+        n = ctx.shape[0]
+        b = x.shape[0]
+        # ln_pre acts per token: applied to the prompts alone, it equals the official ln_pre(cat(x, prompts))
+        x = torch.cat([x, visual.ln_pre(ctx.to(x.dtype)).unsqueeze(0).expand(b, -1, -1)], dim=1)  # (B, T + n, width)
+    for i, blk in enumerate(visual.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = torch.cat([x[:, :-n], deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+        x = blk(x)
+    if n:
+        x = x[:, :-n]  # (B, T, width): the prompt outputs are not image tokens
+    pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled
+
+
+class PromptedImageEncoder(nn.Module):
+    """A pure module ``pixels (B, 3, H, W) -> unnormalised features (B, embed_dim)``: the image tower
+    with constant deep prompts (buffers), what the exporter traces."""
+
+    def __init__(self, visual: nn.Module, ctx: Optional[torch.Tensor], deep: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("ctx", None if ctx is None else ctx.detach().float().clone())  # (n, width)
+        deep_t = torch.stack([d.detach().float() for d in deep]) if len(deep) else None  # (J - 1, n, width)
+        self.register_buffer("deep", deep_t)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.ctx is None:  # an unprompted image tower (IVLP with vision depth 0): the model's own
+            return self.visual(pixels)
+        deep = list(self.deep.unbind(0)) if self.deep is not None else []
+        return encode_image(self.visual, pixels, self.ctx, deep)
+
+
+# --- the text side --------------------------------------------------------------------------------
+
+
+def initial_context(backbone: "Backbone", n_ctx: int, ctx_init: Optional[str]) -> tuple[str, torch.Tensor]:
+    """The official initialisation: ``(prompt prefix text, context (n_ctx, width) float32)``.
+
+    With ``ctx_init`` and ``n_ctx <= 4`` (the official rule), the context starts as the embeddings
+    of the first ``n_ctx`` tokens of ``ctx_init`` and the prompt text is ``ctx_init`` itself (so with
+    ``n_ctx=2`` and ``"a photo of a"``, "a photo" is learned and "of a" stays as words); otherwise
+    random normal (std 0.02) with ``n_ctx`` placeholder words.
+    """
+    tower = text_tower(backbone.model, "deep prompts")
+    n_prefix, _, _ = token_layout(backbone.tokenizer)
+    if ctx_init and n_ctx <= 4:
+        text = ctx_init.replace("_", " ")
+        ids = backbone.tokenizer.encode(text)
+        if len(ids) < n_ctx:
+            raise ValueError(f"ctx_init {ctx_init!r} gives {len(ids)} tokens; n_ctx={n_ctx} needs at least as many")
+        tokens = torch.as_tensor(backbone.tokenizer([text])).to(tower.device)  # (1, L)
+        with torch.no_grad():
+            ctx = tower.embed(tokens)[0, n_prefix : n_prefix + n_ctx].float().clone()  # (n_ctx, width)
+        return text, ctx
+    ctx = torch.empty(n_ctx, tower.width).normal_(std=0.02)
+    return " ".join([PLACEHOLDER] * n_ctx), ctx.to(tower.device)
+
+
+class ClassPrompts(nn.Module):
+    """The text side for a label set: token rows and their fixed embeddings (non-persistent buffers).
+
+    The prompt of class ``c`` is ``prefix_text + " " + name + "."``; positions ``p .. p + n_ctx``
+    (``p``: the tokenizer's prefix, 1 for CLIP) hold the learned context.
+    """
+
+    def __init__(self, backbone: "Backbone", classnames: Sequence[str], prefix_text: str, n_ctx: int) -> None:
+        super().__init__()
+        self.classnames = check_classnames(classnames)
+        tower = text_tower(backbone.model, "deep prompts")
+        self.tower = tower
+        tok = backbone.tokenizer
+        n_prefix, n_suffix, _ = token_layout(tok)
+        texts = [f"{prefix_text} {prompt_name(n)}{PROMPT_SUFFIX}" for n in self.classnames]
+        tokens = torch.as_tensor(tok(texts)).to(tower.device)  # (n_cls, context_length)
+        context_length = tokens.shape[1]
+        too_long = [c for c, t in zip(self.classnames, texts) if n_prefix + len(tok.encode(t)) + n_suffix > context_length]
+        if too_long:
+            raise ValueError(f"class names {too_long[:3]} do not fit the text context of {context_length} tokens "
+                             f"after the prompt {prefix_text!r}; shorten them")
+        head = tok.encode(prefix_text)[:n_ctx]
+        moved = [c for c, r in zip(self.classnames, tokens.tolist()) if r[n_prefix : n_prefix + n_ctx] != head]
+        if moved:
+            raise ValueError(f"the tokenizer merges the prompt words {prefix_text!r} with the class names {moved[:3]}")
+        if tower.exact_cut:
+            length = int(tower.pool_index(tokens).max()) + 1  # causal, pooled at the end token: cut after it
+        else:
+            length = context_length
+        with torch.no_grad():
+            emb = tower.embed(tokens[:, :length])  # (n_cls, length, width)
+        self.n_prefix, self.n_ctx, self.length = n_prefix, n_ctx, length
+        self.register_buffer("tokens", tokens[:, :length], persistent=False)  # (n_cls, length)
+        self.register_buffer("token_prefix", emb[:, :n_prefix].clone(), persistent=False)  # (n_cls, p, width)
+        self.register_buffer("token_suffix", emb[:, n_prefix + n_ctx :].clone(), persistent=False)  # (n_cls, rest, width)
+
+    def forward(self, ctx: torch.Tensor, deep: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Unnormalised class features ``(n_cls, embed_dim)`` with context ``ctx (n_ctx, width)`` at the
+        input and ``deep[i] (n_ctx, width)`` in place of the context positions before block ``i + 1``."""
+        t = self.tower
+        n_cls, p, n = self.tokens.shape[0], self.n_prefix, self.n_ctx
+        dtype = self.token_prefix.dtype
+        x = torch.cat([self.token_prefix, ctx.to(dtype).unsqueeze(0).expand(n_cls, -1, -1), self.token_suffix],
+                      dim=1)  # (n_cls, length, width)
+        x = x + t.positional_embedding[: self.length].to(dtype)
+        mask = t.attn_mask[: self.length, : self.length] if t.attn_mask is not None else None
+        for i, blk in enumerate(t.transformer.resblocks):
+            if 1 <= i <= len(deep):
+                x = torch.cat([x[:, :p], deep[i - 1].to(x.dtype).unsqueeze(0).expand(n_cls, -1, -1), x[:, p + n :]],
+                              dim=1)  # (n_cls, length, width)
+            x = blk(x, attn_mask=mask)
+        from open_clip.transformer import text_global_pool
+
+        # ln_final acts per token: pooling first and normalising after equals open_clip's order
+        pooled = text_global_pool(x, self.tokens, t.pool_type, eos_token_id=t.eos_id)  # (n_cls, width)
+        return t.project(pooled)  # (n_cls, embed_dim)
+
+
+# --- the fitted model -----------------------------------------------------------------------------
+
+
+@dataclass
+class Prompts:
+    """Every prompt token of one forward pass (tensors keep their autograd history)."""
+
+    text_ctx: torch.Tensor  # (n_text, text_width): at the text input
+    text_deep: Sequence[torch.Tensor]  # per text layer 1 .. J_t - 1: (n_text, text_width)
+    vision_ctx: Optional[torch.Tensor]  # (n_vision, vision_width), or None: an unprompted image tower
+    vision_deep: Sequence[torch.Tensor]  # per image layer 1 .. J_v - 1: (n_vision, vision_width)
+
+
+class DeepPromptModel(nn.Module):
+    """A fitted (or fitting) deep-prompt model over a frozen backbone: subclasses own the learned
+    tensors and say how they become :class:`Prompts`.
+
+    The backbone is referenced, never owned: :meth:`state_dict` and :meth:`state` hold only the
+    learned tensors.
+    """
+
+    method = ""
+
+    def __init__(self, backbone: "Backbone", classnames: Sequence[str], prefix_text: str, n_ctx: int) -> None:
+        super().__init__()
+        self._backbone = [backbone]  # a list: not a submodule
+        self.prefix_text = prefix_text
+        self.classes = ClassPrompts(backbone, classnames, prefix_text, n_ctx)
+        self._weights: Optional[torch.Tensor] = None
+
+    @property
+    def backbone(self) -> "Backbone":
+        return self._backbone[0]
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.classes.classnames)
+
+    def prompts(self) -> Prompts:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Exactly what was trained (float32, CPU, contiguous), as saved in the run."""
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def text_features(self, prompts: Optional[Prompts] = None) -> torch.Tensor:
+        """L2-normalised class text features ``(n_classes, embed_dim)``, float32."""
+        p = prompts or self.prompts()
+        return F.normalize(self.classes(p.text_ctx, p.text_deep).float(), dim=-1)
+
+    def image_features(self, pixels: torch.Tensor, prompts: Optional[Prompts] = None) -> torch.Tensor:
+        """L2-normalised image features ``(B, embed_dim)`` of normalised pixels ``(B, 3, H, W)``, float32."""
+        p = prompts or self.prompts()
+        visual = self.backbone.model.visual
+        if p.vision_ctx is None:  # an unprompted image tower (IVLP with vision depth 0)
+            return F.normalize(visual(pixels).float(), dim=-1)
+        return F.normalize(encode_image(visual, pixels, p.vision_ctx, p.vision_deep).float(), dim=-1)
+
+    encode_image = image_features
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``exp(logit_scale) * image . text`` (+ the model's logit bias) ``(B, n_classes)``."""
+        p = self.prompts()
+        scale = self.backbone.model.logit_scale.exp().float()
+        out = scale * self.image_features(pixels, p) @ self.text_features(p).T  # (B, n_cls)
+        bias = self.backbone.logit_bias
+        return out if bias is None else out + bias
+
+    forward = logits
+
+    # --- what the exporter reads ---
+
+    @torch.no_grad()
+    def image_encoder(self) -> nn.Module:
+        """The pure image encoder with its constant deep prompts (buffers)."""
+        p = self.prompts()
+        return PromptedImageEncoder(self.backbone.model.visual, p.vision_ctx, p.vision_deep).eval()
+
+    @torch.no_grad()
+    def class_weights(self) -> torch.Tensor:
+        """``W = exp(logit_scale) * text features`` ``(n_classes, embed_dim)``, float32 on the CPU (constant)."""
+        if self._weights is None:
+            scale = self.backbone.model.logit_scale.exp().float().cpu()
+            self._weights = (scale * self.text_features().cpu()).contiguous()
+        return self._weights
+
+    def head(self) -> nn.Module:
+        """L2-normalised image features -> logits: ``x W^T`` (+ the model's logit bias)."""
+        from ..classifier import LinearHead
+
+        return LinearHead(self.class_weights(), self.backbone.logit_bias).eval()
+
+    def with_classes(self, classnames: Sequence[str]) -> "DeepPromptModel":
+        """The same learned prompts over other class names (base-to-new): every prompt is class-agnostic."""
+        other = type(self)(self.backbone, classnames, self.config)  # type: ignore[call-arg, attr-defined]
+        other.load_state_dict(self.state_dict())
+        return other.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "DeepPromptModel":
+        self._weights = None  # the class weights are constant only once training is over
+        return super().train(mode)
+
+
+def learned_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The method's trainable tensors (its own parameters; the backbone is not a submodule)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def dassl_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
+    """The learning rate of an epoch under Dassl's ``cosine`` schedule with a ``constant`` warm-up
+    (``WARMUP_RECOUNT=True``): ``warmup_lr`` for the warm-up epochs, then
+    ``lr * (1 + cos(pi * (epoch - warmup_epochs) / epochs)) / 2`` (``CosineAnnealingLR`` with
+    ``T_max = MAX_EPOCH``, counted from the end of the warm-up)."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+@dataclass
+class Recipe:
+    """What the official configs set per method: ``OPTIM.LR``, ``OPTIM.MAX_EPOCH``, the batch size."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+
+
+#: ``extra_loss(model, prompts, pixels, labels, logits, image_features, text_features) -> loss term``
+ExtraLoss = Callable[..., torch.Tensor]
+
+
+def train_deep_prompts(
+    model: DeepPromptModel,
+    images: Sequence[Any],
+    labels: torch.Tensor,
+    recipe: Recipe,
+    train: "TrainConfig",
+    *,
+    extra_loss: Optional[ExtraLoss] = None,
+    on_epoch_end: Optional[Callable[[int], None]] = None,
+    progress: bool = False,
+    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> dict[str, list[float]]:
+    """The official training loop (Dassl ``TrainerX`` with these methods' ``forward_backward``).
+
+    Each epoch visits the images in a random order in batches of ``recipe.batch_size`` (the last
+    incomplete batch dropped, as Dassl's loader does when there are enough images), each image
+    freshly augmented (``backbone.train_preprocess``: random resized crop 0.08-1 and flip, or the
+    evaluation transform with ``train.augment=False``); loss: cross-entropy of the prompted logits
+    (+ ``extra_loss``); SGD with ``train.momentum`` / ``train.weight_decay`` over the learned tensors;
+    learning rate :func:`dassl_lr` per epoch. ``images`` are decoded PIL images.
+    """
+    from tqdm.auto import tqdm
+
+    from ..features import autocast_for
+
+    bb = model.backbone
+    device = bb.device
+    transform = bb.train_preprocess if train.augment else bb.preprocess
+    params = learned_parameters(model)
+    optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=train.momentum, weight_decay=train.weight_decay)
+    gen = torch.Generator().manual_seed(train.seed)
+    n = len(images)
+    bs = recipe.batch_size
+    drop_last = n >= bs
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
+    model.train()
+    bar = tqdm(range(recipe.epochs), desc=f"training {model.method}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        lr = dassl_lr(epoch, recipe.lr, recipe.epochs, train.warmup_epochs, train.warmup_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        order = torch.randperm(n, generator=gen)
+        total, correct, seen = 0.0, 0, 0
+        stop = n - n % bs if drop_last else n
+        for start in range(0, stop, bs):
+            idx = order[start : start + bs]
+            pixels = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)  # (b, 3, H, W)
+            y = labels[idx].to(device)
+            with autocast_for(device, train.precision):
+                p = model.prompts()
+                img = model.image_features(pixels, p)  # (b, D)
+                text = model.text_features(p)  # (n_cls, D)
+                logits = bb.model.logit_scale.exp().float() * img @ text.T  # (b, n_cls)
+                if bb.logit_bias is not None:
+                    logits = logits + bb.logit_bias
+                loss = F.cross_entropy(logits, y)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(model, pixels, logits, img, text)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch + 1}/{recipe.epochs}; "
+                                   f"lower lr (now {lr:g}) or use precision='fp32'")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+        stats = {"loss": total / max(seen, 1), "accuracy": correct / max(seen, 1), "lr": lr}
+        for k, v in stats.items():
+            history[k].append(round(float(v), 6))
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+        if callback is not None:
+            callback(epoch, stats)
+    bar.close()
+    model.eval()
+    model.requires_grad_(False)
+    return history
+
+
+def decode_images(paths: Sequence[Any], strict: bool) -> tuple[list[Any], list[int]]:
+    """Decoded RGB images and the indices kept (unreadable ones skipped unless ``strict``)."""
+    from ..runtime.preprocess import ImageDecodeError, load_image
+
+    out, kept = [], []
+    for i, p in enumerate(paths):
+        try:
+            out.append(load_image(p))
+            kept.append(i)
+        except (ImageDecodeError, FileNotFoundError):
+            if strict:
+                raise
+            logger.warning("skipping unreadable training image %s", p)
+    return out, kept
+
+
+def timed(started: float) -> float:
+    return round(time.perf_counter() - started, 2)

@@ -1,0 +1,124 @@
+"""MaPLe: multi-modal prompt learning (Khattak et al., CVPR 2023).
+
+Learned text tokens enter the first ``prompt_depth`` layers of the text transformer; the image
+transformer's tokens at the same layers are linear projections of them (one projection per
+layer, text width -> image width), so the two branches are coupled. Equal to the official
+``trainers/maple.py`` with the ``ResidualAttentionBlock_MaPLe`` blocks of its ``clip/model.py``
+(muzairkhattak/multimodal-prompt-learning), whose projection sizes (512 -> 768) are ViT-B/16's
+widths: here they are the model's own. ``tests/test_maple.py`` compares features, logits and
+gradients with that code.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import ConfigMixin
+from .deep_prompts import DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+
+
+@dataclass
+class MaPLeConfig(ConfigMixin):
+    """MaPLe's prompts and recipe. Defaults: the official ``MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml``
+    (``prompt_depth=3, lr=0.0026, epochs=2`` is its cross-dataset config)."""
+
+    n_ctx: int = field(default=2, metadata={"help": "prompt tokens per layer, text and image (N_CTX)"})
+    prompt_depth: int = field(default=9, metadata={
+        "help": "layers of both transformers that get prompt tokens, from the first (PROMPT_DEPTH, >= 1)"})
+    ctx_init: Optional[str] = field(default="a photo of a", metadata={
+        "help": "words whose embeddings start the text context when n_ctx <= 4 (CTX_INIT; empty: random)"})
+    lr: float = field(default=0.0035, metadata={"help": "peak SGD learning rate (OPTIM.LR)"})
+    epochs: int = field(default=5, metadata={"help": "epochs (OPTIM.MAX_EPOCH)"})
+    batch_size: int = field(default=4, metadata={"help": "images per step (DATALOADER.TRAIN_X.BATCH_SIZE)"})
+
+    def __post_init__(self) -> None:
+        check_count("n_ctx", self.n_ctx, 1)
+        check_count("prompt_depth", self.prompt_depth, 1)
+        if self.ctx_init is not None and not isinstance(self.ctx_init, str):
+            raise ValueError(f"ctx_init must be words or None, got {self.ctx_init!r}")
+        check_number("lr", self.lr, positive=True)
+        check_count("epochs", self.epochs, 1)
+        check_count("batch_size", self.batch_size, 1)
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size)
+
+
+def check_backbone(backbone: "Backbone", config: MaPLeConfig) -> None:
+    """Refuse, in one line, a family or a depth MaPLe cannot prompt."""
+    check_towers(backbone.model, "maple", config.prompt_depth, config.prompt_depth)
+
+
+class MaPLeModel(DeepPromptModel):
+    """MaPLe's learned tensors over a frozen backbone.
+
+    Attributes:
+        ctx: ``(n_ctx, text_width)``: the text context at the input (``prompt_learner.ctx``).
+        text_deep: ``(prompt_depth - 1, n_ctx, text_width)`` (``compound_prompts_text``).
+        proj: text width -> image width, maps ``ctx`` to the image input's tokens (``prompt_learner.proj``).
+        deep_proj_weight: ``(prompt_depth - 1, vision_width, text_width)`` and ``deep_proj_bias``
+            ``(prompt_depth - 1, vision_width)``: one projection per deeper layer
+            (``compound_prompt_projections``; all start as copies of one initialisation, as there).
+    """
+
+    method = "maple"
+
+    def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: MaPLeConfig) -> None:
+        check_backbone(backbone, config)
+        prefix_text, ctx = initial_context(backbone, config.n_ctx, config.ctx_init)
+        super().__init__(backbone, classnames, prefix_text, config.n_ctx)
+        self.config = config
+        device = ctx.device
+        text_width = ctx.shape[1]
+        vision_width = backbone.model.visual.transformer.width
+        deeper = config.prompt_depth - 1
+        self.ctx = nn.Parameter(ctx)
+        self.text_deep = nn.Parameter(torch.empty(deeper, config.n_ctx, text_width).normal_(std=0.02).to(device))
+        self.proj = nn.Linear(text_width, vision_width).to(device)
+        one = nn.Linear(text_width, vision_width)
+        layers = [copy.deepcopy(one) for _ in range(deeper)]
+        self.deep_proj_weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]).to(device)
+                                             if deeper else torch.zeros(0, vision_width, text_width, device=device))
+        self.deep_proj_bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers]).to(device)
+                                           if deeper else torch.zeros(0, vision_width, device=device))
+
+    def prompts(self) -> Prompts:
+        # one projection per deeper layer: (J - 1, n, text_width) @ (J - 1, text_width, vision_width) + bias
+        vision_deep = torch.baddbmm(self.deep_proj_bias.unsqueeze(1), self.text_deep,
+                                    self.deep_proj_weight.transpose(1, 2))  # (J - 1, n, vision_width)
+        return Prompts(self.ctx, list(self.text_deep.unbind(0)), self.proj(self.ctx), list(vision_deep.unbind(0)))
+
+
+def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> dict[str, torch.Tensor]:
+    """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
+    def get(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise ValueError(f"the checkpoint has no {key!r}; a MaPLe checkpoint with prompt depth "
+                             f"{config.prompt_depth} holds it")
+        return state_dict[key].float()
+
+    pre = "prompt_learner."
+    ctx = get(pre + "ctx")
+    deeper = range(config.prompt_depth - 1)
+
+    def stack(keys: list[str], empty: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([get(k) for k in keys]) if keys else torch.zeros(empty)
+
+    weight = get(pre + "proj.weight")
+    return {
+        "ctx": ctx,
+        "text_deep": stack([f"{pre}compound_prompts_text.{i}" for i in deeper], (0, *ctx.shape)),
+        "proj.weight": weight,
+        "proj.bias": get(pre + "proj.bias"),
+        "deep_proj_weight": stack([f"{pre}compound_prompt_projections.{i}.weight" for i in deeper], (0, *weight.shape)),
+        "deep_proj_bias": stack([f"{pre}compound_prompt_projections.{i}.bias" for i in deeper], (0, weight.shape[0])),
+    }

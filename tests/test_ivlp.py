@@ -1,0 +1,151 @@
+"""IVLP against the official code (tests/reference/ivlp_official.py) on the same weights and prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coopkit.methods.ivlp import IVLPConfig, IVLPModel, from_official
+from reference import ivlp_official
+from reference.harness import cfg, half_casts_off, load_tiny, official_clip, openai_config, rel, set_param
+
+NAMES = ["red car", "green_apple", "blue sky", "yellow submarine", "dog"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("ivlp")
+    return {quick: load_tiny(tmp, f"ivlp-{'quick' if quick else 'gelu'}", openai_config(quick_gelu=quick))
+            for quick in (True, False)}
+
+
+# Every configuration of the official IVLP configs: MaPLe's repository (2+2 tokens, depth 12; language
+# only: 4 text tokens, depth 12, no image prompts) and PromptSRC's (4+4 tokens, depth 9).
+CONFIGS = [
+    dict(n_ctx_text=2, n_ctx_vision=2, prompt_depth_text=12, prompt_depth_vision=12),
+    dict(n_ctx_text=4, n_ctx_vision=0, prompt_depth_text=12, prompt_depth_vision=0),
+    dict(n_ctx_text=4, n_ctx_vision=4, prompt_depth_text=9, prompt_depth_vision=9),
+]
+
+
+def official_ivlp(bb, config: IVLPConfig, quick: bool):
+    design = {"trainer": "IVLP", "vision_depth": config.prompt_depth_vision, "language_depth": config.prompt_depth_text,
+              "vision_ctx": config.n_ctx_vision, "language_ctx": config.n_ctx_text}
+    clip = official_clip(bb.model, design, quick)
+    c = cfg("IVLP", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init or "",
+            PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision)
+    model = ivlp_official.CustomCLIP(c, NAMES, clip)
+    for name, p in model.named_parameters():  # as the official trainer: only prompt tensors learn
+        p.requires_grad_("prompt_learner" in name or "VPT" in name)
+    return model
+
+
+def copy_into_official(ours: IVLPModel, official) -> None:
+    """Our (randomised) tensors into the official module, under its own names."""
+    cfg_ = ours.config
+    set_param(official, "prompt_learner.ctx", ours.ctx)
+    for i in range(1, cfg_.prompt_depth_text):
+        set_param(official, f"text_encoder.transformer.resblocks.{i}.VPT_shallow", ours.text_deep[i - 1])
+    if cfg_.prompt_depth_vision:
+        set_param(official, "image_encoder.VPT", ours.vision_ctx)
+        for i in range(1, cfg_.prompt_depth_vision):
+            set_param(official, f"image_encoder.transformer.resblocks.{i}.VPT_shallow", ours.vision_deep[i - 1])
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def compare(ours, official, bb) -> dict[str, float]:
+    """Relative differences of text features, image features, logits, loss and every gradient."""
+    gen = torch.Generator().manual_seed(3)
+    pixels = torch.randn(3, 3, 32, 32, generator=gen)
+    labels = torch.tensor([0, 4, 2])
+    out = {}
+    with half_casts_off():
+        official.eval()
+        pl = official.prompt_learner
+        txt_o = F.normalize(official.text_encoder(pl(), official.tokenized_prompts), dim=-1)
+        img_o = official.image_encoder(pixels)
+        logits_o = official(pixels)  # eval: logits
+        official.train()
+        loss_o = official(pixels, labels)  # train: the cross-entropy loss
+        loss_o.backward()
+    p = ours.prompts()
+    txt = ours.text_features(p)
+    img = ours.image_features(pixels, p)
+    out["text"] = rel(txt, txt_o)
+    out["image"] = rel(img, F.normalize(img_o, dim=-1))
+    logits = ours.logits(pixels)
+    out["logits"] = rel(logits, logits_o)
+    loss = F.cross_entropy(logits, labels)
+    out["loss"] = rel(loss, loss_o)
+    loss.backward()
+    return out
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quickgelu", "gelu"])
+@pytest.mark.parametrize("settings", CONFIGS, ids=["2+2ctx-d12", "language-only-d12", "4+4ctx-d9"])
+def test_equals_the_official_ivlp(backbones, settings, quick):
+    if not quick and settings["prompt_depth_vision"] == 0:
+        pytest.skip("one GELU case per image side suffices")
+    bb = backbones[quick]
+    config = IVLPConfig(**settings)
+    torch.manual_seed(0)
+    ours = IVLPModel(bb, NAMES, config)
+    official = official_ivlp(bb, config, quick)
+    torch.testing.assert_close(ours.ctx.detach(), official.prompt_learner.ctx.detach().float())  # same init words
+    randomise(ours, seed=1)
+    copy_into_official(ours, official)
+    diffs = compare(ours, official, bb)
+    assert max(diffs.values()) <= TOL, diffs
+    grads = {"ctx": (ours.ctx.grad, official.prompt_learner.ctx.grad)}
+    blocks_t = official.text_encoder.transformer.resblocks
+    for i in range(1, config.prompt_depth_text):
+        grads[f"text{i}"] = (ours.text_deep.grad[i - 1], blocks_t[i].VPT_shallow.grad)
+    if config.prompt_depth_vision:
+        grads["vision_ctx"] = (ours.vision_ctx.grad, official.image_encoder.VPT.grad)
+        blocks_v = official.image_encoder.transformer.resblocks
+        for i in range(1, config.prompt_depth_vision):
+            grads[f"vision{i}"] = (ours.vision_deep.grad[i - 1], blocks_v[i].VPT_shallow.grad)
+    worst = {k: rel(a, b) for k, (a, b) in grads.items()}
+    assert max(worst.values()) <= TOL, worst
+    # the official checkpoint's names map back to ours
+    imported = from_official(official.state_dict(), config)
+    for k, v in ours.state().items():
+        torch.testing.assert_close(imported[k], v, rtol=0, atol=0)
+
+
+def test_random_init_beyond_four_tokens_uses_placeholders(backbones):
+    bb = backbones[True]
+    model = IVLPModel(bb, NAMES, IVLPConfig(n_ctx_text=6, prompt_depth_text=2, prompt_depth_vision=2))
+    assert model.prefix_text == "X X X X X X"
+    assert model.ctx.shape == (6, 128) and model.text_deep.shape == (1, 6, 128)
+    assert model.vision_ctx.shape == (2, 192) and model.vision_deep.shape == (1, 2, 192)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(prompt_depth_text=0), "prompt_depth_text must be an integer >= 1"),
+    (dict(n_ctx_text=0), "n_ctx_text must be an integer >= 1"),
+    (dict(n_ctx_vision=0), "n_ctx_vision must be an integer >= 1"),
+    (dict(prompt_depth_vision=0), "n_ctx_vision=2 with prompt_depth_vision=0"),
+    (dict(lr=0), "lr must be"),
+])
+def test_bad_configs_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        IVLPConfig(**bad)
+
+
+def test_depth_beyond_the_layers_is_refused(backbones):
+    with pytest.raises(ValueError, match="text prompt depth 13 exceeds the text transformer's 12 layers"):
+        IVLPModel(backbones[True], NAMES, IVLPConfig(prompt_depth_text=13))
+    with pytest.raises(ValueError, match="vision prompt depth 14 exceeds the image transformer's 12 layers"):
+        IVLPModel(backbones[True], NAMES, IVLPConfig(prompt_depth_vision=14))
+
+
