@@ -466,6 +466,54 @@ def train_deep_prompts(
     return history
 
 
+def build_seeded(model_cls: type, backbone: "Backbone", classnames: Sequence[str], config: Any, seed: int) -> Any:
+    """``model_cls(backbone, classnames, config)`` with its random prompts drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls(backbone, classnames, config)
+
+
+def fit_deep_prompts(
+    model: DeepPromptModel,
+    train_set: "Dataset",
+    train: "TrainConfig",
+    recipe: Recipe,
+    *,
+    extra_loss: Optional[ExtraLoss] = None,
+    on_epoch_end: Optional[Callable[[int], None]] = None,
+    progress: bool = False,
+    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+) -> dict[str, Any]:
+    """Train ``model`` (built on ``train_set``'s class names) on its few-shot sample; the metrics dict.
+
+    The sample is ``train.shots`` images per class drawn as Dassl draws them (:func:`coopkit.data.few_shot`).
+    """
+    from ..data import few_shot
+
+    started = time.perf_counter()
+    sample = few_shot(train_set, train.shots, train.seed)
+    if list(sample.classnames) != model.classnames:
+        raise ValueError("the model's class names differ from the training set's")
+    images, kept = decode_images(sample.paths, train.strict)
+    labels = torch.tensor([sample.labels[i] for i in kept])
+    missing = sorted(set(range(len(sample.classnames))) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"no readable training images for classes {[sample.classnames[i] for i in missing]}")
+    history = train_deep_prompts(model, images, labels, recipe, train, extra_loss=extra_loss,
+                                 on_epoch_end=on_epoch_end, progress=progress, callback=callback)
+    metrics: dict[str, Any] = {
+        "train_loss": history["loss"][-1],
+        "train_accuracy": history["accuracy"][-1],
+        "epochs": recipe.epochs,
+        "train_images": int(len(labels)),
+        "seconds": round(time.perf_counter() - started, 2),
+        "history": history,
+    }
+    logger.info("%s: fitted %d classes in %.1fs: train accuracy %.3f", model.method, len(model.classnames),
+                metrics["seconds"], metrics["train_accuracy"])
+    return metrics
+
+
 def decode_images(paths: Sequence[Any], strict: bool) -> tuple[list[Any], list[int]]:
     """Decoded RGB images and the indices kept (unreadable ones skipped unless ``strict``)."""
     from ..runtime.preprocess import ImageDecodeError, load_image
@@ -481,6 +529,3 @@ def decode_images(paths: Sequence[Any], strict: bool) -> tuple[list[Any], list[i
             logger.warning("skipping unreadable training image %s", p)
     return out, kept
 
-
-def timed(started: float) -> float:
-    return round(time.perf_counter() - started, 2)

@@ -11,16 +11,19 @@ independently on each side. Equal to the official ``trainers/independentVL.py`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ConfigMixin
-from .deep_prompts import DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context
+from .deep_prompts import (DeepPromptModel, Prompts, Recipe, build_seeded, check_count, check_number, check_towers,
+                           fit_deep_prompts, initial_context)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
+    from ..config import TrainConfig
+    from ..data import Dataset
 
 
 @dataclass
@@ -124,3 +127,14 @@ def from_official(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> di
 
 def _stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))  # (J - 1, n, width)
+
+
+def fit(backbone: "Backbone", train_set: "Dataset", config: IVLPConfig, train: "TrainConfig", *,
+        progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+        **_: Any) -> tuple[IVLPModel, dict[str, Any]]:
+    """Train IVLP on ``train.shots`` images per class of ``train_set`` with the official recipe
+    (``config.lr`` / ``epochs`` / ``batch_size``; ``train`` gives shots, seed, momentum, weight decay, warm-up,
+    augmentation and precision). Returns the fitted model and the training metrics."""
+    model = build_seeded(IVLPModel, backbone, train_set.classnames, config, train.seed)
+    metrics = fit_deep_prompts(model, train_set, train, config.recipe, progress=progress, callback=callback)
+    return model, metrics

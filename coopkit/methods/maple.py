@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ConfigMixin
-from .deep_prompts import DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context
+from .deep_prompts import (DeepPromptModel, Prompts, Recipe, build_seeded, check_count, check_number, check_towers,
+                           fit_deep_prompts, initial_context)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
+    from ..config import TrainConfig
+    from ..data import Dataset
 
 
 @dataclass
@@ -122,3 +125,14 @@ def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> d
         "deep_proj_weight": stack([f"{pre}compound_prompt_projections.{i}.weight" for i in deeper], (0, *weight.shape)),
         "deep_proj_bias": stack([f"{pre}compound_prompt_projections.{i}.bias" for i in deeper], (0, weight.shape[0])),
     }
+
+
+def fit(backbone: "Backbone", train_set: "Dataset", config: MaPLeConfig, train: "TrainConfig", *,
+        progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+        **_: Any) -> tuple[MaPLeModel, dict[str, Any]]:
+    """Train MaPLe on ``train.shots`` images per class of ``train_set`` with the official recipe
+    (``config.lr`` / ``epochs`` / ``batch_size``; ``train`` gives shots, seed, momentum, weight decay, warm-up,
+    augmentation and precision). Returns the fitted model and the training metrics."""
+    model = build_seeded(MaPLeModel, backbone, train_set.classnames, config, train.seed)
+    metrics = fit_deep_prompts(model, train_set, train, config.recipe, progress=progress, callback=callback)
+    return model, metrics
