@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -149,3 +150,30 @@ def test_depth_beyond_the_layers_is_refused(backbones):
         IVLPModel(backbones[True], NAMES, IVLPConfig(prompt_depth_vision=14))
 
 
+
+
+def test_fit_trains_the_prompts_and_exports_constant_parts(tiny_backbone, image_folder):
+    from coopkit.config import TrainConfig
+    from coopkit.data import load_dataset
+    from coopkit.methods import ivlp
+
+    data = load_dataset(image_folder / "train")
+    config = IVLPConfig(n_ctx_text=2, n_ctx_vision=2, prompt_depth_text=2, prompt_depth_vision=2, epochs=3)
+    model, metrics = ivlp.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
+    history = metrics["history"]
+    assert len(history["loss"]) == 3 and all(np.isfinite(history["loss"]))
+    assert history["lr"][0] == 1e-5 and history["lr"][1] == config.lr  # Dassl: constant warm-up, then the cosine
+    start = ivlp.build_seeded(IVLPModel, tiny_backbone, data.classnames, config, 2)
+    assert not torch.equal(start.vision_deep, model.vision_deep) and not torch.equal(start.text_deep, model.text_deep)
+    assert not any(p.requires_grad for p in model.parameters())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = F.normalize(model.image_encoder()(pixels), dim=-1)
+        torch.testing.assert_close(feats, model.encode_image(pixels))
+        torch.testing.assert_close(model.head()(feats), model.logits(pixels), rtol=1e-5, atol=1e-5)
+    weights = model.class_weights()
+    torch.testing.assert_close(weights, tiny_backbone.model.logit_scale.exp() * model.text_features())
+    assert set(model.state()) == {"ctx", "text_deep", "vision_ctx", "vision_deep"}
+    again, _ = ivlp.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
+    for k, v in model.state().items():  # seeded: the same run twice
+        torch.testing.assert_close(again.state()[k], v, rtol=0, atol=0)

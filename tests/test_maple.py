@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,3 +119,22 @@ def test_resnet_image_towers_are_refused():
     resnet = coopkit.load_backbone("coopkit-tiny", pretrained=None, device="cpu")
     with pytest.raises(ValueError, match="image tower \\(ModifiedResNet\\) is not open_clip's VisionTransformer"):
         MaPLeModel(resnet, NAMES, MaPLeConfig(prompt_depth=1))
+
+
+def test_fit_trains_the_prompts_and_exports_constant_parts(tiny_backbone, image_folder):
+    from coopkit.config import TrainConfig
+    from coopkit.data import load_dataset
+    from coopkit.methods import maple
+
+    data = load_dataset(image_folder / "train")
+    config = MaPLeConfig(prompt_depth=2, epochs=2)
+    model, metrics = maple.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
+    assert all(np.isfinite(metrics["history"]["loss"]))
+    start = maple.build_seeded(MaPLeModel, tiny_backbone, data.classnames, config, 2)
+    assert not torch.equal(start.deep_proj_weight, model.deep_proj_weight)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = F.normalize(model.image_encoder()(pixels), dim=-1)
+        torch.testing.assert_close(feats, model.encode_image(pixels))
+        torch.testing.assert_close(model.head()(feats), model.logits(pixels), rtol=1e-5, atol=1e-5)
+    assert set(model.state()) == {"ctx", "text_deep", "proj.weight", "proj.bias", "deep_proj_weight", "deep_proj_bias"}

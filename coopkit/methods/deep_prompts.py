@@ -489,8 +489,10 @@ def fit_deep_prompts(
     The sample is ``train.shots`` images per class drawn as Dassl draws them (:func:`coopkit.data.few_shot`).
     """
     from ..data import few_shot
+    from ..train import seed_everything
 
     started = time.perf_counter()
+    seed_everything(train.seed)  # the augmentation draws from the global generators
     sample = few_shot(train_set, train.shots, train.seed)
     if list(sample.classnames) != model.classnames:
         raise ValueError("the model's class names differ from the training set's")
