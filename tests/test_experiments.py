@@ -11,15 +11,16 @@ import torch
 from click.testing import CliRunner
 
 import coopkit
-from coopkit.classifier import Classifier, template_features
+from coopkit.classifier import Classifier
 from coopkit.cli import main
 from coopkit.config import PromptConfig, RunConfig
 from coopkit.research.experiments import plot_fewshot
 from coopkit.features import encode_images
 from coopkit.research.interpret import nearest_words
-from coopkit.research.linear_probe import fit_linear_probe
+from coopkit.methods.base import template_features
+from coopkit.methods.coop import CoOpModel, kg_penalty
+from coopkit.methods.linear_probe import fit_linear_probe
 from coopkit.prompts import PromptLearner
-from coopkit.train import kg_penalty
 
 NAMES = ["blue", "green", "red", "yellow"]
 
@@ -93,7 +94,7 @@ def _untrained(bb, csc=False) -> Classifier:
     learner = PromptLearner(bb, NAMES, ctx_init="a photo of a", csc=csc)
     config = RunConfig(method="coop", classnames=NAMES, model=bb.name, model_config=bb.model_config,
                        backbone_sha256=bb.weights_sha256, prompt=PromptConfig(4, csc, "end", "a photo of a"))
-    return Classifier(bb, config, learner)
+    return Classifier(bb, config, CoOpModel(bb, learner))
 
 
 @pytest.mark.parametrize("csc", [False, True])

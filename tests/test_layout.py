@@ -1,5 +1,6 @@
 """The shape of the package: imports point one way, no private name crosses a module, the
-runtime and the foundations stay torch-free, and the README's layout section matches the tree."""
+runtime and the foundations stay torch-free, method names are written only where the methods are
+registered, and the README's layout section matches the tree."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ LAYERS = {
     "runtime": ("coopkit.runtime",),
     "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.data",
                    "coopkit.datasets", "coopkit.embedded", "coopkit.embedded.world"),
-    "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.classifier",
-             "coopkit.train"),
+    "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.methods",
+             "coopkit.classifier", "coopkit.runs", "coopkit.train"),
     "exporters": ("coopkit.exporters",),
     "research": ("coopkit.research", "coopkit.embedded.pretrain"),
     "cli": ("coopkit.cli", "coopkit.__main__"),
@@ -185,3 +186,4 @@ def test_readme_layout_matches_the_tree():
     listed = {x.rstrip("/") for x in listed}
     assert folders <= listed, f"folders not in the README's layout: {sorted(folders - listed)}"
     assert listed <= folders | {"coopkit"}, f"README lists folders that do not exist: {sorted(listed - folders)}"
+

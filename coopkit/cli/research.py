@@ -330,7 +330,7 @@ def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: O
     The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
     with the reason.
     """
-    from ..classifier import check_run_target
+    from ..runs import check_run_target
     from ..research.compat import import_official
 
     check_run_target(out)

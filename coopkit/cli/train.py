@@ -57,7 +57,7 @@ def fit_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], ou
             image_root: Optional[str], overwrite: bool, as_json: bool, quiet: bool, **settings: Any) -> None:
     """Fit CoOp context vectors on DATA (ImageFolder dir, CSV of path,label, or CoOp split JSON)
     or on an official dataset (--dataset NAME --root DATA_ROOT)."""
-    from ..classifier import check_run_target
+    from ..runs import check_run_target
     from ..train import fit
 
     bb = pop_config(BackboneConfig, settings)
@@ -133,7 +133,9 @@ def zeroshot_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str
                  as_json: bool, **settings: Any) -> None:
     """Evaluate hand-written prompts on labelled DATA or an official dataset (the zero-shot baseline)."""
     from ..backbone import load_backbone
-    from ..classifier import DEFAULT_TEMPLATES, check_run_target, zero_shot
+    from ..methods.base import DEFAULT_TEMPLATES
+    from ..runs import check_run_target
+    from ..train import zero_shot
     from ..data import load_dataset
     from ..features import torch_threads
 

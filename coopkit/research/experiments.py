@@ -28,11 +28,12 @@ import torch
 
 from ..runtime.atomic import atomic_path, atomic_write
 from ..backbone import Backbone, load_backbone
-from ..classifier import DEFAULT_TEMPLATES, Classifier, zero_shot
+from ..classifier import Classifier
 from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, default_of
 from ..data import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
-from ..train import fit
+from ..methods.base import DEFAULT_TEMPLATES
+from ..train import fit, zero_shot
 from . import baselines
 from .protocols import DEFAULT_METHODS, METHODS
 
