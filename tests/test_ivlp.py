@@ -152,18 +152,22 @@ def test_depth_beyond_the_layers_is_refused(backbones):
 
 
 
-def test_fit_trains_the_prompts_and_exports_constant_parts(tiny_backbone, image_folder):
-    from coopkit.config import TrainConfig
-    from coopkit.data import load_dataset
-    from coopkit.methods import ivlp
+def test_fit_save_load_and_export_parts(tiny_backbone, image_folder, tmp_path):
+    import coopkit
 
-    data = load_dataset(image_folder / "train")
-    config = IVLPConfig(n_ctx_text=2, n_ctx_vision=2, prompt_depth_text=2, prompt_depth_vision=2, epochs=3)
-    model, metrics = ivlp.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
-    history = metrics["history"]
+    def fit():
+        return coopkit.fit(image_folder / "train", method="ivlp", backbone=tiny_backbone, shots=4, seed=2,
+                           n_ctx_vision=2, prompt_depth_text=2, prompt_depth_vision=2, epochs=3, progress=False)
+
+    clf = fit()
+    model = clf.model
+    history = clf.config.metrics["history"]
     assert len(history["loss"]) == 3 and all(np.isfinite(history["loss"]))
-    assert history["lr"][0] == 1e-5 and history["lr"][1] == config.lr  # Dassl: constant warm-up, then the cosine
-    start = ivlp.build_seeded(IVLPModel, tiny_backbone, data.classnames, config, 2)
+    assert history["lr"][0] == 1e-5 and history["lr"][1] == model.config.lr  # Dassl: constant warm-up, then cosine
+    from coopkit.methods.deep_prompts import build_seeded
+
+    start = build_seeded(IVLPModel,  # the seeded initial prompts, drawn again
+                         tiny_backbone, clf.classnames, model.config, 2)
     assert not torch.equal(start.vision_deep, model.vision_deep) and not torch.equal(start.text_deep, model.text_deep)
     assert not any(p.requires_grad for p in model.parameters())
     pixels = torch.randn(2, 3, 32, 32)
@@ -171,9 +175,34 @@ def test_fit_trains_the_prompts_and_exports_constant_parts(tiny_backbone, image_
         feats = F.normalize(model.image_encoder()(pixels), dim=-1)
         torch.testing.assert_close(feats, model.encode_image(pixels))
         torch.testing.assert_close(model.head()(feats), model.logits(pixels), rtol=1e-5, atol=1e-5)
-    weights = model.class_weights()
-    torch.testing.assert_close(weights, tiny_backbone.model.logit_scale.exp() * model.text_features())
+    torch.testing.assert_close(model.class_weights(), tiny_backbone.model.logit_scale.exp() * model.text_features())
     assert set(model.state()) == {"ctx", "text_deep", "vision_ctx", "vision_deep"}
-    again, _ = ivlp.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
-    for k, v in model.state().items():  # seeded: the same run twice
-        torch.testing.assert_close(again.state()[k], v, rtol=0, atol=0)
+    again = fit()  # seeded: the same run twice
+    for k, v in model.state().items():
+        torch.testing.assert_close(again.model.state()[k], v, rtol=0, atol=0)
+    clf.save(tmp_path / "run")
+    loaded = coopkit.load(tmp_path / "run", backbone=tiny_backbone)
+    assert loaded.method == "ivlp" and loaded.model.config == model.config
+    images = sorted((image_folder / "test").rglob("*.png"))[:6]
+    np.testing.assert_array_equal(loaded.logits(images), clf.logits(images))
+    acc = loaded.evaluate(image_folder / "test")["accuracy"]
+    assert 0 <= acc <= 1
+    new = clf.model.with_classes(["red", "purple"])  # base-to-new: the prompts carry over to new names
+    assert new.class_weights().shape == (2, 64)
+
+
+def test_a_saved_run_with_wrong_tensors_is_refused(tiny_backbone):
+    from coopkit.config import RunConfig
+    from coopkit.methods import ivlp
+
+    config = RunConfig(method="ivlp", classnames=NAMES, method_config=IVLPConfig(
+        prompt_depth_text=2, prompt_depth_vision=2).to_dict(), **tiny_backbone.run_fields())
+    good = ivlp.build_seeded(IVLPModel, tiny_backbone, NAMES, IVLPConfig(prompt_depth_text=2, prompt_depth_vision=2), 0)
+    tensors = good.state()
+    assert torch.equal(ivlp.build(tiny_backbone, config, tensors).state()["ctx"], tensors["ctx"])
+    with pytest.raises(ValueError, match="must hold the tensors"):
+        ivlp.build(tiny_backbone, config, {k: v for k, v in tensors.items() if k != "vision_ctx"})
+    with pytest.raises(ValueError, match="do not fit the backbone"):
+        ivlp.build(tiny_backbone, config, {**tensors, "text_deep": torch.zeros(3, 2, 64)})
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ivlp.build(tiny_backbone, config, {**tensors, "ctx": torch.full_like(tensors["ctx"], float("nan"))})

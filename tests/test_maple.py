@@ -121,16 +121,15 @@ def test_resnet_image_towers_are_refused():
         MaPLeModel(resnet, NAMES, MaPLeConfig(prompt_depth=1))
 
 
-def test_fit_trains_the_prompts_and_exports_constant_parts(tiny_backbone, image_folder):
-    from coopkit.config import TrainConfig
-    from coopkit.data import load_dataset
-    from coopkit.methods import maple
+def test_fit_save_load_and_export_parts(tiny_backbone, image_folder, tmp_path):
+    import coopkit
+    from coopkit.methods.deep_prompts import build_seeded
 
-    data = load_dataset(image_folder / "train")
-    config = MaPLeConfig(prompt_depth=2, epochs=2)
-    model, metrics = maple.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
-    assert all(np.isfinite(metrics["history"]["loss"]))
-    start = maple.build_seeded(MaPLeModel, tiny_backbone, data.classnames, config, 2)
+    clf = coopkit.fit(image_folder / "train", method="maple", backbone=tiny_backbone, shots=4, seed=2,
+                      method_config=MaPLeConfig(prompt_depth=2, epochs=2), progress=False)
+    model = clf.model
+    assert all(np.isfinite(clf.config.metrics["history"]["loss"]))
+    start = build_seeded(MaPLeModel, tiny_backbone, clf.classnames, model.config, 2)
     assert not torch.equal(start.deep_proj_weight, model.deep_proj_weight)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -138,3 +137,7 @@ def test_fit_trains_the_prompts_and_exports_constant_parts(tiny_backbone, image_
         torch.testing.assert_close(feats, model.encode_image(pixels))
         torch.testing.assert_close(model.head()(feats), model.logits(pixels), rtol=1e-5, atol=1e-5)
     assert set(model.state()) == {"ctx", "text_deep", "proj.weight", "proj.bias", "deep_proj_weight", "deep_proj_bias"}
+    clf.save(tmp_path / "run")
+    loaded = coopkit.load(tmp_path / "run", backbone=tiny_backbone)
+    images = sorted((image_folder / "test").rglob("*.png"))[:6]
+    np.testing.assert_array_equal(loaded.logits(images), clf.logits(images))

@@ -158,9 +158,7 @@ def test_bad_configs_are_refused(backbone, bad, match):
 
 
 def test_fit_aggregates_the_epochs(tiny_backbone, image_folder, monkeypatch):
-    from coopkit.config import TrainConfig
-    from coopkit.data import load_dataset
-    from coopkit.methods import promptsrc
+    import coopkit
 
     seen = []
     original = GaussianAggregate.__call__
@@ -170,10 +168,11 @@ def test_fit_aggregates_the_epochs(tiny_backbone, image_folder, monkeypatch):
         original(self, epoch)
 
     monkeypatch.setattr(GaussianAggregate, "__call__", record)
-    data = load_dataset(image_folder / "train")
     config = PromptSRCConfig(prompt_depth_text=2, prompt_depth_vision=2, epochs=3, gpa_mean=2, gpa_std=1)
-    model, metrics = promptsrc.fit(tiny_backbone, data, config, TrainConfig(shots=4, seed=2))
-    assert all(np.isfinite(metrics["history"]["loss"])) and len(seen) == 3
+    clf = coopkit.fit(image_folder / "train", method="promptsrc", backbone=tiny_backbone, shots=4, seed=2,
+                      method_config=config, progress=False)
+    model = clf.model
+    assert all(np.isfinite(clf.config.metrics["history"]["loss"])) and len(seen) == 3
     w = gpa_weights(3, 2, 1)
     for k, v in model.state().items():  # the final prompts: the Gaussian-weighted sum of the epochs'
         torch.testing.assert_close(v, sum(wi * s[k] for wi, s in zip(w, seen)))

@@ -40,14 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features import autocast_for
 from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
 from ..runtime.tokenizer import token_layout
+from .base import MethodModel, Shots, logit_scale, seed_everything
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
     from ..config import TrainConfig
-    from ..data import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -264,30 +265,22 @@ class Prompts:
     vision_deep: Sequence[torch.Tensor]  # per image layer 1 .. J_v - 1: (n_vision, vision_width)
 
 
-class DeepPromptModel(nn.Module):
+class DeepPromptModel(MethodModel):
     """A fitted (or fitting) deep-prompt model over a frozen backbone: subclasses own the learned
-    tensors and say how they become :class:`Prompts`.
+    tensors (their parameters) and say how they become :class:`Prompts`.
 
     The backbone is referenced, never owned: :meth:`state_dict` and :meth:`state` hold only the
-    learned tensors.
+    learned tensors (the class prompts' token embeddings are non-persistent buffers).
     """
 
     method = ""
 
-    def __init__(self, backbone: "Backbone", classnames: Sequence[str], prefix_text: str, n_ctx: int) -> None:
-        super().__init__()
-        self._backbone = [backbone]  # a list: not a submodule
+    def __init__(self, backbone: "Backbone", classnames: Sequence[str], prefix_text: str, n_ctx: int,
+                 config: Any) -> None:
+        super().__init__(backbone, check_classnames(classnames))
+        self.config = config
         self.prefix_text = prefix_text
-        self.classes = ClassPrompts(backbone, classnames, prefix_text, n_ctx)
-        self._weights: Optional[torch.Tensor] = None
-
-    @property
-    def backbone(self) -> "Backbone":
-        return self._backbone[0]
-
-    @property
-    def classnames(self) -> list[str]:
-        return list(self.classes.classnames)
+        self.classes = ClassPrompts(backbone, self.classnames, prefix_text, n_ctx)
 
     def prompts(self) -> Prompts:
         raise NotImplementedError
@@ -295,6 +288,9 @@ class DeepPromptModel(nn.Module):
     def state(self) -> dict[str, torch.Tensor]:
         """Exactly what was trained (float32, CPU, contiguous), as saved in the run."""
         return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def run_fields(self) -> dict[str, Any]:
+        return {"method_config": self.config.to_dict()}
 
     def text_features(self, prompts: Optional[Prompts] = None) -> torch.Tensor:
         """L2-normalised class text features ``(n_classes, embed_dim)``, float32."""
@@ -309,7 +305,8 @@ class DeepPromptModel(nn.Module):
             return F.normalize(visual(pixels).float(), dim=-1)
         return F.normalize(encode_image(visual, pixels, p.vision_ctx, p.vision_deep).float(), dim=-1)
 
-    encode_image = image_features
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_features(pixels)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """``exp(logit_scale) * image . text`` (+ the model's logit bias) ``(B, n_classes)``."""
@@ -330,28 +327,41 @@ class DeepPromptModel(nn.Module):
         return PromptedImageEncoder(self.backbone.model.visual, p.vision_ctx, p.vision_deep).eval()
 
     @torch.no_grad()
-    def class_weights(self) -> torch.Tensor:
+    def compute_class_weights(self) -> Optional[torch.Tensor]:
         """``W = exp(logit_scale) * text features`` ``(n_classes, embed_dim)``, float32 on the CPU (constant)."""
-        if self._weights is None:
-            scale = self.backbone.model.logit_scale.exp().float().cpu()
-            self._weights = (scale * self.text_features().cpu()).contiguous()
-        return self._weights
-
-    def head(self) -> nn.Module:
-        """L2-normalised image features -> logits: ``x W^T`` (+ the model's logit bias)."""
-        from ..classifier import LinearHead
-
-        return LinearHead(self.class_weights(), self.backbone.logit_bias).eval()
+        with autocast_for(self.backbone.device):
+            text = self.text_features()
+        return (logit_scale(self.backbone) * text.cpu()).contiguous()
 
     def with_classes(self, classnames: Sequence[str]) -> "DeepPromptModel":
         """The same learned prompts over other class names (base-to-new): every prompt is class-agnostic."""
-        other = type(self)(self.backbone, classnames, self.config)  # type: ignore[call-arg, attr-defined]
+        other = type(self)(self.backbone, classnames, self.config)  # type: ignore[call-arg]
         other.load_state_dict(self.state_dict())
         return other.eval().requires_grad_(False)
 
     def train(self, mode: bool = True) -> "DeepPromptModel":
         self._weights = None  # the class weights are constant only once training is over
         return super().train(mode)
+
+
+def load_tensors(model: DeepPromptModel, tensors: Optional[dict[str, torch.Tensor]]) -> DeepPromptModel:
+    """``model`` holding the saved ``tensors``, frozen; a one-line ValueError for missing, extra, misshapen
+    or non-finite tensors (the settings in the run's config give the shapes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in (tensors or {}).items()}
+    if set(got) != set(expected):
+        raise ValueError(f"{model.method} run must hold the tensors {sorted(expected)}, holds {sorted(got)}")
+    bad = {k: got[k] for k in expected if got[k] != expected[k]}
+    if bad:
+        raise ValueError(f"{model.method} tensors of shapes {bad} do not fit the backbone and settings "
+                         f"(expected {({k: expected[k] for k in bad})})")
+    assert tensors is not None
+    if not all(bool(torch.isfinite(t.float()).all()) for t in tensors.values()):
+        raise ValueError(f"the {model.method} prompts hold NaN or infinite values; fit the run again")
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(tensors[k].to(v.dtype))
+    return model.eval().requires_grad_(False)
 
 
 def learned_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -407,8 +417,6 @@ def train_deep_prompts(
     learning rate :func:`dassl_lr` per epoch. ``images`` are decoded PIL images.
     """
     from tqdm.auto import tqdm
-
-    from ..features import autocast_for
 
     bb = model.backbone
     device = bb.device
@@ -475,7 +483,7 @@ def build_seeded(model_cls: type, backbone: "Backbone", classnames: Sequence[str
 
 def fit_deep_prompts(
     model: DeepPromptModel,
-    train_set: "Dataset",
+    shots: Shots,
     train: "TrainConfig",
     recipe: Recipe,
     *,
@@ -484,16 +492,10 @@ def fit_deep_prompts(
     progress: bool = False,
     callback: Optional[Callable[[int, dict[str, float]], None]] = None,
 ) -> dict[str, Any]:
-    """Train ``model`` (built on ``train_set``'s class names) on its few-shot sample; the metrics dict.
-
-    The sample is ``train.shots`` images per class drawn as Dassl draws them (:func:`coopkit.data.few_shot`).
-    """
-    from ..data import few_shot
-    from ..train import seed_everything
-
+    """Train ``model`` (built on the shots' class names) on the few-shot sample; the metrics dict."""
     started = time.perf_counter()
     seed_everything(train.seed)  # the augmentation draws from the global generators
-    sample = few_shot(train_set, train.shots, train.seed)
+    sample = shots.dataset
     if list(sample.classnames) != model.classnames:
         raise ValueError("the model's class names differ from the training set's")
     images, kept = decode_images(sample.paths, train.strict)

@@ -10,20 +10,27 @@ independently on each side. Equal to the official ``trainers/independentVL.py`` 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin
+from ..config import ConfigMixin, RunConfig
+from . import Method, register
+from .base import Shots
 from .deep_prompts import (DeepPromptModel, Prompts, Recipe, build_seeded, check_count, check_number, check_towers,
-                           fit_deep_prompts, initial_context)
+                           fit_deep_prompts, initial_context, load_tensors)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
     from ..config import TrainConfig
-    from ..data import Dataset
+
+
+NAME = "ivlp"
+#: The run file holding the learned prompts (every method of this family).
+PROMPTS_FILE = "prompts.safetensors"
 
 
 @dataclass
@@ -62,7 +69,7 @@ class IVLPConfig(ConfigMixin):
         return Recipe(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size)
 
 
-def check_backbone(backbone: "Backbone", config: IVLPConfig, method: str = "ivlp") -> None:
+def check_backbone(backbone: "Backbone", config: IVLPConfig, method: str = NAME) -> None:
     """Refuse, in one line, a family or a depth IVLP cannot prompt."""
     check_towers(backbone.model, method, config.prompt_depth_text, config.prompt_depth_vision)
 
@@ -82,13 +89,12 @@ class IVLPModel(DeepPromptModel):
         vision_deep: ``(prompt_depth_vision - 1, n_ctx_vision, vision_width)``: image layers 1.., or None.
     """
 
-    method = "ivlp"
+    method = NAME
 
     def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: IVLPConfig) -> None:
         check_backbone(backbone, config, self.method)
         prefix_text, ctx = initial_context(backbone, config.n_ctx_text, config.ctx_init)
-        super().__init__(backbone, classnames, prefix_text, config.n_ctx_text)
-        self.config = config
+        super().__init__(backbone, classnames, prefix_text, config.n_ctx_text, config)
         device = ctx.device
         text_width = ctx.shape[1]
         self.ctx = nn.Parameter(ctx)
@@ -129,12 +135,58 @@ def _stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))  # (J - 1, n, width)
 
 
-def fit(backbone: "Backbone", train_set: "Dataset", config: IVLPConfig, train: "TrainConfig", *,
+def fit(backbone: "Backbone", shots: Shots, config: IVLPConfig, train: "TrainConfig", *,
         progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
         **_: Any) -> tuple[IVLPModel, dict[str, Any]]:
-    """Train IVLP on ``train.shots`` images per class of ``train_set`` with the official recipe
+    """Train IVLP on the few-shot sample ``shots`` with the official recipe
     (``config.lr`` / ``epochs`` / ``batch_size``; ``train`` gives shots, seed, momentum, weight decay, warm-up,
     augmentation and precision). Returns the fitted model and the training metrics."""
-    model = build_seeded(IVLPModel, backbone, train_set.classnames, config, train.seed)
-    metrics = fit_deep_prompts(model, train_set, train, config.recipe, progress=progress, callback=callback)
+    model = build_seeded(IVLPModel, backbone, shots.classnames, config, train.seed)
+    metrics = fit_deep_prompts(model, shots, train, config.recipe, progress=progress, callback=callback)
     return model, metrics
+
+
+def official_config(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> IVLPConfig:
+    """``config`` with the token counts and depths an official IVLP / PromptSRC state dict holds
+    (``ctx_init`` and the recipe stay ``config``'s: the checkpoint does not record them)."""
+    if "prompt_learner.ctx" not in state_dict:
+        raise ValueError("no 'prompt_learner.ctx' in the checkpoint; not an IVLP / PromptSRC checkpoint")
+    n_text = int(state_dict["prompt_learner.ctx"].shape[0])
+
+    def depth(prefix: str) -> int:
+        layers = [k for k in state_dict if k.startswith(prefix) and k.endswith(".VPT_shallow")]
+        return len(layers) + 1
+
+    vision = "image_encoder.VPT" in state_dict
+    return dataclasses.replace(
+        config, n_ctx_text=n_text, prompt_depth_text=depth("text_encoder.transformer.resblocks."),
+        n_ctx_vision=int(state_dict["image_encoder.VPT"].shape[0]) if vision else 0,
+        prompt_depth_vision=depth("image_encoder.transformer.resblocks.") if vision else 0)
+
+
+def build(backbone: "Backbone", config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> IVLPModel:
+    """A saved IVLP run again: its settings and prompts over its class names."""
+    cfg = IVLPConfig.from_dict(config.method_config or {})
+    return load_tensors(build_seeded(IVLPModel, backbone, config.classnames, cfg, 0), tensors)
+
+
+def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
+                    config: IVLPConfig) -> IVLPModel:
+    """The official IVLP trainer's weights (its whole ``CustomCLIP`` state dict) as a fitted model; the token
+    counts and depths are read from the tensors, ``config.ctx_init`` must be the run's ``CTX_INIT``."""
+    cfg = official_config(state_dict, config)
+    model = build_seeded(IVLPModel, backbone, classnames, cfg, 0)
+    return load_tensors(model, from_official(state_dict, cfg))
+
+
+register(Method(
+    name=NAME,
+    summary="IVLP: independent deep prompts in the first layers of the image and text encoders",
+    build=build,
+    config=IVLPConfig,
+    tensors_file=PROMPTS_FILE,
+    fit=fit,
+    importer=import_official,
+    protocols=("fewshot", "base2new", "shift"),
+    check_backbone=check_backbone,
+))

@@ -18,14 +18,19 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import ConfigMixin
+from ..config import ConfigMixin, RunConfig
+from . import Method, register
+from .base import Shots
+from .ivlp import PROMPTS_FILE
 from .deep_prompts import (DeepPromptModel, Prompts, Recipe, build_seeded, check_count, check_number, check_towers,
-                           fit_deep_prompts, initial_context)
+                           fit_deep_prompts, initial_context, load_tensors)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
     from ..config import TrainConfig
-    from ..data import Dataset
+
+
+NAME = "maple"
 
 
 @dataclass
@@ -58,7 +63,7 @@ class MaPLeConfig(ConfigMixin):
 
 def check_backbone(backbone: "Backbone", config: MaPLeConfig) -> None:
     """Refuse, in one line, a family or a depth MaPLe cannot prompt."""
-    check_towers(backbone.model, "maple", config.prompt_depth, config.prompt_depth)
+    check_towers(backbone.model, NAME, config.prompt_depth, config.prompt_depth)
 
 
 class MaPLeModel(DeepPromptModel):
@@ -73,13 +78,12 @@ class MaPLeModel(DeepPromptModel):
             (``compound_prompt_projections``; all start as copies of one initialisation, as there).
     """
 
-    method = "maple"
+    method = NAME
 
     def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: MaPLeConfig) -> None:
         check_backbone(backbone, config)
         prefix_text, ctx = initial_context(backbone, config.n_ctx, config.ctx_init)
-        super().__init__(backbone, classnames, prefix_text, config.n_ctx)
-        self.config = config
+        super().__init__(backbone, classnames, prefix_text, config.n_ctx, config)
         device = ctx.device
         text_width = ctx.shape[1]
         vision_width = backbone.model.visual.transformer.width
@@ -127,12 +131,45 @@ def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> d
     }
 
 
-def fit(backbone: "Backbone", train_set: "Dataset", config: MaPLeConfig, train: "TrainConfig", *,
+def fit(backbone: "Backbone", shots: Shots, config: MaPLeConfig, train: "TrainConfig", *,
         progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
         **_: Any) -> tuple[MaPLeModel, dict[str, Any]]:
-    """Train MaPLe on ``train.shots`` images per class of ``train_set`` with the official recipe
+    """Train MaPLe on the few-shot sample ``shots`` with the official recipe
     (``config.lr`` / ``epochs`` / ``batch_size``; ``train`` gives shots, seed, momentum, weight decay, warm-up,
     augmentation and precision). Returns the fitted model and the training metrics."""
-    model = build_seeded(MaPLeModel, backbone, train_set.classnames, config, train.seed)
-    metrics = fit_deep_prompts(model, train_set, train, config.recipe, progress=progress, callback=callback)
+    model = build_seeded(MaPLeModel, backbone, shots.classnames, config, train.seed)
+    metrics = fit_deep_prompts(model, shots, train, config.recipe, progress=progress, callback=callback)
     return model, metrics
+
+
+def build(backbone: "Backbone", config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> MaPLeModel:
+    """A saved MaPLe run again: its settings and prompts over its class names."""
+    cfg = MaPLeConfig.from_dict(config.method_config or {})
+    return load_tensors(build_seeded(MaPLeModel, backbone, config.classnames, cfg, 0), tensors)
+
+
+def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
+                    config: MaPLeConfig) -> MaPLeModel:
+    """The official MaPLe trainer's weights (its whole ``CustomCLIP`` state dict) as a fitted model; ``n_ctx``
+    and ``prompt_depth`` are read from the tensors, ``config.ctx_init`` must be the run's ``CTX_INIT``."""
+    import dataclasses
+
+    if "prompt_learner.ctx" not in state_dict:
+        raise ValueError("no 'prompt_learner.ctx' in the checkpoint; not a MaPLe checkpoint")
+    depth = 1 + len([k for k in state_dict if k.startswith("prompt_learner.compound_prompts_text.")])
+    cfg = dataclasses.replace(config, n_ctx=int(state_dict["prompt_learner.ctx"].shape[0]), prompt_depth=depth)
+    model = build_seeded(MaPLeModel, backbone, classnames, cfg, 0)
+    return load_tensors(model, from_official(state_dict, cfg))
+
+
+register(Method(
+    name=NAME,
+    summary="MaPLe: deep text prompts and, projected from them, deep image prompts (coupled branches)",
+    build=build,
+    config=MaPLeConfig,
+    tensors_file=PROMPTS_FILE,
+    fit=fit,
+    importer=import_official,
+    protocols=("fewshot", "base2new", "shift"),
+    check_backbone=check_backbone,
+))

@@ -19,19 +19,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .base import Shots, template_features
 from .deep_prompts import build_seeded, check_number, fit_deep_prompts
-from .ivlp import IVLPConfig, IVLPModel
+from ..config import RunConfig
+from . import Method, register
+from .deep_prompts import load_tensors
+from .ivlp import PROMPTS_FILE, IVLPConfig, IVLPModel, from_official, official_config
 from .ivlp import check_backbone as ivlp_check_backbone
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
     from ..config import TrainConfig
-    from ..data import Dataset
+
+
+NAME = "promptsrc"
 
 
 def promptsrc_templates() -> list[str]:
@@ -86,23 +92,21 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 
 def check_backbone(backbone: "Backbone", config: PromptSRCConfig) -> None:
     """Refuse, in one line, a family or a depth PromptSRC cannot prompt."""
-    ivlp_check_backbone(backbone, config, "promptsrc")
+    ivlp_check_backbone(backbone, config, NAME)
     if config.prompt_depth_vision == 0:
-        raise ValueError("promptsrc regularises the prompted image features: prompt_depth_vision must be >= 1")
+        raise ValueError(f"{NAME} regularises the prompted image features: prompt_depth_vision must be >= 1")
 
 
 class PromptSRCModel(IVLPModel):
     """PromptSRC's learned tensors: IVLP's (``ctx``, ``text_deep``, ``vision_ctx``, ``vision_deep``)."""
 
-    method = "promptsrc"
+    method = NAME
 
 
 class SelfRegulation:
     """PromptSRC's three loss terms, against frozen CLIP (its template text features computed once)."""
 
     def __init__(self, model: PromptSRCModel, config: PromptSRCConfig) -> None:
-        from ..classifier import template_features
-
         bb = model.backbone
         self.config = config
         self.model = bb.model
@@ -146,16 +150,44 @@ class GaussianAggregate:
 
 
 
-def fit(backbone: "Backbone", train_set: "Dataset", config: PromptSRCConfig, train: "TrainConfig", *,
+def fit(backbone: "Backbone", shots: Shots, config: PromptSRCConfig, train: "TrainConfig", *,
         progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
         **_: Any) -> tuple[PromptSRCModel, dict[str, Any]]:
-    """Train PromptSRC (cross-entropy + self-regulation, GPA over the epochs) on ``train.shots`` images per
-    class of ``train_set``; the returned model holds the aggregated prompts."""
+    """Train PromptSRC (cross-entropy + self-regulation, GPA over the epochs) on the few-shot sample
+    ``shots``; the returned model holds the aggregated prompts."""
     check_backbone(backbone, config)
-    model = build_seeded(PromptSRCModel, backbone, train_set.classnames, config, train.seed)
+    model = build_seeded(PromptSRCModel, backbone, shots.classnames, config, train.seed)
     regulation = SelfRegulation(model, config)
     gpa = GaussianAggregate(model, config)
-    metrics = fit_deep_prompts(model, train_set, train, config.recipe, extra_loss=regulation, on_epoch_end=gpa,
+    metrics = fit_deep_prompts(model, shots, train, config.recipe, extra_loss=regulation, on_epoch_end=gpa,
                                progress=progress, callback=callback)
     gpa.finish()
     return model, metrics
+
+
+def build(backbone: "Backbone", config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> PromptSRCModel:
+    """A saved PromptSRC run again: its settings and (aggregated) prompts over its class names."""
+    cfg = PromptSRCConfig.from_dict(config.method_config or {})
+    return load_tensors(build_seeded(PromptSRCModel, backbone, config.classnames, cfg, 0), tensors)
+
+
+def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
+                    config: PromptSRCConfig) -> PromptSRCModel:
+    """The official PromptSRC trainer's weights (its whole ``CustomCLIP`` state dict, saved after GPA) as a
+    fitted model; token counts and depths are read from the tensors, ``config.ctx_init`` must be the run's."""
+    cfg = official_config(state_dict, config)
+    model = build_seeded(PromptSRCModel, backbone, classnames, cfg, 0)
+    return load_tensors(model, from_official(state_dict, cfg))
+
+
+register(Method(
+    name=NAME,
+    summary="PromptSRC: IVLP's deep prompts, regularised towards frozen CLIP, averaged over epochs (GPA)",
+    build=build,
+    config=PromptSRCConfig,
+    tensors_file=PROMPTS_FILE,
+    fit=fit,
+    importer=import_official,
+    protocols=("fewshot", "base2new", "shift"),
+    check_backbone=check_backbone,
+))
