@@ -1,0 +1,85 @@
+"""IVLP, MaPLe and PromptSRC through the rest of coopkit: the registry, the command line, export to ONNX,
+refused families."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import coopkit
+from coopkit import methods
+
+SMALL = {
+    "ivlp": dict(n_ctx_vision=2, prompt_depth_text=2, prompt_depth_vision=2, epochs=2),
+    "maple": dict(prompt_depth=2, epochs=2),
+    "promptsrc": dict(prompt_depth_text=2, prompt_depth_vision=2, epochs=2, gpa_mean=2, gpa_std=1),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_registered(name):
+    spec = methods.get(name)
+    assert spec.tensors_file == "prompts.safetensors" and spec.importer is not None
+    assert set(spec.protocols) == {"fewshot", "base2new", "shift"} and not spec.text_graph
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_other_families_are_refused_in_one_line(name):
+    resnet = coopkit.load_backbone("coopkit-tiny", pretrained=None, device="cpu")
+    spec = methods.get(name)
+    with pytest.raises(ValueError) as e:
+        spec.check_backbone(resnet, spec.make_config(SMALL[name]))
+    assert "ModifiedResNet" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_language_only_ivlp_runs_on_a_resnet():
+    resnet = coopkit.load_backbone("coopkit-tiny", pretrained=None, device="cpu")
+    config = methods.get("ivlp").make_config(dict(n_ctx_vision=0, prompt_depth_vision=0, prompt_depth_text=4))
+    methods.get("ivlp").check_backbone(resnet, config)  # the image tower stays as it is
+    with pytest.raises(ValueError, match="text prompt depth 5 exceeds the text transformer's 4 layers"):
+        methods.get("ivlp").check_backbone(resnet, methods.get("ivlp").make_config(
+            dict(n_ctx_vision=0, prompt_depth_vision=0, prompt_depth_text=5)))
+
+
+def test_cli_fits_and_saves_a_run(tiny_config, image_folder, tmp_path):
+    from coopkit.cli import main
+
+    if "--method" not in CliRunner().invoke(main, ["fit", "--help"]).output:
+        pytest.skip("coopkit fit has no --method yet (the core's CLI on the registry)")
+    out = tmp_path / "run"
+    args = ["fit", str(image_folder / "train"), "--method", "ivlp", "--model", str(tiny_config), "--pretrained",
+            "none", "--device", "cpu", "--shots", "2", "--epochs", "1", "--prompt-depth-text", "2",
+            "--prompt-depth-vision", "2", "--out", str(out), "--no-progress"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    clf = coopkit.load(out, device="cpu")
+    assert clf.method == "ivlp" and clf.model.config.prompt_depth_vision == 2
+    res = CliRunner().invoke(main, args[:-3] + ["--prompt-depth-vision", "3", "--out", str(tmp_path / "bad"),
+                                                "--no-progress"])
+    assert res.exit_code != 0 and "vision prompt depth 3 exceeds the image transformer's 2 layers" in res.output
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", ["ivlp", "maple"])
+def test_export_carries_the_deep_prompts(name, tiny_backbone, image_folder, tmp_path):
+    from coopkit.exporters import graphs
+
+    if not hasattr(graphs, "image_encoder"):
+        pytest.skip("the exporter on this branch traces the frozen encode_image; the classifier-interface "
+                    "exporter (wip-export: graphs.image_encoder) exports image_encoder()")
+    from coopkit.exporters import export_onnx
+    from coopkit.runtime.session import cpu_session
+
+    clf = coopkit.fit(image_folder / "train", method=name, backbone=tiny_backbone, shots=2, seed=1, progress=False,
+                      **SMALL[name])
+    report = export_onnx(clf, tmp_path / "m.onnx", "fp32", verify_data=image_folder / "test")
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    sess = cpu_session(report.path)
+    logits = sess.run(None, {sess.get_inputs()[0].name: images})[0]
+    ref = clf.logits(list(images))  # PyTorch, the prompted image encoder
+    np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+    frozen = coopkit.zero_shot(tiny_backbone, clf.classnames)  # the prompts make a difference
+    assert np.abs(clf.image_features(list(images)).numpy() - frozen.image_features(list(images)).numpy()).max() > 1e-3
+    assert torch.equal(torch.as_tensor(clf.class_weights()), clf.model.class_weights())
