@@ -83,3 +83,82 @@ def test_export_carries_the_deep_prompts(name, tiny_backbone, image_folder, tmp_
     frozen = coopkit.zero_shot(tiny_backbone, clf.classnames)  # the prompts make a difference
     assert np.abs(clf.image_features(list(images)).numpy() - frozen.image_features(list(images)).numpy()).max() > 1e-3
     assert torch.equal(torch.as_tensor(clf.class_weights()), clf.model.class_weights())
+
+
+# --- official checkpoints ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_tiny(tmp_path_factory):
+    from reference.harness import load_tiny, openai_config
+
+    return load_tiny(tmp_path_factory.mktemp("official"), "deep-official-tiny", openai_config(layers=4))
+
+
+NAMES = ["red car", "green_apple", "blue sky"]
+
+
+def _dassl_checkpoint(path, model, epoch):
+    """``Dassl SimpleTrainer.save_model``: the registered model's whole state dict, epoch, optimizer, scheduler."""
+    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0035, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, 5.0)
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": model.state_dict(), "epoch": epoch, "optimizer": optim.state_dict(),
+                "scheduler": sched.state_dict(), "val_result": None}, path)
+
+
+@pytest.mark.parametrize("name", ["ivlp", "maple"])
+def test_official_checkpoints_import_with_the_official_logits(name, openai_tiny, tmp_path):
+    """The official trainer's model in its default precision (fp16 CLIP), random prompts, saved as Dassl saves
+    it; imported through the safe unpickler, the logits equal the official module's on the file's weights."""
+    from coopkit.research.compat import import_official, read_official_checkpoint
+    from reference import harness
+
+    bb = openai_tiny
+    spec = methods.get(name)
+    small = dict(n_ctx_text=2, n_ctx_vision=2, prompt_depth_text=3, prompt_depth_vision=2) if name == "ivlp" \
+        else dict(n_ctx=2, prompt_depth=3)
+    config = spec.make_config(small)
+    torch.manual_seed(0)
+    from coopkit.methods.ivlp import IVLPModel
+    from coopkit.methods.maple import MaPLeModel
+
+    ours = (IVLPModel if name == "ivlp" else MaPLeModel)(bb, NAMES, config)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape) * 0.05)
+    make = harness.official_ivlp if name == "ivlp" else harness.official_maple
+    copy = harness.copy_into_official_ivlp if name == "ivlp" else harness.copy_into_official_maple
+    official = make(bb, config, NAMES, fp16=True)
+    copy(ours, official)
+    official.prompt_learner.ctx.data = official.prompt_learner.ctx.data.half()  # fp16, as in their trainer
+    folder = {"ivlp": "VLPromptLearner", "maple": "MultiModalPromptLearner"}[name]
+    path = tmp_path / "output" / folder / "model.pth.tar-5"
+    _dassl_checkpoint(path, official, 5)
+    assert read_official_checkpoint(path).method == name
+    clf = import_official(path, NAMES, backbone=bb)
+    assert clf.method == name and clf.config.metrics["official_epoch"] == 5
+    reference = make(bb, config, NAMES)  # fp32, loaded from the file's state dict (MaPLe: its widths first)
+    copy(ours, reference)
+    reference.load_state_dict(torch.load(path, weights_only=False)["state_dict"], strict=False)
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), harness.half_casts_off():
+        expected = reference.eval()(pixels)
+        got = clf.model.logits(pixels)
+    assert harness.rel(got, expected) <= 1e-5
+    clf.save(tmp_path / "run")
+    assert coopkit.load(tmp_path / "run", backbone=bb).method == name
+
+
+def test_official_checkpoint_on_other_weights_is_refused(openai_tiny, tmp_path):
+    from coopkit.research.compat import import_official
+    from reference import harness
+
+    config = methods.get("ivlp").make_config(dict(prompt_depth_text=2, prompt_depth_vision=2))
+    official = harness.official_ivlp(openai_tiny, config, NAMES, fp16=True)
+    with torch.no_grad():
+        official.image_encoder.conv1.weight.mul_(1.5)
+    path = tmp_path / "VLPromptLearner" / "model.pth.tar-5"
+    _dassl_checkpoint(path, official, 5)
+    with pytest.raises(ValueError, match=r"\(IVLP\): its frozen CLIP weights \(image_encoder.conv1.weight\) differ"):
+        import_official(path, NAMES, backbone=openai_tiny)

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from coopkit.methods.ivlp import IVLPConfig, IVLPModel, from_official
-from reference import ivlp_official
-from reference.harness import cfg, half_casts_off, load_tiny, official_clip, openai_config, rel, set_param
+from reference.harness import copy_into_official_ivlp, half_casts_off, load_tiny, official_ivlp, openai_config, rel
 
 NAMES = ["red car", "green_apple", "blue sky", "yellow submarine", "dog"]
 TOL = 1e-5
@@ -30,30 +29,6 @@ CONFIGS = [
     dict(n_ctx_text=4, n_ctx_vision=0, prompt_depth_text=12, prompt_depth_vision=0),
     dict(n_ctx_text=4, n_ctx_vision=4, prompt_depth_text=9, prompt_depth_vision=9),
 ]
-
-
-def official_ivlp(bb, config: IVLPConfig, quick: bool):
-    design = {"trainer": "IVLP", "vision_depth": config.prompt_depth_vision, "language_depth": config.prompt_depth_text,
-              "vision_ctx": config.n_ctx_vision, "language_ctx": config.n_ctx_text}
-    clip = official_clip(bb.model, design, quick)
-    c = cfg("IVLP", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init or "",
-            PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision)
-    model = ivlp_official.CustomCLIP(c, NAMES, clip)
-    for name, p in model.named_parameters():  # as the official trainer: only prompt tensors learn
-        p.requires_grad_("prompt_learner" in name or "VPT" in name)
-    return model
-
-
-def copy_into_official(ours: IVLPModel, official) -> None:
-    """Our (randomised) tensors into the official module, under its own names."""
-    cfg_ = ours.config
-    set_param(official, "prompt_learner.ctx", ours.ctx)
-    for i in range(1, cfg_.prompt_depth_text):
-        set_param(official, f"text_encoder.transformer.resblocks.{i}.VPT_shallow", ours.text_deep[i - 1])
-    if cfg_.prompt_depth_vision:
-        set_param(official, "image_encoder.VPT", ours.vision_ctx)
-        for i in range(1, cfg_.prompt_depth_vision):
-            set_param(official, f"image_encoder.transformer.resblocks.{i}.VPT_shallow", ours.vision_deep[i - 1])
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -100,10 +75,10 @@ def test_equals_the_official_ivlp(backbones, settings, quick):
     config = IVLPConfig(**settings)
     torch.manual_seed(0)
     ours = IVLPModel(bb, NAMES, config)
-    official = official_ivlp(bb, config, quick)
+    official = official_ivlp(bb, config, NAMES, quick)
     torch.testing.assert_close(ours.ctx.detach(), official.prompt_learner.ctx.detach().float())  # same init words
     randomise(ours, seed=1)
-    copy_into_official(ours, official)
+    copy_into_official_ivlp(ours, official)
     diffs = compare(ours, official, bb)
     assert max(diffs.values()) <= TOL, diffs
     grads = {"ctx": (ours.ctx.grad, official.prompt_learner.ctx.grad)}

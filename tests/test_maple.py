@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from coopkit.methods.maple import MaPLeConfig, MaPLeModel, from_official
-from reference import maple_official
-from reference.harness import cfg, half_casts_off, load_tiny, official_clip, openai_config, rel, set_param
+from reference.harness import copy_into_official_maple, half_casts_off, load_tiny, official_maple, openai_config, rel
 
 NAMES = ["red car", "green_apple", "blue sky", "yellow submarine", "dog"]
 TOL = 1e-5
@@ -23,30 +22,6 @@ def backbones(tmp_path_factory):
             for quick in (True, False)}
 
 
-def official_maple(bb, config: MaPLeConfig, quick: bool):
-    design = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0,
-              "maple_length": config.n_ctx}
-    clip = official_clip(bb.model, design, quick)
-    c = cfg("MAPLE", N_CTX=config.n_ctx, CTX_INIT=config.ctx_init or "", PROMPT_DEPTH=config.prompt_depth)
-    model = maple_official.CustomCLIP(c, NAMES, clip)
-    for name, p in model.named_parameters():
-        p.requires_grad_("prompt_learner" in name)
-    return model
-
-
-def copy_into_official(ours: MaPLeModel, official) -> None:
-    """Our tensors into the official learner under its names. Its projections are built for ViT-B/16's widths
-    (512 -> 768, hard-coded); the copies carry this model's widths, and its forward code runs unchanged."""
-    pre = "prompt_learner."
-    set_param(official, pre + "ctx", ours.ctx)
-    set_param(official, pre + "proj.weight", ours.proj.weight)
-    set_param(official, pre + "proj.bias", ours.proj.bias)
-    for i in range(ours.config.prompt_depth - 1):
-        set_param(official, f"{pre}compound_prompts_text.{i}", ours.text_deep[i])
-        set_param(official, f"{pre}compound_prompt_projections.{i}.weight", ours.deep_proj_weight[i])
-        set_param(official, f"{pre}compound_prompt_projections.{i}.bias", ours.deep_proj_bias[i])
-
-
 @pytest.mark.parametrize("quick", [True, False], ids=["quickgelu", "gelu"])
 @pytest.mark.parametrize("depth", [9, 3], ids=["depth9", "depth3-cross-dataset"])
 def test_equals_the_official_maple(backbones, depth, quick):
@@ -56,7 +31,7 @@ def test_equals_the_official_maple(backbones, depth, quick):
     config = MaPLeConfig(n_ctx=2, prompt_depth=depth)
     torch.manual_seed(0)
     ours = MaPLeModel(bb, NAMES, config)
-    official = official_maple(bb, config, quick)
+    official = official_maple(bb, config, NAMES, quick)
     torch.testing.assert_close(ours.ctx.detach(), official.prompt_learner.ctx.detach().float())  # same init words
     if depth > 2:  # the deeper projections start equal (official: deep copies of one Linear)
         assert torch.equal(ours.deep_proj_weight[0], ours.deep_proj_weight[1])
@@ -64,7 +39,7 @@ def test_equals_the_official_maple(backbones, depth, quick):
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    copy_into_official(ours, official)
+    copy_into_official_maple(ours, official)
 
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 4, 2])

@@ -82,7 +82,7 @@ def pairs(ours: PromptSRCModel, official):
     dict(prompt_depth_text=9, prompt_depth_vision=9, gpa_mean=2, gpa_std=1),  # base-to-new (GPA shifted to 3 epochs)
     dict(prompt_depth_text=3, prompt_depth_vision=3, gpa_mean=6, gpa_std=10),  # cross-dataset
 ], ids=["4+4ctx-d9", "4+4ctx-d3"])
-def test_training_steps_and_gpa_equal_the_official_trainer(backbone, settings, monkeypatch):
+def test_training_steps_and_gpa_equal_the_official_trainer(backbone, settings, monkeypatch, tmp_path):
     epochs = 3
     config = PromptSRCConfig(epochs=epochs, **settings)
     torch.manual_seed(0)
@@ -132,6 +132,18 @@ def test_training_steps_and_gpa_equal_the_official_trainer(backbone, settings, m
     named = dict(official.named_parameters())
     worst = {name: rel(t, named[name]) for t, name in pairs(ours, official)}
     assert max(worst.values()) <= TOL, worst
+    # the trainer's checkpoint (Dassl saves the whole CustomCLIP, ZS_image_encoder included) imports
+    from coopkit.research.compat import import_official
+
+    path = tmp_path / "VLPromptLearner" / "model.pth.tar-3"
+    path.parent.mkdir()
+    torch.save({"state_dict": official.state_dict(), "epoch": epochs, "optimizer": trainer.optim.state_dict(),
+                "scheduler": None, "val_result": None}, path)
+    clf = import_official(path, NAMES, backbone=backbone)
+    assert clf.method == "promptsrc" and clf.model.config.prompt_depth_vision == config.prompt_depth_vision
+    pixels = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad(), half_casts_off():
+        assert rel(clf.model.logits(pixels), official.eval()(pixels)) <= TOL
 
 
 def test_gpa_weights_follow_the_gaussian():

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from reference import mpl_clip_model
+from reference import ivlp_official, maple_official, mpl_clip_model
 
 
 def openai_config(vision_width: int = 192, text_width: int = 128, layers: int = 12, quick_gelu: bool = True) -> dict:
@@ -41,12 +41,13 @@ def load_tiny(tmp: Path, name: str, cfg: dict):
     return bb
 
 
-def official_clip(model: nn.Module, design_details: dict, quick_gelu: bool = True) -> nn.Module:
+def official_clip(model: nn.Module, design_details: dict, quick_gelu: bool = True, fp16: bool = False) -> nn.Module:
     """The official ``clip.build_model`` on the open_clip model's state dict, in float32 (as their trainer's
-    ``clip_model.float()`` for PREC fp32/amp). For a GELU family the official QuickGELU is replaced by
+    ``clip_model.float()`` for PREC fp32/amp; ``fp16=True``: as built, for PREC fp16). For a GELU family the official QuickGELU is replaced by
     ``nn.GELU`` (the only difference between the two architectures)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    clip = mpl_clip_model.build_model(state, design_details).float()
+    clip = mpl_clip_model.build_model(state, design_details)
+    clip = clip if fp16 else clip.float()
     if not quick_gelu:
         for mod in clip.modules():
             if isinstance(getattr(mod, "mlp", None), nn.Sequential):
@@ -87,3 +88,53 @@ def set_param(module: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     setattr(owner, leaf, nn.Parameter(value.detach().float().clone()))
+
+
+def official_ivlp(bb, config, names, quick: bool = True, fp16: bool = False):
+    """The official IVLP CustomCLIP on the backbone's weights (``fp16``: as their default PREC leaves it)."""
+    design = {"trainer": "IVLP", "vision_depth": config.prompt_depth_vision, "language_depth": config.prompt_depth_text,
+              "vision_ctx": config.n_ctx_vision, "language_ctx": config.n_ctx_text}
+    clip = official_clip(bb.model, design, quick, fp16)
+    c = cfg("IVLP", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init or "",
+            PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision)
+    model = ivlp_official.CustomCLIP(c, names, clip)
+    for name, p in model.named_parameters():  # as the official trainer: only prompt tensors learn
+        p.requires_grad_("prompt_learner" in name or "VPT" in name)
+    return model
+
+
+def copy_into_official_ivlp(ours, official) -> None:
+    """Our (randomised) tensors into the official module, under its own names."""
+    cfg_ = ours.config
+    set_param(official, "prompt_learner.ctx", ours.ctx)
+    for i in range(1, cfg_.prompt_depth_text):
+        set_param(official, f"text_encoder.transformer.resblocks.{i}.VPT_shallow", ours.text_deep[i - 1])
+    if cfg_.prompt_depth_vision:
+        set_param(official, "image_encoder.VPT", ours.vision_ctx)
+        for i in range(1, cfg_.prompt_depth_vision):
+            set_param(official, f"image_encoder.transformer.resblocks.{i}.VPT_shallow", ours.vision_deep[i - 1])
+
+
+def official_maple(bb, config, names, quick: bool = True, fp16: bool = False):
+    """The official MaPLe CustomCLIP on the backbone's weights (``fp16``: as their default PREC leaves it)."""
+    design = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0,
+              "maple_length": config.n_ctx}
+    clip = official_clip(bb.model, design, quick, fp16)
+    c = cfg("MAPLE", N_CTX=config.n_ctx, CTX_INIT=config.ctx_init or "", PROMPT_DEPTH=config.prompt_depth)
+    model = maple_official.CustomCLIP(c, names, clip)
+    for name, p in model.named_parameters():
+        p.requires_grad_("prompt_learner" in name)
+    return model
+
+
+def copy_into_official_maple(ours, official) -> None:
+    """Our tensors into the official learner under its names. Its projections are built for ViT-B/16's widths
+    (512 -> 768, hard-coded); the copies carry this model's widths, and its forward code runs unchanged."""
+    pre = "prompt_learner."
+    set_param(official, pre + "ctx", ours.ctx)
+    set_param(official, pre + "proj.weight", ours.proj.weight)
+    set_param(official, pre + "proj.bias", ours.proj.bias)
+    for i in range(ours.config.prompt_depth - 1):
+        set_param(official, f"{pre}compound_prompts_text.{i}", ours.text_deep[i])
+        set_param(official, f"{pre}compound_prompt_projections.{i}.weight", ours.deep_proj_weight[i])
+        set_param(official, f"{pre}compound_prompt_projections.{i}.bias", ours.deep_proj_bias[i])
