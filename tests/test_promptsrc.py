@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from coopkit.methods.promptsrc import (GaussianAggregate, PromptSRCConfig, PromptSRCModel, SelfRegulation, gpa_weights,
                                        promptsrc_templates)
-from reference import promptsrc_official
-from reference.harness import cfg, half_casts_off, load_tiny, official_clip, openai_config, rel, set_param
+from reference.harness import half_casts_off, load_tiny, official_promptsrc, openai_config, promptsrc_shims, rel, set_param
 from reference.promptsrc_templates import IMAGENET_TEMPLATES
 
 NAMES = ["red car", "green_apple", "blue sky", "yellow submarine", "dog"]
@@ -29,44 +28,6 @@ def test_templates_are_the_official_sixty():
     assert promptsrc_templates() == IMAGENET_TEMPLATES
 
 
-def official_promptsrc(bb, config: PromptSRCConfig, epochs: int, monkeypatch):
-    """The official CustomCLIP and its trainer's step. Their learner loads CLIP from OpenAI's URL and moves the
-    frozen model to CUDA: here both CLIP copies are built from the test weights and ``.cuda()`` is a no-op."""
-    def load(c, zero_shot_model=False):
-        if zero_shot_model:
-            design = {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
-        else:
-            design = {"trainer": "IVLP", "vision_depth": config.prompt_depth_vision,
-                      "language_depth": config.prompt_depth_text, "vision_ctx": config.n_ctx_vision,
-                      "language_ctx": config.n_ctx_text}
-        return official_clip(bb.model, design)
-
-    monkeypatch.setattr(promptsrc_official, "load_clip_to_cpu", load)
-    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
-    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a, **k: self)
-    c = cfg("PROMPTSRC", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init,
-            PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision,
-            TEXT_LOSS_WEIGHT=config.text_loss_weight, IMAGE_LOSS_WEIGHT=config.image_loss_weight,
-            GPA_MEAN=config.gpa_mean, GPA_STD=config.gpa_std, PREC="fp32")
-    c.OPTIM.MAX_EPOCH = epochs
-    model = promptsrc_official.CustomCLIP(c, NAMES, load(c))
-    for name, p in model.named_parameters():  # as their build_model
-        p.requires_grad_(("prompt_learner" in name and "ZS_image_encoder" not in name) or "VPT" in name)
-    trainer = promptsrc_official.PromptSRC()
-    trainer.cfg, trainer.model, trainer.scaler, trainer.device = c, model, None, "cpu"
-    trainer.optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9,
-                                    weight_decay=5e-4)
-    trainer.update_lr = lambda: None
-    trainer.batch_idx, trainer.num_batches = 0, 1  # one batch per epoch: every step ends an epoch (GPA)
-    # their build_model's GPA set-up
-    trainer.step_counter = 1
-    gauss = trainer.get_gauss(c.TRAINER.PROMPTSRC.GPA_MEAN, c.TRAINER.PROMPTSRC.GPA_STD)
-    trainer.gauss = np.array([gauss(a) for a in range(1, epochs + 1)])
-    trainer.gauss = trainer.gauss / sum(trainer.gauss)
-    trainer.previous_model_gpa = None
-    return trainer
-
-
 def pairs(ours: PromptSRCModel, official):
     """(our tensor, official parameter name) for every learned tensor."""
     c = ours.config
@@ -82,12 +43,13 @@ def pairs(ours: PromptSRCModel, official):
     dict(prompt_depth_text=9, prompt_depth_vision=9, gpa_mean=2, gpa_std=1),  # base-to-new (GPA shifted to 3 epochs)
     dict(prompt_depth_text=3, prompt_depth_vision=3, gpa_mean=6, gpa_std=10),  # cross-dataset
 ], ids=["4+4ctx-d9", "4+4ctx-d3"])
-def test_training_steps_and_gpa_equal_the_official_trainer(backbone, settings, monkeypatch, tmp_path):
+def test_training_steps_and_gpa_equal_the_official_trainer(backbone, settings, tmp_path):
     epochs = 3
     config = PromptSRCConfig(epochs=epochs, **settings)
     torch.manual_seed(0)
     ours = PromptSRCModel(backbone, NAMES, config)
-    trainer = official_promptsrc(backbone, config, epochs, monkeypatch)
+    with promptsrc_shims(backbone, config):
+        trainer = official_promptsrc(backbone, config, NAMES, epochs, LR)
     official = trainer.model
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -108,7 +70,7 @@ def test_training_steps_and_gpa_equal_the_official_trainer(backbone, settings, m
         pixels = torch.randn(4, 3, 32, 32, generator=gen)
         labels = torch.tensor([0, 4, 2, 1])
         official.train()
-        with half_casts_off():
+        with half_casts_off(), promptsrc_shims(backbone, config):
             summary = trainer.forward_backward({"img": pixels, "label": labels})
         ours.train()
         p = ours.prompts()

@@ -395,6 +395,35 @@ class Recipe:
 ExtraLoss = Callable[..., torch.Tensor]
 
 
+def training_step(model: DeepPromptModel, pixels: torch.Tensor, labels: torch.Tensor,
+                  optimizer: torch.optim.Optimizer, *, extra_loss: Optional[ExtraLoss] = None,
+                  precision: str = "auto", where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """One step: the prompted logits of ``pixels (b, 3, H, W)``, cross-entropy (+ ``extra_loss``), backward,
+    the optimizer's step. Returns the loss and the logits ``(b, n_cls)`` (detached).
+
+    Raises:
+        RuntimeError: the loss is NaN or infinite (``where`` says when; nothing is stepped).
+    """
+    bb = model.backbone
+    with autocast_for(bb.device, precision):
+        p = model.prompts()
+        img = model.image_features(pixels, p)  # (b, D)
+        text = model.text_features(p)  # (n_cls, D)
+        logits = bb.model.logit_scale.exp().float() * img @ text.T  # (b, n_cls)
+        if bb.logit_bias is not None:
+            logits = logits + bb.logit_bias
+        loss = F.cross_entropy(logits, labels)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, pixels, logits, img, text)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training loss became {loss.item()} at {where or 'a step'}; lower lr or use "
+                           "precision='fp32'")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
 def train_deep_prompts(
     model: DeepPromptModel,
     images: Sequence[Any],
@@ -441,22 +470,9 @@ def train_deep_prompts(
             idx = order[start : start + bs]
             pixels = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)  # (b, 3, H, W)
             y = labels[idx].to(device)
-            with autocast_for(device, train.precision):
-                p = model.prompts()
-                img = model.image_features(pixels, p)  # (b, D)
-                text = model.text_features(p)  # (n_cls, D)
-                logits = bb.model.logit_scale.exp().float() * img @ text.T  # (b, n_cls)
-                if bb.logit_bias is not None:
-                    logits = logits + bb.logit_bias
-                loss = F.cross_entropy(logits, y)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model, pixels, logits, img, text)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training loss became {loss.item()} at epoch {epoch + 1}/{recipe.epochs}; "
-                                   f"lower lr (now {lr:g}) or use precision='fp32'")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, logits = training_step(model, pixels, y, optimizer, extra_loss=extra_loss,
+                                         precision=train.precision,
+                                         where=f"epoch {epoch + 1}/{recipe.epochs} (lr {lr:g})")
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)

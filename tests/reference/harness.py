@@ -138,3 +138,60 @@ def copy_into_official_maple(ours, official) -> None:
         set_param(official, f"{pre}compound_prompts_text.{i}", ours.text_deep[i])
         set_param(official, f"{pre}compound_prompt_projections.{i}.weight", ours.deep_proj_weight[i])
         set_param(official, f"{pre}compound_prompt_projections.{i}.bias", ours.deep_proj_bias[i])
+
+
+@contextlib.contextmanager
+def promptsrc_shims(bb, config) -> Iterator[None]:
+    """What the official PromptSRC learner needs to run here: it loads CLIP from OpenAI's URL (both copies are
+    built from ``bb``'s weights instead) and moves the frozen model to CUDA (``.cuda()`` is a no-op on a
+    machine without one; on a GPU the models are moved by the caller)."""
+    from reference import promptsrc_official
+
+    def load(c, zero_shot_model=False):
+        if zero_shot_model:
+            design = {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
+        else:
+            design = {"trainer": "IVLP", "vision_depth": config.prompt_depth_vision,
+                      "language_depth": config.prompt_depth_text, "vision_ctx": config.n_ctx_vision,
+                      "language_ctx": config.n_ctx_text}
+        return official_clip(bb.model, design)
+
+    saved = (promptsrc_official.load_clip_to_cpu, torch.Tensor.cuda, nn.Module.cuda)
+    promptsrc_official.load_clip_to_cpu = load
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+        nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        promptsrc_official.load_clip_to_cpu, torch.Tensor.cuda, nn.Module.cuda = saved  # type: ignore[method-assign]
+
+
+def official_promptsrc(bb, config, names, epochs: int, lr: float = 0.0025):
+    """The official PromptSRC CustomCLIP and its trainer (run inside :func:`promptsrc_shims`), fp32, one batch
+    per epoch (every ``forward_backward`` ends an epoch: GPA), the learning rate held at ``lr``."""
+    import numpy as np
+
+    from reference import promptsrc_official
+
+    c = cfg("PROMPTSRC", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init,
+            PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision,
+            TEXT_LOSS_WEIGHT=config.text_loss_weight, IMAGE_LOSS_WEIGHT=config.image_loss_weight,
+            GPA_MEAN=config.gpa_mean, GPA_STD=config.gpa_std, PREC="fp32")
+    c.OPTIM.MAX_EPOCH = epochs
+    model = promptsrc_official.CustomCLIP(c, names, promptsrc_official.load_clip_to_cpu(c))
+    for name, p in model.named_parameters():  # as their build_model
+        p.requires_grad_(("prompt_learner" in name and "ZS_image_encoder" not in name) or "VPT" in name)
+    trainer = promptsrc_official.PromptSRC()
+    trainer.cfg, trainer.model, trainer.scaler, trainer.device = c, model, None, "cpu"
+    trainer.optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                                    weight_decay=5e-4)
+    trainer.update_lr = lambda: None
+    trainer.batch_idx, trainer.num_batches = 0, 1
+    # their build_model's GPA set-up
+    trainer.step_counter = 1
+    gauss = trainer.get_gauss(c.TRAINER.PROMPTSRC.GPA_MEAN, c.TRAINER.PROMPTSRC.GPA_STD)
+    trainer.gauss = np.array([gauss(a) for a in range(1, epochs + 1)])
+    trainer.gauss = trainer.gauss / sum(trainer.gauss)
+    trainer.previous_model_gpa = None
+    return trainer
