@@ -162,3 +162,40 @@ def test_official_checkpoint_on_other_weights_is_refused(openai_tiny, tmp_path):
     _dassl_checkpoint(path, official, 5)
     with pytest.raises(ValueError, match=r"\(IVLP\): its frozen CLIP weights \(image_encoder.conv1.weight\) differ"):
         import_official(path, NAMES, backbone=openai_tiny)
+
+
+# --- other open_clip families (shrunken configs of coopkit.research.families) ------------------------
+
+
+@pytest.mark.parametrize("family", ["ViT-B-16", "ViT-L-14-CLIPA", "ViT-H-14-worldwide"])
+def test_families_beyond_openai_clip(family, tmp_path):
+    """LAION-style GELU ViT, CLIPA (BERT tokenizer, bidirectional text pooled last, average-pooled image
+    tower) and MetaCLIP 2 (XLM-V tokenizer, pooled at </s>): the text side with the context at the input
+    equals the model's own encode_text of the words; a fit, the exported encoder and the head agree."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from coopkit.methods.ivlp import IVLPConfig, IVLPModel
+    from coopkit.research.families import CHECK_NAMES, build_family
+
+    config_path, tok = build_family(family, tmp_path / "family")
+    bb = coopkit.load_backbone(str(config_path), pretrained=None, device="cpu", tokenizer=str(tok) if tok else None)
+    model = IVLPModel(bb, CHECK_NAMES, IVLPConfig(n_ctx_text=4, prompt_depth_text=1, n_ctx_vision=2,
+                                                  prompt_depth_vision=1))
+    names = [n.replace("_", " ") for n in CHECK_NAMES]
+    with torch.no_grad():
+        own = F.normalize(bb.model.encode_text(bb.tokenizer([f"a photo of a {n}." for n in names])).float(), dim=-1)
+        assert float((model.text_features() - own).abs().max()) <= 1e-5
+    from coopkit.embedded.world import write_task
+
+    data = write_task("colors", tmp_path / "data", shots_per_class=2, test_per_class=1, size=32)
+    for name in ("ivlp", "maple", "promptsrc"):
+        small = {"ivlp": dict(n_ctx_vision=2, prompt_depth_text=1, prompt_depth_vision=1),
+                 "maple": dict(prompt_depth=1),
+                 "promptsrc": dict(prompt_depth_text=1, prompt_depth_vision=1, gpa_mean=1, gpa_std=1)}[name]
+        clf = coopkit.fit(data / "train", method=name, backbone=bb, shots=2, epochs=1, progress=False, **small)
+        images = sorted((data / "test").rglob("*.png"))
+        pixels = torch.stack([bb.preprocess(Image.open(p).convert("RGB")) for p in images])
+        with torch.no_grad():
+            feats = F.normalize(clf.image_encoder()(pixels), dim=-1)
+            np.testing.assert_allclose(clf.head()(feats).numpy(), clf.logits(images), atol=1e-4, rtol=0)

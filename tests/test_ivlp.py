@@ -167,17 +167,18 @@ def test_fit_save_load_and_export_parts(tiny_backbone, image_folder, tmp_path):
 
 
 def test_a_saved_run_with_wrong_tensors_is_refused(tiny_backbone):
+    from coopkit import methods
     from coopkit.config import RunConfig
-    from coopkit.methods import ivlp
+    from coopkit.methods.deep_prompts import build_seeded
 
     config = RunConfig(method="ivlp", classnames=NAMES, method_config=IVLPConfig(
         prompt_depth_text=2, prompt_depth_vision=2).to_dict(), **tiny_backbone.run_fields())
-    good = ivlp.build_seeded(IVLPModel, tiny_backbone, NAMES, IVLPConfig(prompt_depth_text=2, prompt_depth_vision=2), 0)
+    good = build_seeded(IVLPModel, tiny_backbone, NAMES, IVLPConfig(prompt_depth_text=2, prompt_depth_vision=2), 0)
     tensors = good.state()
-    assert torch.equal(ivlp.build(tiny_backbone, config, tensors).state()["ctx"], tensors["ctx"])
+    assert torch.equal(methods.get("ivlp").build(tiny_backbone, config, tensors).state()["ctx"], tensors["ctx"])
     with pytest.raises(ValueError, match="must hold the tensors"):
-        ivlp.build(tiny_backbone, config, {k: v for k, v in tensors.items() if k != "vision_ctx"})
+        methods.get("ivlp").build(tiny_backbone, config, {k: v for k, v in tensors.items() if k != "vision_ctx"})
     with pytest.raises(ValueError, match="do not fit the backbone"):
-        ivlp.build(tiny_backbone, config, {**tensors, "text_deep": torch.zeros(3, 2, 64)})
+        methods.get("ivlp").build(tiny_backbone, config, {**tensors, "text_deep": torch.zeros(3, 2, 64)})
     with pytest.raises(ValueError, match="NaN or infinite"):
-        ivlp.build(tiny_backbone, config, {**tensors, "ctx": torch.full_like(tensors["ctx"], float("nan"))})
+        methods.get("ivlp").build(tiny_backbone, config, {**tensors, "ctx": torch.full_like(tensors["ctx"], float("nan"))})

@@ -44,13 +44,17 @@ from ..features import autocast_for
 from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
 from ..runtime.tokenizer import token_layout
+from . import Method, register
 from .base import MethodModel, Shots, logit_scale, seed_everything
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..config import TrainConfig
+    from ..config import RunConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
+
+#: The run file holding the learned prompts (every method of this family).
+PROMPTS_FILE = "prompts.safetensors"
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -532,6 +536,35 @@ def fit_deep_prompts(
     logger.info("%s: fitted %d classes in %.1fs: train accuracy %.3f", model.method, len(model.classnames),
                 metrics["seconds"], metrics["train_accuracy"])
     return metrics
+
+
+def register_method(name: str, summary: str, model_cls: type, config_cls: type,
+                    official_config: Callable[[dict[str, torch.Tensor], Any], Any],
+                    from_official: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]],
+                    check_backbone: Callable[..., None], fit: Optional[Callable[..., Any]] = None) -> Method:
+    """Register a deep-prompt method: ``model_cls(backbone, classnames, config)`` holds its tensors,
+    ``official_config(state_dict, config)`` reads token counts and depths from an official checkpoint and
+    ``from_official(state_dict, config)`` maps its tensors to ours; ``fit`` defaults to the cross-entropy
+    recipe (:func:`fit_deep_prompts`)."""
+
+    def default_fit(backbone: "Backbone", shots: Shots, config: Any, train: "TrainConfig", *, progress: bool = False,
+                    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+                    **_: Any) -> tuple[DeepPromptModel, dict[str, Any]]:
+        model = build_seeded(model_cls, backbone, shots.classnames, config, train.seed)
+        return model, fit_deep_prompts(model, shots, train, config.recipe, progress=progress, callback=callback)
+
+    def build(backbone: "Backbone", run: "RunConfig", tensors: Optional[dict[str, torch.Tensor]]) -> DeepPromptModel:
+        config = config_cls.from_dict(run.method_config or {})
+        return load_tensors(build_seeded(model_cls, backbone, run.classnames, config, 0), tensors)
+
+    def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
+                        config: Any) -> DeepPromptModel:
+        config = official_config(state_dict, config)
+        return load_tensors(build_seeded(model_cls, backbone, classnames, config, 0), from_official(state_dict, config))
+
+    return register(Method(name=name, summary=summary, build=build, config=config_cls, tensors_file=PROMPTS_FILE,
+                           fit=fit or default_fit, importer=import_official, protocols=("fewshot", "base2new", "shift"),
+                           check_backbone=check_backbone))
 
 
 def decode_images(paths: Sequence[Any], strict: bool) -> tuple[list[Any], list[int]]:

@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin, RunConfig
-from . import Method, register
-from .base import Shots
-from .deep_prompts import (DeepPromptModel, Prompts, Recipe, build_seeded, check_count, check_number, check_towers,
-                           fit_deep_prompts, initial_context, load_tensors)
+from ..config import ConfigMixin
+from .deep_prompts import (DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context,
+                           register_method)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..config import TrainConfig
 
 
 NAME = "ivlp"
-#: The run file holding the learned prompts (every method of this family).
-PROMPTS_FILE = "prompts.safetensors"
 
 
 @dataclass
@@ -135,6 +130,29 @@ def _stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))  # (J - 1, n, width)
 
 
+def from_official(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> dict[str, torch.Tensor]:
+    """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
+    def get(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise ValueError(f"the checkpoint has no {key!r}; an IVLP checkpoint with prompt depths "
+                             f"{config.prompt_depth_text}/{config.prompt_depth_vision} holds it")
+        return state_dict[key].float()
+
+    out = {"ctx": get("prompt_learner.ctx"),
+           "text_deep": _stack([get(f"text_encoder.transformer.resblocks.{i}.VPT_shallow")
+                                for i in range(1, config.prompt_depth_text)], get("prompt_learner.ctx"))}
+    if config.prompt_depth_vision > 0:
+        first = get("image_encoder.VPT")
+        out["vision_ctx"] = first
+        out["vision_deep"] = _stack([get(f"image_encoder.transformer.resblocks.{i}.VPT_shallow")
+                                     for i in range(1, config.prompt_depth_vision)], first)
+    return out
+
+
+def _stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))  # (J - 1, n, width)
+
+
 def fit(backbone: "Backbone", shots: Shots, config: IVLPConfig, train: "TrainConfig", *,
         progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
         **_: Any) -> tuple[IVLPModel, dict[str, Any]]:
@@ -164,29 +182,6 @@ def official_config(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> 
         prompt_depth_vision=depth("image_encoder.transformer.resblocks.") if vision else 0)
 
 
-def build(backbone: "Backbone", config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> IVLPModel:
-    """A saved IVLP run again: its settings and prompts over its class names."""
-    cfg = IVLPConfig.from_dict(config.method_config or {})
-    return load_tensors(build_seeded(IVLPModel, backbone, config.classnames, cfg, 0), tensors)
 
-
-def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
-                    config: IVLPConfig) -> IVLPModel:
-    """The official IVLP trainer's weights (its whole ``CustomCLIP`` state dict) as a fitted model; the token
-    counts and depths are read from the tensors, ``config.ctx_init`` must be the run's ``CTX_INIT``."""
-    cfg = official_config(state_dict, config)
-    model = build_seeded(IVLPModel, backbone, classnames, cfg, 0)
-    return load_tensors(model, from_official(state_dict, cfg))
-
-
-register(Method(
-    name=NAME,
-    summary="IVLP: independent deep prompts in the first layers of the image and text encoders",
-    build=build,
-    config=IVLPConfig,
-    tensors_file=PROMPTS_FILE,
-    fit=fit,
-    importer=import_official,
-    protocols=("fewshot", "base2new", "shift"),
-    check_backbone=check_backbone,
-))
+register_method(NAME, "IVLP: independent deep prompts in the first layers of the image and text encoders",
+                IVLPModel, IVLPConfig, official_config, from_official, check_backbone)

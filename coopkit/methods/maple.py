@@ -12,22 +12,19 @@ gradients with that code.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin, RunConfig
-from . import Method, register
-from .base import Shots
-from .ivlp import PROMPTS_FILE
-from .deep_prompts import (DeepPromptModel, Prompts, Recipe, build_seeded, check_count, check_number, check_towers,
-                           fit_deep_prompts, initial_context, load_tensors)
+from ..config import ConfigMixin
+from .deep_prompts import (DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context,
+                           register_method)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
-    from ..config import TrainConfig
 
 
 NAME = "maple"
@@ -131,6 +128,32 @@ def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> d
     }
 
 
+def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> dict[str, torch.Tensor]:
+    """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
+    def get(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise ValueError(f"the checkpoint has no {key!r}; a MaPLe checkpoint with prompt depth "
+                             f"{config.prompt_depth} holds it")
+        return state_dict[key].float()
+
+    pre = "prompt_learner."
+    ctx = get(pre + "ctx")
+    deeper = range(config.prompt_depth - 1)
+
+    def stack(keys: list[str], empty: tuple[int, ...]) -> torch.Tensor:
+        return torch.stack([get(k) for k in keys]) if keys else torch.zeros(empty)
+
+    weight = get(pre + "proj.weight")
+    return {
+        "ctx": ctx,
+        "text_deep": stack([f"{pre}compound_prompts_text.{i}" for i in deeper], (0, *ctx.shape)),
+        "proj.weight": weight,
+        "proj.bias": get(pre + "proj.bias"),
+        "deep_proj_weight": stack([f"{pre}compound_prompt_projections.{i}.weight" for i in deeper], (0, *weight.shape)),
+        "deep_proj_bias": stack([f"{pre}compound_prompt_projections.{i}.bias" for i in deeper], (0, weight.shape[0])),
+    }
+
+
 def fit(backbone: "Backbone", shots: Shots, config: MaPLeConfig, train: "TrainConfig", *,
         progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
         **_: Any) -> tuple[MaPLeModel, dict[str, Any]]:
@@ -142,34 +165,15 @@ def fit(backbone: "Backbone", shots: Shots, config: MaPLeConfig, train: "TrainCo
     return model, metrics
 
 
-def build(backbone: "Backbone", config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> MaPLeModel:
-    """A saved MaPLe run again: its settings and prompts over its class names."""
-    cfg = MaPLeConfig.from_dict(config.method_config or {})
-    return load_tensors(build_seeded(MaPLeModel, backbone, config.classnames, cfg, 0), tensors)
 
-
-def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
-                    config: MaPLeConfig) -> MaPLeModel:
-    """The official MaPLe trainer's weights (its whole ``CustomCLIP`` state dict) as a fitted model; ``n_ctx``
-    and ``prompt_depth`` are read from the tensors, ``config.ctx_init`` must be the run's ``CTX_INIT``."""
-    import dataclasses
-
+def official_config(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> MaPLeConfig:
+    """``config`` with the token count and depth an official MaPLe state dict holds (``ctx_init`` and the
+    recipe stay ``config``'s: the checkpoint does not record them)."""
     if "prompt_learner.ctx" not in state_dict:
         raise ValueError("no 'prompt_learner.ctx' in the checkpoint; not a MaPLe checkpoint")
     depth = 1 + len([k for k in state_dict if k.startswith("prompt_learner.compound_prompts_text.")])
-    cfg = dataclasses.replace(config, n_ctx=int(state_dict["prompt_learner.ctx"].shape[0]), prompt_depth=depth)
-    model = build_seeded(MaPLeModel, backbone, classnames, cfg, 0)
-    return load_tensors(model, from_official(state_dict, cfg))
+    return dataclasses.replace(config, n_ctx=int(state_dict["prompt_learner.ctx"].shape[0]), prompt_depth=depth)
 
 
-register(Method(
-    name=NAME,
-    summary="MaPLe: deep text prompts and, projected from them, deep image prompts (coupled branches)",
-    build=build,
-    config=MaPLeConfig,
-    tensors_file=PROMPTS_FILE,
-    fit=fit,
-    importer=import_official,
-    protocols=("fewshot", "base2new", "shift"),
-    check_backbone=check_backbone,
-))
+register_method(NAME, "MaPLe: deep text prompts and, projected from them, deep image prompts (coupled branches)",
+                MaPLeModel, MaPLeConfig, official_config, from_official, check_backbone)

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .base import Shots, template_features
 from .deep_prompts import build_seeded, check_number, fit_deep_prompts
-from ..config import RunConfig
-from . import Method, register
-from .deep_prompts import load_tensors
-from .ivlp import PROMPTS_FILE, IVLPConfig, IVLPModel, from_official, official_config
+from .deep_prompts import register_method
+from .ivlp import IVLPConfig, IVLPModel, from_official, official_config
 from .ivlp import check_backbone as ivlp_check_backbone
 
 if TYPE_CHECKING:
@@ -165,29 +163,6 @@ def fit(backbone: "Backbone", shots: Shots, config: PromptSRCConfig, train: "Tra
     return model, metrics
 
 
-def build(backbone: "Backbone", config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> PromptSRCModel:
-    """A saved PromptSRC run again: its settings and (aggregated) prompts over its class names."""
-    cfg = PromptSRCConfig.from_dict(config.method_config or {})
-    return load_tensors(build_seeded(PromptSRCModel, backbone, config.classnames, cfg, 0), tensors)
 
-
-def import_official(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
-                    config: PromptSRCConfig) -> PromptSRCModel:
-    """The official PromptSRC trainer's weights (its whole ``CustomCLIP`` state dict, saved after GPA) as a
-    fitted model; token counts and depths are read from the tensors, ``config.ctx_init`` must be the run's."""
-    cfg = official_config(state_dict, config)
-    model = build_seeded(PromptSRCModel, backbone, classnames, cfg, 0)
-    return load_tensors(model, from_official(state_dict, cfg))
-
-
-register(Method(
-    name=NAME,
-    summary="PromptSRC: IVLP's deep prompts, regularised towards frozen CLIP, averaged over epochs (GPA)",
-    build=build,
-    config=PromptSRCConfig,
-    tensors_file=PROMPTS_FILE,
-    fit=fit,
-    importer=import_official,
-    protocols=("fewshot", "base2new", "shift"),
-    check_backbone=check_backbone,
-))
+register_method(NAME, "PromptSRC: IVLP's deep prompts, regularised towards frozen CLIP, averaged over epochs (GPA)",
+                PromptSRCModel, PromptSRCConfig, official_config, from_official, check_backbone, fit)
