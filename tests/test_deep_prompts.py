@@ -148,6 +148,20 @@ def test_official_checkpoints_import_with_the_official_logits(name, openai_tiny,
     assert harness.rel(got, expected) <= 1e-5
     clf.save(tmp_path / "run")
     assert coopkit.load(tmp_path / "run", backbone=bb).method == name
+    # the command line: the same file, the backbone built by the command (random init of the same config)
+    from PIL import Image
+
+    from coopkit.cli import main
+
+    for c in NAMES:
+        (tmp_path / "classes" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "classes" / c / "a.png")
+    res = CliRunner().invoke(main, ["import-official", str(path), "--classes-from", str(tmp_path / "classes"),
+                                    "--model", bb.name, "--pretrained", "none", "--device", "cpu",
+                                    "--out", str(tmp_path / "cli-run")])
+    assert res.exit_code == 0, res.output
+    assert f"imported {'IVLP' if name == 'ivlp' else 'MaPLe'} prompts ctx (2, 128)" in res.output
+    assert coopkit.load(tmp_path / "cli-run", device="cpu").method == name
 
 
 def test_official_checkpoint_on_other_weights_is_refused(openai_tiny, tmp_path):
