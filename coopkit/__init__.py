@@ -27,9 +27,9 @@ _EXPORTS = {
     "zero_shot": "coopkit.train",
     "load": "coopkit.classifier",
     "Classifier": "coopkit.classifier",
-    "load_dataset": "coopkit.data",
-    "few_shot": "coopkit.data",
-    "Dataset": "coopkit.data",
+    "load_dataset": "coopkit.userdata",
+    "few_shot": "coopkit.userdata",
+    "Dataset": "coopkit.userdata",
     "BackboneConfig": "coopkit.config",
     "PromptConfig": "coopkit.config",
     "TrainConfig": "coopkit.config",
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .backbone import Backbone, load_backbone
     from .classifier import Classifier, load
     from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
-    from .data import Dataset, few_shot, load_dataset
+    from .userdata import Dataset, few_shot, load_dataset
     from .prompts import PromptLearner
     from .train import fit, zero_shot
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .config import RunConfig
-from .data import Dataset, load_dataset
+from .userdata import Dataset, load_dataset
 from .features import encode_images
 from .methods import get
 from .methods.base import MethodModel
@@ -64,6 +64,11 @@ class Classifier:
     @property
     def method(self) -> str:
         return self.config.method
+
+    @property
+    def trained(self) -> bool:
+        """Whether its method learns from training images (zero-shot does not)."""
+        return get(self.method).fit is not None
 
     @property
     def text_graph(self) -> bool:

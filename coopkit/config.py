@@ -279,7 +279,7 @@ class TrainConfig(ConfigMixin):
 class TrainingData(ConfigMixin):
     """Where a run's training images came from, so that an export can find them again (int8
     calibrates on them). With the run's class names and ``train.shots`` / ``train.seed``,
-    :func:`coopkit.data.few_shot` draws the same sample again."""
+    :func:`coopkit.userdata.few_shot` draws the same sample again."""
 
     source: str = field(metadata={"help": "absolute path of the ImageFolder, CSV or CoOp split file"})
     image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative paths in a CSV / split"})

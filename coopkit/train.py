@@ -18,7 +18,7 @@ from . import __version__
 from .backbone import Backbone, load_backbone
 from .classifier import Classifier
 from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
-from .data import Dataset, few_shot, load_dataset
+from .userdata import Dataset, few_shot, load_dataset
 from .features import torch_threads
 from .methods import DEFAULT_METHOD, Method, get
 from .methods import zeroshot
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 DataSource = Union[str, os.PathLike, Dataset]
 
-__all__ = ["fit", "zero_shot", "training_data", "lr_at", "seed_everything", "DataSource"]
+__all__ = ["fit", "fit_on_shots", "zero_shot", "training_data", "lr_at", "seed_everything", "DataSource"]
 
 
 def training_data(data: DataSource, image_root: Optional[Union[str, os.PathLike]]) -> Optional[TrainingData]:
@@ -174,22 +174,56 @@ def _fit(
     progress: bool,
     callback: Optional[Callable[[int, dict[str, float]], None]],
 ) -> Classifier:
-    if spec.check_backbone is not None:
-        spec.check_backbone(bb, method_cfg)
     sample = few_shot(dataset, train_cfg.shots, train_cfg.seed)
-    model, metrics = spec.fit(bb, Shots(sample, val=val_data), method_cfg, train_cfg, progress=progress,
-                              callback=callback)
+    clf = fit_on_shots(bb, Shots(sample, val=val_data), method=spec.name, method_config=method_cfg, train=train_cfg,
+                       progress=progress, callback=callback, data=training_data(data, image_root))
+    logger.info("fitted %s on %d classes: %s", spec.name, len(sample.classnames),
+                {k: clf.config.metrics[k] for k in ("train_accuracy", "val_accuracy", "seconds")
+                 if k in clf.config.metrics})
+    return clf
+
+
+def fit_on_shots(
+    backbone: Backbone,
+    shots: Shots,
+    *,
+    method: str = DEFAULT_METHOD,
+    method_config: Any = None,
+    train: Optional[TrainConfig] = None,
+    progress: bool = False,
+    callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+    data: Optional[TrainingData] = None,
+) -> Classifier:
+    """Fit a registered method on shots already drawn (and, shared between methods, already encoded):
+    what :func:`fit` does once it has read the data and loaded the backbone.
+
+    Args:
+        backbone: The frozen backbone.
+        shots: The sampled training images, the validation set and templates (:class:`~coopkit.methods.base.Shots`).
+        method: A registered method that trains.
+        method_config: Its settings (default: its config's defaults).
+        train: The training settings recorded with the run (and used by the method).
+        progress: Show progress bars.
+        callback: Called after each epoch (CoOp).
+        data: Where the training images came from (recorded in the run).
+    """
+    spec = get(method)
+    if spec.fit is None:
+        raise ValueError(f"method {method!r} trains nothing; use coopkit.zero_shot")
+    method_cfg = _method_config(spec, method_config, None)
+    train_cfg = train or TrainConfig()
+    if spec.check_backbone is not None:
+        spec.check_backbone(backbone, method_cfg)
+    model, metrics = spec.fit(backbone, shots, method_cfg, train_cfg, progress=progress, callback=callback)
     fields = dict(model.run_fields())
     if method_cfg is not None:
         fields.setdefault(spec.config_field, method_cfg)
-    config = RunConfig(method=spec.name, classnames=sample.classnames, train=train_cfg, coopkit_version=__version__,
-                       data=training_data(data, image_root), **fields, **bb.run_fields())
-    clf = Classifier(bb, config, model)
-    if val_data is not None and "val_accuracy" not in metrics:
-        metrics["val_accuracy"] = clf.evaluate(val_data, progress=progress)["accuracy"]
+    config = RunConfig(method=spec.name, classnames=shots.classnames, train=train_cfg, coopkit_version=__version__,
+                       data=data, **fields, **backbone.run_fields())
+    clf = Classifier(backbone, config, model)
+    if shots.val is not None and "val_accuracy" not in metrics:
+        metrics["val_accuracy"] = clf.evaluate(shots.val, progress=progress)["accuracy"]
     config.metrics = metrics
-    logger.info("fitted %s on %d classes: %s", spec.name, len(sample.classnames),
-                {k: metrics[k] for k in ("train_accuracy", "val_accuracy", "seconds") if k in metrics})
     return clf
 
 

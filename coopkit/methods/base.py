@@ -15,7 +15,7 @@ from torch import nn
 
 from ..backbone import Backbone
 from ..config import RunConfig, TrainConfig
-from ..data import Dataset
+from ..userdata import Dataset
 from ..features import autocast_for, encode_images
 from ..heads import HEAD_TENSORS, LinearHead, build_head, check_head_tensors
 from ..runtime.contract import DEFAULT_TEMPLATE, check_prompts_fit, check_templates, fill_templates

@@ -243,8 +243,8 @@ def import_official(
     Args:
         checkpoint: ``.../prompt_learner/model.pth.tar-N``, exactly as the official trainer wrote it.
         classnames: The class names the official run was trained with, in its label order
-            (``coopkit.datasets.load_official(name, root).classnames``, or for base-to-new runs
-            the base half, ``coopkit.data.subsample_classes``).
+            (``coopkit.official_datasets.load_official(name, root).classnames``, or for base-to-new runs
+            the base half, ``coopkit.userdata.subsample_classes``).
         model, pretrained: The CLIP the context was learned on (the official code uses OpenAI CLIP).
         class_token_position: The ``CLASS_TOKEN_POSITION`` of the official run (CoOp).
         ctx_init: IVLP / MaPLe / PromptSRC: the run's ``CTX_INIT`` (``None``: the official configs'
