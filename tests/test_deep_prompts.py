@@ -46,18 +46,16 @@ def test_language_only_ivlp_runs_on_a_resnet():
 def test_cli_fits_and_saves_a_run(tiny_config, image_folder, tmp_path):
     from coopkit.cli import main
 
-    if "--method" not in CliRunner().invoke(main, ["fit", "--help"]).output:
-        pytest.skip("coopkit fit has no --method yet (the core's CLI on the registry)")
     out = tmp_path / "run"
     args = ["fit", str(image_folder / "train"), "--method", "ivlp", "--model", str(tiny_config), "--pretrained",
-            "none", "--device", "cpu", "--shots", "2", "--epochs", "1", "--prompt-depth-text", "2",
-            "--prompt-depth-vision", "2", "--out", str(out), "--no-progress"]
+            "none", "--device", "cpu", "--shots", "2", "--ivlp-epochs", "1", "--prompt-depth-text", "2",
+            "--prompt-depth-vision", "2", "--out", str(out), "-q"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     clf = coopkit.load(out, device="cpu")
     assert clf.method == "ivlp" and clf.model.config.prompt_depth_vision == 2
     res = CliRunner().invoke(main, args[:-3] + ["--prompt-depth-vision", "3", "--out", str(tmp_path / "bad"),
-                                                "--no-progress"])
+                                                "-q"])
     assert res.exit_code != 0 and "vision prompt depth 3 exceeds the image transformer's 2 layers" in res.output
     assert not (tmp_path / "bad").exists()
 

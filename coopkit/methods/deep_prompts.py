@@ -514,6 +514,9 @@ def fit_deep_prompts(
 ) -> dict[str, Any]:
     """Train ``model`` (built on the shots' class names) on the few-shot sample; the metrics dict."""
     started = time.perf_counter()
+    if train.epochs is not None and train.epochs != recipe.epochs:
+        logger.warning("%s trains for its own epochs (%d, the method setting 'epochs'); TrainConfig.epochs=%d is "
+                       "CoOp's and is not used", model.method, recipe.epochs, train.epochs)
     seed_everything(train.seed)  # the augmentation draws from the global generators
     sample = shots.dataset
     if list(sample.classnames) != model.classnames:
