@@ -544,7 +544,8 @@ def fit_deep_prompts(
 def register_method(name: str, summary: str, model_cls: type, config_cls: type,
                     official_config: Callable[[dict[str, torch.Tensor], Any], Any],
                     from_official: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]],
-                    check_backbone: Callable[..., None], fit: Optional[Callable[..., Any]] = None) -> Method:
+                    check_backbone: Callable[..., None], fit: Optional[Callable[..., Any]] = None,
+                    bench_setting: str = "") -> Method:
     """Register a deep-prompt method: ``model_cls(backbone, classnames, config)`` holds its tensors,
     ``official_config(state_dict, config)`` reads token counts and depths from an official checkpoint and
     ``from_official(state_dict, config)`` maps its tensors to ours; ``fit`` defaults to the cross-entropy
@@ -567,7 +568,7 @@ def register_method(name: str, summary: str, model_cls: type, config_cls: type,
 
     return register(Method(name=name, summary=summary, build=build, config=config_cls, tensors_file=PROMPTS_FILE,
                            fit=fit or default_fit, importer=import_official, protocols=("fewshot", "base2new", "shift"),
-                           check_backbone=check_backbone))
+                           check_backbone=check_backbone, bench_setting=bench_setting))
 
 
 def decode_images(paths: Sequence[Any], strict: bool) -> tuple[list[Any], list[int]]:
