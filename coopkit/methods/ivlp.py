@@ -130,40 +130,6 @@ def _stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))  # (J - 1, n, width)
 
 
-def from_official(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> dict[str, torch.Tensor]:
-    """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
-    def get(key: str) -> torch.Tensor:
-        if key not in state_dict:
-            raise ValueError(f"the checkpoint has no {key!r}; an IVLP checkpoint with prompt depths "
-                             f"{config.prompt_depth_text}/{config.prompt_depth_vision} holds it")
-        return state_dict[key].float()
-
-    out = {"ctx": get("prompt_learner.ctx"),
-           "text_deep": _stack([get(f"text_encoder.transformer.resblocks.{i}.VPT_shallow")
-                                for i in range(1, config.prompt_depth_text)], get("prompt_learner.ctx"))}
-    if config.prompt_depth_vision > 0:
-        first = get("image_encoder.VPT")
-        out["vision_ctx"] = first
-        out["vision_deep"] = _stack([get(f"image_encoder.transformer.resblocks.{i}.VPT_shallow")
-                                     for i in range(1, config.prompt_depth_vision)], first)
-    return out
-
-
-def _stack(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.stack(tensors) if tensors else like.new_zeros((0, *like.shape))  # (J - 1, n, width)
-
-
-def fit(backbone: "Backbone", shots: Shots, config: IVLPConfig, train: "TrainConfig", *,
-        progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
-        **_: Any) -> tuple[IVLPModel, dict[str, Any]]:
-    """Train IVLP on the few-shot sample ``shots`` with the official recipe
-    (``config.lr`` / ``epochs`` / ``batch_size``; ``train`` gives shots, seed, momentum, weight decay, warm-up,
-    augmentation and precision). Returns the fitted model and the training metrics."""
-    model = build_seeded(IVLPModel, backbone, shots.classnames, config, train.seed)
-    metrics = fit_deep_prompts(model, shots, train, config.recipe, progress=progress, callback=callback)
-    return model, metrics
-
-
 def official_config(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> IVLPConfig:
     """``config`` with the token counts and depths an official IVLP / PromptSRC state dict holds
     (``ctx_init`` and the recipe stay ``config``'s: the checkpoint does not record them)."""

@@ -128,44 +128,6 @@ def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> d
     }
 
 
-def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> dict[str, torch.Tensor]:
-    """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
-    def get(key: str) -> torch.Tensor:
-        if key not in state_dict:
-            raise ValueError(f"the checkpoint has no {key!r}; a MaPLe checkpoint with prompt depth "
-                             f"{config.prompt_depth} holds it")
-        return state_dict[key].float()
-
-    pre = "prompt_learner."
-    ctx = get(pre + "ctx")
-    deeper = range(config.prompt_depth - 1)
-
-    def stack(keys: list[str], empty: tuple[int, ...]) -> torch.Tensor:
-        return torch.stack([get(k) for k in keys]) if keys else torch.zeros(empty)
-
-    weight = get(pre + "proj.weight")
-    return {
-        "ctx": ctx,
-        "text_deep": stack([f"{pre}compound_prompts_text.{i}" for i in deeper], (0, *ctx.shape)),
-        "proj.weight": weight,
-        "proj.bias": get(pre + "proj.bias"),
-        "deep_proj_weight": stack([f"{pre}compound_prompt_projections.{i}.weight" for i in deeper], (0, *weight.shape)),
-        "deep_proj_bias": stack([f"{pre}compound_prompt_projections.{i}.bias" for i in deeper], (0, weight.shape[0])),
-    }
-
-
-def fit(backbone: "Backbone", shots: Shots, config: MaPLeConfig, train: "TrainConfig", *,
-        progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None,
-        **_: Any) -> tuple[MaPLeModel, dict[str, Any]]:
-    """Train MaPLe on the few-shot sample ``shots`` with the official recipe
-    (``config.lr`` / ``epochs`` / ``batch_size``; ``train`` gives shots, seed, momentum, weight decay, warm-up,
-    augmentation and precision). Returns the fitted model and the training metrics."""
-    model = build_seeded(MaPLeModel, backbone, shots.classnames, config, train.seed)
-    metrics = fit_deep_prompts(model, shots, train, config.recipe, progress=progress, callback=callback)
-    return model, metrics
-
-
-
 def official_config(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> MaPLeConfig:
     """``config`` with the token count and depth an official MaPLe state dict holds (``ctx_init`` and the
     recipe stay ``config``'s: the checkpoint does not record them)."""
