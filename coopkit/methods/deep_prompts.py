@@ -33,13 +33,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigMixin
 from ..features import autocast_for
 from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
@@ -387,12 +388,23 @@ def dassl_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: 
 
 
 @dataclass
-class Recipe:
-    """What the official configs set per method: ``OPTIM.LR``, ``OPTIM.MAX_EPOCH``, the batch size."""
+class DeepPromptRecipe(ConfigMixin):
+    """What every deep-prompt method's config holds besides its tokens: the prompt words and the recipe
+    the official configs set per method (``CTX_INIT``, ``OPTIM.LR``, ``OPTIM.MAX_EPOCH``, the batch size).
+    Defaults: IVLP's and MaPLe's base-to-new configs."""
 
-    lr: float
-    epochs: int
-    batch_size: int
+    ctx_init: Optional[str] = field(default="a photo of a", metadata={
+        "help": "words whose embeddings start the text context when it has <= 4 tokens (CTX_INIT; empty: random)"})
+    lr: float = field(default=0.0035, metadata={"help": "peak SGD learning rate (OPTIM.LR)"})
+    epochs: int = field(default=5, metadata={"help": "epochs (OPTIM.MAX_EPOCH)"})
+    batch_size: int = field(default=4, metadata={"help": "images per step (DATALOADER.TRAIN_X.BATCH_SIZE)"})
+
+    def __post_init__(self) -> None:
+        if self.ctx_init is not None and not isinstance(self.ctx_init, str):
+            raise ValueError(f"ctx_init must be words or None, got {self.ctx_init!r}")
+        check_number("lr", self.lr, positive=True)
+        check_count("epochs", self.epochs, 1)
+        check_count("batch_size", self.batch_size, 1)
 
 
 #: ``extra_loss(model, prompts, pixels, labels, logits, image_features, text_features) -> loss term``
@@ -432,7 +444,7 @@ def train_deep_prompts(
     model: DeepPromptModel,
     images: Sequence[Any],
     labels: torch.Tensor,
-    recipe: Recipe,
+    recipe: DeepPromptRecipe,
     train: "TrainConfig",
     *,
     extra_loss: Optional[ExtraLoss] = None,
@@ -505,7 +517,7 @@ def fit_deep_prompts(
     model: DeepPromptModel,
     shots: Shots,
     train: "TrainConfig",
-    recipe: Recipe,
+    recipe: DeepPromptRecipe,
     *,
     extra_loss: Optional[ExtraLoss] = None,
     on_epoch_end: Optional[Callable[[int], None]] = None,
@@ -555,7 +567,7 @@ def register_method(name: str, summary: str, model_cls: type, config_cls: type,
                     callback: Optional[Callable[[int, dict[str, float]], None]] = None,
                     **_: Any) -> tuple[DeepPromptModel, dict[str, Any]]:
         model = build_seeded(model_cls, backbone, shots.classnames, config, train.seed)
-        return model, fit_deep_prompts(model, shots, train, config.recipe, progress=progress, callback=callback)
+        return model, fit_deep_prompts(model, shots, train, config, progress=progress, callback=callback)
 
     def build(backbone: "Backbone", run: "RunConfig", tensors: Optional[dict[str, torch.Tensor]]) -> DeepPromptModel:
         config = config_cls.from_dict(run.method_config or {})

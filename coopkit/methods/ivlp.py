@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin
-from .deep_prompts import (DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context,
+from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_count, check_towers, initial_context,
                            register_method)
 
 if TYPE_CHECKING:
@@ -29,7 +28,7 @@ NAME = "ivlp"
 
 
 @dataclass
-class IVLPConfig(ConfigMixin):
+class IVLPConfig(DeepPromptRecipe):
     """IVLP's prompts and recipe. Defaults: the official ``IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml``."""
 
     n_ctx_text: int = field(default=2, metadata={"help": "prompt tokens per text layer (N_CTX_TEXT)"})
@@ -39,11 +38,6 @@ class IVLPConfig(ConfigMixin):
         "help": "text layers that get prompt tokens, from the first (PROMPT_DEPTH_TEXT, >= 1)"})
     prompt_depth_vision: int = field(default=12, metadata={
         "help": "image layers that get prompt tokens, from the first (PROMPT_DEPTH_VISION; 0: text prompts only)"})
-    ctx_init: Optional[str] = field(default="a photo of a", metadata={
-        "help": "words whose embeddings start the text context when n_ctx_text <= 4 (CTX_INIT; empty: random)"})
-    lr: float = field(default=0.0035, metadata={"help": "peak SGD learning rate (OPTIM.LR)"})
-    epochs: int = field(default=5, metadata={"help": "epochs (OPTIM.MAX_EPOCH)"})
-    batch_size: int = field(default=4, metadata={"help": "images per step (DATALOADER.TRAIN_X.BATCH_SIZE)"})
 
     def __post_init__(self) -> None:
         check_count("n_ctx_text", self.n_ctx_text, 1)
@@ -53,15 +47,7 @@ class IVLPConfig(ConfigMixin):
         if self.prompt_depth_vision == 0 and self.n_ctx_vision != 0:
             raise ValueError(f"n_ctx_vision={self.n_ctx_vision} with prompt_depth_vision=0: no image layer takes "
                              "prompt tokens; set n_ctx_vision=0 or a depth >= 1")
-        if self.ctx_init is not None and not isinstance(self.ctx_init, str):
-            raise ValueError(f"ctx_init must be words or None, got {self.ctx_init!r}")
-        check_number("lr", self.lr, positive=True)
-        check_count("epochs", self.epochs, 1)
-        check_count("batch_size", self.batch_size, 1)
-
-    @property
-    def recipe(self) -> Recipe:
-        return Recipe(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size)
+        super().__post_init__()
 
 
 def check_backbone(backbone: "Backbone", config: IVLPConfig, method: str = NAME) -> None:

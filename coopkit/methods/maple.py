@@ -14,13 +14,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
-from ..config import ConfigMixin
-from .deep_prompts import (DeepPromptModel, Prompts, Recipe, check_count, check_number, check_towers, initial_context,
+from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_count, check_towers, initial_context,
                            register_method)
 
 if TYPE_CHECKING:
@@ -31,31 +30,18 @@ NAME = "maple"
 
 
 @dataclass
-class MaPLeConfig(ConfigMixin):
+class MaPLeConfig(DeepPromptRecipe):
     """MaPLe's prompts and recipe. Defaults: the official ``MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml``
     (``prompt_depth=3, lr=0.0026, epochs=2`` is its cross-dataset config)."""
 
     n_ctx: int = field(default=2, metadata={"help": "prompt tokens per layer, text and image (N_CTX)"})
     prompt_depth: int = field(default=9, metadata={
         "help": "layers of both transformers that get prompt tokens, from the first (PROMPT_DEPTH, >= 1)"})
-    ctx_init: Optional[str] = field(default="a photo of a", metadata={
-        "help": "words whose embeddings start the text context when n_ctx <= 4 (CTX_INIT; empty: random)"})
-    lr: float = field(default=0.0035, metadata={"help": "peak SGD learning rate (OPTIM.LR)"})
-    epochs: int = field(default=5, metadata={"help": "epochs (OPTIM.MAX_EPOCH)"})
-    batch_size: int = field(default=4, metadata={"help": "images per step (DATALOADER.TRAIN_X.BATCH_SIZE)"})
 
     def __post_init__(self) -> None:
         check_count("n_ctx", self.n_ctx, 1)
         check_count("prompt_depth", self.prompt_depth, 1)
-        if self.ctx_init is not None and not isinstance(self.ctx_init, str):
-            raise ValueError(f"ctx_init must be words or None, got {self.ctx_init!r}")
-        check_number("lr", self.lr, positive=True)
-        check_count("epochs", self.epochs, 1)
-        check_count("batch_size", self.batch_size, 1)
-
-    @property
-    def recipe(self) -> Recipe:
-        return Recipe(lr=self.lr, epochs=self.epochs, batch_size=self.batch_size)
+        super().__post_init__()
 
 
 def check_backbone(backbone: "Backbone", config: MaPLeConfig) -> None:

@@ -157,7 +157,7 @@ def fit(backbone: "Backbone", shots: Shots, config: PromptSRCConfig, train: "Tra
     model = build_seeded(PromptSRCModel, backbone, shots.classnames, config, train.seed)
     regulation = SelfRegulation(model, config)
     gpa = GaussianAggregate(model, config)
-    metrics = fit_deep_prompts(model, shots, train, config.recipe, extra_loss=regulation, on_epoch_end=gpa,
+    metrics = fit_deep_prompts(model, shots, train, config, extra_loss=regulation, on_epoch_end=gpa,
                                progress=progress, callback=callback)
     gpa.finish()
     return model, metrics
