@@ -553,6 +553,13 @@ def fit_deep_prompts(
     return metrics
 
 
+def official_tensor(state_dict: dict[str, torch.Tensor], what: str, key: str) -> torch.Tensor:
+    """``state_dict[key]`` as float32, or a one-line ValueError saying that ``what`` holds it."""
+    if key not in state_dict:
+        raise ValueError(f"the checkpoint has no {key!r}; {what} holds it")
+    return state_dict[key].float()
+
+
 def register_method(name: str, summary: str, model_cls: type, config_cls: type,
                     official_config: Callable[[dict[str, torch.Tensor], Any], Any],
                     from_official: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]],

@@ -11,6 +11,7 @@ independently on each side. Equal to the official ``trainers/independentVL.py`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_count, check_towers, initial_context,
-                           register_method)
+                           official_tensor, register_method)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -95,11 +96,8 @@ class IVLPModel(DeepPromptModel):
 
 def from_official(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> dict[str, torch.Tensor]:
     """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
-    def get(key: str) -> torch.Tensor:
-        if key not in state_dict:
-            raise ValueError(f"the checkpoint has no {key!r}; an IVLP checkpoint with prompt depths "
-                             f"{config.prompt_depth_text}/{config.prompt_depth_vision} holds it")
-        return state_dict[key].float()
+    get = functools.partial(official_tensor, state_dict, f"an IVLP checkpoint with prompt depths "
+                            f"{config.prompt_depth_text}/{config.prompt_depth_vision}")
 
     out = {"ctx": get("prompt_learner.ctx"),
            "text_deep": _stack([get(f"text_encoder.transformer.resblocks.{i}.VPT_shallow")

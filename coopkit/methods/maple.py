@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_count, check_towers, initial_context,
-                           register_method)
+                           official_tensor, register_method)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -90,11 +91,7 @@ class MaPLeModel(DeepPromptModel):
 
 def from_official(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) -> dict[str, torch.Tensor]:
     """Our tensors from the official trainer's ``state_dict`` (the whole ``CustomCLIP``'s)."""
-    def get(key: str) -> torch.Tensor:
-        if key not in state_dict:
-            raise ValueError(f"the checkpoint has no {key!r}; a MaPLe checkpoint with prompt depth "
-                             f"{config.prompt_depth} holds it")
-        return state_dict[key].float()
+    get = functools.partial(official_tensor, state_dict, f"a MaPLe checkpoint with prompt depth {config.prompt_depth}")
 
     pre = "prompt_learner."
     ctx = get(pre + "ctx")
