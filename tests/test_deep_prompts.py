@@ -211,3 +211,17 @@ def test_families_beyond_openai_clip(family, tmp_path):
         with torch.no_grad():
             feats = F.normalize(clf.image_encoder()(pixels), dim=-1)
             np.testing.assert_allclose(clf.head()(feats).numpy(), clf.logits(images), atol=1e-4, rtol=0)
+
+
+def test_only_unprompted_image_towers_share_frozen_features(tiny_backbone):
+    from coopkit.methods.ivlp import IVLPConfig, IVLPModel
+    from coopkit.methods.maple import MaPLeConfig, MaPLeModel
+
+    names = ["a", "b"]
+    assert not IVLPModel(tiny_backbone, names, IVLPConfig(prompt_depth_text=2, prompt_depth_vision=2)).frozen_encoder
+    assert not MaPLeModel(tiny_backbone, names, MaPLeConfig(prompt_depth=2)).frozen_encoder
+    language = IVLPModel(tiny_backbone, names, IVLPConfig(prompt_depth_text=2, prompt_depth_vision=0, n_ctx_vision=0))
+    assert language.frozen_encoder
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(language.image_encoder()(pixels), tiny_backbone.model.encode_image(pixels))

@@ -313,6 +313,12 @@ class DeepPromptModel(MethodModel):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_features(pixels)
 
+    @property
+    def frozen_encoder(self) -> bool:
+        """True only without image prompts (IVLP with ``prompt_depth_vision=0``): then the image features are
+        the frozen backbone's and features encoded once can be shared."""
+        return self.prompts().vision_ctx is None
+
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """``exp(logit_scale) * image . text`` (+ the model's logit bias) ``(B, n_classes)``."""
         p = self.prompts()
