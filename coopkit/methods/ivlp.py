@@ -135,4 +135,4 @@ def official_config(state_dict: dict[str, torch.Tensor], config: IVLPConfig) -> 
 
 register_method(NAME, "IVLP: independent deep prompts in the first layers of the image and text encoders",
                 IVLPModel, IVLPConfig, official_config, from_official, check_backbone,
-                bench_setting="2+2 tokens, depths 12/12")
+                bench_setting="independent deep prompts")

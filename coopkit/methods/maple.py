@@ -122,4 +122,4 @@ def official_config(state_dict: dict[str, torch.Tensor], config: MaPLeConfig) ->
 
 register_method(NAME, "MaPLe: deep text prompts and, projected from them, deep image prompts (coupled branches)",
                 MaPLeModel, MaPLeConfig, official_config, from_official, check_backbone,
-                bench_setting="2 tokens, depth 9")
+                bench_setting="coupled deep prompts")

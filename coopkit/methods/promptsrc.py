@@ -166,4 +166,4 @@ def fit(backbone: "Backbone", shots: Shots, config: PromptSRCConfig, train: "Tra
 
 register_method(NAME, "PromptSRC: IVLP's deep prompts, regularised towards frozen CLIP, averaged over epochs (GPA)",
                 PromptSRCModel, PromptSRCConfig, official_config, from_official, check_backbone, fit,
-                bench_setting="4+4 tokens, depths 9/9, GPA")
+                bench_setting="deep prompts, self-regulation, GPA")
