@@ -346,9 +346,7 @@ class DeepPromptModel(MethodModel):
 
     def with_classes(self, classnames: Sequence[str]) -> "DeepPromptModel":
         """The same learned prompts over other class names (base-to-new): every prompt is class-agnostic."""
-        other = type(self)(self.backbone, classnames, self.config)  # type: ignore[call-arg]
-        other.load_state_dict(self.state_dict())
-        return other.eval().requires_grad_(False)
+        return load_tensors(build_seeded(type(self), self.backbone, classnames, self.config, 0), self.state())
 
     def train(self, mode: bool = True) -> "DeepPromptModel":
         self._weights = None  # the class weights are constant only once training is over
