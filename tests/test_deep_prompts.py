@@ -25,13 +25,24 @@ def test_registered(name):
     assert set(spec.protocols) == {"fewshot", "base2new", "shift"} and not spec.text_graph
 
 
+TIMM_TINY = {"embed_dim": 64, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                                             "timm_pool": "token", "timm_proj": "linear", "image_size": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
 @pytest.mark.parametrize("name", list(SMALL))
-def test_other_families_are_refused_in_one_line(name):
+def test_other_families_are_refused_in_one_line(name, tmp_path):
+    import json
+
     resnet = coopkit.load_backbone("coopkit-tiny", pretrained=None, device="cpu")
+    (tmp_path / "timm-tiny.json").write_text(json.dumps(TIMM_TINY))
+    timm = coopkit.load_backbone(str(tmp_path / "timm-tiny.json"), pretrained=None, device="cpu")
     spec = methods.get(name)
-    with pytest.raises(ValueError) as e:
-        spec.check_backbone(resnet, spec.make_config(SMALL[name]))
-    assert "ModifiedResNet" in str(e.value) and "\n" not in str(e.value)
+    for bb, tower in ((resnet, "ModifiedResNet"), (timm, "TimmModel")):
+        with pytest.raises(ValueError) as e:
+            spec.check_backbone(bb, spec.make_config(SMALL[name]))
+        assert f"image tower ({tower}) is not open_clip's VisionTransformer" in str(e.value)
+        assert "\n" not in str(e.value)
 
 
 def test_language_only_ivlp_runs_on_a_resnet():

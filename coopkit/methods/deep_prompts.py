@@ -84,7 +84,8 @@ def _vision_blocks(model: nn.Module, method: str) -> nn.Module:
         kind = type(visual).__name__ if visual is not None else "none"
         raise ValueError(
             f"{method} puts prompt tokens into the image transformer; this model's image tower ({kind}) is not "
-            "open_clip's VisionTransformer (ResNet and timm towers have no token sequence to prompt)"
+            "open_clip's VisionTransformer (the tokens go between open_clip's own transformer blocks; ResNet and "
+            "timm towers are refused)"
         )
     if not getattr(visual.transformer, "batch_first", True):
         raise ValueError(f"{method} needs a batch-first image transformer (open_clip >= 2.20)")
