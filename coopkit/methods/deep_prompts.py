@@ -23,9 +23,10 @@ share, written once, on open_clip's modules (nothing of OpenAI's CLIP is copied)
   schedule, random resized crop + flip per step, the prompted image encoder run each step).
 
 Families: open_clip's own ``VisionTransformer`` (OpenAI CLIP, LAION / DataComp / MetaCLIP ViTs,
-CLIPA, PE-Core, ...) with open_clip's text transformer. Towers without a token sequence of
-open_clip's (``ModifiedResNet``, timm towers: ConvNeXt, SigLIP, EVA, ViTamin, MobileCLIP) and
-Hugging Face or CoCa text towers are refused in one line by :func:`check_towers`.
+CLIPA, MetaCLIP 2, ...) with open_clip's text transformer. Other image towers (``ModifiedResNet``;
+timm's: ConvNeXt, SigLIP, EVA, PE-Core, ViTamin, MobileCLIP) take no image prompts (IVLP's text
+prompts alone still run on them), and Hugging Face or CoCa text towers none at all: refused in
+one line by :func:`check_towers`.
 """
 
 from __future__ import annotations
