@@ -100,7 +100,7 @@ def test_import_official_checkpoint(tiny_backbone, tmp_path, shape, dtype):
     assert torch.equal(coopkit.load(run, backbone=tiny_backbone).learner.ctx, ctx)
 
 
-def test_kgcoop_and_cocoop_import_maple_and_ivlp_are_refused_with_the_reason(tiny_backbone, tmp_path):
+def test_kgcoop_and_cocoop_import(tiny_backbone, tmp_path):
     kg = tmp_path / "kg.pth.tar-100"
     ctx = write_official(kg, torch.randn(4, 64), extra={"bias_vectors": torch.randn(1, 512),
                                                          "meta_net.linear1.weight": torch.randn(512, 512),
@@ -120,19 +120,7 @@ def test_kgcoop_and_cocoop_import_maple_and_ivlp_are_refused_with_the_reason(tin
     write_official(wrong, torch.randn(4, 64), extra={**meta, "meta_net.linear1.weight": torch.randn(32, 512)})
     with pytest.raises(ValueError, match="meta_net.linear1.weight \\(32, 512\\) \\(expects \\(4, 64\\)\\)"):
         import_official(wrong, NAMES, backbone=tiny_backbone)
-    maple = tmp_path / "maple.pth.tar-5"  # MaPLe registers the whole CustomCLIP: keys carry "prompt_learner."
-    torch.save({"state_dict": {"prompt_learner.ctx": torch.randn(2, 512),
-                               "prompt_learner.proj.weight": torch.randn(768, 512),
-                               "prompt_learner.compound_prompts_text.0": torch.randn(2, 512),
-                               "image_encoder.conv1.weight": torch.randn(768, 3, 16, 16)},
-                "epoch": 5, "optimizer": None, "scheduler": None, "val_result": None}, maple)
-    with pytest.raises(ValueError, match="MaPLe checkpoint: its prompts enter the first layers of both"):
-        import_official(maple, NAMES, backbone=tiny_backbone)
-    ivlp = tmp_path / "ivlp.pth.tar-20"  # IVLP / PromptSRC: deep vision prompts inside the image encoder
-    torch.save({"state_dict": {"prompt_learner.ctx": torch.randn(4, 512),
-                               "image_encoder.transformer.resblocks.1.VPT_shallow": torch.randn(4, 768)}}, ivlp)
-    with pytest.raises(ValueError, match="whole prompted CLIP .* prompts inside the image encoder's layers"):
-        import_official(ivlp, NAMES, backbone=tiny_backbone)
+    # IVLP, MaPLe and PromptSRC checkpoints import (tests/test_deep_prompts.py, against the official modules)
 
 
 class _Evil:

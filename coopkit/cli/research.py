@@ -339,13 +339,16 @@ def explain(run_dir: str, top: int, device: str) -> None:
               help="With --dataset: the classes the run was trained on (base: a base-to-new run).")
 @config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"), defaults={"model": "RN50", "pretrained": "openai"})
 @config_options(PromptConfig, only=("class_token_position",))
+@click.option("--ctx-init", default=None,
+              help="IVLP / MaPLe / PromptSRC: the run's CTX_INIT (default: the official configs' 'a photo of a').")
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
 def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
-                        subsample: str, class_token_position: str, out: str, **settings: Any) -> None:
-    """Import a prompt learned by the official CoOp, KgCoOp or CoCoOp code (prompt_learner/model.pth.tar-N).
+                        subsample: str, class_token_position: str, ctx_init: Optional[str], out: str,
+                        **settings: Any) -> None:
+    """Import what the official CoOp, KgCoOp, CoCoOp, IVLP, MaPLe or PromptSRC code learned (its model.pth.tar-N).
 
-    The file is read without running code from it; MaPLe, IVLP and PromptSRC checkpoints are
-    refused with the reason.
+    The file is read without running code from it.
+    IVLP / MaPLe / PromptSRC were trained on OpenAI's ViT-B/16: --model ViT-B-16 --pretrained openai.
     """
     from ..runs import check_run_target
     from ..research.compat import import_official
@@ -354,10 +357,11 @@ def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: O
     names = _official_classnames(classes_from, dataset, root, subsample)
     bb = pop_config(BackboneConfig, settings)
     clf = import_official(checkpoint, names, model=bb.model, pretrained=bb.pretrained,
-                          class_token_position=class_token_position, device=bb.device)
+                          class_token_position=class_token_position, device=bb.device, ctx_init=ctx_init)
     trainer = clf.config.metrics.get("official_trainer", "CoOp")
-    click.echo(f"imported {trainer} context {tuple(clf.learner.ctx.shape)} for {len(names)} classes; "
-               f"saved to {clf.save(out)}")
+    what = (f"context {tuple(clf.learner.ctx.shape)}" if clf.learner is not None
+            else "prompts " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in clf.model.state().items()))
+    click.echo(f"imported {trainer} {what} for {len(names)} classes; saved to {clf.save(out)}")
 
 
 def _official_classnames(classes_from: Optional[str], dataset: Optional[str], root: Optional[str],

@@ -21,9 +21,13 @@ What each trainer's prompt learner holds, and what can be served from it:
 * **CoCoOp**: ``ctx`` ``(n_ctx, width)`` and the meta-net (``meta_net.linear1`` / ``linear2``),
   fp16 or fp32; imported as a CoCoOp run (:mod:`coopkit.methods.cocoop`), whose class weights
   are computed per image.
-* **MaPLe**: refused: its prompts enter the first layers of both encoders (the image encoder's
-  are projections of the text ones), so no frozen image encoder reproduces its features, and
-  coopkit exports a frozen image encoder with prompts at the text input only.
+* **IVLP, MaPLe, PromptSRC** (muzairkhattak's trainers): the whole ``CustomCLIP`` is saved
+  (``<run>/VLPromptLearner/`` or ``<run>/MultiModalPromptLearner/model.pth.tar-N``, frozen CLIP
+  included, fp16): the prompt tensors are imported (``prompt_learner.ctx``, the ``VPT`` /
+  ``VPT_shallow`` tokens of both encoders, MaPLe's compound prompts and projections), token
+  counts and depths read from their shapes; the frozen CLIP weights in the file are compared with
+  the backbone's (a checkpoint trained on other weights is refused). ``CTX_INIT`` is not in the
+  file: the prompt words default to the official configs' "a photo of a" (``ctx_init=``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .._unpickle import SafeUnpickler, UnsafeGlobalError
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
 from ..config import PromptConfig, RunConfig
-from ..methods import cocoop, coop, get
+from ..methods import cocoop, coop, get, ivlp, maple, promptsrc
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +129,11 @@ class OfficialCheckpoint:
 
     Attributes:
         path: The file.
-        trainer: ``CoOp``, ``KgCoOp`` or ``CoCoOp`` (the layout its state dict has).
+        trainer: ``CoOp``, ``KgCoOp``, ``CoCoOp``, ``IVLP``, ``MaPLe`` or ``PromptSRC`` (the layout its state
+            dict has).
         ctx: The learned context, float32: ``(n_ctx, width)`` or ``(n_cls, n_ctx, width)``.
-        tensors: Every tensor of the state dict as read (CoCoOp's importer takes its meta-net from here).
+        method: The coopkit method that imports it.
+        state: Every tensor of the state dict as read (the CoCoOp and deep-prompt importers read theirs from it).
         epoch: The ``epoch`` it records, if any.
         val_result: The ``val_result`` it records, if a number.
         ignored: State-dict entries read but not used.
@@ -139,16 +145,32 @@ class OfficialCheckpoint:
     epoch: Optional[int] = None
     val_result: Optional[float] = None
     ignored: list[str] = field(default_factory=list)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    method: str = coop.NAME
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+#: The deep-prompt trainers, by a key only their state dicts hold: (trainer, coopkit method).
+_DEEP_TRAINERS = (
+    ("prompt_learner.compound_prompts_text.", "MaPLe", maple.NAME),
+    ("prompt_learner.proj.weight", "MaPLe", maple.NAME),
+    ("prompt_learner.ZS_image_encoder.", "PromptSRC", promptsrc.NAME),
+    ("prompt_learner.ctx", "IVLP", ivlp.NAME),
+)
+
+
+def _deep_trainer(keys: Sequence[str]) -> Optional[tuple[str, str]]:
+    for marker, trainer, method in _DEEP_TRAINERS:
+        if any(k == marker or (marker.endswith(".") and k.startswith(marker)) for k in keys):
+            return trainer, method
+    return None
 
 
 def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoint:
-    """Read a CoOp / KgCoOp / CoCoOp checkpoint (refusing MaPLe, IVLP and PromptSRC with the reason), running no code.
+    """Read a CoOp / KgCoOp / CoCoOp / IVLP / MaPLe / PromptSRC checkpoint, running no code.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a checkpoint, an unsafe one, a trainer whose prompts cannot be served
-            (MaPLe, IVLP, PromptSRC), or no learned context in it.
+        ValueError: not a checkpoint, an unsafe one, or no learned context in it.
     """
     file = Path(path)
     raw = load_checkpoint(file)
@@ -156,17 +178,17 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
     if not isinstance(state, dict):
         raise ValueError(f"{file} holds no state_dict; expected an official prompt_learner checkpoint (model.pth.tar-N)")
     keys = [str(k) for k in state]
-    if any("compound_prompts_text" in k or k.endswith("prompt_learner.proj.weight") for k in keys):
-        raise ValueError(
-            f"{file} is a MaPLe checkpoint: its prompts enter the first layers of both the text and the image "
-            "encoder (the image prompts are projections of the text ones), so no frozen image encoder gives its image "
-            "features; coopkit serves prompts at the text input of a frozen CLIP only, so it cannot import it"
-        )
-    if any("VPT" in k for k in keys) or "prompt_learner.ctx" in keys:
-        raise ValueError(
-            f"{file} holds a whole prompted CLIP (IVLP / PromptSRC style: prompts inside the image encoder's layers), "
-            "so no frozen image encoder gives its image features; coopkit cannot import it"
-        )
+    epoch = raw.get("epoch") if isinstance(raw, dict) else None
+    val = raw.get("val_result") if isinstance(raw, dict) else None
+    recorded = dict(epoch=int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+                    val_result=float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else None)
+    deep = _deep_trainer(keys)
+    if deep is not None:
+        tensors = {str(k): v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if "prompt_learner.ctx" not in tensors:
+            raise ValueError(f"{file} ({deep[0]}) has no 'prompt_learner.ctx' tensor; the checkpoint is incomplete")
+        return OfficialCheckpoint(path=file, trainer=deep[0], ctx=tensors["prompt_learner.ctx"].float(),
+                                  method=deep[1], state=tensors, **recorded)
     ctx = state.get("ctx")
     if not isinstance(ctx, torch.Tensor):
         raise ValueError(f"{file} has no 'ctx' tensor in its state_dict (keys: {keys[:8]}); expected an official "
@@ -176,19 +198,35 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
         raise ValueError(f"{file}: ctx has shape {tuple(ctx.shape)}, expected (n_ctx, width) or (n_cls, n_ctx, width)")
     # KgCoOp carries bias_vectors and an unused meta-net; CoCoOp a whole meta-net and no bias_vectors
     if "meta_net.linear2.weight" in keys and "bias_vectors" not in keys:
-        trainer = "CoCoOp"
+        trainer, method = "CoCoOp", cocoop.NAME
     else:
         trainer = "KgCoOp" if "bias_vectors" in keys or "meta_net.linear1.weight" in keys else "CoOp"
-    used = ("ctx", "token_prefix", "token_suffix") if trainer != "CoCoOp" else tuple(keys)
+        method = coop.NAME
+    used = ("ctx", "token_prefix", "token_suffix") if method == coop.NAME else tuple(keys)
     ignored = [k for k in keys if k not in used]
-    epoch = raw.get("epoch") if isinstance(raw, dict) else None
-    val = raw.get("val_result") if isinstance(raw, dict) else None
-    return OfficialCheckpoint(
-        path=file, trainer=trainer, ctx=ctx,
-        epoch=int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
-        val_result=float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else None,
-        ignored=ignored, tensors={k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
-    )
+    return OfficialCheckpoint(path=file, trainer=trainer, ctx=ctx, ignored=ignored, method=method,
+                              state={k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, **recorded)
+
+
+#: Frozen CLIP tensors a deep-prompt checkpoint holds (its name -> the open_clip model's), compared with the backbone.
+_FROZEN_PAIRS = (("image_encoder.conv1.weight", "visual.conv1.weight"),
+                 ("text_encoder.text_projection", "text_projection"),
+                 ("text_encoder.positional_embedding", "positional_embedding"))
+
+
+def check_frozen_weights(state: dict[str, torch.Tensor], backbone: Backbone) -> None:
+    """Refuse a deep-prompt checkpoint whose frozen CLIP tensors are not the backbone's (fp16 rounding allowed)."""
+    own = backbone.model.state_dict()
+    for theirs, ours in _FROZEN_PAIRS:
+        if theirs not in state or ours not in own:
+            continue
+        a, b = state[theirs].float().cpu(), own[ours].float().cpu()
+        if a.shape != b.shape:
+            raise ValueError(f"its frozen CLIP is another architecture ({theirs} {tuple(a.shape)}, the backbone's "
+                             f"{tuple(b.shape)}); load the CLIP it was trained on (the official code uses OpenAI's)")
+        if float((a - b).abs().max()) > 2e-3 * float(b.abs().max()):
+            raise ValueError(f"its frozen CLIP weights ({theirs}) differ from the backbone's; load the CLIP it was "
+                             "trained on (the official code uses OpenAI's weights: pretrained='openai')")
 
 
 def import_official(
@@ -200,6 +238,7 @@ def import_official(
     class_token_position: str = "end",
     device: str = "auto",
     backbone: Optional[Backbone] = None,
+    ctx_init: Optional[str] = None,
 ) -> Classifier:
     """Turn a context learned by the official CoOp (or KgCoOp), or a CoCoOp prompt learner (context and
     meta-net), into a coopkit classifier (then save/export it).
@@ -210,7 +249,9 @@ def import_official(
             (``coopkit.official_datasets.load_official(name, root).classnames``, or for base-to-new runs
             the base half, ``coopkit.userdata.subsample_classes``).
         model, pretrained: The CLIP the context was learned on (the official code uses OpenAI CLIP).
-        class_token_position: The ``CLASS_TOKEN_POSITION`` of the official run (CoCoOp: always ``end``).
+        class_token_position: The ``CLASS_TOKEN_POSITION`` of the official run (CoOp; CoCoOp: always ``end``).
+        ctx_init: IVLP / MaPLe / PromptSRC: the run's ``CTX_INIT`` (``None``: the official configs'
+            "a photo of a"; ``""`` for a run without one).
         device: Where to load the backbone.
         backbone: An already loaded backbone.
 
@@ -221,6 +262,8 @@ def import_official(
     """
     ck = read_official_checkpoint(checkpoint)
     path = ck.path
+    if ck.method not in (coop.NAME, cocoop.NAME):
+        return _import_deep(ck, classnames, backbone or load_backbone(model, pretrained, device), ctx_init)
     if ck.ignored:
         logger.info("%s (%s): ignoring %s (not used by its forward pass)", path, ck.trainer, ck.ignored)
     cocoop_file = ck.trainer == "CoCoOp"
@@ -232,7 +275,7 @@ def import_official(
     bb = backbone or load_backbone(model, pretrained, device)
     try:
         if cocoop_file:
-            fitted = spec.importer(ck.tensors, classnames, bb, None)
+            fitted = spec.importer(ck.state, classnames, bb, None)
         else:
             fitted = spec.importer({"ctx": ck.ctx}, classnames, bb, PromptConfig(class_token_position=class_token_position))
     except ValueError as e:
@@ -245,3 +288,23 @@ def import_official(
     )
     logger.info("imported official %s context %s from %s", ck.trainer, tuple(ck.ctx.shape), path)
     return Classifier(bb, config, fitted)
+
+
+def _import_deep(ck: OfficialCheckpoint, classnames: Sequence[str], bb: Backbone, ctx_init: Optional[str]) -> Classifier:
+    """An IVLP / MaPLe / PromptSRC checkpoint as a classifier (its method's importer on the prompt tensors)."""
+    spec = get(ck.method)
+    assert spec.importer is not None
+    try:
+        check_frozen_weights(ck.state, bb)
+        config = spec.make_config({"ctx_init": ctx_init or None} if ctx_init is not None else None)
+        fitted = spec.importer(ck.state, classnames, bb, config)
+    except ValueError as e:
+        raise ValueError(f"{ck.path} ({ck.trainer}): {e}") from None
+    config_ = RunConfig(
+        method=spec.name, classnames=list(classnames), **bb.run_fields(), **fitted.run_fields(),
+        metrics={"imported_from": str(ck.path), "official_trainer": ck.trainer, "official_epoch": ck.epoch,
+                 "official_val_result": ck.val_result},
+        coopkit_version=__version__,
+    )
+    logger.info("imported official %s prompts %s from %s", ck.trainer, sorted(fitted.state()), ck.path)
+    return Classifier(bb, config_, fitted)
