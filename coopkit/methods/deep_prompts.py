@@ -45,7 +45,7 @@ from ..config import ConfigMixin
 from ..features import autocast_for
 from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
-from ..runtime.tokenizer import token_layout
+from ..runtime.tokenizers.layout import token_layout
 from . import Method, register
 from .base import MethodModel, Shots, logit_scale, seed_everything
 
@@ -467,7 +467,7 @@ def train_deep_prompts(
     (+ ``extra_loss``); SGD with ``train.momentum`` / ``train.weight_decay`` over the learned tensors;
     learning rate :func:`dassl_lr` per epoch. ``images`` are decoded PIL images.
     """
-    from tqdm.auto import tqdm
+    from ..runtime.progress import progress_bar
 
     bb = model.backbone
     device = bb.device
@@ -480,7 +480,7 @@ def train_deep_prompts(
     drop_last = n >= bs
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
     model.train()
-    bar = tqdm(range(recipe.epochs), desc=f"training {model.method}", unit="epoch", disable=not progress)
+    bar = progress_bar(range(recipe.epochs), desc=f"training {model.method}", unit="epoch", enabled=progress)
     for epoch in bar:
         lr = dassl_lr(epoch, recipe.lr, recipe.epochs, train.warmup_epochs, train.warmup_lr)
         for group in optimizer.param_groups:
