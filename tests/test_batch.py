@@ -22,7 +22,7 @@ from PIL import Image
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_runtime import image_graph, photo  # noqa: E402
+from helpers import GraphModel, photo  # noqa: E402
 
 from coopkit.runtime import Classifier  # noqa: E402
 from coopkit.runtime.batch import BatchConfig, predict_collection  # noqa: E402
@@ -32,15 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("batch_model") / "model.onnx"
-    image_graph(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def clf(model: Path) -> Classifier:
-    return Classifier(model, device="cpu", threads=1)
+def clf(graph_model: GraphModel) -> Classifier:
+    return Classifier(graph_model.path, device="cpu", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +114,7 @@ def test_rows_equal_predict_alone_in_every_format(clf: Classifier, folder: Path,
         np.testing.assert_allclose(row["embedding"], clf.embed(row["path"])[0], atol=1e-6)
 
 
-def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> None:
+def test_every_rejected_input_is_a_row_error(graph_model: GraphModel, tmp_path: Path) -> None:
     d = tmp_path / "bad"
     d.mkdir()
     good = d / "good.png"
@@ -135,7 +128,7 @@ def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> Non
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(str(p) for p in [good, d / "empty.png", d / "text.png", d / "cut.png", d / "huge.png",
                                               d / "folder.png", d / "missing.png", good]))
-    small = Classifier(model, device="cpu", max_pixels=100 * 100)
+    small = Classifier(graph_model.path, device="cpu", max_pixels=100 * 100)
     out = tmp_path / "out.jsonl"
     summary = predict_collection(small, lst, out, progress=False, batch_size=3)
     rows = read_rows(out)
@@ -144,7 +137,7 @@ def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> Non
     assert "more than 10000 pixels" in rows[4]["error"] and "not found" in rows[6]["error"]
 
 
-def test_resume_after_interruption_and_kill(clf: Classifier, model: Path, folder: Path, tmp_path: Path) -> None:
+def test_resume_after_interruption_and_kill(clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
     want = read_rows(_full(clf, folder, tmp_path / "full.jsonl"))
 
     class Interrupt:  # the inputs, with Ctrl-C while the 20th is listed (3 batches are decoded ahead)
@@ -180,7 +173,7 @@ def slow():
         time.sleep(0.15)
         yield p
         print("row", flush=True)
-predict_collection({str(model)!r}, slow(), {str(out)!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
+predict_collection({str(graph_model.path)!r}, slow(), {str(out)!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
 """
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     for _ in range(12):
@@ -256,15 +249,15 @@ def _cli(*args: Any) -> Any:
     return CliRunner().invoke(predict, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, model: Path, folder: Path, tmp_path: Path) -> None:
+def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.parquet"
-    r = _cli(model, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
+    r = _cli(graph_model.path, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
     assert r.exit_code == 0, r.output
     assert "wrote 24 rows (1 unreadable)" in r.stderr and "images/s" in r.stderr
     assert len(read_rows(out)) == 24
-    r = _cli(model, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
+    r = _cli(graph_model.path, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
     assert r.exit_code == 0 and "wrote 0 rows (0 unreadable, 24 already there)" in r.stderr
-    r = _cli(model, folder / "b", "--json", "--device", "cpu", "--top-k", "2")
+    r = _cli(graph_model.path, folder / "b", "--json", "--device", "cpu", "--top-k", "2")
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.exit_code == 0 and [d["source"] for d in lines] == list(iter_inputs(folder / "b"))
     assert lines[0]["labels"] == list(clf.predict(lines[0]["source"], top_k=2)[0].labels)
@@ -272,5 +265,5 @@ def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, model: Path,
                          ((folder, "--out", tmp_path / "x.txt"), "extension"),
                          ((folder, "--engine", "ray"), "--out"),
                          ((folder, "--out", tmp_path / "y.csv", "--top-k", "0"), "top_k")):
-        r = _cli(model, *args)
+        r = _cli(graph_model.path, *args)
         assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.output)
