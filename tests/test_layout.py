@@ -20,7 +20,7 @@ PACKAGE = ROOT / "coopkit"
 #: the exporter works on the classifier object it is given).
 LAYERS = {
     "runtime": ("coopkit.runtime",),
-    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.userdata",
+    "foundation": ("coopkit", "coopkit.atomic_dirs", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.userdata",
                    "coopkit.official_datasets", "coopkit.embedded", "coopkit.embedded.world"),
     "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.methods",
              "coopkit.classifier", "coopkit.runs", "coopkit.train"),

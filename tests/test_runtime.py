@@ -138,7 +138,7 @@ def test_io_binding_path_matches_plain_run(graph_model: GraphModel, crops: np.nd
     # the CUDA path uses IO binding; the same code runs (and is checked) on the CPU provider
     c = Classifier(graph_model.path, device="cpu")
     plain = c.logits(crops)
-    c._use_io_binding = True
+    c.use_io_binding = True
     np.testing.assert_array_equal(c.logits(crops), plain)
     assert [r.labels for r in c.predict(crops)] == [r.labels for r in Classifier(graph_model.path, device="cpu").predict(crops)]
 
@@ -371,7 +371,7 @@ def test_cuda_matches_cpu(graph_model: GraphModel, crops: np.ndarray) -> None:
     gpu = Classifier(graph_model.path, device="cuda")
     if gpu.provider != CUDA:
         pytest.skip(f"CUDA provider did not start ({gpu.provider})")
-    assert gpu._use_io_binding
+    assert gpu.use_io_binding
     cpu = Classifier(graph_model.path, device="cpu")
     np.testing.assert_allclose(gpu.logits(crops), cpu.logits(crops), rtol=1e-3, atol=1e-3)
     assert create_session(graph_model.path, device="cuda").get_providers()[0] == CUDA

@@ -173,12 +173,12 @@ def test_kill_between_the_two_renames_where_folders_cannot_be_exchanged(coop, zs
                                                                         monkeypatch, caplog):
     """On a filesystem without RENAME_EXCHANGE the old run is renamed away before the new one is
     renamed in; a crash between the two leaves no run folder, and load() finds the old run."""
-    import coopkit._io
+    import coopkit.atomic_dirs
 
     old = _reference(coop, tmp_path / "ref")
     run = tmp_path / "box" / "run"
     coop.save(run)
-    monkeypatch.setattr(coopkit._io, "exchange", lambda a, b: False)
+    monkeypatch.setattr(coopkit.atomic_dirs, "exchange", lambda a, b: False)
     real_rename = os.rename
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child dies exactly between the two renames

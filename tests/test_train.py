@@ -88,7 +88,7 @@ def test_load_detects_mismatched_or_corrupt_files(fitted, tmp_path):
 
 
 def test_interrupted_save_keeps_the_old_run(fitted, tmp_path, monkeypatch):
-    import coopkit._io
+    import coopkit.atomic_dirs
 
     run = fitted.save(tmp_path / "run")
     before = {p.name: p.read_bytes() for p in run.iterdir()}
@@ -96,7 +96,7 @@ def test_interrupted_save_keeps_the_old_run(fitted, tmp_path, monkeypatch):
     def crash(*args, **kwargs):  # the disk "fails" when the new folder is flushed, before any rename
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(coopkit._io, "_fsync_tree", crash)
+    monkeypatch.setattr(coopkit.atomic_dirs, "fsync_tree", crash)
     with pytest.raises(OSError):
         fitted.save(run)
     with pytest.raises(OSError):
