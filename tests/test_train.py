@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from helpers import fit_tiny
 
 import coopkit
 from coopkit.train import lr_at
@@ -16,9 +18,8 @@ from coopkit.config import TrainConfig
 
 
 def _fit(bb, folder, **kw):
-    args = dict(backbone=bb, shots=8, epochs=10, n_views=2, n_ctx=4, batch_size=8, progress=False)
-    args.update(kw)
-    return coopkit.fit(folder / "train", **args)
+    """A longer fit than :func:`helpers.fit_tiny`'s: 8 shots, 10 epochs, 2 views."""
+    return fit_tiny(bb, folder, **{"shots": 8, "epochs": 10, "n_views": 2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +226,48 @@ def test_runs_saved_by_coopkit_0_2_0_load_unchanged(tmp_path, method):
     np.testing.assert_allclose(clf.logits(images), np.array(expected[f"{method}_logits"]), atol=1e-5, rtol=0)
     pred = clf.predict(images, top_k=1)
     assert [p.label for p in pred] == [clf.classnames[i] for i in np.argmax(expected[f"{method}_logits"], 1)]
+
+
+# --- training refuses what cannot train -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ({"lr": float("inf")}, "lr must be a finite number > 0"),
+    ({"lr": 0.0}, "lr must be a finite number > 0"),
+    ({"lr": True}, "lr must be a number, got True"),
+    ({"epochs": True}, "epochs must be an integer >= 1 or None, got True"),
+    ({"shots": True}, "shots must be an integer >= 1, got True"),
+    ({"momentum": 1.0}, "momentum must be a finite number >= 0 and < 1"),
+    ({"warmup_lr": float("nan")}, "warmup_lr must be a finite number > 0"),
+])
+def test_configs_refuse_what_cannot_train(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_one_class_and_bad_classnames_fail_before_the_model_loads(image_folder, tmp_path):
+    one = tmp_path / "one"
+    shutil.copytree(image_folder / "train" / "red", one / "red")
+    with pytest.raises(ValueError, match=r"1 class \['red'\]; CoOp learns to tell classes apart and needs at least two"):
+        coopkit.fit(one, model="no-such-model")
+    for names, match in [(["red", "red"], "duplicate class names"), (["red", " "], "blank names"),
+                         ("red", "must be a list of strings"), (["red"], "needs at least two")]:
+        with pytest.raises(ValueError, match=match):
+            coopkit.fit(image_folder / "train", classnames=names, model="no-such-model")
+
+
+def test_non_finite_context_stops_training_naming_the_epoch(tiny_backbone, image_folder, monkeypatch):
+    """The loss check fires first for a huge lr; here the context turns NaN while the loss of
+    the step that did it was still finite, so the per-epoch context check is what stops it."""
+    real_step = torch.optim.SGD.step
+
+    def poisoned(self, closure=None):
+        out = real_step(self, closure)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoned)
+    with pytest.raises(RuntimeError, match=r"context vectors became NaN or infinite at epoch 1/2"):
+        fit_tiny(tiny_backbone, image_folder)
