@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def clf(graph_model: GraphModel) -> Classifier:
+def graph_clf(graph_model: GraphModel) -> Classifier:
+    """The runtime classifier of ``graph_model`` with its default batch size (one CPU thread)."""
     return Classifier(graph_model.path, device="cpu", threads=1)
 
 
@@ -95,9 +96,9 @@ def _touch(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
-def test_rows_equal_predict_alone_in_every_format(clf: Classifier, folder: Path, tmp_path: Path, fmt: str) -> None:
+def test_rows_equal_predict_alone_in_every_format(graph_clf: Classifier, folder: Path, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"labels.{fmt}"
-    summary = predict_collection(clf, folder, out, BatchConfig(top_k=3, batch_size=5, embedding=True, logits=True),
+    summary = predict_collection(graph_clf, folder, out, BatchConfig(top_k=3, batch_size=5, embedding=True, logits=True),
                                  progress=False)
     assert (summary.rows, summary.errors, summary.skipped) == (24, 1, 0)
     rows = read_rows(out)
@@ -107,11 +108,11 @@ def test_rows_equal_predict_alone_in_every_format(clf: Classifier, folder: Path,
         if row["path"].endswith("broken.png"):
             assert row["label"] is None and row["labels"] == [] and "cannot decode" in row["error"]
             continue
-        (want,) = clf.predict(row["path"], top_k=3)
+        (want,) = graph_clf.predict(row["path"], top_k=3)
         assert row["labels"] == list(want.labels) and row["label"] == want.label and row["error"] is None
         np.testing.assert_allclose(row["probs"], want.probs, atol=1e-6)
-        np.testing.assert_allclose(row["logits"], clf.logits(row["path"])[0], atol=1e-5)
-        np.testing.assert_allclose(row["embedding"], clf.embed(row["path"])[0], atol=1e-6)
+        np.testing.assert_allclose(row["logits"], graph_clf.logits(row["path"])[0], atol=1e-5)
+        np.testing.assert_allclose(row["embedding"], graph_clf.embed(row["path"])[0], atol=1e-6)
 
 
 def test_every_rejected_input_is_a_row_error(graph_model: GraphModel, tmp_path: Path) -> None:
@@ -137,8 +138,8 @@ def test_every_rejected_input_is_a_row_error(graph_model: GraphModel, tmp_path: 
     assert "more than 10000 pixels" in rows[4]["error"] and "not found" in rows[6]["error"]
 
 
-def test_resume_after_interruption_and_kill(clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
-    want = read_rows(_full(clf, folder, tmp_path / "full.jsonl"))
+def test_resume_after_interruption_and_kill(graph_clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
+    want = read_rows(_full(graph_clf, folder, tmp_path / "full.jsonl"))
 
     class Interrupt:  # the inputs, with Ctrl-C while the 20th is listed (3 batches are decoded ahead)
         def __iter__(self) -> Any:
@@ -150,13 +151,13 @@ def test_resume_after_interruption_and_kill(clf: Classifier, graph_model: GraphM
     for fmt in ("jsonl", "csv", "parquet"):
         out = tmp_path / f"resume.{fmt}"
         with pytest.raises(KeyboardInterrupt):
-            predict_collection(clf, Interrupt(), out, progress=False, batch_size=4, flush_rows=4)
+            predict_collection(graph_clf, Interrupt(), out, progress=False, batch_size=4, flush_rows=4)
         partial = read_rows(out)  # a valid file: the whole batches done before Ctrl-C
         assert 0 < len(partial) < 24 and len(partial) % 4 == 0, (fmt, len(partial))
         if fmt == "jsonl":  # a crash in the middle of a write leaves a cut row: dropped on resume
             with open(out, "a") as f:
                 f.write('{"path": "cut sho')
-        summary = predict_collection(clf, folder, out, progress=False, batch_size=4)
+        summary = predict_collection(graph_clf, folder, out, progress=False, batch_size=4)
         assert summary.skipped == len(partial) and summary.rows == 24 - len(partial)
         got = read_rows(out)
         assert [r["path"] for r in got] == [r["path"] for r in want]
@@ -182,34 +183,34 @@ predict_collection({str(graph_model.path)!r}, slow(), {str(out)!r}, progress=Fal
     proc.wait(30)
     parts = out.parent / f".{out.name}.parts"
     assert not out.exists() and len(list(parts.glob("part-*.parquet"))) >= 3
-    summary = predict_collection(clf, folder, out, progress=False, batch_size=4)
+    summary = predict_collection(graph_clf, folder, out, progress=False, batch_size=4)
     assert summary.skipped >= 6 and summary.skipped + summary.rows == 24
     assert [r["labels"] for r in read_rows(out)] == [r["labels"] for r in want] and not parts.exists()
 
 
-def _full(clf: Classifier, folder: Path, out: Path) -> Path:
-    predict_collection(clf, folder, out, progress=False)
+def _full(graph_clf: Classifier, folder: Path, out: Path) -> Path:
+    predict_collection(graph_clf, folder, out, progress=False)
     return out
 
 
-def test_resume_refuses_other_inputs_or_columns(clf: Classifier, folder: Path, tmp_path: Path) -> None:
-    out = _full(clf, folder, tmp_path / "x.csv")
+def test_resume_refuses_other_inputs_or_columns(graph_clf: Classifier, folder: Path, tmp_path: Path) -> None:
+    out = _full(graph_clf, folder, tmp_path / "x.csv")
     with pytest.raises(ValueError, match="input has only 8"):
-        predict_collection(clf, f"{folder}/b/*", out, progress=False)
+        predict_collection(graph_clf, f"{folder}/b/*", out, progress=False)
     reordered = tmp_path / "reordered.txt"
     reordered.write_text("\n".join(reversed(list(iter_inputs(folder)))))
     with pytest.raises(ValueError, match="inputs changed"):
-        predict_collection(clf, reordered, out, progress=False)
+        predict_collection(graph_clf, reordered, out, progress=False)
     with pytest.raises(ValueError, match="columns"):
-        predict_collection(clf, folder, out, progress=False, embedding=True)
+        predict_collection(graph_clf, folder, out, progress=False, embedding=True)
     before = out.read_bytes()
     with pytest.raises(ValueError, match="holds rows with columns \\[.a., .b.\\]"):
-        predict_collection(clf, folder, _touch_csv(tmp_path / "mine.csv"), progress=False)
+        predict_collection(graph_clf, folder, _touch_csv(tmp_path / "mine.csv"), progress=False)
     assert out.read_bytes() == before and (tmp_path / "mine.csv").read_text() == "a,b\n1,2\n"
-    assert predict_collection(clf, folder, out, progress=False, overwrite=True, embedding=True).rows == 24
+    assert predict_collection(graph_clf, folder, out, progress=False, overwrite=True, embedding=True).rows == 24
     for bad, err in ((tmp_path / "x.txt", "extension"), (tmp_path, "folder"), (tmp_path / "no" / "x.csv", "does not exist")):
         with pytest.raises((ValueError, FileNotFoundError), match=err):
-            predict_collection(clf, folder, bad, progress=False)
+            predict_collection(graph_clf, folder, bad, progress=False)
 
 
 def _touch_csv(path: Path) -> Path:
@@ -217,7 +218,7 @@ def _touch_csv(path: Path) -> Path:
     return path
 
 
-def test_a_hundred_thousand_inputs_stream_in_bounded_memory(clf: Classifier, folder: Path, tmp_path: Path) -> None:
+def test_a_hundred_thousand_inputs_stream_in_bounded_memory(graph_clf: Classifier, folder: Path, tmp_path: Path) -> None:
     """10^5 listed paths (one in 1000 a real image, the rest missing): every row written, and the
     peak of Python allocations stays far below what holding the list would take (~11 MB)."""
     real = next(p for p in iter_inputs(folder) if "broken" not in p)
@@ -228,7 +229,7 @@ def test_a_hundred_thousand_inputs_stream_in_bounded_memory(clf: Classifier, fol
     out = tmp_path / "many.jsonl"
     tracemalloc.start()
     try:
-        summary = predict_collection(clf, lst, out, progress=False, batch_size=64)
+        summary = predict_collection(graph_clf, lst, out, progress=False, batch_size=64)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -249,7 +250,7 @@ def _cli(*args: Any) -> Any:
     return CliRunner().invoke(predict, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
+def test_cli_streams_to_a_file_and_expands_folders(graph_clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.parquet"
     r = _cli(graph_model.path, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
     assert r.exit_code == 0, r.output
@@ -260,7 +261,7 @@ def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, graph_model:
     r = _cli(graph_model.path, folder / "b", "--json", "--device", "cpu", "--top-k", "2")
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.exit_code == 0 and [d["source"] for d in lines] == list(iter_inputs(folder / "b"))
-    assert lines[0]["labels"] == list(clf.predict(lines[0]["source"], top_k=2)[0].labels)
+    assert lines[0]["labels"] == list(graph_clf.predict(lines[0]["source"], top_k=2)[0].labels)
     for args, needle in (((folder, folder, "--out", tmp_path / "x.csv"), "one INPUT"),
                          ((folder, "--out", tmp_path / "x.txt"), "extension"),
                          ((folder, "--engine", "ray"), "--out"),
