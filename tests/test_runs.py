@@ -1,4 +1,5 @@
-"""coopkit.runs: saving a run folder that survives any crash, and every stored file checked on load.
+"""coopkit.runs: save / load round trips, runs saved by coopkit 0.1.0 and 0.2.0 (tests/data), saves
+that survive any crash, and every stored file checked on load.
 
 Each test is a probe a demanding user could run: a real ``kill -9`` or Ctrl-C of a process that is
 saving, a real full filesystem (a small tmpfs, mounted here when we are root), real edited files.
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from helpers import error_lines, fit_tiny, one_line_error
 
@@ -46,6 +49,113 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def _visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+# --- round trips ------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(coop_csc, tiny_backbone, image_folder, tmp_path):
+    imgs = [str(p) for p in sorted((image_folder / "test").rglob("*.png"))[:5]]
+    run = coop_csc.save(tmp_path / "run")
+    assert sorted(os.listdir(run)) == ["config.json", "ctx.safetensors"]
+    again = coopkit.load(run, device="cpu")  # loads its own backbone from the recorded config file
+    np.testing.assert_array_equal(again.logits(imgs), coop_csc.logits(imgs))
+    assert again.predict(imgs) == coop_csc.predict(imgs)
+    assert again.config.metrics["history"] == coop_csc.config.metrics["history"]
+    # Saving over an existing run replaces it.
+    coop_csc.save(run)
+    assert coopkit.load(run, backbone=tiny_backbone).classnames == coop_csc.classnames
+
+
+def test_load_refuses_other_backbone_weights(coop_csc, tiny_config, tmp_path):
+    run = coop_csc.save(tmp_path / "run")
+    other = coopkit.load_backbone(str(tiny_config), pretrained=None, device="cpu")
+    with torch.no_grad():
+        other.model.ln_final.weight.add_(0.1)
+    with pytest.raises(ValueError, match="backbone weights differ"):
+        coopkit.load(run, backbone=other)
+
+
+def test_load_detects_mismatched_or_corrupt_files(coop_csc, tmp_path):
+    run = coop_csc.save(tmp_path / "run")
+    (run / "ctx.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="does not match config.json"):
+        coopkit.load(run)
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        coopkit.load(run)
+    with pytest.raises(FileNotFoundError, match="not a coopkit run"):
+        coopkit.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="run folder not found"):
+        coopkit.load(tmp_path / "nope")
+
+
+def test_interrupted_save_keeps_the_old_run(coop_csc, tmp_path, monkeypatch):
+    import coopkit.atomic_dirs
+
+    run = coop_csc.save(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def crash(*args, **kwargs):  # the disk "fails" when the new folder is flushed, before any rename
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(coopkit.atomic_dirs, "fsync_tree", crash)
+    with pytest.raises(OSError):
+        coop_csc.save(run)
+    with pytest.raises(OSError):
+        coop_csc.save(tmp_path / "fresh")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert not (tmp_path / "fresh").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary leftovers, hidden ones included
+
+
+# --- runs saved by earlier versions load unchanged ----------------------------------------------------
+
+
+def _v010_folder(root):
+    """The 12 images the runs in tests/data were fitted and scored on by coopkit 0.1.0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 40, 40), "sea_turtle": (40, 190, 60), "blue": (40, 60, 220)}
+    for name, rgb in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            img = (np.array(rgb)[None, None] + rng.normal(0, 25, (40, 48, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def test_runs_saved_by_coopkit_0_1_0_load_unchanged(tmp_path):
+    """config.json + ctx.safetensors written by the 0.1.0 code (before the configs became the
+    interface) load with today's code and give the logits 0.1.0 computed (recorded then)."""
+    data = __import__("pathlib").Path(__file__).parent / "data"
+    expected = json.loads((data / "run-0.1.0-expected.json").read_text())
+    folder = _v010_folder(tmp_path / "imgs")
+    images = [str(folder / p) for p in expected["images"]]
+    coop = coopkit.load(data / "run-0.1.0-coop", device="cpu")
+    assert coop.config.coopkit_version == "0.1.0" and coop.learner.config.class_token_position == "middle"
+    np.testing.assert_allclose(coop.logits(images), np.array(expected["coop_logits"]), atol=1e-5, rtol=0)
+    zs = coopkit.load(data / "run-0.1.0-zeroshot", device="cpu", backbone=coop.backbone)
+    assert zs.config.templates == ["a photo of a {}.", "a {} thing."]
+    again = coopkit.zero_shot(coop.backbone, zs.classnames, zs.config.templates)
+    np.testing.assert_array_equal(zs.logits(images), again.logits(images))
+
+
+@pytest.mark.parametrize("method", ["coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f"])
+def test_runs_saved_by_coopkit_0_2_0_load_unchanged(tmp_path, method):
+    """Runs of every method written by the 0.2.0 code (before the method registry) load with
+    today's code and give the logits 0.2.0 computed (recorded then, on the shipped coopkit-tiny)."""
+    data = __import__("pathlib").Path(__file__).parent / "data"
+    expected = json.loads((data / "run-0.2.0-expected.json").read_text())
+    folder = _v010_folder(tmp_path / "imgs")
+    images = [str(folder / p) for p in expected["images"]]
+    clf = coopkit.load(data / f"run-0.2.0-{method}", device="cpu")
+    assert clf.method == method and clf.config.coopkit_version == "0.2.0"
+    np.testing.assert_allclose(clf.logits(images), np.array(expected[f"{method}_logits"]), atol=1e-5, rtol=0)
+    pred = clf.predict(images, top_k=1)
+    assert [p.label for p in pred] == [clf.classnames[i] for i in np.argmax(expected[f"{method}_logits"], 1)]
 
 
 # --- saves that survive any crash -------------------------------------------------------------
