@@ -19,10 +19,7 @@ from typing import Any, Optional
 
 from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED
 from .runtime.configbase import ConfigMixin, default_of, help_of  # noqa: F401 - help_of, default_of: used by importers
-from .runtime.configbase import check_bool as _bool
-from .runtime.configbase import check_choice as _choice
-from .runtime.configbase import check_float as _float
-from .runtime.configbase import check_int as _int
+from .runtime.configbase import check_bool, check_choice, check_float, check_int
 from .runtime.contract import (
     CLASS_TOKEN_POSITIONS,
     DEFAULT_TEMPLATE,
@@ -39,7 +36,7 @@ CONFIG_VERSION = 1
 DEFAULT_PRETRAINED = "default"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 #: Compute precisions of training and encoding (autocast); the precisions of exported files are
-#: :data:`coopkit.runtime.contract.PRECISIONS`.
+#: :data:`coopkit.runtime.contract.FILE_PRECISIONS`.
 COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # The validators (check_int, check_float, check_bool, check_choice) and ConfigMixin live in
@@ -125,8 +122,8 @@ class PromptConfig(ConfigMixin):
         "help": "initialise the context from these words, e.g. 'a photo of a' (default: random, std 0.02)"})
 
     def __post_init__(self) -> None:
-        _int("n_ctx", self.n_ctx, 1)
-        _bool("csc", self.csc)
+        check_int("n_ctx", self.n_ctx, 1)
+        check_bool("csc", self.csc)
         check_position(self.class_token_position)
         if self.ctx_init is not None:
             if not isinstance(self.ctx_init, str):
@@ -175,19 +172,19 @@ class TrainConfig(ConfigMixin):
 
     def __post_init__(self) -> None:
         for name in ("shots", "batch_size", "n_views", "text_chunk_size"):
-            _int(name, getattr(self, name), 1)
-        _int("seed", self.seed, 0)
-        _int("epochs", self.epochs, 1, optional=True)
-        _int("warmup_epochs", self.warmup_epochs, 0)
-        _float("lr", self.lr, positive=True)
-        _float("warmup_lr", self.warmup_lr, positive=True)
-        _float("weight_decay", self.weight_decay)
-        _float("kg_weight", self.kg_weight)
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
+        check_int("epochs", self.epochs, 1, optional=True)
+        check_int("warmup_epochs", self.warmup_epochs, 0)
+        check_float("lr", self.lr, positive=True)
+        check_float("warmup_lr", self.warmup_lr, positive=True)
+        check_float("weight_decay", self.weight_decay)
+        check_float("kg_weight", self.kg_weight)
         check_templates([self.kg_template])
-        _float("momentum", self.momentum, below=1.0)
+        check_float("momentum", self.momentum, below=1.0)
         for name in ("augment", "strict"):
-            _bool(name, getattr(self, name))
-        _choice("precision", self.precision, COMPUTE_PRECISIONS)
+            check_bool(name, getattr(self, name))
+        check_choice("precision", self.precision, COMPUTE_PRECISIONS)
 
     @property
     def resolved_epochs(self) -> int:
@@ -209,50 +206,6 @@ class TrainingData(ConfigMixin):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"training data {name} must be a path string, got {value!r}")
-
-
-@dataclass
-class TipAdapterConfig(ConfigMixin):
-    """Tip-Adapter and Tip-Adapter-F (Zhang et al., 2022). Defaults follow the official code's configs."""
-
-    alpha: float = field(default=1.0, metadata={"help": "weight of the cache logits (when not searched)"})
-    beta: float = field(default=1.0, metadata={"help": "sharpness of the cache affinity (when not searched)"})
-    search_scale: Optional[tuple[float, float]] = field(default=(7.0, 3.0), metadata={
-        "help": "largest beta and alpha searched on the validation set (None: no search)"})
-    search_steps: tuple[int, int] = field(default=(200, 20), metadata={"help": "grid points for beta and alpha"})
-    epochs: int = field(default=20, metadata={"help": "Tip-Adapter-F: epochs of fine-tuning the cache keys"})
-    lr: float = field(default=0.001, metadata={"help": "Tip-Adapter-F: AdamW learning rate (cosine schedule)"})
-    batch_size: int = field(default=256, metadata={"help": "Tip-Adapter-F: images per step"})
-
-    def __post_init__(self) -> None:
-        _float("alpha", self.alpha)
-        _float("beta", self.beta)
-        if self.search_scale is not None:
-            self.search_scale = (_float("search_scale[0]", self.search_scale[0], 0.1, positive=True),
-                                 _float("search_scale[1]", self.search_scale[1], 0.1, positive=True))
-        self.search_steps = (_int("search_steps[0]", self.search_steps[0], 1), _int("search_steps[1]", self.search_steps[1], 1))
-        for name in ("epochs", "batch_size"):
-            _int(name, getattr(self, name), 1)
-        _float("lr", self.lr, positive=True)
-
-
-@dataclass
-class ClapConfig(ConfigMixin):
-    """The zero-shot-initialised linear probe with CLAP's class-adaptive constraint (Silva-Rodriguez et al.,
-    2024). Defaults follow the official code (SGD lr 0.1, batch 256, 300 epochs, one warm-up epoch)."""
-
-    epochs: int = field(default=300, metadata={"help": "passes over the cached training views"})
-    lr: float = field(default=0.1, metadata={"help": "peak SGD learning rate (momentum 0.9, cosine)"})
-    batch_size: int = field(default=256, metadata={"help": "features per step"})
-    constraint: bool = field(default=True, metadata={
-        "help": "penalise each class's drift from its zero-shot prototype, weighted by its zero-shot accuracy "
-                "(off: plain zero-shot-initialised linear probe)"})
-
-    def __post_init__(self) -> None:
-        _int("epochs", self.epochs, 1)
-        _int("batch_size", self.batch_size, 1)
-        _float("lr", self.lr, positive=True)
-        _bool("constraint", self.constraint)
 
 
 @dataclass
@@ -320,7 +273,7 @@ class RunConfig(ConfigMixin):
                      "run_sha256"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        _int("config_version", self.config_version, 0)
+        check_int("config_version", self.config_version, 0)
         if self.templates is not None and not isinstance(self.templates, (list, tuple)):
             raise ValueError(f"templates must be a list of strings or null, got {self.templates!r:.80}")
         if self.prompt is not None:

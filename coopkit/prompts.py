@@ -525,7 +525,7 @@ class PromptLearner(nn.Module):
         kv = self._shared_pass(shift) if self.n_shared else []
         ckpt = torch.is_grad_enabled() and self.n_cls > self.text_chunk_size
         out, order = [], []
-        for chunk in self._chunks():
+        for chunk in self.chunks():
             if self.packed:
                 fn, args = self._packed_pass, (chunk, shift, *kv)
             else:
@@ -537,7 +537,7 @@ class PromptLearner(nn.Module):
         feats = F.normalize(feats, dim=-1)
         return feats if shift is not None else feats[0]
 
-    def _chunks(self) -> list[list[torch.Tensor]]:
+    def chunks(self) -> list[list[torch.Tensor]]:
         """Chunks of at most ``text_chunk_size`` classes, each a list of equal-length groups.
 
         Packed towers take several length groups per chunk; the plain path takes one group.

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from . import __version__
-from ._io import atomic_dir, deferred_interrupt, interrupted_backup, probe_beside
+from .atomic_dirs import atomic_dir, deferred_interrupt, interrupted_backup, probe_beside
 from .backbone import Backbone, load_backbone, register_model_config
 from .config import RunConfig
 from .methods import get, names

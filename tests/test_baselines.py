@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import coopkit
-from coopkit.config import ClapConfig, TipAdapterConfig
+from coopkit.methods.clap import ClapConfig
+from coopkit.methods.tip_adapter import TipAdapterConfig
 from coopkit.exporters import export_onnx
 from coopkit.features import encode_images
 from coopkit.research.baselines import clap, encode_fewshot, linear_probe, search_alpha_beta, tip_adapter

@@ -22,7 +22,7 @@ from PIL import Image
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from test_runtime import image_graph, photo  # noqa: E402
+from helpers import GraphModel, photo  # noqa: E402
 
 from coopkit.runtime import Classifier  # noqa: E402
 from coopkit.runtime.batch import BatchConfig, predict_collection  # noqa: E402
@@ -32,15 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("batch_model") / "model.onnx"
-    image_graph(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def clf(model: Path) -> Classifier:
-    return Classifier(model, device="cpu", threads=1)
+def graph_clf(graph_model: GraphModel) -> Classifier:
+    """The runtime classifier of ``graph_model`` with its default batch size (one CPU thread)."""
+    return Classifier(graph_model.path, device="cpu", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +96,9 @@ def _touch(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
-def test_rows_equal_predict_alone_in_every_format(clf: Classifier, folder: Path, tmp_path: Path, fmt: str) -> None:
+def test_rows_equal_predict_alone_in_every_format(graph_clf: Classifier, folder: Path, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / f"labels.{fmt}"
-    summary = predict_collection(clf, folder, out, BatchConfig(top_k=3, batch_size=5, embedding=True, logits=True),
+    summary = predict_collection(graph_clf, folder, out, BatchConfig(top_k=3, batch_size=5, embedding=True, logits=True),
                                  progress=False)
     assert (summary.rows, summary.errors, summary.skipped) == (24, 1, 0)
     rows = read_rows(out)
@@ -114,14 +108,14 @@ def test_rows_equal_predict_alone_in_every_format(clf: Classifier, folder: Path,
         if row["path"].endswith("broken.png"):
             assert row["label"] is None and row["labels"] == [] and "cannot decode" in row["error"]
             continue
-        (want,) = clf.predict(row["path"], top_k=3)
+        (want,) = graph_clf.predict(row["path"], top_k=3)
         assert row["labels"] == list(want.labels) and row["label"] == want.label and row["error"] is None
         np.testing.assert_allclose(row["probs"], want.probs, atol=1e-6)
-        np.testing.assert_allclose(row["logits"], clf.logits(row["path"])[0], atol=1e-5)
-        np.testing.assert_allclose(row["embedding"], clf.embed(row["path"])[0], atol=1e-6)
+        np.testing.assert_allclose(row["logits"], graph_clf.logits(row["path"])[0], atol=1e-5)
+        np.testing.assert_allclose(row["embedding"], graph_clf.embed(row["path"])[0], atol=1e-6)
 
 
-def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> None:
+def test_every_rejected_input_is_a_row_error(graph_model: GraphModel, tmp_path: Path) -> None:
     d = tmp_path / "bad"
     d.mkdir()
     good = d / "good.png"
@@ -135,7 +129,7 @@ def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> Non
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join(str(p) for p in [good, d / "empty.png", d / "text.png", d / "cut.png", d / "huge.png",
                                               d / "folder.png", d / "missing.png", good]))
-    small = Classifier(model, device="cpu", max_pixels=100 * 100)
+    small = Classifier(graph_model.path, device="cpu", max_pixels=100 * 100)
     out = tmp_path / "out.jsonl"
     summary = predict_collection(small, lst, out, progress=False, batch_size=3)
     rows = read_rows(out)
@@ -144,8 +138,8 @@ def test_every_rejected_input_is_a_row_error(model: Path, tmp_path: Path) -> Non
     assert "more than 10000 pixels" in rows[4]["error"] and "not found" in rows[6]["error"]
 
 
-def test_resume_after_interruption_and_kill(clf: Classifier, model: Path, folder: Path, tmp_path: Path) -> None:
-    want = read_rows(_full(clf, folder, tmp_path / "full.jsonl"))
+def test_resume_after_interruption_and_kill(graph_clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
+    want = read_rows(_full(graph_clf, folder, tmp_path / "full.jsonl"))
 
     class Interrupt:  # the inputs, with Ctrl-C while the 20th is listed (3 batches are decoded ahead)
         def __iter__(self) -> Any:
@@ -157,13 +151,13 @@ def test_resume_after_interruption_and_kill(clf: Classifier, model: Path, folder
     for fmt in ("jsonl", "csv", "parquet"):
         out = tmp_path / f"resume.{fmt}"
         with pytest.raises(KeyboardInterrupt):
-            predict_collection(clf, Interrupt(), out, progress=False, batch_size=4, flush_rows=4)
+            predict_collection(graph_clf, Interrupt(), out, progress=False, batch_size=4, flush_rows=4)
         partial = read_rows(out)  # a valid file: the whole batches done before Ctrl-C
         assert 0 < len(partial) < 24 and len(partial) % 4 == 0, (fmt, len(partial))
         if fmt == "jsonl":  # a crash in the middle of a write leaves a cut row: dropped on resume
             with open(out, "a") as f:
                 f.write('{"path": "cut sho')
-        summary = predict_collection(clf, folder, out, progress=False, batch_size=4)
+        summary = predict_collection(graph_clf, folder, out, progress=False, batch_size=4)
         assert summary.skipped == len(partial) and summary.rows == 24 - len(partial)
         got = read_rows(out)
         assert [r["path"] for r in got] == [r["path"] for r in want]
@@ -180,7 +174,7 @@ def slow():
         time.sleep(0.15)
         yield p
         print("row", flush=True)
-predict_collection({str(model)!r}, slow(), {str(out)!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
+predict_collection({str(graph_model.path)!r}, slow(), {str(out)!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
 """
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     for _ in range(12):
@@ -189,34 +183,34 @@ predict_collection({str(model)!r}, slow(), {str(out)!r}, progress=False, batch_s
     proc.wait(30)
     parts = out.parent / f".{out.name}.parts"
     assert not out.exists() and len(list(parts.glob("part-*.parquet"))) >= 3
-    summary = predict_collection(clf, folder, out, progress=False, batch_size=4)
+    summary = predict_collection(graph_clf, folder, out, progress=False, batch_size=4)
     assert summary.skipped >= 6 and summary.skipped + summary.rows == 24
     assert [r["labels"] for r in read_rows(out)] == [r["labels"] for r in want] and not parts.exists()
 
 
-def _full(clf: Classifier, folder: Path, out: Path) -> Path:
-    predict_collection(clf, folder, out, progress=False)
+def _full(graph_clf: Classifier, folder: Path, out: Path) -> Path:
+    predict_collection(graph_clf, folder, out, progress=False)
     return out
 
 
-def test_resume_refuses_other_inputs_or_columns(clf: Classifier, folder: Path, tmp_path: Path) -> None:
-    out = _full(clf, folder, tmp_path / "x.csv")
+def test_resume_refuses_other_inputs_or_columns(graph_clf: Classifier, folder: Path, tmp_path: Path) -> None:
+    out = _full(graph_clf, folder, tmp_path / "x.csv")
     with pytest.raises(ValueError, match="input has only 8"):
-        predict_collection(clf, f"{folder}/b/*", out, progress=False)
+        predict_collection(graph_clf, f"{folder}/b/*", out, progress=False)
     reordered = tmp_path / "reordered.txt"
     reordered.write_text("\n".join(reversed(list(iter_inputs(folder)))))
     with pytest.raises(ValueError, match="inputs changed"):
-        predict_collection(clf, reordered, out, progress=False)
+        predict_collection(graph_clf, reordered, out, progress=False)
     with pytest.raises(ValueError, match="columns"):
-        predict_collection(clf, folder, out, progress=False, embedding=True)
+        predict_collection(graph_clf, folder, out, progress=False, embedding=True)
     before = out.read_bytes()
     with pytest.raises(ValueError, match="holds rows with columns \\[.a., .b.\\]"):
-        predict_collection(clf, folder, _touch_csv(tmp_path / "mine.csv"), progress=False)
+        predict_collection(graph_clf, folder, _touch_csv(tmp_path / "mine.csv"), progress=False)
     assert out.read_bytes() == before and (tmp_path / "mine.csv").read_text() == "a,b\n1,2\n"
-    assert predict_collection(clf, folder, out, progress=False, overwrite=True, embedding=True).rows == 24
+    assert predict_collection(graph_clf, folder, out, progress=False, overwrite=True, embedding=True).rows == 24
     for bad, err in ((tmp_path / "x.txt", "extension"), (tmp_path, "folder"), (tmp_path / "no" / "x.csv", "does not exist")):
         with pytest.raises((ValueError, FileNotFoundError), match=err):
-            predict_collection(clf, folder, bad, progress=False)
+            predict_collection(graph_clf, folder, bad, progress=False)
 
 
 def _touch_csv(path: Path) -> Path:
@@ -224,7 +218,7 @@ def _touch_csv(path: Path) -> Path:
     return path
 
 
-def test_a_hundred_thousand_inputs_stream_in_bounded_memory(clf: Classifier, folder: Path, tmp_path: Path) -> None:
+def test_a_hundred_thousand_inputs_stream_in_bounded_memory(graph_clf: Classifier, folder: Path, tmp_path: Path) -> None:
     """10^5 listed paths (one in 1000 a real image, the rest missing): every row written, and the
     peak of Python allocations stays far below what holding the list would take (~11 MB)."""
     real = next(p for p in iter_inputs(folder) if "broken" not in p)
@@ -235,7 +229,7 @@ def test_a_hundred_thousand_inputs_stream_in_bounded_memory(clf: Classifier, fol
     out = tmp_path / "many.jsonl"
     tracemalloc.start()
     try:
-        summary = predict_collection(clf, lst, out, progress=False, batch_size=64)
+        summary = predict_collection(graph_clf, lst, out, progress=False, batch_size=64)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -256,21 +250,21 @@ def _cli(*args: Any) -> Any:
     return CliRunner().invoke(predict, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_cli_streams_to_a_file_and_expands_folders(clf: Classifier, model: Path, folder: Path, tmp_path: Path) -> None:
+def test_cli_streams_to_a_file_and_expands_folders(graph_clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli.parquet"
-    r = _cli(model, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
+    r = _cli(graph_model.path, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
     assert r.exit_code == 0, r.output
     assert "wrote 24 rows (1 unreadable)" in r.stderr and "images/s" in r.stderr
     assert len(read_rows(out)) == 24
-    r = _cli(model, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
+    r = _cli(graph_model.path, folder, "--out", out, "--top-k", "2", "--device", "cpu", "--no-progress")
     assert r.exit_code == 0 and "wrote 0 rows (0 unreadable, 24 already there)" in r.stderr
-    r = _cli(model, folder / "b", "--json", "--device", "cpu", "--top-k", "2")
+    r = _cli(graph_model.path, folder / "b", "--json", "--device", "cpu", "--top-k", "2")
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.exit_code == 0 and [d["source"] for d in lines] == list(iter_inputs(folder / "b"))
-    assert lines[0]["labels"] == list(clf.predict(lines[0]["source"], top_k=2)[0].labels)
+    assert lines[0]["labels"] == list(graph_clf.predict(lines[0]["source"], top_k=2)[0].labels)
     for args, needle in (((folder, folder, "--out", tmp_path / "x.csv"), "one INPUT"),
                          ((folder, "--out", tmp_path / "x.txt"), "extension"),
                          ((folder, "--engine", "ray"), "--out"),
                          ((folder, "--out", tmp_path / "y.csv", "--top-k", "0"), "top_k")):
-        r = _cli(model, *args)
+        r = _cli(graph_model.path, *args)
         assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.output)

@@ -1,13 +1,17 @@
-"""The click CLI through CliRunner: fit, eval, zeroshot, help, and one-line errors."""
+"""The click CLI through CliRunner: fit, eval, zeroshot, export, help; every failure one line, output
+paths checked before any work."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
+from helpers import one_line_error
 
 from coopkit.cli import main
+from coopkit.runtime import Classifier as RuntimeClassifier
 
 
 @pytest.fixture()
@@ -68,11 +72,7 @@ def test_fit_eval_zeroshot(runner, tiny_config, image_folder, tmp_path):
 )
 def test_bad_input_is_one_line_exit_2(runner, image_folder, tiny_config, args, message):
     args = [a.format(train=image_folder / "train", config=tiny_config) for a in args]
-    res = runner.invoke(main, args)
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.strip().splitlines() if line.startswith("Error")]
-    assert len(lines) == 1 and message in lines[0], res.output
-    assert "Traceback" not in res.output
+    one_line_error(runner.invoke(main, args), 2, message)
 
 
 def test_bad_position_choice(runner, image_folder):
@@ -87,3 +87,58 @@ def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "coopkit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Usage: coopkit" in out.stdout and "fit" in out.stdout
+
+
+# --- failures: one line, output paths checked before any work ---------------------------------
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1"])
+def test_cli_fit_refuses_a_non_finite_lr_before_any_work(image_folder, tmp_path, lr):
+    res = CliRunner().invoke(main, ["fit", str(image_folder / "train"), "--out", str(tmp_path / "run"),
+                                    "--lr", lr, "--model", "no-such-model"])
+    one_line_error(res, 2, "lr must be a finite number > 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_output_paths_are_checked_before_any_work(tmp_path, image_folder):
+    runner = CliRunner()
+    res = runner.invoke(main, ["demo", "--out", "/proc/x"])
+    one_line_error(res, 2, "cannot save a run to /proc/x/run")
+    assert "[1/5]" not in res.output
+    res = runner.invoke(main, ["demo", "--out", str(tmp_path / "d"), "--device", "gpu"])
+    one_line_error(res, 2, "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N")
+    assert not (tmp_path / "d").exists()
+    if not torch.cuda.is_available():
+        res = runner.invoke(main, ["demo", "--out", str(tmp_path / "d"), "--device", "cuda"])
+        one_line_error(res, 1, "no usable CUDA device")
+        assert not (tmp_path / "d").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    res = runner.invoke(main, ["fit", str(image_folder / "train"), "--out", str(a_file), "--model", "no-such-model"])
+    one_line_error(res, 2, "it is a file; give a folder")
+    res = runner.invoke(main, ["zeroshot", str(image_folder / "test"), "--out", str(a_file), "--model", "no-such-model"])
+    one_line_error(res, 2, "it is a file")
+    res = runner.invoke(main, ["bench", "fewshot", "--train", str(image_folder / "train"), "--test",
+                               str(image_folder / "test"), "--seeds", "", "--out", str(tmp_path / "b"),
+                               "--model", "no-such-model"])
+    one_line_error(res, 2, "--seeds is empty")
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_out_ending_in_a_slash_is_a_folder(coop, tmp_path):
+    run = coop.save(tmp_path / "run")
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "newdir") + "/", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["file"] == str(tmp_path / "newdir" / "model.onnx")
+    assert (tmp_path / "newdir").is_dir() and RuntimeClassifier(tmp_path / "newdir" / "model.onnx", device="cpu")
+    res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "newdir"), "--json"])  # an existing folder
+    assert res.exit_code == 0 and json.loads(res.output)["file"] == str(tmp_path / "newdir" / "model.onnx")
+
+
+def test_cli_zeroshot_template_with_other_braces(tiny_config, image_folder):
+    res = CliRunner().invoke(main, ["zeroshot", str(image_folder / "test"), "--model", str(tiny_config),
+                                    "--pretrained", "none", "--device", "cpu", "--template", "a {x} photo of {}",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["n"] == 24

@@ -63,7 +63,7 @@ def files(tiny_backbone: Any, image_folder: Path, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="module")
-def images(image_folder: Path) -> list[Any]:
+def mixed_images(image_folder: Path) -> list[Any]:
     """The task's test images (odd sizes) and two larger generated ones."""
     rng = np.random.default_rng(5)
     paths = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
@@ -94,7 +94,7 @@ def _assert_same_answers(got: np.ndarray, want: np.ndarray, tolerance: float) ->
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_engine_equals_the_reference_on_every_file_kind(files: dict[str, Path], images: list[Any],
+def test_every_engine_equals_the_reference_on_every_file_kind(files: dict[str, Path], mixed_images: list[Any],
                                                               kind: str, engine: str) -> None:
     ref = Classifier(files[kind], device="cpu")
     clf = Classifier(files[kind], device="cpu", engine=engine)
@@ -105,7 +105,7 @@ def test_every_engine_equals_the_reference_on_every_file_kind(files: dict[str, P
         assert [(n.name, n.type) for n in mine] == [(n.name, n.type) for n in theirs]
         assert [[d if isinstance(d, int) else None for d in n.shape] for n in mine] == \
             [[d if isinstance(d, int) else None for d in n.shape] for n in theirs]
-    crops = ref.preprocess(images)  # (n, H, W, 3): the same graph input for both engines
+    crops = ref.preprocess(mixed_images)  # (n, H, W, 3): the same graph input for both engines
     tol = TOLERANCE[kind]
     for batch in (crops[:1], crops):
         _, got = clf.run_batch(batch, ("probs", "logits", "image_embeds"))
@@ -114,13 +114,13 @@ def test_every_engine_equals_the_reference_on_every_file_kind(files: dict[str, P
     # the whole path from image files: on a raw-input file OpenVINO is fed Pillow's crops (its
     # antialiased Resize differs from onnxruntime's), so it answers as the reference graph on crops
     assert clf.resizes_in_graph == (kind == "raw" and engine == "onnxruntime")
-    want = ref.probs(images) if clf.resizes_in_graph or kind != "raw" else ref.session.run(["probs"], {"images": crops})[0]
-    _assert_same_answers(clf.probs(images), want, tol)
-    assert [p.label for p in clf.predict(images, top_k=1)] == [NAMES[i] for i in want.argmax(1)]
+    want = ref.probs(mixed_images) if clf.resizes_in_graph or kind != "raw" else ref.session.run(["probs"], {"images": crops})[0]
+    _assert_same_answers(clf.probs(mixed_images), want, tol)
+    assert [p.label for p in clf.predict(mixed_images, top_k=1)] == [NAMES[i] for i in want.argmax(1)]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_the_text_graph_runs_on_the_image_graph_engine(files: dict[str, Path], images: list[Any], engine: str) -> None:
+def test_the_text_graph_runs_on_the_image_graph_engine(files: dict[str, Path], mixed_images: list[Any], engine: str) -> None:
     new = ["golden retriever", "fire truck", "x-ray"]
     ref = Classifier(files["fp32"], device="cpu")
     clf = Classifier(files["fp32"], device="cpu", engine=engine)
@@ -128,7 +128,7 @@ def test_the_text_graph_runs_on_the_image_graph_engine(files: dict[str, Path], i
     assert type(clf.text_encoder.session) is type(clf.session)
     ref.set_classes(new)
     clf.set_classes(new)
-    _assert_same_answers(clf.probs(images), ref.probs(images), TOLERANCE["text"])
+    _assert_same_answers(clf.probs(mixed_images), ref.probs(mixed_images), TOLERANCE["text"])
 
 
 # --- compute precision ------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def _cpu_has_bf16() -> bool:
 
 
 @needs_openvino
-def test_openvino_computes_fp32_unless_bf16_is_asked(files: dict[str, Path], images: list[Any]) -> None:
+def test_openvino_computes_fp32_unless_bf16_is_asked(files: dict[str, Path], mixed_images: list[Any]) -> None:
     import openvino as ov
 
     if not _cpu_has_bf16():
@@ -149,14 +149,14 @@ def test_openvino_computes_fp32_unless_bf16_is_asked(files: dict[str, Path], ima
     # OpenVINO's own default on this CPU is bf16: what coopkit pins away
     plain = ov.Core().compile_model(os.fspath(files["fp32"]), "CPU")
     assert "bfloat16" in str(plain.get_property("INFERENCE_PRECISION_HINT")).lower()
-    ref = Classifier(files["fp32"], device="cpu").probs(images)
+    ref = Classifier(files["fp32"], device="cpu").probs(mixed_images)
     fp32 = Classifier(files["fp32"], device="cpu", engine="openvino")
     bf16 = Classifier(files["fp32"], device="cpu", engine="openvino", compute="bf16")
     assert (fp32.engine.compute, bf16.engine.compute) == ("fp32", "bf16")
-    assert np.abs(fp32.probs(images) - ref).max() <= 1e-5
-    diff = np.abs(bf16.probs(images) - ref).max()
+    assert np.abs(fp32.probs(mixed_images) - ref).max() <= 1e-5
+    diff = np.abs(bf16.probs(mixed_images) - ref).max()
     assert 1e-5 < diff <= 1e-2  # bf16 really changes the answers, within the bf16 tolerance
-    _assert_same_answers(bf16.probs(images), ref, 1e-2)
+    _assert_same_answers(bf16.probs(mixed_images), ref, 1e-2)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -311,7 +311,7 @@ def test_a_damaged_cache_file_is_measured_again(files: dict[str, Path], cache: P
     assert not [p for p in Path(first.cache_file).parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_classifier_auto_measures_every_installed_engine_once(files: dict[str, Path], images: list[Any],
+def test_classifier_auto_measures_every_installed_engine_once(files: dict[str, Path], mixed_images: list[Any],
                                                               cache: Path) -> None:
     clf = Classifier(files["fp32"], device="cpu", engine="auto", batch_size=4)
     choice = clf.engine.choice
@@ -320,10 +320,10 @@ def test_classifier_auto_measures_every_installed_engine_once(files: dict[str, P
     best = max((m for m in choice.measurements if m.eligible), key=lambda m: m.score)
     assert choice.chosen == best.target and set(best.images_per_s) == {"1", "4"}
     assert clf.engine.to_dict()["auto"]["chosen"] == choice.chosen
-    _assert_same_answers(clf.probs(images), Classifier(files["fp32"], device="cpu").probs(images), TOLERANCE["fp32"])
+    _assert_same_answers(clf.probs(mixed_images), Classifier(files["fp32"], device="cpu").probs(mixed_images), TOLERANCE["fp32"])
     again = Classifier(files["fp32"], device="cpu", engine="auto", batch_size=4)
     assert again.engine.choice.from_cache and again.engine.label == clf.engine.label
-    np.testing.assert_array_equal(again.probs(images), clf.probs(images))
+    np.testing.assert_array_equal(again.probs(mixed_images), clf.probs(mixed_images))
 
 
 @needs_openvino

@@ -44,20 +44,6 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def coop(tiny_backbone, image_folder):
-    """A fitted CoOp classifier (unified context, class name at the end)."""
-    return coopkit.fit(image_folder / "train", backbone=tiny_backbone, shots=2, epochs=2, n_views=1,
-                       n_ctx=4, progress=False)
-
-
-@pytest.fixture(scope="module")
-def exported(coop, image_folder, tmp_path_factory):
-    """The fp32 export of ``coop`` with its text graph, verified on the labelled test images."""
-    out = tmp_path_factory.mktemp("export") / "model.onnx"
-    return export_onnx(coop, out, "fp32", with_text_encoder=True, verify_data=image_folder / "test")
-
-
 # --- the fp32 graph ---------------------------------------------------------------------------------
 
 

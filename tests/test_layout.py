@@ -1,6 +1,8 @@
 """The shape of the package: imports point one way, no private name crosses a module, the
 runtime and the foundations stay torch-free, method names are written only where the methods are
-registered, and the docs' layout page (docs/layout.md) matches the tree."""
+registered, the version is written once, and the docs' layout page (docs/layout.md) matches the tree.
+The tests themselves: no test module imports another, each fixture is defined once, and coopkit is
+tested through its public names."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ PACKAGE = ROOT / "coopkit"
 #: the exporter works on the classifier object it is given).
 LAYERS = {
     "runtime": ("coopkit.runtime",),
-    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.userdata",
+    "foundation": ("coopkit", "coopkit.atomic_dirs", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.userdata",
                    "coopkit.official_datasets", "coopkit.embedded", "coopkit.embedded.world"),
     "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.methods",
              "coopkit.classifier", "coopkit.runs", "coopkit.train"),
@@ -217,7 +219,9 @@ def test_method_names_are_written_only_in_the_methods_modules():
 
 
 def test_the_version_is_written_once():
-    """pyproject.toml reads the version from ``coopkit.__version__`` instead of writing it again."""
+    """pyproject.toml reads the version from ``coopkit.__version__`` instead of writing it again, and
+    the web package (private, never published: npm needs no version for it) writes none."""
+    import json
     import tomllib
 
     from setuptools.config.expand import read_attr
@@ -227,3 +231,76 @@ def test_the_version_is_written_once():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]
     assert read_attr("coopkit.__version__", root_dir=ROOT) == coopkit.__version__
+    assert "version" not in json.loads((ROOT / "web" / "package.json").read_text())
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+TESTS = ROOT / "tests"
+#: What test modules may import from the tests folder: the shared helpers (fixtures come from conftest.py
+#: through pytest, never by import).
+TEST_HELPERS = {"helpers"}
+
+
+def _test_files() -> dict[str, ast.Module]:
+    return {p.name: ast.parse(p.read_text()) for p in sorted(TESTS.glob("*.py"))}
+
+
+def test_no_test_module_imports_another():
+    local = {p.stem for p in TESTS.glob("*.py")} - TEST_HELPERS
+    bad = []
+    for name, tree in _test_files().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [node.module]
+            else:
+                continue
+            bad += [f"tests/{name}:{node.lineno} imports {t}" for t in targets if t.split(".")[0] in local]
+    assert not bad, "\n".join(bad) + "\n(shared functions belong in tests/helpers.py, fixtures in tests/conftest.py)"
+
+
+def _is_fixture(decorator: ast.expr) -> bool:
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return (isinstance(target, ast.Attribute) and target.attr == "fixture") or (
+        isinstance(target, ast.Name) and target.id == "fixture")
+
+
+def test_no_fixture_name_is_defined_twice():
+    """One definition per fixture name across tests/ (conftest.py included): a second one would
+    silently shadow the first in its module."""
+    where: dict[str, list[str]] = {}
+    for name, tree in _test_files().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(map(_is_fixture, node.decorator_list)):
+                where.setdefault(node.name, []).append(f"tests/{name}:{node.lineno}")
+    twice = {fixture: places for fixture, places in where.items() if len(places) > 1}
+    assert not twice, twice
+
+
+def test_tests_use_public_names_only():
+    """Tests import no private coopkit name or module and patch no private coopkit name: what a test
+    needs is public in the library (with a docstring) or reached through the public surface."""
+    bad = []
+    for name, tree in _test_files().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules, names = [a.name for a in node.names], []
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules, names = [node.module], [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "coopkit":
+                modules, names = [f"coopkit.{node.attr}"], []
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "setattr"
+                  and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+                modules, names = [], [str(node.args[1].value)]
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] == "coopkit" and any(
+                        part.startswith("_") and not part.startswith("__") for part in module.split(".")):
+                    bad.append(f"tests/{name}:{node.lineno} uses the private module {module}")
+            if all(m.split(".")[0] == "coopkit" for m in modules):
+                bad += [f"tests/{name}:{node.lineno} uses the private name {n}" for n in names
+                        if n.startswith("_") and not n.startswith("__")]
+    assert not bad, "\n".join(bad)

@@ -14,7 +14,7 @@ import pytest
 from coopkit.userdata import few_shot_splits, subsample_classes
 from coopkit.official_datasets import DATASETS, dataset_spec, few_shot_official, load_official
 
-from conftest import IMAGENET_CLASSES
+from helpers import IMAGENET_CLASSES
 
 EXPECTED = {  # class names as the official prompts use them: split-file names, "_" read as a space
     "caltech101": ["accordion", "airplane", "face", "yin yang"],

@@ -32,7 +32,7 @@ def test_text_features_equal_full_length_reference(tiny_backbone, csc, position,
                   text_chunk_size=chunk)
     assert pl.packed
     if chunk > len(NAMES):
-        assert len(pl._chunks()) == 1 and len(pl._chunks()[0]) > 1  # one pass, several length groups
+        assert len(pl.chunks()) == 1 and len(pl.chunks()[0]) > 1  # one pass, several length groups
     fast = pl.text_features()
     ref = reference_text_features(pl)
     assert fast.shape == (len(NAMES), tiny_backbone.model.text_projection.shape[1])

@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("pyarrow")
 
-from test_runtime import image_graph, photo  # noqa: E402
+from helpers import image_graph, photo  # noqa: E402
 
 from coopkit.runtime.batch import predict_collection  # noqa: E402
 from coopkit.runtime.inputs import iter_inputs  # noqa: E402

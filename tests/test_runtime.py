@@ -22,7 +22,19 @@ from PIL import Image
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+from helpers import (  # noqa: E402
+    CLASSES,
+    LOGIT_SCALE,
+    GraphModel,
+    image_graph,
+    onnx_model,
+    photo,
+    reference,
+    text_graph,
+    text_reference,
+)
 
 from coopkit.runtime import Classifier, ImageDecodeError, MetadataError, ModelMetadata, Prediction  # noqa: E402
 from coopkit.runtime.preprocess import load_image, preprocess, resize_and_crop  # noqa: E402
@@ -30,134 +42,8 @@ from coopkit.runtime.session import CPU, CUDA, cuda_device_count, create_session
 from coopkit.runtime.tokenizers.cleaning import clean_text  # noqa: E402
 from coopkit.runtime.tokenizers.clip_bpe import ClipTokenizer, split_words  # noqa: E402
 
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-CLASSES = ["cat", "dog", "sea turtle", "golden retriever", "red fox"]
-TEXT_VOCAB_ROWS = 1000  # the text fixture maps token ids into a small table (id % 1000)
-LOGIT_SCALE = 20.0
 
-
-# --- fixture graphs: the exporter's contract, built by hand -------------------------------------
-
-
-def _model(graph: Any, meta: Optional[ModelMetadata]) -> Any:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="coopkit-tests")
-    model.ir_version = 9  # onnxruntime reads up to its own IR version; onnx writes its newest
-    if meta is not None:
-        helper.set_model_props(model, {"coopkit": meta.to_json()})
-    onnx.checker.check_model(model)
-    return model
-
-
-def image_graph(
-    path: Path,
-    classnames: list[str] = CLASSES,
-    image_size: tuple[int, int] = (32, 32),
-    embed_dim: int = 16,
-    seed: int = 0,
-    weights: Optional[np.ndarray] = None,
-    batch: Any = "batch",
-    meta: Optional[ModelMetadata] = None,
-    **meta_kwargs: Any,
-) -> dict[str, np.ndarray]:
-    """uint8 (n,H,W,3) -> /255 -> (x-mean)/std -> NCHW -> flatten @ P -> L2 -> @ W^T -> softmax.
-
-    Returns the weights, for :func:`reference`."""
-    rng = np.random.default_rng(seed)
-    h, w = image_size
-    proj = (rng.normal(size=(3 * h * w, embed_dim)) / np.sqrt(3 * h * w)).astype(np.float32)
-    if weights is None:
-        weights = rng.normal(size=(len(classnames), embed_dim)).astype(np.float32)
-        weights = (LOGIT_SCALE * weights / np.linalg.norm(weights, axis=1, keepdims=True)).astype(np.float32)
-    inits = [
-        numpy_helper.from_array(np.array(255.0, np.float32), "k255"),
-        numpy_helper.from_array(MEAN.reshape(1, 1, 1, 3), "mean"),
-        numpy_helper.from_array(STD.reshape(1, 1, 1, 3), "std"),
-        numpy_helper.from_array(proj, "proj"),
-        numpy_helper.from_array(np.ascontiguousarray(weights.T), "w_t"),
-    ]
-    nodes = [
-        helper.make_node("Cast", ["images"], ["xf"], to=TensorProto.FLOAT),
-        helper.make_node("Div", ["xf", "k255"], ["x01"]),
-        helper.make_node("Sub", ["x01", "mean"], ["xc"]),
-        helper.make_node("Div", ["xc", "std"], ["xn"]),
-        helper.make_node("Transpose", ["xn"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Flatten", ["nchw"], ["flat"], axis=1),
-        helper.make_node("MatMul", ["flat", "proj"], ["feat"]),
-        helper.make_node("ReduceL2", ["feat"], ["norm"], axes=[1], keepdims=1),
-        helper.make_node("Div", ["feat", "norm"], ["image_embeds"]),
-        helper.make_node("MatMul", ["image_embeds", "w_t"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "coopkit-test-image",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, [batch, h, w, 3])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, len(classnames)]),
-            helper.make_tensor_value_info("probs", TensorProto.FLOAT, [batch, len(classnames)]),
-            helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [batch, embed_dim]),
-        ],
-        inits,
-    )
-    if meta is None:
-        meta = ModelMetadata(classnames=classnames, image_size=image_size, embed_dim=embed_dim, model="test", **meta_kwargs)
-    onnx.save(_model(graph, meta), str(path))
-    return {"proj": proj, "weights": weights}
-
-
-def text_graph(path: Path, embed_dim: int = 16, seed: int = 1) -> np.ndarray:
-    """token_ids int64 (n, L) -> table[ids % 1000] -> mean over L -> L2 -> x LOGIT_SCALE."""
-    table = np.random.default_rng(seed).normal(size=(TEXT_VOCAB_ROWS, embed_dim)).astype(np.float32)
-    nodes = [
-        helper.make_node("Mod", ["token_ids", "rows"], ["ids"]),
-        helper.make_node("Gather", ["table", "ids"], ["emb"], axis=0),
-        helper.make_node("ReduceMean", ["emb"], ["pooled"], axes=[1], keepdims=0),
-        helper.make_node("ReduceL2", ["pooled"], ["norm"], axes=[1], keepdims=1),
-        helper.make_node("Div", ["pooled", "norm"], ["unit"]),
-        helper.make_node("Mul", ["unit", "scale"], ["class_weights"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "coopkit-test-text",
-        [helper.make_tensor_value_info("token_ids", TensorProto.INT64, ["n", 77])],
-        [helper.make_tensor_value_info("class_weights", TensorProto.FLOAT, ["n", embed_dim])],
-        [
-            numpy_helper.from_array(np.array(TEXT_VOCAB_ROWS, np.int64), "rows"),
-            numpy_helper.from_array(table, "table"),
-            numpy_helper.from_array(np.array(LOGIT_SCALE, np.float32), "scale"),
-        ],
-    )
-    onnx.save(_model(graph, None), str(path))
-    return table
-
-
-def text_reference(table: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    pooled = table[tokens % TEXT_VOCAB_ROWS].astype(np.float64).mean(axis=1)  # (n, dim)
-    return LOGIT_SCALE * pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-
-
-def reference(batch: np.ndarray, params: dict[str, np.ndarray], weights: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
-    """The fixture graph in float64 numpy."""
-    x = (batch.astype(np.float64) / 255.0 - MEAN) / STD  # (n, H, W, 3)
-    flat = x.transpose(0, 3, 1, 2).reshape(len(batch), -1)  # (n, 3*H*W)
-    feat = flat @ params["proj"].astype(np.float64)
-    embeds = feat / np.linalg.norm(feat, axis=1, keepdims=True)
-    w = params["weights"] if weights is None else weights
-    logits = embeds @ w.astype(np.float64).T
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return {"image_embeds": embeds, "logits": logits, "probs": e / e.sum(axis=1, keepdims=True)}
-
-
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A smooth, photo-like uint8 RGB image (gradients, a disc, mild noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    r = 127 + 120 * np.sin(xx / max(width, 1) * 3.1 + seed)
-    g = 127 + 120 * np.cos(yy / max(height, 1) * 2.3 + seed)
-    b = 255 * ((xx - width * 0.6) ** 2 + (yy - height * 0.4) ** 2 < (min(width, height) * 0.3) ** 2)
-    img = np.stack([r, g, b], axis=-1) + rng.normal(0, 6, size=(height, width, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+# --- fixtures: the hand-built graphs of helpers.py ----------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +52,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    path = model_dir / "model.onnx"
-    return path, image_graph(path)
-
-
-@pytest.fixture(scope="module")
-def clf(model: tuple[Path, dict[str, np.ndarray]]) -> Classifier:
-    return Classifier(model[0], device="cpu", threads=1, batch_size=4)
+def clf(graph_model: GraphModel) -> Classifier:
+    return Classifier(graph_model.path, device="cpu", threads=1, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +65,8 @@ def crops() -> np.ndarray:
 # --- classifier: outputs against numpy -----------------------------------------------------------
 
 
-def test_logits_probs_embeds_match_numpy(clf: Classifier, model: Any, crops: np.ndarray) -> None:
-    ref = reference(crops, model[1])
+def test_logits_probs_embeds_match_numpy(clf: Classifier, graph_model: GraphModel, crops: np.ndarray) -> None:
+    ref = reference(crops, graph_model.params)
     np.testing.assert_allclose(clf.logits(crops), ref["logits"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(clf.probs(crops), ref["probs"], rtol=1e-4, atol=1e-6)
     embeds = clf.embed(crops)
@@ -195,8 +75,8 @@ def test_logits_probs_embeds_match_numpy(clf: Classifier, model: Any, crops: np.
     np.testing.assert_allclose(np.linalg.norm(embeds, axis=1), 1.0, atol=1e-5)
 
 
-def test_predict_top_k_best_first(clf: Classifier, model: Any, crops: np.ndarray) -> None:
-    ref = reference(crops, model[1])["probs"]
+def test_predict_top_k_best_first(clf: Classifier, graph_model: GraphModel, crops: np.ndarray) -> None:
+    ref = reference(crops, graph_model.params)["probs"]
     results = clf.predict(list(crops), top_k=3)
     assert len(results) == 10 and all(isinstance(r, Prediction) and r.ok for r in results)
     for i, r in enumerate(results):
@@ -224,11 +104,11 @@ def test_mixed_inputs_give_the_same_answer(clf: Classifier, tmp_path: Path) -> N
     assert len(single) == 1 and single[0].source == str(png)
 
 
-def test_batches_of_any_size_agree(model: Any, crops: np.ndarray) -> None:
-    one = Classifier(model[0], device="cpu", batch_size=1, workers=1).logits(crops)
-    three = Classifier(model[0], device="cpu", batch_size=3, workers=3).logits(list(crops))
+def test_batches_of_any_size_agree(graph_model: GraphModel, crops: np.ndarray) -> None:
+    one = Classifier(graph_model.path, device="cpu", batch_size=1, workers=1).logits(crops)
+    three = Classifier(graph_model.path, device="cpu", batch_size=3, workers=3).logits(list(crops))
     np.testing.assert_allclose(one, three, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(one, reference(crops, model[1])["logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(one, reference(crops, graph_model.params)["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_static_batch_graph_is_padded(model_dir: Path, crops: np.ndarray) -> None:
@@ -254,17 +134,17 @@ def test_zero_images(clf: Classifier) -> None:
     assert clf.embed([]).shape == (0, 16)
 
 
-def test_io_binding_path_matches_plain_run(model: Any, crops: np.ndarray) -> None:
+def test_io_binding_path_matches_plain_run(graph_model: GraphModel, crops: np.ndarray) -> None:
     # the CUDA path uses IO binding; the same code runs (and is checked) on the CPU provider
-    c = Classifier(model[0], device="cpu")
+    c = Classifier(graph_model.path, device="cpu")
     plain = c.logits(crops)
-    c._use_io_binding = True
+    c.use_io_binding = True
     np.testing.assert_array_equal(c.logits(crops), plain)
-    assert [r.labels for r in c.predict(crops)] == [r.labels for r in Classifier(model[0], device="cpu").predict(crops)]
+    assert [r.labels for r in c.predict(crops)] == [r.labels for r in Classifier(graph_model.path, device="cpu").predict(crops)]
 
 
-def test_thread_safe_results_identical_to_sequential(model: Any) -> None:
-    c = Classifier(model[0], device="cpu", batch_size=4, workers=2)
+def test_thread_safe_results_identical_to_sequential(graph_model: GraphModel) -> None:
+    c = Classifier(graph_model.path, device="cpu", batch_size=4, workers=2)
     # images of different sizes, so the resizing runs too
     jobs = [[photo(40 + i, 30 + 2 * i, seed=10 * t + i) for i in range(5)] for t in range(16)]
     sequential = [c.logits(j) for j in jobs]
@@ -402,7 +282,7 @@ def test_onnx_without_coopkit_metadata(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
-    onnx.save(_model(graph, None), str(path))
+    onnx.save(onnx_model(graph, None), str(path))
     with pytest.raises(MetadataError, match="not a coopkit model"):
         Classifier(path, device="cpu")
 
@@ -446,37 +326,37 @@ def _cuda_works(path: Path) -> bool:
         return False
 
 
-def test_cpu_and_auto_report_the_real_provider(model: Any) -> None:
-    assert Classifier(model[0], device="cpu").provider == CPU
-    auto = Classifier(model[0], device="auto")
+def test_cpu_and_auto_report_the_real_provider(graph_model: GraphModel) -> None:
+    assert Classifier(graph_model.path, device="cpu").provider == CPU
+    auto = Classifier(graph_model.path, device="auto")
     assert auto.provider == auto.session.get_providers()[0]
-    assert auto.provider == (CUDA if _cuda_works(model[0]) else CPU)
+    assert auto.provider == (CUDA if _cuda_works(graph_model.path) else CPU)
     assert auto.device == ("cuda" if auto.provider == CUDA else "cpu")
-    assert Classifier(model[0], providers=["CPUExecutionProvider"]).provider == CPU
+    assert Classifier(graph_model.path, providers=["CPUExecutionProvider"]).provider == CPU
 
 
-def test_bad_device_and_provider_names(model: Any) -> None:
+def test_bad_device_and_provider_names(graph_model: GraphModel) -> None:
     with pytest.raises(ValueError, match="device 'tpu'"):
-        Classifier(model[0], device="tpu")
+        Classifier(graph_model.path, device="tpu")
     with pytest.raises(ValueError, match="NopeExecutionProvider"):
-        Classifier(model[0], providers=["NopeExecutionProvider"])
+        Classifier(graph_model.path, providers=["NopeExecutionProvider"])
     with pytest.raises(ValueError, match="threads"):
-        Classifier(model[0], device="cpu", threads=0)
+        Classifier(graph_model.path, device="cpu", threads=0)
 
 
-def test_cuda_requested_without_cuda_raises_clearly(model: Any) -> None:
-    if _cuda_works(model[0]):
+def test_cuda_requested_without_cuda_raises_clearly(graph_model: GraphModel) -> None:
+    if _cuda_works(graph_model.path):
         pytest.skip("CUDA works here: the error path cannot be provoked")
     with pytest.raises(RuntimeError, match="CUDA cannot run here"):
-        Classifier(model[0], device="cuda")
+        Classifier(graph_model.path, device="cuda")
 
 
-def test_auto_on_a_machine_without_gpu_prints_nothing(model: Any) -> None:
+def test_auto_on_a_machine_without_gpu_prints_nothing(graph_model: GraphModel) -> None:
     if cuda_device_count()[0]:
         pytest.skip("a GPU is present")
     code = (
         "import sys; from coopkit.runtime import Classifier; "
-        f"c = Classifier({str(model[0])!r}); print(c.provider)"
+        f"c = Classifier({str(graph_model.path)!r}); print(c.provider)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -485,16 +365,16 @@ def test_auto_on_a_machine_without_gpu_prints_nothing(model: Any) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu(model: Any, crops: np.ndarray) -> None:
-    if not _cuda_works(model[0]):
+def test_cuda_matches_cpu(graph_model: GraphModel, crops: np.ndarray) -> None:
+    if not _cuda_works(graph_model.path):
         pytest.skip("no usable CUDA GPU")
-    gpu = Classifier(model[0], device="cuda")
+    gpu = Classifier(graph_model.path, device="cuda")
     if gpu.provider != CUDA:
         pytest.skip(f"CUDA provider did not start ({gpu.provider})")
-    assert gpu._use_io_binding
-    cpu = Classifier(model[0], device="cpu")
+    assert gpu.use_io_binding
+    cpu = Classifier(graph_model.path, device="cpu")
     np.testing.assert_allclose(gpu.logits(crops), cpu.logits(crops), rtol=1e-3, atol=1e-3)
-    assert create_session(model[0], device="cuda").get_providers()[0] == CUDA
+    assert create_session(graph_model.path, device="cuda").get_providers()[0] == CUDA
 
 
 # --- set_classes through a text graph ------------------------------------------------------------
@@ -605,13 +485,13 @@ def test_set_classes_is_atomic_under_threads(text_model: dict[str, Any], crops: 
 # --- torch-free, proven ----------------------------------------------------------------------------
 
 
-def test_runtime_imports_neither_torch_nor_open_clip(model: Any, tmp_path: Path) -> None:
+def test_runtime_imports_neither_torch_nor_open_clip(graph_model: GraphModel, tmp_path: Path) -> None:
     img = tmp_path / "x.png"
     Image.fromarray(photo(50, 40)).save(img)
     code = f"""
 import sys
 from coopkit.runtime import Classifier
-clf = Classifier({str(model[0])!r})
+clf = Classifier({str(graph_model.path)!r})
 res = clf.predict([{str(img)!r}], top_k=2)
 assert len(res) == 1 and res[0].ok, res
 bad = sorted(m for m in ("torch", "open_clip", "onnx", "click", "torchvision") if m in sys.modules)
@@ -637,30 +517,30 @@ def cli() -> Any:
     return lambda *args: CliRunner().invoke(predict, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_cli_predict_text_and_json(cli: Any, model: Any, tmp_path: Path, clf: Classifier) -> None:
+def test_cli_predict_text_and_json(cli: Any, graph_model: GraphModel, tmp_path: Path, clf: Classifier) -> None:
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"img{i}.jpg")
         Image.fromarray(photo(64 + i, 48, seed=i)).save(paths[-1], quality=95)
     expected = clf.predict(paths, top_k=2)
-    out = cli(model[0], *paths, "--top-k", "2", "--device", "cpu")
+    out = cli(graph_model.path, *paths, "--top-k", "2", "--device", "cpu")
     assert out.exit_code == 0, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 3
     for line, want in zip(lines, expected):
         assert line.startswith(str(want.source) + "\t") and f"{want.labels[0]} ({want.probs[0]:.3f})" in line
-    out = cli(model[0], *paths, "--json")
+    out = cli(graph_model.path, *paths, "--json")
     records = [json.loads(line) for line in out.output.strip().splitlines()]
     assert [r["labels"][0] for r in records] == [r.label for r in expected]
     assert all(len(r["labels"]) == 5 and abs(sum(r["probs"]) - 1) < 1e-5 for r in records)  # all 5 classes
 
 
-def test_cli_bad_input_exit_2(cli: Any, model: Any, tmp_path: Path) -> None:
+def test_cli_bad_input_exit_2(cli: Any, graph_model: GraphModel, tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     Image.fromarray(photo(40, 40)).save(good)
     bad = tmp_path / "bad.png"
     bad.write_text("nope")
-    out = cli(model[0], good, bad)
+    out = cli(graph_model.path, good, bad)
     assert out.exit_code == 2
     assert out.stdout.count("\n") == 1 and str(good) in out.stdout  # the good one is still labelled
     assert "bad.png" in out.stderr and out.stderr.count("\n") == 1
@@ -669,7 +549,7 @@ def test_cli_bad_input_exit_2(cli: Any, model: Any, tmp_path: Path) -> None:
     for model_arg, needle in ((tmp_path / "missing.onnx", "not found"), (junk, "not an ONNX file"), (good, "ONNX")):
         out = cli(model_arg, good)
         assert out.exit_code == 2 and needle in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    out = cli(model[0])  # zero images
+    out = cli(graph_model.path)  # zero images
     assert out.exit_code == 2
 
 

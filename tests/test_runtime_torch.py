@@ -1,4 +1,5 @@
-"""coopkit.runtime against open_clip itself: preprocessing, tokenisation and exported models.
+"""coopkit.runtime against open_clip itself: preprocessing, tokenisation and exported models; the
+runtime and the PyTorch classifier refuse the same bad class names and bad images, item by item.
 
 Skipped where torch / open_clip are not installed (the torch-free CI environment).
 """
@@ -6,6 +7,8 @@ Skipped where torch / open_clip are not installed (the torch-free CI environment
 from __future__ import annotations
 
 import random
+import sys
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,11 @@ from PIL import Image, ImageOps
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
+import coopkit  # noqa: E402
+from coopkit.runtime import Classifier as RuntimeClassifier  # noqa: E402
+from coopkit.runtime import ImageDecodeError  # noqa: E402
 from coopkit.runtime.preprocess import load_image, preprocess  # noqa: E402
-from coopkit.runtime.tokenizers import clip_bpe, cleaning  # noqa: E402
+from coopkit.runtime.tokenizers import clip_bpe  # noqa: E402
 from coopkit.runtime.tokenizers.cleaning import clean_text  # noqa: E402
 from coopkit.runtime.tokenizers.clip_bpe import ClipTokenizer, split_words  # noqa: E402
 
@@ -158,7 +164,7 @@ def test_tokenizer_matches_open_clip() -> None:
 
 
 def test_tokenizer_without_ftfy_matches_on_text_without_mojibake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cleaning, "_fix_text", cleaning._fix_text_lite)
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # as if ftfy were not installed: the lite cleaner runs
     texts = _varied_strings(300, seed=1)
     ours = ClipTokenizer()(texts)
     ref = open_clip.tokenize(texts).numpy()
@@ -182,7 +188,7 @@ def test_pre_tokenizer_agrees_with_regex_everywhere() -> None:
         if unicodedata.category(ch) in ("Cn", "Cs"):
             continue  # unassigned in this Python's Unicode tables (regex may know newer ones)
         want = "L" if letter.match(ch) else "N" if number.match(ch) else "S" if space.match(ch) else "O"
-        if clip_bpe._char_class(ch) != want:
+        if clip_bpe.char_class(ch) != want:
             bad.append(hex(cp))
     assert not bad, bad[:20]
 
@@ -294,3 +300,61 @@ def test_fp16_export_serves_on_cpu_without_crashing(tiny_backbone, tmp_path):
     want = clf.logits(list(images))
     np.testing.assert_allclose(got, want, atol=5e-2)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+# --- the runtime and the PyTorch classifier refuse the same inputs ----------------------------
+
+
+def test_class_names_that_cannot_be_used_are_refused(exported, tiny_backbone):
+    clf = RuntimeClassifier(exported.path, device="cpu")
+    for names, match in [("cat", "must be a list of strings"), (["cat", " "], "blank names"),
+                         (["cat", "cat"], "duplicate class names"),
+                         (["cat", "very " * 80 + "long name"], "need more than the 75 tokens")]:
+        with pytest.raises(ValueError, match=match):
+            clf.set_classes(names)
+    assert clf.classnames == ["blue", "green", "red", "yellow"]
+    long_a, long_b = "a " * 80 + "cat", "a " * 80 + "dog"  # identical once cut to the context
+    with pytest.raises(ValueError, match="need more than the 75 tokens"):
+        coopkit.zero_shot(tiny_backbone, [long_a, long_b])
+    with pytest.raises(ValueError, match="need more than"):
+        coopkit.PromptLearner(tiny_backbone, [long_a, long_b])
+
+
+def _bad_items(tmp_path: Path) -> dict[str, Any]:
+    closed = Image.new("RGB", (40, 40), (200, 30, 30))
+    closed.close()
+    truncated = tmp_path / "truncated.png"
+    buf = tmp_path / "full.png"
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(buf)
+    truncated.write_bytes(buf.read_bytes()[:60])
+    return {
+        "zero-size array": np.zeros((0, 32, 3), np.uint8),
+        "zero-size PIL image": Image.new("RGB", (0, 0)),
+        "closed PIL image": closed,
+        "unreadable bytes": b"\x89PNG\r\n\x1a\n not really",
+        "truncated file": str(truncated),
+        "float array": np.zeros((32, 32, 3), np.float32),
+        "None": None,
+        "extreme aspect ratio": np.zeros((2, 40000, 3), np.uint8),
+        "missing file": str(tmp_path / "nope.png"),
+    }
+
+
+@pytest.mark.parametrize("side", ["runtime", "pytorch"])
+def test_bad_items_get_their_own_error_and_the_rest_is_answered(coop, exported, image_folder, tmp_path, side):
+    clf = RuntimeClassifier(exported.path, device="cpu") if side == "runtime" else coop
+    good = [str(p) for p in sorted((image_folder / "test").rglob("*.png"))[:2]]
+    bad = _bad_items(tmp_path)
+    batch = [good[0], *bad.values(), good[1]]
+    t = time.perf_counter()
+    out = clf.predict(batch, errors="skip", top_k=2)
+    assert time.perf_counter() - t < 20  # the 2x40000 strip is refused, not resized to 4480000x224
+    assert [p.index for p in out] == list(range(len(batch)))
+    assert [p.ok for p in out] == [True] + [False] * len(bad) + [True]
+    alone = clf.predict(good, top_k=2)
+    assert (out[0].labels, out[-1].labels) == (alone[0].labels, alone[1].labels)
+    np.testing.assert_allclose([out[0].probs, out[-1].probs], [alone[0].probs, alone[1].probs], atol=1e-6)
+    for pred, what in zip(out[1:-1], bad):
+        assert pred.error and "\n" not in pred.error, (what, pred)
+    with pytest.raises((ImageDecodeError, FileNotFoundError)):
+        clf.predict(batch, errors="raise")

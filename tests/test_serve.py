@@ -30,7 +30,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from test_runtime import image_graph, photo  # noqa: E402
+from helpers import GraphModel, photo  # noqa: E402
 
 from coopkit.runtime import Classifier  # noqa: E402
 from coopkit.runtime.serve import HTTPError, Metrics, MicroBatcher, ServeConfig  # noqa: E402
@@ -46,21 +46,14 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "model.onnx"
-    image_graph(path)  # fp32: batch composition cannot change an answer beyond float rounding
-    return path
-
-
-@pytest.fixture(scope="module")
-def images() -> list[bytes]:
+def png_images() -> list[bytes]:
     return [_png(photo(40 + 3 * i, 30 + 2 * i, seed=i)) for i in range(12)]
 
 
 @pytest.fixture(scope="module")
-def expected(model: Path, images: list[bytes]) -> list[Any]:
-    clf = Classifier(model, device="cpu", threads=1)
-    return [clf.predict(img, top_k=3)[0] for img in images]  # each image alone
+def expected(graph_model: GraphModel, png_images: list[bytes]) -> list[Any]:
+    clf = Classifier(graph_model.path, device="cpu", threads=1)
+    return [clf.predict(img, top_k=3)[0] for img in png_images]  # each image alone (fp32: batching cannot change it)
 
 
 def _port() -> int:
@@ -110,11 +103,11 @@ class Server:
 
 
 @pytest.fixture()
-def server(model: Path) -> Iterator[Any]:
+def server(graph_model: GraphModel) -> Iterator[Any]:
     started: list[Server] = []
 
     def start(kind: str = "coopkit", *args: str) -> Server:
-        started.append(Server(kind, model, *args))
+        started.append(Server(kind, graph_model.path, *args))
         return started[-1]
 
     yield start
@@ -162,7 +155,7 @@ def metric(text: str, name: str) -> float:
 # --- coopkit serve -----------------------------------------------------------------------------------
 
 
-def test_endpoints_and_answers_equal_predict_alone(server: Any, images: list[bytes], expected: list[Any]) -> None:
+def test_endpoints_and_answers_equal_predict_alone(server: Any, png_images: list[bytes], expected: list[Any]) -> None:
     s = server("coopkit")
     assert json.load(urllib.request.urlopen(s.url + "/health")) == {"status": "ok", "engine": {
         "engine": "onnxruntime", "device": "cpu", "compute": "fp32", "provider": "CPUExecutionProvider"}}
@@ -170,10 +163,10 @@ def test_endpoints_and_answers_equal_predict_alone(server: Any, images: list[byt
     meta = json.load(urllib.request.urlopen(s.url + "/metadata"))
     assert meta["classes"] == ["cat", "dog", "sea turtle", "golden retriever", "red fox"]
     assert (meta["precision"], meta["provider"], meta["input_size"]) == ("fp32", "CPUExecutionProvider", [32, 32])
-    status, got = post(s.url + "/predict?top_k=3", images[0])
+    status, got = post(s.url + "/predict?top_k=3", png_images[0])
     assert status == 200 and got["labels"] == list(expected[0].labels)
     np.testing.assert_allclose(got["probs"], expected[0].probs, atol=1e-6)
-    body, ctype = multipart([("a.png", images[1]), ("bad.png", b"not an image"), ("c.png", images[2])])
+    body, ctype = multipart([("a.png", png_images[1]), ("bad.png", b"not an image"), ("c.png", png_images[2])])
     status, got = post(s.url + "/predict?top_k=3", body, {"Content-Type": ctype})
     assert status == 200 and [r["name"] for r in got["results"]] == ["a.png", "bad.png", "c.png"]
     assert got["results"][0]["labels"] == list(expected[1].labels)
@@ -184,12 +177,12 @@ def test_endpoints_and_answers_equal_predict_alone(server: Any, images: list[byt
     assert metric(text, "coopkit_request_seconds_count") == 2 and "coopkit_batch_size_bucket" in text
 
 
-def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server: Any, images: list[bytes]) -> None:
+def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server: Any, png_images: list[bytes]) -> None:
     s = server("coopkit", "--max-body-bytes", "100000", "--max-pixels", "1000000")
     big = _png(np.zeros((1001, 1000, 3), np.uint8))  # 1,001,000 pixels, a small PNG
     cases = [
-        (post(s.url + "/predict?top_k=abc", images[0]), 400, "top_k"),
-        (post(s.url + "/predict?top_k=0", images[0]), 400, "top_k"),
+        (post(s.url + "/predict?top_k=abc", png_images[0]), 400, "top_k"),
+        (post(s.url + "/predict?top_k=0", png_images[0]), 400, "top_k"),
         (post(s.url + "/predict", b"not an image"), 400, "cannot decode"),
         (post(s.url + "/predict", b""), 400, "empty body"),
         (post(s.url + "/predict", big), 413, "1001"),
@@ -201,23 +194,23 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server: Any
     ]
     for (status, body), want, needle in cases:
         assert status == want and needle in body["error"], (status, body, want)
-    assert post(s.url + "/predict", images[0])[0] == 200
+    assert post(s.url + "/predict", png_images[0])[0] == 200
 
 
-def test_a_stalled_upload_gets_408_and_is_closed(server: Any, images: list[bytes]) -> None:
+def test_a_stalled_upload_gets_408_and_is_closed(server: Any, png_images: list[bytes]) -> None:
     s = server("coopkit", "--read-timeout-s", "1")
     start = time.monotonic()
-    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + images[0][:100])
+    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + png_images[0][:100])
     assert status == 408 and "not received" in body["error"] and time.monotonic() - start < 8
-    assert post(s.url + "/predict", images[0])[0] == 200
+    assert post(s.url + "/predict", png_images[0])[0] == 200
 
 
-def test_full_queue_answers_503_then_the_queued_images_are_served(model: Path, images: list[bytes],
+def test_full_queue_answers_503_then_the_queued_images_are_served(graph_model: GraphModel, png_images: list[bytes],
                                                                   expected: list[Any]) -> None:
-    clf = Classifier(model, device="cpu", threads=1)
+    clf = Classifier(graph_model.path, device="cpu", threads=1)
     metrics = Metrics()
     batcher = MicroBatcher(clf, ServeConfig(queue_size=2, max_wait_ms=0), metrics)
-    crops = [clf.prepare(img) for img in images[:3]]
+    crops = [clf.prepare(img) for img in png_images[:3]]
 
     async def scenario() -> list[Any]:
         batcher.queue = asyncio.Queue(2)  # nothing consumes yet: the queue fills
@@ -239,7 +232,7 @@ def test_full_queue_answers_503_then_the_queued_images_are_served(model: Path, i
     assert metric(text, 'coopkit_rejected_total{reason="queue_full"}') == 1
 
 
-def test_load_16_clients_x_50_requests(server: Any, images: list[bytes], expected: list[Any]) -> None:
+def test_load_16_clients_x_50_requests(server: Any, png_images: list[bytes], expected: list[Any]) -> None:
     """Loopback load: every answer correct, none lost, batches formed, the server still answers."""
     s = server("coopkit", "--max-batch-size", "16", "--max-wait-ms", "5")
     clients, per_client = 16, 50
@@ -247,8 +240,8 @@ def test_load_16_clients_x_50_requests(server: Any, images: list[bytes], expecte
     def client(c: int) -> list[str]:
         bad = []
         for r in range(per_client):
-            i = (c * per_client + r) % len(images)
-            status, got = post(s.url + "/predict?top_k=3", images[i], timeout=60)
+            i = (c * per_client + r) % len(png_images)
+            status, got = post(s.url + "/predict?top_k=3", png_images[i], timeout=60)
             if status != 200 or got["labels"] != list(expected[i].labels) or \
                     not np.allclose(got["probs"], expected[i].probs, atol=1e-6):
                 bad.append(f"client {c} request {r}: {status} {got}")
@@ -261,13 +254,13 @@ def test_load_16_clients_x_50_requests(server: Any, images: list[bytes], expecte
     assert metric(text, 'coopkit_requests_total{path="/predict",status="200"}') == clients * per_client
     runs, images_run = metric(text, "coopkit_batch_size_count"), metric(text, "coopkit_batch_size_sum")
     assert images_run == clients * per_client and runs < images_run  # concurrent requests shared runs
-    assert post(s.url + "/predict", images[0])[0] == 200
+    assert post(s.url + "/predict", png_images[0])[0] == 200
 
 
-def test_sigterm_finishes_requests_in_flight(server: Any, images: list[bytes], expected: list[Any]) -> None:
+def test_sigterm_finishes_requests_in_flight(server: Any, png_images: list[bytes], expected: list[Any]) -> None:
     s = server("coopkit", "--max-batch-size", "64", "--max-wait-ms", "1500")
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(post, s.url + "/predict?top_k=3", images[i]) for i in range(8)]
+        futures = [pool.submit(post, s.url + "/predict?top_k=3", png_images[i]) for i in range(8)]
         time.sleep(0.7)  # the requests wait in the batcher (max wait 1.5 s)
         assert not any(f.done() for f in futures)
         s.proc.send_signal(signal.SIGTERM)
@@ -299,7 +292,7 @@ def test_concurrent_huge_images_are_decoded_one_at_a_time(server: Any, kind: str
         assert metric(text, "coopkit_decodes_in_flight_max") == 1
 
 
-def test_example_refuses_bad_values_stalls_and_crowds(server: Any, images: list[bytes]) -> None:
+def test_example_refuses_bad_values_stalls_and_crowds(server: Any, png_images: list[bytes]) -> None:
     s = server("example", "--timeout", "1", "--max-connections", "4")
     status, body = raw(s.port, b"POST /predict?top_k=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz")
     assert status == 400 and "top_k" in body["error"]
@@ -308,7 +301,7 @@ def test_example_refuses_bad_values_stalls_and_crowds(server: Any, images: list[
     status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n")
     assert status == 413
     start = time.monotonic()
-    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + images[0][:100])
+    status, body = raw(s.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + png_images[0][:100])
     assert status == 408 and time.monotonic() - start < 8
     stalled = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]  # hold every slot
     try:
@@ -320,7 +313,7 @@ def test_example_refuses_bad_values_stalls_and_crowds(server: Any, images: list[
     finally:
         for sock in stalled:
             sock.close()
-    assert post(s.url + "/predict", images[0])[0] == 200
+    assert post(s.url + "/predict", png_images[0])[0] == 200
 
 
 @pytest.fixture(scope="module")
@@ -336,13 +329,13 @@ def int8_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return path
 
 
-def test_int8_answers_do_not_depend_on_the_batch(server: Any, int8_model: Path, images: list[bytes]) -> None:
+def test_int8_answers_do_not_depend_on_the_batch(server: Any, int8_model: Path, png_images: list[bytes]) -> None:
     """Static int8 (issue 14) is batch-invariant: micro-batched answers equal predict() alone."""
-    want = [Classifier(int8_model, device="cpu", threads=1).predict(img, top_k=4)[0] for img in images[:8]]
+    want = [Classifier(int8_model, device="cpu", threads=1).predict(img, top_k=4)[0] for img in png_images[:8]]
     s = Server("coopkit", int8_model, "--max-batch-size", "8", "--max-wait-ms", "300")
     try:
         with ThreadPoolExecutor(8) as pool:
-            got = list(pool.map(lambda i: post(s.url + "/predict?top_k=4", images[i]), range(8)))
+            got = list(pool.map(lambda i: post(s.url + "/predict?top_k=4", png_images[i]), range(8)))
         text = urllib.request.urlopen(s.url + "/metrics").read().decode()
     finally:
         s.stop()

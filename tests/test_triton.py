@@ -18,7 +18,7 @@ from PIL import Image
 pytest.importorskip("onnx")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import text_format  # noqa: E402
-from test_runtime import image_graph, photo  # noqa: E402
+from helpers import image_graph, photo  # noqa: E402
 
 from coopkit.exporters import write_triton_repository  # noqa: E402
 from coopkit.runtime import Classifier  # noqa: E402

@@ -14,7 +14,7 @@ from PIL import Image
 from coopkit.userdata import few_shot, load_dataset
 from coopkit.runtime.preprocess import ImageDecodeError, load_image
 
-from conftest import write_colour_folder
+from helpers import write_colour_folder
 
 
 def test_image_folder(image_folder):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from coopkit.runtime.configbase import ConfigMixin, check_bool, check_float, check_int
-from coopkit.runtime.contract import PRECISIONS
+from coopkit.runtime.contract import FILE_PRECISIONS
 
 from .io import EXTERNAL_DATA_THRESHOLD
 from .preprocess import RAW_INPUT_OPSET
@@ -81,7 +81,7 @@ class ExportConfig(ConfigMixin):
 
     precision: str = field(default="fp32", metadata={
         "help": "fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: static quantisation, "
-                "calibrated; an image's answer does not depend on its batch).", "choices": PRECISIONS})
+                "calibrated; an image's answer does not depend on its batch).", "choices": FILE_PRECISIONS})
     opset: Optional[int] = field(default=None, metadata={
         "help": f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} [default: {DEFAULT_OPSET}; {RAW_INPUT_OPSET} with "
                 "--raw-input, which needs it]."})
@@ -105,8 +105,8 @@ class ExportConfig(ConfigMixin):
         "help": "int8 calibration and quantisation settings."})
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:  # worded as before the config existed
-            raise ValueError(f"unsupported precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.precision not in FILE_PRECISIONS:  # worded as before the config existed
+            raise ValueError(f"unsupported precision {self.precision!r}; valid: {', '.join(FILE_PRECISIONS)}")
         if self.opset is not None:
             check_opset(self.opset)
         check_bool("raw_input", self.raw_input)

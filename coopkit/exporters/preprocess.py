@@ -44,7 +44,7 @@ RAW_INPUT_OPSET = 18
 #: onnxruntime ``Resize`` modes of the filters a raw-input graph reproduces. Pillow's
 #: ``NEAREST`` picks source pixels with a float64 rule that ``Resize`` (float32) misses on
 #: some rows (measured: one row or column in four test sizes), and open_clip never uses it.
-RESIZE_MODES = {"bicubic": "cubic", "bilinear": "linear"}
+ONNX_RESIZE_MODES = {"bicubic": "cubic", "bilinear": "linear"}
 #: The value linking the preprocessing to the image graph: the crop ``uint8 (batch, h, w, 3)``.
 CROP_NAME = "/preprocess/crop"
 _P = "/preprocess/"
@@ -53,7 +53,7 @@ _P = "/preprocess/"
 def check_raw_input_supported(meta: ModelMetadata) -> ResizePlan:
     """The resize plan of ``meta``, or a ValueError when a graph cannot reproduce it."""
     plan = resize_plan(meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color)
-    if plan.interpolation not in RESIZE_MODES:
+    if plan.interpolation not in ONNX_RESIZE_MODES:
         raise ValueError(
             f"raw input needs a bicubic or bilinear resize (open_clip's); this model resizes with "
             f"{plan.interpolation!r}: export without --raw-input"
@@ -122,7 +122,7 @@ def _resample_graph(plan: ResizePlan, size: str, vertical_first_rule: bool) -> "
     """
     from onnx import TensorProto, helper
 
-    attrs = dict(mode=RESIZE_MODES[plan.interpolation], antialias=1, exclude_outside=1, cubic_coeff_a=-0.5,
+    attrs = dict(mode=ONNX_RESIZE_MODES[plan.interpolation], antialias=1, exclude_outside=1, cubic_coeff_a=-0.5,
                  coordinate_transformation_mode="half_pixel")
 
     def passes(tag: str, order: tuple[str, str]) -> list:

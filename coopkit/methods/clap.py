@@ -10,17 +10,38 @@ encoded once and every epoch sees all of them.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backbone import Backbone
-from ..config import ClapConfig, TrainConfig
+from ..config import TrainConfig
+from ..runtime.configbase import ConfigMixin, check_bool, check_float, check_int
 from . import Method, register
 from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, lr_at, template_features
 
 NAME = "clap"
+
+
+@dataclass
+class ClapConfig(ConfigMixin):
+    """The zero-shot-initialised linear probe with CLAP's class-adaptive constraint (Silva-Rodriguez et al.,
+    2024). Defaults follow the official code (SGD lr 0.1, batch 256, 300 epochs, one warm-up epoch)."""
+
+    epochs: int = field(default=300, metadata={"help": "passes over the cached training views"})
+    lr: float = field(default=0.1, metadata={"help": "peak SGD learning rate (momentum 0.9, cosine)"})
+    batch_size: int = field(default=256, metadata={"help": "features per step"})
+    constraint: bool = field(default=True, metadata={
+        "help": "penalise each class's drift from its zero-shot prototype, weighted by its zero-shot accuracy "
+                "(off: plain zero-shot-initialised linear probe)"})
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr, positive=True)
+        check_bool("constraint", self.constraint)
 
 
 def clap_model(backbone: Backbone, shots: FewShotFeatures, templates: Sequence[str], config: Optional[ClapConfig] = None,

@@ -14,13 +14,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backbone import Backbone
-from ..config import TipAdapterConfig, TrainConfig
+from ..config import TrainConfig
+from ..runtime.configbase import ConfigMixin, check_float, check_int
 from . import Method, register
 from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, template_features
 
@@ -28,6 +30,31 @@ logger = logging.getLogger(__name__)
 
 NAME = "tip-adapter"
 NAME_F = "tip-adapter-f"
+
+
+@dataclass
+class TipAdapterConfig(ConfigMixin):
+    """Tip-Adapter and Tip-Adapter-F (Zhang et al., 2022). Defaults follow the official code's configs."""
+
+    alpha: float = field(default=1.0, metadata={"help": "weight of the cache logits (when not searched)"})
+    beta: float = field(default=1.0, metadata={"help": "sharpness of the cache affinity (when not searched)"})
+    search_scale: Optional[tuple[float, float]] = field(default=(7.0, 3.0), metadata={
+        "help": "largest beta and alpha searched on the validation set (None: no search)"})
+    search_steps: tuple[int, int] = field(default=(200, 20), metadata={"help": "grid points for beta and alpha"})
+    epochs: int = field(default=20, metadata={"help": "Tip-Adapter-F: epochs of fine-tuning the cache keys"})
+    lr: float = field(default=0.001, metadata={"help": "Tip-Adapter-F: AdamW learning rate (cosine schedule)"})
+    batch_size: int = field(default=256, metadata={"help": "Tip-Adapter-F: images per step"})
+
+    def __post_init__(self) -> None:
+        check_float("alpha", self.alpha)
+        check_float("beta", self.beta)
+        if self.search_scale is not None:
+            self.search_scale = (check_float("search_scale[0]", self.search_scale[0], 0.1, positive=True),
+                                 check_float("search_scale[1]", self.search_scale[1], 0.1, positive=True))
+        self.search_steps = (check_int("search_steps[0]", self.search_steps[0], 1), check_int("search_steps[1]", self.search_steps[1], 1))
+        for name in ("epochs", "batch_size"):
+            check_int(name, getattr(self, name), 1)
+        check_float("lr", self.lr, positive=True)
 
 
 def _grid(scale: float, steps: int) -> list[float]:

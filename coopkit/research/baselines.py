@@ -21,11 +21,11 @@ import torch
 from .. import __version__
 from ..backbone import Backbone
 from ..classifier import Classifier
-from ..config import ClapConfig, RunConfig, TipAdapterConfig
+from ..config import RunConfig
 from ..methods.base import DEFAULT_TEMPLATES, FewShotFeatures, MethodModel, encode_fewshot
-from ..methods.clap import clap_model
+from ..methods.clap import ClapConfig, clap_model
 from ..methods.linear_probe import probe_model
-from ..methods.tip_adapter import search_alpha_beta, tip_model
+from ..methods.tip_adapter import TipAdapterConfig, search_alpha_beta, tip_model
 from ..runtime.contract import check_templates
 
 

@@ -30,7 +30,9 @@ import torch
 from ..runtime.atomic import atomic_path, atomic_write
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
-from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, TrainConfig, default_of
+from ..config import BackboneConfig, TrainConfig, default_of
+from ..methods.clap import ClapConfig
+from ..methods.tip_adapter import TipAdapterConfig
 from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
 from ..methods import Method, bench_row, coop, for_protocol, get, names

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import TipAdapterConfig, epochs_for_shots
+from ..config import epochs_for_shots
+from ..methods.tip_adapter import TipAdapterConfig
 from ..methods import coop, for_protocol, get, names
 
 #: CoOp's few-shot and domain-shift experiments use ResNet-50 (its figure and Table 1 also show

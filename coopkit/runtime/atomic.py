@@ -8,7 +8,7 @@ plain ``open(path, "w")`` would give it (``0o666`` minus the umask), not ``mkste
 
 Standard library only, and in the runtime (the lowest layer), so the torch-free runtime's own
 writers (collection outputs) and every other part of coopkit share this one writer; whole
-folders (saved runs) are swapped in by :mod:`coopkit._io` on top of it.
+folders (saved runs) are swapped in by :mod:`coopkit.atomic_dirs` on top of it.
 """
 
 from __future__ import annotations

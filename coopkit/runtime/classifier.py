@@ -94,6 +94,10 @@ class Classifier:
             or ``bf16`` (OpenVINO computes float ops in bfloat16 where the CPU can; its agreement
             with fp32 is measured by ``auto``).
 
+    :attr:`use_io_binding` (set for CUDA and TensorRT) runs the graph through onnxruntime's IO
+    binding, one copy of the batch to the device and one copy back per output; it gives the same
+    answers on any provider, the CPU included.
+
     One instance may be shared by many threads: calls do not share mutable state.
 
     Raises:
@@ -142,7 +146,7 @@ class Classifier:
         self._text_lock = threading.Lock()
         self._head = _Head(tuple(self.metadata.classnames))
         self.provider: str = self.session.get_providers()[0]
-        self._use_io_binding = self.provider in (CUDA, TENSORRT)
+        self.use_io_binding = self.provider in (CUDA, TENSORRT)
         self._feed_raw = resizes_in_graph(self.metadata, self.provider)
         if self.metadata.input_kind == INPUT_RAW and not self._feed_raw and self.provider in (CUDA, TENSORRT):
             logger.warning(
@@ -269,7 +273,7 @@ class Classifier:
             pad = np.zeros((self._fixed_batch - n, *batch.shape[1:]), np.uint8)
             batch = np.concatenate([batch, pad])
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        if self._use_io_binding:
+        if self.use_io_binding:
             # one host->device copy of the batch, one device->host copy per requested output
             binding = self.session.io_binding()
             binding.bind_cpu_input(INPUT_NAME, batch)

@@ -56,7 +56,9 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 #: side truncated), ``keep_ratio_shortest`` / ``keep_ratio_longest`` (open_clip ``ResizeKeepRatio``:
 #: the short or the long side fits, both sides rounded).
 RESIZE_RULES = ("exact", "shortest_edge", "keep_ratio_shortest", "keep_ratio_longest")
-PRECISIONS = ("fp32", "fp16", "int8")
+#: Precisions of an exported file's weights (metadata ``precision``); training computes in
+#: :data:`coopkit.config.COMPUTE_PRECISIONS`.
+FILE_PRECISIONS = ("fp32", "fp16", "int8")
 #: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
 #: existed), or decoded RGB images of any size that the graph resizes and crops itself.
 INPUT_CROPPED = "cropped"
@@ -440,7 +442,7 @@ class ModelMetadata:
             raise MetadataError("mean and std must have 3 values (RGB)")
         for name, value, valid in (("resize_mode", self.resize_mode, RESIZE_MODES),
                                    ("interpolation", self.interpolation, INTERPOLATIONS),
-                                   ("precision", self.precision, PRECISIONS),
+                                   ("precision", self.precision, FILE_PRECISIONS),
                                    ("input_kind", self.input_kind, INPUT_KINDS)):
             if value not in valid:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")

@@ -49,7 +49,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 @lru_cache(maxsize=65536)
-def _char_class(ch: str) -> str:
+def char_class(ch: str) -> str:
     """``L`` (\\p{L}), ``N`` (\\p{N}), ``S`` (\\s) or ``O`` (anything else)."""
     if ch.isspace() and ch not in "\x1c\x1d\x1e\x1f":  # str.isspace() also counts these separators
         return "S"
@@ -88,7 +88,7 @@ def split_words(text: str) -> list[str]:
                 words.append(text[i : i + 1 + len(c)])
                 i += 1 + len(c)
                 continue
-        kind = _char_class(ch)
+        kind = char_class(ch)
         if kind == "S":
             i += 1
             continue
@@ -97,7 +97,7 @@ def split_words(text: str) -> list[str]:
             i += 1
             continue
         j = i + 1
-        while j < n and _char_class(text[j]) == kind:  # a run of letters, or of "other" characters
+        while j < n and char_class(text[j]) == kind:  # a run of letters, or of "other" characters
             j += 1
         words.append(text[i:j])
         i = j

@@ -103,7 +103,8 @@ def exchange(a: PathLike, b: PathLike) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(b))
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` and then the folder itself to the disk (before it is swapped in)."""
     for p in folder.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -161,7 +162,7 @@ def atomic_dir(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         if fsync:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         if not target.exists():
             os.rename(tmp, target)
         elif exchange(tmp, target):
