@@ -96,3 +96,16 @@ def graph_model(tmp_path_factory: pytest.TempPathFactory) -> GraphModel:
     its own: ``(path, params)``, the params for :func:`helpers.reference`."""
     path = tmp_path_factory.mktemp("graph_model") / "model.onnx"
     return GraphModel(path, image_graph(path))
+
+
+@pytest.fixture(scope="session")
+def openai_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny random-init OpenAI-architecture CLIPs, QuickGELU (``True``) and GELU (``False``): what the
+    official deep-prompt trainers (IVLP, MaPLe) are compared on."""
+    import torch
+    from reference.harness import load_tiny, openai_config
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("openai-tiny")
+    return {quick: load_tiny(tmp, f"tiny-{'quick' if quick else 'gelu'}", openai_config(quick_gelu=quick))
+            for quick in (True, False)}

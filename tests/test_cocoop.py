@@ -319,56 +319,56 @@ def test_training_equals_the_official_trainer_steps(pair):
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_backbone, image_folder):
+def cocoop_run(tiny_backbone, image_folder):
     return coopkit.fit(image_folder / "train", method="cocoop", backbone=tiny_backbone, shots=4, epochs=2, n_views=2,
                        n_ctx=2, ctx_init=None, progress=False)
 
 
-def test_fit_records_the_method_and_its_recipe(fitted):
-    assert fitted.method == "cocoop"
-    assert fitted.config.method_config == {"n_ctx": 2, "ctx_init": None, "epochs": 2, "batch_size": 1}
-    history = fitted.config.metrics["history"]
+def test_fit_records_the_method_and_its_recipe(cocoop_run):
+    assert cocoop_run.method == "cocoop"
+    assert cocoop_run.config.method_config == {"n_ctx": 2, "ctx_init": None, "epochs": 2, "batch_size": 1}
+    history = cocoop_run.config.metrics["history"]
     assert history["lr"] == [1e-5, 0.002] and len(history["loss"]) == 2
-    assert fitted.config.metrics["train_images"] == 16  # 4 shots x 4 classes, batch 1: 16 steps per epoch
-    assert fitted.class_weights() is None
+    assert cocoop_run.config.metrics["train_images"] == 16  # 4 shots x 4 classes, batch 1: 16 steps per epoch
+    assert cocoop_run.class_weights() is None
     with pytest.raises(ValueError, match="no text features of its own"):
-        fitted.text_features()
+        cocoop_run.text_features()
 
 
-def test_save_load_round_trip(fitted, tiny_backbone, image_folder, tmp_path):
-    run = fitted.save(tmp_path / "run")
+def test_save_load_round_trip(cocoop_run, tiny_backbone, image_folder, tmp_path):
+    run = cocoop_run.save(tmp_path / "run")
     assert sorted(p.name for p in run.iterdir()) == ["cocoop.safetensors", "config.json"]
     loaded = coopkit.load(run, backbone=tiny_backbone)
     images = sorted((image_folder / "test").rglob("*.png"))
-    np.testing.assert_array_equal(loaded.logits(images), fitted.logits(images))
-    assert loaded.evaluate(image_folder / "test") == fitted.evaluate(image_folder / "test")
+    np.testing.assert_array_equal(loaded.logits(images), cocoop_run.logits(images))
+    assert loaded.evaluate(image_folder / "test") == cocoop_run.evaluate(image_folder / "test")
     (run / "cocoop.safetensors").write_bytes((run / "cocoop.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ValueError, match="cocoop.safetensors does not match config.json"):
         coopkit.load(run, backbone=tiny_backbone)
 
 
-def test_logits_are_the_learners_per_image_logits(fitted, image_folder):
+def test_logits_are_the_learners_per_image_logits(cocoop_run, image_folder):
     """The classifier's head (what predict, evaluate and the exporter use) on batches larger than one pass."""
     images = sorted((image_folder / "test").rglob("*.png"))
-    feats = fitted.image_features(images)
-    learner = fitted.model.learner
+    feats = cocoop_run.image_features(images)
+    learner = cocoop_run.model.learner
     with torch.no_grad():
-        one_by_one = torch.cat([learner.logits(f[None], fitted.backbone.model.logit_scale.exp()) for f in feats])
-        head = fitted.head()
+        one_by_one = torch.cat([learner.logits(f[None], cocoop_run.backbone.model.logit_scale.exp()) for f in feats])
+        head = cocoop_run.head()
         head.images_per_pass = 5  # several slices
         np.testing.assert_allclose(head(feats).numpy(), one_by_one.numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(fitted.logits(images), one_by_one.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cocoop_run.logits(images), one_by_one.numpy(), atol=1e-5, rtol=0)
 
 
-def test_new_classes_keep_the_context_and_the_meta_net(fitted, image_folder):
+def test_new_classes_keep_the_context_and_the_meta_net(cocoop_run, image_folder):
     """CoCoOp's base-to-new setting: the learned context and meta-net over unseen class names."""
-    new = fitted.with_classes(["purple", "red", "orange"])
+    new = cocoop_run.with_classes(["purple", "red", "orange"])
     assert new.classnames == ["purple", "red", "orange"]
     for k, v in new.model.state().items():
-        assert torch.equal(v, fitted.model.state()[k])
+        assert torch.equal(v, cocoop_run.model.state()[k])
     images = sorted((image_folder / "test").rglob("*.png"))[:3]
-    both = fitted.with_classes(fitted.classnames)
-    np.testing.assert_allclose(both.logits(images), fitted.logits(images), atol=1e-6, rtol=0)
+    both = cocoop_run.with_classes(cocoop_run.classnames)
+    np.testing.assert_allclose(both.logits(images), cocoop_run.logits(images), atol=1e-6, rtol=0)
     assert new.logits(images).shape == (3, 3)
 
 
@@ -382,24 +382,24 @@ def test_a_backbone_too_narrow_for_the_meta_net_is_refused(tmp_path, image_folde
         coopkit.fit(image_folder / "train", method="cocoop", backbone=bb, progress=False)
 
 
-def test_export_runs_in_the_unchanged_runtime(fitted, image_folder, tmp_path):
+def test_export_runs_in_the_unchanged_runtime(cocoop_run, image_folder, tmp_path):
     from coopkit.exporters import export_onnx
     from coopkit.runtime import Classifier as RuntimeClassifier
 
-    result = export_onnx(fitted, tmp_path / "cocoop.onnx")
+    result = export_onnx(cocoop_run, tmp_path / "cocoop.onnx")
     assert result.metadata.method == "cocoop" and result.metadata.weights_sha256 == ""
     runtime = RuntimeClassifier(result.path)
     images = sorted((image_folder / "test").rglob("*.png"))
-    np.testing.assert_allclose(runtime.logits(images), fitted.logits(images), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(runtime.logits(images), cocoop_run.logits(images), atol=1e-4, rtol=0)
 
 
-def test_import_official_cli(fitted, tiny_config, image_folder, tmp_path):
+def test_import_official_cli(cocoop_run, tiny_config, image_folder, tmp_path):
     """coopkit import-official on a CoCoOp checkpoint as the official trainer saves it."""
     from click.testing import CliRunner
 
     from coopkit.cli import main
 
-    learner = fitted.model.learner
+    learner = cocoop_run.model.learner
     dassl_checkpoint.Trainer({"prompt_learner": learner}, {"prompt_learner": None}, {"prompt_learner": None}
                              ).save_model(9, str(tmp_path / "official"))
     ckpt = tmp_path / "official" / "prompt_learner" / "model.pth.tar-10"
@@ -408,19 +408,19 @@ def test_import_official_cli(fitted, tiny_config, image_folder, tmp_path):
                                     "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert "imported CoCoOp context (2, 64) for 4 classes" in res.output
-    run = coopkit.load(tmp_path / "run", backbone=fitted.backbone)
+    run = coopkit.load(tmp_path / "run", backbone=cocoop_run.backbone)
     assert run.method == "cocoop" and run.config.metrics["official_epoch"] == 10
     images = sorted((image_folder / "test").rglob("*.png"))
-    np.testing.assert_array_equal(run.logits(images), fitted.logits(images))
+    np.testing.assert_array_equal(run.logits(images), cocoop_run.logits(images))
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")  # class indices: constants
-def test_head_traces_to_onnx_with_a_dynamic_batch(fitted, tmp_path):
+def test_head_traces_to_onnx_with_a_dynamic_batch(cocoop_run, tmp_path):
     """The head (meta-net + image-conditioned prompts + text tower) as the exporter traces it: one ONNX graph
     whose batch size is free, equal to PyTorch at other batch sizes than the traced one."""
     ort = pytest.importorskip("onnxruntime")
-    head = fitted.head()
-    dim = fitted.backbone.model.text_projection.shape[1]
+    head = cocoop_run.head()
+    dim = cocoop_run.backbone.model.text_projection.shape[1]
     example = F.normalize(torch.randn(2, dim, generator=torch.Generator().manual_seed(5)), dim=-1)
     path = tmp_path / "head.onnx"
     with torch.no_grad():
@@ -433,5 +433,5 @@ def test_head_traces_to_onnx_with_a_dynamic_batch(fitted, tmp_path):
         with torch.no_grad():
             expected = head(x).numpy()
         got = session.run(["logits"], {"features": x.numpy()})[0]
-        assert got.shape == (n, len(fitted.classnames))
+        assert got.shape == (n, len(cocoop_run.classnames))
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

@@ -8,18 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from coopkit.methods.ivlp import IVLPConfig, IVLPModel, from_official
-from reference.harness import copy_into_official_ivlp, half_casts_off, load_tiny, official_ivlp, openai_config, rel
+from reference.harness import copy_into_official_ivlp, half_casts_off, official_ivlp, rel
 
 NAMES = ["red car", "green_apple", "blue sky", "yellow submarine", "dog"]
 TOL = 1e-5
 
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("ivlp")
-    return {quick: load_tiny(tmp, f"ivlp-{'quick' if quick else 'gelu'}", openai_config(quick_gelu=quick))
-            for quick in (True, False)}
 
 
 # Every configuration of the official IVLP configs: MaPLe's repository (2+2 tokens, depth 12; language
@@ -68,10 +61,10 @@ def compare(ours, official, bb) -> dict[str, float]:
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quickgelu", "gelu"])
 @pytest.mark.parametrize("settings", CONFIGS, ids=["2+2ctx-d12", "language-only-d12", "4+4ctx-d9"])
-def test_equals_the_official_ivlp(backbones, settings, quick):
+def test_equals_the_official_ivlp(openai_backbones, settings, quick):
     if not quick and settings["prompt_depth_vision"] == 0:
         pytest.skip("one GELU case per image side suffices")
-    bb = backbones[quick]
+    bb = openai_backbones[quick]
     config = IVLPConfig(**settings)
     torch.manual_seed(0)
     ours = IVLPModel(bb, NAMES, config)
@@ -98,8 +91,8 @@ def test_equals_the_official_ivlp(backbones, settings, quick):
         torch.testing.assert_close(imported[k], v, rtol=0, atol=0)
 
 
-def test_random_init_beyond_four_tokens_uses_placeholders(backbones):
-    bb = backbones[True]
+def test_random_init_beyond_four_tokens_uses_placeholders(openai_backbones):
+    bb = openai_backbones[True]
     model = IVLPModel(bb, NAMES, IVLPConfig(n_ctx_text=6, prompt_depth_text=2, prompt_depth_vision=2))
     assert model.prefix_text == "X X X X X X"
     assert model.ctx.shape == (6, 128) and model.text_deep.shape == (1, 6, 128)
@@ -118,11 +111,11 @@ def test_bad_configs_are_refused(bad, match):
         IVLPConfig(**bad)
 
 
-def test_depth_beyond_the_layers_is_refused(backbones):
+def test_depth_beyond_the_layers_is_refused(openai_backbones):
     with pytest.raises(ValueError, match="text prompt depth 13 exceeds the text transformer's 12 layers"):
-        IVLPModel(backbones[True], NAMES, IVLPConfig(prompt_depth_text=13))
+        IVLPModel(openai_backbones[True], NAMES, IVLPConfig(prompt_depth_text=13))
     with pytest.raises(ValueError, match="vision prompt depth 14 exceeds the image transformer's 12 layers"):
-        IVLPModel(backbones[True], NAMES, IVLPConfig(prompt_depth_vision=14))
+        IVLPModel(openai_backbones[True], NAMES, IVLPConfig(prompt_depth_vision=14))
 
 
 

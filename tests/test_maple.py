@@ -8,26 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from coopkit.methods.maple import MaPLeConfig, MaPLeModel, from_official
-from reference.harness import copy_into_official_maple, half_casts_off, load_tiny, official_maple, openai_config, rel
+from reference.harness import copy_into_official_maple, half_casts_off, official_maple, rel
 
 NAMES = ["red car", "green_apple", "blue sky", "yellow submarine", "dog"]
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("maple")
-    return {quick: load_tiny(tmp, f"maple-{'quick' if quick else 'gelu'}", openai_config(quick_gelu=quick))
-            for quick in (True, False)}
-
 
 @pytest.mark.parametrize("quick", [True, False], ids=["quickgelu", "gelu"])
 @pytest.mark.parametrize("depth", [9, 3], ids=["depth9", "depth3-cross-dataset"])
-def test_equals_the_official_maple(backbones, depth, quick):
+def test_equals_the_official_maple(openai_backbones, depth, quick):
     if not quick and depth == 3:
         pytest.skip("one GELU case suffices")
-    bb = backbones[quick]
+    bb = openai_backbones[quick]
     config = MaPLeConfig(n_ctx=2, prompt_depth=depth)
     torch.manual_seed(0)
     ours = MaPLeModel(bb, NAMES, config)
@@ -83,9 +76,9 @@ def test_bad_configs_are_refused(bad, match):
         MaPLeConfig(**bad)
 
 
-def test_depth_beyond_the_layers_is_refused(backbones):
+def test_depth_beyond_the_layers_is_refused(openai_backbones):
     with pytest.raises(ValueError, match="text prompt depth 13 exceeds the text transformer's 12 layers"):
-        MaPLeModel(backbones[True], NAMES, MaPLeConfig(prompt_depth=13))
+        MaPLeModel(openai_backbones[True], NAMES, MaPLeConfig(prompt_depth=13))
 
 
 def test_resnet_image_towers_are_refused():
