@@ -36,6 +36,7 @@ from ..config import ConfigMixin, PromptConfig
 from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
+from .base import template_features
 from ..runtime.preprocess import ImageDecodeError, load_image
 
 if TYPE_CHECKING:
@@ -205,8 +206,6 @@ class MultiLabelLinearHead(nn.Module):
 def zeroshot_multilabel(backbone: "Backbone", classnames: Sequence[str], positive: str = POSITIVE_TEMPLATE,
                         negative: str = NEGATIVE_TEMPLATE) -> MultiLabelLinearHead:
     """The zero-shot multi-label head: ``W = exp(logit_scale) * (t_pos - t_neg)`` from two hand prompts per label."""
-    from ..classifier import template_features
-
     t_pos = template_features(backbone, classnames, [positive])  # (C, D)
     t_neg = template_features(backbone, classnames, [negative])  # (C, D)
     scale = float(backbone.model.logit_scale.exp())
