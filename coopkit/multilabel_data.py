@@ -243,7 +243,8 @@ def load_multilabel(
     """Read a multi-label image set (see the module docstring for the formats).
 
     Args:
-        source: ``.csv`` or ``.json`` file, a COCO or VOC root folder, or a dataset (returned as is).
+        source: ``.csv`` or ``.json`` file, a COCO or VOC root folder, or a dataset (returned as is, or
+            with the columns of ``classnames``).
         split: COCO (``train2014``, ``val2014``) or VOC (``trainval``, ``test``) split; required there.
         image_root: Folder that relative paths in a CSV or JSON file refer to.
         sep: Separator between labels in a long-form CSV cell.
@@ -254,7 +255,7 @@ def load_multilabel(
         ValueError: malformed files, labels outside ``classnames``, a label both known and unknown.
     """
     if isinstance(source, MultiLabelDataset):
-        return source
+        return source.relabel(check_classnames(list(classnames))) if classnames is not None else source
     if not isinstance(sep, str) or not sep or sep in ",\n\"":
         raise ValueError(f"sep must be a non-empty string other than a comma, newline or quote, got {sep!r}")
     path = Path(source).expanduser()

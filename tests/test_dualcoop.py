@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from coopkit.methods.dualcoop import DualCoOp, DualCoOpConfig, build, check_backbone, fit, importer, predict_scores
+from coopkit.methods.dualcoop import DualCoOp, DualCoOpConfig, check_backbone, importer, make, predict_scores, train
 from coopkit.methods.multilabel import asymmetric_loss, asymmetric_loss_sigmoid, dassl_lr, squash_transform
 from coopkit.multilabel_data import MultiLabelDataset
 from reference import dassl_lr_scheduler, dualcoop_clip_model, dualcoop_official
@@ -134,7 +134,7 @@ def test_equal_to_the_official_modules(family, ours_cfg, off_cfg):
 
     # the exported pieces: head(normalised regions) is logit_pos - logit_neg, sigmoid = the official probability
     with torch.no_grad():
-        head_logits = ours.head()(torch.nn.functional.normalize(ours.image_encoder()(images), dim=1))
+        head_logits = ours.head()(torch.nn.functional.normalize(ours.image_encoder()(images), dim=-1))
     ref_prob = torch.softmax(ref_logits.detach(), dim=1)[:, 1]
     assert rel_diff(torch.sigmoid(head_logits), ref_prob) <= 1e-5
 
@@ -197,7 +197,7 @@ def test_training_equals_the_official_train_coop_steps(family, tmp_path):
     # contexts from nearly the same words: a random model's pair probabilities start far from saturation
     cfg_kw = {"epochs": 3, "batch_size": 6, "lr": 0.05, "loss_weight": 0.5, "pos_init": "a photo of a",
               "neg_init": "a photo of no"}
-    ours, metrics = fit(bb, data, DualCoOpConfig(**cfg_kw), seed=5)
+    ours, metrics = train(bb, data, DualCoOpConfig(**cfg_kw), seed=5)
 
     torch.manual_seed(5)  # our fit draws the random initial contexts first: the same draw for the official model
     start = DualCoOp(bb, NAMES, DualCoOpConfig(**cfg_kw)).state()
@@ -227,10 +227,10 @@ def test_training_equals_the_official_train_coop_steps(family, tmp_path):
 
 def test_fit_with_validation_chooses_thresholds_and_reports_map(tmp_path, family):
     _, bb = family
-    train, val = _images(tmp_path, 8, seed=1), _images(tmp_path, 6, seed=2)
-    model, metrics = fit(bb, train, DualCoOpConfig(epochs=2, n_views=2), val_set=val)
+    train_set, val = _images(tmp_path, 8, seed=1), _images(tmp_path, 6, seed=2)
+    model, metrics = train(bb, train_set, DualCoOpConfig(epochs=2, n_views=2), val_set=val)
     assert 0 <= metrics["val_mAP"] <= 1 and model.thresholds.shape == (len(NAMES),)
-    scores, targets = predict_scores(model, val, bb)
+    scores, targets = predict_scores(model, val)
     assert scores.shape == (6, len(NAMES)) and ((scores >= 0) & (scores <= 1)).all()
     assert (targets == val.targets).all()
 
@@ -239,17 +239,18 @@ def test_saved_tensors_rebuild_the_model_and_the_official_checkpoint_imports(fam
     _, bb = family
     official, ours, _ = _pair(bb, {"csc": True}, {"csc": True})
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))
-    again = build(bb, NAMES, DualCoOpConfig(csc=True), ours.state(), thresholds=[0.3] * len(NAMES))
+    ours.thresholds.fill_(0.3)
+    again = make(bb, NAMES, DualCoOpConfig(csc=True), ours.state())
     with torch.no_grad():
         assert torch.equal(again(images), ours(images))
         # the official train.py checkpoint: {"state_dict": model.state_dict(), ...} (DataParallel adds "module.")
         for prefix in ("", "module."):
             sd = {prefix + k: v for k, v in official.state_dict().items()}
             assert rel_diff(importer(sd, NAMES, bb, DualCoOpConfig(csc=True))(images), official(images)) <= 1e-5
-    assert sorted(ours.state()) == ["ctx_neg", "ctx_pos"] and again.thresholds.tolist() == [pytest.approx(0.3)] * 5
+    assert sorted(ours.state()) == ["ctx_neg", "ctx_pos", "thresholds"] and again.thresholds.tolist() == [pytest.approx(0.3)] * 5
     width = ours.prompt_learner.ctx_pos.shape[-1]
     with pytest.raises(ValueError, match=rf"ctx_pos has shape \(16, {width}\); this model and config need \(5, 16, {width}\)"):
-        build(bb, NAMES, DualCoOpConfig(csc=True), {"ctx_pos": torch.zeros(16, width), "ctx_neg": torch.zeros(16, width)})
+        make(bb, NAMES, DualCoOpConfig(csc=True), {"ctx_pos": torch.zeros(16, width), "ctx_neg": torch.zeros(16, width)})
     with pytest.raises(ValueError, match="not a DualCoOp checkpoint"):
         importer({"prompt_learner.ctx": torch.zeros(4, 64)}, NAMES, bb, DualCoOpConfig())
 
@@ -270,3 +271,40 @@ def test_vit_is_refused_in_one_line(tiny_backbone):
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DualCoOpConfig(**kwargs)
+
+
+def test_fit_save_load_evaluate_through_the_registry(family, tmp_path):
+    """``coopkit.fit(csv, method="dualcoop")``: a multi-label CSV read as such, a run recording its task, config
+    and thresholds, loaded back with the same answers, evaluated with mAP and F1."""
+    import coopkit
+
+    _, bb = family
+    train_set, val = _images(tmp_path, 8, seed=3), _images(tmp_path, 6, seed=4)
+    csv = tmp_path / "train.csv"
+    csv.write_text("path,labels,unknown\n" + "".join(
+        f"{p},{'|'.join(train_set.labels_of(i))},{'|'.join(n for n, t in zip(NAMES, train_set.targets[i]) if t == -1)}\n"
+        for i, p in enumerate(train_set.paths)))
+    clf = coopkit.fit(csv, method="dualcoop", backbone=bb, val=val, epochs=2, n_ctx_pos=4, n_ctx_neg=4, progress=False)
+    assert clf.config.task == "multilabel" and clf.config.method == "dualcoop" and clf.multilabel
+    assert clf.config.method_config["n_ctx_pos"] == 4 and clf.config.metrics["epochs"] == 2
+    assert sorted(clf.classnames) == sorted(NAMES) and "val_mAP" in clf.config.metrics
+    run = clf.save(tmp_path / "run")
+    assert (run / "dualcoop.safetensors").is_file()
+    again = coopkit.load(run, backbone=bb)
+    assert again.config.task == "multilabel"
+    assert torch.equal(again.model.thresholds, clf.model.thresholds)
+    probs = clf.probs(val.paths)
+    np.testing.assert_allclose(again.probs(val.paths), probs, rtol=1e-6)
+    assert probs.shape == (6, len(NAMES)) and ((probs >= 0) & (probs <= 1)).all()
+    # the same probabilities as the official forward on the same stretched pixels
+    official = dualcoop_official.build(dualcoop_official.cfg(n_ctx_pos=4, n_ctx_neg=4), clf.classnames,
+                                       bb.model.state_dict())
+    with torch.no_grad():
+        official.prompt_learner.ctx_pos.copy_(clf.model.prompt_learner.ctx_pos)
+        official.prompt_learner.ctx_neg.copy_(clf.model.prompt_learner.ctx_neg)
+        transform = squash_transform(bb, 224)
+        ref = torch.softmax(official(torch.stack([transform(Image.open(p).convert("RGB")) for p in val.paths])), 1)[:, 1]
+    assert rel_diff(torch.from_numpy(probs), ref) <= 1e-5
+    report = again.evaluate(val.relabel(clf.classnames))
+    assert report["n"] == 6 and 0 <= report["mAP"] <= 1 and len(report["AP"]) == len(NAMES)
+    assert report["mAP"] == pytest.approx(clf.config.metrics["val_mAP"])

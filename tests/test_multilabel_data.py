@@ -140,3 +140,9 @@ def test_bad_targets_and_sources(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(ValueError, match="not a COCO root"):
         load_multilabel(tmp_path / "d")
+
+
+def test_a_dataset_is_returned_with_the_asked_columns():
+    data = MultiLabelDataset(["a", "b"], np.array([[1, 0, -1], [0, 1, 1]]), ["x", "y", "z"])
+    assert load_multilabel(data) is data
+    assert load_multilabel(data, classnames=["z", "x"]).targets.tolist() == [[-1, 1], [1, 0]]

@@ -22,6 +22,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from ..config import TASKS
+
 #: Protocols of ``coopkit bench`` a method can take part in.
 PROTOCOLS = ("fewshot", "base2new", "shift")
 
@@ -53,6 +55,9 @@ class Method:
         variants: Extra rows of ``coopkit bench``: a row's name -> the settings it overrides (fields
             of ``config`` or of :class:`~coopkit.config.TrainConfig`, or ``templates``).
         bench_default: Whether ``coopkit bench`` runs the method (and each variant named here) by default.
+        task: What it answers (:data:`coopkit.config.TASKS`): ``classify`` (one label per image) or
+            ``multilabel`` (its ``fit`` receives a :class:`~coopkit.multilabel_data.MultiLabelDataset`
+            in ``shots.dataset`` and ``shots.val``; its runs record ``task``).
     """
 
     name: str
@@ -68,8 +73,11 @@ class Method:
     check_backbone: Optional[Callable[..., None]] = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     bench_default: tuple[str, ...] = ()
+    task: str = "classify"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"method {self.name}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip().lower():
             raise ValueError(f"a method name is a non-empty lower-case string, got {self.name!r}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]

@@ -41,8 +41,10 @@ from torch import nn
 
 from ..config import ConfigMixin, PromptConfig
 from ..multilabel_data import MultiLabelDataset
-from ..multilabel_metrics import choose_thresholds, multilabel_report
+from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
+from . import Method, register
+from .base import MethodModel
 from .multilabel import (
     asymmetric_loss,
     check_config_fields,
@@ -56,6 +58,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+NAME = "dualcoop"
+#: The run file holding ``ctx_pos``, ``ctx_neg`` and the per-label ``thresholds``.
+TENSORS_FILE = "dualcoop.safetensors"
+#: The task of a DualCoOp run: several labels per image.
+TASK = "multilabel"
 #: The official forward's fixed scales: region similarities x 20, aggregated logits x 5.
 REGION_SCALE = 20.0
 LOGIT_SCALE = 5.0
@@ -194,17 +201,29 @@ class DualPromptLearner(nn.Module):
 
 
 def aggregate(regions: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Class-specific region aggregation: normalised regions ``(B, D, P)`` and normalised text ``(2C, D)``
+    """Class-specific region aggregation: normalised regions ``(B, P, D)`` and normalised text ``(2C, D)``
     (negatives, then positives) -> logits ``(B, 2, C)`` (``[:, 0]`` negative, ``[:, 1]`` positive)."""
-    sim = REGION_SCALE * torch.einsum("bdp,kd->bkp", regions, text.to(regions.dtype))  # (B, 2C, P)
+    sim = REGION_SCALE * torch.einsum("bpd,kd->bkp", regions, text.to(regions.dtype))  # (B, 2C, P)
     b, c2, _ = sim.shape
     w = F.softmax(sim[:, c2 // 2 :], dim=-1)  # (B, C, P): where each class is, by its positive prompt
     logits = LOGIT_SCALE * (sim * torch.cat([w, w], dim=1)).sum(-1)  # (B, 2C)
     return logits.view(b, 2, c2 // 2)  # (B, 2, C)
 
 
+class RegionTokens(nn.Module):
+    """Pixels -> unnormalised region features ``(B, HW + 1, D)`` (the layout the classifier and the
+    exporter L2-normalise on the last dimension)."""
+
+    def __init__(self, regions: RegionEncoder) -> None:
+        super().__init__()
+        self.regions = regions
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.regions(pixels).transpose(1, 2)  # (B, D, P) -> (B, P, D)
+
+
 class DualCoOpHead(nn.Module):
-    """Normalised region features ``(B, D, P)`` -> per-label logits ``(B, C)``: ``logit_pos - logit_neg``,
+    """Normalised region features ``(B, P, D)`` -> per-label logits ``(B, C)``: ``logit_pos - logit_neg``,
     so ``sigmoid`` gives the official positive probability (``softmax`` over the pair). The text features
     are fixed after training: a constant ``(2C, D)`` buffer."""
 
@@ -217,106 +236,138 @@ class DualCoOpHead(nn.Module):
         return pair[:, 1] - pair[:, 0]
 
 
-class DualCoOp(nn.Module):
+class DualCoOp(MethodModel):
     """The fitted (or trainable) DualCoOp model on a frozen open_clip ResNet.
 
-    ``forward(pixels)`` gives the official logits ``(B, 2, C)``; :meth:`label_logits` the per-label
-    logits ``(B, C)`` whose sigmoid is each label's probability.
+    ``forward(pixels)`` gives the official logits ``(B, 2, C)``; :meth:`head` maps normalised region
+    features to per-label logits ``(B, C)`` whose sigmoid is each label's probability; ``thresholds``
+    ``(C,)`` are the per-label decision thresholds on that probability (0.5 until chosen on validation data).
     """
 
     #: The kind of answer: several labels per image, each with its own probability (sigmoid of a logit).
-    output_kind = "multilabel"
+    task = TASK
 
     def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: Optional[DualCoOpConfig] = None, *,
                  text_chunk_size: int = 256) -> None:
-        super().__init__()
         config = config or DualCoOpConfig()
         if not isinstance(config, DualCoOpConfig):
             raise ValueError(f"config must be a DualCoOpConfig, got {type(config).__name__}")
         check_backbone(backbone, config)
+        prompt_learner = DualPromptLearner(backbone, classnames, config, text_chunk_size=text_chunk_size)
+        super().__init__(backbone, prompt_learner.classnames)
         self.config = config
-        self.prompt_learner = DualPromptLearner(backbone, classnames, config, text_chunk_size=text_chunk_size)
+        self.prompt_learner = prompt_learner
         self.image_regions = RegionEncoder(backbone.model.visual, config.input_size)
-        self.classnames = self.prompt_learner.classnames
         self.input_size = self.image_regions.grid * 32
-        self.register_buffer("thresholds", torch.full((len(self.classnames),), 0.5), persistent=False)
+        self.register_buffer("thresholds", torch.full((len(self.classnames),), DEFAULT_THRESHOLD), persistent=False)
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        """DualCoOp's evaluation transform: stretch to ``input_size`` squared (no crop), normalise."""
+        return squash_transform(self.backbone, self.input_size)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` -> L2-normalised region features ``(B, D, HW + 1)``."""
-        return F.normalize(self.image_regions(pixels).float(), dim=1)
+        """``(B, 3, S, S)`` -> L2-normalised region features ``(B, HW + 1, D)``."""
+        return F.normalize(self.image_encoder()(pixels).float(), dim=-1)
 
     def pair_logits(self, regions: torch.Tensor) -> torch.Tensor:
-        """Normalised region features ``(B, D, P)`` -> the official logits ``(B, 2, C)``."""
+        """Normalised region features ``(B, P, D)`` -> the official logits ``(B, 2, C)``."""
         return aggregate(regions, self.prompt_learner.text_features())
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.pair_logits(self.encode_image(pixels))
 
-    def label_logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        pair = self(pixels)
-        return pair[:, 1] - pair[:, 0]
-
-    # --- what the exporter and a saved run read ---
+    # --- what the classifier, the exporter and a saved run read ---
 
     def image_encoder(self) -> nn.Module:
-        """Pixels -> unnormalised region features ``(B, D, HW + 1)`` (the head normalises)."""
-        return self.image_regions
+        """Pixels -> unnormalised region features ``(B, HW + 1, D)`` (normalised on the last dimension next)."""
+        return RegionTokens(self.image_regions)
 
     def head(self) -> nn.Module:
-        """Region features ``(B, D, P)`` (normalised over ``D``) -> per-label logits ``(B, C)``."""
+        """Normalised region features ``(B, P, D)`` -> per-label logits ``(B, C)``."""
         with torch.no_grad():
-            return DualCoOpHead(self.prompt_learner.text_features())
+            return DualCoOpHead(self.prompt_learner.text_features().cpu()).eval()
 
-    def class_weights(self) -> Optional[torch.Tensor]:
+    def compute_class_weights(self) -> Optional[torch.Tensor]:
         """None: the logits are no single matrix product (a softmax over regions sits between)."""
         return None
 
+    @torch.no_grad()
+    def text_features(self) -> torch.Tensor:
+        """The ``(2C, D)`` prompt features: negatives, then positives."""
+        return self.prompt_learner.text_features().float().cpu()
+
     def state(self) -> dict[str, torch.Tensor]:
-        """What was trained: ``ctx_pos`` and ``ctx_neg`` (the official names without the module path)."""
+        """What was trained: ``ctx_pos``, ``ctx_neg`` (the official names without the module path) and the
+        per-label ``thresholds``."""
         return {"ctx_pos": self.prompt_learner.ctx_pos.detach().cpu().contiguous(),
-                "ctx_neg": self.prompt_learner.ctx_neg.detach().cpu().contiguous()}
+                "ctx_neg": self.prompt_learner.ctx_neg.detach().cpu().contiguous(),
+                "thresholds": self.thresholds.detach().cpu().float().contiguous()}
+
+    def run_fields(self) -> dict[str, Any]:
+        return {"method_config": self.config}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put saved ``ctx_pos`` / ``ctx_neg`` in place; refuses missing keys or other shapes in one line."""
+        """Put saved tensors in place (``thresholds`` optional); refuses other keys or shapes in one line."""
         own = self.state()
-        if sorted(tensors) != sorted(own):
+        if not {"ctx_pos", "ctx_neg"} <= set(tensors) <= set(own):
             raise ValueError(f"DualCoOp tensors must be {sorted(own)}, got {sorted(tensors)}")
         for k, v in tensors.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"DualCoOp tensor {k} has shape {tuple(v.shape)}; this model and config need "
                                  f"{tuple(own[k].shape)} (n_ctx, csc and the class count must match)")
+            if not bool(torch.isfinite(v.float()).all()):
+                raise ValueError(f"DualCoOp tensor {k} holds NaN or infinite values; fit the run again")
         with torch.no_grad():
             self.prompt_learner.ctx_pos.copy_(tensors["ctx_pos"])
             self.prompt_learner.ctx_neg.copy_(tensors["ctx_neg"])
+            if "thresholds" in tensors:
+                self.thresholds.copy_(tensors["thresholds"])
+
+    def evaluate_multilabel(self, data: MultiLabelDataset) -> dict[str, Any]:
+        """mAP, per-label AP and F1 at the model's per-label thresholds on ``data`` (unknown labels skipped)."""
+        scores, targets = predict_scores(self, data)
+        out = multilabel_report(scores, targets, self.thresholds.cpu().numpy())
+        out["n"] = int(len(targets))
+        return out
 
 
-def build(backbone: "Backbone", classnames: Sequence[str], config: DualCoOpConfig,
-          tensors: Optional[dict[str, torch.Tensor]] = None, thresholds: Optional[Sequence[float]] = None) -> DualCoOp:
-    """Rebuild a fitted DualCoOp from saved tensors (and per-label thresholds)."""
+def make(backbone: "Backbone", classnames: Sequence[str], config: DualCoOpConfig,
+         tensors: Optional[dict[str, torch.Tensor]] = None) -> DualCoOp:
+    """A fitted DualCoOp from its tensors (``ctx_pos``, ``ctx_neg``, optional ``thresholds``)."""
     model = DualCoOp(backbone, classnames, config).to(backbone.device)
     if tensors is not None:
         model.load_state({k: v.to(backbone.device) for k, v in tensors.items()})
-    if thresholds is not None:
-        model.thresholds = torch.as_tensor(list(thresholds), dtype=torch.float32, device=backbone.device)
     model.requires_grad_(False)
     return model
 
 
+def build(backbone: "Backbone", run: Any, tensors: Optional[dict[str, torch.Tensor]]) -> DualCoOp:
+    """The registry's ``build``: a saved run's DualCoOp again (its config from ``method_config``)."""
+    if not tensors:
+        raise ValueError("a DualCoOp run needs its tensors file (ctx_pos, ctx_neg, thresholds)")
+    return make(backbone, run.classnames, DualCoOpConfig.from_dict(run.method_config or {}), tensors)
+
+
 def importer(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
-             config: DualCoOpConfig) -> DualCoOp:
+             config: Optional[DualCoOpConfig] = None) -> DualCoOp:
     """The official ``train.py`` checkpoint's ``state_dict`` (``prompt_learner.ctx_pos`` / ``ctx_neg``;
     the backbone's own weights in it are ignored: coopkit's backbone is used) -> a DualCoOp model."""
     keys = {"ctx_pos": "prompt_learner.ctx_pos", "ctx_neg": "prompt_learner.ctx_neg"}
     for prefix in ("", "module."):  # the official code wraps the model in DataParallel on several GPUs
         if all(prefix + k in state_dict for k in keys.values()):
-            return build(backbone, classnames, config, {k: state_dict[prefix + v] for k, v in keys.items()})
+            tensors = {k: state_dict[prefix + v].float() for k, v in keys.items()}
+            config = config or DualCoOpConfig(n_ctx_pos=int(tensors["ctx_pos"].shape[-2]),
+                                              n_ctx_neg=int(tensors["ctx_neg"].shape[-2]),
+                                              csc=tensors["ctx_pos"].ndim == 3)
+            return make(backbone, classnames, config, tensors)
     raise ValueError(f"not a DualCoOp checkpoint: no {sorted(keys.values())} in its state_dict")
 
 
-def fit(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[DualCoOpConfig] = None, *,
-        val_set: Optional[MultiLabelDataset] = None, seed: int = 1, progress: bool = False,
-        callback: Optional[Callable[[int, dict[str, float]], None]] = None,
-        text_chunk_size: int = 256) -> tuple[DualCoOp, dict[str, Any]]:
+def train(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[DualCoOpConfig] = None, *,
+          val_set: Optional[MultiLabelDataset] = None, seed: int = 1, progress: bool = False,
+          callback: Optional[Callable[[int, dict[str, float]], None]] = None,
+          text_chunk_size: int = 256) -> tuple[DualCoOp, dict[str, Any]]:
     """Train DualCoOp's two contexts with the official recipe on cached region features.
 
     SGD (momentum 0.9, weight decay 5e-4) over ``ctx_pos`` and ``ctx_neg``, Dassl's schedule (one
@@ -331,9 +382,10 @@ def fit(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[Dua
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = DualCoOp(backbone, train_set.classnames, config, text_chunk_size=text_chunk_size).to(backbone.device)
-    transform = squash_transform(backbone, model.input_size)
-    feats, targets = encode_multilabel(model.encode_image, train_set, transform, config.n_views, backbone,
-                                       progress=progress, augment=config.n_views > 1)  # (views, n, D, P), (n, C)
+    augment = config.n_views > 1
+    transform = squash_transform(backbone, model.input_size, augment=augment)
+    feats, targets = encode_multilabel(model.image_encoder(), train_set, transform, config.n_views, backbone,
+                                       progress=progress)  # (views, n, P, D), (n, C)
     params = [model.prompt_learner.ctx_pos, model.prompt_learner.ctx_neg]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(seed)
@@ -347,7 +399,7 @@ def fit(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[Dua
         total = 0.0
         for start in range(0, n, config.batch_size):
             idx = order[start : start + config.batch_size]
-            x = feats[view[idx], idx].to(backbone.device)  # (b, D, P)
+            x = feats[view[idx], idx].to(backbone.device)  # (b, P, D)
             logits = model.pair_logits(x)  # (b, 2, C)
             loss = config.loss_weight * asymmetric_loss(logits, targets[idx].to(backbone.device), config.gamma_neg,
                                                         config.gamma_pos, config.asl_clip)
@@ -357,7 +409,7 @@ def fit(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[Dua
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         history["loss"].append(round(total / n, 6))
         history["lr"].append(lr)
         if callback is not None:
@@ -366,8 +418,8 @@ def fit(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[Dua
     metrics: dict[str, Any] = {"train_loss": history["loss"][-1] if history["loss"] else None,
                                "epochs": config.epochs, "train_images": n, "history": history}
     if val_set is not None:
-        scores, vt = predict_scores(model, val_set, backbone)
-        model.thresholds = torch.as_tensor(choose_thresholds(scores, vt), dtype=torch.float32, device=backbone.device)
+        scores, vt = predict_scores(model, val_set)
+        model.thresholds.copy_(torch.as_tensor(choose_thresholds(scores, vt), dtype=torch.float32))
         report = multilabel_report(scores, vt, model.thresholds.cpu().numpy())
         metrics.update({"val_mAP": report["mAP"], "val_CF1": report["CF1"], "val_OF1": report["OF1"]})
     metrics["seconds"] = round(time.perf_counter() - started, 2)
@@ -375,11 +427,31 @@ def fit(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[Dua
     return model, metrics
 
 
-def predict_scores(model: DualCoOp, data: MultiLabelDataset, backbone: "Backbone") -> tuple[np.ndarray, np.ndarray]:
-    """Per-label probabilities ``(images, C)`` of the readable images of ``data`` and their targets."""
-    transform = squash_transform(backbone, model.input_size)
-    feats, targets = encode_multilabel(model.encode_image, data, transform, 1, backbone)  # (1, n, D, P)
+def fit(backbone: "Backbone", shots: Any, config: Optional[DualCoOpConfig], train_config: Any, *,
+        progress: bool = False, callback: Optional[Callable[[int, dict[str, float]], None]] = None
+        ) -> tuple[DualCoOp, dict[str, Any]]:
+    """The registry's ``fit``: :func:`train` on ``shots.dataset`` (a :class:`MultiLabelDataset`),
+    thresholds on ``shots.val``, seeded by ``train_config.seed``."""
+    return train(backbone, shots.dataset, config, val_set=shots.val, seed=train_config.seed, progress=progress,
+                 callback=callback, text_chunk_size=train_config.text_chunk_size)
+
+
+def predict_scores(model: DualCoOp, data: MultiLabelDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label probabilities ``(images, C)`` of the readable images of ``data``, and their targets."""
+    feats, targets = encode_multilabel(model.image_encoder(), data, model.preprocess, 1, model.backbone)
     with torch.no_grad():
-        pair = model.pair_logits(feats[0].to(backbone.device))  # (n, 2, C)
-        probs = torch.sigmoid(pair[:, 1] - pair[:, 0])
-    return probs.cpu().numpy(), targets.numpy()
+        logits = model.head()(feats[0])  # (n, C)
+    return torch.sigmoid(logits).numpy(), targets.numpy()
+
+
+register(Method(
+    name=NAME,
+    summary="DualCoOp: learned positive and negative prompts per label with region aggregation (multi-label)",
+    build=build,
+    config=DualCoOpConfig,
+    tensors_file=TENSORS_FILE,
+    fit=fit,
+    importer=importer,
+    check_backbone=check_backbone,
+    task=TASK,
+))

@@ -37,7 +37,7 @@ from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from .base import template_features
-from ..runtime.preprocess import ImageDecodeError, load_image
+from ..features import encode_images
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -146,43 +146,15 @@ def squash_transform(backbone: "Backbone", size: int, augment: bool = False) -> 
     return T.Compose(steps)
 
 
-def encode_multilabel(encode: Callable[[torch.Tensor], torch.Tensor], data: MultiLabelDataset, transform: Callable,
-                      views: int, backbone: "Backbone", *, batch_size: int = 32, progress: bool = False,
-                      augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every readable image of ``data`` (``views`` transforms each; the first view is
-    un-augmented when ``augment``) and their targets: ``(views, n, ...)`` float32 on the CPU, ``(n, C)``.
-
-    Unreadable images are skipped with one warning naming them; none readable is a ValueError.
-    """
-    from tqdm.auto import tqdm
-
-    aug = squash_transform(backbone, _transform_size(transform), augment=True) if augment else transform
-    kept: list[int] = []
-    skipped: list[str] = []
-    out: list[torch.Tensor] = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(data), batch_size), desc="encoding images", disable=not progress, leave=False):
-            imgs = []
-            for i in range(start, min(len(data), start + batch_size)):
-                try:
-                    imgs.append(load_image(data.paths[i]))
-                    kept.append(i)
-                except (ImageDecodeError, FileNotFoundError) as e:
-                    skipped.append(str(e))
-            if imgs:
-                per_view = [encode(torch.stack([(transform if v == 0 else aug)(im) for im in imgs]).to(backbone.device))
-                            .float().cpu() for v in range(views)]
-                out.append(torch.stack(per_view))  # (views, b, ...)
-    if skipped:
-        logger.warning("skipped %d unreadable image(s): %s", len(skipped), "; ".join(skipped[:5]))
-    if not out:
-        raise ValueError(f"{data.source}: none of the {len(data)} images could be decoded")
-    return torch.cat(out, dim=1), torch.as_tensor(data.targets[kept].astype(np.int64))
-
-
-def _transform_size(transform: Any) -> int:
-    size = transform.transforms[0].size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+def encode_multilabel(encoder: Callable[[torch.Tensor], torch.Tensor], data: MultiLabelDataset,
+                      transform: Callable, views: int, backbone: "Backbone", *, progress: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised (last dimension) features of every readable image of ``data``, ``views`` transforms
+    each (:func:`coopkit.features.encode_images` with ``encoder``), and their targets:
+    ``(views, n, ...)`` float32 on the CPU and ``(n, C)`` int64. Unreadable images are skipped."""
+    feats, kept = encode_images(backbone, data.paths, transform=transform, views=views, progress=progress,
+                                desc="encoding images", encoder=encoder)
+    return feats, torch.as_tensor(data.targets[kept].astype(np.int64))
 
 
 # --- the baselines ---------------------------------------------------------------------------------
@@ -235,10 +207,6 @@ class CoOpSigmoidConfig(ConfigMixin):
         return PromptConfig(n_ctx=self.n_ctx, csc=self.csc, class_token_position="end", ctx_init=self.ctx_init)
 
 
-def _global_encode(backbone: "Backbone") -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: F.normalize(backbone.model.encode_image(x).float(), dim=-1)
-
-
 def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[CoOpSigmoidConfig] = None,
                      *, val_set: Optional[MultiLabelDataset] = None, seed: int = 1,
                      progress: bool = False) -> tuple[PromptLearner, MultiLabelLinearHead, dict[str, Any]]:
@@ -248,7 +216,7 @@ def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config:
     torch.manual_seed(seed)
     learner = PromptLearner(backbone, train_set.classnames, config.prompt_config()).to(backbone.device)
     transform = backbone.preprocess
-    feats, targets = encode_multilabel(_global_encode(backbone), train_set, transform, 1, backbone,
+    feats, targets = encode_multilabel(backbone.model.encode_image, train_set, transform, 1, backbone,
                                        progress=progress)  # (1, n, D), (n, C)
     x_all = feats[0].to(backbone.device)
     scale = backbone.model.logit_scale.exp().float().detach()
@@ -286,7 +254,7 @@ def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config:
 
 def linear_scores(head: MultiLabelLinearHead, backbone: "Backbone", data: MultiLabelDataset) -> tuple[np.ndarray, np.ndarray]:
     """Per-label probabilities ``(images, C)`` of a constant-weight multi-label head, and the targets."""
-    feats, targets = encode_multilabel(_global_encode(backbone), data, backbone.preprocess, 1, backbone)
+    feats, targets = encode_multilabel(backbone.model.encode_image, data, backbone.preprocess, 1, backbone)
     with torch.no_grad():
         probs = torch.sigmoid(head(feats[0].to(backbone.device)))
     return probs.cpu().numpy(), targets.numpy()
