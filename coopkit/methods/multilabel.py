@@ -33,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigMixin, PromptConfig
-from ..multilabel_data import MultiLabelDataset
-from ..multilabel_metrics import choose_thresholds, multilabel_report
-from ..prompts import PromptLearner
-from .base import template_features
 from ..features import encode_images
+from ..multilabel_data import MultiLabelDataset
+from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
+from ..prompts import PromptLearner
+from . import Method, register
+from .base import MethodModel, logit_scale, template_features
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -146,11 +147,11 @@ def squash_transform(backbone: "Backbone", size: int, augment: bool = False) -> 
     return T.Compose(steps)
 
 
-def encode_multilabel(encoder: Callable[[torch.Tensor], torch.Tensor], data: MultiLabelDataset,
+def encode_multilabel(encoder: Optional[Callable[[torch.Tensor], torch.Tensor]], data: MultiLabelDataset,
                       transform: Callable, views: int, backbone: "Backbone", *, progress: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised (last dimension) features of every readable image of ``data``, ``views`` transforms
-    each (:func:`coopkit.features.encode_images` with ``encoder``), and their targets:
+    each (:func:`coopkit.features.encode_images` with ``encoder``, default the backbone's), and their targets:
     ``(views, n, ...)`` float32 on the CPU and ``(n, C)`` int64. Unreadable images are skipped."""
     feats, kept = encode_images(backbone, data.paths, transform=transform, views=views, progress=progress,
                                 desc="encoding images", encoder=encoder)
@@ -159,29 +160,125 @@ def encode_multilabel(encoder: Callable[[torch.Tensor], torch.Tensor], data: Mul
 
 # --- the baselines ---------------------------------------------------------------------------------
 
+#: The method names of the two baselines, and their run file (``weight``, ``bias``, ``thresholds``; CoOp-sigmoid
+#: also its ``ctx``).
+ZEROSHOT_NAME = "zeroshot-multilabel"
+COOP_SIGMOID_NAME = "coop-sigmoid"
+HEAD_TENSORS_FILE = "multilabel_head.safetensors"
+TASK = "multilabel"
+
 
 class MultiLabelLinearHead(nn.Module):
     """L2-normalised image features ``(B, D)`` -> per-label logits ``(B, C)``: ``x W^T + b``; sigmoid gives
     each label's probability."""
 
-    output_kind = "multilabel"
-
     def __init__(self, weight: torch.Tensor, bias: float = 0.0) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach().float().clone(), persistent=False)  # (C, D)
+        self.register_buffer("weight", weight.detach().float().cpu().clone(), persistent=False)  # (C, D)
         self.bias = float(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() @ self.weight.T + self.bias
 
 
-def zeroshot_multilabel(backbone: "Backbone", classnames: Sequence[str], positive: str = POSITIVE_TEMPLATE,
-                        negative: str = NEGATIVE_TEMPLATE) -> MultiLabelLinearHead:
-    """The zero-shot multi-label head: ``W = exp(logit_scale) * (t_pos - t_neg)`` from two hand prompts per label."""
-    t_pos = template_features(backbone, classnames, [positive])  # (C, D)
-    t_neg = template_features(backbone, classnames, [negative])  # (C, D)
-    scale = float(backbone.model.logit_scale.exp())
-    return MultiLabelLinearHead(scale * (t_pos - t_neg))
+class MultiLabelHeadModel(MethodModel):
+    """A baseline's fitted multi-label model: the frozen image encoder, ``x W^T + b`` and per-label thresholds.
+
+    Args:
+        backbone: The frozen backbone.
+        classnames: Labels, in output order.
+        tensors: ``weight`` ``(C, D)``, ``bias`` ``(1,)``, ``thresholds`` ``(C,)`` (and CoOp-sigmoid's ``ctx``).
+        config: The method's config (recorded in the run).
+    """
+
+    task = TASK
+
+    def __init__(self, backbone: "Backbone", classnames: Sequence[str], tensors: dict[str, torch.Tensor],
+                 config: Any = None) -> None:
+        super().__init__(backbone, classnames)
+        n = len(self.classnames)
+        for key, shape in (("weight", (n, None)), ("bias", (1,)), ("thresholds", (n,))):
+            t = tensors.get(key)
+            if t is None or t.ndim != len(shape) or any(want is not None and got != want
+                                                        for got, want in zip(t.shape, shape)):
+                raise ValueError(f"multi-label head tensor {key!r} must have shape {shape} (None: any), got "
+                                 f"{None if t is None else tuple(t.shape)}")
+            if not bool(torch.isfinite(t.float()).all()):
+                raise ValueError(f"multi-label head tensor {key!r} holds NaN or infinite values; fit the run again")
+        self.tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+        self.config = config
+        self.register_buffer("thresholds", self.tensors["thresholds"].clone(), persistent=False)
+
+    def compute_class_weights(self) -> Optional[torch.Tensor]:
+        return self.tensors["weight"]
+
+    def head(self) -> nn.Module:
+        return MultiLabelLinearHead(self.tensors["weight"], float(self.tensors["bias"][0])).eval()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**self.tensors, "thresholds": self.thresholds.detach().cpu().contiguous()}
+
+    def run_fields(self) -> dict[str, Any]:
+        return {"method_config": self.config} if self.config is not None else {}
+
+    def evaluate_multilabel(self, data: MultiLabelDataset) -> dict[str, Any]:
+        """mAP, per-label AP and F1 at the per-label thresholds on ``data`` (unknown labels skipped)."""
+        scores, targets = linear_scores(self, data)
+        out = multilabel_report(scores, targets, self.thresholds.numpy())
+        out["n"] = int(len(targets))
+        return out
+
+
+def linear_scores(model: MultiLabelHeadModel, data: MultiLabelDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label probabilities ``(images, C)`` of the readable images of ``data``, and their targets."""
+    feats, targets = encode_multilabel(model.image_encoder(), data, model.backbone.preprocess, 1, model.backbone)
+    with torch.no_grad():
+        return torch.sigmoid(model.head()(feats[0])).numpy(), targets.numpy()
+
+
+def _with_thresholds(model: MultiLabelHeadModel, val: Optional[MultiLabelDataset], metrics: dict[str, Any]) -> None:
+    """Per-label thresholds with the best F1 on ``val`` (kept at 0.5 without one), and its mAP / F1 in ``metrics``."""
+    if val is None:
+        return
+    scores, targets = linear_scores(model, val)
+    model.thresholds.copy_(torch.as_tensor(choose_thresholds(scores, targets), dtype=torch.float32))
+    report = multilabel_report(scores, targets, model.thresholds.numpy())
+    metrics.update({"val_mAP": report["mAP"], "val_CF1": report["CF1"], "val_OF1": report["OF1"]})
+
+
+@dataclass
+class ZeroShotMultiLabelConfig(ConfigMixin):
+    """The zero-shot multi-label baseline's two hand prompts."""
+
+    positive: str = field(default=POSITIVE_TEMPLATE, metadata={"help": "the prompt saying the label applies ({} = name)"})
+    negative: str = field(default=NEGATIVE_TEMPLATE, metadata={"help": "the prompt saying it does not ({} = name)"})
+
+    def __post_init__(self) -> None:
+        for name in ("positive", "negative"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value.count("{}") != 1:
+                raise ValueError(f"{name} must be a prompt with one {{}} for the label, got {value!r}")
+
+
+def zeroshot_multilabel(backbone: "Backbone", classnames: Sequence[str],
+                        config: Optional[ZeroShotMultiLabelConfig] = None) -> MultiLabelHeadModel:
+    """The zero-shot multi-label model: ``W = exp(logit_scale) * (t_pos - t_neg)`` from two hand prompts per label
+    (the softmax over the pair of prompts is the sigmoid of ``x W^T``), thresholds 0.5."""
+    config = config or ZeroShotMultiLabelConfig()
+    t_pos = template_features(backbone, classnames, [config.positive]).cpu()  # (C, D)
+    t_neg = template_features(backbone, classnames, [config.negative]).cpu()  # (C, D)
+    weight = logit_scale(backbone) * (t_pos - t_neg)
+    n = len(classnames)
+    return MultiLabelHeadModel(backbone, classnames, {"weight": weight, "bias": torch.zeros(1),
+                                                      "thresholds": torch.full((n,), DEFAULT_THRESHOLD)}, config)
+
+
+def _fit_zeroshot(backbone: "Backbone", shots: Any, config: Optional[ZeroShotMultiLabelConfig], train: Any, *,
+                  progress: bool = False, callback: Any = None) -> tuple[MultiLabelHeadModel, dict[str, Any]]:
+    model = zeroshot_multilabel(backbone, shots.dataset.classnames, config)
+    metrics: dict[str, Any] = {"epochs": 0, "train_images": 0}
+    _with_thresholds(model, shots.val, metrics)
+    return model, metrics
 
 
 @dataclass
@@ -209,14 +306,15 @@ class CoOpSigmoidConfig(ConfigMixin):
 
 def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[CoOpSigmoidConfig] = None,
                      *, val_set: Optional[MultiLabelDataset] = None, seed: int = 1,
-                     progress: bool = False) -> tuple[PromptLearner, MultiLabelLinearHead, dict[str, Any]]:
-    """Train the CoOp-sigmoid baseline; returns the learner, its fixed head and metrics (``val_mAP`` with ``val_set``)."""
+                     progress: bool = False) -> tuple[MultiLabelHeadModel, dict[str, Any]]:
+    """Train the CoOp-sigmoid baseline: one CoOp prompt per label, ``logit = exp(logit_scale) * cos + b`` with a
+    learned scalar ``b`` (started at minus the mean initial logit), ASL (sigmoid) with DualCoOp's recipe, on
+    cached global image features (the evaluation transform). Returns the model and metrics."""
     config = config or CoOpSigmoidConfig()
     started = time.perf_counter()
     torch.manual_seed(seed)
     learner = PromptLearner(backbone, train_set.classnames, config.prompt_config()).to(backbone.device)
-    transform = backbone.preprocess
-    feats, targets = encode_multilabel(backbone.model.encode_image, train_set, transform, 1, backbone,
+    feats, targets = encode_multilabel(None, train_set, backbone.preprocess, 1, backbone,
                                        progress=progress)  # (1, n, D), (n, C)
     x_all = feats[0].to(backbone.device)
     scale = backbone.model.logit_scale.exp().float().detach()
@@ -239,30 +337,48 @@ def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += float(loss.detach())
         losses.append(round(total / n, 6))
-    learner.requires_grad_(False)
     with torch.no_grad():
-        head = MultiLabelLinearHead(scale * learner.text_features(), float(bias))
+        tensors = {"weight": (scale * learner.text_features()).cpu(), "bias": bias.detach().reshape(1).cpu(),
+                   "thresholds": torch.full((len(train_set.classnames),), DEFAULT_THRESHOLD),
+                   "ctx": learner.ctx.detach().cpu()}
+    model = MultiLabelHeadModel(backbone, train_set.classnames, tensors, config)
     metrics: dict[str, Any] = {"train_loss": losses[-1] if losses else None, "epochs": config.epochs,
                                "train_images": n, "history": {"loss": losses}}
-    if val_set is not None:
-        metrics.update(evaluate_linear(head, backbone, val_set))
+    _with_thresholds(model, val_set, metrics)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    return learner, head, metrics
+    return model, metrics
 
 
-def linear_scores(head: MultiLabelLinearHead, backbone: "Backbone", data: MultiLabelDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Per-label probabilities ``(images, C)`` of a constant-weight multi-label head, and the targets."""
-    feats, targets = encode_multilabel(backbone.model.encode_image, data, backbone.preprocess, 1, backbone)
-    with torch.no_grad():
-        probs = torch.sigmoid(head(feats[0].to(backbone.device)))
-    return probs.cpu().numpy(), targets.numpy()
+def _fit_coop_sigmoid(backbone: "Backbone", shots: Any, config: Optional[CoOpSigmoidConfig], train: Any, *,
+                      progress: bool = False, callback: Any = None) -> tuple[MultiLabelHeadModel, dict[str, Any]]:
+    return fit_coop_sigmoid(backbone, shots.dataset, config, val_set=shots.val, seed=train.seed, progress=progress)
 
 
-def evaluate_linear(head: MultiLabelLinearHead, backbone: "Backbone", data: MultiLabelDataset) -> dict[str, Any]:
-    """``val_mAP``, ``val_CF1``, ``val_OF1`` at per-label thresholds chosen on ``data`` (and the thresholds)."""
-    scores, targets = linear_scores(head, backbone, data)
-    th = choose_thresholds(scores, targets)
-    report = multilabel_report(scores, targets, th)
-    return {"val_mAP": report["mAP"], "val_CF1": report["CF1"], "val_OF1": report["OF1"], "thresholds": th.tolist()}
+def _builder(config_cls: type) -> Callable[..., MultiLabelHeadModel]:
+    def build(backbone: "Backbone", run: Any, tensors: Optional[dict[str, torch.Tensor]]) -> MultiLabelHeadModel:
+        if not tensors:
+            raise ValueError(f"a {run.method} run needs its {HEAD_TENSORS_FILE}")
+        return MultiLabelHeadModel(backbone, run.classnames, tensors, config_cls.from_dict(run.method_config or {}))
+    return build
+
+
+register(Method(
+    name=ZEROSHOT_NAME,
+    summary="zero-shot multi-label: a positive against a negative hand prompt per label (sigmoid)",
+    build=_builder(ZeroShotMultiLabelConfig),
+    config=ZeroShotMultiLabelConfig,
+    tensors_file=HEAD_TENSORS_FILE,
+    fit=_fit_zeroshot,
+    task=TASK,
+))
+register(Method(
+    name=COOP_SIGMOID_NAME,
+    summary="CoOp with a sigmoid per label and the asymmetric loss (multi-label baseline)",
+    build=_builder(CoOpSigmoidConfig),
+    config=CoOpSigmoidConfig,
+    tensors_file=HEAD_TENSORS_FILE,
+    fit=_fit_coop_sigmoid,
+    task=TASK,
+))
