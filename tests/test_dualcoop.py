@@ -15,6 +15,8 @@ from PIL import Image
 from coopkit.methods.dualcoop import DualCoOp, DualCoOpConfig, check_backbone, importer, make, predict_scores, train
 from coopkit.methods.multilabel import asymmetric_loss, asymmetric_loss_sigmoid, dassl_lr, squash_transform
 from coopkit.multilabel_data import MultiLabelDataset
+
+from conftest import write_multilabel_set
 from reference import dassl_lr_scheduler, dualcoop_clip_model, dualcoop_official
 
 NAMES = ["person", "dining_table", "tv", "potted plant", "cat"]
@@ -179,14 +181,7 @@ def test_schedule_is_dassls(epochs):
 
 
 def _images(root, n: int, seed: int) -> MultiLabelDataset:
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        img = rng.integers(0, 255, (int(rng.integers(40, 80)), int(rng.integers(40, 80)), 3), dtype=np.uint8)
-        paths.append(str(root / f"{seed}_{i}.png"))
-        Image.fromarray(img).save(paths[-1])
-    targets = rng.choice([-1, 0, 1], size=(n, len(NAMES)), p=[0.2, 0.5, 0.3]).astype(np.int8)
-    return MultiLabelDataset(paths, targets, list(NAMES), str(root))
+    return write_multilabel_set(root, n, seed, NAMES)
 
 
 def test_training_equals_the_official_train_coop_steps(family, tmp_path):

@@ -12,21 +12,15 @@ from PIL import Image
 import coopkit
 from coopkit.methods.multilabel import ZeroShotMultiLabelConfig, asymmetric_loss_sigmoid, zeroshot_multilabel
 from coopkit.multilabel_data import MultiLabelDataset
+
+from conftest import write_multilabel_set
 from coopkit.prompts import PromptLearner, reference_text_features
 
 NAMES = ["red", "green", "blue", "sea_turtle"]
 
 
 def _data(root, n: int, seed: int) -> MultiLabelDataset:
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        img = rng.integers(0, 255, (int(rng.integers(30, 60)), int(rng.integers(30, 60)), 3), dtype=np.uint8)
-        paths.append(str(root / f"{seed}_{i}.png"))
-        Image.fromarray(img).save(paths[-1])
-    targets = rng.choice([-1, 0, 1], size=(n, len(NAMES)), p=[0.2, 0.5, 0.3]).astype(np.int8)
-    targets[0] = 1  # every label has a positive
-    return MultiLabelDataset(paths, targets, list(NAMES), str(root))
+    return write_multilabel_set(root, n, seed, NAMES)
 
 
 def _global(bb, paths):

@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigMixin, PromptConfig
+from ..config import PromptConfig
 from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from . import Method, register
 from .base import MethodModel
 from .multilabel import (
+    AslRecipe,
     asymmetric_loss,
     check_config_fields,
     dassl_lr,
@@ -69,7 +70,7 @@ LOGIT_SCALE = 5.0
 
 
 @dataclass
-class DualCoOpConfig(ConfigMixin):
+class DualCoOpConfig(AslRecipe):
     """DualCoOp's prompts and recipe. Defaults: the official ``utils/build_cfg.py`` + ``opts.py`` +
     ``configs/models/rn*_ep50.yaml`` (SGD lr 0.002, 50 epochs, batch 32, 16 + 16 context vectors,
     ASL gamma_neg 2 / gamma_pos 1 / clip 0.05, loss weight 1)."""
@@ -84,26 +85,18 @@ class DualCoOpConfig(ConfigMixin):
     input_size: Optional[int] = field(default=None, metadata={
         "help": "square input side in pixels, a multiple of 32 (the official --input_size: 224, or 448 for "
                 "partial-label training); None: the model's own size"})
-    epochs: int = field(default=50, metadata={"help": "epochs (official: 50)"})
-    batch_size: int = field(default=32, metadata={"help": "images per step (official: 32)"})
-    lr: float = field(default=0.002, metadata={"help": "SGD learning rate (official: 0.002 COCO, 0.001 VOC)"})
     loss_weight: float = field(default=1.0, metadata={"help": "multiplies the summed ASL loss (the official --loss_w)"})
-    gamma_neg: float = field(default=2.0, metadata={"help": "ASL focusing exponent of negatives"})
-    gamma_pos: float = field(default=1.0, metadata={"help": "ASL focusing exponent of positives"})
-    asl_clip: float = field(default=0.05, metadata={"help": "ASL probability margin added to negatives"})
     n_views: int = field(default=1, metadata={
-        "help": "augmented views cached per training image (1: the evaluation transform, no augmentation)"})
+        "help": "views cached per training image (1: the evaluation transform; more: the official cutout)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.pos_init is None) != (self.neg_init is None):
             raise ValueError("pos_init and neg_init go together (the official code initialises both from words "
                              f"or neither), got pos_init={self.pos_init!r}, neg_init={self.neg_init!r}")
         self.pos_init = self.prompt_config("pos").ctx_init
         self.neg_init = self.prompt_config("neg").ctx_init
-        check_config_fields(self, ints=("epochs", "batch_size", "n_views"),
-                            positive=("lr", "loss_weight"), nonneg=("gamma_neg", "gamma_pos", "asl_clip"))
-        if self.asl_clip >= 1:
-            raise ValueError(f"asl_clip must be < 1, got {self.asl_clip!r}")
+        check_config_fields(self, ints=("n_views",), positive=("loss_weight",))
         if self.input_size is not None and (isinstance(self.input_size, bool) or not isinstance(self.input_size, int)
                                             or self.input_size < 32 or self.input_size % 32):
             raise ValueError(f"input_size must be a multiple of 32 (>= 32) or None, got {self.input_size!r}")

@@ -65,6 +65,26 @@ def check_config_fields(cfg: Any, *, ints: Sequence[str] = (), positive: Sequenc
             setattr(cfg, name, float(v))
 
 
+@dataclass
+class AslRecipe(ConfigMixin):
+    """The multi-label recipe's fields, shared by DualCoOp and CoOp-sigmoid: the official DualCoOp defaults
+    (``configs/models/rn*_ep50.yaml``, ``opts.py``): 50 epochs of batch 32, SGD lr 0.002, ASL gamma_neg 2,
+    gamma_pos 1, clip 0.05."""
+
+    epochs: int = field(default=50, metadata={"help": "epochs (official: 50)"})
+    batch_size: int = field(default=32, metadata={"help": "images per step (official: 32)"})
+    lr: float = field(default=0.002, metadata={"help": "SGD learning rate (official: 0.002 COCO, 0.001 VOC)"})
+    gamma_neg: float = field(default=2.0, metadata={"help": "ASL focusing exponent of negatives"})
+    gamma_pos: float = field(default=1.0, metadata={"help": "ASL focusing exponent of positives"})
+    asl_clip: float = field(default=0.05, metadata={"help": "ASL probability margin added to negatives (< 1)"})
+
+    def __post_init__(self) -> None:
+        check_config_fields(self, ints=("epochs", "batch_size"), positive=("lr",),
+                            nonneg=("gamma_neg", "gamma_pos", "asl_clip"))
+        if self.asl_clip >= 1:
+            raise ValueError(f"asl_clip must be < 1, got {self.asl_clip!r}")
+
+
 def dassl_lr(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
     """The learning rate of an epoch under the official schedule (Dassl ``build_lr_scheduler``:
     ``ConstantWarmupScheduler`` over ``CosineAnnealingLR(T_max=epochs)``, stepped once per epoch):
@@ -282,23 +302,16 @@ def _fit_zeroshot(backbone: "Backbone", shots: Any, config: Optional[ZeroShotMul
 
 
 @dataclass
-class CoOpSigmoidConfig(ConfigMixin):
+class CoOpSigmoidConfig(AslRecipe):
     """CoOp with one sigmoid per label and the ASL, trained with DualCoOp's recipe (its defaults)."""
 
     n_ctx: int = field(default=16, metadata={"help": "context vectors"})
     csc: bool = field(default=False, metadata={"help": "class-specific context"})
     ctx_init: Optional[str] = field(default=None, metadata={"help": "initialise the context from these words"})
-    epochs: int = field(default=50, metadata={"help": "epochs"})
-    batch_size: int = field(default=32, metadata={"help": "images per step"})
-    lr: float = field(default=0.002, metadata={"help": "SGD learning rate"})
-    gamma_neg: float = field(default=2.0, metadata={"help": "ASL focusing exponent of negatives"})
-    gamma_pos: float = field(default=1.0, metadata={"help": "ASL focusing exponent of positives"})
-    asl_clip: float = field(default=0.05, metadata={"help": "ASL probability margin added to negatives"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.ctx_init = self.prompt_config().ctx_init
-        check_config_fields(self, ints=("epochs", "batch_size"), positive=("lr",),
-                            nonneg=("gamma_neg", "gamma_pos", "asl_clip"))
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(n_ctx=self.n_ctx, csc=self.csc, class_token_position="end", ctx_init=self.ctx_init)
