@@ -231,7 +231,7 @@ class Classifier:
         if self.multilabel:
             root = not isinstance(data, MultiLabelDataset) and Path(data).is_dir()  # COCO / VOC: by split
             ml = load_multilabel(data, split=split if root else None, image_root=image_root, classnames=self.classnames)
-            return self.model.evaluate_multilabel(ml)
+            return {"classes": self.classnames, **self.model.evaluate_multilabel(ml)}
         dataset = load_dataset(data, split=split, image_root=image_root).relabel(self.classnames)
         feats, kept = encode_images(
             self.backbone, dataset.paths, batch_size=batch_size, progress=progress, desc="evaluating",

@@ -95,3 +95,30 @@ def test_unknown_labels_leave_the_sigmoid_loss():
     part = asymmetric_loss_sigmoid(logits, torch.tensor([[1, -1, 1]]))
     only = asymmetric_loss_sigmoid(logits[:, [0, 2]], torch.tensor([[1, 1]]))
     assert part == pytest.approx(float(only)) and full > part
+
+
+def test_cli_fits_and_evaluates_a_multilabel_csv(tiny_config, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from coopkit.cli import main
+
+    data = _data(tmp_path, 6, seed=6)
+    csv = tmp_path / "tags.csv"
+    csv.write_text("path,labels,unknown\n" + "".join(
+        f"{p},{'|'.join(data.labels_of(i))},{'|'.join(n for n, t in zip(NAMES, data.targets[i]) if t == -1)}\n"
+        for i, p in enumerate(data.paths)))
+    runner = CliRunner()
+    common = ["--model", str(tiny_config), "--pretrained", "none", "--device", "cpu"]
+    res = runner.invoke(main, ["fit", str(csv), *common, "--method", "coop-sigmoid", "--coop-sigmoid-epochs", "2",
+                               "--val", str(csv), "--out", str(tmp_path / "run"), "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["method"] == "coop-sigmoid" and 0 <= out["val_mAP"] <= 1
+    res = runner.invoke(main, ["eval", str(tmp_path / "run"), str(csv), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["mAP"] == pytest.approx(out["val_mAP"]) and report["classes"] == sorted(NAMES)
+    res = runner.invoke(main, ["eval", str(tmp_path / "run"), str(csv), "--device", "cpu", "--per-class"])
+    assert res.exit_code == 0 and "mAP" in res.output and "sea_turtle" in res.output, res.output
