@@ -303,3 +303,31 @@ def test_fit_save_load_evaluate_through_the_registry(family, tmp_path):
     report = again.evaluate(val.relabel(clf.classnames))
     assert report["n"] == 6 and 0 <= report["mAP"] <= 1 and len(report["AP"]) == len(NAMES)
     assert report["mAP"] == pytest.approx(clf.config.metrics["val_mAP"])
+
+
+def test_an_official_train_py_checkpoint_file_imports_through_the_safe_unpickler(family, tmp_path):
+    """The file the official ``train.py`` writes (``save_checkpoint``: epoch, arch, the whole model's state dict,
+    best_mAP, SGD state, Dassl's warm-up scheduler holding its cosine successor), read by coopkit's safe
+    unpickler, gives the official module's logits."""
+    from coopkit.research.compat import load_checkpoint
+
+    _, bb = family
+    official, _, _ = _pair(bb, {"csc": True}, {"csc": True})
+    opt = dualcoop_official.optimizer(official)
+    ns = dualcoop_official.types.SimpleNamespace
+    sched = dassl_lr_scheduler.build_lr_scheduler(opt, ns(
+        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=50, WARMUP_EPOCH=1, WARMUP_RECOUNT=True,
+        WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(8))
+    target = torch.tensor([[[1, 0, -1, 1, 0]], [[0, 1, 1, 0, 0]]])
+    dualcoop_official.train_step(official, opt, images, target, official.cfg)  # so the file holds momentum buffers
+    sched.step()
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 1, "arch": "coco-DualCoop-RN50", "state_dict": official.state_dict(), "best_mAP": 12.5,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
+    raw = load_checkpoint(path)
+    assert raw["epoch"] == 1 and "prompt_learner.ctx_pos" in raw["state_dict"]
+    model = importer(raw["state_dict"], NAMES, bb)
+    assert model.config.csc and model.config.n_ctx_pos == 16
+    with torch.no_grad():
+        assert rel_diff(model(images), official(images)) <= 1e-5
