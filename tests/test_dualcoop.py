@@ -331,3 +331,25 @@ def test_an_official_train_py_checkpoint_file_imports_through_the_safe_unpickler
     assert model.config.csc and model.config.n_ctx_pos == 16
     with torch.no_grad():
         assert rel_diff(model(images), official(images)) <= 1e-5
+
+
+def test_unified_contexts_serve_unseen_labels_as_the_official_zero_shot_setting(family):
+    import coopkit
+
+    _, bb = family
+    official, ours, _ = _pair(bb, {"n_ctx_pos": 64, "n_ctx_neg": 64}, {"n_ctx_pos": 64, "n_ctx_neg": 64})
+    unseen = ["zebra", "hair drier", "toaster"]
+    official_unseen = dualcoop_official.build(dualcoop_official.cfg(n_ctx_pos=64, n_ctx_neg=64), unseen,
+                                              bb.model.state_dict())
+    with torch.no_grad():
+        official_unseen.prompt_learner.ctx_pos.copy_(official.prompt_learner.ctx_pos)
+        official_unseen.prompt_learner.ctx_neg.copy_(official.prompt_learner.ctx_neg)
+        images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+        assert rel_diff(ours.with_classes(unseen)(images), official_unseen(images)) <= 1e-5
+    config = coopkit.config.RunConfig(method="dualcoop", classnames=NAMES, model=bb.name, task="multilabel",
+                                      method_config=ours.config.to_dict())
+    clf = coopkit.Classifier(bb, config, ours)
+    assert clf.with_classes(unseen).classnames == unseen
+    csc = make(bb, NAMES, DualCoOpConfig(csc=True))
+    with pytest.raises(ValueError, match="class-specific contexts"):
+        csc.with_classes(unseen)

@@ -317,6 +317,16 @@ class DualCoOp(MethodModel):
             if "thresholds" in tensors:
                 self.thresholds.copy_(tensors["thresholds"])
 
+    def with_classes(self, classnames: Sequence[str]) -> "DualCoOp":
+        """The same contexts over other labels (DualCoOp's zero-shot setting: unseen labels), thresholds 0.5.
+        Class-specific contexts (``csc``) have no prompt for other labels and are refused."""
+        if self.config.csc:
+            raise ValueError("this DualCoOp model has class-specific contexts (csc=True): it holds prompts for its "
+                             "training labels only, none for other label names")
+        state = self.state()
+        model = make(self.backbone, classnames, self.config, {"ctx_pos": state["ctx_pos"], "ctx_neg": state["ctx_neg"]})
+        return model
+
     def evaluate_multilabel(self, data: MultiLabelDataset) -> dict[str, Any]:
         """mAP, per-label AP and F1 at the model's per-label thresholds on ``data`` (unknown labels skipped)."""
         scores, targets = predict_scores(self, data)
