@@ -169,3 +169,22 @@ def write_multilabel_set(root: Path, n: int, seed: int, classnames):
     targets = rng.choice([-1, 0, 1], size=(n, len(classnames)), p=[0.2, 0.5, 0.3]).astype(np.int8)
     targets[0] = 1
     return MultiLabelDataset(paths, targets, list(classnames), str(root))
+
+
+@pytest.fixture(scope="session")
+def check_tensors_file_guarded():
+    """A check for a saved run's tensors file: a corrupted copy is refused against the config's
+    checksum, and a missing one is named, both before anything is built from them."""
+
+    def check(run: Path, tensors_file: str, method: str, backbone) -> None:
+        import coopkit
+
+        blob = (run / tensors_file).read_bytes()
+        (run / tensors_file).write_bytes(blob[:-4] + b"\0\0\0\0")
+        with pytest.raises(ValueError, match=f"{tensors_file} does not match config.json"):
+            coopkit.load(run, backbone=backbone)
+        (run / tensors_file).unlink()
+        with pytest.raises(FileNotFoundError, match=f"{method} run without {tensors_file}"):
+            coopkit.load(run, backbone=backbone)
+
+    return check

@@ -55,13 +55,22 @@ def ensemble_templates() -> list[str]:
 
 
 class _Scorer:
-    """A labelled set encoded once, scored against any classifier among the set's own classes."""
+    """A labelled set encoded once by the frozen image encoder, scored against any classifier among the
+    set's own classes (encoded again for a classifier whose method changes the image encoder)."""
 
     def __init__(self, backbone: Backbone, data: Dataset, progress: bool, desc: str) -> None:
         feats, kept = encode_images(backbone, data.paths, progress=progress, desc=desc)
+        self.backbone = backbone
+        self.paths = [data.paths[i] for i in kept]
         self.feats = feats[0]
         self.labels = torch.tensor([data.labels[i] for i in kept])
         self.classnames = list(data.classnames)
+
+    def features(self, clf: Classifier) -> torch.Tensor:
+        """The set's L2-normalised features as ``clf`` sees them ``(n, D)``."""
+        if clf.model.frozen_encoder:
+            return self.feats
+        return encode_images(self.backbone, self.paths, strict=True, encoder=clf.image_encoder())[0][0]
 
     def scores(self, clf: Classifier) -> dict[str, float]:
         """``accuracy`` (top-1), ``top5`` and ``macro`` (mean per-class accuracy), the classifier's
@@ -71,7 +80,7 @@ class _Scorer:
         if missing:
             raise ValueError(f"classes {missing[:5]} of the test set are not among the classifier's classes")
         with torch.no_grad():
-            logits = clf.head()(self.feats)[:, [index[c] for c in self.classnames]]  # (n, test classes)
+            logits = clf.head()(self.features(clf))[:, [index[c] for c in self.classnames]]  # (n, test classes)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # (n, k)
         hit1 = top[:, 0] == self.labels
@@ -85,10 +94,12 @@ class _Scorer:
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """The few-shot methods, each one of :data:`METHODS` (the registry's rows of the ``fewshot`` protocol)."""
-    bad = [m for m in methods if m not in METHODS]
+    """The few-shot methods, each a row of the registry's ``fewshot`` protocol (:data:`METHODS` when
+    only the built-in methods are registered)."""
+    valid = for_protocol("fewshot")
+    bad = [m for m in methods if m not in valid]
     if bad:
-        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(valid)}")
     return list(methods)
 
 
@@ -161,7 +172,7 @@ def fewshot_curves(
     scorer = _Scorer(bb, load_dataset(test), progress, "encoding test set")
     names = train_data.classnames
     draw: Sampler = sampler or (lambda k, seed: (few_shot(train_data, k, seed), None))
-    chosen = [bench_row(r) + (r,) for r in METHODS if r in methods]  # (spec, overrides, row), registry order
+    chosen = [bench_row(r) + (r,) for r in for_protocol("fewshot") if r in methods]  # (spec, overrides, row), registry order
     tip_val = None  # the validation set the baselines search their settings on
     if val is not None and any(spec.fit is not None for spec, _, _ in chosen):
         vs = _Scorer(bb, load_dataset(val).relabel(names), progress, "encoding validation set")
@@ -205,7 +216,7 @@ def fewshot_curves(
                     cfg = dataclasses.replace(cfg, **over)
                 clf = fit_on_shots(bb, shared, method=spec.name, method_config=cfg,
                                    train=TrainConfig(seed=seed, n_views=n_views, augment=aug))
-                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else "settings as given", k, seed,
+                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting, k, seed,
                     clf)
     return rows
 
