@@ -268,7 +268,7 @@ def test_bad_config(kwargs, match):
         DualCoOpConfig(**kwargs)
 
 
-def test_fit_save_load_evaluate_through_the_registry(family, tmp_path):
+def test_fit_save_load_evaluate_through_the_registry(family, tmp_path, check_tensors_file_guarded):
     """``coopkit.fit(csv, method="dualcoop")``: a multi-label CSV read as such, a run recording its task, config
     and thresholds, loaded back with the same answers, evaluated with mAP and F1."""
     import coopkit
@@ -303,6 +303,7 @@ def test_fit_save_load_evaluate_through_the_registry(family, tmp_path):
     report = again.evaluate(val.relabel(clf.classnames))
     assert report["n"] == 6 and 0 <= report["mAP"] <= 1 and len(report["AP"]) == len(NAMES)
     assert report["mAP"] == pytest.approx(clf.config.metrics["val_mAP"])
+    check_tensors_file_guarded(run, "dualcoop.safetensors", "dualcoop", bb)
 
 
 def test_an_official_train_py_checkpoint_file_imports_through_the_safe_unpickler(family, tmp_path):

@@ -57,7 +57,7 @@ def test_zeroshot_fit_chooses_thresholds_on_val_and_saves(tiny_backbone, tmp_pat
     assert again.evaluate(val)["mAP"] == pytest.approx(clf.config.metrics["val_mAP"])
 
 
-def test_coop_sigmoid_trains_and_its_saved_head_is_the_learned_prompt(tiny_backbone, tmp_path):
+def test_coop_sigmoid_trains_and_its_saved_head_is_the_learned_prompt(tiny_backbone, tmp_path, check_tensors_file_guarded):
     bb = tiny_backbone
     train, val = _data(tmp_path, 10, seed=3), _data(tmp_path, 6, seed=4)
     clf = coopkit.fit(train, method="coop-sigmoid", backbone=bb, val=val, epochs=4, n_ctx=4, lr=0.01, progress=False)
@@ -72,10 +72,12 @@ def test_coop_sigmoid_trains_and_its_saved_head_is_the_learned_prompt(tiny_backb
         x = _global(bb, val.paths)
         ref = torch.sigmoid(bb.model.logit_scale.exp() * x @ reference_text_features(learner).T + state["bias"])
     np.testing.assert_allclose(clf.probs(val.paths), ref.numpy(), atol=1e-5)
-    again = coopkit.load(clf.save(tmp_path / "run"), backbone=bb)
+    run = clf.save(tmp_path / "run")
+    again = coopkit.load(run, backbone=bb)
     np.testing.assert_allclose(again.probs(val.paths), clf.probs(val.paths), rtol=1e-6)
     report = again.evaluate(val)
     assert report["mAP"] == pytest.approx(clf.config.metrics["val_mAP"]) and report["n"] == 6
+    check_tensors_file_guarded(run, "multilabel_head.safetensors", "coop-sigmoid", bb)
 
 
 def test_saved_head_tensors_that_do_not_fit_are_refused(tiny_backbone, tmp_path):
