@@ -44,7 +44,7 @@ from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from . import Method, register
-from .base import MethodModel
+from .base import MethodModel, seed_everything
 from .multilabel import (
     AslRecipe,
     asymmetric_loss,
@@ -383,7 +383,7 @@ def train(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[D
     config = config or DualCoOpConfig()
     check_backbone(backbone, config)
     started = time.perf_counter()
-    torch.manual_seed(seed)
+    seed_everything(seed)  # the contexts' random init, the cutout's draws
     model = DualCoOp(backbone, train_set.classnames, config, text_chunk_size=text_chunk_size).to(backbone.device)
     augment = config.n_views > 1
     transform = squash_transform(backbone, model.input_size, augment=augment)

@@ -38,7 +38,7 @@ from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from . import Method, register
-from .base import MethodModel, logit_scale, template_features
+from .base import MethodModel, logit_scale, seed_everything, template_features
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -325,7 +325,7 @@ def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config:
     cached global image features (the evaluation transform). Returns the model and metrics."""
     config = config or CoOpSigmoidConfig()
     started = time.perf_counter()
-    torch.manual_seed(seed)
+    seed_everything(seed)
     learner = PromptLearner(backbone, train_set.classnames, config.prompt_config()).to(backbone.device)
     feats, targets = encode_multilabel(None, train_set, backbone.preprocess, 1, backbone,
                                        progress=progress)  # (1, n, D), (n, C)
