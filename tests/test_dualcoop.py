@@ -290,6 +290,11 @@ def test_fit_save_load_evaluate_through_the_registry(family, tmp_path, check_ten
     assert torch.equal(again.model.thresholds, clf.model.thresholds)
     probs = clf.probs(val.paths)
     np.testing.assert_allclose(again.probs(val.paths), probs, rtol=1e-6)
+    top = clf.predict(val.paths[:2], top_k=2)  # each label's own probability, best first
+    for p, row in zip(top, probs[:2]):
+        best = np.argsort(-row)[:2]
+        assert list(p.labels) == [clf.classnames[i] for i in best]
+        np.testing.assert_allclose(p.probs, row[best], rtol=1e-5)
     assert probs.shape == (6, len(NAMES)) and ((probs >= 0) & (probs <= 1)).all()
     # the same probabilities as the official forward on the same stretched pixels
     official = dualcoop_official.build(dualcoop_official.cfg(n_ctx_pos=4, n_ctx_neg=4), clf.classnames,
