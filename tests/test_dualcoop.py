@@ -315,7 +315,7 @@ def test_an_official_train_py_checkpoint_file_imports_through_the_safe_unpickler
     """The file the official ``train.py`` writes (``save_checkpoint``: epoch, arch, the whole model's state dict,
     best_mAP, SGD state, Dassl's warm-up scheduler holding its cosine successor), read by coopkit's safe
     unpickler, gives the official module's logits."""
-    from coopkit.research.compat import load_checkpoint
+    from coopkit.research.compat import import_official_dualcoop, load_checkpoint, read_official_checkpoint
 
     _, bb = family
     official, _, _ = _pair(bb, {"csc": True}, {"csc": True})
@@ -335,8 +335,18 @@ def test_an_official_train_py_checkpoint_file_imports_through_the_safe_unpickler
     assert raw["epoch"] == 1 and "prompt_learner.ctx_pos" in raw["state_dict"]
     model = importer(raw["state_dict"], NAMES, bb)
     assert model.config.csc and model.config.n_ctx_pos == 16
+    clf = import_official_dualcoop(path, NAMES, backbone=bb)
+    assert clf.config.task == "multilabel" and clf.config.metrics["official_best_mAP"] == 12.5
     with torch.no_grad():
-        assert rel_diff(model(images), official(images)) <= 1e-5
+        ref = official(images)
+        assert rel_diff(model(images), ref) <= 1e-5
+        probs = torch.sigmoid(clf.head()(clf.model.encode_image(images)))
+    assert rel_diff(probs, torch.softmax(ref, 1)[:, 1]) <= 1e-5
+    with pytest.raises(ValueError, match="is a DualCoOp checkpoint .*import_official_dualcoop"):
+        read_official_checkpoint(path)
+    torch.save({"state_dict": {"prompt_learner.ctx": torch.zeros(4, 64)}}, tmp_path / "other.pth.tar")
+    with pytest.raises(ValueError, match="other.pth.tar: not a DualCoOp checkpoint"):
+        import_official_dualcoop(tmp_path / "other.pth.tar", NAMES, backbone=bb)
 
 
 def test_unified_contexts_serve_unseen_labels_as_the_official_zero_shot_setting(family):

@@ -352,19 +352,29 @@ def build(backbone: "Backbone", run: Any, tensors: Optional[dict[str, torch.Tens
     return make(backbone, run.classnames, DualCoOpConfig.from_dict(run.method_config or {}), tensors)
 
 
+def _official_contexts(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``ctx_pos`` / ``ctx_neg`` of an official state dict (``module.``-prefixed under DataParallel), float32."""
+    keys = {"ctx_pos": "prompt_learner.ctx_pos", "ctx_neg": "prompt_learner.ctx_neg"}
+    for prefix in ("", "module."):  # the official code wraps the model in DataParallel on several GPUs
+        if all(isinstance(state_dict.get(prefix + k), torch.Tensor) for k in keys.values()):
+            return {k: state_dict[prefix + v].detach().float() for k, v in keys.items()}
+    raise ValueError(f"not a DualCoOp checkpoint: no {sorted(keys.values())} in its state_dict")
+
+
+def official_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> DualCoOpConfig:
+    """The config an official checkpoint's contexts were trained with (their lengths, class-specific or
+    not), with ``overrides`` (e.g. ``input_size``)."""
+    ctx = _official_contexts(state_dict)
+    return DualCoOpConfig(**{"n_ctx_pos": int(ctx["ctx_pos"].shape[-2]), "n_ctx_neg": int(ctx["ctx_neg"].shape[-2]),
+                             "csc": ctx["ctx_pos"].ndim == 3, **overrides})
+
+
 def importer(state_dict: dict[str, torch.Tensor], classnames: Sequence[str], backbone: "Backbone",
              config: Optional[DualCoOpConfig] = None) -> DualCoOp:
     """The official ``train.py`` checkpoint's ``state_dict`` (``prompt_learner.ctx_pos`` / ``ctx_neg``;
-    the backbone's own weights in it are ignored: coopkit's backbone is used) -> a DualCoOp model."""
-    keys = {"ctx_pos": "prompt_learner.ctx_pos", "ctx_neg": "prompt_learner.ctx_neg"}
-    for prefix in ("", "module."):  # the official code wraps the model in DataParallel on several GPUs
-        if all(prefix + k in state_dict for k in keys.values()):
-            tensors = {k: state_dict[prefix + v].float() for k, v in keys.items()}
-            config = config or DualCoOpConfig(n_ctx_pos=int(tensors["ctx_pos"].shape[-2]),
-                                              n_ctx_neg=int(tensors["ctx_neg"].shape[-2]),
-                                              csc=tensors["ctx_pos"].ndim == 3)
-            return make(backbone, classnames, config, tensors)
-    raise ValueError(f"not a DualCoOp checkpoint: no {sorted(keys.values())} in its state_dict")
+    the backbone's own weights in it are ignored: coopkit's backbone is used) -> a DualCoOp model
+    (``config``: default :func:`official_config`)."""
+    return make(backbone, classnames, config or official_config(state_dict), _official_contexts(state_dict))
 
 
 def train(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[DualCoOpConfig] = None, *,

@@ -23,6 +23,10 @@ What each trainer's prompt learner holds, and what can be served from it:
 * **MaPLe**: refused: its prompts enter the first layers of both encoders (the image encoder's
   are projections of the text ones), so no frozen image encoder reproduces its features, and
   coopkit exports a frozen image encoder with prompts at the text input only.
+* **DualCoOp** (sunxm2357/DualCoOp ``train.py``: ``{"epoch", "arch", "state_dict", "best_mAP",
+  "optimizer", "scheduler"}``, the whole model's state dict): ``prompt_learner.ctx_pos`` and
+  ``ctx_neg`` imported by :func:`import_official_dualcoop` (a multi-label classifier); the backbone
+  weights in the file are not used (coopkit's backbone is).
 """
 
 from __future__ import annotations
@@ -170,6 +174,9 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
             f"{file} holds a whole prompted CLIP (IVLP / PromptSRC style: prompts inside the image encoder's layers), "
             "so no frozen image encoder gives its image features; coopkit cannot import it"
         )
+    if any(k.endswith("prompt_learner.ctx_pos") for k in keys):
+        raise ValueError(f"{file} is a DualCoOp checkpoint (positive and negative contexts, several labels per image); "
+                         "import it with coopkit.research.compat.import_official_dualcoop")
     ctx = state.get("ctx")
     if not isinstance(ctx, torch.Tensor):
         raise ValueError(f"{file} has no 'ctx' tensor in its state_dict (keys: {keys[:8]}); expected an official "
@@ -235,3 +242,53 @@ def import_official(
     )
     logger.info("imported official %s context %s from %s", ck.trainer, tuple(ck.ctx.shape), path)
     return Classifier(bb, config, fitted)
+
+
+def import_official_dualcoop(
+    checkpoint: Union[str, os.PathLike],
+    classnames: Sequence[str],
+    *,
+    model: str = "RN101",
+    pretrained: Optional[str] = "openai",
+    input_size: Optional[int] = None,
+    device: str = "auto",
+    backbone: Optional[Backbone] = None,
+) -> Classifier:
+    """A DualCoOp checkpoint written by the official ``train.py`` as a multi-label coopkit classifier.
+
+    Args:
+        checkpoint: ``checkpoint.pth.tar`` or ``model_best.pth.tar``, exactly as the official code wrote it.
+        classnames: The labels of the official run, in its order (COCO's 80, VOC's 20:
+            ``coopkit.multilabel_data.load_multilabel(root, split=...).classnames``).
+        model, pretrained: The CLIP it was trained on (the official code: OpenAI's RN50 / RN101).
+        input_size: The official ``--input_size`` (``None``: the model's own).
+        device: Where to load the backbone.
+        backbone: An already loaded backbone.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: an unsafe file, not a DualCoOp checkpoint, contexts that do not fit the model or the labels.
+    """
+    from ..methods import dualcoop
+
+    file = Path(checkpoint)
+    raw = load_checkpoint(file)
+    state = raw.get("state_dict") if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} holds no state_dict; expected the official DualCoOp train.py checkpoint")
+    bb = backbone or load_backbone(model, pretrained, device)
+    spec = get(dualcoop.NAME)
+    assert spec.importer is not None
+    try:
+        fitted = spec.importer(state, classnames, bb, dualcoop.official_config(state, input_size=input_size))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    epoch, best = raw.get("epoch"), raw.get("best_mAP")
+    run = RunConfig(
+        method=spec.name, classnames=list(classnames), task=spec.task, **bb.run_fields(), **fitted.run_fields(),
+        metrics={"imported_from": str(file), "official_epoch": epoch if isinstance(epoch, int) else None,
+                 "official_best_mAP": float(best) if isinstance(best, (int, float)) else None},
+        coopkit_version=__version__,
+    )
+    logger.info("imported official DualCoOp contexts (%s) from %s", fitted.config, file)
+    return Classifier(bb, run, fitted)
