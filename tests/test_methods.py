@@ -203,3 +203,21 @@ def test_a_method_with_its_own_image_encoder_is_scored_through_it(shifted_method
     rows = fewshot_curves(image_folder / "train", image_folder / "test", backbone=tiny_backbone, shots=(3,), seeds=(1,),
                           methods=["test-shifted"], progress=False)
     assert [r["accuracy"] for r in rows] == [pytest.approx(shifted, abs=1e-6)]
+
+
+def test_each_protocol_runs_the_methods_registered_for_it():
+    from coopkit.research.experiments import protocol_methods
+
+    assert [m.name for m in protocol_methods("shift")][:2] == ["zeroshot", "coop"]
+    assert [m.name for m in protocol_methods("base2new", ["coop"])] == ["coop"]
+    with pytest.raises(ValueError, match=r"methods \['linear-probe'\] do not run in the shift protocol; those that "
+                                         r"do: zeroshot, coop"):
+        protocol_methods("shift", ["coop", "linear-probe"])
+
+
+def test_domain_shift_runs_the_chosen_methods_only(tiny_backbone, image_folder):
+    from coopkit.research.experiments import domain_shift
+
+    rows = domain_shift(image_folder / "train", {"t": image_folder / "test"}, backbone=tiny_backbone, shots=1,
+                        seeds=(1,), epochs=1, n_views=1, progress=False, methods=["zeroshot"])
+    assert [(r["method"], r["seed"]) for r in rows] == [("zeroshot", 0)]
