@@ -24,6 +24,7 @@ from .backbone import Backbone
 from .config import RunConfig
 from .userdata import Dataset, load_dataset
 from .features import encode_images
+from .multilabel_data import MultiLabelDataset, load_multilabel
 from .methods import get
 from .methods.base import MethodModel
 from .prompts import PromptLearner, TextTower
@@ -126,7 +127,7 @@ class Classifier:
         if len(images) == 0:
             raise ValueError("no images given")
         feats, _ = encode_images(self.backbone, images, batch_size=batch_size, strict=True, progress=progress,
-                                 encoder=self.image_encoder())
+                                 encoder=self.image_encoder(), transform=self._transform())
         return feats[0]
 
     def logits(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
@@ -138,8 +139,19 @@ class Classifier:
 
     def probs(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
         """Class probabilities ``(n_images, n_classes)`` (softmax of the logits over the label
-        set, for every model family; a logit bias cancels), float32."""
-        return torch.from_numpy(self.logits(images, batch_size=batch_size)).softmax(-1).numpy()
+        set, for every model family; a logit bias cancels), float32. A multi-label run: each
+        label's own probability (sigmoid of its logit), so rows need not sum to 1."""
+        logits = torch.from_numpy(self.logits(images, batch_size=batch_size))
+        return (logits.sigmoid() if self.multilabel else logits.softmax(-1)).numpy()
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the run answers several labels per image (``config.task == "multilabel"``)."""
+        return self.config.task == "multilabel"
+
+    def _transform(self) -> Any:
+        """The image transform of the method when it has its own (DualCoOp's stretch to its input size), else ``None``."""
+        return getattr(self.model, "preprocess", None) if self.multilabel else None
 
     def scores(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
         """Per-class match probabilities ``sigmoid(logits)`` ``(n_images, n_classes)`` of a model
@@ -187,17 +199,18 @@ class Classifier:
             return []
         errs: list[Optional[str]] = [None] * len(sources)
         feats, _ = encode_images(self.backbone, sources, batch_size=batch_size, strict=errors == "raise",
-                                 errors_out=errs, encoder=self.image_encoder())
+                                 errors_out=errs, encoder=self.image_encoder(), transform=self._transform())
         if feats.shape[1]:
             with torch.no_grad():
-                probs = self.head()(feats[0]).softmax(-1).numpy()  # (n_readable, n_classes)
+                logits = self.head()(feats[0])  # (n_readable, n_classes)
+                probs = (logits.sigmoid() if self.multilabel else logits.softmax(-1)).numpy()
         else:
             probs = np.zeros((0, len(self.classnames)), np.float32)
         return rank(probs, self.classnames, [describe(s) for s in sources], errs, k)
 
     def evaluate(
         self,
-        data: Union[str, os.PathLike, Dataset],
+        data: Union[str, os.PathLike, Dataset, MultiLabelDataset],
         *,
         split: str = "test",
         image_root: Optional[Union[str, os.PathLike]] = None,
@@ -209,7 +222,16 @@ class Classifier:
         Returns:
             ``accuracy`` (fraction correct), ``macro_accuracy`` (mean over classes),
             ``per_class`` (class -> accuracy) and ``n`` (images evaluated; unreadable ones are skipped).
+            A multi-label run (a multi-label CSV / JSON / COCO or VOC root with ``split``, or a
+            :class:`~coopkit.multilabel_data.MultiLabelDataset`): ``mAP``, per-label ``AP``, and
+            precision / recall / F1 at the run's per-label thresholds (``CP``, ``CR``, ``CF1``,
+            ``OP``, ``OR``, ``OF1``, ``per_class``), unknown labels skipped
+            (:func:`coopkit.multilabel_metrics.multilabel_report`).
         """
+        if self.multilabel:
+            root = not isinstance(data, MultiLabelDataset) and Path(data).is_dir()  # COCO / VOC: by split
+            ml = load_multilabel(data, split=split if root else None, image_root=image_root, classnames=self.classnames)
+            return {"classes": self.classnames, **self.model.evaluate_multilabel(ml)}
         dataset = load_dataset(data, split=split, image_root=image_root).relabel(self.classnames)
         feats, kept = encode_images(
             self.backbone, dataset.paths, batch_size=batch_size, progress=progress, desc="evaluating",

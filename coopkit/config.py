@@ -38,6 +38,9 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 #: Compute precisions of training and encoding (autocast); the precisions of exported files are
 #: :data:`coopkit.runtime.contract.FILE_PRECISIONS`.
 COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: What a run answers: ``classify`` (one label per image, softmax over the label set) or ``multilabel``
+#: (every label that applies, each with its own probability: sigmoid of its logit, and a threshold).
+TASKS = ("classify", "multilabel")
 
 # The validators (check_int, check_float, check_bool, check_choice) and ConfigMixin live in
 # coopkit.runtime.configbase, the one validating base of every config (the runtime's too).
@@ -237,6 +240,8 @@ class RunConfig(ConfigMixin):
             its tensors file), checked on load (:func:`coopkit.runs.run_checksum`).
         data: Where the training images came from (CoOp runs fitted on a path; ``None`` for a
             Dataset object or a zero-shot run).
+        task: ``classify`` or ``multilabel`` (:data:`TASKS`; runs written before multi-label
+            methods existed are ``classify``).
     """
 
     method: str
@@ -259,8 +264,10 @@ class RunConfig(ConfigMixin):
     config_version: int = CONFIG_VERSION
     run_sha256: str = ""
     data: Optional[TrainingData] = None
+    task: str = "classify"
 
     def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
         if not isinstance(self.method, str) or not self.method.strip():
             raise ValueError(f"method must be a method name, got {self.method!r}")
         self.classnames = check_classnames(self.classnames)

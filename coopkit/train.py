@@ -18,6 +18,7 @@ from . import __version__
 from .backbone import Backbone, load_backbone
 from .classifier import Classifier
 from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
+from .multilabel_data import MultiLabelDataset, load_multilabel
 from .userdata import Dataset, few_shot, load_dataset
 from .features import torch_threads
 from .methods import DEFAULT_METHOD, Method, get
@@ -28,7 +29,7 @@ from .runtime.session import check_threads
 
 logger = logging.getLogger(__name__)
 
-DataSource = Union[str, os.PathLike, Dataset]
+DataSource = Union[str, os.PathLike, Dataset, MultiLabelDataset]
 
 __all__ = ["fit", "fit_on_shots", "zero_shot", "training_data", "lr_at", "seed_everything", "DataSource"]
 
@@ -75,7 +76,10 @@ def fit(
     baseline's ``epochs``) goes to the method's config.
 
     Args:
-        data: ImageFolder directory, CSV of ``path,label``, CoOp split JSON, or a Dataset.
+        data: ImageFolder directory, CSV of ``path,label``, CoOp split JSON, or a Dataset. For a
+            multi-label method (``method="dualcoop"``): a multi-label CSV or JSON, or a
+            :class:`~coopkit.multilabel_data.MultiLabelDataset` (:func:`~coopkit.multilabel_data.load_multilabel`
+            reads the COCO and VOC layouts and other separators); every image is used (no few-shot draw).
         method: A registered method that trains (:func:`coopkit.methods.names`).
         method_config: The method's settings (an instance of its config dataclass,
             :attr:`coopkit.methods.Method.config`).
@@ -127,6 +131,14 @@ def fit(
         check_threads(threads)
     if classnames is not None:
         classnames = check_classnames(classnames, "classnames=")
+    if spec.task == "multilabel":  # several labels per image: every image, no few-shot draw
+        ml_data = load_multilabel(data, image_root=image_root, classnames=classnames)
+        ml_val = load_multilabel(val, image_root=image_root, classnames=ml_data.classnames) if val is not None else None
+        bb = backbone or load_backbone(model, pretrained, device, tokenizer, text_model)
+        with torch_threads(threads):
+            return fit_on_shots(bb, Shots(ml_data, val=ml_val), method=spec.name, method_config=method_cfg,
+                                train=train_cfg, progress=progress, callback=callback,
+                                data=None if isinstance(data, MultiLabelDataset) else training_data(data, image_root))
     dataset = load_dataset(data, split="train", image_root=image_root)
     if classnames is not None:
         dataset = dataset.subset(classnames)
@@ -219,9 +231,9 @@ def fit_on_shots(
     if method_cfg is not None:
         fields.setdefault(spec.config_field, method_cfg)
     config = RunConfig(method=spec.name, classnames=shots.classnames, train=train_cfg, coopkit_version=__version__,
-                       data=data, **fields, **backbone.run_fields())
+                       data=data, task=spec.task, **fields, **backbone.run_fields())
     clf = Classifier(backbone, config, model)
-    if shots.val is not None and "val_accuracy" not in metrics:
+    if shots.val is not None and spec.task == "classify" and "val_accuracy" not in metrics:
         metrics["val_accuracy"] = clf.evaluate(shots.val, progress=progress)["accuracy"]
     config.metrics = metrics
     return clf

@@ -48,6 +48,7 @@ def official_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_official_layouts(tmp_path_factory.mktemp("official"))
 
 
+
 @pytest.fixture(scope="session")
 def check_tensors_file_guarded():
     """A check for a saved run's tensors file: a corrupted copy is refused against the config's

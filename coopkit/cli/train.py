@@ -102,13 +102,20 @@ def fit_cmd(data: Optional[str], dataset: Optional[str], root: Optional[str], ou
     emit({
         "run": str(path), "method": clf.method, "classes": len(clf.classnames), "train_images": m.get("train_images"),
         "epochs": m.get("epochs"), "train_loss": m.get("train_loss"), "train_accuracy": m.get("train_accuracy"),
-        "val_accuracy": m.get("val_accuracy"), "seconds": m.get("seconds"),
+        "val_accuracy": m.get("val_accuracy"), **({"val_mAP": m["val_mAP"]} if "val_mAP" in m else {}),
+        "seconds": m.get("seconds"),
     }, as_json)
 
 
 def _emit_eval(res: dict[str, Any], method: str, per_class: bool, as_json: bool) -> None:
     if as_json:
         emit({"method": method, **res}, True)
+        return
+    if "mAP" in res:  # a multi-label run: mAP, and F1 at its per-label thresholds
+        print_table([("method", method), ("images", res["n"]), ("mAP", pct(res["mAP"])), ("CF1", pct(res["CF1"])),
+                     ("OF1", pct(res["OF1"]))])
+        if per_class:
+            print_table([(f"  {c}", "-" if ap is None else pct(ap)) for c, ap in zip(res["classes"], res["AP"])])
         return
     print_table([("method", method), ("images", res["n"]), ("accuracy", pct(res["accuracy"])),
                  ("macro accuracy", pct(res["macro_accuracy"]))])

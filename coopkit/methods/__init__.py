@@ -22,6 +22,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+from ..config import TASKS
+
 #: Protocols of ``coopkit bench`` a method can take part in.
 PROTOCOLS = ("fewshot", "base2new", "shift")
 
@@ -55,6 +57,9 @@ class Method:
         bench_default: Which of the method and its variants ``coopkit bench`` runs by default.
         bench_setting: How ``coopkit bench`` describes the settings of the method's rows (its
             ``setting`` column; ``searched on val`` instead when the fit searched them on a validation set).
+        task: What it answers (:data:`coopkit.config.TASKS`): ``classify`` (one label per image) or
+            ``multilabel`` (its ``fit`` receives a :class:`~coopkit.multilabel_data.MultiLabelDataset`
+            in ``shots.dataset`` and ``shots.val``; its runs record ``task``).
     """
 
     name: str
@@ -71,8 +76,11 @@ class Method:
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     bench_default: tuple[str, ...] = ()
     bench_setting: str = ""
+    task: str = "classify"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"method {self.name}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip().lower():
             raise ValueError(f"a method name is a non-empty lower-case string, got {self.name!r}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]

@@ -28,6 +28,10 @@ What each trainer's prompt learner holds, and what can be served from it:
   counts and depths read from their shapes; the frozen CLIP weights in the file are compared with
   the backbone's (a checkpoint trained on other weights is refused). ``CTX_INIT`` is not in the
   file: the prompt words default to the official configs' "a photo of a" (``ctx_init=``).
+* **DualCoOp** (sunxm2357/DualCoOp ``train.py``: ``{"epoch", "arch", "state_dict", "best_mAP",
+  "optimizer", "scheduler"}``, the whole model's state dict): ``prompt_learner.ctx_pos`` and
+  ``ctx_neg`` imported by :func:`import_official_dualcoop` (a multi-label classifier); the backbone
+  weights in the file are not used (coopkit's backbone is).
 """
 
 from __future__ import annotations
@@ -178,6 +182,9 @@ def read_official_checkpoint(path: Union[str, os.PathLike]) -> OfficialCheckpoin
     if not isinstance(state, dict):
         raise ValueError(f"{file} holds no state_dict; expected an official prompt_learner checkpoint (model.pth.tar-N)")
     keys = [str(k) for k in state]
+    if any(k.endswith("prompt_learner.ctx_pos") for k in keys):
+        raise ValueError(f"{file} is a DualCoOp checkpoint (positive and negative contexts, several labels per image); "
+                         "import it with coopkit.research.compat.import_official_dualcoop")
     epoch = raw.get("epoch") if isinstance(raw, dict) else None
     val = raw.get("val_result") if isinstance(raw, dict) else None
     recorded = dict(epoch=int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
@@ -308,3 +315,53 @@ def _import_deep(ck: OfficialCheckpoint, classnames: Sequence[str], bb: Backbone
     )
     logger.info("imported official %s prompts %s from %s", ck.trainer, sorted(fitted.state()), ck.path)
     return Classifier(bb, config_, fitted)
+
+
+def import_official_dualcoop(
+    checkpoint: Union[str, os.PathLike],
+    classnames: Sequence[str],
+    *,
+    model: str = "RN101",
+    pretrained: Optional[str] = "openai",
+    input_size: Optional[int] = None,
+    device: str = "auto",
+    backbone: Optional[Backbone] = None,
+) -> Classifier:
+    """A DualCoOp checkpoint written by the official ``train.py`` as a multi-label coopkit classifier.
+
+    Args:
+        checkpoint: ``checkpoint.pth.tar`` or ``model_best.pth.tar``, exactly as the official code wrote it.
+        classnames: The labels of the official run, in its order (COCO's 80, VOC's 20:
+            ``coopkit.multilabel_data.load_multilabel(root, split=...).classnames``).
+        model, pretrained: The CLIP it was trained on (the official code: OpenAI's RN50 / RN101).
+        input_size: The official ``--input_size`` (``None``: the model's own).
+        device: Where to load the backbone.
+        backbone: An already loaded backbone.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: an unsafe file, not a DualCoOp checkpoint, contexts that do not fit the model or the labels.
+    """
+    from ..methods import dualcoop
+
+    file = Path(checkpoint)
+    raw = load_checkpoint(file)
+    state = raw.get("state_dict") if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} holds no state_dict; expected the official DualCoOp train.py checkpoint")
+    bb = backbone or load_backbone(model, pretrained, device)
+    spec = get(dualcoop.NAME)
+    assert spec.importer is not None
+    try:
+        fitted = spec.importer(state, classnames, bb, dualcoop.official_config(state, input_size=input_size))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    epoch, best = raw.get("epoch"), raw.get("best_mAP")
+    run = RunConfig(
+        method=spec.name, classnames=list(classnames), task=spec.task, **bb.run_fields(), **fitted.run_fields(),
+        metrics={"imported_from": str(file), "official_epoch": epoch if isinstance(epoch, int) else None,
+                 "official_best_mAP": float(best) if isinstance(best, (int, float)) else None},
+        coopkit_version=__version__,
+    )
+    logger.info("imported official DualCoOp contexts (%s) from %s", fitted.config, file)
+    return Classifier(bb, run, fitted)
