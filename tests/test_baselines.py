@@ -73,7 +73,7 @@ def test_baseline_saves_loads_and_exports_into_one_verified_graph(tiny_backbone,
     paths, labels, feats = test_set
     val = (feats, labels) if method.startswith("tip") else None
     clf = _fitted(tiny_backbone, shots, method, val)
-    assert clf.method == method and clf.head_tensors is not None
+    assert clf.method == method and clf.model.state()
     logits = clf.logits(paths)
     assert logits.shape == (len(paths), 4)
     if method.startswith("tip"):

@@ -279,6 +279,7 @@ def test_int8_calibration_sources(coop, tiny_backbone, image_folder, tmp_path):
     import dataclasses
 
     from coopkit.classifier import Classifier
+    from coopkit.methods.coop import CoOpModel
     from coopkit.config import TrainingData
 
     assert coop.config.data == TrainingData(str((image_folder / "train").resolve()))
@@ -291,7 +292,7 @@ def test_int8_calibration_sources(coop, tiny_backbone, image_folder, tmp_path):
     res = export_onnx(zs, tmp_path / "zs.onnx", "int8", calibration=_images(5, 2))
     assert res.checks["calibration_images"] == 5
     moved = Classifier(coop.backbone, dataclasses.replace(coop.config, data=TrainingData(str(tmp_path / "gone"))),
-                       coop.learner)
+                       coop.model)
     with pytest.raises(ValueError, match="not where the run recorded them .*dataset not found"):
         export_onnx(moved, tmp_path / "m.onnx", "int8")
     with pytest.raises(ValueError, match=r"calibration images must be uint8 \(n, 32, 32, 3\)"):
@@ -359,6 +360,7 @@ NEW_NAMES = ["golden retriever", "nighthawk (bird)", "cat?", "x-ray", "mr. x", "
 @pytest.mark.parametrize("position,ctx_init", [("end", None), ("middle", None), ("front", "a photo of a")])
 def test_text_graph_equals_the_prompt_learner(tiny_backbone, tmp_path, position, ctx_init):
     from coopkit.classifier import Classifier
+    from coopkit.methods.coop import CoOpModel
     from coopkit.config import PromptConfig, RunConfig
     from coopkit.prompts import PromptLearner
     from coopkit.runtime import Classifier as Runtime
@@ -371,7 +373,7 @@ def test_text_graph_equals_the_prompt_learner(tiny_backbone, tmp_path, position,
     learner.requires_grad_(False)
     config = RunConfig(method="coop", classnames=names, model=tiny_backbone.name,
                        prompt=PromptConfig(learner.n_ctx, False, position, ctx_init))
-    clf = Classifier(tiny_backbone, config, learner)
+    clf = Classifier(tiny_backbone, config, CoOpModel(tiny_backbone, learner))
     res = export_onnx(clf, tmp_path / "m.onnx", with_text_encoder=True)
     assert res.text_path == tmp_path / text_graph_name("m.onnx") and res.checks["text_max_abs_diff"] <= 1e-4
 
@@ -389,12 +391,13 @@ def test_text_graph_equals_the_prompt_learner(tiny_backbone, tmp_path, position,
 
 def test_class_specific_context_refuses_the_text_encoder(tiny_backbone, tmp_path):
     from coopkit.classifier import Classifier
+    from coopkit.methods.coop import CoOpModel
     from coopkit.config import PromptConfig, RunConfig
     from coopkit.prompts import PromptLearner
 
     learner = PromptLearner(tiny_backbone, ["a", "b"], n_ctx=2, csc=True).requires_grad_(False)
     config = RunConfig(method="coop", classnames=["a", "b"], model=tiny_backbone.name, prompt=PromptConfig(2, True))
-    clf = Classifier(tiny_backbone, config, learner)
+    clf = Classifier(tiny_backbone, config, CoOpModel(tiny_backbone, learner))
     with pytest.raises(ValueError, match="class-specific context .* no.* context for a new class name|unified context"):
         export_onnx(clf, tmp_path / "m.onnx", with_text_encoder=True)
     assert list(tmp_path.iterdir()) == []

@@ -74,7 +74,7 @@ def _read_official(dataset: Optional[str], root: Optional[str]) -> Any:
     """The official dataset of --dataset/--root (None without --dataset)."""
     if dataset is None:
         return None
-    from ..datasets import load_official
+    from ..official_datasets import load_official
 
     return load_official(dataset, root)  # type: ignore[arg-type]
 
@@ -178,7 +178,7 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
         common["epochs"] = epochs
     loaded = []
     if dataset is not None:
-        from ..datasets import dataset_spec
+        from ..official_datasets import dataset_spec
 
         if dataset_spec(dataset).name != "imagenet":
             raise click.BadParameter("the shifted test sets are ImageNet's variants: use --dataset imagenet",
@@ -263,7 +263,7 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
 @click.option("--root", type=click.Path(), default=None, help="Also read each dataset found under this folder.")
 def datasets_cmd(root: Optional[str]) -> None:
     """The official datasets coopkit reads (--dataset NAME) and, with --root, which are present and their sizes."""
-    from ..datasets import DATASETS, load_official
+    from ..official_datasets import DATASETS, load_official
 
     rows = []
     for name, spec in DATASETS.items():
@@ -330,7 +330,7 @@ def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: O
     The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
     with the reason.
     """
-    from ..classifier import check_run_target
+    from ..runs import check_run_target
     from ..research.compat import import_official
 
     check_run_target(out)
@@ -348,13 +348,13 @@ def _official_classnames(classes_from: Optional[str], dataset: Optional[str], ro
     if (classes_from is None) == (dataset is None):
         raise click.UsageError("give either --classes-from PATH or --dataset NAME --root DATA")
     if classes_from is not None:
-        from ..data import load_dataset
+        from ..userdata import load_dataset
 
         return load_dataset(classes_from).classnames
     if root is None:
         raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
-    from ..data import Dataset, subsample_classes
-    from ..datasets import load_official
+    from ..userdata import Dataset, subsample_classes
+    from ..official_datasets import load_official
 
     names = load_official(dataset, root).classnames
     return subsample_classes(Dataset([], names), subsample).classnames

@@ -24,7 +24,6 @@ How a file is made, one layer each:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -36,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from coopkit.data import few_shot, list_images, load_dataset
+from coopkit.userdata import few_shot, list_images, load_dataset
+from coopkit.runtime.atomic import sha256_hex
 from coopkit.runtime.contract import INPUT_CROPPED, INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, PRECISIONS, ModelMetadata
 from coopkit.runtime.preprocess import preprocess
 
@@ -136,7 +136,7 @@ def _check_classifier(classifier: "Classifier") -> None:
 def weights_sha256(weights: "torch.Tensor") -> str:
     """sha256 of the class weight matrix as float32, C order (the value stored in the metadata)."""
     array = np.ascontiguousarray(weights.detach().to("cpu").float().numpy(), dtype=np.float32)
-    return hashlib.sha256(array.tobytes()).hexdigest()
+    return sha256_hex(array)
 
 
 def _recorded_pretrained(pretrained: Optional[str]) -> Optional[str]:
@@ -206,7 +206,7 @@ def _training_images(classifier: "Classifier") -> list[str]:
     """The few-shot sample the run was trained on, drawn again from its recorded data source."""
     config = classifier.config
     if config.data is None or config.train is None:
-        why = ("a zero-shot classifier has no training images" if config.method == "zeroshot" else
+        why = ("a zero-shot classifier has no training images" if not classifier.trained else
                "this run does not record where its training images are (fitted on a Dataset object, or saved by "
                "an older coopkit)")
         raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")

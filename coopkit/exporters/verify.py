@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from coopkit.data import load_dataset
+from coopkit.userdata import load_dataset
 from coopkit.runtime.contract import INPUT_NAME, OUTPUT_NAMES, ModelMetadata, TextEncoderSpec
 from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS, disabled_optimizers
 from coopkit.runtime.preprocess import decode, preprocess, resize_and_crop

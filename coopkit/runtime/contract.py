@@ -51,8 +51,6 @@ TEXT_OUTPUT = "class_weights"
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 PRECISIONS = ("fp32", "fp16", "int8")
-#: How a file's class scores were learned: CoOp, hand-written prompts, or a few-shot baseline's head.
-METHODS = ("coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f")
 #: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
 #: existed), or decoded RGB images of any size that the graph resizes and crops itself.
 INPUT_CROPPED = "cropped"
@@ -316,7 +314,8 @@ class ModelMetadata:
         fill_color: Padding value for ``resize_mode="longest"``.
         model: open_clip model name (or config file name) of the backbone.
         pretrained: open_clip pretrained tag or checkpoint file name; ``None`` for random init.
-        method: ``coop`` or ``zeroshot``.
+        method: The method that fitted the classifier (informational, any non-empty string:
+            :mod:`coopkit.methods` names them; ``unknown`` when not given).
         prompt: Prompt settings (``n_ctx``, ``csc``, ``class_token_position``, ``ctx_init``
             for CoOp; ``templates`` for zero-shot).
         precision: ``fp32``, ``fp16`` or ``int8``.
@@ -349,7 +348,7 @@ class ModelMetadata:
     fill_color: int = 0
     model: str = ""
     pretrained: Optional[str] = None
-    method: str = "coop"
+    method: str = "unknown"
     prompt: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     embed_dim: int = 0
@@ -384,6 +383,8 @@ class ModelMetadata:
                                    ("input_kind", self.input_kind, INPUT_KINDS)):
             if value not in valid:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise MetadataError(f"method must be a non-empty string, got {self.method!r}")
         if self.text_encoder is not None:
             self.text_encoder = TextEncoderSpec.from_dict(self.text_encoder)
 
