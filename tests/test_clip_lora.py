@@ -9,9 +9,11 @@ import json
 import os
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 import coopkit
@@ -75,7 +77,7 @@ def siglip_bb(tmp_path_factory):
 def _args(cfg: LoRAConfig, backbone="ViT-B/16", dropout_rate=None):
     return types.SimpleNamespace(encoder=cfg.encoder, position=cfg.position, params=list(cfg.projections), r=cfg.r,
                                  alpha=cfg.alpha, dropout_rate=cfg.dropout_rate if dropout_rate is None else dropout_rate,
-                                 backbone=backbone, n_iters=cfg.iters_per_shot, shots=1, lr=cfg.lora_lr)
+                                 backbone=backbone, n_iters=cfg.iters_per_shot, shots=1, lr=cfg.lr)
 
 
 def _official_clip(bb):
@@ -398,3 +400,104 @@ def test_state_round_trip_and_refusals(openai_bb):
     bad = dict(state, **{"vision.8.v.lora_A": torch.zeros(3, 128)})
     with pytest.raises(ValueError, match=r"shape \(3, 128\), expected \(2, 128\)"):
         other.load_state(bad)
+
+
+# --- the recipe, runs, the command line ----------------------------------------------------------
+
+
+def test_recipe_equals_the_official_steps(openai_bb):
+    """Three training steps of our fit loop's pieces (AdamW, cosine over iters x shots, CE on the scaled
+    cosine) against the official run_lora iteration on the same images and adapters: same adapters after."""
+    cfg = LoRAConfig(encoder="both", dropout_rate=0.0, iters_per_shot=3)
+    model = _official_clip(openai_bb)
+    layers = official.apply_lora(_args(cfg, dropout_rate=0.5), model)
+    _no_dropout(model)
+    ours = CLIPLoRA(openai_bb, NAMES, cfg)
+    _randomise(ours, seed=9)
+    _copy_into_official(ours, layers)
+    args = _args(cfg)
+    opt_ref, sched_ref, scaler_ref = official.official_optimizer(args, model)
+    dataset = types.SimpleNamespace(template=[cfg.template], classnames=NAMES)
+    params = ours.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iters_per_shot * 1, eta_min=cfg.eta_min)
+    ours.train()
+    model.train()
+    for step in range(3):
+        images, target = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, step])
+        loss_ref, _ = official.official_train_step(args, model, openai_bb.model.logit_scale.exp().item(), dataset,
+                                                   images, target, None, opt_ref, sched_ref, scaler_ref,
+                                                   lambda t: torch.as_tensor(openai_bb.tokenizer(t)))
+        loss = F.cross_entropy(ours.logits(images), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    mine = ours.state()
+    for i, name in enumerate(ours.adapter_names):
+        ref = layers[i].q_proj.w_lora_B
+        assert _rel(mine[f"{name}.q.lora_B"], ref) <= 1e-4  # Adam divides by sqrt(v): rounding grows, stays small
+    assert sched.get_last_lr() == sched_ref.get_last_lr()
+
+
+def test_fit_save_load_evaluate(tiny_backbone, image_folder, tmp_path):
+    clf = coopkit.fit(image_folder / "train", method="clip-lora", backbone=tiny_backbone, shots=2, iters_per_shot=3,
+                      r=4, params="q,v,o", progress=False)
+    m = clf.config.metrics
+    assert m["steps"] == 6 and m["epochs"] == 6 and len(m["history"]["loss"]) == 6
+    assert clf.config.method_config["r"] == 4 and clf.config.templates == ["a photo of a {}."]
+    assert any(float(t.abs().max()) > 0 for k, t in clf.model.state().items() if k.endswith("lora_B"))
+    run = clf.save(tmp_path / "run")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "lora.safetensors"]
+    back = coopkit.load(run, backbone=tiny_backbone)
+    test = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))[:6]
+    np.testing.assert_array_equal(back.logits(test), clf.logits(test))
+    # the logits are the merged encoder's, and equal the adapted (unmerged) computation
+    pixels = torch.stack([tiny_backbone.preprocess(Image.open(p).convert("RGB")) for p in test])
+    with torch.enable_grad():
+        unmerged = clf.model.logits(pixels).detach()
+    np.testing.assert_allclose(clf.logits(test), unmerged.numpy(), rtol=0, atol=1e-4)
+    assert back.evaluate(image_folder / "test")["n"] == 24
+    # new class names: the adapted text tower reads them in the template
+    other = back.with_classes(["red", "blue"])
+    assert other.class_weights().shape == (2, 64)
+    np.testing.assert_allclose(other.class_weights().numpy(), back.class_weights()[[2, 0]].numpy(), atol=1e-5)
+    # the whole fitted encoder, merged, for people who want the weights
+    sd = back.model.merged_state_dict()
+    assert sd.keys() == tiny_backbone.model.state_dict().keys()
+
+
+def test_fit_refusals(tiny_backbone, image_folder):
+    with pytest.raises(ValueError, match="position 'mid' selects no block of a 2-block tower"):
+        coopkit.fit(image_folder / "train", method="clip-lora", position="mid", backbone=tiny_backbone, progress=False)
+    with pytest.raises(ValueError, match="counts steps"):
+        coopkit.fit(image_folder / "train", method="clip-lora", epochs=3, backbone=tiny_backbone, progress=False)
+    with pytest.raises(ValueError, match="rank 0 adapts nothing"):
+        coopkit.fit(image_folder / "train", method="clip-lora", r=0, backbone=tiny_backbone, progress=False)
+
+
+def test_text_only_fit_uses_cached_image_features(tiny_backbone, image_folder):
+    clf = coopkit.fit(image_folder / "train", method="clip-lora", encoder="text", backbone=tiny_backbone, shots=2,
+                      iters_per_shot=2, progress=False, n_views=2)
+    assert clf.model.adapter_names == ["text.0", "text.1"]
+    enc = clf.image_encoder()
+    assert enc is not None and all(type(b.attn) is nn.MultiheadAttention for b in enc.transformer.resblocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), tiny_backbone.model.encode_image(x))
+
+
+def test_cli_fit_clip_lora(tiny_config, image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from coopkit.cli import main
+
+    res = CliRunner().invoke(main, ["fit", str(image_folder / "train"), "--out", str(tmp_path / "lora"), "--model",
+                                    str(tiny_config), "--pretrained", "none", "--device", "cpu", "--quiet", "--json",
+                                    "--method", "clip-lora", "--shots", "2", "--iters-per-shot", "1", "--r", "3",
+                                    "--encoder", "vision", "--clip-lora-lr", "1e-3"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "lora" / "config.json").read_text())
+    assert saved["method"] == "clip-lora" and saved["method_config"]["r"] == 3
+    assert saved["method_config"]["lr"] == 1e-3 and saved["method_config"]["encoder"] == "vision"

@@ -26,21 +26,24 @@ the official index lists wherever those exist).
 from __future__ import annotations
 
 import copy
+import time
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigMixin, _choice, _float, _int
+from ..backbone import Backbone
+from ..config import ConfigMixin, RunConfig, TrainConfig
+from ..features import autocast_for, encode_images
 from ..prompts import TextTower
 from ..runtime.contract import check_classnames, check_templates, fill_templates
-
-if TYPE_CHECKING:
-    from ..backbone import Backbone
+from ..runtime.preprocess import ImageDecodeError, load_image
+from . import Method, register
+from .base import MethodModel, Shots, check_templates_fit, logit_scale, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,18 @@ PROJECTIONS = ("q", "k", "v", "o")
 #: The official prompt (every dataset's template is overridden by it in the official code).
 TEMPLATE = "a photo of a {}."
 TOWERS = ("text", "vision")
+NAME = "clip-lora"
+#: The run file holding the adapters (:meth:`CLIPLoRA.state`).
+ADAPTERS_FILE = "lora.safetensors"
+
+
+def _number(name: str, value: Any, *, positive: bool = False, below: Optional[float] = None) -> float:
+    """A finite float ``>= 0`` (``> 0`` with ``positive``; ``< below`` when given), else one ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value > 0 if positive else value >= 0) and (below is None or value < below):
+        return float(value)
+    limit = ("> 0" if positive else ">= 0") + (f" and < {below:g}" if below is not None else "")
+    raise ValueError(f"{name} must be a finite number {limit}, got {value!r}")
 
 
 def _params(value: Any) -> str:
@@ -85,8 +100,8 @@ class LoRAConfig(ConfigMixin):
     r: int = field(default=2, metadata={"help": "rank of the low-rank matrices (>= 1)"})
     alpha: float = field(default=1.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / sqrt(r)"})
     dropout_rate: float = field(default=0.25, metadata={"help": "dropout on the input of the LoRA branch"})
-    lora_lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (cosine to eta_min over the run)"})
-    lora_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (cosine to eta_min over the run)"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     eta_min: float = field(default=1e-6, metadata={"help": "learning rate at the end of the cosine schedule"})
@@ -95,19 +110,23 @@ class LoRAConfig(ConfigMixin):
     template: str = field(default=TEMPLATE, metadata={"help": "the prompt, one {} for the class name"})
 
     def __post_init__(self) -> None:
-        _choice("encoder", self.encoder, ENCODERS)
-        _choice("position", self.position, POSITIONS)
+        for name, valid in (("encoder", ENCODERS), ("position", POSITIONS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
         self.params = _params(self.params)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r (the LoRA rank) must be an integer >= 1, got {self.r!r}; rank 0 adapts nothing")
-        self.alpha = _float("alpha", self.alpha, positive=True)
-        self.dropout_rate = _float("dropout_rate", self.dropout_rate, below=1.0)
-        self.lora_lr = _float("lora_lr", self.lora_lr, positive=True)
-        self.lora_weight_decay = _float("lora_weight_decay", self.lora_weight_decay)
-        self.beta1 = _float("beta1", self.beta1, below=1.0)
-        self.beta2 = _float("beta2", self.beta2, below=1.0)
-        self.eta_min = _float("eta_min", self.eta_min)
-        _int("iters_per_shot", self.iters_per_shot, 1)
+        if isinstance(self.iters_per_shot, bool) or not isinstance(self.iters_per_shot, int) or self.iters_per_shot < 1:
+            raise ValueError(f"iters_per_shot must be an integer >= 1, got {self.iters_per_shot!r}")
+        self.alpha = _number("alpha", self.alpha, positive=True)
+        self.dropout_rate = _number("dropout_rate", self.dropout_rate, below=1.0)
+        self.lr = _number("lr", self.lr, positive=True)
+        self.weight_decay = _number("weight_decay", self.weight_decay)
+        self.beta1 = _number("beta1", self.beta1, below=1.0)
+        self.beta2 = _number("beta2", self.beta2, below=1.0)
+        self.eta_min = _number("eta_min", self.eta_min)
+        if not isinstance(self.template, str):
+            raise ValueError(f"template must be a string with one {{}} for the class name, got {self.template!r}")
         self.template = check_templates(self.template)[0]
 
     @property
@@ -133,7 +152,8 @@ def layer_indices(position: str, depth: int) -> list[int]:
     (``INDEX_POSITIONS_TEXT``, ``INDEX_POSITIONS_VISION['ViT-B/16']``); for ViT-L/14's 24 image
     blocks the official halves and all. Raises ValueError when it selects no block.
     """
-    _choice("position", position, POSITIONS)
+    if position not in POSITIONS:
+        raise ValueError(f"unknown position {position!r}; valid: {', '.join(POSITIONS)}")
     third, half = depth // 3, depth // 2
     spans = {"bottom": (0, third), "mid": (third, 2 * third), "up": (2 * third, depth), "half-bottom": (0, half),
              "half-up": (half, depth), "all": (0, depth), "top3": (depth - 3, depth)}
@@ -152,8 +172,8 @@ def layer_indices(position: str, depth: int) -> list[int]:
 class LoRAAttention(nn.Module):
     """An open_clip ``nn.MultiheadAttention`` (self-attention) with LoRA on q, k, v and/or o.
 
-    ``attn`` stays the backbone's module (shared, frozen); the adapters are this module's
-    parameters ``<p>_A (r, d)`` and ``<p>_B (d, r)`` for each adapted projection ``p``. In
+    ``attn`` stays the backbone's module (shared, frozen, not registered here); the adapters are
+    this module's only parameters ``<p>_A (r, d)`` and ``<p>_B (d, r)`` for each adapted projection ``p``. In
     training mode with dropout, each adapted projection draws its own dropout mask on its input,
     in the order q, k, v, o and in the official code's ``(seq, batch, d)`` layout, so a seeded
     CPU run draws the very masks the official module draws. Without gradients and dropout the
@@ -165,7 +185,7 @@ class LoRAAttention(nn.Module):
         if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
             raise ValueError(f"CLIP-LoRA adapts nn.MultiheadAttention self-attention with one in_proj_weight, got "
                              f"{type(attn).__name__}")
-        self.attn = attn
+        self.__dict__["attn"] = attn  # the backbone's (shared, frozen): not a submodule, so not moved or saved
         self.projections = config.projections
         self.scaling = config.scaling
         self.dropout_rate = config.dropout_rate
@@ -362,8 +382,8 @@ def merged_view(model: nn.Module, adapters: dict[str, LoRAAttention], paths: dic
 # --- the fitted model ----------------------------------------------------------------------------
 
 
-class CLIPLoRA(nn.Module):
-    """CLIP with LoRA adapters over a label set: the CLIP-LoRA MethodModel.
+class CLIPLoRA(MethodModel):
+    """CLIP with LoRA adapters over a label set: CLIP-LoRA's fitted model.
 
     Args:
         backbone: The frozen backbone (its model is shared by the view, never modified).
@@ -374,48 +394,52 @@ class CLIPLoRA(nn.Module):
     The prompts are ``config.template`` filled with each class name. With text adapters the
     class features are recomputed from the adapted text tower at each call (cut after the
     end token where the tower is causal: exact); without, they are the frozen tower's, computed
-    once. ``state()`` holds the adapters only.
+    once. :meth:`state` holds the adapters only. After training (eval mode) the image encoder,
+    the class weights and the text tower are the merged ones, computed once.
     """
 
-    def __init__(self, backbone: "Backbone", classnames: Sequence[str], config: Optional[LoRAConfig] = None,
+    def __init__(self, backbone: Backbone, classnames: Sequence[str], config: Optional[LoRAConfig] = None,
                  *, text_chunk_size: int = 256) -> None:
-        super().__init__()
+        super().__init__(backbone, check_classnames(classnames))
         config = config or LoRAConfig()
         if not isinstance(config, LoRAConfig):
             raise ValueError(f"config must be a LoRAConfig, got {type(config).__name__}")
         check_backbone(backbone, config)
+        if isinstance(text_chunk_size, bool) or not isinstance(text_chunk_size, int) or text_chunk_size < 1:
+            raise ValueError(f"text_chunk_size must be an integer >= 1, got {text_chunk_size!r}")
         self.config = config
-        self.classnames = check_classnames(classnames)
-        self.text_chunk_size = _int("text_chunk_size", text_chunk_size, 1)
+        self.text_chunk_size = text_chunk_size
         model = backbone.model
-        self.logit_scale = float(model.logit_scale.detach().exp().float())
+        self.logit_scale = float(logit_scale(backbone))
         self.logit_bias = backbone.logit_bias
         view, adapters = lora_view(model, config)
         self._paths = {f"{t}.{i}": p for t, i, p in adapted_layers(model, config)}
-        self.view = view  # shares the backbone's weights; the adapters are its only own parameters
+        self.__dict__["view"] = view  # the backbone's modules (not submodules here) around the adapters
         self.adapters = nn.ModuleDict({k.replace(".", "_"): v for k, v in adapters.items()})
-        self._base = model
         tokens = torch.as_tensor(backbone.tokenizer(fill_templates(config.template, self.classnames)))
         self.register_buffer("tokens", tokens.to(backbone.device), persistent=False)  # (C, context_length)
         self.tower = TextTower.of(view)
-        if self.tower.exact_cut:
-            self.cut = int(self.tower.pool_index(self.tokens).max()) + 1
-        else:
-            self.cut = int(self.tokens.shape[1])
+        self.cut = int(self.tower.pool_index(self.tokens).max()) + 1 if self.tower.exact_cut else int(tokens.shape[1])
         frozen = None
         if "text" not in config.towers:
-            with torch.no_grad():
+            with torch.no_grad(), autocast_for(backbone.device):
                 frozen = self._text_pass(cut=True)  # (C, D): the frozen tower's, computed once
         self.register_buffer("frozen_text", frozen, persistent=False)
+        self._merged: Optional[nn.Module] = None
+        self.train(False)
 
     def train(self, mode: bool = True) -> "CLIPLoRA":
-        """Train / eval mode of the adapters only (the shared backbone modules are left as they are)."""
+        """Train / eval mode of the adapters only (the shared backbone modules are left as they are);
+        leaving eval mode forgets the merged encoders and class weights."""
         self.training = mode
         for m in self.adapters.values():
             m.training = mode
+        if mode:
+            self._merged, self._weights = None, None
         return self
 
     def adapter(self, tower: str, index: int) -> LoRAAttention:
+        """The adapter of block ``index`` of ``tower`` (``text`` or ``vision``)."""
         return self.adapters[f"{tower}_{index}"]
 
     @property
@@ -424,8 +448,8 @@ class CLIPLoRA(nn.Module):
         return list(self._paths)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        """The trainable tensors (what the official ``get_lora_parameters`` returns, in the same order)."""
-        return [p for m in self.adapters.values() for p in m.parameters(recurse=False)]
+        """The trainable tensors (as the official ``get_lora_parameters``: layer by layer, q k v o, A then B)."""
+        return [p for name in self._paths for p in self.adapters[name.replace(".", "_")].parameters(recurse=False)]
 
     # -- text --
 
@@ -435,67 +459,75 @@ class CLIPLoRA(nn.Module):
         chunk = self.tokens.shape[0] if torch.is_grad_enabled() else self.text_chunk_size
         out = []
         for tokens in torch.split(self.tokens[:, :length], chunk):  # (k, length)
-            out.append(self.tower.encode(self.tower.embed(tokens), tokens).float())
+            out.append(self.tower.encode(self.tower.embed(tokens), tokens).float())  # (k, D)
         return F.normalize(torch.cat(out), dim=-1)
 
     def text_features(self, cut: bool = True) -> torch.Tensor:
         """L2-normalised class features ``(C, D)``; differentiable w.r.t. the text adapters.
 
         ``cut=False`` runs every prompt at its full context length (the official computation;
-        identical result, more work, and in training mode other dropout draws).
+        the same result, more work, and in training mode other dropout draws).
         """
         if self.frozen_text is not None:
             return self.frozen_text
         return self._text_pass(cut)
 
+    @property
+    def text_tower(self) -> TextTower:
+        """The merged text tower (the exporter's ``--with-text-encoder`` graph runs it on
+        ``config.template`` filled with any class name)."""
+        return TextTower.of(self.merged_model())
+
     # -- MethodModel --
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` normalised pixels -> ``(B, D)`` L2-normalised features (adapted encoder)."""
+        """``(B, 3, H, W)`` normalised pixels -> ``(B, D)`` L2-normalised features: the adapted encoder
+        while training, the merged one after."""
+        if not self.training and not torch.is_grad_enabled():
+            return F.normalize(self.image_encoder()(pixels).float(), dim=-1)
         return F.normalize(self.view.encode_image(pixels).float(), dim=-1)
 
     def image_encoder(self) -> nn.Module:
-        """pixels -> unnormalised features: open_clip's image tower with the adapters merged
-        into its weights (CLIP's shape, plain ``nn.MultiheadAttention``); the frozen tower when
-        the image encoder has no adapters."""
+        """pixels -> unnormalised features: open_clip's image tower with the adapters merged into its
+        weights (CLIP's shape, plain ``nn.MultiheadAttention``); the frozen tower when the image
+        encoder has no adapters."""
         return self.merged_model().visual
 
     def text_encoder(self) -> nn.Module:
-        """The open_clip model with the text adapters merged (for ``--with-text-encoder``: the
-        plain text tower over ``config.template`` filled with any class name)."""
+        """The open_clip model with the text adapters merged (``encode_text`` of any prompt)."""
         return self.merged_model()
 
     def merged_model(self) -> nn.Module:
-        """A view of the open_clip model with every adapter merged into its weights."""
+        """A view of the open_clip model with every adapter merged into its weights (cached in eval mode)."""
+        if self._merged is not None:
+            return self._merged
         adapters = {name: self.adapters[name.replace(".", "_")] for name in self._paths}
-        return merged_view(self._base, adapters, self._paths)
+        merged = merged_view(self.backbone.model, adapters, self._paths)
+        if not self.training:
+            self._merged = merged
+        return merged
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The open_clip model's state dict with the adapters merged (same keys and shapes as the
-        backbone's: ``open_clip.create_model(name, pretrained=<file>)`` loads it)."""
+        """The open_clip model's state dict with the adapters merged: the backbone's keys and shapes
+        (``open_clip.create_model(name, pretrained=<file>)`` loads it)."""
         return {k: v.detach().clone() for k, v in self.merged_model().state_dict().items()}
 
     @torch.no_grad()
-    def class_weights(self) -> torch.Tensor:
+    def compute_class_weights(self) -> torch.Tensor:
         """``exp(logit_scale) * text features`` ``(C, D)`` float32 on the CPU (constant after training)."""
         training = self.training
         self.train(False)
         try:
-            return (self.logit_scale * self.text_features()).float().cpu().contiguous()
+            with autocast_for(self.backbone.device):
+                return (logit_scale(self.backbone) * self.text_features().float().cpu()).contiguous()
         finally:
             self.train(training)
-
-    def head(self) -> nn.Module:
-        """L2-normalised image features ``(B, D)`` -> logits ``x W^T`` (+ the model's logit bias)."""
-        from ..classifier import LinearHead  # the classifier imports the methods
-
-        return LinearHead(self.class_weights(), self.logit_bias).eval()
 
     def logits(self, pixels: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Training-time logits ``(B, C)``: text features first, then the image (the official order)."""
         text = self.text_features(cut)
         image = self.encode_image(pixels)
-        logits = self.logit_scale * image @ text.T
+        logits = self.logit_scale * image @ text.float().T  # (B, C)
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -520,11 +552,222 @@ class CLIPLoRA(nn.Module):
         for k, t in tensors.items():
             if tuple(t.shape) != tuple(expected[k]):
                 raise ValueError(f"{source}: {k} has shape {tuple(t.shape)}, expected {tuple(expected[k])}")
-            if not torch.isfinite(t).all():
+            if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{source}: {k} holds NaN or infinite values")
         with torch.no_grad():
             for k, t in tensors.items():
                 name, p, which = k.rsplit(".", 2)
                 a, b = self.adapters[name.replace(".", "_")].lora_pair(p)
                 (a if which == "lora_A" else b).copy_(t)
+        self._merged, self._weights = None, None
 
+    def run_fields(self) -> dict[str, Any]:
+        return {"method_config": self.config, "templates": [self.config.template]}
+
+    def with_classes(self, classnames: Sequence[str]) -> "CLIPLoRA":
+        """The same adapters over other class names: the adapted text tower reads any class name in
+        the template (base-to-new, open vocabulary)."""
+        out = CLIPLoRA(self.backbone, classnames, self.config, text_chunk_size=self.text_chunk_size)
+        out.load_state(self.state())
+        return out.requires_grad_(False)
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+
+def _decode(backbone: Backbone, sample: Any, strict: bool) -> tuple[list[Any], torch.Tensor]:
+    """The training images decoded once (RGB PIL) with their labels; unreadable ones skipped."""
+    images, labels, skipped = [], [], []
+    for path, y in zip(sample.paths, sample.labels):
+        try:
+            images.append(load_image(path))
+            labels.append(y)
+        except (ImageDecodeError, FileNotFoundError) as e:
+            if strict:
+                raise
+            skipped.append(str(e))
+    if skipped:
+        logger.warning("skipped %d unreadable image(s): %s", len(skipped), "; ".join(skipped[:10]))
+    return images, torch.tensor(labels, dtype=torch.long)
+
+
+def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig, *, progress: bool = False,
+        callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> tuple[CLIPLoRA, dict[str, Any]]:
+    """Train the adapters with the official recipe (``lora.py`` ``run_lora``).
+
+    AdamW (``lr`` 2e-4, weight decay 1e-2, betas 0.9 / 0.999) on the adapters only, a cosine
+    schedule over ``iters_per_shot x shots`` steps (stepped every step, down to ``eta_min``),
+    batches of ``train.batch_size`` drawn epoch by epoch, cross-entropy on
+    ``exp(logit_scale) * cos``. With image adapters each step augments and encodes its images
+    (CoOp's random resized crop + flip, as the official loader); without, the image features are
+    encoded once (``train.n_views`` augmented views per image, as CoOp's cache). Text features
+    are recomputed each step when the text encoder has adapters. fp16 autocast gets a GradScaler.
+
+    Returns the model (eval mode: merged) and its metrics (``train_loss``, ``train_accuracy``,
+    ``steps``, ``epochs``, ``train_images``, ``seconds``, ``history`` per epoch).
+
+    Raises:
+        ValueError: ``train.epochs`` given (this recipe counts steps), or a class without a readable image.
+        RuntimeError: the loss or an adapter became NaN or infinite.
+    """
+    from tqdm.auto import tqdm
+
+    if train.epochs is not None:
+        raise ValueError(f"CLIP-LoRA counts steps (iters_per_shot x shots = {config.iters_per_shot} x {train.shots}), "
+                         f"not epochs; leave epochs unset (got {train.epochs}) and set iters_per_shot")
+    started = time.perf_counter()
+    seed_everything(train.seed)
+    sample = shots.dataset
+    check_templates_fit(backbone, sample.classnames, [config.template])
+    device = backbone.device
+    vision = "vision" in config.towers
+    transform = backbone.train_preprocess if train.augment else backbone.preprocess
+    if vision:
+        images, labels = _decode(backbone, sample, train.strict)
+        feats = None
+    else:
+        feats, kept = encode_images(backbone, sample.paths, transform=transform, views=train.n_views,
+                                    strict=train.strict, progress=progress, desc="encoding training views",
+                                    precision=train.precision)  # (views, n, D)
+        labels = torch.tensor([sample.labels[i] for i in kept], dtype=torch.long)
+    missing = sorted(set(range(len(sample.classnames))) - set(labels.tolist()))
+    if missing:
+        raise ValueError(f"no readable training images for classes {[sample.classnames[i] for i in missing]}")
+
+    model = CLIPLoRA(backbone, sample.classnames, config, text_chunk_size=train.text_chunk_size)
+    params = model.lora_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(config.beta1, config.beta2))
+    total = config.iters_per_shot * train.shots
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=config.eta_min)
+    amp = autocast_for(device, train.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=getattr(amp, "fast_dtype", None) == torch.float16)
+    scale, bias = model.logit_scale, model.logit_bias
+    gen = torch.Generator().manual_seed(train.seed)
+    n = len(labels)
+    history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
+    step, epoch = 0, 0
+    model.train()
+    bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
+    while step < total:
+        order = torch.randperm(n, generator=gen)
+        view = torch.randint(feats.shape[0], (n,), generator=gen) if feats is not None else None
+        lr = scheduler.get_last_lr()[0]
+        seen, loss_sum, correct = 0, 0.0, 0
+        for start in range(0, n, train.batch_size):
+            idx = order[start : start + train.batch_size]
+            y = labels[idx].to(device)
+            with autocast_for(device, train.precision):
+                text = model.text_features()  # (C, D)
+                if vision:
+                    pixels = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)  # (b, 3, H, W)
+                    x = model.encode_image(pixels)  # (b, D)
+                else:
+                    x = feats[view[idx], idx].to(device)  # (b, D)
+                logits = scale * x.float() @ text.float().T  # (b, C)
+                if bias is not None:
+                    logits = logits + bias
+                loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"training loss became {loss.item()} at step {step + 1}/{total}; lower lr "
+                                   f"(now {scheduler.get_last_lr()[0]:g}) or use precision='fp32'")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.update(1)
+            if step == total:
+                break
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise RuntimeError(f"an adapter became NaN or infinite at step {step}/{total}; lower lr or use "
+                               "precision='fp32'")
+        stats = {"loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr}
+        for k, v in stats.items():
+            history[k].append(round(float(v), 6))
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+        if callback is not None:
+            callback(epoch, stats)
+        epoch += 1
+    bar.close()
+    model.train(False)
+    model.requires_grad_(False)
+    metrics: dict[str, Any] = {
+        "train_loss": history["loss"][-1],
+        "train_accuracy": history["accuracy"][-1],
+        "steps": total,
+        "epochs": epoch,
+        "train_images": n,
+        "seconds": round(time.perf_counter() - started, 2),
+        "history": history,
+    }
+    return model, metrics
+
+
+def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> CLIPLoRA:
+    """A saved run again: its adapters (``lora.safetensors``) over its class names, merged."""
+    cfg = LoRAConfig.from_dict(config.method_config) if config.method_config is not None else LoRAConfig()
+    chunk = config.train.text_chunk_size if config.train else 256
+    model = CLIPLoRA(backbone, config.classnames, cfg, text_chunk_size=chunk)
+    model.load_state(tensors or {}, ADAPTERS_FILE)
+    return model.requires_grad_(False)
+
+
+def import_official(state: dict[str, Any], classnames: Sequence[str], backbone: Backbone,
+                    config: Optional[LoRAConfig] = None) -> CLIPLoRA:
+    """The official trainer's saved adapters (``loralib/utils.py`` ``save_lora``: ``{"weights":
+    {"layer_<i>": {"q_proj" | "k_proj" | "v_proj" | "proj": {"w_lora_A", "w_lora_B"}}}, "metadata":
+    {"r", "alpha", "encoder", "params", "position"}}``) as a fitted model.
+
+    The adapter settings come from the file's metadata; ``config`` gives the rest (the template,
+    default the official one). ``layer_<i>`` is the i-th adapted block, text blocks first, as the
+    official ``apply_lora`` numbers them.
+
+    Raises:
+        ValueError: not such a file, settings this model cannot take, or adapters that do not fit it.
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("weights"), dict) or not isinstance(
+            state.get("metadata"), dict):
+        raise ValueError("not a CLIP-LoRA file: expected save_lora's {'weights', 'metadata'}")
+    meta = state["metadata"]
+    try:
+        cfg = LoRAConfig(**{**(config or LoRAConfig()).to_dict(), "r": meta["r"], "alpha": meta["alpha"],
+                            "encoder": meta["encoder"], "position": meta["position"], "params": meta["params"]})
+    except KeyError as e:
+        raise ValueError(f"CLIP-LoRA metadata lacks {e}; it holds {sorted(meta)}") from None
+    model = CLIPLoRA(backbone, classnames, cfg)
+    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
+    layers = state["weights"]
+    if sorted(layers) != sorted(f"layer_{i}" for i in range(len(model.adapter_names))):
+        raise ValueError(f"the file holds {len(layers)} adapted layers, but {cfg.encoder}/{cfg.position} on "
+                         f"{backbone.name} adapts {len(model.adapter_names)}")
+    tensors = {}
+    for i, name in enumerate(model.adapter_names):
+        for p in cfg.projections:
+            entry = layers[f"layer_{i}"].get(names[p])
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), torch.Tensor)
+                                                      for k in ("w_lora_A", "w_lora_B")):
+                raise ValueError(f"layer_{i} has no {names[p]} w_lora_A / w_lora_B")
+            tensors[f"{name}.{p}.lora_A"] = entry["w_lora_A"].detach().float()
+            tensors[f"{name}.{p}.lora_B"] = entry["w_lora_B"].detach().float()
+    model.load_state(tensors, "the official file")
+    return model.requires_grad_(False)
+
+
+register(Method(
+    name=NAME,
+    summary="CLIP-LoRA: low-rank updates of the attention weights of both encoders, merged after training",
+    build=build,
+    config=LoRAConfig,
+    tensors_file=ADAPTERS_FILE,
+    fit=fit,
+    importer=import_official,
+    protocols=("fewshot", "base2new", "shift"),
+    text_graph=True,
+    check_backbone=check_backbone,
+    bench_default=(NAME,),
+))
