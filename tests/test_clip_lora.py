@@ -501,3 +501,40 @@ def test_cli_fit_clip_lora(tiny_config, image_folder, tmp_path):
     saved = json.loads((tmp_path / "lora" / "config.json").read_text())
     assert saved["method"] == "clip-lora" and saved["method_config"]["r"] == 3
     assert saved["method_config"]["lr"] == 1e-3 and saved["method_config"]["encoder"] == "vision"
+
+
+# --- official files ------------------------------------------------------------------------------
+
+
+def test_official_save_lora_file_imports_with_equal_logits(openai_bb, tmp_path):
+    """save_lora's file, read through coopkit's safe unpickler, gives the logits of the official eval."""
+    from coopkit.research.compat import import_official
+
+    cfg = LoRAConfig(encoder="both", position="half-up", params="q,k,v,o", r=4, alpha=2)
+    model = _official_clip(openai_bb)
+    args = _args(cfg)
+    args.save_path, args.dataset, args.shots, args.seed, args.filename = str(tmp_path), "dtd", 16, 1, "lora_weights"
+    layers = official.apply_lora(args, model)
+    ours = CLIPLoRA(openai_bb, NAMES, cfg)
+    _randomise(ours, seed=13)
+    _copy_into_official(ours, layers)
+    official.save_lora(args, layers)
+    path = tmp_path / "vitb16" / "dtd" / "16shots" / "seed1" / "lora_weights.pt"
+    clf = import_official(path, NAMES, backbone=openai_bb)
+    assert clf.method == "clip-lora" and clf.config.method_config["position"] == "half-up"
+    images = torch.randn(3, 3, 32, 32)
+    model.eval()  # the official evaluate_lora: merged weights
+    with torch.no_grad():
+        ref = _official_logits(model, openai_bb, images)
+        mine = clf.head()(F.normalize(clf.image_encoder()(images), dim=-1))
+    assert _rel(mine, ref) <= 1e-5
+    official.load_lora(args, layers)  # the official reader accepts the file it wrote (sanity)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": {"layer_0": {}}, "metadata": dict(r=2, alpha=1, encoder="text", params=["q"],
+                                                             position="all")}, other)
+    with pytest.raises(ValueError, match="other.pt: the file holds 1 adapted layers, but text/all .* adapts 12"):
+        import_official(other, NAMES, backbone=openai_bb)
+    bad = tmp_path / "bad.pt"
+    torch.save({"weights": {}, "metadata": dict(r=0, alpha=1, encoder="text", params=["q"], position="all")}, bad)
+    with pytest.raises(ValueError, match="rank 0"):
+        import_official(bad, NAMES, backbone=openai_bb)

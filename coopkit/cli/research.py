@@ -325,7 +325,8 @@ def explain(run_dir: str, top: int, device: str) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Folder to save the coopkit run to.")
 def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
                         subsample: str, class_token_position: str, out: str, **settings: Any) -> None:
-    """Import a context learned by the official CoOp or KgCoOp code (prompt_learner/model.pth.tar-N).
+    """Import a context learned by the official CoOp or KgCoOp code (prompt_learner/model.pth.tar-N),
+    or adapters saved by the official CLIP-LoRA code (save_lora's .pt; its settings come from the file).
 
     The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
     with the reason.
@@ -339,8 +340,8 @@ def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: O
     clf = import_official(checkpoint, names, model=bb.model, pretrained=bb.pretrained,
                           class_token_position=class_token_position, device=bb.device)
     trainer = clf.config.metrics.get("official_trainer", "CoOp")
-    click.echo(f"imported {trainer} context {tuple(clf.learner.ctx.shape)} for {len(names)} classes; "
-               f"saved to {clf.save(out)}")
+    what = f"context {tuple(clf.learner.ctx.shape)}" if clf.learner is not None else f"{clf.method} weights"
+    click.echo(f"imported {trainer} {what} for {len(names)} classes; saved to {clf.save(out)}")
 
 
 def _official_classnames(classes_from: Optional[str], dataset: Optional[str], root: Optional[str],

@@ -717,6 +717,12 @@ def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, tor
     return model.requires_grad_(False)
 
 
+def is_official_file(raw: Any) -> bool:
+    """Whether an unpickled file is the official ``save_lora``'s ``{"weights", "metadata"}``."""
+    return isinstance(raw, dict) and set(raw) == {"weights", "metadata"} and isinstance(raw["metadata"], dict) \
+        and "r" in raw["metadata"]
+
+
 def import_official(state: dict[str, Any], classnames: Sequence[str], backbone: Backbone,
                     config: Optional[LoRAConfig] = None) -> CLIPLoRA:
     """The official trainer's saved adapters (``loralib/utils.py`` ``save_lora``: ``{"weights":

@@ -23,6 +23,9 @@ What each trainer's prompt learner holds, and what can be served from it:
 * **MaPLe**: refused: its prompts enter the first layers of both encoders (the image encoder's
   are projections of the text ones), so no frozen image encoder reproduces its features, and
   coopkit exports a frozen image encoder with prompts at the text input only.
+* **CLIP-LoRA** (not a Dassl trainer): ``save_lora``'s ``{"weights": {"layer_<i>": ...},
+  "metadata": {"r", "alpha", "encoder", "params", "position"}}``; imported as a ``clip-lora`` run
+  (:func:`coopkit.methods.clip_lora.import_official`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from .._unpickle import SafeUnpickler, UnsafeGlobalError
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
 from ..config import PromptConfig, RunConfig
-from ..methods import coop, get
+from ..methods import clip_lora, coop, get
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +219,9 @@ def import_official(
         ValueError: see :func:`read_official_checkpoint`; or a context that does not fit the
             model or the number of class names.
     """
+    raw = load_checkpoint(checkpoint)
+    if clip_lora.is_official_file(raw):
+        return _import_clip_lora(Path(checkpoint), raw, classnames, backbone or load_backbone(model, pretrained, device))
     ck = read_official_checkpoint(checkpoint)
     path = ck.path
     if ck.ignored:
@@ -234,4 +240,19 @@ def import_official(
         coopkit_version=__version__,
     )
     logger.info("imported official %s context %s from %s", ck.trainer, tuple(ck.ctx.shape), path)
+    return Classifier(bb, config, fitted)
+
+
+def _import_clip_lora(path: Path, raw: dict[str, Any], classnames: Sequence[str], bb: Backbone) -> Classifier:
+    """A CLIP-LoRA ``save_lora`` file as a ``clip-lora`` run (its settings from the file's metadata)."""
+    spec = get(clip_lora.NAME)
+    assert spec.importer is not None
+    try:
+        fitted = spec.importer(raw, classnames, bb, None)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    config = RunConfig(method=spec.name, classnames=list(classnames), **bb.run_fields(), **fitted.run_fields(),
+                       metrics={"imported_from": str(path), "official_trainer": "CLIP-LoRA"},
+                       coopkit_version=__version__)
+    logger.info("imported official CLIP-LoRA adapters (%d layers) from %s", len(fitted.adapter_names), path)
     return Classifier(bb, config, fitted)
