@@ -538,3 +538,30 @@ def test_official_save_lora_file_imports_with_equal_logits(openai_bb, tmp_path):
     torch.save({"weights": {}, "metadata": dict(r=0, alpha=1, encoder="text", params=["q"], position="all")}, bad)
     with pytest.raises(ValueError, match="rank 0"):
         import_official(bad, NAMES, backbone=openai_bb)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def test_export_merges_the_adapters(tiny_backbone, image_folder, tmp_path):
+    """One fp32 file (the merged image encoder, constant class weights) read by the unchanged runtime:
+    its logits are the classifier's; the text graph serves new class names with the template."""
+    graphs = pytest.importorskip("coopkit.exporters.graphs")
+    if not hasattr(graphs, "image_encoder"):
+        pytest.skip("needs the exporter that traces classifier.image_encoder() (issue 20, branch wip-export)")
+    from coopkit.exporters import export_onnx
+    from coopkit.runtime import Classifier as RuntimeClassifier
+
+    clf = coopkit.fit(image_folder / "train", method="clip-lora", backbone=tiny_backbone, shots=2, iters_per_shot=1,
+                      params="q,k,v,o", progress=False)
+    gen = torch.Generator().manual_seed(0)
+    clf.model.load_state({k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in clf.model.state().items()})
+    res = export_onnx(clf, tmp_path / "lora.onnx", "fp32", with_text_encoder=True)
+    paths = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
+    frozen = coopkit.zero_shot(tiny_backbone, clf.classnames, clf.config.templates)
+    assert np.abs(clf.logits(paths) - frozen.logits(paths)).max() > 1e-1  # the adapters matter here
+    new = ["golden retriever", "fire_truck", "red"]
+    with RuntimeClassifier(res.path, device="cpu") as rt:
+        np.testing.assert_allclose(rt.logits(paths), clf.logits(paths), atol=2e-3, rtol=0)  # PIL vs torchvision
+        np.testing.assert_allclose(rt.text_encoder.class_weights(new), clf.with_classes(new).class_weights().numpy(),
+                                   atol=1e-4, rtol=0)
