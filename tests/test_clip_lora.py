@@ -463,9 +463,16 @@ def test_fit_save_load_evaluate(tiny_backbone, image_folder, tmp_path):
     other = back.with_classes(["red", "blue"])
     assert other.class_weights().shape == (2, 64)
     np.testing.assert_allclose(other.class_weights().numpy(), back.class_weights()[[2, 0]].numpy(), atol=1e-5)
-    # the whole fitted encoder, merged, for people who want the weights
+    # the whole fitted model, merged, for people who want the weights: open_clip loads it as a checkpoint
+    import open_clip
+
     sd = back.model.merged_state_dict()
     assert sd.keys() == tiny_backbone.model.state_dict().keys()
+    file = back.model.save_merged_weights(tmp_path / "merged.safetensors")
+    plain = open_clip.create_model(tiny_backbone.name, pretrained=str(file)).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(F.normalize(plain.encode_image(pixels), dim=-1).numpy(),
+                                   back.model.encode_image(pixels).numpy(), atol=1e-6)
 
 
 def test_fit_refusals(tiny_backbone, image_folder):

@@ -512,6 +512,19 @@ class CLIPLoRA(MethodModel):
         (``open_clip.create_model(name, pretrained=<file>)`` loads it)."""
         return {k: v.detach().clone() for k, v in self.merged_model().state_dict().items()}
 
+    def save_merged_weights(self, path: Any) -> Any:
+        """Write :meth:`merged_state_dict` as a safetensors file (atomically): open_clip loads it as the
+        model's checkpoint (``open_clip.create_model(name, pretrained=path)``). Returns the path."""
+        from pathlib import Path
+
+        from safetensors.torch import save
+
+        from ..runtime.atomic import atomic_write
+
+        blob = save({k: v.contiguous() for k, v in self.merged_state_dict().items()},
+                    metadata={"format": "pt", "clip_lora": self.config.to_json()})
+        return atomic_write(Path(path), blob)
+
     @torch.no_grad()
     def compute_class_weights(self) -> torch.Tensor:
         """``exp(logit_scale) * text features`` ``(C, D)`` float32 on the CPU (constant after training)."""
