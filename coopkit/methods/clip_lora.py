@@ -604,6 +604,35 @@ def _decode(backbone: Backbone, sample: Any, strict: bool) -> tuple[list[Any], t
     return images, torch.tensor(labels, dtype=torch.long)
 
 
+def train_step(model: CLIPLoRA, batch: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scheduler: Any, scaler: Any, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """One official training iteration (``run_lora``'s loop body): text features (adapted text tower
+    or the frozen ones), then the image features of ``batch`` (pixels ``(b, 3, H, W)`` through the
+    adapted image encoder, or cached L2-normalised features ``(b, D)``), cross-entropy on
+    ``exp(logit_scale) * cos`` (+ the logit bias), backward through ``scaler``, optimizer and
+    scheduler step. Returns the loss and the logits ``(b, C)``.
+
+    Raises:
+        RuntimeError: a NaN or infinite loss (nothing is stepped).
+    """
+    with autocast_for(labels.device, precision):
+        text = model.text_features()  # (C, D)
+        x = model.encode_image(batch) if batch.dim() == 4 else batch  # (b, D)
+        logits = model.logit_scale * x.float() @ text.float().T  # (b, C)
+        if model.logit_bias is not None:
+            logits = logits + model.logit_bias
+        loss = F.cross_entropy(logits, labels)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training loss became {loss.item()}; lower lr (now {scheduler.get_last_lr()[0]:g}) "
+                           "or use precision='fp32'")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), logits.detach()
+
+
 def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig, *, progress: bool = False,
         callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> tuple[CLIPLoRA, dict[str, Any]]:
     """Train the adapters with the official recipe (``lora.py`` ``run_lora``).
@@ -655,7 +684,6 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=config.eta_min)
     amp = autocast_for(device, train.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=getattr(amp, "fast_dtype", None) == torch.float16)
-    scale, bias = model.logit_scale, model.logit_bias
     gen = torch.Generator().manual_seed(train.seed)
     n = len(labels)
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
@@ -670,25 +698,11 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
         for start in range(0, n, train.batch_size):
             idx = order[start : start + train.batch_size]
             y = labels[idx].to(device)
-            with autocast_for(device, train.precision):
-                text = model.text_features()  # (C, D)
-                if vision:
-                    pixels = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)  # (b, 3, H, W)
-                    x = model.encode_image(pixels)  # (b, D)
-                else:
-                    x = feats[view[idx], idx].to(device)  # (b, D)
-                logits = scale * x.float() @ text.float().T  # (b, C)
-                if bias is not None:
-                    logits = logits + bias
-                loss = F.cross_entropy(logits, y)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"training loss became {loss.item()} at step {step + 1}/{total}; lower lr "
-                                   f"(now {scheduler.get_last_lr()[0]:g}) or use precision='fp32'")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            if vision:
+                batch = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)  # (b, 3, H, W)
+            else:
+                batch = feats[view[idx], idx].to(device)  # (b, D)
+            loss, logits = train_step(model, batch, y, optimizer, scheduler, scaler, train.precision)
             step += 1
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
