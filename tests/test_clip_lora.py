@@ -363,7 +363,7 @@ def test_merged_encoders_equal_the_adapted_ones(openai_bb):
         adapted = ours.view.encode_image(images).detach()
         text = ours.text_features().detach()
     encoder = ours.image_encoder()
-    assert all(type(m) is nn.MultiheadAttention for m in (b.attn for b in encoder.transformer.resblocks))
+    assert all(type(b.attn) is nn.MultiheadAttention for b in encoder.model.visual.transformer.resblocks)
     with torch.no_grad():
         merged = encoder(images)
     assert _rel(merged, adapted) <= 1e-5
@@ -467,6 +467,7 @@ def test_fit_save_load_evaluate(tiny_backbone, image_folder, tmp_path):
     assert sd.keys() == tiny_backbone.model.state_dict().keys()
     file = back.model.save_merged_weights(tmp_path / "merged.safetensors")
     plain = open_clip.create_model(tiny_backbone.name, pretrained=str(file)).eval()
+    assert type(plain.visual.transformer.resblocks[0].attn) is nn.MultiheadAttention
     with torch.no_grad():
         np.testing.assert_allclose(F.normalize(plain.encode_image(pixels), dim=-1).numpy(),
                                    back.model.encode_image(pixels).numpy(), atol=1e-6)
@@ -486,7 +487,7 @@ def test_text_only_fit_uses_cached_image_features(tiny_backbone, image_folder):
                       iters_per_shot=2, progress=False, n_views=2)
     assert clf.model.adapter_names == ["text.0", "text.1"]
     enc = clf.image_encoder()
-    assert enc is not None and all(type(b.attn) is nn.MultiheadAttention for b in enc.transformer.resblocks)
+    assert all(type(b.attn) is nn.MultiheadAttention for b in enc.model.visual.transformer.resblocks)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(enc(x), tiny_backbone.model.encode_image(x))
@@ -569,3 +570,47 @@ def test_export_merges_the_adapters(tiny_backbone, image_folder, tmp_path):
         np.testing.assert_allclose(rt.logits(paths), clf.logits(paths), atol=2e-3, rtol=0)  # PIL vs torchvision
         np.testing.assert_allclose(rt.text_encoder.class_weights(new), clf.with_classes(new).class_weights().numpy(),
                                    atol=1e-4, rtol=0)
+
+
+# --- open_clip families (shrunken configs: 1 block per tower) ------------------------------------
+
+FAMILIES = [("coca_ViT-B-32", "both"), ("ViT-B-16-SigLIP2", "text"), ("ViT-H-14-worldwide", "both"),
+            ("ViT-bigG-14-CLIPA", "both")]
+
+
+@pytest.mark.parametrize("name,encoder", FAMILIES)
+def test_families_merge_exactly(name, encoder, tmp_path):
+    """CoCa (appended CLS, attentional pooling), SigLIP 2 (bidirectional text, last-token pooling; its real
+    image tower is timm's: text only), MetaCLIP 2 (pooled at </s> by id), CLIPA: the cut text pass equals the
+    full one, and the merged encoders equal the adapted ones."""
+    from coopkit.research.families import build_family
+
+    path, tok = build_family(name, tmp_path)
+    bb = coopkit.load_backbone(str(path), pretrained=None, device="cpu", tokenizer=str(tok) if tok else None)
+    cfg = LoRAConfig(encoder=encoder, params="q,k,v,o", r=2, dropout_rate=0.0)
+    ours = CLIPLoRA(bb, ["cat", "golden retriever", "red_panda"], cfg)
+    _randomise(ours, seed=1)
+    size = bb.image_size
+    images = torch.randn(2, 3, *size)
+    with torch.enable_grad():
+        cut, full = ours.text_features(cut=True).detach(), ours.text_features(cut=False).detach()
+        adapted = ours.view.encode_image(images).detach()
+    assert _rel(cut, full) <= 1e-5
+    with torch.no_grad():
+        assert _rel(ours.image_encoder()(images), adapted) <= 1e-5
+        merged_text = ours.text_tower
+        emb = merged_text.embed(ours.tokens)
+        assert _rel(F.normalize(merged_text.encode(emb, ours.tokens).float(), dim=-1), full) <= 1e-5
+    if encoder == "both":
+        assert _rel(adapted, bb.model.encode_image(images).detach()) > 1e-3
+
+
+def test_refused_families(tmp_path):
+    from coopkit.research.families import build_family
+
+    path, tok = build_family("xlm-roberta-base-ViT-B-32", tmp_path)
+    bb = coopkit.load_backbone(str(path), pretrained=None, device="cpu", tokenizer=str(tok), text_model=str(tok))
+    with pytest.raises(ValueError, match="adapts open_clip's own text transformer; .* Hugging Face encoder.*"
+                                         "encoder='vision'"):
+        check_backbone(bb, LoRAConfig(encoder="both"))
+    check_backbone(bb, LoRAConfig(encoder="vision"))

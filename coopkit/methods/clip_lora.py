@@ -43,7 +43,7 @@ from ..prompts import TextTower
 from ..runtime.contract import check_classnames, check_templates, fill_templates
 from ..runtime.preprocess import ImageDecodeError, load_image
 from . import Method, register
-from .base import MethodModel, Shots, check_templates_fit, logit_scale, seed_everything
+from .base import ImageEncoder, MethodModel, Shots, check_templates_fit, logit_scale, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -488,10 +488,10 @@ class CLIPLoRA(MethodModel):
         return F.normalize(self.view.encode_image(pixels).float(), dim=-1)
 
     def image_encoder(self) -> nn.Module:
-        """pixels -> unnormalised features: open_clip's image tower with the adapters merged into its
-        weights (CLIP's shape, plain ``nn.MultiheadAttention``); the frozen tower when the image
-        encoder has no adapters."""
-        return self.merged_model().visual
+        """pixels -> unnormalised features: the model's ``encode_image`` with the adapters merged into
+        its weights (CLIP's shape, plain ``nn.MultiheadAttention``); the frozen encoder when the image
+        tower has no adapters."""
+        return ImageEncoder(self.merged_model())
 
     def text_encoder(self) -> nn.Module:
         """The open_clip model with the text adapters merged (``encode_text`` of any prompt)."""
