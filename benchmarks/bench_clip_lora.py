@@ -30,23 +30,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 #: A tiny OpenAI-architecture model for --smoke (12 blocks per tower, as the official position tables need).
 SMOKE = {"embed_dim": 64, "quick_gelu": True,
          "vision_cfg": {"image_size": 32, "layers": 12, "width": 128, "patch_size": 8, "head_width": 64},
          "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 12}}
-
-
-def _classnames(k: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    names, seen = [], set()
-    for i, n in enumerate(IMAGENET_CLASSNAMES):
-        n = n if n not in seen else f"{n} {i}"
-        seen.add(n)
-        names.append(n)
-    return names[:k]
 
 
 def _backbone(model: str, device: str):
@@ -62,7 +51,8 @@ def _backbone(model: str, device: str):
 def run(model: str, k: int, encoder: str, batch: int, steps: int, warmup: int, device: str) -> dict:
     import torch
 
-    from coopkit.methods.clip_lora import CLIPLoRA, LoRAConfig, train_step
+    from bench_train_step import _classnames
+    from coopkit.methods.clip_lora import CLIPLoRA, LoRAConfig, official_state, train_step
     from reference import clip_lora_official as official
 
     torch.manual_seed(0)
@@ -83,14 +73,12 @@ def run(model: str, k: int, encoder: str, batch: int, steps: int, warmup: int, d
     with _quiet():
         layers = official.apply_lora(args, ref)
     ref = ref.to(device)
-    names_of = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
-    with torch.no_grad():  # the same adapters in both
-        for layer, name in zip(layers, ours.adapter_names):
-            mine = ours.adapters[name.replace(".", "_")]
-            for p in mine.projections:
-                a, b = mine.lora_pair(p)
-                getattr(layer, names_of[p]).w_lora_A.copy_(a)
-                getattr(layer, names_of[p]).w_lora_B.copy_(b)
+    with tempfile.TemporaryDirectory() as tmp, _quiet():  # the same adapters in both, read by the official load_lora
+        args.save_path, args.dataset, args.seed, args.filename = tmp, "bench", 1, "lora"
+        path = Path(tmp) / "vitb16" / "bench" / "16shots" / "seed1" / "lora.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(official_state(ours), path)
+        official.load_lora(args, layers)
     opt_ref, sched_ref, scaler_ref = official.official_optimizer(args, ref)
     dataset = types.SimpleNamespace(template=[cfg.template], classnames=names)
     textual = None

@@ -4,10 +4,14 @@ weights and adapters give the same features, logits and gradients, in every offi
 from __future__ import annotations
 
 import copy
+import contextlib
+import io
 import itertools
 import json
 import os
+import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from torch import nn
 
 import coopkit
 from coopkit.methods.clip_lora import (
+    OFFICIAL_LINEARS,
     ENCODERS,
     POSITIONS,
     PROJECTIONS,
@@ -25,6 +30,7 @@ from coopkit.methods.clip_lora import (
     LoRAConfig,
     check_backbone,
     layer_indices,
+    official_state,
     train_step,
 )
 from reference import clip_lora_official as official
@@ -98,24 +104,24 @@ def _randomise(ours: CLIPLoRA, seed: int = 0) -> None:
 
 
 def _copy_into_official(ours: CLIPLoRA, layers) -> None:
-    """Our adapters into the official LinearLoRA modules (official layer i = our i-th adapter)."""
-    assert len(layers) == len(ours.adapter_names)
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
-    with torch.no_grad():
-        for layer, name in zip(layers, ours.adapter_names):
-            mine = ours.adapters[name.replace(".", "_")]
-            for p in mine.projections:
-                a, b = mine.lora_pair(p)
-                getattr(layer, names[p]).w_lora_A.copy_(a)
-                getattr(layer, names[p]).w_lora_B.copy_(b)
+    """Our adapters into the official modules, by the official code: our official_state() file read by its
+    load_lora (which checks r, alpha, encoder, params and position against its args)."""
+    cfg = ours.config
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _args(cfg, backbone="ViT-B/16")
+        args.save_path, args.dataset, args.shots, args.seed, args.filename = tmp, "test", 1, 1, "lora"
+        path = Path(tmp) / "vitb16" / "test" / "1shots" / "seed1" / "lora.pt"
+        path.parent.mkdir(parents=True)
+        torch.save(official_state(ours), path)
+        with contextlib.redirect_stdout(io.StringIO()):
+            official.load_lora(args, layers)
 
 
 def _official_grads(ours: CLIPLoRA, layers) -> list[torch.Tensor]:
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
     out = []
     for layer, name in zip(layers, ours.adapter_names):
         for p in ours.adapters[name.replace(".", "_")].projections:
-            lin = getattr(layer, names[p])
+            lin = getattr(layer, OFFICIAL_LINEARS[p])
             out += [lin.w_lora_A.grad, lin.w_lora_B.grad]
     return out
 

@@ -43,7 +43,7 @@ from ..prompts import TextTower
 from ..runtime.contract import check_classnames, check_templates, fill_templates
 from ..runtime.preprocess import ImageDecodeError, load_image
 from . import Method, register
-from .base import ImageEncoder, MethodModel, Shots, check_templates_fit, logit_scale, seed_everything
+from .base import ImageEncoder, MethodModel, Shots, check_templates_fit, end_epoch, logit_scale, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -713,12 +713,7 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise RuntimeError(f"an adapter became NaN or infinite at step {step}/{total}; lower lr or use "
                                "precision='fp32'")
-        stats = {"loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr}
-        for k, v in stats.items():
-            history[k].append(round(float(v), 6))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-        if callback is not None:
-            callback(epoch, stats)
+        end_epoch(history, {"loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr}, epoch, bar, callback)
         epoch += 1
     bar.close()
     model.train(False)
@@ -742,6 +737,24 @@ def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, tor
     model = CLIPLoRA(backbone, config.classnames, cfg, text_chunk_size=chunk)
     model.load_state(tensors or {}, ADAPTERS_FILE)
     return model.requires_grad_(False)
+
+
+#: The official module names of the projections (``PlainMultiheadAttentionLoRA``'s linears).
+OFFICIAL_LINEARS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
+
+
+def official_state(model: CLIPLoRA) -> dict[str, Any]:
+    """The adapters in the official ``save_lora`` layout (``torch.save`` it, and the official
+    ``load_lora`` / ``--eval_only`` reads it): the inverse of :func:`import_official`."""
+    cfg = model.config
+    state = model.state()
+    weights = {f"layer_{i}": {OFFICIAL_LINEARS[p]: {"w_lora_A": state[f"{name}.{p}.lora_A"],
+                                                     "w_lora_B": state[f"{name}.{p}.lora_B"]}
+                              for p in cfg.projections}
+               for i, name in enumerate(model.adapter_names)}
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # the official --alpha is an int
+    return {"weights": weights, "metadata": {"r": cfg.r, "alpha": alpha, "encoder": cfg.encoder,
+                                             "params": list(cfg.projections), "position": cfg.position}}
 
 
 def is_official_file(raw: Any) -> bool:
@@ -773,7 +786,7 @@ def import_official(state: dict[str, Any], classnames: Sequence[str], backbone: 
     except KeyError as e:
         raise ValueError(f"CLIP-LoRA metadata lacks {e}; it holds {sorted(meta)}") from None
     model = CLIPLoRA(backbone, classnames, cfg)
-    names = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
+    names = OFFICIAL_LINEARS
     layers = state["weights"]
     if sorted(layers) != sorted(f"layer_{i}" for i in range(len(model.adapter_names))):
         raise ValueError(f"the file holds {len(layers)} adapted layers, but {cfg.encoder}/{cfg.position} on "

@@ -22,7 +22,7 @@ from ..config import PromptConfig, RunConfig, TrainConfig
 from ..features import autocast_for, encode_images
 from ..prompts import PromptLearner, TextTower
 from . import Method, register
-from .base import MethodModel, Shots, logit_scale, lr_at, seed_everything, template_features
+from .base import MethodModel, Shots, end_epoch, logit_scale, lr_at, seed_everything, template_features
 
 NAME = "coop"
 #: The run file holding the learned context.
@@ -195,12 +195,7 @@ def _train_loop(
                 f"the context vectors became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
                 "or use precision='fp32'"
             )
-        stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
-        for k, v in stats.items():
-            history[k].append(round(float(v), 6))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-        if callback is not None:
-            callback(epoch, stats)
+        end_epoch(history, {"loss": total / n, "accuracy": correct / n, "lr": lr}, epoch, bar, callback)
     bar.close()
     return history
 
