@@ -620,3 +620,13 @@ def test_refused_families(tmp_path):
                                          "encoder='vision'"):
         check_backbone(bb, LoRAConfig(encoder="both"))
     check_backbone(bb, LoRAConfig(encoder="vision"))
+
+
+def test_fit_with_loader_workers_repeats_for_a_seed(tiny_backbone, image_folder):
+    """Images decoded and augmented in two loader processes: a seeded run repeats; unreadable images skipped."""
+    runs = [coopkit.fit(image_folder / "train", method="clip-lora", encoder="vision", workers=2, shots=3,
+                        iters_per_shot=1, batch_size=4, backbone=tiny_backbone, progress=False) for _ in range(2)]
+    a, b = (r.model.state() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[0].config.metrics["steps"] == 3 and runs[0].config.metrics["epochs"] == 1
+    assert runs[0].config.metrics["history"]["lr"] == [2e-4]

@@ -108,6 +108,9 @@ class LoRAConfig(ConfigMixin):
     iters_per_shot: int = field(default=500, metadata={
         "help": "training steps per shot (the official n_iters: 500 x shots steps in all)"})
     template: str = field(default=TEMPLATE, metadata={"help": "the prompt, one {} for the class name"})
+    workers: Optional[int] = field(default=None, metadata={
+        "help": "processes decoding and augmenting training images when the image encoder is adapted "
+                "(default: 8 on CUDA, as the official loaders; 0 on the CPU); seeded runs repeat for a given count"})
 
     def __post_init__(self) -> None:
         for name, valid in (("encoder", ENCODERS), ("position", POSITIONS)):
@@ -128,6 +131,9 @@ class LoRAConfig(ConfigMixin):
         if not isinstance(self.template, str):
             raise ValueError(f"template must be a string with one {{}} for the class name, got {self.template!r}")
         self.template = check_templates(self.template)[0]
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise ValueError(f"workers must be an integer >= 0 or None, got {self.workers!r}")
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -588,20 +594,48 @@ class CLIPLoRA(MethodModel):
 # --- the recipe ----------------------------------------------------------------------------------
 
 
-def _decode(backbone: Backbone, sample: Any, strict: bool) -> tuple[list[Any], torch.Tensor]:
-    """The training images decoded once (RGB PIL) with their labels; unreadable ones skipped."""
-    images, labels, skipped = [], [], []
+def _readable(sample: Any, strict: bool) -> tuple[list[str], torch.Tensor]:
+    """The training images that decode (each is decoded once here, and again at every step that
+    uses it) with their labels; unreadable ones skipped with a warning (raised with ``strict``)."""
+    paths, labels, skipped = [], [], []
     for path, y in zip(sample.paths, sample.labels):
         try:
-            images.append(load_image(path))
-            labels.append(y)
+            load_image(path)
         except (ImageDecodeError, FileNotFoundError) as e:
             if strict:
                 raise
             skipped.append(str(e))
+            continue
+        paths.append(path)
+        labels.append(y)
     if skipped:
         logger.warning("skipped %d unreadable image(s): %s", len(skipped), "; ".join(skipped[:10]))
-    return images, torch.tensor(labels, dtype=torch.long)
+    return paths, torch.tensor(labels, dtype=torch.long)
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Training images, decoded and augmented when a batch asks for them (in loader workers or not)."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[i]))  # (3, H, W)
+
+
+def _schedule(n: int, batch_size: int, total: int, gen: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+    """``(epoch, indices)`` of every step: each epoch a fresh permutation cut into batches (the last
+    one kept, as the official loader's ``drop_last=False``), until ``total`` steps."""
+    out: list[tuple[int, torch.Tensor]] = []
+    epoch = 0
+    while len(out) < total:
+        order = torch.randperm(n, generator=gen)
+        out += [(epoch, idx) for idx in torch.split(order, batch_size)][: total - len(out)]
+        epoch += 1
+    return out
 
 
 def train_step(model: CLIPLoRA, batch: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -665,7 +699,7 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
     vision = "vision" in config.towers
     transform = backbone.train_preprocess if train.augment else backbone.preprocess
     if vision:
-        images, labels = _decode(backbone, sample, train.strict)
+        paths, labels = _readable(sample, train.strict)
         feats = None
     else:
         feats, kept = encode_images(backbone, sample.paths, transform=transform, views=train.n_views,
@@ -686,35 +720,33 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
     scaler = torch.amp.GradScaler("cuda", enabled=getattr(amp, "fast_dtype", None) == torch.float16)
     gen = torch.Generator().manual_seed(train.seed)
     n = len(labels)
+    steps = _schedule(n, train.batch_size, total, gen)
+    if vision:  # decoded and augmented per step, in loader workers where there are any
+        workers = config.workers if config.workers is not None else (8 if device.type == "cuda" else 0)
+        loader = torch.utils.data.DataLoader(_Augmented(paths, transform), batch_sampler=[i.tolist() for _, i in steps],
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        batches: Any = iter(loader)  # (b, 3, H, W) per step
+    else:  # one cached view of each image per epoch
+        views = {e: torch.randint(feats.shape[0], (n,), generator=gen) for e in range(steps[-1][0] + 1)}
+        batches = (feats[views[e][idx], idx] for e, idx in steps)  # (b, D) per step
     history: dict[str, list[float]] = {"loss": [], "accuracy": [], "lr": []}
-    step, epoch = 0, 0
     model.train()
     bar = tqdm(total=total, desc="training", unit="step", disable=not progress)
-    while step < total:
-        order = torch.randperm(n, generator=gen)
-        view = torch.randint(feats.shape[0], (n,), generator=gen) if feats is not None else None
-        lr = scheduler.get_last_lr()[0]
-        seen, loss_sum, correct = 0, 0.0, 0
-        for start in range(0, n, train.batch_size):
-            idx = order[start : start + train.batch_size]
-            y = labels[idx].to(device)
-            if vision:
-                batch = torch.stack([transform(images[i]) for i in idx.tolist()]).to(device)  # (b, 3, H, W)
-            else:
-                batch = feats[view[idx], idx].to(device)  # (b, D)
-            loss, logits = train_step(model, batch, y, optimizer, scheduler, scaler, train.precision)
-            step += 1
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            bar.update(1)
-            if step == total:
-                break
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise RuntimeError(f"an adapter became NaN or infinite at step {step}/{total}; lower lr or use "
-                               "precision='fp32'")
-        end_epoch(history, {"loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr}, epoch, bar, callback)
-        epoch += 1
+    seen, loss_sum, correct, lr = 0, 0.0, 0, scheduler.get_last_lr()[0]
+    for step, ((epoch, idx), batch) in enumerate(zip(steps, batches)):
+        y = labels[idx].to(device)
+        loss, logits = train_step(model, batch.to(device, non_blocking=True), y, optimizer, scheduler, scaler,
+                                  train.precision)
+        seen += len(idx)
+        loss_sum += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == y).sum())
+        bar.update(1)
+        if step + 1 == total or steps[step + 1][0] != epoch:  # the epoch ends
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise RuntimeError(f"an adapter became NaN or infinite at step {step + 1}/{total}; lower lr or use "
+                                   "precision='fp32'")
+            end_epoch(history, {"loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr}, epoch, bar, callback)
+            seen, loss_sum, correct, lr = 0, 0.0, 0, scheduler.get_last_lr()[0]
     bar.close()
     model.train(False)
     model.requires_grad_(False)
@@ -722,7 +754,7 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
         "train_loss": history["loss"][-1],
         "train_accuracy": history["accuracy"][-1],
         "steps": total,
-        "epochs": epoch,
+        "epochs": steps[-1][0] + 1,
         "train_images": n,
         "seconds": round(time.perf_counter() - started, 2),
         "history": history,
