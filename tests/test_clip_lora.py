@@ -630,3 +630,21 @@ def test_fit_with_loader_workers_repeats_for_a_seed(tiny_backbone, image_folder)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert runs[0].config.metrics["steps"] == 3 and runs[0].config.metrics["epochs"] == 1
     assert runs[0].config.metrics["history"]["lr"] == [2e-4]
+
+
+def test_bench_fewshot_scores_through_the_merged_encoder(tiny_backbone, image_folder):
+    """coopkit bench's few-shot rows score a CLIP-LoRA run with its own (merged) image encoder (here most
+    predictions differ from what the frozen encoder's features would give)."""
+    from coopkit.features import encode_images
+    from coopkit.research.experiments import fewshot_curves
+
+    cfg = LoRAConfig(encoder="vision", iters_per_shot=5, params="q,k,v,o", lr=0.01)
+    rows = fewshot_curves(image_folder / "train", image_folder / "test", backbone=tiny_backbone, shots=[2], seeds=[1],
+                          methods=["clip-lora"], configs=[cfg], progress=False)
+    clf = coopkit.fit(image_folder / "train", method="clip-lora", method_config=cfg, shots=2, seed=1,
+                      backbone=tiny_backbone, progress=False)
+    assert [r["method"] for r in rows] == ["clip-lora"]
+    assert rows[0]["accuracy"] == pytest.approx(clf.evaluate(image_folder / "test")["accuracy"], abs=1e-6)
+    test = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
+    frozen = clf.head()(encode_images(tiny_backbone, test)[0][0]).argmax(1)
+    assert int((frozen != torch.as_tensor(clf.logits(test)).argmax(1)).sum()) > len(test) // 4

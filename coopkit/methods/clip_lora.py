@@ -26,9 +26,10 @@ the official index lists wherever those exist).
 from __future__ import annotations
 
 import copy
-import time
 import logging
 import math
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -497,6 +498,8 @@ class CLIPLoRA(MethodModel):
         """pixels -> unnormalised features: the model's ``encode_image`` with the adapters merged into
         its weights (CLIP's shape, plain ``nn.MultiheadAttention``); the frozen encoder when the image
         tower has no adapters."""
+        if "vision" not in self.config.towers:
+            return ImageEncoder(self.backbone.model)
         return ImageEncoder(self.merged_model())
 
     def text_encoder(self) -> nn.Module:
@@ -672,7 +675,8 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
     """Train the adapters with the official recipe (``lora.py`` ``run_lora``).
 
     AdamW (``lr`` 2e-4, weight decay 1e-2, betas 0.9 / 0.999) on the adapters only, a cosine
-    schedule over ``iters_per_shot x shots`` steps (stepped every step, down to ``eta_min``),
+    schedule over ``iters_per_shot x shots`` steps (shots: the images per class of the sample, as the
+    official ``--shots``; stepped every step, down to ``eta_min``),
     batches of ``train.batch_size`` drawn epoch by epoch, cross-entropy on
     ``exp(logit_scale) * cos``. With image adapters each step augments and encodes its images
     (CoOp's random resized crop + flip, as the official loader); without, the image features are
@@ -689,8 +693,8 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
     from tqdm.auto import tqdm
 
     if train.epochs is not None:
-        raise ValueError(f"CLIP-LoRA counts steps (iters_per_shot x shots = {config.iters_per_shot} x {train.shots}), "
-                         f"not epochs; leave epochs unset (got {train.epochs}) and set iters_per_shot")
+        raise ValueError(f"CLIP-LoRA counts steps (iters_per_shot x shots), not epochs; leave epochs unset "
+                         f"(got {train.epochs}) and set iters_per_shot (now {config.iters_per_shot})")
     started = time.perf_counter()
     seed_everything(train.seed)
     sample = shots.dataset
@@ -714,7 +718,8 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
     params = model.lora_parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(config.beta1, config.beta2))
-    total = config.iters_per_shot * train.shots
+    k = max(Counter(sample.labels).values())  # the shots drawn (train.shots unless every class has fewer)
+    total = config.iters_per_shot * k
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total, eta_min=config.eta_min)
     amp = autocast_for(device, train.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=getattr(amp, "fast_dtype", None) == torch.float16)
@@ -847,5 +852,4 @@ register(Method(
     protocols=("fewshot", "base2new", "shift"),
     text_graph=True,
     check_backbone=check_backbone,
-    bench_default=(NAME,),
 ))

@@ -34,7 +34,7 @@ from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, TrainConfig, 
 from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
 from ..methods import bench_row, coop, for_protocol, zeroshot
-from ..methods.base import DEFAULT_TEMPLATES, Shots
+from ..methods.base import DEFAULT_TEMPLATES, ImageEncoder, Shots
 from ..train import fit, fit_on_shots, zero_shot
 from .protocols import DEFAULT_METHODS, KGCOOP, METHODS
 
@@ -59,9 +59,20 @@ class _Scorer:
 
     def __init__(self, backbone: Backbone, data: Dataset, progress: bool, desc: str) -> None:
         feats, kept = encode_images(backbone, data.paths, progress=progress, desc=desc)
+        self.backbone = backbone
+        self.paths = [data.paths[i] for i in kept]
         self.feats = feats[0]
         self.labels = torch.tensor([data.labels[i] for i in kept])
         self.classnames = list(data.classnames)
+
+    def features(self, clf: Classifier) -> torch.Tensor:
+        """The set's features as ``clf`` sees them: the frozen encoder's, encoded once, or (methods that
+        change the image encoder: CLIP-LoRA, deep prompts) its own encoder's."""
+        encoder = clf.image_encoder()
+        if isinstance(encoder, ImageEncoder) and encoder.model is self.backbone.model:
+            return self.feats
+        feats, _ = encode_images(self.backbone, self.paths, strict=True, encoder=encoder)
+        return feats[0]
 
     def scores(self, clf: Classifier) -> dict[str, float]:
         """``accuracy`` (top-1), ``top5`` and ``macro`` (mean per-class accuracy), the classifier's
@@ -71,7 +82,7 @@ class _Scorer:
         if missing:
             raise ValueError(f"classes {missing[:5]} of the test set are not among the classifier's classes")
         with torch.no_grad():
-            logits = clf.head()(self.feats)[:, [index[c] for c in self.classnames]]  # (n, test classes)
+            logits = clf.head()(self.features(clf))[:, [index[c] for c in self.classnames]]  # (n, test classes)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # (n, k)
         hit1 = top[:, 0] == self.labels
