@@ -331,8 +331,8 @@ def tower_blocks(model: nn.Module, tower: str) -> tuple[str, int]:
         visual = getattr(model, "visual", None)
         if blocks is None or type(visual).__name__ != "VisionTransformer":
             raise ValueError(
-                f"CLIP-LoRA adapts open_clip's ViT image towers; this model's image tower is "
-                f"{type(visual).__name__} (timm, ResNet or ConvNeXt towers have no open_clip attention): use encoder='text'")
+                f"CLIP-LoRA adapts open_clip's ViT image towers; this model's image tower is {type(visual).__name__} "
+                "(timm, ResNet or ConvNeXt towers have no open_clip attention): use encoder='text'")
     elif blocks is None:
         text = getattr(model, "text", None)
         raise ValueError(f"CLIP-LoRA adapts open_clip's own text transformer; this model's text tower is "
