@@ -449,6 +449,7 @@ def test_fit_save_load_evaluate(tiny_backbone, image_folder, tmp_path):
                       r=4, params="q,v,o", progress=False)
     m = clf.config.metrics
     assert m["steps"] == 6 and m["epochs"] == 6 and len(m["history"]["loss"]) == 6
+    assert not clf.model.frozen_encoder  # scored through its own encoder (coopkit bench)
     assert clf.config.method_config["r"] == 4 and clf.config.templates == ["a photo of a {}."]
     assert any(float(t.abs().max()) > 0 for k, t in clf.model.state().items() if k.endswith("lora_B"))
     run = clf.save(tmp_path / "run")
@@ -482,8 +483,6 @@ def test_fit_save_load_evaluate(tiny_backbone, image_folder, tmp_path):
 def test_fit_refusals(tiny_backbone, image_folder):
     with pytest.raises(ValueError, match="position 'mid' selects no block of a 2-block tower"):
         coopkit.fit(image_folder / "train", method="clip-lora", position="mid", backbone=tiny_backbone, progress=False)
-    with pytest.raises(ValueError, match="counts steps"):
-        coopkit.fit(image_folder / "train", method="clip-lora", epochs=3, backbone=tiny_backbone, progress=False)
     with pytest.raises(ValueError, match="rank 0 adapts nothing"):
         coopkit.fit(image_folder / "train", method="clip-lora", r=0, backbone=tiny_backbone, progress=False)
 
@@ -491,7 +490,7 @@ def test_fit_refusals(tiny_backbone, image_folder):
 def test_text_only_fit_uses_cached_image_features(tiny_backbone, image_folder):
     clf = coopkit.fit(image_folder / "train", method="clip-lora", encoder="text", backbone=tiny_backbone, shots=2,
                       iters_per_shot=2, progress=False, n_views=2)
-    assert clf.model.adapter_names == ["text.0", "text.1"]
+    assert clf.model.adapter_names == ["text.0", "text.1"] and clf.model.frozen_encoder
     enc = clf.image_encoder()
     assert all(type(b.attn) is nn.MultiheadAttention for b in enc.model.visual.transformer.resblocks)
     x = torch.randn(2, 3, 32, 32)
@@ -630,6 +629,9 @@ def test_fit_with_loader_workers_repeats_for_a_seed(tiny_backbone, image_folder)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert runs[0].config.metrics["steps"] == 3 and runs[0].config.metrics["epochs"] == 1
     assert runs[0].config.metrics["history"]["lr"] == [2e-4]
+    by_epochs = coopkit.fit(image_folder / "train", method="clip-lora", encoder="text", epochs=2, shots=3, batch_size=4,
+                            backbone=tiny_backbone, progress=False)  # epochs, when given, replace iters_per_shot
+    assert by_epochs.config.metrics["steps"] == 6 and by_epochs.config.metrics["epochs"] == 2
 
 
 def test_bench_fewshot_scores_through_the_merged_encoder(tiny_backbone, image_folder):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from PIL import Image
 
 import coopkit
 from coopkit import methods
@@ -127,7 +128,7 @@ def centroid_method():
 
 
 def test_a_new_method_fits_saves_and_loads_through_the_registry(centroid_method, tiny_backbone, image_folder,
-                                                                tmp_path):
+                                                                tmp_path, check_tensors_file_guarded):
     clf = coopkit.fit(image_folder / "train", method="test-centroid", scale=2.0, shots=3, backbone=tiny_backbone,
                       progress=False)
     sample = coopkit.few_shot(coopkit.load_dataset(image_folder / "train"), 3, 1)
@@ -142,10 +143,81 @@ def test_a_new_method_fits_saves_and_loads_through_the_registry(centroid_method,
     assert back.model.config == CentroidConfig(2.0) and not back.text_graph
     test = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))[:5]
     np.testing.assert_array_equal(back.logits(test), clf.logits(test))
-    blob = (run / "centroids.safetensors").read_bytes()
-    (run / "centroids.safetensors").write_bytes(blob[:-4] + b"\0\0\0\0")
-    with pytest.raises(ValueError, match="centroids.safetensors does not match config.json"):
-        coopkit.load(run, backbone=tiny_backbone)
-    (run / "centroids.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="test-centroid run without centroids.safetensors"):
-        coopkit.load(run, backbone=tiny_backbone)
+    check_tensors_file_guarded(run, "centroids.safetensors", "test-centroid", tiny_backbone)
+
+
+def test_the_runtime_takes_any_method_name_from_a_file():
+    """A file's method is informational for the torch-free runtime: any non-empty name, even one this
+    coopkit does not register, is read; an empty one is refused."""
+    from coopkit.runtime.contract import MetadataError, ModelMetadata
+
+    meta = ModelMetadata.from_json(ModelMetadata(["a", "b"], (32, 32), method="a-method-from-the-future").to_json())
+    assert meta.method == "a-method-from-the-future"
+    with pytest.raises(MetadataError, match="method must be a non-empty string"):
+        ModelMetadata(["a", "b"], (32, 32), method=" ")
+
+
+class _Shifted(torch.nn.Module):
+    """An image encoder that moves every feature towards one direction (a method that changes the encoder)."""
+
+    def __init__(self, model, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.shift = model, shift
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels) + self.shift  # (b, D)
+
+
+class ShiftedCentroidModel(CentroidModel):
+    def image_encoder(self) -> torch.nn.Module:
+        norm = self.backbone.model.encode_image(torch.zeros(1, 3, 32, 32)).norm()
+        return _Shifted(self.backbone.model, 20 * norm * F.normalize(self.centroids[0], dim=-1))
+
+
+def _fit_shifted(backbone, shots, config, train, *, progress=False, callback=None):
+    model, metrics = _fit_centroids(backbone, shots, config, train)
+    return ShiftedCentroidModel(backbone, model.classnames, model.centroids, config), metrics
+
+
+@pytest.fixture
+def shifted_method():
+    spec = methods.register(methods.Method(
+        name="test-shifted", summary="centroids, scored on shifted features", build=_build_centroids,
+        config=CentroidConfig, tensors_file="centroids.safetensors", fit=_fit_shifted, protocols=("fewshot",)))
+    yield spec
+    methods.unregister(spec.name)
+
+
+def test_a_method_with_its_own_image_encoder_is_scored_through_it(shifted_method, tiny_backbone, image_folder):
+    """The classifier and the bench encode images through the method's encoder, not the frozen one."""
+    from coopkit.research.experiments import fewshot_curves
+
+    clf = coopkit.fit(image_folder / "train", method="test-shifted", shots=3, backbone=tiny_backbone, progress=False)
+    assert not clf.model.frozen_encoder and coopkit.zero_shot(tiny_backbone, clf.classnames).model.frozen_encoder
+    path = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))[0]
+    pixels = tiny_backbone.preprocess(Image.open(path).convert("RGB"))[None]  # (1, 3, H, W)
+    with torch.no_grad():
+        by_hand = clf.head()(F.normalize(clf.image_encoder()(pixels), dim=-1))
+    np.testing.assert_allclose(clf.logits([path]), by_hand.numpy(), atol=1e-5, rtol=0)
+    shifted = clf.evaluate(image_folder / "test")["accuracy"]
+    rows = fewshot_curves(image_folder / "train", image_folder / "test", backbone=tiny_backbone, shots=(3,), seeds=(1,),
+                          methods=["test-shifted"], progress=False)
+    assert [r["accuracy"] for r in rows] == [pytest.approx(shifted, abs=1e-6)]
+
+
+def test_each_protocol_runs_the_methods_registered_for_it():
+    from coopkit.research.experiments import protocol_methods
+
+    assert [m.name for m in protocol_methods("shift")][:2] == ["zeroshot", "coop"]
+    assert [m.name for m in protocol_methods("base2new", ["coop"])] == ["coop"]
+    with pytest.raises(ValueError, match=r"methods \['linear-probe'\] do not run in the shift protocol; those that "
+                                         r"do: zeroshot, coop"):
+        protocol_methods("shift", ["coop", "linear-probe"])
+
+
+def test_domain_shift_runs_the_chosen_methods_only(tiny_backbone, image_folder):
+    from coopkit.research.experiments import domain_shift
+
+    rows = domain_shift(image_folder / "train", {"t": image_folder / "test"}, backbone=tiny_backbone, shots=1,
+                        seeds=(1,), epochs=1, n_views=1, progress=False, methods=["zeroshot"])
+    assert [(r["method"], r["seed"]) for r in rows] == [("zeroshot", 0)]

@@ -52,7 +52,9 @@ class Method:
             for a backbone the method cannot handle; ``None``: every backbone.
         variants: Extra rows of ``coopkit bench``: a row's name -> the settings it overrides (fields
             of ``config`` or of :class:`~coopkit.config.TrainConfig`, or ``templates``).
-        bench_default: Whether ``coopkit bench`` runs the method (and each variant named here) by default.
+        bench_default: Which of the method and its variants ``coopkit bench`` runs by default.
+        bench_setting: How ``coopkit bench`` describes the settings of the method's rows (its
+            ``setting`` column; ``searched on val`` instead when the fit searched them on a validation set).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Method:
     check_backbone: Optional[Callable[..., None]] = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     bench_default: tuple[str, ...] = ()
+    bench_setting: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip().lower():

@@ -63,6 +63,12 @@ class MethodModel(nn.Module):
         the frozen backbone's encoder)."""
         return ImageEncoder(self.backbone.model)
 
+    @property
+    def frozen_encoder(self) -> bool:
+        """Whether its image features are the frozen backbone's (it keeps the default
+        :meth:`image_encoder`), so features encoded once can be shared with other such models."""
+        return type(self).image_encoder is MethodModel.image_encoder
+
     def compute_class_weights(self) -> Optional[torch.Tensor]:
         """``W = exp(logit_scale) * text features`` ``(C, D)`` float32 on the CPU, or ``None`` when
         the class weights depend on the image."""

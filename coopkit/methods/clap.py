@@ -9,13 +9,14 @@ encoded once and every epoch sees all of them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..backbone import Backbone
-from ..config import ClapConfig, RunConfig, TrainConfig
+from ..config import ClapConfig, TrainConfig
 from . import Method, register
 from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, lr_at, template_features
 
@@ -77,18 +78,14 @@ def fit(backbone: Backbone, shots: Shots, config: ClapConfig, train: TrainConfig
     return clap_model(backbone, views, shots.templates, config, seed=train.seed, progress=progress)
 
 
-def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> HeadModel:
-    """A saved CLAP head again."""
-    return build_head_model(backbone, config, tensors, "linear")
-
-
 register(Method(
     name=NAME,
     summary="CLAP: a zero-shot-initialised linear probe held near the prototypes by a class-adaptive penalty",
-    build=build,
+    build=functools.partial(build_head_model, kind="linear"),
     config=ClapConfig,
     tensors_file=HEAD_FILE,
     fit=fit,
     protocols=("fewshot",),
     bench_default=(NAME,),
+    bench_setting="zero-shot init, class-adaptive L2",
 ))

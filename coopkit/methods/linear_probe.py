@@ -9,6 +9,7 @@ on all training images. Fitted with full-batch L-BFGS in torch; no new dependenc
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import Backbone
-from ..config import RunConfig, TrainConfig
+from ..config import TrainConfig
 from . import Method, register
 from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model
 
@@ -123,17 +124,13 @@ def fit(backbone: Backbone, shots: Shots, config: None, train: TrainConfig, *, p
     return probe_model(backbone, shots.features(backbone, augment=False), shots.templates, seed=train.seed)
 
 
-def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> HeadModel:
-    """A saved linear probe again."""
-    return build_head_model(backbone, config, tensors, "linear")
-
-
 register(Method(
     name=NAME,
     summary="CLIP's linear probe: L2-regularised logistic regression on frozen image features",
-    build=build,
+    build=functools.partial(build_head_model, kind="linear"),
     tensors_file=HEAD_FILE,
     fit=fit,
     protocols=("fewshot",),
     bench_default=(NAME,),
+    bench_setting="L2 chosen on held-out shots",
 ))

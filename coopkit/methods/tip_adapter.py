@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbone import Backbone
-from ..config import RunConfig, TipAdapterConfig, TrainConfig
+from ..config import TipAdapterConfig, TrainConfig
 from . import Method, register
 from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, template_features
 
@@ -125,28 +125,10 @@ def fit(backbone: Backbone, shots: Shots, config: TipAdapterConfig, train: Train
                      seed=train.seed, progress=progress)
 
 
-def build(backbone: Backbone, config: RunConfig, tensors: Optional[dict[str, torch.Tensor]]) -> HeadModel:
-    """A saved Tip-Adapter (or Tip-Adapter-F) cache again."""
-    return build_head_model(backbone, config, tensors, "cache")
-
-
-register(Method(
-    name=NAME,
-    summary="Tip-Adapter: a training-free cache of the training features over the zero-shot weights",
-    build=build,
-    config=TipAdapterConfig,
-    tensors_file=HEAD_FILE,
-    fit=fit,
-    protocols=("fewshot",),
-    bench_default=(NAME,),
-))
-register(Method(
-    name=NAME_F,
-    summary="Tip-Adapter-F: Tip-Adapter with its cache keys fine-tuned (AdamW)",
-    build=build,
-    config=TipAdapterConfig,
-    tensors_file=HEAD_FILE,
-    fit=functools.partial(fit, finetune=True),
-    protocols=("fewshot",),
-    bench_default=(NAME_F,),
-))
+#: What Tip-Adapter and Tip-Adapter-F share in the registry.
+_SHARED = dict(build=functools.partial(build_head_model, kind="cache"), config=TipAdapterConfig, tensors_file=HEAD_FILE,
+               protocols=("fewshot",), bench_setting="alpha, beta fixed")
+register(Method(name=NAME, summary="Tip-Adapter: a training-free cache of the training features over the zero-shot "
+                "weights", fit=fit, bench_default=(NAME,), **_SHARED))
+register(Method(name=NAME_F, summary="Tip-Adapter-F: Tip-Adapter with its cache keys fine-tuned (AdamW)",
+                fit=functools.partial(fit, finetune=True), bench_default=(NAME_F,), **_SHARED))

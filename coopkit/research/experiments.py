@@ -33,8 +33,8 @@ from ..classifier import Classifier
 from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, TrainConfig, default_of
 from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
-from ..methods import bench_row, coop, for_protocol, zeroshot
-from ..methods.base import DEFAULT_TEMPLATES, ImageEncoder, Shots
+from ..methods import Method, bench_row, coop, for_protocol, get, names
+from ..methods.base import DEFAULT_TEMPLATES, Shots
 from ..train import fit, fit_on_shots, zero_shot
 from .protocols import DEFAULT_METHODS, KGCOOP, METHODS
 
@@ -55,7 +55,8 @@ def ensemble_templates() -> list[str]:
 
 
 class _Scorer:
-    """A labelled set encoded once, scored against any classifier among the set's own classes."""
+    """A labelled set encoded once by the frozen image encoder, scored against any classifier among the
+    set's own classes (encoded again for a classifier whose method changes the image encoder)."""
 
     def __init__(self, backbone: Backbone, data: Dataset, progress: bool, desc: str) -> None:
         feats, kept = encode_images(backbone, data.paths, progress=progress, desc=desc)
@@ -66,13 +67,10 @@ class _Scorer:
         self.classnames = list(data.classnames)
 
     def features(self, clf: Classifier) -> torch.Tensor:
-        """The set's features as ``clf`` sees them: the frozen encoder's, encoded once, or (methods that
-        change the image encoder: CLIP-LoRA, deep prompts) its own encoder's."""
-        encoder = clf.image_encoder()
-        if isinstance(encoder, ImageEncoder) and encoder.model is self.backbone.model:
+        """The set's L2-normalised features as ``clf`` sees them ``(n, D)``."""
+        if clf.model.frozen_encoder:
             return self.feats
-        feats, _ = encode_images(self.backbone, self.paths, strict=True, encoder=encoder)
-        return feats[0]
+        return encode_images(self.backbone, self.paths, strict=True, encoder=clf.image_encoder())[0][0]
 
     def scores(self, clf: Classifier) -> dict[str, float]:
         """``accuracy`` (top-1), ``top5`` and ``macro`` (mean per-class accuracy), the classifier's
@@ -96,15 +94,30 @@ class _Scorer:
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """The few-shot methods, each one of :data:`METHODS` (the registry's rows of the ``fewshot`` protocol)."""
-    bad = [m for m in methods if m not in METHODS]
+    """The few-shot methods, each a row of the registry's ``fewshot`` protocol (:data:`METHODS` when
+    only the built-in methods are registered)."""
+    valid = for_protocol("fewshot")
+    bad = [m for m in methods if m not in valid]
     if bad:
-        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(valid)}")
     return list(methods)
 
 
 def _fields(config: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+
+
+def protocol_methods(protocol: str, methods: Optional[Sequence[str]] = None) -> list[Method]:
+    """The registered methods a protocol runs: ``methods`` (each must take part in ``protocol``), or by
+    default every method registered for it, in registration order."""
+    valid = [m for m in names() if protocol in get(m).protocols]
+    if methods is None:
+        return [get(m) for m in valid]
+    bad = [m for m in methods if m not in valid]
+    if bad or not methods:
+        raise ValueError(f"methods {list(bad) or list(methods)} do not run in the {protocol} protocol; those that do: "
+                         f"{', '.join(valid)}")
+    return [get(m) for m in valid if m in methods]
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -172,7 +185,7 @@ def fewshot_curves(
     scorer = _Scorer(bb, load_dataset(test), progress, "encoding test set")
     names = train_data.classnames
     draw: Sampler = sampler or (lambda k, seed: (few_shot(train_data, k, seed), None))
-    chosen = [bench_row(r) + (r,) for r in METHODS if r in methods]  # (spec, overrides, row), registry order
+    chosen = [bench_row(r) + (r,) for r in for_protocol("fewshot") if r in methods]  # (spec, overrides, row), registry order
     tip_val = None  # the validation set the baselines search their settings on
     if val is not None and any(spec.fit is not None for spec, _, _ in chosen):
         vs = _Scorer(bb, load_dataset(val).relabel(names), progress, "encoding validation set")
@@ -216,7 +229,7 @@ def fewshot_curves(
                     cfg = dataclasses.replace(cfg, **over)
                 clf = fit_on_shots(bb, shared, method=spec.name, method_config=cfg,
                                    train=TrainConfig(seed=seed, n_views=n_views, augment=aug))
-                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else "settings as given", k, seed,
+                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting, k, seed,
                     clf)
     return rows
 
@@ -234,16 +247,20 @@ def domain_shift(
     progress: bool = True,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     sampler: Optional[Sampler] = None,
+    methods: Optional[Sequence[str]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Fit on a source task; zero-shot vs CoOp on each (shifted) test set (the paper's Table 1).
+    """Fit on a source task; each method on each (shifted) test set (the paper's Table 1: zero-shot
+    and CoOp, the methods registered for the ``shift`` protocol unless ``methods`` names others).
 
     Each test set is scored among its own classes (which must be among the training classes).
-    Returns rows with ``method, test, seed`` and :data:`SCORES` (zero-shot rows have seed 0).
+    ``fit_kwargs`` go to :func:`coopkit.fit` of every method that trains. Returns rows with
+    ``method, test, seed`` and :data:`SCORES` (zero-shot rows have seed 0).
     """
     if not tests:
         raise ValueError("give at least one test set")
     seeds = check_seeds(seeds)
+    chosen = protocol_methods("shift", methods)
     bb = backbone or load_backbone(model, pretrained, device)
     train_data = load_dataset(train)
     scorers = {}
@@ -254,12 +271,17 @@ def domain_shift(
             raise ValueError(f"test set {name}: classes {unknown[:5]} are not among the training classes")
         scorers[name] = _Scorer(bb, data, progress, f"encoding {name}")
     draw: Sampler = sampler or (lambda k, seed: (train_data, None))
-    zs = zero_shot(bb, train_data.classnames, templates)
-    rows = [{"method": zeroshot.NAME, "test": n, "seed": 0, **s.scores(zs)} for n, s in scorers.items()]
+    rows = []
+    for spec in chosen:
+        if spec.fit is None:
+            zs = zero_shot(bb, train_data.classnames, templates)
+            rows += [{"method": spec.name, "test": n, "seed": 0, **s.scores(zs)} for n, s in scorers.items()]
     for seed in seeds:
-        clf = fit(draw(shots, seed)[0], backbone=bb, method=coop.NAME, shots=shots, seed=seed, progress=progress,
-                  **fit_kwargs)
-        rows += [{"method": coop.NAME, "test": n, "seed": seed, **s.scores(clf)} for n, s in scorers.items()]
+        for spec in chosen:
+            if spec.fit is not None:
+                clf = fit(draw(shots, seed)[0], backbone=bb, method=spec.name, shots=shots, seed=seed,
+                          progress=progress, **fit_kwargs)
+                rows += [{"method": spec.name, "test": n, "seed": seed, **s.scores(clf)} for n, s in scorers.items()]
     return rows
 
 
@@ -284,21 +306,24 @@ def base_to_new(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     sampler: Optional[Sampler] = None,
     settings: Optional[dict[str, dict[str, Any]]] = None,
+    methods: Optional[Sequence[str]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """The CoCoOp protocol: fit on base classes, test on base and on unseen new classes.
+    """The CoCoOp protocol: fit on base classes, test on base and on unseen new classes; the methods
+    registered for the ``base2new`` protocol unless ``methods`` names others.
 
     Each base/new test set is scored among its own classes. ``kg_weights`` > 0 adds the
     KgCoOp regulariser. ``sampler`` draws the few-shot training set of a seed over *all*
     classes before the base half is kept, as the official code does; ``settings`` maps
-    ``coop`` / ``kgcoop`` (:data:`KGCOOP`) to fit() settings of that method (e.g. from
-    :func:`coopkit.research.protocols.base2new_settings`). Returns rows with ``method,
+    a row's method (``kgcoop``, :data:`KGCOOP`, for CoOp with a KgCoOp weight) to fit() settings of that
+    method (e.g. from :func:`coopkit.research.protocols.base2new_settings`). Returns rows with ``method,
     kg_weight, seed, base, new, hm`` and ``base_top5, base_macro, new_top5, new_macro``.
     """
     overlap = sorted(set(base) & set(new))
     if overlap:
         raise ValueError(f"classes {overlap} are both base and new")
     seeds = check_seeds(seeds)
+    chosen = protocol_methods("base2new", methods)
     bb = backbone or load_backbone(model, pretrained, device)
     full = load_dataset(train)
     test_data = load_dataset(test)
@@ -312,14 +337,19 @@ def base_to_new(
                 "hm": round(harmonic_mean(b["accuracy"], n["accuracy"]), 6), "base_top5": b["top5"],
                 "base_macro": b["macro"], "new_top5": n["top5"], "new_macro": n["macro"]}
 
-    rows = [row(zeroshot.NAME, 0.0, 0, zero_shot(bb, list(base), templates))]
-    for kg in kg_weights:
-        method = coop.NAME if kg == 0 else KGCOOP
-        extra = {**(settings or {}).get(method, {}), **fit_kwargs, "kg_weight": kg}  # given settings win
-        for seed in seeds:
-            data = draw(shots, seed)[0].subset(base)
-            clf = fit(data, backbone=bb, method=coop.NAME, shots=shots, seed=seed, progress=progress, **extra)
-            rows.append(row(method, kg, seed, clf))
+    rows = [row(spec.name, 0.0, 0, zero_shot(bb, list(base), templates)) for spec in chosen if spec.fit is None]
+    for spec in chosen:
+        if spec.fit is None:
+            continue
+        for kg in kg_weights if spec.name == coop.NAME else (0.0,):  # KgCoOp: CoOp with a weight
+            label = spec.name if kg == 0 else KGCOOP
+            extra = {**(settings or {}).get(label, {}), **fit_kwargs}  # given settings win
+            if spec.name == coop.NAME:
+                extra["kg_weight"] = kg
+            for seed in seeds:
+                data = draw(shots, seed)[0].subset(base)
+                clf = fit(data, backbone=bb, method=spec.name, shots=shots, seed=seed, progress=progress, **extra)
+                rows.append(row(label, kg, seed, clf))
     return rows
 
 
@@ -597,7 +627,7 @@ def base2new_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any
 
 
 __all__ = [
-    "METHODS", "SCORES", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
+    "METHODS", "SCORES", "protocol_methods", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
     "official_shift", "summarize", "markdown_table", "write_csv", "plot_fewshot", "write_fewshot_report",
     "fewshot_paper_table", "base2new_paper_table", "harmonic_mean", "ensemble_templates",
 ]

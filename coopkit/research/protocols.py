@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import TipAdapterConfig, epochs_for_shots
-from ..methods import coop, for_protocol
+from ..methods import coop, for_protocol, get, names
 
 #: CoOp's few-shot and domain-shift experiments use ResNet-50 (its figure and Table 1 also show
 #: other backbones); CoCoOp's and KgCoOp's base-to-new experiments use ViT-B/16. OpenAI weights.
@@ -24,6 +24,8 @@ SHOTS = (1, 2, 4, 8, 16)
 #: ``fewshot`` protocol (methods and their variants), and its default set.
 METHODS = for_protocol("fewshot")
 DEFAULT_METHODS = for_protocol("fewshot", default=True)
+#: The methods each protocol runs by default (``coopkit bench shift`` / ``base2new --methods``).
+PROTOCOL_METHODS = {p: tuple(m for m in names() if p in get(m).protocols) for p in ("shift", "base2new")}
 #: The base-to-new row of CoOp fitted with KgCoOp's regulariser (``kg_weight`` > 0).
 KGCOOP = "kgcoop"
 SEEDS = (1, 2, 3)
