@@ -85,7 +85,8 @@ class Classifier:
     @property
     def text_tower(self) -> TextTower:
         """The backbone's text tower, as the prompt learner and the exporter's text graph see it."""
-        return self.learner.tower if self.learner is not None else TextTower.of(self.backbone.model)
+        tower = getattr(self.model, "text_tower", None)  # CoOp: its learner's; CLIP-LoRA: the merged tower
+        return tower if isinstance(tower, TextTower) else TextTower.of(self.backbone.model)
 
     @torch.no_grad()
     def text_features(self) -> torch.Tensor:

@@ -345,7 +345,8 @@ def explain(run_dir: str, top: int, device: str) -> None:
 def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: Optional[str], root: Optional[str],
                         subsample: str, class_token_position: str, ctx_init: Optional[str], out: str,
                         **settings: Any) -> None:
-    """Import what the official CoOp, KgCoOp, CoCoOp, IVLP, MaPLe or PromptSRC code learned (its model.pth.tar-N).
+    """Import what the official CoOp, KgCoOp, CoCoOp, IVLP, MaPLe or PromptSRC code learned (its model.pth.tar-N),
+    or adapters saved by the official CLIP-LoRA code (save_lora's .pt; its settings come from the file).
 
     The file is read without running code from it.
     IVLP / MaPLe / PromptSRC were trained on OpenAI's ViT-B/16: --model ViT-B-16 --pretrained openai.

@@ -232,6 +232,17 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
 
 
+def end_epoch(history: dict[str, list[float]], stats: dict[str, float], epoch: int, bar: Any,
+              callback: Optional[Callable[[int, dict[str, float]], None]]) -> None:
+    """Record an epoch's ``stats`` (``loss``, ``accuracy``, ``lr``) in ``history``, show them on the
+    progress bar and hand them to ``callback``: the end of every fit loop's epoch."""
+    for k, v in stats.items():
+        history[k].append(round(float(v), 6))
+    bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
+    if callback is not None:
+        callback(epoch, stats)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
@@ -349,16 +360,11 @@ def train_on_features(
                 f"{what} became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
                 "or use precision='fp32'"
             )
-        stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
-        for k, v in stats.items():
-            history[k].append(round(float(v), 6))
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.2f}")
-        if callback is not None:
-            callback(epoch, stats)
+        end_epoch(history, {"loss": total / n, "accuracy": correct / n, "lr": lr}, epoch, bar, callback)
     bar.close()
     return history
 
 
 __all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "ImageEncoder", "MethodModel", "FewShotFeatures", "encode_fewshot", "Shots",
-           "lr_at", "seed_everything", "train_on_features", "run_templates", "logit_scale", "HeadModel",
+           "lr_at", "end_epoch", "seed_everything", "train_on_features", "run_templates", "logit_scale", "HeadModel",
            "build_head_model", "template_features", "check_templates_fit"]

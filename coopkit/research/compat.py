@@ -32,6 +32,9 @@ What each trainer's prompt learner holds, and what can be served from it:
   "optimizer", "scheduler"}``, the whole model's state dict): ``prompt_learner.ctx_pos`` and
   ``ctx_neg`` imported by :func:`import_official_dualcoop` (a multi-label classifier); the backbone
   weights in the file are not used (coopkit's backbone is).
+* **CLIP-LoRA** (not a Dassl trainer): ``save_lora``'s ``{"weights": {"layer_<i>": ...},
+  "metadata": {"r", "alpha", "encoder", "params", "position"}}``; imported as a ``clip-lora`` run
+  (:func:`coopkit.methods.clip_lora.import_official`).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from .._unpickle import SafeUnpickler, UnsafeGlobalError
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
 from ..config import PromptConfig, RunConfig
-from ..methods import cocoop, coop, get, ivlp, maple, promptsrc
+from ..methods import clip_lora, cocoop, coop, get, ivlp, maple, promptsrc
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +270,9 @@ def import_official(
         ValueError: see :func:`read_official_checkpoint`; or a context that does not fit the
             model or the number of class names.
     """
+    raw = load_checkpoint(checkpoint)
+    if clip_lora.is_official_file(raw):
+        return _import_clip_lora(Path(checkpoint), raw, classnames, backbone or load_backbone(model, pretrained, device))
     ck = read_official_checkpoint(checkpoint)
     path = ck.path
     if ck.method not in (coop.NAME, cocoop.NAME):
@@ -365,3 +371,18 @@ def import_official_dualcoop(
     )
     logger.info("imported official DualCoOp contexts (%s) from %s", fitted.config, file)
     return Classifier(bb, run, fitted)
+
+
+def _import_clip_lora(path: Path, raw: dict[str, Any], classnames: Sequence[str], bb: Backbone) -> Classifier:
+    """A CLIP-LoRA ``save_lora`` file as a ``clip-lora`` run (its settings from the file's metadata)."""
+    spec = get(clip_lora.NAME)
+    assert spec.importer is not None
+    try:
+        fitted = spec.importer(raw, classnames, bb, None)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    config = RunConfig(method=spec.name, classnames=list(classnames), **bb.run_fields(), **fitted.run_fields(),
+                       metrics={"imported_from": str(path), "official_trainer": "CLIP-LoRA"},
+                       coopkit_version=__version__)
+    logger.info("imported official CLIP-LoRA adapters (%d layers) from %s", len(fitted.adapter_names), path)
+    return Classifier(bb, config, fitted)
