@@ -143,13 +143,13 @@ def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], 
     times them)."""
     import onnxruntime as ort
 
-    from coopkit.runtime import session as sessions
+    from coopkit.runtime import classifier
     from coopkit.runtime.session import CPU, run_bound, session_options
 
     ref = Classifier(files[kind], device="cpu", threads=2)
     crops = ref.preprocess(images)  # (n, H, W, 3)
     names = ("probs", "logits", "image_embeds")
-    monkeypatch.setattr(sessions, "CPU_IO_BINDING", True)
+    monkeypatch.setattr(classifier, "CPU_IO_BINDING", True)  # the switch, as the classifier reads it
     bound = Classifier(files[kind], device="cpu", threads=2)
     assert bound._bound_widths is not None and ref._bound_widths is None  # the bound path runs
     for batch in (crops[:1], crops):

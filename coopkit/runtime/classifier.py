@@ -37,8 +37,7 @@ from .preprocess import (
 from .results import Prediction, check_predict_args, rank, softmax
 from .engine_choice import open_engine
 from .engines import CUDA_WRONG_RESIZE, resizes_in_graph  # noqa: F401 - public here as before
-from . import session as sessions
-from .session import CPU, CUDA, TENSORRT, ProviderSpec, default_workers, run_bound
+from .session import CPU, CPU_IO_BINDING, CUDA, TENSORRT, ProviderSpec, default_workers, run_bound
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ class Classifier:
         widths = {o.name: o.shape[-1] for o in self.session.get_outputs()}
         fixed = all(isinstance(w, int) for w in widths.values())
         floats = all(o.type == "tensor(float)" for o in self.session.get_outputs())
-        self._bound_widths = widths if sessions.CPU_IO_BINDING and self.provider == CPU and fixed and floats else None
+        self._bound_widths = widths if CPU_IO_BINDING and self.provider == CPU and fixed and floats else None
         self._feed_raw = resizes_in_graph(self.metadata, self.provider)
         if self.metadata.input_kind == INPUT_RAW and not self._feed_raw and self.provider in (CUDA, TENSORRT):
             logger.warning(

@@ -54,7 +54,8 @@ DEFAULT_SAMPLE_SECONDS = 0.05
 DYNAMIC_BLOCK_BASE = 0
 
 #: Whether :class:`~coopkit.runtime.Classifier` runs onnxruntime CPU sessions through
-#: :func:`run_bound` (outputs written into numpy arrays, no copy) instead of ``session.run``.
+#: :func:`run_bound` (outputs written into numpy arrays, no copy) instead of ``session.run``
+#: (read when :mod:`~coopkit.runtime.classifier` is imported).
 #: Bitwise the same answers (tests/test_engines.py); off until ``benchmarks/bench_engines.py
 #: --runtime-variants`` shows it faster on a quiet machine (the outputs are small: a batch of 32
 #: copies 32 x (classes + embedding width) floats).
