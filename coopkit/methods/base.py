@@ -19,7 +19,7 @@ from ..userdata import Dataset
 from ..features import autocast_for, encode_images
 from ..heads import HEAD_TENSORS, LinearHead, build_head, check_head_tensors
 from ..runtime.contract import DEFAULT_TEMPLATE, check_prompts_fit, check_templates, fill_templates
-from ..runtime.tokenizer import token_layout
+from ..runtime.tokenizers.layout import token_layout
 
 #: The hand-written prompt of zero-shot and of the baselines' text side, unless others are given.
 DEFAULT_TEMPLATES = (DEFAULT_TEMPLATE,)
