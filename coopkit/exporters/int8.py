@@ -451,8 +451,9 @@ def keep_float_until_agreement(
     input_name: str = "images", min_agreement: float = MIN_AGREEMENT, batch_size: int = CALIBRATION_BATCH,
 ) -> tuple[list[str], tuple[float, float]]:
     """Accuracy-aware int8, as Intel Neural Compressor tunes it: keep the products that move the
-    answers most in fp32 until the calibration images agree with fp32 (:func:`top1_agreement`,
-    measured and estimated, at least ``min_agreement``); rewrites ``target`` when some are kept.
+    answers most in fp32 until at least ``min_agreement`` of the calibration images keep fp32's
+    top-1 class (measured; :func:`top1_agreement`'s estimate is reported beside it, not required:
+    on near-tie logits it asks for every product in fp32); rewrites ``target`` when some are kept.
 
     Each product's sensitivity is measured alone: the file with only that product in int8
     (:func:`keep_float` on the others), its logits' distance to fp32's (centred per image: a shift
