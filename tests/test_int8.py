@@ -22,20 +22,13 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_int8 import WEAK_NAMES as NAMES, WEAK_VIT  # noqa: E402  (the benchmark's weak model is this one)
 from images import photo_batch  # noqa: E402
 
 import coopkit  # noqa: E402
 from coopkit.exporters import export_onnx  # noqa: E402
 from coopkit.exporters.int8 import keep_float, top1_agreement  # noqa: E402
 from coopkit.runtime.session import cpu_session  # noqa: E402
-
-WEAK_VIT = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-NAMES = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "fish", "lamp", "chair", "cup", "road",
-         "hill", "shoe", "bell"]
 
 
 def logits(model: Any, images: np.ndarray) -> np.ndarray:
