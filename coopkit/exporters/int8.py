@@ -477,6 +477,7 @@ def keep_float_until_agreement(
     def logits(model: Any, images: Any) -> np.ndarray:
         return _logits(model.SerializeToString(), images, input_name, batch_size)
 
+    calibration = np.asarray(calibration)  # (n, H, W, 3) uint8
     reference = logits(float_model, calibration)
     quantised = onnx.load(os.fspath(target))
     first = agreement = top1_agreement(reference, logits(quantised, calibration))
