@@ -22,17 +22,19 @@ tables and never fails on a ratio.
 
     python benchmarks/bench_engines.py                                     # both models, batch 1 and 32
     python benchmarks/bench_engines.py --models coopkit-tiny --kinds fp32 int8 --seconds 0.2 --json out.json
+    python benchmarks/bench_engines.py --runtime-variants --kinds fp32 int8   # IO binding, dynamic block base
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -149,6 +151,67 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, thre
     return rows, choices
 
 
+def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+    """onnxruntime on the CPU closer to its limit (``--runtime-variants``): ``session.run`` against IO
+    binding (``coopkit.runtime.session.run_bound``: outputs written into numpy arrays) and
+    onnxruntime's ``session.dynamic_block_base`` (4, its tuning guide's value), alone and together,
+    idle and with one CPU busy; each row's ratio to plain ``session.run`` and its largest difference
+    from it (0 expected: the switches move memory and work, not arithmetic). A switch is worth
+    turning on (``CPU_IO_BINDING``, ``DYNAMIC_BLOCK_BASE`` in ``coopkit/runtime/session.py``) only
+    where its ratio is above 1 in both conditions."""
+    import onnxruntime as ort
+
+    from coopkit.runtime.session import CPU, run_bound, session_options
+
+    names = ["probs", "logits", "image_embeds"]
+    sessions = {block: ort.InferenceSession(os.fspath(path), session_options(threads, dynamic_block_base=block),
+                                            providers=[CPU]) for block in (0, 4)}
+    widths = {o.name: o.shape[-1] for o in sessions[0].get_outputs()}
+    if not all(isinstance(w, int) for w in widths.values()) or any(o.type != "tensor(float)" for o in sessions[0].get_outputs()):
+        print(f"# {model} {kind}: outputs of symbolic width or not float32: no IO binding rows", file=sys.stderr)
+        return []
+    rows = []
+    for bs in args.batch_sizes:
+        batch = np.ascontiguousarray(photo_batch(bs, _image_size(sessions[0]), seed=11))  # (bs, H, W, 3) uint8
+        outputs = [(n, (bs, widths[n])) for n in names]
+        fns = {
+            "session.run": lambda: sessions[0].run(names, {"images": batch}),
+            "IO binding": lambda: run_bound(sessions[0], {"images": batch}, outputs),
+            "dynamic block base 4": lambda: sessions[4].run(names, {"images": batch}),
+            "IO binding + dynamic block base 4": lambda: run_bound(sessions[4], {"images": batch}, outputs),
+        }
+        want = fns["session.run"]()
+        diffs = {label: max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(fn(), want)) for label, fn in fns.items()}
+        for condition in ("idle", "one CPU busy"):
+            with busy_core() if condition != "idle" else _nothing():
+                speeds = interleaved_speeds(fns, bs, args.seconds)
+            for label, ips in speeds.items():
+                rows.append({"model": model, "file": kind, "batch": bs, "variant": label, "condition": condition,
+                             "img_s": ips, "vs_session_run": ips / speeds["session.run"], "max_diff": diffs[label]})
+            print(f"# {model} {kind} batch {bs} {condition}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
+                  + f" img/s; {load()}", file=sys.stderr)
+    return rows
+
+
+def _image_size(session: Any) -> tuple[int, int]:
+    from coopkit.runtime.contract import ModelMetadata
+
+    return ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map).image_size
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def print_variants(rows: list[dict[str, Any]]) -> None:
+    print("\n| model | file | batch | onnxruntime CPU variant | condition | images/s | x session.run | max diff |")
+    print("|---|---|---:|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['file']} | {r['batch']} | {r['variant']} | {r['condition']} | {r['img_s']:.1f} | "
+              f"{r['vs_session_run']:.3f} | {r['max_diff']:.2g} |")
+
+
 def print_tables(rows: list[dict[str, Any]], choices: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     print(f"\nMachine: {machine['cpu']} ({machine['isa']}), {machine['threads']} threads; "
           f"onnxruntime {machine.get('onnxruntime')}, OpenVINO {machine.get('openvino', 'not installed')}\n")
@@ -175,6 +238,9 @@ def main() -> None:
     parser.add_argument("--contention", action="store_true",
                         help="add auto's rows with a second process keeping one CPU busy (and their ratio to idle)")
     parser.add_argument("--keep-cache", action="store_true", help="let auto use the user cache (default: measure afresh)")
+    parser.add_argument("--runtime-variants", action="store_true",
+                        help="only onnxruntime CPU variants (IO binding, dynamic block base) against session.run, idle and "
+                             "with one CPU busy (bench_variants)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -202,11 +268,18 @@ def main() -> None:
         for name in args.models:
             files = export_files(name, MODELS.get(name), args.kinds, Path(tmp), threads)
             for kind, path in files.items():
+                if args.runtime_variants:
+                    rows += bench_variants(name, kind, path, args, threads)
+                    continue
                 r, c = bench_file(name, kind, path, args, threads, cache)
                 rows += r
                 choices += c
     machine["load_after"] = load()
-    print_tables(rows, choices, machine)
+    if args.runtime_variants:
+        print(f"\nMachine: {machine['cpu']} ({machine['isa']}), {machine['threads']} threads")
+        print_variants(rows)
+    else:
+        print_tables(rows, choices, machine)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows, "auto": choices}, indent=1, default=str))
 

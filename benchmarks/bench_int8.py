@@ -10,20 +10,39 @@ logits move when other images share its batch. A benchmark: it prints a table, n
 
     python benchmarks/bench_int8.py                          # all tasks, 50 test images per class
     python benchmarks/bench_int8.py --tasks colors --epochs 20 --test-per-class 20
+    python benchmarks/bench_int8.py --tasks colors --epochs 2 --test-per-class 5 --seconds 0.1   # smoke run
+
+Each task (and the weak model of tests/test_int8.py: a random-init 64-px ViT whose logits are
+close) is exported as int8 accuracy-aware (the default: the products that move the answers stay
+fp32 until the calibration images agree with fp32 on 99.5%) and with every product int8
+(``min_agreement=0``); the speed column is each file's images/s at batch 32 over fp32's,
+interleaved on the same batch: the speed the accuracy-aware file keeps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+#: The weak model of tests/test_int8.py: a random-init 64-pixel ViT, zero-shot over 16 names.
+WEAK_VIT = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+WEAK_NAMES = ["cat", "dog", "car", "tree", "house", "bird", "boat", "flower", "fish", "lamp", "chair", "cup", "road",
+              "hill", "shoe", "bell"]
 
 
 def _logits(session, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -40,6 +59,9 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=50)
     ap.add_argument("--epochs", type=int, default=None, help="default: the paper's schedule")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per file for the speed columns")
+    ap.add_argument("--no-weak-vit", dest="weak_vit", action="store_false",
+                    help="leave out the weak model (a random-init 64-px ViT, 16 classes zero-shot, close logits)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -56,12 +78,47 @@ def main() -> None:
     import onnx
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from machine import cpu_model, isa, load
+    from images import photo_batch
+    from machine import cpu_model, interleaved_speeds, isa, load
 
     print(f"# coopkit-tiny, CoOp {args.shots} shots, whole-image views, seed {args.seed}; torch threads "
           f"{torch.get_num_threads()}; {cpu_model()} ({isa()}), {load()} before")
     rows = []
     bb = coopkit.load_backbone()
+
+    def compare(task: str, clf: Any, images: np.ndarray, labels: np.ndarray, folder: Path, **export: Any) -> None:
+        """fp32, accuracy-aware int8, plain int8 (min_agreement=0) and dynamic int8 of ``clf`` on ``images``."""
+        fp32 = export_onnx(clf, folder / f"{task}-fp32.onnx", "fp32").path
+        files = {"int8 static, accuracy-aware": export_onnx(clf, folder / f"{task}-int8.onnx", "int8", **export),
+                 "int8 static, every product": export_onnx(clf, folder / f"{task}-plain.onnx", "int8",
+                                                           min_agreement=0.0, **export)}
+        dyn = folder / f"{task}-dyn.onnx"
+        quantize_dynamic(fp32, dyn, nodes_to_quantize=int8_targets(onnx.load(os.fspath(fp32))), per_channel=True,
+                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        sessions = {"fp32": cpu_session(fp32), **{k: cpu_session(r.path) for k, r in files.items()},
+                    "int8 dynamic (before)": cpu_session(dyn)}
+        batch = np.ascontiguousarray(images[:32])
+        speeds = interleaved_speeds({k: (lambda s: lambda: s.run(["logits"], {"images": batch}))(s)
+                                     for k, s in sessions.items()}, len(batch), args.seconds)
+        ref = _logits(sessions["fp32"], images)
+        for name, sess in sessions.items():
+            if name == "fp32":
+                continue
+            got = _logits(sess, images)
+            summary = files[name].int8 if name in files else None
+            rows.append({
+                "task": task, "file": name, "n": len(images),
+                "agree": float((got.argmax(1) == ref.argmax(1)).mean()),
+                "acc_fp32": float((ref.argmax(1) == labels).mean()) if len(labels) else float("nan"),
+                "acc_int8": float((got.argmax(1) == labels).mean()) if len(labels) else float("nan"),
+                "max_dlogit": float(np.abs(got - ref).max()),
+                "batch": batch_invariance(sess, images, got, n=8),
+                "alpha": summary.smoothing if summary else "-",
+                "kept": f"{len(summary.float_nodes)} of {summary.nodes + len(summary.float_nodes)}" if summary else "-",
+                "speed": speeds[name] / speeds["fp32"],
+            })
+        print(f"# {task} done; {load()}", file=sys.stderr)
+
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             root = world.write_task(task, Path(tmp) / task, shots_per_class=args.shots,
@@ -70,32 +127,21 @@ def main() -> None:
                               epochs=args.epochs, progress=False)
             test = coopkit.load_dataset(root / "test").relabel(clf.classnames)
             images = np.stack([preprocess(p, bb.image_size) for p in test.paths])
-            labels = np.asarray(test.labels)
-            fp32 = export_onnx(clf, Path(tmp) / f"{task}-fp32.onnx", "fp32").path
-            int8 = export_onnx(clf, Path(tmp) / f"{task}-int8.onnx", "int8", verify_data=root / "test")
-            dyn = Path(tmp) / f"{task}-dyn.onnx"
-            model = onnx.load(os.fspath(fp32))
-            quantize_dynamic(fp32, dyn, nodes_to_quantize=int8_targets(model), per_channel=True,
-                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
-            ref = _logits(cpu_session(fp32), images)
-            for name, path in (("int8 static (calibrated)", int8.path), ("int8 dynamic (before)", dyn)):
-                sess = cpu_session(path)
-                got = _logits(sess, images)
-                rows.append({
-                    "task": task, "file": name, "n": len(images),
-                    "agree": float((got.argmax(1) == ref.argmax(1)).mean()),
-                    "acc_fp32": float((ref.argmax(1) == labels).mean()),
-                    "acc_int8": float((got.argmax(1) == labels).mean()),
-                    "max_dlogit": float(np.abs(got - ref).max()),
-                    "batch": batch_invariance(sess, images, got, n=8),
-                    "alpha": int8.int8.smoothing if name.startswith("int8 static") else "-",
-                })
-            print(f"# {task} done", file=sys.stderr)
-    print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | batch invariance (max abs logit change) | smoothing alpha |")
-    print("|---|---|---|---|---|---|---|---|---|")
+            compare(task, clf, images, np.asarray(test.labels), Path(tmp), verify_data=root / "test")
+        if args.weak_vit:  # tests/test_int8.py's weak model: close logits, photo-like images, no labels
+            config = Path(tmp) / "weak-vit.json"
+            config.write_text(json.dumps(WEAK_VIT))
+            torch.manual_seed(0)
+            weak = coopkit.zero_shot(coopkit.load_backbone(str(config), pretrained=None, device="cpu"), WEAK_NAMES)
+            compare("weak ViT (random init)", weak, photo_batch(300, (64, 64), seed=7), np.zeros(0, int), Path(tmp),
+                    calibration=photo_batch(256, (64, 64), seed=123))
+    print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | "
+          "batch invariance (max abs logit change) | smoothing alpha | products kept fp32 | speed x fp32 (batch 32) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['task']} | {r['file']} | {r['n']} | {100 * r['agree']:.1f}% | {100 * r['acc_fp32']:.1f} | "
-              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} |")
+              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} | {r['kept']} | "
+              f"{r['speed']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ outputs are checked against numpy in test_runtime.py.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -26,9 +27,12 @@ from helpers import GraphModel, photo  # noqa: E402
 
 from coopkit.runtime import Classifier  # noqa: E402
 from coopkit.runtime.batch import BatchConfig, predict_collection  # noqa: E402
+from coopkit.runtime.engine_choice import CACHE_ENV  # noqa: E402
 from coopkit.runtime.inputs import iter_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The engines besides the default one (onnxruntime): auto always, OpenVINO where its extra is installed.
+OTHER_ENGINES = ["auto"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +272,67 @@ def test_cli_streams_to_a_file_and_expands_folders(graph_clf: Classifier, graph_
                          ((folder, "--out", tmp_path / "y.csv", "--top-k", "0"), "top_k")):
         r = _cli(graph_model.path, *args)
         assert r.exit_code == 2 and needle in r.stderr and r.stderr.count("\n") == 1, (args, r.output)
+
+
+# --- the engine that runs the graph (--runtime-engine / engine=) ----------------------------------------
+
+
+def _same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """The same paths, labels and errors; fp32 logits within 1e-5 (the engines' tolerance on fp32 files)."""
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]
+    assert [r["error"] for r in got] == [r["error"] for r in want]
+    assert max(np.abs(np.subtract(a["logits"], b["logits"])).max() for a, b in zip(got, want) if a["logits"]) <= 1e-5
+
+
+@pytest.mark.parametrize("engine", OTHER_ENGINES)
+def test_every_engine_writes_the_rows_of_onnxruntime(clf: Classifier, model: Path, folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    cfg = BatchConfig(top_k=3, batch_size=5, logits=True)
+    want = predict_collection(clf, folder, tmp_path / "want.jsonl", cfg, progress=False)
+    got = predict_collection(model, folder, tmp_path / "got.jsonl", cfg, progress=False, device="cpu", threads=1,
+                             engine=engine)
+    assert want.engine is clf.engine and want.engine.label == "onnxruntime:cpu" and want.engine.choice is None
+    assert (got.rows, got.errors) == (24, 1) and got.engine is not None and got.engine.device == "cpu"
+    if engine == "auto":  # auto's choice and figures come back with the summary, measured at the batch size
+        choice = got.engine.choice
+        assert choice is not None and got.engine.label == choice.chosen and choice.batch_sizes == [1, 5]
+        assert choice.measurement(choice.chosen).eligible
+    else:
+        assert got.engine.engine == engine and got.engine.choice is None
+    _same_rows(read_rows(tmp_path / "got.jsonl"), read_rows(tmp_path / "want.jsonl"))
+    with pytest.raises(ValueError, match="compute 'fp8' is not one of"):  # refused before anything is opened
+        predict_collection(model, folder, tmp_path / "x.jsonl", cfg, engine=engine, compute="fp8")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_runtime_engine_beside_the_executor(model: Path, folder: Path, tmp_path: Path) -> None:
+    """A real ``coopkit predict`` process: --engine (where the job runs) and --runtime-engine (what runs
+    the graph) together; auto's choice is named on stderr, measured once, then read from the cache."""
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args: Any) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "coopkit", "predict", str(model), *map(str, args), "--device", "cpu",
+               "--threads", "1"]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    want = tmp_path / "want.jsonl"
+    predict_collection(model, folder, want, progress=False, device="cpu", logits=True)
+    out = tmp_path / "auto.jsonl"
+    r = run(folder, "--out", out, "--engine", "local", "--runtime-engine", "auto", "--logits", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if x.startswith("engine: "))
+    chosen = line.split()[1]
+    assert f"auto: {chosen} chosen (measured in" in line and "onnxruntime:cpu" in line.split("auto: ")[1]
+    _same_rows(read_rows(out), read_rows(want))
+    r = run(folder / "b", "--json", "--runtime-engine", "auto", "--top-k", "2")  # the stdout form: from the cache
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"engine: {chosen} (") and f"auto: {chosen} chosen (cache;" in r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [d["labels"] for d in lines] == [w["labels"][:2] for w in read_rows(want) if "/b/" in w["path"]]
+    assert len(list((tmp_path / "cache" / "engines").iterdir())) == 1  # measured once
+    r = _cli(model, folder, "--runtime-engine", "tensorflow")
+    assert r.exit_code == 2 and "'tensorflow' is not one of 'auto', 'onnxruntime', 'openvino'" in r.stderr
+    r = _cli(model, folder, "--compute", "bf16")  # onnxruntime (the default) has no bf16: refused, one line
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "compute='bf16' needs engine='openvino'" in r.stderr

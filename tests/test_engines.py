@@ -131,6 +131,44 @@ def test_the_text_graph_runs_on_the_image_graph_engine(files: dict[str, Path], m
     _assert_same_answers(clf.probs(mixed_images), ref.probs(mixed_images), TOLERANCE["text"])
 
 
+# --- onnxruntime closer to its limit: variants that must not change a bit -----------------------------
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "raw"])
+def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], images: list[Any], kind: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """IO binding on the CPU (outputs written into numpy arrays) and onnxruntime's dynamic block base
+    (work handed between threads) change where outputs land and which thread runs which block, not
+    the arithmetic: the answers are equal bit for bit (benchmarks/bench_engines.py --runtime-variants
+    times them)."""
+    import onnxruntime as ort
+
+    from coopkit.runtime import classifier
+    from coopkit.runtime.session import CPU, run_bound, session_options
+
+    ref = Classifier(files[kind], device="cpu", threads=2)
+    crops = ref.preprocess(images)  # (n, H, W, 3)
+    names = ("probs", "logits", "image_embeds")
+    monkeypatch.setattr(classifier, "CPU_IO_BINDING", True)  # the switch, as the classifier reads it
+    bound = Classifier(files[kind], device="cpu", threads=2)
+    assert bound._bound_widths is not None and ref._bound_widths is None  # the bound path runs
+    for batch in (crops[:1], crops):
+        want = ref.run_batch(batch, names)[1]
+        got = bound.run_batch(batch, names)[1]
+        for name in names:
+            np.testing.assert_array_equal(got[name], want[name])
+        outputs = [(n, (len(batch), want[n].shape[1])) for n in names]
+        for block in (0, 4):  # onnxruntime's default partitioning, and dynamic blocks
+            session = ort.InferenceSession(os.fspath(files[kind]), session_options(2, dynamic_block_base=block),
+                                           providers=[CPU])
+            for got in (session.run(list(names), {"images": batch}), run_bound(session, {"images": batch}, outputs)):
+                for name, value in zip(names, got):
+                    np.testing.assert_array_equal(value, want[name])
+    assert np.array_equal(bound.probs(images), ref.probs(images))  # raw input: decoded images, one run per size
+    with pytest.raises(ValueError, match="dynamic_block_base must be an integer >= 0"):
+        session_options(2, dynamic_block_base=-1)
+
+
 # --- compute precision ------------------------------------------------------------------------------
 
 

@@ -732,12 +732,13 @@ def test_int8_keeps_the_smoothing_closest_to_fp32(exported, tmp_path):
         (got,) = _session(path).run(["logits"], {INPUT_NAME: calibration})
         return int((got.argmax(1) != ref.argmax(1)).sum()), float(np.abs(got - ref).mean())
 
-    alone = {}
+    alone = {}  # each strength alone; every product int8 (min_agreement=0: the trial compares quantisations)
     for alpha in SMOOTH_ALPHAS:
-        info = to_int8(exported.path, tmp_path / f"a{alpha}.onnx", calibration, QuantizationConfig(smooth_alphas=(alpha,)))
+        info = to_int8(exported.path, tmp_path / f"a{alpha}.onnx", calibration,
+                       QuantizationConfig(smooth_alphas=(alpha,), min_agreement=0.0))
         assert info.smoothing == alpha and not info.trials
         alone[alpha] = error(tmp_path / f"a{alpha}.onnx")
-    info = to_int8(exported.path, tmp_path / "best.onnx", calibration)
+    info = to_int8(exported.path, tmp_path / "best.onnx", calibration, QuantizationConfig(min_agreement=0.0))
     assert info.smoothing == min(alone, key=alone.__getitem__) and set(info.trials) == set(SMOOTH_ALPHAS)
     assert error(tmp_path / "best.onnx") == pytest.approx(min(alone.values()), rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a0.0.onnx", "a0.5.onnx", "best.onnx"]  # no trial left

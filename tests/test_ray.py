@@ -22,19 +22,22 @@ pytest.importorskip("pyarrow")
 
 from helpers import image_graph, photo  # noqa: E402
 
-from coopkit.runtime.batch import predict_collection  # noqa: E402
+from coopkit.runtime.batch import BatchConfig, predict_collection  # noqa: E402
+from coopkit.runtime.engine_choice import CACHE_ENV  # noqa: E402
 from coopkit.runtime.inputs import iter_inputs  # noqa: E402
 from coopkit.runtime.ray_engine import FAILED_BATCH, ClassifierActor, RayConfig, predict_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
+def local_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A local Ray instance; its workers keep engine choices in the folder it yields."""
+    cache = tmp_path_factory.mktemp("ray_engine_cache")
     ray.init(num_cpus=min(2, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, runtime_env={"env_vars": {CACHE_ENV: str(cache)}})
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
-    yield
+    yield cache
     ray.shutdown()
 
 
@@ -55,7 +58,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_ray_rows_equal_the_local_engine(local_ray: None, job: dict[str, Path], tmp_path: Path) -> None:
+def test_ray_rows_equal_the_local_engine(local_ray: Path, job: dict[str, Path], tmp_path: Path) -> None:
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     predict_collection(job["model"], job["images"], local, progress=False, logits=True, device="cpu")
     summary = predict_ray(job["model"], job["images"], remote, ray_config=RayConfig(actors=2, cpus_per_actor=0.5),
@@ -97,7 +100,7 @@ class AlwaysDies(DiesOnce):
     always = True
 
 
-def test_a_dying_actor_is_replaced_and_its_batch_retried_once(local_ray: None, job: dict[str, Path],
+def test_a_dying_actor_is_replaced_and_its_batch_retried_once(local_ray: Path, job: dict[str, Path],
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inputs = tmp_path / "list.txt"
     paths = [p for p in iter_inputs(job["images"]) if "part3" in p or "img007" in p]
@@ -120,6 +123,42 @@ def test_a_dying_actor_is_replaced_and_its_batch_retried_once(local_ray: None, j
     assert failed == list(range(doomed * 8, min(len(paths), doomed * 8 + 8)))  # exactly that batch
     assert [r["path"] for r in rows] == paths
     assert all(r["labels"] == w["labels"] for i, (r, w) in enumerate(zip(rows, want)) if i not in failed)
+
+
+class RecordsItsEngine(ClassifierActor):
+    """Writes the engine its classifier opened (and whether it measured) into the marker folder."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        info = self.clf.engine
+        record = {"label": info.label, "compute": info.compute, "measured": info.choice is not None}
+        (Path(os.environ["COOPKIT_TEST_MARKER"]) / f"actor-{os.getpid()}.json").write_text(json.dumps(record))
+
+
+def test_auto_is_chosen_once_and_every_actor_runs_the_choice(local_ray: Path, job: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    local, remote = tmp_path / "local.jsonl", tmp_path / "auto.jsonl"
+    predict_collection(job["model"], job["images"], local, progress=False, logits=True, device="cpu")
+    records = tmp_path / "actors"
+    records.mkdir()
+    summary = predict_ray(job["model"], job["images"], remote, ray_config=RayConfig(actors=2, cpus_per_actor=0.5),
+                          progress=False, logits=True, batch_size=16, engine="auto",
+                          actor=_with_marker(RecordsItsEngine, records))
+    info = summary.engine
+    assert info is not None and info.choice is not None and info.label == info.choice.chosen
+    assert info.choice.batch_sizes == [1, 16] and info.choice.measurement(info.label).eligible
+    assert info.choice.key_fields["threads"] == 1  # measured with an actor's threads (round(0.5) -> 1)
+    assert len(list(local_ray.glob("engines/*.json"))) == 1  # measured once, in the task before the pool
+    actors = [json.loads(p.read_text()) for p in records.glob("actor-*.json")]
+    assert actors and all(a == {"label": info.label, "compute": "fp32", "measured": False} for a in actors)
+    want, got = _rows(local), _rows(remote)
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]
+    diff = max(np.abs(np.subtract(a["logits"], b["logits"])).max() for a, b in zip(got, want) if a["logits"])
+    assert diff <= 1e-5
+    with pytest.raises(ValueError, match="engine 'tensorflow' is not one of"):  # refused before Ray runs anything
+        predict_ray(job["model"], job["images"], tmp_path / "x.jsonl", progress=False, engine="tensorflow")
+    with pytest.raises(ValueError, match="resolves engine='auto' once"):
+        ClassifierActor(str(job["model"]), BatchConfig(), engine="auto")
 
 
 def _local(job: dict[str, Path], inputs: Path, out: Path) -> Path:

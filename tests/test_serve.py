@@ -33,6 +33,7 @@ pytest.importorskip("prometheus_client")
 from helpers import GraphModel, photo  # noqa: E402
 
 from coopkit.runtime import Classifier  # noqa: E402
+from coopkit.runtime.engine_choice import CACHE_ENV  # noqa: E402
 from coopkit.runtime.serve import HTTPError, Metrics, MicroBatcher, ServeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +176,34 @@ def test_endpoints_and_answers_equal_predict_alone(server: Any, png_images: list
     text = urllib.request.urlopen(s.url + "/metrics").read().decode()
     assert metric(text, "coopkit_images_total") == 4 and 'outcome="error"} 1.0' in text
     assert metric(text, "coopkit_request_seconds_count") == 2 and "coopkit_batch_size_bucket" in text
+
+
+@pytest.mark.parametrize("engine", ["auto", "openvino"])
+def test_the_runtime_engine_answers_as_predict_alone_and_health_names_it(
+        server: Any, png_images: list[bytes], expected: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        engine: str) -> None:
+    if engine == "openvino":
+        pytest.importorskip("openvino")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # the server process inherits it
+    s = server("coopkit", "--runtime-engine", engine, "--max-batch-size", "4", "--max-wait-ms", "200")
+    health = json.load(urllib.request.urlopen(s.url + "/health"))
+    with ThreadPoolExecutor(4) as pool:  # four at once: they share a session run
+        got = list(pool.map(lambda img: post(s.url + "/predict?top_k=3", img), png_images[:4]))
+    banner = s.stop()
+    info = health["engine"]
+    label = f"{info['engine']}:{info['device']}"
+    assert info["device"] == "cpu" and info["compute"] == "fp32" and f"5 classes on {label} ({info['provider']}" in banner
+    if engine == "auto":  # measured at the serving batch on every installed engine, the choice among them
+        auto = info["auto"]
+        assert auto["chosen"] == label and not auto["from_cache"] and auto["batch_sizes"] == [1, 4]
+        measured = {m["target"]: m for m in auto["measurements"]}
+        assert "onnxruntime:cpu" in measured and measured[label]["eligible"]
+        assert len(list((tmp_path / "cache" / "engines").iterdir())) == 1
+    else:
+        assert info["engine"] == "openvino" and "auto" not in info
+    for (status, body), want in zip(got, expected):
+        assert status == 200 and body["labels"] == list(want.labels)
+        np.testing.assert_allclose(body["probs"], want.probs, atol=1e-5)
 
 
 def test_bad_requests_get_json_errors_and_the_server_keeps_answering(server: Any, png_images: list[bytes]) -> None:

@@ -71,6 +71,9 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
         "accuracy_onnx": image.accuracy_onnx,
         "batch_invariance_max_diff": image.batch_invariance_max_diff,
         "calibration_images": report.int8.calibration_images if report.int8 else None,
+        "int8_products": report.int8.nodes if report.int8 else None,
+        "int8_products_kept_fp32": len(report.int8.float_nodes) if report.int8 else None,
+        "calibration_agreement": report.int8.agreement[0] if report.int8 and report.int8.agreement else None,
         "external_data": report.external_data,
         "sidecar": str(report.sidecar) if report.sidecar else None,
         "triton": str(triton_dir) if triton_dir else None,
@@ -84,7 +87,7 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
             continue
         if key in ("max_abs_logit_diff", "text_max_abs_diff", "raw_max_abs_logit_diff", "batch_invariance_max_diff"):
             value = f"{value:.3g}"
-        elif key in ("top1_agreement", "accuracy_torch", "accuracy_onnx", "raw_top1_agreement"):
+        elif key in ("top1_agreement", "accuracy_torch", "accuracy_onnx", "raw_top1_agreement", "calibration_agreement"):
             value = pct(value)
         rows.append((key, value))
     print_table(rows)

@@ -33,6 +33,10 @@ CALIBRATION_BATCH = 8
 #: each is tried and the one closest to fp32 on the calibration images is kept.
 SMOOTH_ALPHA = 0.5
 SMOOTH_ALPHAS = (0.0, SMOOTH_ALPHA)
+#: int8: the share of calibration images that must keep fp32's top-1 class
+#: (:func:`coopkit.exporters.int8.top1_agreement`); the products that move the answers most stay
+#: fp32 until it holds (Intel Neural Compressor's accuracy-aware tuning, by product).
+MIN_AGREEMENT = 0.995
 
 
 def check_opset(opset: Any) -> int:
@@ -58,11 +62,16 @@ class QuantizationConfig(ConfigMixin):
                 "to fp32 on the calibration images is kept (one value: no trial)."})
     reduce_range: bool = field(default=True, metadata={
         "help": "int8: 7-bit weights, safe on every x86 CPU (off: full 8 bits, for AVX-512 VNNI machines only)."})
+    min_agreement: float = field(default=MIN_AGREEMENT, metadata={
+        "help": "int8: share of calibration images that must keep fp32's top-1 class; the products that move "
+                "the answers most stay fp32 until they do (0: quantise every product). More calibration images "
+                "make the check closer to the images served."})
 
     def __post_init__(self) -> None:
         check_int("calibration_max_images", self.calibration_max_images, 1)
         check_int("calibration_batch", self.calibration_batch, 1)
         check_bool("reduce_range", self.reduce_range)
+        check_float("min_agreement", self.min_agreement, maximum=1.0)
         alphas = self.smooth_alphas
         if isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
             alphas = (alphas,)

@@ -34,6 +34,7 @@ import numpy as np
 
 from .classifier import Classifier
 from .configbase import ConfigMixin, check_bool, check_int, check_text
+from .engines import EngineInfo, check_engine
 from .inputs import PathLike, iter_inputs
 from .progress import progress_bar
 from .session import default_workers
@@ -82,13 +83,15 @@ class BatchConfig(ConfigMixin):
 
 @dataclass(frozen=True)
 class Summary:
-    """What a run did: rows written now, rows found already written (skipped), rows with an error."""
+    """What a run did: rows written now, rows found already written (skipped), rows with an error,
+    and the engine that ran the graph (``engine.choice``: ``auto``'s figures, when it chose)."""
 
     rows: int
     skipped: int
     errors: int
     seconds: float
     out: str = ""
+    engine: Optional[EngineInfo] = None
 
     @property
     def images_per_second(self) -> float:
@@ -141,6 +144,8 @@ def predict_collection(
     progress: bool = True,
     device: str = "auto",
     threads: Optional[int] = None,
+    engine: str = "onnxruntime",
+    compute: str = "fp32",
     **overrides: Any,
 ) -> Summary:
     """Label every input of ``inputs`` with ``model`` and write one row per input to ``out``.
@@ -154,7 +159,8 @@ def predict_collection(
         config: A :class:`BatchConfig`; keyword ``overrides`` replace its fields.
         progress: Show a progress bar with images/s (:func:`~coopkit.runtime.progress.progress_bar`:
             redrawn in a terminal, a line every few seconds in a log).
-        device, threads: For opening ``model`` when it is a path.
+        device, threads, engine, compute: For opening ``model`` when it is a path (see
+            :class:`Classifier`; ``engine="auto"`` measures at ``batch_size``).
 
     Returns:
         A :class:`Summary` of this run.
@@ -165,10 +171,12 @@ def predict_collection(
             rows of other inputs or columns.
     """
     cfg = dataclasses.replace(config or BatchConfig(), **overrides)
+    check_engine(engine, compute)
     source = iter_inputs(inputs, cfg.column) if isinstance(inputs, (str, os.PathLike)) else iter(inputs)
     check_out(out)
     clf = model if isinstance(model, Classifier) else Classifier(model, device=device, threads=threads,
-                                                                  batch_size=cfg.batch_size)
+                                                                  batch_size=cfg.batch_size, engine=engine,
+                                                                  compute=compute)
     writer = open_writer(out, cfg.fields, overwrite=cfg.overwrite, flush_rows=cfg.flush_rows)
     bar = None
     start, rows, errors = time.perf_counter(), 0, 0
@@ -186,7 +194,7 @@ def predict_collection(
             bar.close()
     seconds = time.perf_counter() - start
     logger.info("wrote %d rows (%d errors) to %s in %.1f s", rows, errors, out, seconds)
-    return Summary(rows, writer.done, errors, seconds, os.fspath(out))
+    return Summary(rows, writer.done, errors, seconds, os.fspath(out), clf.engine)
 
 
 def _try(prepare: Callable[[str], np.ndarray], path: str) -> Union[np.ndarray, str]:

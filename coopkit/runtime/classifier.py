@@ -37,7 +37,7 @@ from .preprocess import (
 from .results import Prediction, check_predict_args, rank, softmax
 from .engine_choice import open_engine
 from .engines import CUDA_WRONG_RESIZE, resizes_in_graph  # noqa: F401 - public here as before
-from .session import CUDA, TENSORRT, ProviderSpec, default_workers
+from .session import CPU, CPU_IO_BINDING, CUDA, TENSORRT, ProviderSpec, default_workers, run_bound
 from .text import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,11 @@ class Classifier:
         self._head = _Head(tuple(self.metadata.classnames))
         self.provider: str = self.session.get_providers()[0]
         self.use_io_binding = self.provider in (CUDA, TENSORRT)
+        # onnxruntime on the CPU: outputs written straight into numpy arrays where their widths are fixed
+        widths = {o.name: o.shape[-1] for o in self.session.get_outputs()}
+        fixed = all(isinstance(w, int) for w in widths.values())
+        floats = all(o.type == "tensor(float)" for o in self.session.get_outputs())
+        self._bound_widths = widths if CPU_IO_BINDING and self.provider == CPU and fixed and floats else None
         self._feed_raw = resizes_in_graph(self.metadata, self.provider)
         if self.metadata.input_kind == INPUT_RAW and not self._feed_raw and self.provider in (CUDA, TENSORRT):
             logger.warning(
@@ -281,6 +286,8 @@ class Classifier:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             outs = binding.copy_outputs_to_cpu()
+        elif self._bound_widths is not None:
+            outs = run_bound(self.session, {INPUT_NAME: batch}, [(k, (len(batch), self._bound_widths[k])) for k in names])
         else:
             outs = self.session.run(list(names), {INPUT_NAME: batch})
         for name, out in zip(names, outs):  # graphs with symbolic output widths are checked here

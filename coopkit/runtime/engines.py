@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .configbase import ConfigMixin
 from .contract import INPUT_RAW, MetadataError, ModelMetadata
 from .extras import require
 from .preprocess import resize_plan
@@ -70,6 +71,23 @@ def check_engine(engine: str, compute: str) -> tuple[str, str]:
         raise ValueError(f"compute={compute!r} needs engine='openvino' or 'auto': onnxruntime computes a file's "
                          "float ops in fp32 (or as the file stores them)")
     return engine, compute
+
+
+@dataclass(frozen=True)
+class EngineConfig(ConfigMixin):
+    """Which engine runs the graph, in which compute precision: the ``engine=`` and ``compute=``
+    of :class:`~coopkit.runtime.Classifier`, as ``coopkit predict`` and ``coopkit serve`` take them
+    (``--runtime-engine``: ``coopkit predict`` has ``--engine local|ray`` for where the job runs)."""
+
+    engine: str = field(default=ONNXRUNTIME, metadata={"flag": "runtime-engine", "choices": ENGINES, "help": (
+        "What runs the graph: onnxruntime (the reference), openvino (the openvino extra), or auto (the fastest "
+        "installed engine and device whose answers equal onnxruntime's, measured once per file and machine).")})
+    compute: str = field(default="fp32", metadata={"choices": COMPUTES, "help": (
+        "fp32: the file's own precision; bf16: OpenVINO computes float ops in bfloat16 where the CPU can "
+        "(changes answers; openvino or auto only).")})
+
+    def __post_init__(self) -> None:
+        check_engine(self.engine, self.compute)
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,11 @@ class EngineInfo:
         if self.provider in (CUDA, TENSORRT):
             return "cuda"
         return "gpu" if self.provider.startswith(OPENVINO_PROVIDER + "GPU") else "cpu"
+
+    def describe(self) -> str:
+        """One line: ``openvino:cpu (OpenVINO:CPU, fp32 compute)``, then ``auto``'s choice and figures."""
+        text = f"{self.label} ({self.provider}, {self.compute} compute)"
+        return text if self.choice is None else f"{text}; auto: {self.choice.summary()}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for ``/health`` and summaries): the choice's figures included."""

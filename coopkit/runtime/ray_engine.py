@@ -32,9 +32,11 @@ from .batch import BatchConfig, Summary
 from .classifier import Classifier, prepare_image
 from .configbase import ConfigMixin, check_float, check_int
 from .contract import ModelMetadata
+from .engines import ONNXRUNTIME, EngineInfo, check_engine
 from .extras import require
 from .inputs import iter_inputs, paths_from_csv, paths_from_lines, paths_from_parquet
 from .preprocess import MAX_PIXELS, is_image_file
+from .session import ProviderSpec
 from .writers import arrow_schema, check_out, error_row, make_rows, open_writer, skip_done
 
 logger = logging.getLogger(__name__)
@@ -127,10 +129,19 @@ def decode_batch(batch: dict[str, np.ndarray], metadata: str, max_pixels: int = 
 
 
 class ClassifierActor:
-    """Ray Data actor: one :class:`Classifier` per actor, decoded batches in, output rows (Arrow) out."""
+    """Ray Data actor: one :class:`Classifier` per actor, decoded batches in, output rows (Arrow) out.
 
-    def __init__(self, model: str, config: BatchConfig, device: str = "cpu", threads: Optional[int] = None) -> None:
-        self.clf = Classifier(model, device=device, threads=threads, batch_size=config.batch_size, workers=1)
+    ``engine``, ``device``, ``compute`` and ``providers`` name a concrete engine (never ``auto``:
+    :func:`predict_ray` chooses once, before the pool starts, and hands every actor the choice).
+    """
+
+    def __init__(self, model: str, config: BatchConfig, device: str = "cpu", threads: Optional[int] = None,
+                 engine: str = ONNXRUNTIME, compute: str = "fp32",
+                 providers: Optional[Sequence[ProviderSpec]] = None) -> None:
+        if engine == "auto":
+            raise ValueError("a ClassifierActor runs a concrete engine; predict_ray resolves engine='auto' once")
+        self.clf = Classifier(model, device=device, threads=threads, batch_size=config.batch_size, workers=1,
+                              engine=engine, compute=compute, providers=providers)
         self.config = config
         self.schema = arrow_schema(config.fields)
 
@@ -193,6 +204,8 @@ def predict_ray(
     *,
     progress: bool = True,
     actor: type = ClassifierActor,
+    engine: str = ONNXRUNTIME,
+    compute: str = "fp32",
     **overrides: Any,
 ) -> Summary:
     """:func:`~coopkit.runtime.batch.predict_collection` on Ray: same inputs, same rows, same resume.
@@ -207,12 +220,19 @@ def predict_ray(
         ray_config: The :class:`RayConfig` (cluster address, pool size, GPUs).
         progress: Ray Data's progress bars.
         actor: The actor class of the pool: :class:`ClassifierActor` or a subclass of it.
+        engine, compute: What runs the graph in the actors (see :class:`Classifier`). The file is
+            opened once with them in a Ray task holding one actor's resources, before the pool
+            starts: ``auto`` measures there, on the hardware the actors get and with nothing
+            else running, and every actor opens the engine it chose without measuring (a pool
+            measuring at once would measure its own contention). The summary's ``engine`` says
+            what the actors run.
 
     Raises:
         ImportError: Ray Data is not installed.
     """
     cfg = dataclasses.replace(config or BatchConfig(), **overrides)
     rcfg = ray_config or RayConfig()
+    check_engine(engine, compute)
     ray = _ray()
     text = os.fspath(inputs)
     source = _uri_inputs(text, cfg.column) if "://" in text else iter_inputs(text, cfg.column)
@@ -224,6 +244,7 @@ def predict_ray(
     writer = open_writer(out, cfg.fields, overwrite=cfg.overwrite, flush_rows=cfg.flush_rows)
     started = not ray.is_initialized()
     start, rows, errors = time.perf_counter(), 0, 0
+    info: Optional[EngineInfo] = None
     try:
         todo = skip_done(source, writer)
         if started:
@@ -231,7 +252,10 @@ def predict_ray(
                      log_to_driver=False, configure_logging=False)
         refs = _stage(ray, todo, cfg.batch_size)
         if refs:
-            results = _run(ray, refs, model, metadata, max_pixels, cfg, rcfg, progress, actor)
+            gpus = _actor_gpus(ray, rcfg)
+            info = _open_once(ray, model, cfg, rcfg, gpus, engine, compute)
+            logger.info("ray: the actors run %s", info.describe())
+            results = _run(ray, refs, model, metadata, max_pixels, cfg, rcfg, progress, actor, gpus, info)
             pending: list[dict[str, Any]] = []
             for row in _with_dropped(_staged_paths(ray, refs), results, cfg.fields):
                 pending.append(row)
@@ -247,15 +271,11 @@ def predict_ray(
             ray.shutdown()
     seconds = time.perf_counter() - start
     logger.info("ray: wrote %d rows (%d errors) to %s in %.1f s", rows, errors, out, seconds)
-    return Summary(rows, writer.done, errors, seconds, os.fspath(out))
+    return Summary(rows, writer.done, errors, seconds, os.fspath(out), info)
 
 
-def _run(ray: Any, refs: list[Any], model: str, metadata: str, max_pixels: int, cfg: BatchConfig, rcfg: RayConfig,
-         progress: bool, actor: type) -> Iterator[dict[str, Any]]:
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # rows come back in input order (resume relies on it)
-    ctx.max_errored_blocks = -1  # a batch that killed its actor twice is dropped, and written as failed rows
-    ctx.enable_progress_bars = progress
+def _actor_gpus(ray: Any, rcfg: RayConfig) -> float:
+    """GPUs per actor (1 where the cluster has GPUs unless set); a ValueError when the pool cannot fit."""
     resources = ray.cluster_resources()
     gpus = rcfg.gpus_per_actor
     if gpus is None:
@@ -266,13 +286,52 @@ def _run(ray: Any, refs: list[Any], model: str, metadata: str, max_pixels: int, 
             f"{rcfg.actors} actors x {rcfg.cpus_per_actor:g} CPU plus {rcfg.decode_cpus:g} CPU for decoding need more "
             f"than the cluster's {cpus:g} CPUs; use fewer --actors or a smaller --cpus-per-actor (fractions work)"
         )
+    return gpus
+
+
+def actor_device(engine: str, gpus: float) -> str:
+    """The ``device`` the actors open the file on: the CPU without GPUs; with GPUs, CUDA for
+    onnxruntime, every device for ``auto``, the CPU for OpenVINO (whose GPU plugin drives Intel
+    GPUs, which Ray does not count as GPUs)."""
+    if gpus <= 0:
+        return "cpu"
+    return {ONNXRUNTIME: "cuda", "auto": "auto"}.get(engine, "cpu")
+
+
+def open_engine_once(model: str, config: BatchConfig, device: str, threads: int, engine: str,
+                     compute: str) -> EngineInfo:
+    """Ray task: open ``model`` as an actor would (``auto`` measures here) and return its engine."""
+    with Classifier(model, device=device, threads=threads, batch_size=config.batch_size, workers=1,
+                    engine=engine, compute=compute) as clf:
+        return clf.engine
+
+
+def _open_once(ray: Any, model: str, cfg: BatchConfig, rcfg: RayConfig, gpus: float, engine: str,
+               compute: str) -> EngineInfo:
+    """:func:`open_engine_once` with one actor's resources; its exception, not Ray's wrapper, on failure."""
+    task = ray.remote(num_cpus=rcfg.cpus_per_actor, num_gpus=gpus, max_retries=0)(open_engine_once)
+    try:
+        return ray.get(task.remote(model, cfg, actor_device(engine, gpus), _actor_threads(rcfg), engine, compute))
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause from None
+
+
+def _actor_threads(rcfg: RayConfig) -> int:
+    return max(1, round(rcfg.cpus_per_actor))
+
+
+def _run(ray: Any, refs: list[Any], model: str, metadata: str, max_pixels: int, cfg: BatchConfig, rcfg: RayConfig,
+         progress: bool, actor: type, gpus: float, info: EngineInfo) -> Iterator[dict[str, Any]]:
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come back in input order (resume relies on it)
+    ctx.max_errored_blocks = -1  # a batch that killed its actor twice is dropped, and written as failed rows
+    ctx.enable_progress_bars = progress
     ds = ray.data.from_arrow_refs(refs)
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=rcfg.decode_cpus,
                         fn_kwargs={"metadata": metadata, "max_pixels": max_pixels})
     ds = ds.map_batches(
-        actor,
-        fn_constructor_kwargs={"model": model, "config": cfg, "device": "cuda" if gpus > 0 else "cpu",
-                               "threads": max(1, round(rcfg.cpus_per_actor))},
+        actor,  # every actor opens the engine chosen once (info.reopen: engine, device, compute/providers)
+        fn_constructor_kwargs={"model": model, "config": cfg, "threads": _actor_threads(rcfg), **info.reopen},
         batch_size=cfg.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(
             size=rcfg.actors, max_tasks_in_flight_per_actor=1),  # a dying actor takes only its own batch down
         num_cpus=rcfg.cpus_per_actor, num_gpus=gpus,

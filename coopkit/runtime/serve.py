@@ -12,7 +12,8 @@ Endpoints:
   multipart), answered ``{"labels": [...], "probs": [...]}``; or ``multipart/form-data`` with
   one or more file parts, answered ``{"results": [{"name", "labels", "probs"} or {"name",
   "error"}, ...]}`` (400 when no part was readable).
-* ``GET /health`` (the process answers), ``/ready`` (the model is loaded and the server is
+* ``GET /health`` (the process answers; it names the engine that runs the graph and, for
+  ``engine="auto"``, every engine's figures), ``/ready`` (the model is loaded and the server is
   not shutting down; 503 otherwise), ``/metadata`` (classes, precision, provider, input
   size, limits), ``/metrics`` (Prometheus text: requests, errors, batch sizes, latency).
 
@@ -309,7 +310,8 @@ class App:
             self.decode_slots = asyncio.Semaphore(self.config.decodes)
             self.batcher.start()
             self.ready = True
-            logger.info("serving %s (%d classes) on %s", self.clf.path, len(self.clf.classnames), self.clf.provider)
+            logger.info("serving %s (%d classes) on %s", self.clf.path, len(self.clf.classnames),
+                        self.clf.engine.describe())
             try:
                 yield
             finally:
@@ -495,24 +497,29 @@ def json_400_protocol() -> type:
 
 
 def create_app(model: Union[str, "os.PathLike[str]", Classifier], config: Optional[ServeConfig] = None, *,
-               device: str = "auto", threads: Optional[int] = None, **overrides: Any) -> App:
-    """The server for ``model`` (a path, opened on ``device``, or an open :class:`Classifier`).
+               device: str = "auto", threads: Optional[int] = None, engine: str = "onnxruntime",
+               compute: str = "fp32", **overrides: Any) -> App:
+    """The server for ``model`` (a path, opened on ``device`` with ``engine`` and ``compute``, or
+    an open :class:`Classifier`).
 
-    ``app.asgi`` is the ASGI application: run it with :func:`serve`, or mount it in another
-    ASGI server (its lifespan starts the batcher). Keyword ``overrides`` replace fields of
-    ``config``.
+    A path is opened with batches of ``max_batch_size`` (what the batcher runs; ``engine="auto"``
+    measures at it). ``app.asgi`` is the ASGI application: run it with :func:`serve`, or mount it
+    in another ASGI server (its lifespan starts the batcher). Keyword ``overrides`` replace
+    fields of ``config``.
     """
     cfg = dataclasses.replace(config or ServeConfig(), **overrides)
-    clf = model if isinstance(model, Classifier) else Classifier(model, device=device, threads=threads)
+    clf = model if isinstance(model, Classifier) else Classifier(
+        model, device=device, threads=threads, batch_size=cfg.max_batch_size, engine=engine, compute=compute)
     return App(clf, cfg)
 
 
 def serve(model: Union[str, "os.PathLike[str]", Classifier, App], config: Optional[ServeConfig] = None, *,
-          device: str = "auto", threads: Optional[int] = None, **overrides: Any) -> None:
+          device: str = "auto", threads: Optional[int] = None, engine: str = "onnxruntime", compute: str = "fp32",
+          **overrides: Any) -> None:
     """Run the server until SIGTERM or Ctrl-C (then finish the requests in flight).
 
-    ``model`` is a path, an open :class:`Classifier`, or an :class:`App` from :func:`create_app`
-    (then ``config`` and ``overrides`` are its own).
+    ``model`` is a path (opened by :func:`create_app`), an open :class:`Classifier`, or an
+    :class:`App` from :func:`create_app` (then ``config`` and ``overrides`` are its own).
     """
     _imports()
     import uvicorn
@@ -521,7 +528,7 @@ def serve(model: Union[str, "os.PathLike[str]", Classifier, App], config: Option
         app, cfg = model, model.config
     else:
         cfg = dataclasses.replace(config or ServeConfig(), **overrides)
-        app = create_app(model, cfg, device=device, threads=threads)
+        app = create_app(model, cfg, device=device, threads=threads, engine=engine, compute=compute)
     server = uvicorn.Server(uvicorn.Config(
         app.asgi, host=cfg.host, port=cfg.port, http=json_400_protocol(), log_level="warning", access_log=False, server_header=False,
         limit_concurrency=cfg.max_connections, timeout_keep_alive=5,

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
+from .configbase import check_int
 from .contract import MetadataError
 from .integrity import stores_fp16
 
@@ -43,6 +44,22 @@ MAX_DEFAULT_WORKERS = 8
 
 #: Seconds over which :func:`default_threads` measures how busy the CPUs are.
 DEFAULT_SAMPLE_SECONDS = 0.05
+
+#: onnxruntime's ``session.dynamic_block_base`` for every session (0: onnxruntime's default, one
+#: static block per thread). A positive value splits each parallel loop into shrinking blocks
+#: that idle threads take from the busy ones, which onnxruntime's tuning guide recommends (4) when
+#: other work shares the CPUs. It moves work between threads, not arithmetic: the answers are
+#: bitwise equal (tests/test_engines.py). Left at 0 until ``benchmarks/bench_engines.py
+#: --runtime-variants`` shows it faster on a quiet and a busy machine.
+DYNAMIC_BLOCK_BASE = 0
+
+#: Whether :class:`~coopkit.runtime.Classifier` runs onnxruntime CPU sessions through
+#: :func:`run_bound` (outputs written into numpy arrays, no copy) instead of ``session.run``
+#: (read when :mod:`~coopkit.runtime.classifier` is imported).
+#: Bitwise the same answers (tests/test_engines.py); off until ``benchmarks/bench_engines.py
+#: --runtime-variants`` shows it faster on a quiet machine (the outputs are small: a batch of 32
+#: copies 32 x (classes + embedding width) floats).
+CPU_IO_BINDING = False
 
 _ORT_DEFAULT_LOG_SEVERITY = 2  # onnxruntime's default (warning); there is no getter to read it back
 
@@ -212,9 +229,11 @@ def check_threads(threads: Optional[int]) -> Optional[int]:
     return threads
 
 
-def session_options(threads: Optional[int] = None, spinning: bool = False) -> Any:
+def session_options(threads: Optional[int] = None, spinning: bool = False,
+                    dynamic_block_base: Optional[int] = None) -> Any:
     """Session options: onnxruntime's session log at error level, ``threads`` intra-op threads
-    (``None``: :func:`default_threads`), one inter-op thread, and no spinning.
+    (``None``: :func:`default_threads`), one inter-op thread, no spinning, and
+    ``dynamic_block_base`` (``None``: :data:`DYNAMIC_BLOCK_BASE`; 0: onnxruntime's default).
 
     onnxruntime's threads spin while they wait for work by default: on a busy machine that burns
     the CPU the other threads need (batch-1 latency on a loaded 2-core machine: 430 ms spinning,
@@ -228,7 +247,31 @@ def session_options(threads: Optional[int] = None, spinning: bool = False) -> An
     allow = "1" if spinning else "0"
     opts.add_session_config_entry("session.intra_op.allow_spinning", allow)
     opts.add_session_config_entry("session.inter_op.allow_spinning", allow)
+    block = DYNAMIC_BLOCK_BASE if dynamic_block_base is None else check_int("dynamic_block_base", dynamic_block_base, 0)
+    if block:
+        opts.add_session_config_entry("session.dynamic_block_base", str(block))
     return opts
+
+
+def run_bound(session: Any, feeds: dict[str, Any], outputs: Sequence[tuple[str, tuple[int, ...]]]) -> list[Any]:
+    """Run an onnxruntime CPU session through IO binding: the inputs read in place and each
+    float32 output written by onnxruntime straight into a new numpy array of its ``shape``
+    (``session.run`` lets onnxruntime allocate each output and then copies it into numpy).
+
+    Args:
+        feeds: Input name -> contiguous numpy array.
+        outputs: ``(name, shape)`` of each float32 output wanted, in order.
+    """
+    import numpy as np
+
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    arrays = [np.empty(shape, np.float32) for _, shape in outputs]
+    for (name, shape), array in zip(outputs, arrays):
+        binding.bind_output(name, "cpu", 0, np.float32, list(shape), array.ctypes.data)
+    session.run_with_iobinding(binding)
+    return arrays
 
 
 def _with_cpu(providers: Sequence[ProviderSpec]) -> list[ProviderSpec]:

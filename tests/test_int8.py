@@ -1,0 +1,114 @@
+"""Accuracy-aware int8 (coopkit.exporters.int8.keep_float_until_agreement) on a weak model whose logits are close.
+
+The model is a random-init 64-pixel ViT (4 layers, width 128) classifying 16 class names zero-shot:
+its top two logits are often within 0.001 of each other, so int8 noise flips answers. Plain int8
+(``min_agreement=0``) agrees with fp32 on fewer than 99% of held-out photo-like images; the
+accuracy-aware export keeps the most sensitive products in fp32 until the calibration images agree
+on at least 99.5%, and must then agree on at least 99% of the held-out images, keep most products
+in int8 and stay batch-invariant. Every agreement is recomputed here from the files' logits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_int8 import WEAK_NAMES as NAMES, WEAK_VIT  # noqa: E402  (the benchmark's weak model is this one)
+from images import photo_batch  # noqa: E402
+
+import coopkit  # noqa: E402
+from coopkit.exporters import export_onnx  # noqa: E402
+from coopkit.exporters.int8 import keep_float, top1_agreement  # noqa: E402
+from coopkit.runtime.session import cpu_session  # noqa: E402
+
+
+def logits(model: Any, images: np.ndarray) -> np.ndarray:
+    """The file's (or model's) logits on ``images``, onnxruntime on the CPU, 32 at a time."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = cpu_session(source)
+    return np.concatenate([session.run(["logits"], {"images": images[i : i + 32]})[0] for i in range(0, len(images), 32)])
+
+
+def agreement(reference: np.ndarray, got: np.ndarray) -> float:
+    return float((reference.argmax(1) == got.argmax(1)).mean())
+
+
+@pytest.fixture(scope="module")
+def weak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("weak_int8")
+    config = root / "coopkit-test-weak-vit.json"
+    config.write_text(json.dumps(WEAK_VIT))
+    torch.manual_seed(0)
+    backbone = coopkit.load_backbone(str(config), pretrained=None, device="cpu")
+    zs = coopkit.zero_shot(backbone, NAMES)
+    calibration = photo_batch(256, (64, 64), seed=123)
+    out = {"calibration": calibration, "test": photo_batch(300, (64, 64), seed=7),
+           "fp32": export_onnx(zs, root / "fp32.onnx", "fp32").path}
+    for name, min_agreement in (("plain", 0.0), ("aware", 0.995)):
+        out[name] = export_onnx(zs, root / f"{name}.onnx", "int8", calibration=calibration, min_agreement=min_agreement)
+    return out
+
+
+def test_accuracy_aware_int8_agrees_where_plain_int8_does_not(weak: dict[str, Any]) -> None:
+    plain, aware = weak["plain"], weak["aware"]
+    ref = {k: logits(weak["fp32"], weak[k]) for k in ("calibration", "test")}
+    got = {name: {k: logits(weak[name].path, weak[k]) for k in ref} for name in ("plain", "aware")}
+    # the model is hard: plain int8 falls below the bar on the held-out images
+    assert plain.int8.float_nodes == () and plain.int8.agreement is None
+    assert agreement(ref["test"], got["plain"]["test"]) < 0.99
+    # accuracy-aware: the calibration images agree, the held-out images too, most products stay int8
+    kept = aware.int8.float_nodes
+    assert 0 < len(kept) < aware.int8.nodes and aware.int8.nodes + len(kept) == plain.int8.nodes
+    assert agreement(ref["calibration"], got["aware"]["calibration"]) >= 0.995
+    assert aware.int8.agreement[0] == pytest.approx(agreement(ref["calibration"], got["aware"]["calibration"]))
+    assert agreement(ref["test"], got["aware"]["test"]) >= 0.99
+    # the products kept read float weights; the others still read int8 ones
+    model = onnx.load(str(aware.path))
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    products = {n.name: n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+    for name in kept:
+        assert made_by.get(products[name].input[1]) != "DequantizeLinear"
+    int8 = [n for n in products.values() if made_by.get(n.input[1]) == "DequantizeLinear"]
+    assert len(int8) == aware.int8.nodes
+    # still batch-invariant: an image's logits alone equal its logits beside others (extreme ones included)
+    assert aware.image.batch_invariance_max_diff <= 1e-5
+    images = weak["test"][:8].copy()
+    images[1], images[2] = 0, 255
+    session = cpu_session(str(aware.path))
+    together = session.run(["logits"], {"images": images})[0]
+    alone = np.concatenate([session.run(["logits"], {"images": images[i : i + 1]})[0] for i in range(8)])
+    assert np.abs(together - alone).max() <= 1e-5
+
+
+def test_keep_float_of_every_product_is_the_fp32_graph(weak: dict[str, Any]) -> None:
+    quantised = onnx.load(str(weak["plain"].path))
+    float_model = onnx.load(str(weak["fp32"]))
+    names = {n.name for n in float_model.graph.node}
+    products = [n.name for n in quantised.graph.node if n.op_type in ("MatMul", "Gemm") and n.name in names]
+    images = weak["test"][:32]
+    want = logits(float_model, images)
+    back = keep_float(quantised, float_model, products)
+    assert not [n for n in back.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    np.testing.assert_allclose(logits(back, images), want, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(logits(keep_float(quantised, float_model, []), images), logits(quantised, images))
+
+
+def test_top1_agreement_measures_and_estimates() -> None:
+    reference = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.9], [1.0, 0.0, 0.5], [0.0, 0.2, 0.05]])
+    # margins 2.0, 0.1, 0.5, 0.15; the runner-up gains 0.0, 0.15 (a flip), 0.3, 0.0
+    got = np.array([[3.0, 1.0, 0.0], [0.0, 1.9, 1.95], [1.0, 0.0, 0.8], [0.0, 0.2, 0.05]])
+    measured, estimated = top1_agreement(reference, got)
+    assert measured == 0.75
+    # (margin, gain) pairs the margin survives: 2.0 all 4; 0.1 the two gains of 0; 0.5 all 4; 0.15 the
+    # gains 0, 0 (0.15 is not below it) -> 12 of 16
+    assert estimated == 12 / 16
+    assert top1_agreement(reference, reference) == (1.0, 1.0)
