@@ -194,6 +194,78 @@ predict_collection({str(model)!r}, slow(), {str(out)!r}, progress=False, batch_s
     assert [r["labels"] for r in read_rows(out)] == [r["labels"] for r in want] and not parts.exists()
 
 
+_SLOW_RUN = """
+import sys, time
+from coopkit.runtime.batch import predict_collection
+from coopkit.runtime.inputs import iter_inputs
+def slow():
+    for p in iter_inputs({folder!r}):
+        time.sleep(0.1)
+        yield p
+        print("row", flush=True)
+predict_collection({model!r}, slow(), {out!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(
+        clf: Classifier, model: Path, folder: Path, tmp_path: Path, fmt: str) -> None:
+    """Two real processes on one --out: the second exits 2 with one line naming the first; the
+    first's file is exactly the full run, and a later run resumes it with nothing left to do."""
+    want = read_rows(_full(clf, folder, tmp_path / "full.jsonl"))
+    out = tmp_path / f"shared.{fmt}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    first = subprocess.Popen([sys.executable, "-c", _SLOW_RUN.format(folder=str(folder), model=str(model), out=str(out))],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    for _ in range(4):
+        assert first.stdout.readline().startswith("row")
+    second = subprocess.run([sys.executable, "-m", "coopkit", "predict", str(model), str(folder), "--out", str(out),
+                             "--device", "cpu", "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
+    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and f"being written by another run (process {first.pid})" in second.stderr
+    first.stdout.read()
+    assert first.wait(120) == 0
+    got = read_rows(out)
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]
+    assert not (tmp_path / f".{out.name}.lock").exists()
+    summary = predict_collection(clf, folder, out, progress=False)
+    assert (summary.skipped, summary.rows) == (24, 0)
+
+
+def test_every_output_has_one_writer_and_a_killed_writer_frees_it(clf: Classifier, folder: Path, tmp_path: Path) -> None:
+    """The general rule, for every format and both engines' writer: while one writer holds an
+    output, opening it again is refused (a ValueError) and the file is untouched; closing frees
+    it; a writer killed with kill -9 leaves no stale lock."""
+    from coopkit.runtime.atomic import LockedError
+    from coopkit.runtime.writers import open_writer
+
+    fields = BatchConfig().fields
+    for fmt in ("jsonl", "csv", "parquet"):
+        out = _full(clf, folder, tmp_path / f"x.{fmt}")
+        before = out.read_bytes()
+        writer = open_writer(out, fields)
+        for overwrite in (False, True):
+            with pytest.raises(LockedError, match=f"{out.name} is being written by another run \\(process {os.getpid()}\\)"):
+                open_writer(out, fields, overwrite=overwrite)
+        with pytest.raises(ValueError, match="being written"):
+            predict_collection(clf, folder, out, progress=False, overwrite=True)
+        writer.close()
+        assert out.read_bytes() == before and not (tmp_path / f".{out.name}.lock").exists()
+        open_writer(out, fields).close()
+    out = tmp_path / "killed.jsonl"
+    code = ("import sys; from coopkit.runtime.writers import open_writer; "
+            f"w = open_writer({str(out)!r}, {list(fields)!r}); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().startswith("locked")
+    with pytest.raises(LockedError, match=f"process {holder.pid}"):
+        open_writer(out, fields)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(30)
+    assert predict_collection(clf, folder, out, progress=False).rows == 24
+
+
 def _full(clf: Classifier, folder: Path, out: Path) -> Path:
     predict_collection(clf, folder, out, progress=False)
     return out
