@@ -24,7 +24,7 @@ from .backbone import Backbone, load_backbone
 from .classifier import Classifier, template_features
 from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig, TrainingData, apply_overrides, default_of
 from .data import Dataset, few_shot, load_dataset
-from .features import autocast_for, encode_images, torch_threads
+from .features import autocast_for, effective_precision, encode_images, torch_threads
 from .prompts import PromptLearner
 from .runtime.contract import check_classnames
 from .runtime.progress import progress_bar
@@ -125,7 +125,8 @@ def fit(
     Raises:
         ValueError / FileNotFoundError: bad settings or data (fewer than two classes, duplicate or
             blank ``classnames``), before any model is loaded.
-        RuntimeError: the loss or the context became NaN or infinite (the message names the epoch).
+        DivergedError: the loss or the context became NaN or infinite (a ValueError; the message names the
+            epoch, the learning rate and the precision the run trains in).
     """
     for name, cfg, cls in (("prompt", prompt, PromptConfig), ("train", train, TrainConfig)):
         if cfg is not None and not isinstance(cfg, cls):
@@ -206,6 +207,18 @@ def _fit(
     return clf
 
 
+class DivergedError(ValueError):
+    """Training diverged (a non-finite loss or context) with the settings given: bad input, exit code 2."""
+
+
+def _divergence_hint(lr: float, precision: str, device: torch.device) -> str:
+    """What to change, naming what is true of this run: its learning rate and the precision it trains in."""
+    used = effective_precision(device, precision)
+    if used == "fp32":
+        return f"lower lr (now {lr:g}; this run already trains in fp32)"
+    return f"lower lr (now {lr:g}) or use precision='fp32' (this run trains in {used})"
+
+
 def _train_loop(
     learner: PromptLearner,
     bb: Backbone,
@@ -245,20 +258,16 @@ def _train_loop(
                 if hand is not None:
                     loss = loss + cfg.kg_weight * kg_penalty(text.float(), hand)
             if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
-                    "or use precision='fp32'"
-                )
+                raise DivergedError(f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; "
+                                    + _divergence_hint(lr, cfg.precision, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
         if not bool(torch.isfinite(learner.ctx).all()):
-            raise RuntimeError(
-                f"the context vectors became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
-                "or use precision='fp32'"
-            )
+            raise DivergedError(f"the context vectors became NaN or infinite at epoch {epoch + 1}/{epochs}; "
+                                + _divergence_hint(lr, cfg.precision, device))
         stats = {"loss": total / n, "accuracy": correct / n, "lr": lr}
         for k, v in stats.items():
             history[k].append(round(float(v), 6))

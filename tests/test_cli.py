@@ -87,3 +87,62 @@ def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "coopkit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "Usage: coopkit" in out.stdout and "fit" in out.stdout
+
+
+def test_diverging_training_is_bad_input_and_its_hint_is_true_of_the_run(runner, tiny_config, image_folder, tmp_path):
+    """--lr 1e30 on a CPU (fp32) run: exit 2, and the hint does not suggest fp32 to a run already in fp32."""
+    res = runner.invoke(main, ["fit", str(image_folder / "train"), "--model", str(tiny_config), "--pretrained", "none",
+                               "--device", "cpu", "--out", str(tmp_path / "run"), "--shots", "2", "--epochs", "3",
+                               "--warmup-epochs", "0", "--n-views", "1", "--no-augment", "--lr", "1e30", "-q"])
+    assert res.exit_code == 2, res.output
+    (line,) = [x for x in res.output.strip().splitlines() if x.startswith("Error")]
+    assert "at epoch" in line and "lower lr (now " in line and "; this run already trains in fp32)" in line, line
+    assert "precision='fp32'" not in line and not (tmp_path / "run").exists()
+
+
+def test_divergence_hint_names_the_precision_each_run_trains_in():
+    """The general rule: fp32 is suggested only to a run that does not already train in fp32."""
+    import torch
+
+    from coopkit.train import _divergence_hint
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for device, precision, used in ((cpu, "auto", None), (cpu, "bf16", None), (cuda, "fp32", None),
+                                    (cuda, "fp16", "fp16"), (cuda, "bf16", "bf16")):
+        hint = _divergence_hint(0.5, precision, device)
+        assert hint.startswith("lower lr (now 0.5")
+        if used is None:
+            assert "precision='fp32'" not in hint and "already trains in fp32" in hint, (device, precision, hint)
+        else:
+            assert f"use precision='fp32' (this run trains in {used})" in hint, (device, precision, hint)
+
+
+def test_a_path_too_long_for_the_file_system_is_bad_input(runner, image_folder, tmp_path):
+    """--out whose name exceeds NAME_MAX: exit 2 (bad input), one line, not 1 (environment)."""
+    from test_runtime import image_graph
+
+    model = tmp_path / "model.onnx"
+    image_graph(model)
+    out = tmp_path / ("x" * 300 + ".jsonl")
+    res = runner.invoke(main, ["predict", str(model), str(image_folder / "test"), "--out", str(out), "--device", "cpu",
+                               "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert res.output.count("Error:") == 1 and "File name too long" in res.output
+
+
+def test_every_path_error_is_bad_input_and_every_environment_error_is_not():
+    """The general rule of classify_error for errors raised by the OS."""
+    import errno
+    import os
+
+    from coopkit.cli.base import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, classify_error
+
+    def os_error(code: int) -> OSError:
+        return OSError(code, os.strerror(code), "/some/path")
+
+    for code in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP):
+        assert classify_error(os_error(code))[0] == EXIT_BAD_INPUT, errno.errorcode[code]
+    for code in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EIO, errno.EMFILE):
+        assert classify_error(os_error(code))[0] == EXIT_ENVIRONMENT, errno.errorcode[code]
+    code, message = classify_error(os_error(errno.ENAMETOOLONG))
+    assert message == "File name too long: /some/path"
