@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
@@ -36,9 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from PIL import Image
-
 from coopkit.runtime import Classifier
+from coopkit.runtime.preprocess import ImageTooLargeError, check_image_header
 from coopkit.runtime.session import default_workers
 
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes
@@ -94,13 +92,10 @@ def make_handler(clf: Classifier, max_upload: int = MAX_UPLOAD, max_pixels: int 
                 self.close_connection = True
                 return  # the client left
             with decodes:  # bounded decoding memory
-                try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        pixels = img.size[0] * img.size[1]
-                except Exception:  # noqa: BLE001 - an unreadable header gets the runtime's message below
-                    pixels = 0
-                if pixels > max_pixels:
-                    return self._reply(413, {"error": f"image of {pixels} pixels is over the limit of {max_pixels}"})
+                try:  # a huge image (Pillow's decompression bombs too) is refused from its header
+                    check_image_header(data, max_pixels)
+                except ImageTooLargeError as e:
+                    return self._reply(413, {"error": str(e)})
                 # errors="skip": an undecodable upload becomes a result with .error, not an exception
                 (result,) = clf.predict(data, top_k=min(int(top), len(clf.classnames)), errors="skip")
             if not result.ok:

@@ -37,6 +37,11 @@ class ImageDecodeError(ValueError):
     """An input could not be decoded as an image; the message names it."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than allowed (``max_pixels``, or Pillow's decompression-bomb
+    limit): refused before its pixels are decoded where its header tells (a server's 413)."""
+
+
 def describe(source: Any) -> str:
     """A short human name for an image input, for error messages."""
     if isinstance(source, (str, os.PathLike)):
@@ -104,14 +109,14 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         if arr.shape[0] * arr.shape[1] == 0:
             raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if arr.shape[0] * arr.shape[1] > max_pixels:
-            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+            raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     if isinstance(source, Image.Image):
         img = source
         if img.size[0] * img.size[1] == 0:
             raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if img.size[0] * img.size[1] > max_pixels:
-            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+            raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         try:
             img.load()  # a closed image, or a lazily opened file that is gone or truncated
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, it is this input's problem
@@ -125,7 +130,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp)
                 if img.size[0] * img.size[1] > max_pixels:
-                    raise ImageDecodeError(
+                    raise ImageTooLargeError(
                         f"{describe(source)}: {img.size[0]}x{img.size[1]} image has more than "
                         f"{max_pixels} pixels (possible decompression bomb)"
                     )
@@ -133,7 +138,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         except ImageDecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageDecodeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
+            raise ImageTooLargeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
         except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
             raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
     else:
@@ -142,7 +147,7 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
             "or a uint8 HWC numpy array"
         )
     if img.size[0] * img.size[1] > max_pixels:
-        raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
     if img.size[0] * img.size[1] == 0:
         raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
     try:
@@ -153,6 +158,23 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         return _to_rgb(img)
     except Exception as e:  # noqa: BLE001 - e.g. a mode Pillow cannot convert
         raise ImageDecodeError(f"{describe(source)}: cannot convert the image to RGB ({type(e).__name__}: {e})") from None
+
+
+def check_image_header(data: Union[bytes, bytearray], max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse encoded image bytes whose header declares more than ``max_pixels`` pixels, before any
+    pixel is decoded (:class:`ImageTooLargeError`; Pillow's own decompression-bomb refusal
+    included). Bytes whose header cannot be read pass: decoding them reports why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image over the limit of {max_pixels} pixels, refused from its header ({e})") from None
+    except Exception:  # noqa: BLE001 - an unreadable header: the decoder's own message comes later
+        return
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} image is over the limit of {max_pixels} pixels")
 
 
 # --- open_clip's eval transform, up to (not including) ToTensor + Normalize ----------------------
@@ -353,7 +375,7 @@ def decode(
     if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3:
         h, w = source.shape[:2]  # already RGB: used as it is, without a copy through Pillow
         if h * w > max_pixels:
-            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+            raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         arr = np.ascontiguousarray(source)
     else:
         arr = np.asarray(load_image(source, max_pixels=max_pixels), dtype=np.uint8)  # (H, W, 3)
