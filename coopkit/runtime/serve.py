@@ -32,8 +32,9 @@ that image alone (the rows of a batch do not interact; fp32 results agree to flo
 * at most ``max_decodes`` images are decoded at once (default: one per usable CPU, at most 8,
   the runtime's one decoding-thread default), each of at most ``max_pixels`` pixels
   (larger ones are refused from their header, 413, Pillow's decompression bombs included). Decoding an 8-bit image peaks at about
-  4.4 bytes per pixel (measured), so decoding holds at most about
-  ``max_decodes * max_pixels * 4.4`` bytes (16-bit greyscale about 3x more);
+  8 bytes per pixel (measured by ``benchmarks/bench_decode_memory.py``; RGB photos about 4.3), so
+  decoding holds at most about ``max_decodes * max_pixels * 8`` bytes (16-bit greyscale x 12); after a
+  large image, once no decode runs, freed memory goes back to the OS (:func:`~coopkit.runtime.preprocess.release_memory`);
 * at most ``queue_size`` decoded crops (``H * W * 3`` bytes each) wait for the session;
 * at most ``max_connections`` connections and requests are served at once (uvicorn's
   ``limit_concurrency``; more get 503), so bodies held in memory are at most
@@ -64,7 +65,7 @@ import numpy as np
 from .classifier import Classifier
 from .configbase import ConfigMixin, check_float, check_int, check_text
 from .extras import require
-from .preprocess import ImageTooLargeError, check_image_header
+from .preprocess import TRIM_AFTER_PIXELS, ImageTooLargeError, check_image_header, release_memory
 from .results import rank
 from .session import default_workers
 
@@ -457,16 +458,21 @@ class App:
         return {"labels": list(pred.labels), "probs": list(pred.probs)}
 
     def _decode(self, data: bytes) -> np.ndarray:
-        with self.decoding:
-            self.metrics.decoding.inc()
-            try:
-                check_image_header(data, self.config.max_pixels)  # a huge image: refused before any pixel is decoded
-                return self.clf.prepare(data)
-            except Exception as e:  # noqa: BLE001 - every rejected input is the client's 4xx
-                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise HTTPError(413 if isinstance(e, ImageTooLargeError) else 400, text) from None
-            finally:
-                self.metrics.decoding.dec()
+        size: Optional[tuple[int, int]] = None
+        try:
+            with self.decoding:
+                self.metrics.decoding.inc()
+                try:
+                    size = check_image_header(data, self.config.max_pixels)  # refused before any pixel is decoded
+                    return self.clf.prepare(data)
+                except Exception as e:  # noqa: BLE001 - every rejected input is the client's 4xx
+                    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise HTTPError(413 if isinstance(e, ImageTooLargeError) else 400, text) from None
+                finally:
+                    self.metrics.decoding.dec()
+        finally:
+            if size is not None and size[0] * size[1] >= TRIM_AFTER_PIXELS and self.decoding.now == 0:
+                release_memory()  # the burst is over: hand the decoders' freed memory back to the OS
 
 
 #: The answer to a client whose request headers did not arrive in time (sent as raw bytes: h11 has
