@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 
 def _latency_ms(path: Path, precision: str, size: tuple[int, int], batch: int = 16, reps: int = 3) -> float:
-    from coopkit.exporters.verify import cpu_session
+    from coopkit.runtime.session import cpu_session
 
     sess = cpu_session(path)  # the session the exporter verifies with
     x = np.random.default_rng(0).integers(0, 256, (batch, size[0], size[1], 3), dtype=np.uint8)
@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                 # int8 calibrates on the run's training images; a zero-shot run has none: the task's
                 calib = task_dir / "train" if precision == "int8" and clf.method == "zeroshot" else None
                 res = export_onnx(clf, out, precision, verify_data=task_dir / "test", calibration=calib)
-                c = res.checks
+                c = res.image
                 rows.append((
                     label, precision, f"{res.seconds:.1f}", f"{res.size_bytes / 1e6:.1f}",
-                    f"{c['max_abs_logit_diff']:.2e}", f"{100 * c['top1_agreement']:.1f}%",
-                    f"{100 * c['top1_agreement_decisive']:.1f}% of {c['n_decisive']}" if "n_decisive" in c else "-",
-                    f"{100 * c['accuracy_torch']:.1f}%", f"{100 * c['accuracy_onnx']:.1f}%",
+                    f"{c.max_abs_logit_diff:.2e}", f"{100 * c.top1_agreement:.1f}%",
+                    f"{100 * c.top1_agreement_decisive:.1f}% of {c.n_decisive}" if c.n_decisive is not None else "-",
+                    f"{100 * c.accuracy_torch:.1f}%", f"{100 * c.accuracy_onnx:.1f}%",
                     f"{_latency_ms(res.path, precision, res.metadata.image_size):.2f}",
                 ))
                 print(f"  {label} {precision}: {res.seconds:.1f}s, {res.size_bytes / 1e6:.1f} MB", flush=True)

@@ -48,8 +48,9 @@ def main() -> None:
 
     import coopkit
     from coopkit.exporters import export_onnx
-    from coopkit.exporters.quantize import int8_targets
-    from coopkit.exporters.verify import batch_invariance, cpu_session
+    from coopkit.exporters.int8 import int8_targets
+    from coopkit.exporters.verify import batch_invariance
+    from coopkit.runtime.session import cpu_session
     from coopkit.runtime.preprocess import preprocess
 
     import onnx
@@ -87,7 +88,7 @@ def main() -> None:
                     "acc_int8": float((got.argmax(1) == labels).mean()),
                     "max_dlogit": float(np.abs(got - ref).max()),
                     "batch": batch_invariance(sess, images, got, n=8),
-                    "alpha": int8.checks.get("int8_smoothing", "") if name.startswith("int8 static") else "-",
+                    "alpha": int8.int8.smoothing if name.startswith("int8 static") else "-",
                 })
             print(f"# {task} done", file=sys.stderr)
     print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | batch invariance (max abs logit change) | smoothing alpha |")

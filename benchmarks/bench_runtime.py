@@ -143,7 +143,7 @@ def bench_model(name: str, pretrained: Any, args: argparse.Namespace, workdir: P
 
     import coopkit
     from coopkit.exporters import export_onnx
-    from coopkit.exporters.quantize import int8_targets
+    from coopkit.exporters.int8 import int8_targets
     from coopkit.exporters.verify import batch_invariance
     from coopkit.runtime import Classifier
 

@@ -24,12 +24,12 @@ _EXPORTS = {
     "Backbone": "coopkit.backbone",
     "PromptLearner": "coopkit.prompts",
     "fit": "coopkit.train",
-    "zero_shot": "coopkit.classifier",
+    "zero_shot": "coopkit.train",
     "load": "coopkit.classifier",
     "Classifier": "coopkit.classifier",
-    "load_dataset": "coopkit.data",
-    "few_shot": "coopkit.data",
-    "Dataset": "coopkit.data",
+    "load_dataset": "coopkit.userdata",
+    "few_shot": "coopkit.userdata",
+    "Dataset": "coopkit.userdata",
     "BackboneConfig": "coopkit.config",
     "PromptConfig": "coopkit.config",
     "TrainConfig": "coopkit.config",
@@ -40,10 +40,10 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .backbone import Backbone, load_backbone
-    from .classifier import Classifier, load, zero_shot
+    from .classifier import Classifier, load
     from .config import BackboneConfig, PromptConfig, RunConfig, TrainConfig
-    from .data import Dataset, few_shot, load_dataset
+    from .userdata import Dataset, few_shot, load_dataset
     from .prompts import PromptLearner
-    from .train import fit
+    from .train import fit, zero_shot
 
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

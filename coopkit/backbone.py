@@ -19,19 +19,18 @@ fetched). Every hub failure is one line naming the model and the local files tha
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union
 
 if TYPE_CHECKING:
     import torch
 
-from .runtime.atomic import file_sha256
+from .runtime.atomic import file_sha256, sha256_hex
 from .config import DEFAULT_PRETRAINED, BackboneConfig, default_of
 from .embedded import ASSETS, EMBEDDED_MODEL, EMBEDDED_PRETRAINED
 
@@ -105,12 +104,13 @@ class Backbone:
 
 def state_dict_sha256(state_dict: dict[str, "torch.Tensor"]) -> str:
     """A stable fingerprint of model weights, independent of the file format they came from."""
-    h = hashlib.sha256()
-    for key in sorted(state_dict):
-        t = state_dict[key].detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    def parts() -> Iterator[Any]:
+        for key in sorted(state_dict):
+            t = state_dict[key].detach().to("cpu").contiguous()
+            yield f"{key}|{t.dtype}|{tuple(t.shape)}|"
+            yield t.view(-1).view(dtype=_byte_dtype()).numpy().tobytes() if t.numel() else b""
+
+    return sha256_hex(parts())
 
 
 def _byte_dtype() -> "torch.dtype":

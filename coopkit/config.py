@@ -26,7 +26,6 @@ from .runtime.configbase import check_int as _int
 from .runtime.contract import (
     CLASS_TOKEN_POSITIONS,
     DEFAULT_TEMPLATE,
-    METHODS,
     check_classnames,
     check_position,
     check_templates,
@@ -39,7 +38,9 @@ CONFIG_VERSION = 1
 #: ``pretrained`` default: the shipped weights for ``coopkit-tiny``; other models must name theirs.
 DEFAULT_PRETRAINED = "default"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Compute precisions of training and encoding (autocast); the precisions of exported files are
+#: :data:`coopkit.runtime.contract.PRECISIONS`.
+COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # The validators (check_int, check_float, check_bool, check_choice) and ConfigMixin live in
 # coopkit.runtime.configbase, the one validating base of every config (the runtime's too).
@@ -166,7 +167,7 @@ class TrainConfig(ConfigMixin):
     text_chunk_size: int = field(default=256, metadata={
         "help": "classes per text-tower pass (larger label sets go in checkpointed chunks)"})
     precision: str = field(default="auto", metadata={
-        "help": "auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16", "choices": PRECISIONS})
+        "help": "auto (fp32 on CPU, bf16/fp16 autocast on CUDA), fp32, bf16 or fp16", "choices": COMPUTE_PRECISIONS})
     strict: bool = field(default=False, metadata={"help": "fail on unreadable images instead of skipping them"})
     kg_weight: float = field(default=0.0, metadata={"help": "KgCoOp regularisation weight (0: plain CoOp)"})
     kg_template: str = field(default=DEFAULT_TEMPLATE, metadata={
@@ -186,7 +187,7 @@ class TrainConfig(ConfigMixin):
         _float("momentum", self.momentum, below=1.0)
         for name in ("augment", "strict"):
             _bool(name, getattr(self, name))
-        _choice("precision", self.precision, PRECISIONS)
+        _choice("precision", self.precision, COMPUTE_PRECISIONS)
 
     @property
     def resolved_epochs(self) -> int:
@@ -198,7 +199,7 @@ class TrainConfig(ConfigMixin):
 class TrainingData(ConfigMixin):
     """Where a run's training images came from, so that an export can find them again (int8
     calibrates on them). With the run's class names and ``train.shots`` / ``train.seed``,
-    :func:`coopkit.data.few_shot` draws the same sample again."""
+    :func:`coopkit.userdata.few_shot` draws the same sample again."""
 
     source: str = field(metadata={"help": "absolute path of the ImageFolder, CSV or CoOp split file"})
     image_root: Optional[str] = field(default=None, metadata={"help": "folder of relative paths in a CSV / split"})
@@ -259,8 +260,8 @@ class RunConfig(ConfigMixin):
     """Everything a saved run records next to its learned context (``config.json``).
 
     Attributes:
-        method: ``coop``, ``zeroshot`` or a few-shot baseline (``linear-probe``, ``clap``,
-            ``tip-adapter``, ``tip-adapter-f``).
+        method: The method that fitted it (a name of :mod:`coopkit.methods`, checked when the run
+            is loaded).
         classnames: The label set, in output order.
         model: open_clip model name.
         pretrained: open_clip pretrained tag or checkpoint path; ``None`` for random init.
@@ -270,14 +271,17 @@ class RunConfig(ConfigMixin):
         text_model: The local Hugging Face text-model config folder, if one was given.
         backbone_sha256: Fingerprint of the backbone weights the context was trained with.
         prompt: Prompt settings (CoOp runs).
-        train: Training settings (CoOp runs).
-        templates: Hand-written templates (zero-shot runs).
+        train: Training settings (runs fitted by :func:`coopkit.fit`).
+        templates: Hand-written templates (zero-shot runs, and the few-shot baselines' text side).
+        method_config: The method's own settings (its config dataclass as a JSON object, parsed by
+            the method; ``None`` for methods that record theirs elsewhere or have none).
         metrics: Final metrics (training loss and accuracy, validation accuracy if any).
         ctx_sha256: sha256 of ``ctx.safetensors``, checked on load.
         head_sha256: sha256 of ``head.safetensors`` (few-shot baselines), checked on load.
+        tensors_sha256: sha256 of the tensors file of any other method, checked on load.
         coopkit_version: Version that wrote the run.
         run_sha256: sha256 of the whole run (this config without this field, and
-            ``ctx.safetensors``), checked on load (:func:`coopkit.classifier.run_checksum`).
+            its tensors file), checked on load (:func:`coopkit.runs.run_checksum`).
         data: Where the training images came from (CoOp runs fitted on a path; ``None`` for a
             Dataset object or a zero-shot run).
     """
@@ -293,23 +297,27 @@ class RunConfig(ConfigMixin):
     prompt: Optional[PromptConfig] = None
     train: Optional[TrainConfig] = None
     templates: Optional[list[str]] = None
+    method_config: Optional[dict[str, Any]] = None
     metrics: dict[str, Any] = field(default_factory=dict)
     ctx_sha256: str = ""
     head_sha256: str = ""
+    tensors_sha256: str = ""
     coopkit_version: str = ""
     config_version: int = CONFIG_VERSION
     run_sha256: str = ""
     data: Optional[TrainingData] = None
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise ValueError(f"method must be a method name, got {self.method!r}")
         self.classnames = check_classnames(self.classnames)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be an open_clip model name, got {self.model!r}")
         for name in ("pretrained", "tokenizer", "text_model"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string or null, got {getattr(self, name)!r}")
-        for name in ("backbone_sha256", "ctx_sha256", "head_sha256", "coopkit_version", "run_sha256"):
+        for name in ("backbone_sha256", "ctx_sha256", "head_sha256", "tensors_sha256", "coopkit_version",
+                     "run_sha256"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         _int("config_version", self.config_version, 0)
@@ -321,10 +329,12 @@ class RunConfig(ConfigMixin):
             self.train = TrainConfig.from_dict(self.train)
         if self.data is not None:
             self.data = TrainingData.from_dict(self.data)
-        if self.method == "coop" and self.prompt is None:
-            raise ValueError("a coop run needs prompt settings")
         if self.templates is not None:
             self.templates = check_templates(self.templates)
+        if isinstance(self.method_config, ConfigMixin):
+            self.method_config = self.method_config.to_dict()
+        if self.method_config is not None and not isinstance(self.method_config, dict):
+            raise ValueError(f"method_config must be a JSON object or null, got {type(self.method_config).__name__}")
         if self.model_config is not None and not isinstance(self.model_config, dict):
             raise ValueError(f"model_config must be a JSON object or null, got {type(self.model_config).__name__}")
         if not isinstance(self.metrics, dict):

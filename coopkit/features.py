@@ -84,6 +84,7 @@ def encode_images(
     desc: str = "encoding images",
     precision: str = "auto",
     errors_out: Optional[list[Optional[str]]] = None,
+    encoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Encode images with the frozen image tower.
 
@@ -100,6 +101,9 @@ def encode_images(
         errors_out: A list of ``len(images)`` entries to fill with the error of each skipped
             image (``None`` stays for the others). With it, no image at all is not an error:
             the features are then ``(views, 0, 0)``.
+        encoder: Normalised pixels ``(b, 3, H, W)`` -> image features (a fitted method's
+            :meth:`~coopkit.methods.base.MethodModel.image_encoder`; default: the backbone's
+            frozen ``encode_image``).
 
     Returns:
         ``(features, kept)``: L2-normalised float32 features of shape ``(views, len(kept), embed_dim)``
@@ -113,7 +117,7 @@ def encode_images(
     # the eval transform resizes the short side to the model's size: refuse extreme strips as
     # the runtime does, instead of building a gigapixel intermediate image
     resize_mode = backbone.preprocess_cfg.get("resize_mode", "shortest") if transform is backbone.preprocess else None
-    model = backbone.model
+    encode = encoder if encoder is not None else backbone.model.encode_image
     kept: list[int] = []
     skipped: list[str] = []
     out: list[torch.Tensor] = []  # each (views, b, embed_dim)
@@ -140,7 +144,7 @@ def encode_images(
                 for v in range(views):
                     views_v = first if v == 0 else [transform(img) for img in decoded]
                     batch = torch.stack(views_v).to(backbone.device)  # (b, 3, H, W)
-                    per_view.append(F.normalize(model.encode_image(batch).float(), dim=-1).cpu())  # (b, D)
+                    per_view.append(F.normalize(encode(batch).float(), dim=-1).cpu())  # (b, D)
                 out.append(torch.stack(per_view))  # (views, b, D)
             bar.update(min(batch_size, len(images) - start))
     bar.close()

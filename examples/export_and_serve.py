@@ -38,7 +38,7 @@ def main(folder: str | None = None) -> None:
     #    the text graph so that new class names can be added at run time
     result = export_onnx(clf, tmp / "model.onnx", precision="fp32", with_text_encoder=True)
     print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB), "
-          f"max |logit - PyTorch| = {result.checks['max_abs_logit_diff']:.1e}")
+          f"max |logit - PyTorch| = {result.image.max_abs_logit_diff:.1e}")
 
     # 3. serve: coopkit.runtime needs only numpy, Pillow and onnxruntime
     images = sorted(str(p) for p in Path(folder).rglob("*.png"))[:4]

@@ -153,3 +153,22 @@ def write_official_layouts(root: Path) -> Path:
 def official_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``$DATA`` with tiny copies of all 15 official layouts (read-only: copy it to modify)."""
     return write_official_layouts(tmp_path_factory.mktemp("official"))
+
+
+@pytest.fixture(scope="session")
+def check_tensors_file_guarded():
+    """A check for a saved run's tensors file: a corrupted copy is refused against the config's
+    checksum, and a missing one is named, both before anything is built from them."""
+
+    def check(run: Path, tensors_file: str, method: str, backbone) -> None:
+        import coopkit
+
+        blob = (run / tensors_file).read_bytes()
+        (run / tensors_file).write_bytes(blob[:-4] + b"\0\0\0\0")
+        with pytest.raises(ValueError, match=f"{tensors_file} does not match config.json"):
+            coopkit.load(run, backbone=backbone)
+        (run / tensors_file).unlink()
+        with pytest.raises(FileNotFoundError, match=f"{method} run without {tensors_file}"):
+            coopkit.load(run, backbone=backbone)
+
+    return check

@@ -104,12 +104,12 @@ def test_divergence_hint_names_the_precision_each_run_trains_in():
     """The general rule: fp32 is suggested only to a run that does not already train in fp32."""
     import torch
 
-    from coopkit.train import _divergence_hint
+    from coopkit.methods.base import divergence_hint
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for device, precision, used in ((cpu, "auto", None), (cpu, "bf16", None), (cuda, "fp32", None),
                                     (cuda, "fp16", "fp16"), (cuda, "bf16", "bf16")):
-        hint = _divergence_hint(0.5, precision, device)
+        hint = divergence_hint(0.5, precision, device)
         assert hint.startswith("lower lr (now 0.5")
         if used is None:
             assert "precision='fp32'" not in hint and "already trains in fp32" in hint, (device, precision, hint)

@@ -11,15 +11,16 @@ import torch
 from click.testing import CliRunner
 
 import coopkit
-from coopkit.classifier import Classifier, template_features
+from coopkit.classifier import Classifier
 from coopkit.cli import main
 from coopkit.config import PromptConfig, RunConfig
 from coopkit.research.experiments import plot_fewshot
 from coopkit.features import encode_images
 from coopkit.research.interpret import nearest_words
-from coopkit.research.linear_probe import fit_linear_probe
+from coopkit.methods.base import template_features
+from coopkit.methods.coop import CoOpModel, kg_penalty
+from coopkit.methods.linear_probe import fit_linear_probe
 from coopkit.prompts import PromptLearner
-from coopkit.train import kg_penalty
 
 NAMES = ["blue", "green", "red", "yellow"]
 
@@ -93,7 +94,7 @@ def _untrained(bb, csc=False) -> Classifier:
     learner = PromptLearner(bb, NAMES, ctx_init="a photo of a", csc=csc)
     config = RunConfig(method="coop", classnames=NAMES, model=bb.name, model_config=bb.model_config,
                        backbone_sha256=bb.weights_sha256, prompt=PromptConfig(4, csc, "end", "a photo of a"))
-    return Classifier(bb, config, learner)
+    return Classifier(bb, config, CoOpModel(bb, learner))
 
 
 @pytest.mark.parametrize("csc", [False, True])
@@ -150,14 +151,14 @@ def test_bench_fewshot_on_an_official_dataset_prints_the_published_row(official_
     for r in rows:
         assert 0 <= float(r["accuracy"]) <= float(r["top5"]) <= 1 and 0 <= float(r["macro"]) <= 1
     # beside them, Tip-Adapter's published 1-shot DTD numbers (RN50), with their source
-    assert "| published: tip-adapter, RN50* |  | 46.22 |" in res.output
-    assert "| published: tip-adapter-f, RN50* |  | 49.65 |" in res.output and "exp.log" in res.output
+    assert "| published: Tip-Adapter, RN50* |  | 46.22 |" in res.output
+    assert "| published: Tip-Adapter-F, RN50* |  | 49.65 |" in res.output and "exp.log" in res.output
     summary = (out / "summary.md").read_text()
     assert "| method | setting | shots | accuracy | top5 | macro | seeds |" in summary and "46.22" in summary
 
 
 def test_scores_restrict_to_the_test_sets_classes_top5_and_macro(tiny_backbone, official_root):
-    from coopkit.datasets import load_official
+    from coopkit.official_datasets import load_official
     from coopkit.research.experiments import domain_shift
 
     imagenet, adv = load_official("imagenet", official_root), load_official("imagenet_a", official_root)
@@ -187,9 +188,9 @@ def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_confi
     assert [(r["method"], float(r["kg_weight"])) for r in rows] == [("zeroshot", 0), ("coop", 0), ("kgcoop", 8)]
     assert {"base_top5", "base_macro", "new_top5", "new_macro"} <= set(rows[0])
     # CoCoOp's Table 1 row for Caltech101 (CLIP and CoOp, then CoCoOp from another reprint), then the averages
-    assert "| published: coop, ViT-B/16* | 98.00 | 89.81 | 93.73 |" in res.output
-    assert "| published: cocoop, ViT-B/16** | 97.96 | 93.81 | 95.84 |" in res.output
-    assert "| published: cocoop, ViT-B/16*** | 80.47 | 71.69 | 75.83 |" in res.output
+    assert "| published: CoOp, ViT-B/16* | 98.00 | 89.81 | 93.73 |" in res.output
+    assert "| published: CoCoOp, ViT-B/16** | 97.96 | 93.81 | 95.84 |" in res.output
+    assert "| published: CoCoOp, ViT-B/16*** | 80.47 | 71.69 | 75.83 |" in res.output
     assert "average over the 11 datasets" in res.output and "RMAdapter" in res.output
     res = CliRunner().invoke(main, ["bench", "shift", "--dataset", "imagenet", "--root", str(official_root), "--shots",
                                     "2", *common])
@@ -208,7 +209,7 @@ def test_bench_base2new_and_shift_on_official_datasets(official_root, tiny_confi
 
 
 def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config, tmp_path):
-    from coopkit.datasets import few_shot_official, load_official
+    from coopkit.official_datasets import few_shot_official, load_official
 
     common = [*_common(tiny_config)]
     res = CliRunner().invoke(main, ["fit", "--dataset", "oxford_pets", "--root", str(official_root), *common, "--shots",
@@ -233,13 +234,13 @@ def test_fit_eval_and_zeroshot_on_an_official_dataset(official_root, tiny_config
 def test_published_base2new_rows_agree_with_the_published_averages():
     """The per-dataset rows (typed from reprints of CoCoOp's Table 1) must average to the averages
     typed from MaPLe's README, and each row's H must be the harmonic mean of its base and new."""
-    from coopkit.datasets import FEWSHOT_DATASETS
+    from coopkit.official_datasets import FEWSHOT_DATASETS
     from coopkit.research.protocols import BASE2NEW_AVERAGES, published_for
 
     averages = {p.method: p.values for p in BASE2NEW_AVERAGES if "MaPLe" in p.source}
     names = list(FEWSHOT_DATASETS)
     assert len(names) == 11
-    for method in ("zeroshot", "coop", "cocoop"):
+    for method in ("CLIP", "CoOp", "CoCoOp"):
         rows = [next(p for p in published_for("base2new", n) if p.method == method and "Table 1" in p.source)
                 for n in names]
         for col in ("base", "new"):
@@ -247,5 +248,5 @@ def test_published_base2new_rows_agree_with_the_published_averages():
         for r in rows:
             b, n = r.values["base"], r.values["new"]
             assert r.values["hm"] == pytest.approx(2 * b * n / (b + n), abs=0.011), (method, r.values)
-    coop = {p.method: p.values for p in published_for("fewshot", "imagenet")}["coop"]
+    coop = {p.method: p.values for p in published_for("fewshot", "imagenet")}["CoOp"]
     assert coop[16] == 62.95 and set(coop) == {1, 2, 4, 8, 16}

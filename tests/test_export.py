@@ -77,8 +77,8 @@ def test_fp32_graph_equals_pytorch_at_batch_1_7_64(coop, exported):
         np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
         np.testing.assert_allclose(probs, torch.from_numpy(ref).softmax(-1).numpy(), atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.linalg.norm(embeds, axis=1), 1.0, atol=1e-5)
-    assert exported.checks["max_abs_logit_diff"] <= 1e-4 and exported.checks["top1_agreement"] == 1.0
-    assert exported.checks["accuracy_onnx"] == exported.checks["accuracy_torch"]
+    assert exported.image.max_abs_logit_diff <= 1e-4 and exported.image.top1_agreement == 1.0
+    assert exported.image.accuracy_onnx == exported.image.accuracy_torch
 
 
 def test_export_friendly_ops_give_the_same_results_and_are_undone(tiny_backbone, exported):
@@ -237,7 +237,7 @@ def test_int8_agrees_on_the_task_test_images(coop, image_folder, tmp_path):
     assert head and head[0].op_type == "MatMul" and all(inits.get(x) is None or inits[x].dtype == np.float32
                                                          for x in head[0].input)  # the head stays fp32
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert res.checks["calibration_images"] == 8  # the run's own 2 shots x 4 classes
+    assert res.int8.calibration_images == 8  # the run's own 2 shots x 4 classes
 
     dataset = coopkit.load_dataset(image_folder / "test").relabel(coop.classnames)
     from coopkit.runtime.preprocess import preprocess
@@ -253,9 +253,9 @@ def test_int8_agrees_on_the_task_test_images(coop, image_folder, tmp_path):
     assert _batch_changes(session, images) <= 1e-5  # the same answer whatever shares the batch
     for n in (1, 7, 64):
         assert session.run(["probs"], {INPUT_NAME: _images(n, n)})[0].shape == (n, 4)
-    assert res.checks["n_labelled"] == 24 and res.checks["top1_agreement"] >= 0.99
-    assert res.checks["n_decisive"] >= 1 and res.checks["top1_agreement_decisive"] >= 0.99
-    assert res.checks["batch_invariance_max_diff"] <= 1e-5
+    assert res.image.n_labelled == 24 and res.image.top1_agreement >= 0.99
+    assert res.image.n_decisive >= 1 and res.image.top1_agreement_decisive >= 0.99
+    assert res.image.batch_invariance_max_diff <= 1e-5
 
 
 def test_batch_check_refuses_dynamic_int8(coop, exported, tmp_path):
@@ -263,7 +263,7 @@ def test_batch_check_refuses_dynamic_int8(coop, exported, tmp_path):
     activation scales come from the whole batch."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from coopkit.exporters.quantize import int8_targets
+    from coopkit.exporters.int8 import int8_targets
     from coopkit.exporters.verify import verify_image_graph
 
     dynamic = tmp_path / "dynamic.onnx"
@@ -279,6 +279,7 @@ def test_int8_calibration_sources(coop, tiny_backbone, image_folder, tmp_path):
     import dataclasses
 
     from coopkit.classifier import Classifier
+    from coopkit.methods.coop import CoOpModel
     from coopkit.config import TrainingData
 
     assert coop.config.data == TrainingData(str((image_folder / "train").resolve()))
@@ -287,11 +288,11 @@ def test_int8_calibration_sources(coop, tiny_backbone, image_folder, tmp_path):
     with pytest.raises(ValueError, match="a zero-shot classifier has no training images; pass calibration="):
         export_onnx(zs, tmp_path / "zs.onnx", "int8")
     res = export_onnx(zs, tmp_path / "zs.onnx", "int8", calibration=image_folder / "train")
-    assert res.checks["calibration_images"] == 32 and res.checks["batch_invariance_max_diff"] <= 1e-5
+    assert res.int8.calibration_images == 32 and res.image.batch_invariance_max_diff <= 1e-5
     res = export_onnx(zs, tmp_path / "zs.onnx", "int8", calibration=_images(5, 2))
-    assert res.checks["calibration_images"] == 5
+    assert res.int8.calibration_images == 5
     moved = Classifier(coop.backbone, dataclasses.replace(coop.config, data=TrainingData(str(tmp_path / "gone"))),
-                       coop.learner)
+                       coop.model)
     with pytest.raises(ValueError, match="not where the run recorded them .*dataset not found"):
         export_onnx(moved, tmp_path / "m.onnx", "int8")
     with pytest.raises(ValueError, match=r"calibration images must be uint8 \(n, 32, 32, 3\)"):
@@ -310,7 +311,7 @@ def test_int8_on_an_embedded_world_task(tmp_path):
     root = world.write_task("colors", tmp_path / "colors", shots_per_class=4, test_per_class=13, seed=3)
     clf = coopkit.fit(root / "train", shots=4, epochs=10, n_views=1, augment=False, progress=False)
     res = export_onnx(clf, tmp_path / "tiny8.onnx", "int8", verify_data=root / "test")
-    assert res.checks["n_labelled"] == 104 and res.checks["calibration_images"] == 32
+    assert res.image.n_labelled == 104 and res.int8.calibration_images == 32
     test = coopkit.load_dataset(root / "test").relabel(clf.classnames)
     images = np.stack([preprocess(p, clf.backbone.image_size) for p in test.paths])
     session = _session(res.path)
@@ -359,6 +360,7 @@ NEW_NAMES = ["golden retriever", "nighthawk (bird)", "cat?", "x-ray", "mr. x", "
 @pytest.mark.parametrize("position,ctx_init", [("end", None), ("middle", None), ("front", "a photo of a")])
 def test_text_graph_equals_the_prompt_learner(tiny_backbone, tmp_path, position, ctx_init):
     from coopkit.classifier import Classifier
+    from coopkit.methods.coop import CoOpModel
     from coopkit.config import PromptConfig, RunConfig
     from coopkit.prompts import PromptLearner
     from coopkit.runtime import Classifier as Runtime
@@ -371,9 +373,9 @@ def test_text_graph_equals_the_prompt_learner(tiny_backbone, tmp_path, position,
     learner.requires_grad_(False)
     config = RunConfig(method="coop", classnames=names, model=tiny_backbone.name,
                        prompt=PromptConfig(learner.n_ctx, False, position, ctx_init))
-    clf = Classifier(tiny_backbone, config, learner)
+    clf = Classifier(tiny_backbone, config, CoOpModel(tiny_backbone, learner))
     res = export_onnx(clf, tmp_path / "m.onnx", with_text_encoder=True)
-    assert res.text_path == tmp_path / text_graph_name("m.onnx") and res.checks["text_max_abs_diff"] <= 1e-4
+    assert res.text_path == tmp_path / text_graph_name("m.onnx") and res.text.max_abs_diff <= 1e-4
 
     # names the run never saw, through the runtime's torch-free tokenizer and the text graph
     fresh = PromptLearner(tiny_backbone, NEW_NAMES, n_ctx=6, class_token_position=position, ctx_init=ctx_init)
@@ -389,12 +391,13 @@ def test_text_graph_equals_the_prompt_learner(tiny_backbone, tmp_path, position,
 
 def test_class_specific_context_refuses_the_text_encoder(tiny_backbone, tmp_path):
     from coopkit.classifier import Classifier
+    from coopkit.methods.coop import CoOpModel
     from coopkit.config import PromptConfig, RunConfig
     from coopkit.prompts import PromptLearner
 
     learner = PromptLearner(tiny_backbone, ["a", "b"], n_ctx=2, csc=True).requires_grad_(False)
     config = RunConfig(method="coop", classnames=["a", "b"], model=tiny_backbone.name, prompt=PromptConfig(2, True))
-    clf = Classifier(tiny_backbone, config, learner)
+    clf = Classifier(tiny_backbone, config, CoOpModel(tiny_backbone, learner))
     with pytest.raises(ValueError, match="class-specific context .* no.* context for a new class name|unified context"):
         export_onnx(clf, tmp_path / "m.onnx", with_text_encoder=True)
     assert list(tmp_path.iterdir()) == []
@@ -430,6 +433,103 @@ def test_unwritable_output(coop, tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(PermissionError, match="Permission denied"):  # the environment: exit 1 in the CLI
             export_onnx(coop, locked / "m.onnx")
+
+
+def test_export_config_is_validated_when_built(coop, tmp_path):
+    from coopkit.exporters import ExportConfig, QuantizationConfig
+
+    for kwargs, match in [
+        ({"precision": "bf16"}, r"unsupported precision 'bf16'; valid: fp32, fp16, int8"),
+        ({"opset": 21}, r"opset must be an integer from 14 to 20, got 21"),
+        ({"raw_input": True, "opset": 17}, r"raw input needs opset 18 or newer"),
+        ({"n_verify": 0}, r"n_verify must be an integer >= 1, got 0"),
+        ({"size_threshold": -1}, r"size_threshold must be an integer >= 0"),
+        ({"with_text_encoder": "yes"}, r"with_text_encoder must be True or False"),
+        ({"int8": QuantizationConfig(calibration="somewhere")}, r"calibration images are for int8 exports"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ExportConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"smooth_alphas must be one or more numbers in \[0, 1\], got \(0.0, 1.5\)"):
+        QuantizationConfig(smooth_alphas=(0.0, 1.5))
+    with pytest.raises(ValueError, match=r"calibration_max_images must be an integer >= 1"):
+        QuantizationConfig(calibration_max_images=0)
+    # keyword overrides reach the config that owns them; an unknown one names the valid ones
+    built = ExportConfig.build(precision="int8", calibration="data", seed=3, smooth_alphas=(0.5,))
+    assert built == ExportConfig(precision="int8", seed=3, int8=QuantizationConfig(calibration="data", smooth_alphas=(0.5,)))
+    assert built.resolved_opset == 17 and ExportConfig(raw_input=True).resolved_opset == 18
+    assert ExportConfig.build(built) is built
+    with pytest.raises(ValueError, match=r"unknown export settings \['n_verfy'\]; valid: .*n_verify"):
+        export_onnx(coop, tmp_path / "m.onnx", n_verfy=4)
+    assert list(tmp_path.iterdir()) == []
+    # a config object and keyword overrides give the same export; the report says how it ran
+    res = export_onnx(coop, tmp_path / "m.onnx", config=ExportConfig(n_verify=3, verify_batch=2), seed=5)
+    assert res.config == ExportConfig(n_verify=3, verify_batch=2, seed=5)
+    assert res.image.n_images == 3 and res.image.batch_sizes == [1, 2, 4] and res.int8 is None and res.raw is None
+
+
+def test_files_without_a_resize_plan_load_and_answer_as_before(exported, image_folder, tmp_path):
+    """Files written by coopkit 0.2.0 have no resize_plan: the runtime derives it as it always did."""
+    from coopkit.runtime import Classifier
+    from coopkit.runtime.preprocess import resize_plan
+
+    meta = _metadata(exported.path)
+    derived = resize_plan(meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color)
+    assert meta.resize_plan is not None and (meta.resize_plan.rule, meta.resize_plan.interpolation) == derived[:2]
+    assert meta.resize_plan.crop == (derived.fill is not None) and meta.resize_plan.size == meta.image_size
+    old = onnx.load(os.fspath(exported.path))
+    raw = json.loads(next(p.value for p in old.metadata_props if p.key == METADATA_KEY))
+    del raw["resize_plan"], raw["text_encoder"]  # as 0.2.0 wrote it (without the text graph beside it)
+    old.metadata_props[0].value = json.dumps(raw)
+    onnx.save(old, os.fspath(tmp_path / "old.onnx"))
+    paths = sorted(str(p) for p in (image_folder / "test").rglob("*.png"))
+    with Classifier(tmp_path / "old.onnx", device="cpu") as before, Classifier(exported.path, device="cpu") as now:
+        assert before.metadata.resize_plan is None
+        np.testing.assert_array_equal(before.logits(paths), now.logits(paths))
+
+
+class _ChangedImageTower:
+    """Exactly the interface the exporter documents (no learner, no text tower), for a method whose
+    image tower is changed: features go through ``I + delta``, as merged LoRA weights would change them."""
+
+    def __init__(self, classifier: Any, delta: torch.Tensor) -> None:
+        self.backbone, self.classnames, self.config, self.method = (
+            classifier.backbone, classifier.classnames, classifier.config, classifier.method)
+        self._classifier, self._encoder = classifier, _Mixed(classifier.backbone.model, delta)
+
+    def head(self) -> torch.nn.Module:
+        return self._classifier.head()
+
+    def class_weights(self) -> torch.Tensor:
+        return self._classifier.class_weights()
+
+    def image_encoder(self) -> torch.nn.Module:
+        return self._encoder
+
+
+class _Mixed(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mix", torch.eye(delta.shape[0]) + delta)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels) @ self.mix.T  # (b, embed_dim)
+
+
+def test_the_image_graph_is_the_classifiers_image_encoder(tiny_backbone, tmp_path):
+    from PIL import Image
+
+    zs = coopkit.zero_shot(tiny_backbone, ["red", "green", "blue"])
+    delta = 0.5 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    res = export_onnx(_ChangedImageTower(zs, delta), tmp_path / "m.onnx", n_verify=4)
+    images = _images(6, 12)
+    (got,) = _session(res.path).run(["logits"], {INPUT_NAME: images})
+    with torch.no_grad():  # written out here: torchvision transform, encoder, the change, L2, class weights
+        x = torch.stack([tiny_backbone.preprocess(Image.fromarray(a)) for a in images])
+        features = tiny_backbone.model.encode_image(x) @ (torch.eye(64) + delta).T
+        expected = (torch.nn.functional.normalize(features, dim=-1) @ zs.class_weights().T).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert np.abs(got - zs.logits(list(images))).max() > 1e-2  # the change is really in the file
 
 
 # --- Triton -------------------------------------------------------------------------------------
@@ -527,11 +627,36 @@ def test_cli_export(coop, tmp_path):
     ]:
         res = runner.invoke(main, ["export", *args])
         assert res.exit_code == 2 and message in res.output, res.output
+    # options made from the configs: a bad value is refused in one line before the run is even loaded
+    for args, message in [
+        (["--opset", "9"], "opset must be an integer from 14 to 20, got 9"),
+        (["--raw-input", "--opset", "17"], "raw input needs opset 18 or newer"),
+        (["--n-verify", "0"], "n_verify must be an integer >= 1, got 0"),
+        (["--calibration", str(tmp_path)], "calibration images are for int8 exports; precision is fp32"),
+    ]:
+        res = runner.invoke(main, ["export", str(tmp_path / "missing"), "--out", str(out), *args])
+        assert res.exit_code == 2 and message in res.output, res.output
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{not json")
     res = runner.invoke(main, ["export", str(corrupt), "--out", str(out)])
     assert res.exit_code == 2 and "corrupt" in res.output, res.output
+
+
+def test_cli_options_are_generated_from_the_configs():
+    import dataclasses
+
+    from coopkit.cli.export import export
+    from coopkit.exporters import ExportConfig, QuantizationConfig
+
+    options = {p.name: p for p in export.params}
+    for cls, skipped in ((ExportConfig, {"int8"}), (QuantizationConfig, {"smooth_alphas"})):
+        for f in dataclasses.fields(cls):
+            if f.name not in skipped:
+                assert options[f.name].help == f.metadata["help"], f.name
+    flags = {opt for p in export.params for opt in p.opts}
+    assert {"--out", "--precision", "--opset", "--raw-input", "--triton", "--triton-name", "--max-batch-size",
+            "--with-text-encoder", "--verify-data", "--calibration", "--device", "--pretrained", "--json"} <= flags
 
 
 def test_tensor_bytes_counts_external_tensors(coop, tmp_path):
@@ -559,17 +684,17 @@ def test_int8_rule_forgives_close_calls_only():
     close_flips = ref.copy()
     close_flips[:50, 1] = 5.01  # every close call swaps: 75% agreement overall
     res = compare(outputs(ref), outputs(close_flips), "int8", scale)
-    assert res["top1_agreement"] == 0.75 and res["top1_agreement_decisive"] == 1.0 and not res["problems"]
+    assert res.top1_agreement == 0.75 and res.top1_agreement_decisive == 1.0 and not res.problems
     clear_flips = ref.copy()
     clear_flips[50:52, 1] = 5.5  # 2 of 150 clear calls swap: 98.7%
     res = compare(outputs(ref), outputs(clear_flips), "int8", scale)
-    assert res["n_decisive"] == 150 and "top-1 agrees on only 98.7%" in res["problems"][0]
+    assert res.n_decisive == 150 and "top-1 agrees on only 98.7%" in res.problems[0]
 
 
 def test_smoothing_is_exact_in_fp32_and_evens_the_channels(exported, tmp_path):
     """SmoothQuant's rescaling before int8: the smoothed fp32 graph gives the same logits, and each
     quantised product's input has a flatter per-channel range (what one uint8 scale must cover)."""
-    from coopkit.exporters.quantize import activation_ranges, int8_targets, smooth_activations
+    from coopkit.exporters.int8 import activation_ranges, int8_targets, smooth_activations
 
     model = onnx.load(os.fspath(exported.path))
     targets = int8_targets(model)
@@ -611,7 +736,8 @@ def test_layout_optimiser_is_off_for_fp16_files_only(coop, tmp_path):
 def test_int8_keeps_the_smoothing_closest_to_fp32(exported, tmp_path):
     """to_int8 tries each smoothing strength and keeps the file whose logits on the calibration
     images are closest to fp32's: never worse there than either strength alone."""
-    from coopkit.exporters.quantize import SMOOTH_ALPHAS, to_int8
+    from coopkit.exporters.config import SMOOTH_ALPHAS, QuantizationConfig
+    from coopkit.exporters.int8 import to_int8
 
     calibration = _images(40, 8)
     (ref,) = _session(exported.path).run(["logits"], {INPUT_NAME: calibration})
@@ -622,12 +748,12 @@ def test_int8_keeps_the_smoothing_closest_to_fp32(exported, tmp_path):
 
     alone = {}
     for alpha in SMOOTH_ALPHAS:
-        info = to_int8(exported.path, tmp_path / f"a{alpha}.onnx", calibration, smooth_alphas=(alpha,))
-        assert info["int8_smoothing"] == alpha
+        info = to_int8(exported.path, tmp_path / f"a{alpha}.onnx", calibration, QuantizationConfig(smooth_alphas=(alpha,)))
+        assert info.smoothing == alpha and not info.trials
         alone[alpha] = error(tmp_path / f"a{alpha}.onnx")
     info = to_int8(exported.path, tmp_path / "best.onnx", calibration)
-    assert info["int8_smoothing"] == min(alone, key=alone.__getitem__)
+    assert info.smoothing == min(alone, key=alone.__getitem__) and set(info.trials) == set(SMOOTH_ALPHAS)
     assert error(tmp_path / "best.onnx") == pytest.approx(min(alone.values()), rel=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a0.0.onnx", "a0.5.onnx", "best.onnx"]  # no trial left
     with pytest.raises(ValueError, match="smooth_alphas"):
-        to_int8(exported.path, tmp_path / "bad.onnx", calibration, smooth_alphas=(1.5,))
+        to_int8(exported.path, tmp_path / "bad.onnx", calibration, QuantizationConfig(smooth_alphas=(1.5,)))

@@ -1,5 +1,6 @@
 """The shape of the package: imports point one way, no private name crosses a module, the
-runtime and the foundations stay torch-free, and the docs' layout page (docs/layout.md) matches the tree."""
+runtime and the foundations stay torch-free, method names are written only where the methods are
+registered, and the docs' layout page (docs/layout.md) matches the tree."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ PACKAGE = ROOT / "coopkit"
 #: the exporter works on the classifier object it is given).
 LAYERS = {
     "runtime": ("coopkit.runtime",),
-    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.data",
-                   "coopkit.datasets", "coopkit.embedded", "coopkit.embedded.world"),
-    "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.classifier",
-             "coopkit.train"),
+    "foundation": ("coopkit", "coopkit._io", "coopkit._lazy", "coopkit._unpickle", "coopkit.config", "coopkit.userdata",
+                   "coopkit.official_datasets", "coopkit.embedded", "coopkit.embedded.world"),
+    "core": ("coopkit.backbone", "coopkit.features", "coopkit.heads", "coopkit.prompts", "coopkit.methods",
+             "coopkit.classifier", "coopkit.runs", "coopkit.train"),
     "exporters": ("coopkit.exporters",),
     "research": ("coopkit.research", "coopkit.embedded.pretrain"),
     "cli": ("coopkit.cli", "coopkit.__main__"),
@@ -186,3 +187,43 @@ def test_docs_layout_matches_the_tree():
     listed = {x.rstrip("/") for x in listed}
     assert folders <= listed, f"folders not in docs/layout.md: {sorted(folders - listed)}"
     assert listed <= folders | {"coopkit"}, f"docs/layout.md lists folders that do not exist: {sorted(listed - folders)}"
+
+
+#: Strings that equal a method's name but name something else: the ``coopkit zeroshot`` command.
+NOT_METHOD_NAMES = {("coopkit.cli.base", "zeroshot"), ("coopkit.cli.train", "zeroshot")}
+
+
+def test_method_names_are_written_only_in_the_methods_modules():
+    """A method's name (and its ``coopkit bench`` rows) appears as a string literal only in
+    :mod:`coopkit.methods`: every other module asks the registry (``__all__`` lists of function
+    names aside)."""
+    from coopkit import methods
+
+    rows = {r for m in methods.names() for r in (m, *methods.get(m).variants)}
+    assert "coop" in rows and "tip-adapter-f" in rows  # the scan looks for the real names
+    bad = []
+    for module, path in MODULES.items():
+        if module == "coopkit.methods" or module.startswith("coopkit.methods."):
+            continue
+        tree = ast.parse(path.read_text())
+        exported = {id(n) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+                    for n in ast.walk(node.value)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in rows \
+                    and id(node) not in exported and (module, node.value) not in NOT_METHOD_NAMES:
+                bad.append(f"{module}:{node.lineno} writes the method name {node.value!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml reads the version from ``coopkit.__version__`` instead of writing it again."""
+    import tomllib
+
+    from setuptools.config.expand import read_attr
+
+    import coopkit
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert read_attr("coopkit.__version__", root_dir=ROOT) == coopkit.__version__

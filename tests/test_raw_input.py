@@ -183,7 +183,7 @@ def test_other_resize_modes_export_and_serve(tiny_backbone: Any, tmp_path: Path,
     zs = coopkit.zero_shot(_variant(tiny_backbone, mode, interpolation, fill), CLASSES)
     result = export_onnx(zs, tmp_path / "m.onnx", raw_input=True)
     assert result.metadata.resize_mode == mode and result.metadata.interpolation == interpolation
-    assert result.checks["raw_max_pixel_diff"] <= RAW_PIXEL_TOLERANCE
+    assert result.raw.max_pixel_diff <= RAW_PIXEL_TOLERANCE
     _assert_like_pytorch(result.path, zs, _raw_images(6, seed=1))
 
 
@@ -193,8 +193,7 @@ def test_raw_input_quantised_variants(tiny_backbone: Any, tmp_path: Path, precis
     # int8 calibrates its activation ranges; a zero-shot classifier has no training images to do it on
     calibration = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) if precision == "int8" else None
     result = export_onnx(zs, tmp_path / "m.onnx", precision, raw_input=True, calibration=calibration)
-    c = result.checks
-    assert c["raw_max_pixel_diff"] <= RAW_PIXEL_TOLERANCE and c["raw_top1_agreement"] >= 0.995
+    assert result.raw.max_pixel_diff <= RAW_PIXEL_TOLERANCE and result.raw.top1_agreement >= 0.995
     graph = onnx.load(os.fspath(result.path)).graph
     ops = {n.op_type for n in graph.node}
     assert "If" in ops and (("QuantizeLinear" in ops) if precision == "int8" else ("Cast" in ops))

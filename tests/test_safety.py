@@ -29,7 +29,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import coopkit
-from coopkit.classifier import CONFIG_FILE, CTX_FILE, run_checksum
+from coopkit.methods.coop import CTX_FILE
+from coopkit.runs import CONFIG_FILE, run_checksum
 from coopkit.cli import main
 from coopkit.config import TrainConfig
 from coopkit.runtime import Classifier as RuntimeClassifier
@@ -398,7 +399,7 @@ def _edit(run: Path, change: Any, *, fix_checksum: bool) -> None:
     change(cfg)
     if fix_checksum:  # as a buggy writer would: the checksum matches, the content does not make sense
         ctx = (run / CTX_FILE).read_bytes() if (run / CTX_FILE).exists() else None
-        cfg["run_sha256"] = run_checksum(cfg, ctx)
+        cfg["run_sha256"] = run_checksum(cfg, {CTX_FILE: ctx})
     (run / CONFIG_FILE).write_text(json.dumps(cfg))
 
 
@@ -433,7 +434,7 @@ def _set(key: str, value: Any) -> Any:
     ("prompt", [1, 2], "PromptConfig must be a JSON object, got list"),
     ("prompt.class_token_position", "left", "unknown class_token_position 'left'"),
     ("prompt.n_ctx", 8, r"expected float32 \(4, 8, width\)"),
-    ("method", "cocoop", "unknown method 'cocoop'"),
+    ("method", "no-such-method", "unknown method 'no-such-method'"),
     ("model", 7, "model must be an open_clip model name"),
     ("train.epochs", True, "epochs must be an integer >= 1 or None, got True"),
 ])

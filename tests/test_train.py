@@ -210,3 +210,18 @@ def test_runs_saved_by_coopkit_0_1_0_load_unchanged(tmp_path):
     assert zs.config.templates == ["a photo of a {}.", "a {} thing."]
     again = coopkit.zero_shot(coop.backbone, zs.classnames, zs.config.templates)
     np.testing.assert_array_equal(zs.logits(images), again.logits(images))
+
+
+@pytest.mark.parametrize("method", ["coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f"])
+def test_runs_saved_by_coopkit_0_2_0_load_unchanged(tmp_path, method):
+    """Runs of every method written by the 0.2.0 code (before the method registry) load with
+    today's code and give the logits 0.2.0 computed (recorded then, on the shipped coopkit-tiny)."""
+    data = __import__("pathlib").Path(__file__).parent / "data"
+    expected = json.loads((data / "run-0.2.0-expected.json").read_text())
+    folder = _v010_folder(tmp_path / "imgs")
+    images = [str(folder / p) for p in expected["images"]]
+    clf = coopkit.load(data / f"run-0.2.0-{method}", device="cpu")
+    assert clf.method == method and clf.config.coopkit_version == "0.2.0"
+    np.testing.assert_allclose(clf.logits(images), np.array(expected[f"{method}_logits"]), atol=1e-5, rtol=0)
+    pred = clf.predict(images, top_k=1)
+    assert [p.label for p in pred] == [clf.classnames[i] for i in np.argmax(expected[f"{method}_logits"], 1)]

@@ -66,6 +66,9 @@ def test_export_writes_a_sidecar_beside_every_file(tiny_backbone, image_folder, 
     assert side["input"] == {"name": "images", "dtype": "uint8", "shape": ["batch", 32, 32, 3], "channels": "RGB",
                              "kind": "cropped"}
     assert side["outputs"] == ["logits", "probs", "image_embeds"]
+    # the resolved resize plan: a square open_clip model resizes its short side bicubic, then centre-crops
+    assert side["metadata"]["resize_plan"] == {"rule": "shortest_edge", "interpolation": "bicubic", "size": [32, 32],
+                                               "crop": True, "fill": 0}
     # checksums computed here with hashlib, independently of the exporter's file_sha256
     assert side["files"] == [{"name": "model.onnx", "role": "model", "bytes": result.path.stat().st_size,
                               "sha256": _sha256(result.path)}]
@@ -114,6 +117,23 @@ def test_runtime_cross_checks_the_sidecar(tiny_backbone, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="coopkit"):
         Classifier(tmp_path / "a.onnx", device="cpu")
     assert caplog.text == ""
+
+
+def test_resize_plan_is_checked_and_round_trips():
+    from coopkit.runtime.contract import MetadataError, ResizeSpec
+
+    plan = {"rule": "keep_ratio_longest", "interpolation": "bilinear", "size": [48, 64], "crop": True, "fill": 128}
+    meta = ModelMetadata(classnames=["a", "b"], image_size=(48, 64), resize_plan=plan)
+    assert meta.resize_plan == ResizeSpec("keep_ratio_longest", "bilinear", (48, 64), True, 128)
+    assert ModelMetadata.from_json(meta.to_json()) == meta
+    assert ModelMetadata.from_json(json.dumps({"classnames": ["a"], "image_size": [8, 8]})).resize_plan is None  # 0.2.0
+    for change, match in [({"rule": "stretch"}, "resize_plan.rule 'stretch' is not one of"),
+                          ({"interpolation": "lanczos"}, "resize_plan.interpolation 'lanczos'"),
+                          ({"size": [64, 48]}, r"resize_plan.size \(64, 48\) differs from image_size \(48, 64\)"),
+                          ({"crop": False}, "resize_plan.crop must be True for rule 'keep_ratio_longest'"),
+                          ({"fill": 300}, "resize_plan.fill must be a grey level 0-255")]:
+        with pytest.raises(MetadataError, match=match):
+            ModelMetadata(classnames=["a", "b"], image_size=(48, 64), resize_plan={**plan, **change})
 
 
 def test_sidecar_name_and_roles():
@@ -308,6 +328,17 @@ def test_preprocessing_equals_the_python_runtime(browser, site):
         {"image_size": [56, 40], "resize_mode": "squash", "interpolation": "bilinear", "fill_color": 0},
         {"image_size": [224, 224], "resize_mode": "shortest", "interpolation": "nearest", "fill_color": 0},
     ]
+    # files written by coopkit 0.3 record the resolved plan, and the page applies it instead of deriving it
+    from dataclasses import asdict
+
+    from coopkit.exporters.image import resolved_resize
+
+    rules += [{**r, "resize_plan": asdict(resolved_resize(tuple(r["image_size"]), r["resize_mode"], r["interpolation"],
+                                                          r["fill_color"]))} for r in rules]
+    # a plan that disagrees with resize_mode is followed: it is the plan, not the fields, that the page applies
+    rules.append({"image_size": [48, 80], "resize_mode": "shortest", "interpolation": "bicubic", "fill_color": 0,
+                  "resize_plan": {"rule": "exact", "interpolation": "bilinear", "size": [48, 80], "crop": False,
+                                  "fill": 0}, "expect": ("squash", "bilinear")})
     page = _open_demo(browser, site, "model=/models/tiny.onnx&backend=wasm")
     crops = _in_page(page, """
         const out = [];
@@ -327,8 +358,8 @@ def test_preprocessing_equals_the_python_runtime(browser, site):
     for i, name in enumerate(names):
         img = load_image(folder / name)
         for j, rule in enumerate(rules):
-            want = resize_and_crop(img, tuple(rule["image_size"]), rule["resize_mode"], rule["interpolation"],
-                                   rule["fill_color"])
+            mode, interpolation = rule.get("expect", (rule["resize_mode"], rule["interpolation"]))
+            want = resize_and_crop(img, tuple(rule["image_size"]), mode, interpolation, rule["fill_color"])
             got = np.frombuffer(base64.b64decode(crops[i * len(rules) + j]), np.uint8)
             assert got.size == want.size, f"{name} {rule}: {got.size} values, expected {want.shape}"
             diff = int(np.abs(got.reshape(want.shape).astype(int) - want).max())

@@ -11,10 +11,11 @@
  *
  * Data flow, the same as the Python runtime's (coopkit/runtime/image.py):
  *   model.json (the sidecar: onnxruntime-web cannot read ONNX metadata) -> class names, input
- *   size, resize and crop rule; model.onnx bytes -> sha256 checked against the sidecar ->
+ *   size, the resize plan the exporter resolved (derived as the Python runtime does for files
+ *   written before it was recorded); model.onnx bytes -> sha256 checked against the sidecar ->
  *   session (WebAssembly; WebGPU when present and when it gives the same answers);
- *   image -> decode (EXIF orientation applied, no colour management) -> RGB -> resize and crop
- *   exactly as coopkit/runtime/preprocess.py does with Pillow (a port of Pillow's
+ *   image -> decode (EXIF orientation applied, no colour management) -> RGB -> resize and crop by
+ *   that plan exactly as coopkit/runtime/preprocess.py does with Pillow (a port of Pillow's
  *   ImagingResample, fixed-point rounding included) -> uint8 (n, H, W, 3) -> probs. A raw-input
  *   file (metadata input_kind 'raw') resizes and crops inside its graph: it gets the decoded
  *   RGB image instead, one run per image size, as the Python runtime feeds it.
@@ -530,32 +531,60 @@ export function rgbaToRgb(rgba, width, height) {
   return out;
 }
 
+const RESIZE_RULES = ['exact', 'shortest_edge', 'keep_ratio_shortest', 'keep_ratio_longest'];
+
+/**
+ * The resize plan of sidecar metadata, `{rule, interpolation, size: [h, w], crop, fill}`: the one the
+ * exporter resolved and recorded (`metadata.resize_plan`, coopkit/runtime/contract.py ResizeSpec),
+ * applied as it is; for files written before it existed (coopkit 0.2.0), derived from image_size,
+ * resize_mode, interpolation and fill_color as coopkit/runtime/preprocess.py resize_plan derives it.
+ */
+export function resizePlan(metadata) {
+  const plan = metadata.resize_plan;
+  if (plan != null) {
+    const ok = plan && RESIZE_RULES.includes(plan.rule) && typeof plan.interpolation === 'string' &&
+      Array.isArray(plan.size) && plan.size.length === 2 && typeof plan.crop === 'boolean' &&
+      Number.isInteger(plan.fill ?? 0);
+    if (!ok) {
+      throw new CoopkitError('sidecar', `resize_plan ${JSON.stringify(plan)} is not a resize plan ` +
+        `(rule one of ${RESIZE_RULES.join(', ')}, interpolation, size [h, w], crop, fill); re-export with \`coopkit export\``);
+    }
+    if (plan.size[0] !== metadata.image_size[0] || plan.size[1] !== metadata.image_size[1]) {
+      throw new CoopkitError('sidecar', `resize_plan size [${plan.size}] differs from image_size [${metadata.image_size}]`);
+    }
+    return { rule: plan.rule, interpolation: plan.interpolation, size: [plan.size[0], plan.size[1]], crop: plan.crop,
+      fill: plan.fill ?? 0 };
+  }
+  const size = [metadata.image_size[0], metadata.image_size[1]];
+  const interpolation = metadata.interpolation ?? 'bicubic';
+  if (metadata.resize_mode === 'squash') return { rule: 'exact', interpolation, size, crop: false, fill: 0 };
+  if (metadata.resize_mode === 'longest') {
+    return { rule: 'keep_ratio_longest', interpolation, size, crop: true, fill: metadata.fill_color ?? 0 };
+  }
+  if (metadata.resize_mode === 'shortest') {
+    if (size[0] === size[1]) return { rule: 'shortest_edge', interpolation, size, crop: true, fill: 0 };
+    // open_clip resizes non-square "shortest" models bicubic whatever the interpolation (mirrored)
+    return { rule: 'keep_ratio_shortest', interpolation: 'bicubic', size, crop: true, fill: 0 };
+  }
+  throw new CoopkitError('sidecar', `resize_mode '${metadata.resize_mode}' is not one of shortest, longest, squash`);
+}
+
 /**
  * open_clip's eval-time resize and crop on an RGB image, as the Python runtime applies it.
  *
- * `rule` holds the sidecar metadata's image_size [h, w], resize_mode (shortest, longest, squash),
- * interpolation and fill_color. Returns a Uint8Array (h, w, 3).
+ * `metadata` is the sidecar's: its resize plan (see resizePlan) is applied. Returns a Uint8Array (h, w, 3).
  */
-export function resizeAndCrop(rgb, width, height, rule) {
-  const target = [rule.image_size[0], rule.image_size[1]];
-  const interpolation = rule.interpolation ?? 'bicubic';
+export function resizeAndCrop(rgb, width, height, metadata) {
+  const plan = resizePlan(metadata);
   let img = { data: rgb, width, height };
-  if (rule.resize_mode === 'squash') {
-    img = resize(img, [target[1], target[0]], interpolation);
-  } else if (rule.resize_mode === 'longest') {
-    img = resize(img, keepRatioSize(width, height, target, 1.0), interpolation);
-    img = centerCropOrPad(img, target, rule.fill_color ?? 0);
-  } else if (rule.resize_mode === 'shortest') {
-    if (target[0] === target[1]) {
-      img = resize(img, shortestEdgeSize(width, height, target[0]), interpolation);
-    } else {
-      // open_clip resizes non-square "shortest" models bicubic whatever the interpolation (mirrored)
-      img = resize(img, keepRatioSize(width, height, target, 0.0), 'bicubic');
-    }
-    img = centerCropOrPad(img, target, 0);
-  } else {
-    throw new CoopkitError('sidecar', `resize_mode '${rule.resize_mode}' is not one of shortest, longest, squash`);
-  }
+  const resized = {
+    exact: () => [plan.size[1], plan.size[0]],
+    shortest_edge: () => shortestEdgeSize(width, height, plan.size[0]),
+    keep_ratio_shortest: () => keepRatioSize(width, height, plan.size, 0.0),
+    keep_ratio_longest: () => keepRatioSize(width, height, plan.size, 1.0),
+  }[plan.rule]();
+  img = resize(img, resized, plan.interpolation);
+  if (plan.crop) img = centerCropOrPad(img, plan.size, plan.fill);
   return img.data;
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import importlib
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import typing
 from typing import Any, Callable, Optional, Sequence
 
 import click
+from click.core import ParameterSource
 
 from .. import __version__
 from .._lazy import missing_train_dependency
@@ -172,16 +174,25 @@ def _click_type(hint: Any, meta: dict[str, Any]) -> Any:
         return click.Choice([c for c in meta["choices"] if ":" not in c])
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    if typing.get_origin(base) is tuple and Ellipsis not in typing.get_args(base):
+        return tuple({int: int, float: float}.get(a, str) for a in typing.get_args(base))  # e.g. --scale 7 3
     return {int: int, float: float, str: str}.get(base, str)
 
 
+def flag_of(f: "dataclasses.Field[Any]") -> str:
+    """The option of a config field: ``--<flag>`` from its metadata, else ``--field-name``."""
+    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+
+
 def config_options(cls: type, *, only: Optional[Sequence[str]] = None, exclude: Sequence[str] = (),
-                   defaults: Optional[dict[str, Any]] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                   defaults: Optional[dict[str, Any]] = None, prefix: str = "",
+                   dest: Callable[[str], str] = lambda name: name) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Click options for the fields of a config dataclass, with its defaults and ``help`` texts.
 
     ``--field-name`` (or ``--<flag>`` from the field's metadata); booleans become
-    ``--name/--no-name``. The command receives each value under the field's name; build the
-    config with :func:`pop_config`. ``defaults`` overrides a field's default for one command.
+    ``--name/--no-name``. The command receives each value under the field's name (or
+    ``dest(name)``); build the config with :func:`pop_config`. ``defaults`` overrides a field's
+    default for one command; ``prefix`` goes before every flag (``clap-`` makes ``--clap-epochs``).
     """
     hints = typing.get_type_hints(cls)
     chosen = [f for f in dataclasses.fields(cls)
@@ -190,18 +201,81 @@ def config_options(cls: type, *, only: Optional[Sequence[str]] = None, exclude: 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         for f in reversed(chosen):
             meta = dict(f.metadata)
-            flag = "--" + meta.get("flag", f.name).replace("_", "-")
+            flag = "--" + prefix + flag_of(f)[2:]
             default = (defaults or {}).get(f.name, f.default)
             help_text = meta.get("help", "")
             if hints[f.name] is bool:
-                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=default, show_default=True,
+                fn = click.option(f"{flag}/--no-{flag[2:]}", dest(f.name), default=default, show_default=True,
                                   help=help_text)(fn)
             else:
-                fn = click.option(flag, f.name, type=_click_type(hints[f.name], meta), default=default,
+                fn = click.option(flag, dest(f.name), type=_click_type(hints[f.name], meta), default=default,
                                   show_default=default is not None, help=help_text)(fn)
         return fn
 
     return decorate
+
+
+class MethodOptions:
+    """The options of every registered method's own config for one command (``coopkit fit``).
+
+    Each config dataclass gets its options once, in registration order; a field whose flag is
+    already taken (by ``taken``, or by an earlier method's config) is prefixed with the method's
+    name (``--clap-epochs`` beside TrainConfig's ``--epochs``). :meth:`pop` builds the chosen
+    method's config from what the command received and refuses options of another method.
+
+    Args:
+        specs: The registry's methods (:class:`coopkit.methods.Method`) to make options for.
+        taken: Flags the command has already (``--epochs``, ``--out``...).
+        skip: Config classes whose options the command makes itself, under their field names
+            (CoOp's PromptConfig); :meth:`pop` reads them too.
+    """
+
+    def __init__(self, specs: Sequence[Any], taken: set[str], skip: Sequence[type] = ()) -> None:
+        self.owner: dict[type, str] = {}  # config class -> the method whose name prefixes its taken flags
+        self.prefixed: dict[type, set[str]] = {}
+        self.skip = tuple(skip)
+        used = set(taken)
+        for spec in specs:
+            cls = spec.config
+            if cls is None or cls in self.owner:
+                continue
+            self.owner[cls] = spec.name
+            if cls in self.skip:
+                used |= {flag_of(f) for f in dataclasses.fields(cls)}
+                continue
+            self.prefixed[cls] = {f.name for f in dataclasses.fields(cls) if flag_of(f) in used}
+            used |= {(f"--{spec.name}-" + flag_of(f)[2:]) if f.name in self.prefixed[cls] else flag_of(f)
+                     for f in dataclasses.fields(cls)}
+
+    def dest(self, cls: type, name: str) -> str:
+        return name if cls in self.skip else f"{cls.__name__}__{name}"
+
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        for cls, method in reversed(list(self.owner.items())):
+            if cls in self.skip:
+                continue
+            dest = functools.partial(self.dest, cls)  # type: ignore[arg-type]
+            fn = config_options(cls, exclude=sorted(self.prefixed[cls]), dest=dest)(fn)
+            if self.prefixed[cls]:
+                fn = config_options(cls, only=sorted(self.prefixed[cls]), prefix=f"{method}-", dest=dest)(fn)
+        return fn
+
+    def pop(self, spec: Any, settings: dict[str, Any], ctx: click.Context) -> Any:
+        """The config of ``spec`` from the command's arguments (``None`` if it has none); every
+        method option is removed from ``settings``. Options of other methods must be left at their
+        defaults (a ValueError names the first one given)."""
+        chosen = None
+        for cls in self.owner:
+            values = {f.name: settings.pop(self.dest(cls, f.name)) for f in dataclasses.fields(cls)}
+            if cls is spec.config:
+                chosen = cls(**values)
+                continue
+            given = [f.name for f in dataclasses.fields(cls)
+                     if ctx.get_parameter_source(self.dest(cls, f.name)) is not ParameterSource.DEFAULT]
+            if given:
+                raise ValueError(f"{given[0]!r} is a setting of {self.owner[cls]}, not of {spec.name}; drop it or "
+                                 f"use --method {self.owner[cls]}")
+        return chosen
 
 
 def pop_config(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -38,7 +38,7 @@ def demo(out: str, task: str, shots: int, epochs: int, seed: int, device: str) -
     if task not in world.TASKS:
         raise click.BadParameter(f"unknown task {task!r}; valid: {', '.join(world.TASKS)}", param_hint="--task")
     from ..backbone import resolve_device
-    from ..classifier import check_run_target
+    from ..runs import check_run_target
 
     resolve_device(BackboneConfig(device=device).device)  # a bad name or no GPU: before anything is written
     out_dir = Path(out).resolve()

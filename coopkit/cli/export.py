@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import click
 
-from ..exporters.preprocess import RAW_INPUT_OPSET
-from ..exporters.trace import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-from ..runtime.contract import PRECISIONS
-from .base import command, pct, print_table
+from ..exporters.config import ExportConfig, QuantizationConfig
+from .base import command, config_options, pct, pop_config, print_table
 
 DEFAULT_FILE = "model.onnx"
 
@@ -27,69 +25,54 @@ def output_file(out: str) -> str:
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", "out", required=True, type=click.Path(),
               help=f"The .onnx file to write; a folder (an existing one, or a path ending in /) gets {DEFAULT_FILE}.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="fp32; fp16 (GPU: fp32 inputs, outputs and sensitive ops); int8 (CPU: static quantisation, "
-                   "calibrated; an image's answer does not depend on its batch).")
-@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=None,
-              help=f"ONNX opset [default: {DEFAULT_OPSET}; {RAW_INPUT_OPSET} with --raw-input, which needs it].")
-@click.option("--raw-input", is_flag=True,
-              help="The file takes decoded RGB images of any size and resizes and crops them itself, as open_clip "
-                   "does (clients only decode); verified against the Pillow path on images of many sizes.")
+@config_options(ExportConfig, exclude=("int8",))
+@config_options(QuantizationConfig, exclude=("smooth_alphas",))
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False), default=None,
               help="Also write a Triton Inference Server model repository here.")
 @click.option("--triton-name", default=None, help="Model name in the Triton repository (default: the file's stem).")
 @click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Triton's max_batch_size.")
-@click.option("--with-text-encoder", is_flag=True,
-              help="Also export the text tower with the learned context (new class names at run time; "
-                   "unified-context and zero-shot runs only).")
-@click.option("--verify-data", type=click.Path(), default=None,
-              help="Labelled images (ImageFolder, CSV or CoOp split) to verify on as well; int8 must agree "
-                   "on 99% of the clear calls and, from 100 images on, stay within 1 accuracy point.")
-@click.option("--calibration", type=click.Path(), default=None,
-              help="int8: images to calibrate activation ranges on (a folder of images, an ImageFolder, CSV or "
-                   "CoOp split); default: the run's own training images, found where the run recorded them.")
 @click.option("--device", default="cpu", show_default=True, help="Where to load the run for tracing: cpu or cuda.")
 @click.option("--pretrained", default=None, help="Override the checkpoint path recorded in the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(run_dir: str, out: str, precision: str, opset: Optional[int], raw_input: bool, triton_repo: Optional[str],
-           triton_name: Optional[str], max_batch_size: int, with_text_encoder: bool, verify_data: Optional[str],
-           calibration: Optional[str], device: str, pretrained: Optional[str], as_json: bool) -> None:
+def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Optional[str], max_batch_size: int,
+           device: str, pretrained: Optional[str], as_json: bool, **settings: Any) -> None:
     """Export the run in RUN_DIR (fit or zeroshot --out) as one ONNX file, proven equal to PyTorch."""
     from ..classifier import load
     from ..exporters import export_onnx, write_triton_repository
     from ..exporters.io import check_target
 
-    out = check_target(output_file(out))  # before the run is loaded and traced
+    settings["int8"] = pop_config(QuantizationConfig, settings)
+    config = pop_config(ExportConfig, settings)  # checked before the run is loaded and traced
+    out = check_target(output_file(out))
     clf = load(run_dir, device=device, pretrained=pretrained)
-    result = export_onnx(clf, out, precision, opset=opset, raw_input=raw_input, with_text_encoder=with_text_encoder,
-                         verify_data=verify_data, calibration=calibration)
+    report = export_onnx(clf, out, config=config)
     triton_dir = None
     if triton_repo:
-        triton_dir = write_triton_repository(result.path, triton_repo, triton_name, max_batch_size=max_batch_size)
-    c = result.checks
+        triton_dir = write_triton_repository(report.path, triton_repo, triton_name, max_batch_size=max_batch_size)
+    image, raw, text = report.image, report.raw, report.text
     summary = {
-        "file": str(result.path),
-        "precision": precision,
-        "classes": len(result.metadata.classnames),
-        "size_mb": f"{result.size_bytes / 1e6:.2f}",
-        "seconds": f"{result.seconds:.2f}",
-        "max_abs_logit_diff": c["max_abs_logit_diff"],
-        "top1_agreement": c["top1_agreement"],
-        "verified_images": c["n_images"],
-        "input": result.metadata.input_kind,
-        "raw_verified_images": c.get("raw_n_images"),
-        "raw_max_pixel_diff": c.get("raw_max_pixel_diff"),
-        "raw_max_abs_logit_diff": c.get("raw_max_abs_logit_diff"),
-        "raw_top1_agreement": c.get("raw_top1_agreement"),
-        "text_encoder": str(result.text_path) if result.text_path else None,
-        "text_max_abs_diff": c.get("text_max_abs_diff"),
-        "accuracy_torch": c.get("accuracy_torch"),
-        "accuracy_onnx": c.get("accuracy_onnx"),
-        "batch_invariance_max_diff": c.get("batch_invariance_max_diff"),
-        "calibration_images": c.get("calibration_images"),
-        "external_data": result.external_data,
-        "sidecar": str(result.sidecar) if result.sidecar else None,
+        "file": str(report.path),
+        "precision": report.precision,
+        "classes": len(report.metadata.classnames),
+        "size_mb": f"{report.size_bytes / 1e6:.2f}",
+        "seconds": f"{report.seconds:.2f}",
+        "max_abs_logit_diff": image.max_abs_logit_diff,
+        "top1_agreement": image.top1_agreement,
+        "verified_images": image.n_images,
+        "input": report.metadata.input_kind,
+        "raw_verified_images": raw.n_images if raw else None,
+        "raw_max_pixel_diff": raw.max_pixel_diff if raw else None,
+        "raw_max_abs_logit_diff": raw.max_abs_logit_diff if raw else None,
+        "raw_top1_agreement": raw.top1_agreement if raw else None,
+        "text_encoder": str(report.text_path) if report.text_path else None,
+        "text_max_abs_diff": text.max_abs_diff if text else None,
+        "accuracy_torch": image.accuracy_torch,
+        "accuracy_onnx": image.accuracy_onnx,
+        "batch_invariance_max_diff": image.batch_invariance_max_diff,
+        "calibration_images": report.int8.calibration_images if report.int8 else None,
+        "external_data": report.external_data,
+        "sidecar": str(report.sidecar) if report.sidecar else None,
         "triton": str(triton_dir) if triton_dir else None,
     }
     if as_json:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import click
 
 from ..config import BackboneConfig, PromptConfig, TrainConfig
-from ..research.protocols import DEFAULT_METHODS, METHODS
+from ..research.protocols import DEFAULT_METHODS, METHODS, PROTOCOL_METHODS
 from .base import LazyGroup, command, config_options, pop_config, print_table
 
 
@@ -74,7 +74,7 @@ def _read_official(dataset: Optional[str], root: Optional[str]) -> Any:
     """The official dataset of --dataset/--root (None without --dataset)."""
     if dataset is None:
         return None
-    from ..datasets import load_official
+    from ..official_datasets import load_official
 
     return load_official(dataset, root)  # type: ignore[arg-type]
 
@@ -162,23 +162,35 @@ def _task_name(train: str) -> str:
 @config_options(TrainConfig, only=("shots",))
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @config_options(TrainConfig, only=("epochs", "augment"))
+@click.option("--methods", default=",".join(PROTOCOL_METHODS["shift"]), show_default=True,
+              help=f"Any of {', '.join(PROTOCOL_METHODS['shift'])}.")
 @click.option("--out", type=click.Path(), default=None, help="Also write results.csv and summary.md here.")
 @click.option("-q", "--quiet", is_flag=True)
 def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[str], root: Optional[str], targets: str,
-              shots: int, seeds: str, epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool,
-              **settings: Any) -> None:
-    """Fit on a source task, compare zero-shot and CoOp on shifted test sets (the paper's Table 1)."""
+              shots: int, seeds: str, epochs: Optional[int], augment: bool, methods: str, out: Optional[str],
+              quiet: bool, **settings: Any) -> None:
+    """Fit on a source task, compare zero-shot and the methods that train (CoOp...) on shifted test sets
+    (the paper's Table 1)."""
     from ..backbone import load_backbone
-    from ..research.experiments import SCORES, check_seeds, domain_shift, markdown_table, official_shift, summarize
+    from ..research.experiments import (
+        SCORES,
+        check_seeds,
+        domain_shift,
+        markdown_table,
+        official_shift,
+        protocol_methods,
+        summarize,
+    )
 
     _sources(dataset, root, train, "x" if tests else None)
     common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
-                                  progress=not quiet)
+                                  progress=not quiet,
+                                  methods=[m.name for m in protocol_methods("shift", _strs(methods, "--methods"))])
     if epochs is not None:
         common["epochs"] = epochs
     loaded = []
     if dataset is not None:
-        from ..datasets import dataset_spec
+        from ..official_datasets import dataset_spec
 
         if dataset_spec(dataset).name != "imagenet":
             raise click.BadParameter("the shifted test sets are ImageNet's variants: use --dataset imagenet",
@@ -217,11 +229,14 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
               help="Comma-separated KgCoOp weights to compare (0 = plain CoOp; with --dataset: 0,8).")
 @config_options(TrainConfig, only=("epochs", "augment"))
+@click.option("--methods", default=",".join(PROTOCOL_METHODS["base2new"]), show_default=True,
+              help=f"Any of {', '.join(PROTOCOL_METHODS['base2new'])}.")
 @click.option("--out", type=click.Path(), default=None)
 @click.option("-q", "--quiet", is_flag=True)
 def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str], new: Optional[str],
                  dataset: Optional[str], root: Optional[str], shots: int, seeds: str, kg_weights: str,
-                 epochs: Optional[int], augment: bool, out: Optional[str], quiet: bool, **settings: Any) -> None:
+                 epochs: Optional[int], augment: bool, methods: str, out: Optional[str], quiet: bool,
+                 **settings: Any) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from ..backbone import load_backbone
     from ..research.experiments import (
@@ -230,13 +245,15 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
         check_seeds,
         markdown_table,
         official_base2new,
+        protocol_methods,
         summarize,
     )
     from ..research.protocols import published_for
 
     _sources(dataset, root, train, test)
     common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
-                                  progress=not quiet)
+                                  progress=not quiet,
+                                  methods=[m.name for m in protocol_methods("base2new", _strs(methods, "--methods"))])
     if dataset is None and not (base and new):
         raise click.UsageError("give --base and --new (or --dataset NAME --root DATA)")
     weights = _floats(_default_unless_given("kg_weights", kg_weights, "0,8" if dataset else kg_weights), "--kg-weight")
@@ -263,7 +280,7 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
 @click.option("--root", type=click.Path(), default=None, help="Also read each dataset found under this folder.")
 def datasets_cmd(root: Optional[str]) -> None:
     """The official datasets coopkit reads (--dataset NAME) and, with --root, which are present and their sizes."""
-    from ..datasets import DATASETS, load_official
+    from ..official_datasets import DATASETS, load_official
 
     rows = []
     for name, spec in DATASETS.items():
@@ -330,7 +347,7 @@ def import_official_cmd(checkpoint: str, classes_from: Optional[str], dataset: O
     The file is read without running code from it; CoCoOp and MaPLe checkpoints are refused
     with the reason.
     """
-    from ..classifier import check_run_target
+    from ..runs import check_run_target
     from ..research.compat import import_official
 
     check_run_target(out)
@@ -348,13 +365,13 @@ def _official_classnames(classes_from: Optional[str], dataset: Optional[str], ro
     if (classes_from is None) == (dataset is None):
         raise click.UsageError("give either --classes-from PATH or --dataset NAME --root DATA")
     if classes_from is not None:
-        from ..data import load_dataset
+        from ..userdata import load_dataset
 
         return load_dataset(classes_from).classnames
     if root is None:
         raise click.UsageError("--dataset needs --root (the folder holding the datasets)")
-    from ..data import Dataset, subsample_classes
-    from ..datasets import load_official
+    from ..userdata import Dataset, subsample_classes
+    from ..official_datasets import load_official
 
     names = load_official(dataset, root).classnames
     return subsample_classes(Dataset([], names), subsample).classnames

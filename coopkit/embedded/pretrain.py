@@ -34,7 +34,6 @@ which writes ``coopkit-tiny.safetensors`` (float16 weights, keys of open_clip's
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..runtime.atomic import atomic_path, atomic_write
+from ..runtime.atomic import atomic_path, atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +275,7 @@ def save_checkpoint(model, out_dir: Path, summary: dict, stem: str = MODEL_NAME)
                                             "final_loss": summary["final_loss"], "torch": summary["torch"]})}
     with atomic_path(out_dir / f"{stem}.safetensors") as tmp:
         save_file(state, str(tmp), metadata=meta)
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        digest = file_sha256(tmp)
     atomic_write(out_dir / f"{stem}.sha256", digest + "\n")
     return digest
 

@@ -28,7 +28,6 @@ Public names: :data:`TASKS`, :data:`SHIFTS`, :func:`task_classes`, :func:`task_s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -38,7 +37,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..runtime.atomic import atomic_path
+from ..runtime.atomic import atomic_path, sha256_hex
 
 __all__ = [
     "SHAPES", "COLORS", "TEXTURES", "BACKGROUNDS", "STYLES", "TASKS", "SHIFTS",
@@ -582,7 +581,7 @@ def caption(scene: Scene, rng: np.random.Generator, *, mention: Sequence[str] = 
 
 
 def _stable_id(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    return int.from_bytes(bytes.fromhex(sha256_hex(text))[:4], "little")
 
 
 def task_scene(name: str, label: int, rng: np.random.Generator, *, shift: Optional[str] = None) -> Scene:

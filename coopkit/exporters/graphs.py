@@ -23,11 +23,19 @@ from torch import nn
 from coopkit.runtime.contract import check_position, context_before_name
 
 
+def image_encoder(classifier: Any) -> nn.Module:
+    """The module the image graph traces for ``classifier``: normalised pixels ``(b, 3, H, W)``
+    -> unnormalised image features ``(b, embed_dim)``, from its ``image_encoder()`` (deep visual
+    prompts baked in, LoRA updates merged: whatever the method trains in the image tower)."""
+    return classifier.image_encoder()
+
+
 class ImageGraph(nn.Module):
     """``uint8 (b, H, W, 3)`` -> ``logits (b, C)``, ``probs (b, C)``, ``image_embeds (b, D)``.
 
     Args:
-        model: The open_clip model (only ``encode_image`` is used).
+        encoder: The classifier's image encoder (:func:`image_encoder`): normalised pixels
+            ``(b, 3, H, W)`` -> unnormalised features ``(b, embed_dim)``.
         head: The classifier's head (:meth:`coopkit.Classifier.head`): L2-normalised image
             features ``(b, embed_dim)`` -> logits ``(b, n_classes)``; for CoOp and zero-shot,
             ``x W^T`` with the class weights baked in.
@@ -39,9 +47,9 @@ class ImageGraph(nn.Module):
     input normalisation and the head (L2, the classifier's head, softmax) in fp32.
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.encoder = _Encoder(model, mean, std)
+        self.encoder = _Encoder(encoder, mean, std)
         self.head = _Head(head)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +68,7 @@ class _Encoder(nn.Module):
         x = images.to(torch.float32) / 255.0  # (b, H, W, 3) in [0, 1], as ToTensor
         x = (x - self.mean) / self.std  # as Normalize
         x = x.permute(0, 3, 1, 2)  # (b, 3, H, W)
-        return self.model.encode_image(x).to(torch.float32)  # (b, embed_dim), unnormalised
+        return self.model(x).to(torch.float32)  # (b, embed_dim), unnormalised
 
 
 class _Head(nn.Module):

@@ -1,16 +1,19 @@
 """export_onnx(): a fitted or zero-shot classifier as one ONNX graph, proven equal on every export.
 
 The graph (contract in :mod:`coopkit.runtime.contract`): uint8 images ``(batch, H, W, 3)`` ->
-``/255`` -> ``(x - mean) / std`` -> NCHW -> open_clip image encoder -> L2 -> ``x W^T`` ->
+``/255`` -> ``(x - mean) / std`` -> NCHW -> the classifier's image encoder -> L2 -> its head (``x W^T``) ->
 ``logits``, ``probs`` (softmax) and ``image_embeds``. ``W`` (the class weights) is baked in.
 With ``raw_input=True`` the file takes decoded images of any size and resizes and crops them
 itself first (:mod:`~coopkit.exporters.preprocess`).
 
 How a file is made, one layer each:
 
-1. the PyTorch module (:class:`~coopkit.exporters.graphs.ImageGraph`) is traced
-   (:mod:`~coopkit.exporters.trace`);
-2. fp16 / int8 variants are derived from that fp32 graph (:mod:`~coopkit.exporters.quantize`);
+0. the settings are one :class:`~coopkit.exporters.config.ExportConfig`, checked with the
+   classifier and the target before anything is traced (:func:`prepare`);
+1. the PyTorch module (:class:`~coopkit.exporters.graphs.ImageGraph`: the classifier's
+   ``image_encoder()`` and ``head()``) is traced (:mod:`~coopkit.exporters.trace`);
+2. fp16 / int8 variants are derived from that fp32 graph (:mod:`~coopkit.exporters.fp16`,
+   :mod:`~coopkit.exporters.int8`);
    a raw-input file then gets the uint8 preprocessing put in front (:mod:`~coopkit.exporters.preprocess`);
 3. the metadata goes into ``metadata_props`` and the file is written and checked
    (:mod:`~coopkit.exporters.io`);
@@ -19,12 +22,18 @@ How a file is made, one layer each:
 5. everything is written in a temporary folder beside the target and renamed into place
    (external data and the text graph first, the image graph last);
 6. the sidecar ``<stem>.json`` (metadata and every file's sha256, for web clients) is written
-   beside it (:func:`~coopkit.exporters.io.write_sidecar`).
+   beside it (:func:`~coopkit.exporters.io.write_sidecar`);
+7. everything it did is returned as an :class:`ExportReport`.
+
+The exporter uses a small documented part of the classifier it is given: ``backbone`` (the
+model's name, preprocessing, tokenizer and logit bias), ``classnames``, ``config`` (prompt
+settings, templates and where the training images are), ``method``, ``head()``,
+``class_weights()`` and ``image_encoder()``; the text graph also uses ``learner`` (the learned
+context) and ``text_tower``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -36,13 +45,15 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from coopkit.data import few_shot, list_images, load_dataset
-from coopkit.runtime.contract import INPUT_CROPPED, INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, PRECISIONS, ModelMetadata
-from coopkit.runtime.preprocess import preprocess
+from coopkit.runtime.contract import INPUT_CROPPED, INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, ModelMetadata, ResizeSpec
+from coopkit.runtime.integrity import weights_sha256
+from coopkit.runtime.preprocess import resize_plan
 
-from .graphs import ImageGraph
+from .config import ExportConfig
+from .fp16 import to_fp16
+from .graphs import ImageGraph, image_encoder
+from .int8 import Int8Summary, calibration_images, to_int8
 from .io import (
-    EXTERNAL_DATA_THRESHOLD,
     check_model,
     check_target,
     file_size,
@@ -55,13 +66,14 @@ from .io import (
     text_graph_name,
     write_sidecar,
 )
-from .preprocess import RAW_INPUT_OPSET, check_raw_input_supported, prepend_preprocessing
-from .quantize import to_fp16, to_int8
+from .preprocess import check_raw_input_supported, prepend_preprocessing
 from .text import check_text_encoder_supported, export_text_graph
-from .trace import DEFAULT_OPSET, check_opset, example_tensor, trace
+from .trace import example_tensor, trace
 from .verify import (
     FP16_CPU_DISABLED_OPTIMIZERS,
-    VERIFY_IMAGES,
+    ImageCheck,
+    RawInputCheck,
+    TextCheck,
     cpu_session_crashes,
     decoded_images,
     logit_scale,
@@ -82,7 +94,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ExportResult:
+class ExportReport:
     """What :func:`export_onnx` wrote and how it was checked.
 
     Attributes:
@@ -91,12 +103,18 @@ class ExportResult:
         files: Every file written (image graph, external data, text graph).
         size_bytes: Total size of ``files``.
         seconds: Wall time of the export, verification included.
-        checks: Numbers of the proof of equality: ``max_abs_logit_diff``, ``top1_agreement``,
-            ``n_images``, ``batch_sizes``, ``tolerance``; with a text graph,
-            ``text_max_abs_diff``; for raw input, ``raw_max_pixel_diff``,
-            ``raw_max_abs_logit_diff``, ``raw_top1_agreement`` and the other ``raw_*`` numbers
-            of :func:`~coopkit.exporters.verify.verify_raw_input`.
         metadata: The metadata stored in the file.
+        image: The proof of equality of the image graph against PyTorch
+            (:class:`~coopkit.exporters.verify.ImageCheck`: largest logit difference, top-1
+            agreement, images, batch sizes, batch invariance, accuracies on labelled images).
+        config: The settings it ran with.
+        text: The text graph's check (:class:`~coopkit.exporters.verify.TextCheck`), when exported.
+        raw: The raw-input check against the Pillow path
+            (:class:`~coopkit.exporters.verify.RawInputCheck`), for ``raw_input``.
+        int8: The quantisation (:class:`~coopkit.exporters.int8.Int8Summary`: products quantised,
+            calibration images, smoothing kept), for ``int8``.
+        cpu_default_session_crashes: fp16: whether onnxruntime's CPU provider at its default
+            optimisation level crashes on the file (``None`` for other precisions).
         text_path: The text graph, when exported.
         external_data: Whether the tensors live in ``<file>.data``.
         sidecar: ``<stem>.json`` beside the graph: the metadata and every file's sha256, for
@@ -108,19 +126,32 @@ class ExportResult:
     files: list[Path]
     size_bytes: int
     seconds: float
-    checks: dict[str, Any]
     metadata: ModelMetadata
+    image: ImageCheck
+    config: ExportConfig
+    text: Optional[TextCheck] = None
+    raw: Optional[RawInputCheck] = None
+    int8: Optional[Int8Summary] = None
+    cpu_default_session_crashes: Optional[bool] = None
     text_path: Optional[Path] = None
     external_data: bool = False
     sidecar: Optional[Path] = None
 
 
+#: The name of :class:`ExportReport` in coopkit 0.2.0.
+ExportResult = ExportReport
 
-def _check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unsupported precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    return precision
 
+@dataclass
+class ExportPlan:
+    """An export checked and ready to run (:func:`prepare`): where it goes, what the file will
+    say about itself, and the images it is verified (and, for int8, calibrated) on."""
+
+    target: Path
+    metadata: ModelMetadata
+    images: np.ndarray  # (n, H, W, 3) uint8 at the model's size
+    labels: Optional[np.ndarray]  # -1 for unlabelled images
+    calibration: Optional[np.ndarray]  # int8: (n, H, W, 3) uint8
 
 
 def _check_classifier(classifier: "Classifier") -> None:
@@ -132,18 +163,19 @@ def _check_classifier(classifier: "Classifier") -> None:
             )
 
 
-
-def weights_sha256(weights: "torch.Tensor") -> str:
-    """sha256 of the class weight matrix as float32, C order (the value stored in the metadata)."""
-    array = np.ascontiguousarray(weights.detach().to("cpu").float().numpy(), dtype=np.float32)
-    return hashlib.sha256(array.tobytes()).hexdigest()
-
-
 def _recorded_pretrained(pretrained: Optional[str]) -> Optional[str]:
     if pretrained is None:
         return None
     path = Path(pretrained)
     return path.name if (os.sep in pretrained or path.suffix) else pretrained
+
+
+def resolved_resize(image_size: tuple[int, int], resize_mode: str, interpolation: str, fill_color: int) -> ResizeSpec:
+    """The resize plan the runtime derives from these fields
+    (:func:`~coopkit.runtime.preprocess.resize_plan`), resolved for the metadata."""
+    plan = resize_plan(image_size, resize_mode, interpolation, fill_color)
+    return ResizeSpec(rule=plan.rule, interpolation=plan.interpolation, size=image_size, crop=plan.fill is not None,
+                      fill=int(plan.fill or 0))
 
 
 def build_metadata(
@@ -155,10 +187,10 @@ def build_metadata(
     bb = classifier.backbone
     cfg = bb.preprocess_cfg
     weights = classifier.class_weights()
-    if classifier.learner is not None:
-        p = classifier.learner.config
+    p = classifier.config.prompt
+    if p is not None:
         prompt: dict[str, Any] = {
-            "n_ctx": int(classifier.learner.n_ctx),
+            "n_ctx": int(p.n_ctx),
             "csc": bool(p.csc),
             "class_token_position": p.class_token_position,
             "ctx_init": p.ctx_init,
@@ -168,6 +200,7 @@ def build_metadata(
     interpolation = str(cfg.get("interpolation", "bicubic"))
     resize_mode = str(cfg.get("resize_mode", "shortest"))
     fill = cfg.get("fill_color", 0)
+    fill_color = int(fill if isinstance(fill, (int, float)) else 0)
     try:
         return ModelMetadata(
             classnames=list(classifier.classnames),
@@ -176,84 +209,29 @@ def build_metadata(
             interpolation=interpolation,
             mean=tuple(cfg["mean"]),
             std=tuple(cfg["std"]),
-            fill_color=int(fill if isinstance(fill, (int, float)) else 0),
+            fill_color=fill_color,
             model=bb.name,
             pretrained=_recorded_pretrained(bb.pretrained),
             method=classifier.method,
             prompt=prompt,
             precision=precision,
             embed_dim=int(weights.shape[1]),
-            weights_sha256=weights_sha256(weights),
+            weights_sha256=weights_sha256(weights.detach().to("cpu").float().numpy()),
             coopkit_version=__version__,
             text_encoder=text_encoder,
             logit_bias=bb.logit_bias,
             input_kind=input_kind,
+            resize_plan=resolved_resize(tuple(bb.image_size), resize_mode, interpolation, fill_color),
         )
     except ValueError as e:  # MetadataError: e.g. an interpolation the runtime cannot reproduce
         raise ValueError(f"cannot export {bb.name}: {e}") from None
 
 
-
-#: int8: calibration images used at most (an even spread over those given).
-CALIBRATION_MAX_IMAGES = 256
-_CALIBRATION_HINT = (
-    "pass calibration= images like those the model will serve (coopkit export --calibration DIR: "
-    "a folder of images, an ImageFolder, CSV or CoOp split)"
-)
-
-
-def _training_images(classifier: "Classifier") -> list[str]:
-    """The few-shot sample the run was trained on, drawn again from its recorded data source."""
-    config = classifier.config
-    if config.data is None or config.train is None:
-        why = ("a zero-shot classifier has no training images" if config.method == "zeroshot" else
-               "this run does not record where its training images are (fitted on a Dataset object, or saved by "
-               "an older coopkit)")
-        raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
-    try:
-        dataset = load_dataset(config.data.source, split="train", image_root=config.data.image_root)
-    except FileNotFoundError as e:
-        raise ValueError(
-            f"int8 calibrates on the run's training images, but they are not where the run recorded them ({e}); "
-            f"{_CALIBRATION_HINT}"
-        ) from None
-    return few_shot(dataset.subset(classifier.classnames), config.train.shots, config.train.seed).paths
-
-
-def calibration_images(
-    classifier: "Classifier", calibration: Optional[Any], meta: ModelMetadata, limit: int = CALIBRATION_MAX_IMAGES
-) -> np.ndarray:
-    """uint8 images ``(n, H, W, 3)`` at the model's size for int8 calibration, as the runtime
-    crops them: the run's own training images by default, else ``calibration`` (a folder of
-    images at any depth, an ImageFolder / CSV / CoOp split file, a list of images, or a uint8
-    batch at the model's size). At most ``limit``, spread evenly over those given."""
-    h, w = meta.image_size
-    if isinstance(calibration, np.ndarray):
-        if calibration.dtype != np.uint8 or calibration.ndim != 4 or calibration.shape[1:] != (h, w, 3):
-            raise ValueError(f"calibration images must be uint8 (n, {h}, {w}, 3), got {calibration.dtype} {calibration.shape}")
-        sources: list[Any] = list(calibration)
-    elif calibration is None:
-        sources = _training_images(classifier)
-    elif isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration).expanduser()
-        if path.is_dir():
-            sources = list_images(path)  # plain or ImageFolder: every image at any depth, labels unused
-        else:
-            sources = load_dataset(path, split="train").paths
-    else:
-        sources = list(calibration)
-    if not sources:
-        raise ValueError(f"no calibration images; {_CALIBRATION_HINT}")
-    if len(sources) > limit:
-        sources = [sources[i] for i in np.linspace(0, len(sources) - 1, limit).round().astype(int)]
-    arrays = [preprocess(s, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for s in sources]
-    return np.stack(arrays)  # (n, H, W, 3)
-
-
 def _image_module(classifier: "Classifier") -> "torch.nn.Module":
     bb = classifier.backbone
-    head = classifier.head().to(next(bb.model.parameters()).device)
-    return ImageGraph(bb.model, head, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"]).eval()
+    encoder = image_encoder(classifier)
+    head = classifier.head().to(next(encoder.parameters()).device)
+    return ImageGraph(encoder, head, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"]).eval()
 
 
 def _fix_output_dims(model: "onnx.ModelProto", n_classes: int, embed_dim: int) -> None:
@@ -266,31 +244,128 @@ def _fix_output_dims(model: "onnx.ModelProto", n_classes: int, embed_dim: int) -
             dims[1].dim_value = width[out.name]
 
 
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def prepare(classifier: "Classifier", path: Union[str, os.PathLike], config: ExportConfig) -> ExportPlan:
+    """Check everything that can be checked before tracing (the classifier, the target, the
+    metadata, raw-input support, the text graph) and gather the verification and calibration images."""
+    _check_classifier(classifier)
+    if config.with_text_encoder:
+        check_text_encoder_supported(classifier)
+    target = check_target(path)
+    meta = build_metadata(classifier, config.precision, input_kind=INPUT_RAW if config.raw_input else INPUT_CROPPED)
+    if config.raw_input:
+        check_raw_input_supported(meta)
+    calibration = None
+    if config.precision == "int8":
+        calibration = calibration_images(classifier, config.int8.calibration, meta, config.int8.calibration_max_images)
+    images = random_images(config.n_verify, meta.image_size, config.seed)
+    labels = None
+    if config.verify_data is not None:
+        extra, labels = verification_data(config.verify_data, classifier, meta)
+        images = np.concatenate([images, extra])
+        if labels is not None:
+            labels = np.concatenate([np.full(config.n_verify, -1), labels])
+    return ExportPlan(target, meta, images, labels, calibration)
+
+
+def convert(classifier: "Classifier", plan: ExportPlan, config: ExportConfig, folder: Path) -> tuple[list[Path], Optional[Int8Summary]]:
+    """Trace the image graph into ``folder``, derive its precision variant, put the raw-input
+    preprocessing in front if asked, store the metadata and save it (with its external data
+    when large) under the target's name; ``onnx.checker`` checks it.
+
+    Returns the files written (the graph first) and, for int8, what the quantisation did."""
+    import onnx
+
+    meta, int8 = plan.metadata, None
+    raw = folder / "raw-fp32.onnx"
+    module = _image_module(classifier)
+    trace(module, example_tensor(plan.images[: min(2, len(plan.images))], module), raw, config.resolved_opset,
+          INPUT_NAME, OUTPUT_NAMES, "batch")
+    del module
+    if config.precision == "int8":
+        big = tensor_bytes(onnx.load(os.fspath(raw), load_external_data=False)) > config.size_threshold
+        quantised = folder / "raw-int8.onnx"
+        int8 = to_int8(raw, quantised, plan.calibration, config.int8, input_name=INPUT_NAME, external_data=big)
+        model = onnx.load(os.fspath(quantised))
+    else:
+        model = onnx.load(os.fspath(raw))
+        if config.precision == "fp16":
+            model = to_fp16(model)
+    if config.raw_input:
+        model = prepend_preprocessing(model, meta)
+    _fix_output_dims(model, len(meta.classnames), meta.embed_dim)
+    set_metadata(model, meta)
+    final = folder / plan.target.name
+    files = save_model(model, final, config.size_threshold)
+    record_tensors_sha256(model, meta, final)
+    del model
+    check_model(final)
+    return files, int8
+
+
+def validate(
+    classifier: "Classifier", plan: ExportPlan, config: ExportConfig, path: Path
+) -> tuple[ImageCheck, Optional[RawInputCheck], Optional[bool]]:
+    """Prove the written file equal to PyTorch (and, for raw input, to the Pillow path); raise
+    :class:`~coopkit.exporters.io.ExportVerificationError` if it is not. Returns the image
+    check, the raw-input check and, for fp16, whether onnxruntime's default CPU session crashes on it."""
+    precision, meta = config.precision, plan.metadata
+    image = verify_image_graph(path, classifier, precision, plan.images, config.verify_batch, plan.labels)
+    logger.info(
+        "verified %s against PyTorch: max |logit diff| %.3g, top-1 agreement %.1f%% on %d images",
+        precision, image.max_abs_logit_diff, 100 * image.top1_agreement, image.n_images,
+    )
+    raw = None
+    if config.raw_input:
+        raw_images = raw_test_images(meta.image_size, seed=config.seed)
+        if config.verify_data is not None:
+            raw_images += decoded_images(config.verify_data, classifier)
+        raw = verify_raw_input(path, meta, precision, raw_images, logit_scale(classifier))
+        logger.info(
+            "verified the raw input against Pillow on %d images of many sizes: crops within %d grey levels "
+            "(mean %.4f), max |logit diff| %.3g, top-1 agreement %.1f%%",
+            raw.n_images, raw.max_pixel_diff, raw.mean_pixel_diff, raw.max_abs_logit_diff, 100 * raw.top1_agreement,
+        )
+    crashes = None
+    if precision == "fp16":
+        crashes = cpu_session_crashes(path)
+        if crashes:
+            logger.warning(
+                "onnxruntime's CPU provider crashes on this fp16 file at its default optimisation level; "
+                "serve fp16 on CUDA, or on the CPU with disabled_optimizers=%s (fp32/int8 are the CPU choices)",
+                list(FP16_CPU_DISABLED_OPTIMIZERS),
+            )
+    return image, raw, crashes
+
+
 def export_onnx(
     classifier: "Classifier",
     path: Union[str, os.PathLike],
-    precision: str = "fp32",
+    precision: Optional[str] = None,
     *,
-    opset: Optional[int] = None,
-    raw_input: bool = False,
-    with_text_encoder: bool = False,
-    verify_data: Optional[Any] = None,
-    n_verify: int = VERIFY_IMAGES,
-    verify_batch: int = 8,
-    size_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    seed: int = 0,
-    calibration: Optional[Any] = None,
-) -> ExportResult:
+    config: Optional[ExportConfig] = None,
+    **overrides: Any,
+) -> ExportReport:
     """Export a fitted or zero-shot classifier as one ONNX graph, verified against PyTorch.
+
+    ``export_onnx(clf, "model.onnx", "int8", calibration="data/train")`` is
+    ``export_onnx(clf, "model.onnx", config=ExportConfig(precision="int8",
+    int8=QuantizationConfig(calibration="data/train")))``.
 
     Args:
         classifier: From :func:`coopkit.fit`, :func:`coopkit.zero_shot` or :func:`coopkit.load`.
         path: The ``.onnx`` file to write (its folder is created).
+        config: The settings (:class:`~coopkit.exporters.config.ExportConfig`; default: its defaults).
+        **overrides: Fields of ``config`` (or of its ``int8`` part) to replace, described below.
+
+    Settings (fields of :class:`~coopkit.exporters.config.ExportConfig` and its ``int8`` part):
         precision: ``fp32``; ``fp16`` (weights and most activations in half precision; inputs,
             outputs, LayerNorm, softmax and the head in fp32: for GPUs); ``int8`` (static
             quantisation, calibrated: int8 per-channel weights and fixed uint8 activation scales
             for every MatMul/Gemm with constant weights, so an image's answer does not depend on
-            the batch; for CPUs; see :func:`~coopkit.exporters.quantize.to_int8`).
+            the batch; for CPUs; see :func:`~coopkit.exporters.int8.to_int8`).
         opset: ONNX opset, 14 to 20 (``None``: 17, or 18 with ``raw_input``, which needs 18 or newer).
         raw_input: The file takes decoded uint8 RGB images of any size, ``(batch, height,
             width, 3)`` with the images of one run sharing a size, and resizes and crops them in
@@ -305,18 +380,18 @@ def export_onnx(
             ``test`` split is used), a list of images, or a uint8 ``(n, H, W, 3)`` batch at the
             model's size. With labels, both accuracies are reported and, for int8, must be
             within 1 point (from 100 labelled images on). The int8 criteria are meant for a
-            task's real test images; see :func:`compare` for how close calls are counted.
+            task's real test images; see :func:`~coopkit.exporters.verify.compare` for how close calls are counted.
         n_verify: Generated test images (uniform noise and smooth colour fields).
         verify_batch: Batch size of the verification runs (a batch of 1 is always run too).
         size_threshold: Tensors above this many bytes are written to ``<file>.data``.
         seed: Seed of the generated test images.
-        calibration: int8 only: images to calibrate the activation ranges on (see
-            :func:`calibration_images`). Default: the run's own training images, drawn again
+        calibration: (``int8``) int8 only: images to calibrate the activation ranges on (see
+            :func:`~coopkit.exporters.int8.calibration_images`). Default: the run's own training images, drawn again
             from the data source its config records; a zero-shot classifier has none and
             needs this.
 
     Returns:
-        An :class:`ExportResult`: the files, their size, the time taken and the numbers of the
+        An :class:`ExportReport`: the files, their size, the time taken and the checks of the
         proof of equality.
 
     Raises:
@@ -328,95 +403,22 @@ def export_onnx(
         OSError: the environment: permission denied, a read-only or full disk (nothing is left
             behind, and an earlier file at ``path`` is kept).
     """
-    import onnx
-
     started = time.perf_counter()
-    _check_classifier(classifier)
-    _check_precision(precision)
-    if opset is None:
-        opset = RAW_INPUT_OPSET if raw_input else DEFAULT_OPSET
-    check_opset(opset)
-    if raw_input and opset < RAW_INPUT_OPSET:
-        raise ValueError(f"raw input needs opset {RAW_INPUT_OPSET} or newer (Resize with antialias), got {opset}")
-    if n_verify < 1 or verify_batch < 1:
-        raise ValueError(f"n_verify and verify_batch must be >= 1, got {n_verify} and {verify_batch}")
-    if with_text_encoder:
-        check_text_encoder_supported(classifier)
-    target = check_target(path)
-    meta = build_metadata(classifier, precision, input_kind=INPUT_RAW if raw_input else INPUT_CROPPED)
-    if raw_input:
-        check_raw_input_supported(meta)
-    calib = calibration_images(classifier, calibration, meta) if precision == "int8" else None
-    if calibration is not None and precision != "int8":
-        raise ValueError(f"calibration images are for int8 exports; precision is {precision}")
-    images = random_images(n_verify, meta.image_size, seed)
-    labels = None
-    if verify_data is not None:
-        extra, labels = verification_data(verify_data, classifier, meta)
-        images = np.concatenate([images, extra])
-        if labels is not None:
-            labels = np.concatenate([np.full(n_verify, -1), labels])
-
+    if precision is not None:
+        overrides["precision"] = precision
+    config = ExportConfig.build(config, **overrides)
+    plan = prepare(classifier, path, config)
+    target, meta = plan.target, plan.metadata
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        checks: dict[str, Any] = {}
         text_files: list[Path] = []
-        if with_text_encoder:
-            text_files, text_spec, text_checks = export_text_graph(
-                classifier, tmp / text_graph_name(target.name), opset=opset, size_threshold=size_threshold
-            )
-            meta.text_encoder = text_spec
-            checks.update(text_checks)
-
-        raw = tmp / "raw-fp32.onnx"
-        module = _image_module(classifier)
-        trace(module, example_tensor(images[: min(2, len(images))], module), raw, opset, INPUT_NAME, OUTPUT_NAMES,
-              "batch")
-        del module
-        final = tmp / target.name
-        if precision == "int8":
-            big = tensor_bytes(onnx.load(os.fspath(raw), load_external_data=False)) > size_threshold
-            quantised = tmp / "raw-int8.onnx"
-            checks.update(to_int8(raw, quantised, calib, input_name=INPUT_NAME, external_data=big))
-            model = onnx.load(os.fspath(quantised))
-        else:
-            model = onnx.load(os.fspath(raw))
-            if precision == "fp16":
-                model = to_fp16(model)
-        if raw_input:
-            model = prepend_preprocessing(model, meta)
-        _fix_output_dims(model, len(meta.classnames), meta.embed_dim)
-        set_metadata(model, meta)
-        files = save_model(model, final, size_threshold)
-        record_tensors_sha256(model, meta, final)
-        del model
-        check_model(final)
-        checks.update(verify_image_graph(final, classifier, precision, images, verify_batch, labels))
-        if raw_input:
-            raw_images = raw_test_images(meta.image_size, seed=seed)
-            if verify_data is not None:
-                raw_images += decoded_images(verify_data, classifier)
-            checks.update(verify_raw_input(final, meta, precision, raw_images, logit_scale(classifier)))
-        if precision == "fp16":
-            crashes = cpu_session_crashes(final)
-            checks["cpu_default_session_crashes"] = crashes
-            if crashes:
-                logger.warning(
-                    "onnxruntime's CPU provider crashes on this fp16 file at its default optimisation level; "
-                    "serve fp16 on CUDA, or on the CPU with disabled_optimizers=%s (fp32/int8 are the CPU choices)",
-                    list(FP16_CPU_DISABLED_OPTIMIZERS),
-                )
-        logger.info(
-            "verified %s against PyTorch: max |logit diff| %.3g, top-1 agreement %.1f%% on %d images",
-            precision, checks["max_abs_logit_diff"], 100 * checks["top1_agreement"], checks["n_images"],
-        )
-        if raw_input:
-            logger.info(
-                "verified the raw input against Pillow on %d images of many sizes: crops within %d grey levels "
-                "(mean %.4f), max |logit diff| %.3g, top-1 agreement %.1f%%",
-                checks["raw_n_images"], checks["raw_max_pixel_diff"], checks["raw_mean_pixel_diff"],
-                checks["raw_max_abs_logit_diff"], 100 * checks["raw_top1_agreement"],
-            )
+        text = None
+        if config.with_text_encoder:
+            text_files, meta.text_encoder, text = export_text_graph(
+                classifier, tmp / text_graph_name(target.name), opset=config.resolved_opset,
+                size_threshold=config.size_threshold)
+        files, int8 = convert(classifier, plan, config, tmp)
+        image, raw, crashes = validate(classifier, plan, config, files[0])
         # into place: external data and the text graph first, the image graph (which names them) last
         written = move_into_place([*text_files, *files[1:], files[0]], target.parent)
         remove_stale_companions(target, written)
@@ -428,19 +430,23 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
 
     main_file = written[-1]
-    sidecar = write_sidecar(main_file, meta, written)
-    result = ExportResult(
+    report = ExportReport(
         path=main_file,
-        precision=precision,
+        precision=config.precision,
         files=[main_file, *written[:-1]],
         size_bytes=file_size(written),
         seconds=time.perf_counter() - started,
-        checks=checks,
         metadata=meta,
+        image=image,
+        config=config,
+        text=text,
+        raw=raw,
+        int8=int8,
+        cpu_default_session_crashes=crashes,
         text_path=next((w for w in written if w.name == text_graph_name(target.name)), None),
         external_data=len(files) > 1,
-        sidecar=sidecar,
+        sidecar=write_sidecar(main_file, meta, written),
     )
-    logger.info("exported %s (%s, %.1f MB) in %.1fs", main_file, precision, result.size_bytes / 1e6, result.seconds)
-    return result
-
+    logger.info("exported %s (%s, %.1f MB) in %.1fs", main_file, config.precision, report.size_bytes / 1e6,
+                report.seconds)
+    return report

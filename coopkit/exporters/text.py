@@ -8,7 +8,7 @@ library) and runs this graph; the token layout is the contract's (:mod:`coopkit.
 and :class:`coopkit.exporters.graphs.TextGraph` implements it for every text-tower family.
 
 Zero-shot classifiers export their plain text tower; the runtime fills the templates in and
-averages them as :func:`coopkit.classifier.template_features` does.
+averages them as :func:`coopkit.methods.base.template_features` does.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def check_text_encoder_supported(classifier: "Classifier") -> None:
     """Refuse class-specific context (it has no context to give a class name it was not trained
     on), the heads of the few-shot baselines (weights for their training classes only) and
     tokenizers the torch-free runtime cannot run."""
-    if classifier.method not in ("coop", "zeroshot"):
+    if not classifier.text_graph:
         raise ValueError(
             f"--with-text-encoder needs a CoOp or zero-shot run; a {classifier.method} head holds weights learned "
             "for its training classes only, so new class names would be scored without them. Export without "

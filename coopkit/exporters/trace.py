@@ -22,17 +22,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
-MIN_OPSET = 14  # scaled_dot_product_attention needs 14
-MAX_OPSET = 20  # the TorchScript exporter's newest
-
-
-def check_opset(opset: int) -> int:
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
-    return opset
-
-
 @contextlib.contextmanager
 def _exporting() -> Iterator[None]:
     """No grad, MultiheadAttention's fused fast path off, tracer chatter to the debug log."""

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
-from coopkit.data import load_dataset
+from coopkit.userdata import load_dataset
 from coopkit.runtime.contract import INPUT_NAME, OUTPUT_NAMES, ModelMetadata, TextEncoderSpec
-from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS, disabled_optimizers
+from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS, cpu_session
 from coopkit.runtime.preprocess import decode, preprocess, resize_and_crop
 from coopkit.runtime.text import TextEncoder
 
@@ -50,8 +51,6 @@ BATCH_CHECK_IMAGES = 4
 BATCH_COMPANIONS = 3
 #: Largest absolute class-weight difference of a text graph against PyTorch.
 TEXT_TOLERANCE = 1e-4
-#: Generated verification images per export (besides any labelled ones).
-VERIFY_IMAGES = 16
 #: Raw input: largest grey-level difference between the graph's crop and the Pillow path's.
 RAW_PIXEL_TOLERANCE = 3
 #: Raw input: largest logit difference, as a share of ``exp(logit_scale)`` (so in cosine units),
@@ -61,21 +60,80 @@ RAW_LOGIT_TOLERANCE = 0.005
 RAW_MIN_TOP1_AGREEMENT = 0.995
 
 
+@dataclass
+class ImageCheck:
+    """The proof-of-equality numbers of an image graph against PyTorch (:func:`compare`,
+    :func:`verify_image_graph`).
+
+    Attributes:
+        max_abs_logit_diff: Largest absolute logit difference.
+        mean_abs_logit_diff: Mean absolute logit difference.
+        max_abs_embed_diff: Largest absolute difference of the L2-normalised embeddings.
+        top1_agreement: Share of the images with the same top-1 class.
+        n_images: Images compared.
+        finite: Whether every output was finite.
+        tolerance: The rule applied: the logit tolerance (fp32, fp16), or int8's agreement rule in words.
+        problems: Why it fails; empty when it passes.
+        top1_agreement_decisive: int8: the agreement on the images with a clear top class.
+        n_decisive: int8: how many images have a clear top class.
+        batch_sizes: Batch sizes the file was run at.
+        batch_invariance_max_diff: Largest change of an image's logits with what shares its batch.
+        accuracy_torch: PyTorch's accuracy on the labelled verification images, if any.
+        accuracy_onnx: The file's accuracy on them.
+        n_labelled: Labelled verification images.
+    """
+
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    max_abs_embed_diff: float
+    top1_agreement: float
+    n_images: int
+    finite: bool
+    tolerance: Union[float, str] = 0.0
+    problems: list[str] = field(default_factory=list)
+    top1_agreement_decisive: Optional[float] = None
+    n_decisive: Optional[int] = None
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_invariance_max_diff: Optional[float] = None
+    accuracy_torch: Optional[float] = None
+    accuracy_onnx: Optional[float] = None
+    n_labelled: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TextCheck:
+    """A text graph's class weights against PyTorch's (:func:`verify_text_graph`)."""
+
+    max_abs_diff: float
+    n_classes: int
+
+
+@dataclass(frozen=True)
+class RawInputCheck:
+    """A raw-input file against the runtime's Pillow path (:func:`verify_raw_input`).
+
+    Attributes:
+        n_images: Decoded images of many sizes checked.
+        max_pixel_diff: Largest grey-level difference between the graph's crop and Pillow's.
+        mean_pixel_diff: Mean grey-level difference.
+        max_abs_logit_diff: Largest logit difference, decoded image against its Pillow crop.
+        logit_tolerance: The tolerance of that difference (in logits).
+        top1_agreement: Share of the images with the same top-1 class both ways.
+        batch_max_abs_logit_diff: The same difference for a batch of same-size images.
+    """
+
+    n_images: int
+    max_pixel_diff: int
+    mean_pixel_diff: float
+    max_abs_logit_diff: float
+    logit_tolerance: float
+    top1_agreement: float
+    batch_max_abs_logit_diff: float
+
+
 #: onnxruntime 1.31's CPU layout optimiser crashes the process on some fp16 transformer graphs;
 #: files are verified with it switched off, as coopkit.runtime always does (see :func:`cpu_session_crashes`).
 FP16_CPU_DISABLED_OPTIMIZERS = CPU_DISABLED_OPTIMIZERS
-
-
-def cpu_session(path: Path) -> Any:
-    """An onnxruntime CPU session with the optimisers coopkit.runtime opens the file with
-    (:func:`~coopkit.runtime.session.disabled_optimizers`: the crashing one off for fp16 files)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(
-        os.fspath(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled_optimizers(path)
-    )
 
 
 def cpu_session_crashes(path: Path, timeout: float = 300.0) -> bool:
@@ -115,21 +173,25 @@ def random_images(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
 def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The PyTorch classifier on uint8 images already at the model's size, in fp32.
 
-    Independent of the traced module: the images go through the backbone's own torchvision
-    transform (``ToTensor`` + ``Normalize``), ``encode_image`` and the classifier's weights.
+    Independent of the traced graph: the images go through the backbone's own torchvision
+    transform (``ToTensor`` + ``Normalize``), the classifier's image encoder run eagerly (not
+    patched for tracing, not wrapped in the graph's uint8 normalisation) and its head.
     """
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
+    from .graphs import image_encoder
+
     bb = classifier.backbone
-    device = next(bb.model.parameters()).device
+    encoder = image_encoder(classifier).eval()
+    device = next(encoder.parameters()).device
     head = classifier.head().to(device)
     logits, embeds = [], []
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for start in range(0, len(images), batch_size):
             x = torch.stack([bb.preprocess(Image.fromarray(a)) for a in images[start : start + batch_size]])
-            e = F.normalize(bb.model.encode_image(x.to(device).float()).float(), dim=-1)  # (b, D)
+            e = F.normalize(encoder(x.to(device).float()).float(), dim=-1)  # (b, D)
             embeds.append(e.cpu())
             logits.append(head(e).float().cpu())  # (b, C)
     logit = torch.cat(logits)
@@ -178,8 +240,8 @@ def batch_invariance(session: Any, images: np.ndarray, batched_logits: np.ndarra
 
 def compare(
     reference: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, scale: float = 1.0
-) -> dict[str, Any]:
-    """The proof-of-equality numbers of one precision, and whether they pass.
+) -> ImageCheck:
+    """The proof-of-equality numbers of one precision, and whether they pass (``problems``).
 
     fp32: logits within 1e-4. fp16: within 5e-2 and the same top-1 wherever PyTorch's top
     two logits are more than twice that apart (closer pairs may swap within the tolerance).
@@ -193,20 +255,20 @@ def compare(
     agreement = float((top_ref == top_out).mean()) if len(ref) else 1.0
     ordered = np.sort(ref, axis=1)
     margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
-    result: dict[str, Any] = {
-        "max_abs_logit_diff": diff,
-        "mean_abs_logit_diff": float(np.abs(ref - out).mean()) if ref.size else 0.0,
-        "max_abs_embed_diff": float(np.abs(reference["image_embeds"] - got["image_embeds"]).max()),
-        "top1_agreement": agreement,
-        "n_images": int(len(ref)),
-        "finite": bool(all(np.isfinite(v).all() for v in got.values())),
-    }
-    problems = []
-    if not result["finite"]:
+    result = ImageCheck(
+        max_abs_logit_diff=diff,
+        mean_abs_logit_diff=float(np.abs(ref - out).mean()) if ref.size else 0.0,
+        max_abs_embed_diff=float(np.abs(reference["image_embeds"] - got["image_embeds"]).max()),
+        top1_agreement=agreement,
+        n_images=int(len(ref)),
+        finite=bool(all(np.isfinite(v).all() for v in got.values())),
+    )
+    problems = result.problems
+    if not result.finite:
         problems.append("non-finite outputs")
     if precision in LOGIT_TOLERANCE:
         tol = LOGIT_TOLERANCE[precision]
-        result["tolerance"] = tol
+        result.tolerance = tol
         if diff > tol:
             problems.append(f"logits differ by up to {diff:.3g} (tolerance {tol:g})")
         clear = margin > 2 * tol
@@ -217,8 +279,8 @@ def compare(
         decisive = margin > INT8_DECISIVE_MARGIN * scale
         n_decisive = int(decisive.sum())
         agree_decisive = float((top_ref[decisive] == top_out[decisive]).mean()) if n_decisive else 1.0
-        result.update(top1_agreement_decisive=agree_decisive, n_decisive=n_decisive)
-        result["tolerance"] = (
+        result.top1_agreement_decisive, result.n_decisive = agree_decisive, n_decisive
+        result.tolerance = (
             f"top-1 agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin > {INT8_DECISIVE_MARGIN:g}"
         )
         if agree_decisive < INT8_MIN_TOP1_AGREEMENT:
@@ -228,7 +290,6 @@ def compare(
             )
     if not np.allclose(got["probs"].sum(1), 1.0, atol=1e-3):
         problems.append("probs do not sum to 1")
-    result["problems"] = problems
     return result
 
 
@@ -239,7 +300,7 @@ def verify_image_graph(
     images: np.ndarray,
     batch_size: int = 8,
     labels: Optional[np.ndarray] = None,
-) -> dict[str, Any]:
+) -> ImageCheck:
     """Run the file with onnxruntime (CPU) against PyTorch; raise if it does not match.
 
     ``labels`` (``-1`` for unlabelled images) adds both accuracies; for int8 they must be
@@ -251,10 +312,10 @@ def verify_image_graph(
     reference = torch_reference(classifier, images)
     got = run_image_graph(session, images, batch_size)
     result = compare(reference, got, precision, logit_scale(classifier))
-    result["batch_sizes"] = sorted({1, 1 + BATCH_COMPANIONS, min(batch_size, len(images)), len(images) % batch_size or batch_size})
-    result["batch_invariance_max_diff"] = invariance = batch_invariance(session, images, got["logits"])
+    result.batch_sizes = sorted({1, 1 + BATCH_COMPANIONS, min(batch_size, len(images)), len(images) % batch_size or batch_size})
+    result.batch_invariance_max_diff = invariance = batch_invariance(session, images, got["logits"])
     if not invariance <= BATCH_TOLERANCE[precision]:
-        result["problems"].append(
+        result.problems.append(
             f"an image's logits change by up to {invariance:.3g} with the images that share its batch "
             f"(tolerance {BATCH_TOLERANCE[precision]:g})"
         )
@@ -262,21 +323,21 @@ def verify_image_graph(
         known = labels >= 0
         acc_ref = float((reference["logits"][known].argmax(1) == labels[known]).mean())
         acc_out = float((got["logits"][known].argmax(1) == labels[known]).mean())
-        result.update(accuracy_torch=acc_ref, accuracy_onnx=acc_out, n_labelled=int(known.sum()))
+        result.accuracy_torch, result.accuracy_onnx, result.n_labelled = acc_ref, acc_out, int(known.sum())
         if precision == "int8" and known.sum() >= INT8_MIN_LABELLED and abs(acc_ref - acc_out) > INT8_MAX_ACCURACY_DROP:
-            result["problems"].append(
+            result.problems.append(
                 f"accuracy {acc_out:.2%} differs from PyTorch's {acc_ref:.2%} by more than {INT8_MAX_ACCURACY_DROP:.0%}"
             )
-    if result["problems"]:
+    if result.problems:
         raise ExportVerificationError(
             f"the {precision} ONNX graph does not match the PyTorch classifier on {len(images)} test images: "
-            + "; ".join(result["problems"])
+            + "; ".join(result.problems)
         )
     return result
 
 
 
-def verify_text_graph(path: Path, classifier: "Classifier", spec: TextEncoderSpec) -> dict[str, Any]:
+def verify_text_graph(path: Path, classifier: "Classifier", spec: TextEncoderSpec) -> TextCheck:
     """Class weights of the text graph at ``path`` against PyTorch's, for all classes and for one.
 
     Raises:
@@ -293,7 +354,7 @@ def verify_text_graph(path: Path, classifier: "Classifier", spec: TextEncoderSpe
             f"(tolerance {TEXT_TOLERANCE:g})"
         )
     logger.info("verified text graph: max |class weight diff| %.3g over %d classes", diff, len(names))
-    return {"text_max_abs_diff": diff, "text_n_classes": len(names)}
+    return TextCheck(max_abs_diff=diff, n_classes=len(names))
 
 
 def verification_data(data: Any, classifier: "Classifier", meta: ModelMetadata) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -342,7 +403,7 @@ def raw_test_images(image_size: tuple[int, int], n_random: int = 16, seed: int =
 
 
 def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Sequence[np.ndarray],
-                     scale: float) -> dict[str, Any]:
+                     scale: float) -> RawInputCheck:
     """Check a raw-input file against the runtime's Pillow path on decoded images of any size.
 
     For each image: the graph's crop (its preprocessing alone, built as in the file) against
@@ -359,7 +420,7 @@ def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Se
     from PIL import Image
 
     session = cpu_session(path)
-    pre = cpu_session_from_model(preprocess_model(meta))
+    pre = cpu_session(preprocess_model(meta).SerializeToString())
     pixel_max, pixel_sum, n_values = 0, 0.0, 0
     raw_logits, crop_logits = [], []
     for img in images:
@@ -380,15 +441,15 @@ def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Se
                                       meta.fill_color) for x in same_size])  # (3, h, w, 3)
     batched = session.run(["logits"], {INPUT_NAME: np.stack(same_size)})[0]  # (3, n_classes)
     batched_crops = session.run(["logits"], {INPUT_NAME: crops})[0]
-    result: dict[str, Any] = {
-        "raw_n_images": len(images),
-        "raw_max_pixel_diff": pixel_max,
-        "raw_mean_pixel_diff": pixel_sum / max(n_values, 1),
-        "raw_max_abs_logit_diff": logit_diff,
-        "raw_logit_tolerance": RAW_LOGIT_TOLERANCE * scale,
-        "raw_top1_agreement": agreement,
-        "raw_batch_max_abs_logit_diff": float(np.abs(batched - batched_crops).max()),
-    }
+    result = RawInputCheck(
+        n_images=len(images),
+        max_pixel_diff=pixel_max,
+        mean_pixel_diff=pixel_sum / max(n_values, 1),
+        max_abs_logit_diff=logit_diff,
+        logit_tolerance=RAW_LOGIT_TOLERANCE * scale,
+        top1_agreement=agreement,
+        batch_max_abs_logit_diff=float(np.abs(batched - batched_crops).max()),
+    )
     problems = []
     if pixel_max > RAW_PIXEL_TOLERANCE:
         problems.append(f"the in-graph crop differs from Pillow's by up to {pixel_max} grey levels "
@@ -399,22 +460,13 @@ def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Se
     if agreement < RAW_MIN_TOP1_AGREEMENT:
         problems.append(f"top-1 agrees with the Pillow path on only {agreement:.1%} of the images "
                         f"(need {RAW_MIN_TOP1_AGREEMENT:.1%})")
-    if not result["raw_batch_max_abs_logit_diff"] <= RAW_LOGIT_TOLERANCE * scale:
+    if not result.batch_max_abs_logit_diff <= RAW_LOGIT_TOLERANCE * scale:
         problems.append(f"a batch of same-size images differs from the batch of their Pillow crops by up to "
-                        f"{result['raw_batch_max_abs_logit_diff']:.3g}")
+                        f"{result.batch_max_abs_logit_diff:.3g}")
     if problems:
         raise ExportVerificationError(
             f"the raw-input graph does not match the Pillow path on {len(images)} images: " + "; ".join(problems))
     return result
-
-
-def cpu_session_from_model(model: Any) -> Any:
-    """An onnxruntime CPU session for an in-memory ``onnx.ModelProto``."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _sources(data: Any, classifier: "Classifier") -> tuple[Sequence[Any], Optional[np.ndarray]]:

@@ -41,7 +41,7 @@ from .._unpickle import SafeUnpickler, UnsafeGlobalError
 from ..backbone import Backbone, load_backbone
 from ..classifier import Classifier
 from ..config import PromptConfig, RunConfig
-from ..prompts import PromptLearner
+from ..methods import coop, get
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +204,8 @@ def import_official(
     Args:
         checkpoint: ``.../prompt_learner/model.pth.tar-N``, exactly as the official trainer wrote it.
         classnames: The class names the official run was trained with, in its label order
-            (``coopkit.datasets.load_official(name, root).classnames``, or for base-to-new runs
-            the base half, ``coopkit.data.subsample_classes``).
+            (``coopkit.official_datasets.load_official(name, root).classnames``, or for base-to-new runs
+            the base half, ``coopkit.userdata.subsample_classes``).
         model, pretrained: The CLIP the context was learned on (the official code uses OpenAI CLIP).
         class_token_position: The ``CLASS_TOKEN_POSITION`` of the official run.
         device: Where to load the backbone.
@@ -217,26 +217,21 @@ def import_official(
             model or the number of class names.
     """
     ck = read_official_checkpoint(checkpoint)
-    path, ctx = ck.path, ck.ctx
-    csc = ctx.ndim == 3
-    if csc and ctx.shape[0] != len(classnames):
-        raise ValueError(f"{path}: class-specific context for {ctx.shape[0]} classes, but {len(classnames)} class names given")
+    path = ck.path
     if ck.ignored:
         logger.info("%s (%s): ignoring %s (not used by its forward pass)", path, ck.trainer, ck.ignored)
+    spec = get(coop.NAME)
+    assert spec.importer is not None
     bb = backbone or load_backbone(model, pretrained, device)
-    prompt = PromptConfig(n_ctx=int(ctx.shape[-2]), csc=csc, class_token_position=class_token_position)
-    learner = PromptLearner(bb, classnames, prompt).to(bb.device)
-    if tuple(learner.ctx.shape) != tuple(ctx.shape):
-        raise ValueError(f"{path}: ctx of shape {tuple(ctx.shape)} does not fit {bb.name} (expects {tuple(learner.ctx.shape)})")
-    with torch.no_grad():
-        learner.ctx.copy_(ctx)
-    learner.requires_grad_(False)
+    try:
+        fitted = spec.importer({"ctx": ck.ctx}, classnames, bb, PromptConfig(class_token_position=class_token_position))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     config = RunConfig(
-        method="coop", classnames=list(classnames), **bb.run_fields(),
-        prompt=prompt,
+        method=spec.name, classnames=list(classnames), **bb.run_fields(), **fitted.run_fields(),
         metrics={"imported_from": str(path), "official_trainer": ck.trainer, "official_epoch": ck.epoch,
                  "official_val_result": ck.val_result},
         coopkit_version=__version__,
     )
-    logger.info("imported official %s context %s from %s", ck.trainer, tuple(ctx.shape), path)
-    return Classifier(bb, config, learner)
+    logger.info("imported official %s context %s from %s", ck.trainer, tuple(ck.ctx.shape), path)
+    return Classifier(bb, config, fitted)

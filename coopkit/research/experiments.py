@@ -9,13 +9,14 @@ one training run per cell. A test set is scored among its own classes (ImageNet-
 their 200; a base or new half on its half), as the official code builds its classifier from
 the test set's class names.
 
-The ``official_*`` functions run the protocols on a dataset read by :mod:`coopkit.datasets`
+The ``official_*`` functions run the protocols on a dataset read by :mod:`coopkit.official_datasets`
 (:mod:`coopkit.research.protocols` holds the settings and the published numbers).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import os
@@ -28,13 +29,14 @@ import torch
 
 from ..runtime.atomic import atomic_path, atomic_write
 from ..backbone import Backbone, load_backbone
-from ..classifier import DEFAULT_TEMPLATES, Classifier, zero_shot
-from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, default_of
-from ..data import Dataset, few_shot, load_dataset, subsample_classes
+from ..classifier import Classifier
+from ..config import BackboneConfig, ClapConfig, TipAdapterConfig, TrainConfig, default_of
+from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
-from ..train import fit
-from . import baselines
-from .protocols import DEFAULT_METHODS, METHODS
+from ..methods import Method, bench_row, coop, for_protocol, get, names
+from ..methods.base import DEFAULT_TEMPLATES, Shots
+from ..train import fit, fit_on_shots, zero_shot
+from .protocols import DEFAULT_METHODS, KGCOOP, METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +55,22 @@ def ensemble_templates() -> list[str]:
 
 
 class _Scorer:
-    """A labelled set encoded once, scored against any classifier among the set's own classes."""
+    """A labelled set encoded once by the frozen image encoder, scored against any classifier among the
+    set's own classes (encoded again for a classifier whose method changes the image encoder)."""
 
     def __init__(self, backbone: Backbone, data: Dataset, progress: bool, desc: str) -> None:
         feats, kept = encode_images(backbone, data.paths, progress=progress, desc=desc)
+        self.backbone = backbone
+        self.paths = [data.paths[i] for i in kept]
         self.feats = feats[0]
         self.labels = torch.tensor([data.labels[i] for i in kept])
         self.classnames = list(data.classnames)
+
+    def features(self, clf: Classifier) -> torch.Tensor:
+        """The set's L2-normalised features as ``clf`` sees them ``(n, D)``."""
+        if clf.model.frozen_encoder:
+            return self.feats
+        return encode_images(self.backbone, self.paths, strict=True, encoder=clf.image_encoder())[0][0]
 
     def scores(self, clf: Classifier) -> dict[str, float]:
         """``accuracy`` (top-1), ``top5`` and ``macro`` (mean per-class accuracy), the classifier's
@@ -69,7 +80,7 @@ class _Scorer:
         if missing:
             raise ValueError(f"classes {missing[:5]} of the test set are not among the classifier's classes")
         with torch.no_grad():
-            logits = clf.head()(self.feats)[:, [index[c] for c in self.classnames]]  # (n, test classes)
+            logits = clf.head()(self.features(clf))[:, [index[c] for c in self.classnames]]  # (n, test classes)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # (n, k)
         hit1 = top[:, 0] == self.labels
@@ -83,11 +94,30 @@ class _Scorer:
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """The few-shot methods, each one of :data:`METHODS`."""
-    bad = [m for m in methods if m not in METHODS]
+    """The few-shot methods, each a row of the registry's ``fewshot`` protocol (:data:`METHODS` when
+    only the built-in methods are registered)."""
+    valid = for_protocol("fewshot")
+    bad = [m for m in methods if m not in valid]
     if bad:
-        raise ValueError(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {bad}; valid: {', '.join(valid)}")
     return list(methods)
+
+
+def _fields(config: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+
+
+def protocol_methods(protocol: str, methods: Optional[Sequence[str]] = None) -> list[Method]:
+    """The registered methods a protocol runs: ``methods`` (each must take part in ``protocol``), or by
+    default every method registered for it, in registration order."""
+    valid = [m for m in names() if protocol in get(m).protocols]
+    if methods is None:
+        return [get(m) for m in valid]
+    bad = [m for m in methods if m not in valid]
+    if bad or not methods:
+        raise ValueError(f"methods {list(bad) or list(methods)} do not run in the {protocol} protocol; those that do: "
+                         f"{', '.join(valid)}")
+    return [get(m) for m in valid if m in methods]
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -106,7 +136,7 @@ def fewshot_curves(
     pretrained: Optional[str] = default_of(BackboneConfig, "pretrained"),
     shots: Sequence[int] = (1, 2, 4, 8, 16),
     seeds: Sequence[int] = (1, 2, 3),
-    methods: Sequence[str] = ("zeroshot", "linear-probe", "coop", "coop-csc"),
+    methods: Sequence[str] = DEFAULT_METHODS,
     n_ctx: Sequence[int] = (16,),
     positions: Sequence[str] = ("end",),
     epochs: Union[None, int, Callable[[int], int]] = None,
@@ -119,24 +149,30 @@ def fewshot_curves(
     sampler: Optional[Sampler] = None,
     tip: Optional[TipAdapterConfig] = None,
     clap_config: Optional[ClapConfig] = None,
+    configs: Sequence[Any] = (),
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Accuracy against shots for each method and prompt setting, over seeds (the paper's Figure 3).
 
     Args:
         train, test: The training images (sampled per shots and seed) and the test set.
-        methods: Any of :data:`METHODS`: zero-shot (``templates``) and its 80-template
-            ensemble, CLIP's linear probe, CLAP, Tip-Adapter, Tip-Adapter-F, CoOp (unified
-            and class-specific context).
-        epochs: CoOp's epochs: a number, a function of the shots, or ``None`` (50/100/200).
+        methods: Any of :data:`METHODS` (the methods registered for the ``fewshot`` protocol and their
+            variants: zero-shot (``templates``) and its 80-template ensemble, CLIP's linear probe, CLAP,
+            Tip-Adapter, Tip-Adapter-F, CoOp with unified and class-specific context, ...). Rows
+            run in the registry's order.
+        epochs: The prompt learners' epochs: a number, a function of the shots, or ``None`` (50/100/200).
         n_views: Augmented views encoded per training image (CoOp, CLAP, Tip-Adapter).
         val: A validation set on which Tip-Adapter searches alpha and beta (its own protocol
             uses the full validation split); without one they stay at ``tip``'s values.
         templates: The hand-written prompt(s) of zero-shot and of the baselines' text side.
         sampler: Draws the training (and validation) shots: ``(shots, seed) -> (train, val)``;
-            default :func:`coopkit.data.few_shot` of ``train``.
+            default :func:`coopkit.userdata.few_shot` of ``train``.
         tip, clap_config: Tip-Adapter's and CLAP's settings.
-        **fit_kwargs: Passed to :func:`coopkit.fit` (CoOp).
+        configs: Settings of other methods: each config object applies to the methods whose config
+            dataclass it is an instance of.
+        **fit_kwargs: Passed to :func:`coopkit.fit` for the prompt learners (methods whose config
+            has ``n_ctx``, fitted over the ``n_ctx`` x ``positions`` grid); the others take only
+            ``augment`` from it.
 
     Returns rows with ``method, setting, shots, seed`` and :data:`SCORES` (zero-shot rows have shots 0).
     """
@@ -149,51 +185,52 @@ def fewshot_curves(
     scorer = _Scorer(bb, load_dataset(test), progress, "encoding test set")
     names = train_data.classnames
     draw: Sampler = sampler or (lambda k, seed: (few_shot(train_data, k, seed), None))
-    tip_val = None
-    if val is not None and any(m.startswith("tip") for m in methods):
+    chosen = [bench_row(r) + (r,) for r in for_protocol("fewshot") if r in methods]  # (spec, overrides, row), registry order
+    tip_val = None  # the validation set the baselines search their settings on
+    if val is not None and any(spec.fit is not None for spec, _, _ in chosen):
         vs = _Scorer(bb, load_dataset(val).relabel(names), progress, "encoding validation set")
         tip_val = (vs.feats, vs.labels)
     rows: list[dict[str, Any]] = []
+    given = [c for c in (tip, clap_config, *configs) if c is not None]
 
     def add(method: str, setting: str, k: int, seed: int, clf: Classifier) -> None:
         res = scorer.scores(clf)
         rows.append({"method": method, "setting": setting, "shots": k, "seed": seed, **res})
         logger.info("%s %s shots=%d seed=%d: %.4f", method, setting, k, seed, res["accuracy"])
 
-    if "zeroshot" in methods:
-        add("zeroshot", " | ".join(templates), 0, 0, zero_shot(bb, names, templates))
-    if "zeroshot-ensemble" in methods:
-        add("zeroshot-ensemble", "80 templates", 0, 0, zero_shot(bb, names, ensemble_templates()))
+    for spec, over, row in chosen:
+        if spec.fit is None:  # nothing to train: one row at 0 shots
+            ensemble = over.get("templates") == "ensemble"
+            tpl = ensemble_templates() if ensemble else list(over.get("templates", templates))
+            add(row, f"{len(tpl)} templates" if ensemble else " | ".join(tpl), 0, 0, zero_shot(bb, names, tpl))
+    aug = fit_kwargs.get("augment", True)
     for k in shots:
         for seed in seeds:
             sample, _ = draw(k, seed)
-            if "linear-probe" in methods:
-                plain = baselines.encode_fewshot(bb, sample, augment=False)
-                add("linear-probe", "L2 chosen on held-out shots", k, seed,
-                    baselines.linear_probe(bb, plain, templates=templates, seed=seed))
-            if {"clap", "tip-adapter", "tip-adapter-f"} & set(methods):
-                aug = fit_kwargs.get("augment", True)
-                views = baselines.encode_fewshot(bb, sample, views=n_views, augment=aug, progress=progress)
-                if "clap" in methods:
-                    add("clap", "zero-shot init, class-adaptive L2", k, seed,
-                        baselines.clap(bb, views, templates=templates, config=clap_config, seed=seed))
-                for method in ("tip-adapter", "tip-adapter-f"):
-                    if method in methods:
-                        clf = baselines.tip_adapter(bb, views, templates=templates, config=tip, val=tip_val,
-                                                    finetune=method == "tip-adapter-f", seed=seed)
-                        add(method, "searched on val" if tip_val is not None else "alpha, beta fixed", k, seed, clf)
+            shared = Shots(sample, templates=templates, val_features=tip_val)  # encoded once for the baselines
             n_epochs = epochs(k) if callable(epochs) else epochs
-            for method in ("coop", "coop-csc"):
-                if method not in methods:
+            for spec, over, row in chosen:
+                if spec.fit is None:
                     continue
-                for m in n_ctx:
-                    for pos in positions:
+                defaults = spec.make_config()
+                if "n_ctx" in _fields(defaults):  # a prompt learner: the n_ctx x positions grid, through fit()
+                    grid = [(m, pos) for m in n_ctx for pos in
+                            (positions if "class_token_position" in _fields(defaults) else (None,))]
+                    for m, pos in grid:
+                        where = {"class_token_position": pos} if pos is not None else {}
                         # fit() draws the same shots from train_data itself (a drawn set it would reorder)
-                        clf = fit(sample if sampler else train_data, backbone=bb, shots=k, seed=seed, n_ctx=m,
-                                  csc=method == "coop-csc",
-                                  class_token_position=pos, epochs=n_epochs, n_views=n_views, progress=progress,
-                                  **fit_kwargs)
-                        add(method, f"n_ctx={m},{pos}", k, seed, clf)
+                        clf = fit(sample if sampler else train_data, backbone=bb, method=spec.name, shots=k,
+                                  seed=seed, n_ctx=m, **where, epochs=n_epochs, n_views=n_views, progress=progress,
+                                  **{**fit_kwargs, **over})
+                        add(row, f"n_ctx={m}" + (f",{pos}" if pos is not None else ""), k, seed, clf)
+                    continue
+                cfg = next((c for c in given if spec.config is not None and isinstance(c, spec.config)), defaults)
+                if over:
+                    cfg = dataclasses.replace(cfg, **over)
+                clf = fit_on_shots(bb, shared, method=spec.name, method_config=cfg,
+                                   train=TrainConfig(seed=seed, n_views=n_views, augment=aug))
+                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting, k, seed,
+                    clf)
     return rows
 
 
@@ -210,16 +247,20 @@ def domain_shift(
     progress: bool = True,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     sampler: Optional[Sampler] = None,
+    methods: Optional[Sequence[str]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Fit on a source task; zero-shot vs CoOp on each (shifted) test set (the paper's Table 1).
+    """Fit on a source task; each method on each (shifted) test set (the paper's Table 1: zero-shot
+    and CoOp, the methods registered for the ``shift`` protocol unless ``methods`` names others).
 
     Each test set is scored among its own classes (which must be among the training classes).
-    Returns rows with ``method, test, seed`` and :data:`SCORES` (zero-shot rows have seed 0).
+    ``fit_kwargs`` go to :func:`coopkit.fit` of every method that trains. Returns rows with
+    ``method, test, seed`` and :data:`SCORES` (zero-shot rows have seed 0).
     """
     if not tests:
         raise ValueError("give at least one test set")
     seeds = check_seeds(seeds)
+    chosen = protocol_methods("shift", methods)
     bb = backbone or load_backbone(model, pretrained, device)
     train_data = load_dataset(train)
     scorers = {}
@@ -230,11 +271,17 @@ def domain_shift(
             raise ValueError(f"test set {name}: classes {unknown[:5]} are not among the training classes")
         scorers[name] = _Scorer(bb, data, progress, f"encoding {name}")
     draw: Sampler = sampler or (lambda k, seed: (train_data, None))
-    zs = zero_shot(bb, train_data.classnames, templates)
-    rows = [{"method": "zeroshot", "test": n, "seed": 0, **s.scores(zs)} for n, s in scorers.items()]
+    rows = []
+    for spec in chosen:
+        if spec.fit is None:
+            zs = zero_shot(bb, train_data.classnames, templates)
+            rows += [{"method": spec.name, "test": n, "seed": 0, **s.scores(zs)} for n, s in scorers.items()]
     for seed in seeds:
-        clf = fit(draw(shots, seed)[0], backbone=bb, shots=shots, seed=seed, progress=progress, **fit_kwargs)
-        rows += [{"method": "coop", "test": n, "seed": seed, **s.scores(clf)} for n, s in scorers.items()]
+        for spec in chosen:
+            if spec.fit is not None:
+                clf = fit(draw(shots, seed)[0], backbone=bb, method=spec.name, shots=shots, seed=seed,
+                          progress=progress, **fit_kwargs)
+                rows += [{"method": spec.name, "test": n, "seed": seed, **s.scores(clf)} for n, s in scorers.items()]
     return rows
 
 
@@ -259,21 +306,24 @@ def base_to_new(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     sampler: Optional[Sampler] = None,
     settings: Optional[dict[str, dict[str, Any]]] = None,
+    methods: Optional[Sequence[str]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """The CoCoOp protocol: fit on base classes, test on base and on unseen new classes.
+    """The CoCoOp protocol: fit on base classes, test on base and on unseen new classes; the methods
+    registered for the ``base2new`` protocol unless ``methods`` names others.
 
     Each base/new test set is scored among its own classes. ``kg_weights`` > 0 adds the
     KgCoOp regulariser. ``sampler`` draws the few-shot training set of a seed over *all*
     classes before the base half is kept, as the official code does; ``settings`` maps
-    ``coop`` / ``kgcoop`` to fit() settings of that method (e.g. from
-    :func:`coopkit.research.protocols.base2new_settings`). Returns rows with ``method,
+    a row's method (``kgcoop``, :data:`KGCOOP`, for CoOp with a KgCoOp weight) to fit() settings of that
+    method (e.g. from :func:`coopkit.research.protocols.base2new_settings`). Returns rows with ``method,
     kg_weight, seed, base, new, hm`` and ``base_top5, base_macro, new_top5, new_macro``.
     """
     overlap = sorted(set(base) & set(new))
     if overlap:
         raise ValueError(f"classes {overlap} are both base and new")
     seeds = check_seeds(seeds)
+    chosen = protocol_methods("base2new", methods)
     bb = backbone or load_backbone(model, pretrained, device)
     full = load_dataset(train)
     test_data = load_dataset(test)
@@ -287,14 +337,19 @@ def base_to_new(
                 "hm": round(harmonic_mean(b["accuracy"], n["accuracy"]), 6), "base_top5": b["top5"],
                 "base_macro": b["macro"], "new_top5": n["top5"], "new_macro": n["macro"]}
 
-    rows = [row("zeroshot", 0.0, 0, zero_shot(bb, list(base), templates))]
-    for kg in kg_weights:
-        method = "coop" if kg == 0 else "kgcoop"
-        extra = {**(settings or {}).get(method, {}), **fit_kwargs, "kg_weight": kg}  # given settings win
-        for seed in seeds:
-            data = draw(shots, seed)[0].subset(base)
-            clf = fit(data, backbone=bb, shots=shots, seed=seed, progress=progress, **extra)
-            rows.append(row(method, kg, seed, clf))
+    rows = [row(spec.name, 0.0, 0, zero_shot(bb, list(base), templates)) for spec in chosen if spec.fit is None]
+    for spec in chosen:
+        if spec.fit is None:
+            continue
+        for kg in kg_weights if spec.name == coop.NAME else (0.0,):  # KgCoOp: CoOp with a weight
+            label = spec.name if kg == 0 else KGCOOP
+            extra = {**(settings or {}).get(label, {}), **fit_kwargs}  # given settings win
+            if spec.name == coop.NAME:
+                extra["kg_weight"] = kg
+            for seed in seeds:
+                data = draw(shots, seed)[0].subset(base)
+                clf = fit(data, backbone=bb, method=spec.name, shots=shots, seed=seed, progress=progress, **extra)
+                rows.append(row(label, kg, seed, clf))
     return rows
 
 
@@ -303,7 +358,7 @@ def base_to_new(
 
 def _official(dataset: Any, root: Optional[Union[str, os.PathLike]]) -> Any:
     """``dataset`` read from ``root``, or as given when it is already an OfficialDataset."""
-    from ..datasets import OfficialDataset, load_official
+    from ..official_datasets import OfficialDataset, load_official
 
     if isinstance(dataset, OfficialDataset):
         return dataset
@@ -313,7 +368,7 @@ def _official(dataset: Any, root: Optional[Union[str, os.PathLike]]) -> Any:
 
 
 def _official_sampler(data: Any) -> Sampler:
-    from ..datasets import few_shot_official
+    from ..official_datasets import few_shot_official
 
     return lambda k, seed: few_shot_official(data, k, seed)
 
@@ -333,14 +388,14 @@ def official_fewshot(
 ) -> list[dict[str, Any]]:
     """CoOp's few-shot protocol on an official dataset, with the baselines beside it.
 
-    The official few-shot draws (:func:`coopkit.datasets.few_shot_official`), the dataset's
+    The official few-shot draws (:func:`coopkit.official_datasets.few_shot_official`), the dataset's
     hand-written prompt for zero-shot and the baselines' text side (7-template ensemble on
     ImageNet, as CoOp's and Tip-Adapter's code), CoOp's epochs per dataset and shots
     (:func:`~coopkit.research.protocols.coop_epochs`; ``epochs`` overrides), Tip-Adapter's
     per-dataset settings with alpha and beta searched on the full validation split (the test
     split on ImageNet, as its code does).
     """
-    from ..datasets import IMAGENET_TEMPLATES_SELECT
+    from ..official_datasets import IMAGENET_TEMPLATES_SELECT
     from .protocols import coop_epochs, tip_settings
 
     data = _official(dataset, root)
@@ -448,7 +503,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike]) -> 
 def plot_fewshot(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], title: str = "") -> bool:
     """Accuracy against shots in the style of the paper's figure; ``False`` without matplotlib.
 
-    Zero-shot is a star at 0 shots, the baselines dashed, CoOp variants solid, with
+    Zero-shot is a star at 0 shots, the baselines dashed, prompt learners (CoOp) solid, with
     the standard deviation over seeds as a band.
     """
     try:
@@ -467,11 +522,12 @@ def plot_fewshot(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], 
         x = [xpos[s["shots"]] for s in group]
         y = [100 * s["accuracy"] for s in group]
         sd = [100 * s["accuracy_std"] for s in group]
-        label = f"{method} ({setting})" if method.startswith("coop") and setting else method
-        if method.startswith("zeroshot"):
+        prompts = str(setting).startswith("n_ctx=")  # a prompt learner's row
+        label = f"{method} ({setting})" if prompts else method
+        if all(s["shots"] == 0 for s in group):  # zero-shot
             ax.plot(x, y, marker="*", markersize=14, linestyle="none", label=label)
         else:
-            style = "-" if method.startswith("coop") else "--"  # the baselines dashed
+            style = "-" if prompts else "--"  # the baselines dashed
             line, = ax.plot(x, y, style, marker="o", label=label)
             ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)],
                             color=line.get_color(), alpha=0.15)
@@ -553,7 +609,7 @@ def base2new_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any
     summary = summarize(rows, ["method", "kg_weight"], ["base", "new", "hm"])
     lines = ["| method | base | new | H |", "|---|---|---|---|"]
     for s in summary:
-        label = s["method"] + (f" (weight {s['kg_weight']:g})" if s["method"] == "kgcoop" else "")
+        label = s["method"] + (f" (weight {s['kg_weight']:g})" if s["method"] == KGCOOP else "")
         lines.append(f"| {label} | " + " | ".join(_cell(s[v], s[f"{v}_std"], s["seeds"]) for v in ("base", "new", "hm"))
                      + " |")
     sources: list[str] = []
@@ -571,7 +627,7 @@ def base2new_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any
 
 
 __all__ = [
-    "METHODS", "SCORES", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
+    "METHODS", "SCORES", "protocol_methods", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
     "official_shift", "summarize", "markdown_table", "write_csv", "plot_fewshot", "write_fewshot_report",
     "fewshot_paper_table", "base2new_paper_table", "harmonic_mean", "ensemble_templates",
 ]

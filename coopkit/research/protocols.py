@@ -14,15 +14,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import TipAdapterConfig, epochs_for_shots
+from ..methods import coop, for_protocol, get, names
 
 #: CoOp's few-shot and domain-shift experiments use ResNet-50 (its figure and Table 1 also show
 #: other backbones); CoCoOp's and KgCoOp's base-to-new experiments use ViT-B/16. OpenAI weights.
 PAPER_BACKBONES = {"fewshot": ("RN50", "openai"), "shift": ("RN50", "openai"), "base2new": ("ViT-B-16", "openai")}
 SHOTS = (1, 2, 4, 8, 16)
-#: Methods of the few-shot experiment (``coopkit bench fewshot --methods``), and its default set.
-METHODS = ("zeroshot", "zeroshot-ensemble", "linear-probe", "clap", "tip-adapter", "tip-adapter-f", "coop",
-           "coop-csc")
-DEFAULT_METHODS = ("zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f", "coop", "coop-csc")
+#: Methods of the few-shot experiment (``coopkit bench fewshot --methods``): the registry's rows of the
+#: ``fewshot`` protocol (methods and their variants), and its default set.
+METHODS = for_protocol("fewshot")
+DEFAULT_METHODS = for_protocol("fewshot", default=True)
+#: The methods each protocol runs by default (``coopkit bench shift`` / ``base2new --methods``).
+PROTOCOL_METHODS = {p: tuple(m for m in names() if p in get(m).protocols) for p in ("shift", "base2new")}
+#: The base-to-new row of CoOp fitted with KgCoOp's regulariser (``kg_weight`` > 0).
+KGCOOP = "kgcoop"
 SEEDS = (1, 2, 3)
 
 
@@ -40,12 +45,12 @@ def base2new_settings(dataset: str) -> dict[str, dict]:
     ``scripts/base2new_train.sh`` (``vit_b16_ep100_ctxv1``: 4 context vectors from "a photo of
     a", 100 epochs, batch 128, weight 8, the dataset's KgCoOp template).
     """
-    from ..datasets import dataset_spec
+    from ..official_datasets import dataset_spec
 
-    coop = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 50 if dataset == "imagenet" else 200}
+    plain = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 50 if dataset == "imagenet" else 200}
     kg = {"ctx_init": "a photo of a", "n_ctx": 4, "epochs": 100, "batch_size": 128, "kg_weight": 8.0,
           "kg_template": dataset_spec(dataset).kg_template}
-    return {"coop": coop, "kgcoop": kg}
+    return {coop.NAME: plain, KGCOOP: kg}
 
 
 #: Tip-Adapter's per-dataset settings (``configs/<dataset>.yaml`` of gaopengcuhk/Tip-Adapter@d0e2d6f):
@@ -67,7 +72,9 @@ def tip_settings(dataset: str) -> TipAdapterConfig:
 
 @dataclass(frozen=True)
 class Published:
-    """Published numbers of one method on one dataset (percent), with where they were read."""
+    """Published numbers of one method on one dataset (percent), with where they were read.
+
+    ``method`` is the method as its paper names it (``CoOp``, ``Tip-Adapter-F``, ...)."""
 
     method: str
     backbone: str
@@ -106,13 +113,13 @@ def published_fewshot(dataset: str) -> list[Published]:
     zs, tip, tip_f = _TIP_NUMBERS[dataset]
     note = "Tip-Adapter-F's number is its best epoch on the test set"
     rows = [
-        Published("zeroshot", "RN50", {0: zs}, _TIP_LOG, "zero-shot CLIP with Tip-Adapter's prompts"),
-        Published("tip-adapter", "RN50", dict(zip(_LOG_SHOTS, tip)), _TIP_LOG),
-        Published("tip-adapter-f", "RN50", dict(zip(_LOG_SHOTS, tip_f)), _TIP_LOG, note),
+        Published("Zero-shot CLIP", "RN50", {0: zs}, _TIP_LOG, "zero-shot CLIP with Tip-Adapter's prompts"),
+        Published("Tip-Adapter", "RN50", dict(zip(_LOG_SHOTS, tip)), _TIP_LOG),
+        Published("Tip-Adapter-F", "RN50", dict(zip(_LOG_SHOTS, tip_f)), _TIP_LOG, note),
     ]
     if dataset == "imagenet":
-        rows += [Published("linear-probe", "RN50", dict(zip(SHOTS, _IMAGENET_LP)), _TIP_TABLE2),
-                 Published("coop", "RN50", dict(zip(SHOTS, _IMAGENET_COOP)), _TIP_TABLE2,
+        rows += [Published("Linear-probe CLIP", "RN50", dict(zip(SHOTS, _IMAGENET_LP)), _TIP_TABLE2),
+                 Published("CoOp", "RN50", dict(zip(SHOTS, _IMAGENET_COOP)), _TIP_TABLE2,
                            "CoOp's own scores, as Tip-Adapter's Table 2 reprints them")]
     return rows
 
@@ -121,12 +128,12 @@ _MAPLE = "MaPLe README (muzairkhattak/multimodal-prompt-learning@69bce21), avera
 _KGCOOP = "KgCoOp readme.md (htyao89/KgCoOp@c43ccc3), average over the 11 datasets"
 #: Base-to-new averages over the 11 datasets (ViT-B/16, 16 shots).
 BASE2NEW_AVERAGES = [
-    Published("zeroshot", "ViT-B/16", {"base": 69.34, "new": 74.22, "hm": 71.70}, _MAPLE),
-    Published("coop", "ViT-B/16", {"base": 82.69, "new": 63.22, "hm": 71.66}, _MAPLE,
+    Published("CLIP", "ViT-B/16", {"base": 69.34, "new": 74.22, "hm": 71.70}, _MAPLE),
+    Published("CoOp", "ViT-B/16", {"base": 82.69, "new": 63.22, "hm": 71.66}, _MAPLE,
               "KgCoOp's readme gives CoOp 82.63 / 67.99 / 74.60 for the same average"),
-    Published("cocoop", "ViT-B/16", {"base": 80.47, "new": 71.69, "hm": 75.83}, _MAPLE),
-    Published("kgcoop", "ViT-B/16", {"base": 80.73, "new": 73.6, "hm": 77.0}, _KGCOOP),
-    Published("maple", "ViT-B/16", {"base": 82.28, "new": 75.14, "hm": 78.55}, _MAPLE),
+    Published("CoCoOp", "ViT-B/16", {"base": 80.47, "new": 71.69, "hm": 75.83}, _MAPLE),
+    Published("KgCoOp", "ViT-B/16", {"base": 80.73, "new": 73.6, "hm": 77.0}, _KGCOOP),
+    Published("MaPLe", "ViT-B/16", {"base": 82.28, "new": 75.14, "hm": 78.55}, _MAPLE),
 ]
 
 
@@ -158,7 +165,7 @@ def published_base2new(dataset: Optional[str]) -> list[Published]:
     """CoCoOp's Table 1 rows for ``dataset`` (when it is one of the 11), then the 11-dataset averages."""
     rows = []
     if dataset in _B2N:
-        for method, values, source in zip(("zeroshot", "coop", "cocoop"), _B2N[dataset],
+        for method, values, source in zip(("CLIP", "CoOp", "CoCoOp"), _B2N[dataset],
                                           (_RMADAPTER, _RMADAPTER, _IPO)):
             rows.append(Published(method, "ViT-B/16", dict(zip(("base", "new", "hm"), values)), source))
     return rows + list(BASE2NEW_AVERAGES)

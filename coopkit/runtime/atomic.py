@@ -1,4 +1,5 @@
-"""Atomic files for the whole package: written beside the target and renamed over it.
+"""Atomic files for the whole package (written beside the target and renamed over it), and the
+package's one sha256 helper (:func:`sha256_hex`).
 
 A file is written to a hidden temporary sibling and renamed over the target, so a reader
 sees the old file or the new one, never half of one. The temporary file is removed when
@@ -22,7 +23,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -180,10 +181,42 @@ def fsync_dir(path: PathLike) -> None:
             os.close(fd)
 
 
+#: What :func:`sha256_hex` hashes: bytes-like objects (contiguous numpy arrays included) as they
+#: are, strings as UTF-8, and iterables of these, item by item.
+Chunk = Union[bytes, bytearray, memoryview, str]
+
+
+def _chunks(part: Any) -> Iterator[Any]:
+    if isinstance(part, str):
+        yield part.encode("utf-8")
+        return
+    try:
+        view = memoryview(part)
+    except TypeError:
+        for item in part:  # an iterable of chunks (a generator of file blocks, of tensor bytes...)
+            yield from _chunks(item)
+        return
+    if not view.c_contiguous:
+        raise ValueError("sha256_hex hashes contiguous buffers only; make the array C-contiguous first")
+    yield view
+
+
+def sha256_hex(*parts: Any) -> str:
+    """The hex sha256 of ``parts`` in order: the one digest helper of coopkit (run checksums,
+    file checksums, weight fingerprints, the exported files' tensor digests).
+
+    Each part is bytes-like (a C-contiguous numpy array counts, hashed as its bytes), a string
+    (hashed as UTF-8) or an iterable of such parts (e.g. a generator of file blocks), so large
+    inputs can be streamed.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        for chunk in _chunks(part):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_sha256(path: PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes, read in chunks (hex digest)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_hex(iter(lambda: f.read(chunk), b""))

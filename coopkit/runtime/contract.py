@@ -28,7 +28,8 @@ coopkit trains a prompt and when the runtime rebuilds it, lives here:
   :func:`coop_prompt_template` (``n_ctx`` placeholder words ``X`` then the name and ``"."``)
   and swaps the learned context in for the placeholders;
 * **metadata**: :class:`ModelMetadata`, stored as JSON under :data:`METADATA_KEY` in the
-  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec`;
+  file's ``metadata_props``, with the text graph described by :class:`TextEncoderSpec` and the
+  resolved resize plan by :class:`ResizeSpec`;
 * **the sidecar**: the same metadata as a JSON file beside the graph (:func:`sidecar_name`,
   :func:`build_sidecar`) with each file's size and sha256, for clients that cannot read ONNX
   metadata (onnxruntime-web); :func:`sidecar_mismatches` says where one disagrees with a file.
@@ -50,9 +51,12 @@ TEXT_INPUT = "token_ids"
 TEXT_OUTPUT = "class_weights"
 RESIZE_MODES = ("shortest", "longest", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+#: How the resized size of an image follows from its size (:class:`ResizeSpec`): ``exact`` (stretch
+#: to the target), ``shortest_edge`` (torchvision ``Resize(int)``: short side to the target, long
+#: side truncated), ``keep_ratio_shortest`` / ``keep_ratio_longest`` (open_clip ``ResizeKeepRatio``:
+#: the short or the long side fits, both sides rounded).
+RESIZE_RULES = ("exact", "shortest_edge", "keep_ratio_shortest", "keep_ratio_longest")
 PRECISIONS = ("fp32", "fp16", "int8")
-#: How a file's class scores were learned: CoOp, hand-written prompts, or a few-shot baseline's head.
-METHODS = ("coop", "zeroshot", "linear-probe", "clap", "tip-adapter", "tip-adapter-f")
 #: What a file's ``images`` input takes: crops at ``image_size`` (every file before this field
 #: existed), or decoded RGB images of any size that the graph resizes and crops itself.
 INPUT_CROPPED = "cropped"
@@ -211,6 +215,18 @@ def _known(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k in names}
 
 
+def _entry(cls: type, raw: Any, what: str) -> Any:
+    """A metadata entry ``what`` (a JSON object, or already a ``cls``) as a ``cls``; MetadataError otherwise."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise MetadataError(f"{what} must be a JSON object, got {type(raw).__name__}")
+    try:
+        return cls(**_known(cls, raw))
+    except TypeError as e:
+        raise MetadataError(f"{what} is incomplete: {e}") from None
+
+
 @dataclass
 class TextEncoderSpec:
     """How to call a file's companion text graph (``--with-text-encoder``).
@@ -291,14 +307,52 @@ class TextEncoderSpec:
 
     @classmethod
     def from_dict(cls, raw: Any) -> "TextEncoderSpec":
-        if isinstance(raw, cls):
-            return raw
-        if not isinstance(raw, dict):
-            raise MetadataError(f"text_encoder must be a JSON object, got {type(raw).__name__}")
+        return _entry(cls, raw, "text_encoder")
+
+
+@dataclass
+class ResizeSpec:
+    """The resolved resize plan of a file: open_clip's eval-time resize and crop for its model,
+    with every choice made (:func:`coopkit.runtime.preprocess.resize_plan` resolves it from
+    ``resize_mode``, ``interpolation``, ``image_size`` and ``fill_color``), so that a client
+    applies it instead of deriving it again (``web/coopkit.js`` reads it from the sidecar).
+
+    Attributes:
+        rule: How the resized size follows from the image's size (:data:`RESIZE_RULES`).
+        interpolation: The filter really used (open_clip resizes non-square ``shortest`` models
+            bicubic whatever the configured interpolation).
+        size: ``(height, width)`` of the result (the model's ``image_size``).
+        crop: Whether a centre crop-or-pad to ``size`` follows the resize (not after ``exact``).
+        fill: Grey level of the padding of that crop-or-pad.
+    """
+
+    rule: str
+    interpolation: str
+    size: tuple[int, int]
+    crop: bool
+    fill: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RESIZE_RULES:
+            raise MetadataError(f"resize_plan.rule {self.rule!r} is not one of {RESIZE_RULES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise MetadataError(f"resize_plan.interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
         try:
-            return cls(**_known(cls, raw))
-        except TypeError as e:
-            raise MetadataError(f"text_encoder is incomplete: {e}") from None
+            h, w = (int(v) for v in self.size)
+        except (TypeError, ValueError):
+            raise MetadataError(f"resize_plan.size must be (height, width), got {self.size!r}") from None
+        if min(h, w) < 1:
+            raise MetadataError(f"resize_plan.size must be positive, got {self.size!r}")
+        self.size = (h, w)
+        if not isinstance(self.crop, bool) or self.crop == (self.rule == "exact"):
+            raise MetadataError(f"resize_plan.crop must be {self.rule != 'exact'} for rule {self.rule!r}, "
+                                f"got {self.crop!r}")
+        if isinstance(self.fill, bool) or not isinstance(self.fill, int) or not 0 <= self.fill <= 255:
+            raise MetadataError(f"resize_plan.fill must be a grey level 0-255, got {self.fill!r}")
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "ResizeSpec":
+        return _entry(cls, raw, "resize_plan")
 
 
 @dataclass
@@ -316,7 +370,8 @@ class ModelMetadata:
         fill_color: Padding value for ``resize_mode="longest"``.
         model: open_clip model name (or config file name) of the backbone.
         pretrained: open_clip pretrained tag or checkpoint file name; ``None`` for random init.
-        method: ``coop`` or ``zeroshot``.
+        method: The method that fitted the classifier (informational, any non-empty string:
+            :mod:`coopkit.methods` names them; ``unknown`` when not given).
         prompt: Prompt settings (``n_ctx``, ``csc``, ``class_token_position``, ``ctx_init``
             for CoOp; ``templates`` for zero-shot).
         precision: ``fp32``, ``fp16`` or ``int8``.
@@ -338,6 +393,10 @@ class ModelMetadata:
             graph applies ``resize_mode``, ``interpolation`` and ``fill_color`` itself). A raw
             file fed crops at ``image_size`` returns the same answers: its resize and crop
             leave such an image unchanged.
+        resize_plan: The resolved resize plan (:class:`ResizeSpec`) of ``resize_mode``,
+            ``interpolation``, ``image_size`` and ``fill_color``, for clients that apply it rather
+            than derive it; ``None`` in files written before it existed (coopkit 0.2.0 and
+            older), whose plan is derived from those fields as before.
     """
 
     classnames: list[str]
@@ -349,7 +408,7 @@ class ModelMetadata:
     fill_color: int = 0
     model: str = ""
     pretrained: Optional[str] = None
-    method: str = "coop"
+    method: str = "unknown"
     prompt: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     embed_dim: int = 0
@@ -360,6 +419,7 @@ class ModelMetadata:
     schema_version: int = SCHEMA_VERSION
     logit_bias: Optional[float] = None
     input_kind: str = INPUT_CROPPED
+    resize_plan: Optional[ResizeSpec] = None
 
     def __post_init__(self) -> None:
         if self.logit_bias is not None:
@@ -384,8 +444,14 @@ class ModelMetadata:
                                    ("input_kind", self.input_kind, INPUT_KINDS)):
             if value not in valid:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")
+        if not isinstance(self.method, str) or not self.method.strip():
+            raise MetadataError(f"method must be a non-empty string, got {self.method!r}")
         if self.text_encoder is not None:
             self.text_encoder = TextEncoderSpec.from_dict(self.text_encoder)
+        if self.resize_plan is not None:
+            self.resize_plan = ResizeSpec.from_dict(self.resize_plan)
+            if self.resize_plan.size != self.image_size:
+                raise MetadataError(f"resize_plan.size {self.resize_plan.size} differs from image_size {self.image_size}")
 
     def to_json(self) -> str:
         """Serialise to the JSON string stored in the ONNX file."""

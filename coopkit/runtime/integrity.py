@@ -17,15 +17,15 @@ Two checks, both described in :class:`~coopkit.runtime.contract.ModelMetadata`:
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
+from .atomic import sha256_hex
 from .contract import MetadataError
 
 # ModelProto.graph, GraphProto.initializer and the TensorProto fields read here (onnx.proto3)
@@ -185,6 +185,12 @@ def stores_fp16(path: Union[str, os.PathLike]) -> bool:
         return True
 
 
+def weights_sha256(matrix: np.ndarray) -> str:
+    """sha256 of a class weight matrix ``(n_classes, embed_dim)`` as float32 in C order: the
+    ``weights_sha256`` the exporter records and :func:`class_weights_sha256` finds in a file."""
+    return sha256_hex(np.ascontiguousarray(matrix, dtype=np.float32))
+
+
 def class_weights_sha256(path: Union[str, os.PathLike], n_classes: int, embed_dim: int) -> list[str]:
     """sha256 of every float32 initializer shaped like the class weight matrix, each read as
     ``(n_classes, embed_dim)`` in C order (an ``(embed_dim, n_classes)`` one is transposed first)."""
@@ -199,20 +205,21 @@ def class_weights_sha256(path: Union[str, os.PathLike], n_classes: int, embed_di
             matrix = values.reshape(t.dims)
             readings = ([matrix] if t.dims == (n_classes, embed_dim) else []) + \
                 ([matrix.T] if t.dims == (embed_dim, n_classes) else [])  # both when square
-            digests += [hashlib.sha256(np.ascontiguousarray(m, dtype=np.float32).tobytes()).hexdigest() for m in readings]
+            digests += [weights_sha256(m) for m in readings]
     return digests
 
 
 def tensors_sha256(path: Union[str, os.PathLike]) -> str:
     """One sha256 over every initializer of the graph, in file order: its serialized message
     as stored, then the bytes it names in an external data file (if any)."""
-    digest = hashlib.sha256(b"coopkit tensors v1\n")
     with OnnxFile(path) as f:
-        for t in f.initializers():
-            digest.update(f.buf[t.message[0]:t.message[1]])
-            if t.external:
-                digest.update(f.external_bytes(t))
-    return digest.hexdigest()
+        def parts() -> Iterator[Any]:
+            for t in f.initializers():
+                yield f.buf[t.message[0]:t.message[1]]
+                if t.external:
+                    yield f.external_bytes(t)
+
+        return sha256_hex(b"coopkit tensors v1\n", parts())
 
 
 def verify_tensors(path: Union[str, os.PathLike], expected: str) -> None:

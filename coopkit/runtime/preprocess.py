@@ -1,6 +1,6 @@
 """Image decoding and open_clip-equivalent preprocessing in numpy and Pillow (no torch).
 
-:func:`load_image` is the one image decoder of coopkit: the training side (``coopkit.data``)
+:func:`load_image` is the one image decoder of coopkit: the training side (``coopkit.userdata``)
 and the runtime both use it, so an image is read the same way everywhere.
 """
 

@@ -312,6 +312,18 @@ def create_session(
     return ort.InferenceSession(source, opts, providers=[CPU], **safe)
 
 
+def cpu_session(model: Union[str, os.PathLike, bytes]) -> Any:
+    """An onnxruntime session on the CPU provider alone, with onnxruntime's own thread defaults,
+    its session log at error level and the optimisers the runtime opens the file with
+    (:func:`disabled_optimizers`): the session the exporter verifies, calibrates and compares
+    files with (``model``: a path, or a serialised model's bytes)."""
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
+    return ort.InferenceSession(source, opts, providers=[CPU], disabled_optimizers=disabled_optimizers(source))
+
+
 def open_session(
     path: Union[str, os.PathLike],
     device: str = "auto",

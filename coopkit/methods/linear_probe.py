@@ -1,4 +1,5 @@
-"""The linear-probe baseline: L2-regularised logistic regression on frozen image features.
+"""The linear-probe baseline (CLIP, Radford et al. 2021): L2-regularised logistic regression on frozen
+image features, served as a head ``x W^T + b`` (tensors ``weight``, ``bias`` in ``head.safetensors``).
 
 As in the CLIP paper, the regularisation strength is chosen on a validation split: the
 given one, or else a per-class half of the few-shot training images (with 1 shot per class
@@ -8,14 +9,22 @@ on all training images. Fitted with full-batch L-BFGS in torch; no new dependenc
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..backbone import Backbone
+from ..config import TrainConfig
+from . import Method, register
+from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model
+
 logger = logging.getLogger(__name__)
+
+NAME = "linear-probe"
 
 #: Weight-decay grid searched on the validation split (multiplies the mean squared weight).
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))
@@ -98,3 +107,30 @@ def fit_linear_probe(
         lam = -max(scores)[1]  # best accuracy; ties go to the stronger regularisation
     logger.info("linear probe: L2 strength %g", lam)
     return _fit(feats, labels, n_classes, lam, max_iter)
+
+
+def probe_model(backbone: Backbone, shots: FewShotFeatures, templates: Sequence[str], *,
+                seed: int = 1) -> tuple[HeadModel, dict[str, Any]]:
+    """CLIP's linear probe on the first view of each shot, as a fitted head, and its metrics."""
+    probe = fit_linear_probe(shots.feats[0], shots.labels, len(shots.classnames), seed=seed)
+    metrics = {"l2_strength": probe.lam, "train_images": int(len(shots.labels))}
+    tensors = {"weight": probe.weight.float(), "bias": probe.bias.float()}
+    return HeadModel(backbone, shots.classnames, NAME, "linear", tensors, templates), metrics
+
+
+def fit(backbone: Backbone, shots: Shots, config: None, train: TrainConfig, *, progress: bool = False,
+        callback: Any = None) -> tuple[HeadModel, dict[str, Any]]:
+    """The registry's fit: the probe on one plain (unaugmented) view of each shot."""
+    return probe_model(backbone, shots.features(backbone, augment=False), shots.templates, seed=train.seed)
+
+
+register(Method(
+    name=NAME,
+    summary="CLIP's linear probe: L2-regularised logistic regression on frozen image features",
+    build=functools.partial(build_head_model, kind="linear"),
+    tensors_file=HEAD_FILE,
+    fit=fit,
+    protocols=("fewshot",),
+    bench_default=(NAME,),
+    bench_setting="L2 chosen on held-out shots",
+))

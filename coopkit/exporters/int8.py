@@ -1,259 +1,110 @@
-"""Precision variants of an exported fp32 graph: fp16 (GPU) and calibrated static int8 (CPU).
+"""The calibrated static int8 variant of an exported fp32 graph (for CPUs).
 
-Both keep the graph's interface (uint8 ``images`` in, float32 outputs) and keep the parts
-where precision matters in fp32: the input normalisation, the head (L2 normalisation, the
-product with the class weights, softmax) and, for fp16, every LayerNorm, Softmax and
-reduction. Node names of the head and the input normalisation start with ``/head/`` and
-``/encoder/`` followed by an op name (see :class:`coopkit.exporters.graphs.ImageGraph`).
+Three steps, each public: the calibration images (:func:`calibration_images`: the run's own
+training images by default), the activation ranges on them (:func:`activation_ranges`) with
+SmoothQuant's outlier smoothing (:func:`smooth_activations`), and the quantisation itself with a
+trial of each smoothing strength (:func:`to_int8`), all driven by one
+:class:`~coopkit.exporters.config.QuantizationConfig`. The input normalisation and the head stay
+fp32 (:mod:`~coopkit.exporters.nodes`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import os
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
-from .verify import cpu_session
+import numpy as np
+
+from coopkit.userdata import few_shot, list_images, load_dataset
+from coopkit.runtime.contract import ModelMetadata
+from coopkit.runtime.preprocess import preprocess
+from coopkit.runtime.session import cpu_session
+
+from .config import CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, SMOOTH_ALPHA, QuantizationConfig
+from .nodes import full_precision_nodes
 
 if TYPE_CHECKING:
     import onnx
 
+    from coopkit.classifier import Classifier
+
 logger = logging.getLogger(__name__)
 
-#: Ops kept in fp32 in the fp16 variant (numerically sensitive: variance, exp, sums of squares).
-FP16_KEEP_OPS = (
-    "LayerNormalization",
-    "Softmax",
-    "ReduceL2",
-    "ReduceMean",
-    "ReduceSum",
-    "ReduceSumSquare",
-    "Pow",
-    "Sqrt",
-    "Exp",
-    "Erf",
-)
+@dataclass(frozen=True)
+class Int8Summary:
+    """What :func:`to_int8` did.
 
-#: How much of the activations' per-channel outliers the int8 export may move into the weights before
-#: fixing the activations' scales (SmoothQuant's alpha; 0.5 is its paper's default, 0 is none):
-#: each is tried and the one closest to fp32 on the calibration images is kept.
-SMOOTH_ALPHA = 0.5
-SMOOTH_ALPHAS = (0.0, SMOOTH_ALPHA)
-
-#: Node-name prefixes kept in full precision in every variant.
-FULL_PRECISION_PREFIXES = ("/head/",)
-_ENCODER_OWN = re.compile(r"^/encoder/[^/]+$")
-
-
-def _full_precision_nodes(model: "onnx.ModelProto", prefixes: Iterable[str]) -> list[str]:
-    """Names of the nodes that stay fp32: the head, plus the uint8 -> normalised input steps."""
-    prefixes = tuple(prefixes)
-    keep = [n.name for n in model.graph.node if n.name.startswith(prefixes)]
-    # the input normalisation: nodes directly in /encoder/ (Cast, Div, Sub, Transpose, the last
-    # Cast), not those of the open_clip model inside it (/encoder/visual/...)
-    keep += [n.name for n in model.graph.node if _ENCODER_OWN.match(n.name)]
-    return keep
-
-
-#: Ops whose output has the precision of their (single) float data input: no Casts around them.
-_FOLLOWERS = frozenset(
-    {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Expand", "Shape", "Size"}
-)
-_FLOAT, _FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
-
-
-def to_fp16(model: "onnx.ModelProto", keep_ops: Iterable[str] = FP16_KEEP_OPS) -> "onnx.ModelProto":
-    """Half-precision copy of an fp32 graph: inputs, outputs and sensitive parts stay fp32.
-
-    Each node runs in fp16 unless its op is in ``keep_ops`` or it belongs to the head or the
-    input normalisation; data-movement ops (reshape, transpose, gather, ...) follow their input.
-    Float weights and constants are stored in fp16 when only fp16 nodes read them. A Cast is
-    inserted wherever a value crosses between the two precisions (one per value and direction).
-
-    (A small converter of our own: onnxconverter-common and onnxruntime's copy of it produced
-    invalid graphs for these models, and onnxruntime's CPU layout optimiser crashed on them.)
+    Attributes:
+        nodes: Products quantised (:func:`int8_targets`).
+        calibration_images: Images the activation ranges were taken on.
+        smoothing: The smoothing strength kept (:func:`smooth_activations`).
+        trials: For each strength tried, ``(top-1 changes, mean |logit diff|)`` against the fp32
+            file on the calibration images (empty when only one was tried).
     """
-    import onnx
-    from onnx import helper, numpy_helper
 
-    keep_ops = frozenset(keep_ops)
-    keep_nodes = set(_full_precision_nodes(model, FULL_PRECISION_PREFIXES))
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    types = _value_types(model)
+    nodes: int
+    calibration_images: int
+    smoothing: float
+    trials: dict[float, tuple[int, float]] = field(default_factory=dict)
 
-    def is_float(name: str) -> bool:
-        return bool(name) and types.get(name) == _FLOAT
 
-    nodes = list(graph.node)
-    mode: list[str] = []
-    for node in nodes:
-        floats = [x for x in [*node.input, *node.output] if is_float(x)]
-        if node.op_type in _FOLLOWERS:
-            mode.append("follow")
-        elif not floats and not (node.op_type == "Cast" and _attr(node, "to") == _FLOAT):
-            mode.append("none")
-        elif node.name in keep_nodes or node.op_type in keep_ops:
-            mode.append("fp32")
+_CALIBRATION_HINT = (
+    "pass calibration= images like those the model will serve (coopkit export --calibration DIR: "
+    "a folder of images, an ImageFolder, CSV or CoOp split)"
+)
+
+
+def _training_images(classifier: "Classifier") -> list[str]:
+    """The few-shot sample the run was trained on, drawn again from its recorded data source."""
+    config = classifier.config
+    if config.data is None or config.train is None:
+        why = ("a zero-shot classifier has no training images" if not classifier.trained else
+               "this run does not record where its training images are (fitted on a Dataset object, or saved by "
+               "an older coopkit)")
+        raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
+    try:
+        dataset = load_dataset(config.data.source, split="train", image_root=config.data.image_root)
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"int8 calibrates on the run's training images, but they are not where the run recorded them ({e}); "
+            f"{_CALIBRATION_HINT}"
+        ) from None
+    return few_shot(dataset.subset(classifier.classnames), config.train.shots, config.train.seed).paths
+
+
+def calibration_images(
+    classifier: "Classifier", calibration: Optional[Any], meta: ModelMetadata, limit: int = CALIBRATION_MAX_IMAGES
+) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)`` at the model's size for int8 calibration, as the runtime
+    crops them: the run's own training images by default, else ``calibration`` (a folder of
+    images at any depth, an ImageFolder / CSV / CoOp split file, a list of images, or a uint8
+    batch at the model's size). At most ``limit``, spread evenly over those given."""
+    h, w = meta.image_size
+    if isinstance(calibration, np.ndarray):
+        if calibration.dtype != np.uint8 or calibration.ndim != 4 or calibration.shape[1:] != (h, w, 3):
+            raise ValueError(f"calibration images must be uint8 (n, {h}, {w}, 3), got {calibration.dtype} {calibration.shape}")
+        sources: list[Any] = list(calibration)
+    elif calibration is None:
+        sources = _training_images(classifier)
+    elif isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration).expanduser()
+        if path.is_dir():
+            sources = list_images(path)  # plain or ImageFolder: every image at any depth, labels unused
         else:
-            mode.append("fp16")
+            sources = load_dataset(path, split="train").paths
+    else:
+        sources = list(calibration)
+    if not sources:
+        raise ValueError(f"no calibration images; {_CALIBRATION_HINT}")
+    if len(sources) > limit:
+        sources = [sources[i] for i in np.linspace(0, len(sources) - 1, limit).round().astype(int)]
+    arrays = [preprocess(s, meta.image_size, meta.resize_mode, meta.interpolation, meta.fill_color) for s in sources]
+    return np.stack(arrays)  # (n, H, W, 3)
 
-    # constants (initializers and Constant nodes): fp16 only when every reader is an fp16 node
-    readers: dict[str, set[str]] = {}
-    for node, m in zip(nodes, mode):
-        for x in node.input:
-            readers.setdefault(x, set()).add(m)
-    outputs = {o.name for o in graph.output}
-
-    def store_fp16(name: str) -> bool:
-        r = readers.get(name, set()) - {"none"}
-        return bool(r) and r <= {"fp16", "follow"} and "fp16" in r and name not in outputs
-
-    precision: dict[str, str] = {}
-    for init in graph.initializer:
-        if init.data_type == _FLOAT:
-            if store_fp16(init.name):
-                init.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(init)), init.name))
-                precision[init.name] = "fp16"
-            else:
-                precision[init.name] = "fp32"
-    for inp in graph.input:
-        if is_float(inp.name):
-            precision[inp.name] = "fp32"
-
-    casts: dict[tuple[str, str], str] = {}
-    new_nodes = []
-
-    def cast(name: str, to: str) -> str:
-        key = (name, to)
-        if key not in casts:
-            target = f"{name}__to_{to}"
-            new_nodes.append(
-                helper.make_node("Cast", [name], [target], name=f"{name}__cast_{to}", to=_FLOAT16 if to == "fp16" else _FLOAT)
-            )
-            casts[key] = target
-        return casts[key]
-
-    for node, m in zip(nodes, mode):
-        if node.op_type == "Constant" and node.output and is_float(node.output[0]):
-            m = "fp16" if store_fp16(node.output[0]) else "fp32"
-            if m == "fp16":
-                value = next(a for a in node.attribute if a.name == "value")
-                value.t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(value.t)), value.t.name))
-        if m == "follow":
-            data = [x for x in node.input if is_float(x)]
-            m = precision.get(data[0], "fp32") if data else "none"
-        if m in ("fp16", "fp32"):
-            for i, x in enumerate(node.input):
-                if is_float(x) and precision.get(x, "fp32") != m:
-                    node.input[i] = cast(x, m)
-            if m == "fp16":
-                for a in node.attribute:
-                    if node.op_type == "Cast" and a.name == "to" and a.i == _FLOAT:
-                        a.i = _FLOAT16
-                    elif node.op_type == "ConstantOfShape" and a.name == "value" and a.t.data_type == _FLOAT:
-                        a.t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(a.t)), a.t.name))
-        for o in node.output:
-            if is_float(o) or (node.op_type == "Cast" and _attr(node, "to") == _FLOAT and o):
-                precision[o] = m if m in ("fp16", "fp32") else "fp32"
-        new_nodes.append(node)
-
-    # graph outputs stay fp32
-    for o in graph.output:
-        if types.get(o.name) == _FLOAT and precision.get(o.name) == "fp16":
-            raise RuntimeError(f"fp16 conversion left graph output {o.name!r} in fp16; keep its producer in fp32")
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.value_info[:]  # stale float32 annotations; onnxruntime infers them again
-    topological_sort(graph)
-    logger.info(
-        "fp16: %d of %d nodes in fp16, %d casts inserted",
-        sum(1 for m in mode if m == "fp16"), len(nodes), len(casts),
-    )
-    return out
-
-
-def _attr(node: Any, name: str) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return None
-
-
-def _half(array: Any) -> Any:
-    import numpy as np
-
-    limit = float(np.finfo(np.float16).max)
-    return np.clip(array, -limit, limit).astype(np.float16)
-
-
-def _value_types(model: "onnx.ModelProto") -> dict[str, int]:
-    """Element type of every value in the graph (after onnx shape inference)."""
-    import onnx
-
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for init in skeleton.graph.initializer:  # only types matter: drop the data (models over 2 GB)
-        if init.raw_data:
-            init.ClearField("raw_data")
-            init.data_location = onnx.TensorProto.DEFAULT
-    inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False)
-    types: dict[str, int] = {}
-    g = inferred.graph
-    for v in [*g.input, *g.value_info, *g.output]:
-        if v.type.HasField("tensor_type"):
-            types[v.name] = v.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    types[node.output[0]] = a.t.data_type
-    missing = [o for n in model.graph.node for o in n.output if o and o not in types]
-    if missing:
-        raise RuntimeError(f"cannot infer the element type of {len(missing)} values (e.g. {missing[0]!r}); fp16 needs them")
-    return types
-
-
-def topological_sort(graph: "onnx.GraphProto") -> None:
-    """Reorder ``graph.node`` in place so that every node comes after the producers of its inputs
-    (stable where the data flow allows; onnx.checker requires the order)."""
-    produced_by: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
-        for out in node.output:
-            if out:
-                produced_by[out] = i
-    nodes = list(graph.node)
-    deps = [{produced_by[x] for x in node.input if x in produced_by and produced_by[x] != i} for i, node in enumerate(nodes)]
-    users: dict[int, list[int]] = {}
-    for i, d in enumerate(deps):
-        for j in d:
-            users.setdefault(j, []).append(i)
-    remaining = [len(d) for d in deps]
-    ready = [i for i, r in enumerate(remaining) if r == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users.get(i, []):
-            remaining[u] -= 1
-            if remaining[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        raise RuntimeError("the converted graph has a cycle; cannot order its nodes")
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
-
-
-#: int8 calibration: images fed per calibration batch (the ranges do not depend on it).
-CALIBRATION_BATCH = 8
 
 
 def int8_targets(model: "onnx.ModelProto") -> list[str]:
@@ -263,7 +114,7 @@ def int8_targets(model: "onnx.ModelProto") -> list[str]:
     Products of two activations (attention's ``q k^T`` and ``softmax v``) stay fp32."""
     constants = {i.name for i in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    keep = set(_full_precision_nodes(model, FULL_PRECISION_PREFIXES))
+    keep = set(full_precision_nodes(model))
     return [
         n.name for n in model.graph.node
         if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in constants and n.name not in keep
@@ -280,7 +131,6 @@ def activation_ranges(
 
     (onnxruntime's own calibrator keeps every batch's tensors until the end, and its option
     to bound that, ``CalibMaxIntermediateOutputs``, drops the data it clears in 1.31.)"""
-    import numpy as np
     import onnx
 
     names = list(dict.fromkeys(tensors))
@@ -327,7 +177,6 @@ def smooth_activations(
         The per-tensor (low, high) of each quantised product's input after smoothing, by the
         name the product now reads.
     """
-    import numpy as np
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -391,12 +240,11 @@ def to_int8(
     source: Union[str, os.PathLike],
     target: Union[str, os.PathLike],
     calibration: Any,
+    config: Optional[QuantizationConfig] = None,
     *,
     input_name: str = "images",
-    reduce_range: bool = True,
     external_data: bool = False,
-    smooth_alphas: Sequence[float] = SMOOTH_ALPHAS,
-) -> dict[str, Any]:
+) -> Int8Summary:
     """Static int8 quantisation (QDQ), calibrated: the same answer for an image in any batch.
 
     Every MatMul / Gemm with a constant weight operand (:func:`int8_targets`) gets int8
@@ -409,7 +257,7 @@ def to_int8(
     activation-activation products, LayerNorm, softmax, the input normalisation and the head
     (``x W^T`` with the class weights, multiplied by ``exp(logit_scale)``) stay fp32.
 
-    ``reduce_range`` (default) keeps weights within [-64, 64] (7 bits): CPUs without AVX-512
+    ``config.reduce_range`` (default) keeps weights within [-64, 64] (7 bits): CPUs without AVX-512
     VNNI multiply uint8 x int8 pairs with ``vpmaddubsw``, whose 16-bit sums saturate for full
     8-bit weights (255 * 127 * 2 > 32767) and then give wrong answers on those machines only.
 
@@ -417,23 +265,23 @@ def to_int8(
         source: The fp32 ONNX file.
         target: Where to write the quantised file.
         calibration: uint8 images ``(n, H, W, 3)`` at the model's input size, like those it
-            will serve (a run's training images, centre-cropped as the runtime does).
+            will serve (a run's training images, centre-cropped as the runtime does;
+            :func:`calibration_images`).
+        config: The smoothing strengths to try (``smooth_alphas``: the file whose logits on the
+            calibration images change top-1 least often, then move least, against the fp32
+            file's, is kept; one value: no trial; files with external data take the first value),
+            ``reduce_range`` (7-bit weights, safe on every x86 CPU; ``False``: full 8 bits, for
+            VNNI-only deployments) and the calibration batch size.
         input_name: The graph's image input.
-        reduce_range: 7-bit weights (safe on every x86 CPU); ``False``: full 8 bits, for
-            VNNI-only deployments.
         external_data: Write the tensors to a ``<target>.data`` file (models over 2 GB).
-        smooth_alphas: Strengths of the outlier smoothing (:func:`smooth_activations`; 0: the
-            graph as it is) to try: the file whose logits on the calibration images change
-            top-1 least often, then move least, against the fp32 file's, is kept (one value:
-            no trial; files with external data take the first value).
 
     Returns:
-        ``{"int8_nodes": quantised products, "calibration_images": n, "int8_smoothing": alpha}``.
+        An :class:`Int8Summary`.
     """
-    import numpy as np
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
 
+    config = config or QuantizationConfig()
     if len(calibration) == 0:
         raise ValueError("int8 calibration needs at least one image")
     model = onnx.load(os.fspath(source), load_external_data=False)
@@ -443,7 +291,7 @@ def to_int8(
     del model
     if not targets:
         raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
-    ranges = activation_ranges(source, inputs, calibration, input_name)
+    ranges = activation_ranges(source, inputs, calibration, input_name, config.calibration_batch)
 
     class OneBatch(CalibrationDataReader):  # quantize_static calibrates once more; the overrides win
         def __init__(self) -> None:
@@ -464,26 +312,24 @@ def to_int8(
             tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
         overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in tensor_ranges.items()}
         try:
-            _quantize(smoothed or Path(source), out, OneBatch(), targets, overrides, reduce_range, external_data)
+            _quantize(smoothed or Path(source), out, OneBatch(), targets, overrides, config.reduce_range, external_data)
         finally:
             if smoothed is not None:
                 smoothed.unlink(missing_ok=True)
                 smoothed.with_name(f"{smoothed.name}.data").unlink(missing_ok=True)
 
-    alphas = [float(a) for a in dict.fromkeys(smooth_alphas)]
-    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise ValueError(f"smooth_alphas must be one or more numbers in [0, 1], got {smooth_alphas!r}")
+    alphas = list(config.smooth_alphas)  # checked by the config: distinct, in [0, 1]
     if len(alphas) == 1 or external_data:  # external data files carry their data file's name: no trial copies
         chosen, errors = alphas[0], {}
         quantize(chosen, Path(target))
     else:
-        reference = _logits(Path(source), calibration, input_name)
+        reference = _logits(Path(source), calibration, input_name, config.calibration_batch)
         errors = {}
         for alpha in alphas:
             trial = Path(target).with_name(f".{Path(target).stem}.alpha{alpha:g}.onnx")
             try:
                 quantize(alpha, trial)
-                got = _logits(trial, calibration, input_name)
+                got = _logits(trial, calibration, input_name, config.calibration_batch)
                 errors[alpha] = (int((got.argmax(1) != reference.argmax(1)).sum()), float(np.abs(got - reference).mean()))
                 if alpha == min(errors, key=errors.__getitem__):
                     os.replace(trial, Path(target))
@@ -493,17 +339,15 @@ def to_int8(
     logger.info("int8: quantised %d products of %s -> %s on %d calibration images (smoothing alpha %g; tried %s)",
                 len(targets), source, target, len(calibration), chosen,
                 {a: f"{e[0]} top-1 changes, mean |logit diff| {e[1]:.3g}" for a, e in errors.items()} or "no other")
-    return {"int8_nodes": len(targets), "calibration_images": int(len(calibration)), "int8_smoothing": chosen}
+    return Int8Summary(len(targets), int(len(calibration)), chosen, errors)
 
 
-def _logits(path: Path, images: Any, input_name: str) -> Any:
+def _logits(path: Path, images: Any, input_name: str, batch_size: int = CALIBRATION_BATCH) -> Any:
     """The graph's first output (``logits`` for coopkit's image graphs) on ``images``, on the CPU."""
-    import numpy as np
-
     session = cpu_session(path)
     name = session.get_outputs()[0].name
-    return np.concatenate([session.run([name], {input_name: np.ascontiguousarray(images[i : i + CALIBRATION_BATCH])})[0]
-                           for i in range(0, len(images), CALIBRATION_BATCH)])
+    return np.concatenate([session.run([name], {input_name: np.ascontiguousarray(images[i : i + batch_size])})[0]
+                           for i in range(0, len(images), batch_size)])
 
 
 def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overrides: dict[str, Any],

@@ -1,4 +1,7 @@
-"""Labelled image sets: ImageFolder, CSV and CoOp split readers, and few-shot sampling.
+"""Your labelled images: ImageFolder, CSV and CoOp split readers, and few-shot sampling.
+
+(The official datasets, in the layouts of CoOp's ``DATASETS.md``, are read by
+:mod:`coopkit.official_datasets`, which builds on this module's :class:`Dataset`.)
 
 A :class:`Dataset` is a list of ``(path, label index)`` plus the class names. It is read
 from one of:

@@ -22,7 +22,7 @@ prompt (CoOp's ``CUSTOM_TEMPLATES``) and KgCoOp's.
 
 Few-shot sets come from :func:`few_shot_official`: the official code's own cached draw
 (``split_fewshot/shot_K-seed_S.pkl``, read without running code from it) when it is there,
-else the same draw made again (:func:`coopkit.data.few_shot_splits`).
+else the same draw made again (:func:`coopkit.userdata.few_shot_splits`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ._unpickle import SafeUnpickler, UnsafeGlobalError
-from .data import Dataset, few_shot_splits
+from .userdata import Dataset, few_shot_splits
 from .runtime.contract import prompt_name
 
 logger = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ def few_shot_official(data: OfficialDataset, shots: int, seed: int) -> tuple[Dat
 
     Its own cached draw ``<dataset>/split_fewshot/shot_<shots>-seed_<seed>.pkl`` when present
     (what the official code itself reuses), else the same draw made again with Dassl's sampling
-    (:func:`coopkit.data.few_shot_splits`; ImageNet draws no validation set).
+    (:func:`coopkit.userdata.few_shot_splits`; ImageNet draws no validation set).
     """
     if data.train is None:
         raise ValueError(f"{data.spec.name} is a test set only; it has no training images to sample")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coopkit.data import few_shot, load_dataset
+from coopkit.userdata import few_shot, load_dataset
 from coopkit.runtime.preprocess import ImageDecodeError, load_image
 
 from conftest import write_colour_folder
@@ -154,7 +154,7 @@ def test_subset_and_relabel(image_folder):
 def test_few_shot_equals_dassls_recorded_draw():
     """coopkit's draw against Dassl's own: ``tests/data/dassl_fewshot.json`` was recorded by running
     Dassl's ``generate_fewshot_dataset`` (see its ``how`` field) on the lists rebuilt here."""
-    from coopkit.data import Dataset, few_shot_splits
+    from coopkit.userdata import Dataset, few_shot_splits
 
     rec = json.loads((Path(__file__).parent / "data" / "dassl_fewshot.json").read_text())
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from coopkit.data import few_shot_splits, subsample_classes
-from coopkit.datasets import DATASETS, dataset_spec, few_shot_official, load_official
+from coopkit.userdata import few_shot_splits, subsample_classes
+from coopkit.official_datasets import DATASETS, dataset_spec, few_shot_official, load_official
 
 from conftest import IMAGENET_CLASSES
 
