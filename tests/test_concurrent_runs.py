@@ -153,3 +153,45 @@ def test_first_saves_at_the_same_instant_give_one_run_and_a_one_line_answer(two_
                                                        str(root / "run0")))
         assert code == EXIT_BAD_INPUT and "written by another process at the same moment" in message
         assert "\n" not in message
+
+
+#: A save to a new folder that stops inside its write (the hidden folder made and half-filled).
+_KILLED_SAVE = """
+import sys, time
+from pathlib import Path
+from coopkit._io import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "config.json").write_text("{}")
+    print("inside", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_leftovers_of_killed_saves_go_with_the_next_save_anywhere_beside_them(two_runs, tmp_path) -> None:
+    """kill -9 during saves to new folders leaves hidden .<name>.coopkit-new-* folders; the next
+    save to any folder of the same parent removes them, and nothing else: not a live process's
+    folder, not a user's hidden folders that merely look alike."""
+    import signal
+
+    from coopkit._io import atomic_dir
+
+    box = tmp_path / "runs"
+    box.mkdir()
+    for name in ("a", "b"):  # the second killed save, to another folder, already removes the first's leftover
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVE, str(box / name)], stdout=subprocess.PIPE, text=True,
+                                env=ENV)
+        assert proc.stdout.readline().strip() == "inside"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        left = sorted(p.name for p in box.iterdir())
+        assert len(left) == 1 and left[0].startswith(f".{name}.coopkit-new-{proc.pid}-"), left
+    live = box / f".c.coopkit-new-{os.getpid()}-0123abcd"  # a save of this very process, under way
+    mine = [box / ".a.coopkit-new-notes", box / ".keep", box / ".a.coopkit-new-1-xyz", box / "a.coopkit-new-1-0123abcd"]
+    for folder in (live, *mine):
+        folder.mkdir()
+        (folder / "data.txt").write_text("mine")
+    with atomic_dir(box / "other") as tmp:  # a save to another folder of the same parent
+        for name, blob in _files(two_runs[0]).items():
+            (tmp / name).write_bytes(blob)
+    assert sorted(p.name for p in box.iterdir()) == sorted(["other", live.name, *(p.name for p in mine)])
+    assert all((p / "data.txt").read_text() == "mine" for p in mine)

@@ -151,23 +151,29 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
         if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):  # no Path(): it interns every name
             raise FileNotFoundError(f"image not found: {source}")
-        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+        # a path is opened here and closed when the first frame is decoded, whatever happens:
+        # Pillow would keep it open after a failure, or for the other frames of a GIF or TIFF
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
-                if img.size[0] * img.size[1] > max_pixels:
-                    raise ImageTooLargeError(
-                        f"{describe(source)}: {img.size[0]}x{img.size[1]} image has more than "
-                        f"{max_pixels} pixels (possible decompression bomb)"
-                    )
-                img.load()
-        except ImageDecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageTooLargeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
-        except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+            fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+        except OSError as e:  # unreadable (permissions), or gone since the check above
             raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
+        with fp:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img = Image.open(fp)
+                    if img.size[0] * img.size[1] > max_pixels:
+                        raise ImageTooLargeError(
+                            f"{describe(source)}: {img.size[0]}x{img.size[1]} image has more than "
+                            f"{max_pixels} pixels (possible decompression bomb)"
+                        )
+                    img.load()
+            except ImageDecodeError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise ImageTooLargeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
+            except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+                raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
     else:
         raise ImageDecodeError(
             f"unsupported image input {describe(source)}: expected a path, bytes, a PIL image "
