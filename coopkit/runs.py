@@ -163,6 +163,7 @@ def read_run(
     pretrained: Optional[str] = None,
     backbone: Optional[Backbone] = None,
     tokenizer: Optional[str] = None,
+    strict: bool = False,
 ) -> tuple[RunConfig, MethodModel]:
     """A saved run's config and fitted model, every file checked first (see :func:`coopkit.load`)."""
     folder = Path(path).expanduser()
@@ -188,7 +189,7 @@ def read_run(
     own = get(method).tensors_file if method in names() else None
     if own is not None and own not in files:
         raise FileNotFoundError(f"{folder} is a {method} run without {own}")
-    check_checksums(raw, files, folder)
+    check_checksums(raw, files, folder, strict=strict)
     try:
         config = RunConfig.from_dict(raw)
         spec = get(config.method)
@@ -274,9 +275,14 @@ def _read_once(folder: Path, names: tuple[str, ...]) -> Optional[dict[str, bytes
     return found if unchanged else None
 
 
-def check_checksums(raw: Mapping[str, Any], files: Mapping[str, bytes], folder: Path) -> None:
-    """The whole-run checksum (``run_sha256``) and each tensors file's own; for runs saved before
-    the whole-run checksum, only the context file's."""
+def check_checksums(raw: Mapping[str, Any], files: Mapping[str, bytes], folder: Path, *, strict: bool = False) -> None:
+    """The whole-run checksum (``run_sha256``) and each tensors file's own.
+
+    A run without ``run_sha256`` (saved by coopkit 0.1, or its checksum line deleted) loads with
+    a warning naming what cannot be verified (``config.json``: class names, method, class-token
+    position, every setting; and any tensors file without its own checksum), or, with
+    ``strict``, is refused.
+    """
     for name, blob in files.items():
         sha = raw.get(sha_field(name))
         if sha and sha256_hex(blob) != sha:
@@ -284,8 +290,14 @@ def check_checksums(raw: Mapping[str, Any], files: Mapping[str, bytes], folder: 
                              "or files of different runs mixed); restore the saved files or save the run again")
     recorded = raw.get("run_sha256")
     if recorded is None:
-        logger.info("%s was saved before runs recorded a checksum of %s; only %s is checked",
-                    folder, CONFIG_FILE, _LEGACY_FIRST)
+        unverified = [CONFIG_FILE] + [n for n in sorted(files) if not raw.get(sha_field(n))]
+        what = (f"{', '.join(unverified)} cannot be verified (class names, method, class-token position and every "
+                "other setting" + (", and the tensors" if len(unverified) > 1 else "") + ")")
+        if strict:
+            raise ValueError(f"{folder} records no run_sha256 (saved by coopkit 0.1, or edited): {what}; "
+                             "load it without strict=True, or save it again with this version to record one")
+        logger.warning("%s records no run_sha256 (saved by coopkit 0.1, or edited): %s; saving it again records "
+                       "one, strict=True refuses such runs", folder, what)
     elif not isinstance(recorded, str) or recorded != run_checksum(raw, files):
         unchecked = [n for n in files if not raw.get(sha_field(n))]
         what = CONFIG_FILE if not unchecked else f"{CONFIG_FILE} or {', '.join(unchecked)}"

@@ -195,3 +195,65 @@ def test_leftovers_of_killed_saves_go_with_the_next_save_anywhere_beside_them(tw
             (tmp / name).write_bytes(blob)
     assert sorted(p.name for p in box.iterdir()) == sorted(["other", live.name, *(p.name for p in mine)])
     assert all((p / "data.txt").read_text() == "mine" for p in mine)
+
+
+def _copy_edited(src: Path, dst: Path, edit: Any) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / CONFIG_FILE).read_text())
+    edit(cfg)
+    (dst / CONFIG_FILE).write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_run_without_its_checksum_warns_naming_what_is_unverified_and_strict_refuses(
+        two_runs, tiny_backbone, tmp_path, caplog) -> None:
+    """run_sha256 deleted, then an edited class_token_position or a removed ctx_sha256: each loads
+    with a warning naming what cannot be verified (before: silently), and strict=True refuses it."""
+    import logging
+
+    def edits(cfg: dict) -> None:
+        del cfg["run_sha256"]
+
+    cases = {
+        "checksum line deleted": (edits, ["config.json cannot be verified"]),
+        "position edited": (lambda c: (edits(c), c["prompt"].__setitem__("class_token_position", "front")),
+                            ["config.json cannot be verified"]),
+        "ctx_sha256 removed too": (lambda c: (edits(c), c.pop("ctx_sha256")),
+                                   ["config.json, ctx.safetensors cannot be verified", "and the tensors"]),
+    }
+    for i, (label, (edit, needles)) in enumerate(cases.items()):
+        run = _copy_edited(two_runs[0], tmp_path / f"case{i}", edit)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="coopkit.runs"):
+            coopkit.load(run, backbone=tiny_backbone)
+        text = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+        assert "records no run_sha256" in text and all(n in text for n in needles), (label, text)
+        assert "class names, method, class-token position" in text
+        with pytest.raises(ValueError, match="records no run_sha256.*cannot be verified"):
+            coopkit.load(run, backbone=tiny_backbone, strict=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="coopkit.runs"):  # a run with its checksum: strict loads it, quietly
+        coopkit.load(two_runs[0], backbone=tiny_backbone, strict=True)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_every_shipped_old_run_warns_or_verifies_as_its_checksums_allow(tiny_backbone, caplog) -> None:
+    """The general rule over the runs in tests/data: one without run_sha256 (coopkit 0.1.0) loads
+    with the warning and is refused by strict=True; one with it loads under strict=True, silently."""
+    import logging
+
+    data = ROOT / "tests" / "data"
+    runs = sorted(p for p in data.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+    assert len(runs) >= 4
+    for run in runs:
+        has_sum = "run_sha256" in json.loads((run / CONFIG_FILE).read_text())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="coopkit.runs"):
+            read_run(run, device="cpu", strict=has_sum)
+        warned = any("records no run_sha256" in r.getMessage() for r in caplog.records)
+        assert warned == (not has_sum), run.name
+        if not has_sum:
+            with pytest.raises(ValueError, match="records no run_sha256"):
+                read_run(run, device="cpu", strict=True)
