@@ -65,42 +65,35 @@ def encode(kind: str, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
-def _peak_kb() -> int:
+def _status_kb(key: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` (``VmHWM``: peak, ``VmRSS``: now), in kB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def _rss_kb() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
 
 
 def measure_once(path: str, data_file: str) -> dict[str, Any]:
     """In this process: peak resident bytes above the level before one ``path`` call."""
-    from coopkit.runtime.preprocess import decode, load_image, preprocess
+    from PIL import Image
+
+    from coopkit.runtime.preprocess import decode, preprocess
 
     data = Path(data_file).read_bytes()
     small = io.BytesIO()
-    from PIL import Image
-
     Image.new("RGB", (64, 64)).save(small, "PNG")
     preprocess(small.getvalue(), (224, 224))  # warm: every module and table loaded
     decode(small.getvalue())
     with Image.open(io.BytesIO(data)) as img:
         w, h = img.size
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _rss_kb()
+    before = _status_kb("VmRSS")
     if path == "prepare":
         out = preprocess(data, (224, 224))
     else:
         out = decode(data)
-    peak = _peak_kb()
+    peak = _status_kb("VmHWM")
     del out
-    assert load_image  # the one decoder both paths go through
     return {"pixels": w * h, "peak_mb": (peak - before) / 1024, "bytes_per_pixel": (peak - before) * 1024 / (w * h)}
 
 

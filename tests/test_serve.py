@@ -102,17 +102,17 @@ class Server:
                 self.proc.kill()
         return self.proc.stdout.read()
 
-    def rss_mb(self) -> float:
+    def _status_mb(self, key: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {key}")
+
+    def rss_mb(self) -> float:
+        return self._status_mb("VmRSS")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmHWM")
+        return self._status_mb("VmHWM")
 
 
 @pytest.fixture()
