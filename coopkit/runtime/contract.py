@@ -442,7 +442,7 @@ class ModelMetadata:
     logit_bias: Optional[float] = None
     input_kind: str = INPUT_CROPPED
     resize_plan: Optional[ResizeSpec] = None
-    metadata_sha256: str = ""
+    metadata_sha256: str = field(default="", compare=False)  # derived from the others: not part of equality
 
     def __post_init__(self) -> None:
         if self.logit_bias is not None:
