@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -24,9 +25,13 @@ from .runtime.atomic import PathLike, fsync_dir
 # filesystem cannot exchange (NFS, some FUSE mounts, Windows), the old folder is first renamed to
 # ``.<name>.coopkit-old-<pid>-<hex>``; a crash between that rename and the next leaves no
 # ``<name>`` but the complete old folder under that name, which :func:`interrupted_backup` finds.
-# Hidden leftovers of a killed process are removed by the next write to the same target.
+# Hidden leftovers of a killed process are removed by the next write to any folder of the same
+# parent: only hidden folders named exactly as above, whose process no longer runs (an old-folder
+# backup only once its own target exists again), never anything else a user keeps there.
 
 _NEW, _OLD, _PROBE = "coopkit-new", "coopkit-old", "coopkit-probe"
+#: The exact name of a hidden sibling: ``.<target name>.<kind>-<pid>-<8 hex digits>``.
+_LEFTOVER = re.compile(rf"^\.(?P<target>.+)\.(?P<kind>{_NEW}|{_OLD}|{_PROBE})-(?P<pid>\d+)-[0-9a-f]{{8}}$")
 _RENAME_EXCHANGE = 2  # linux/fs.h; macOS RENAME_SWAP has the same value
 _AT_FDCWD = -100
 
@@ -113,14 +118,22 @@ def fsync_tree(folder: Path) -> None:
 
 
 def remove_stale(target: PathLike) -> None:
-    """Delete hidden leftovers of writes to ``target`` by processes that no longer run (an
-    old-folder backup only once ``target`` exists again)."""
-    target = Path(target)
-    stale = [p for p in _siblings(target, _NEW) + _siblings(target, _PROBE) if not _owner_alive(p)]
-    if target.exists():
-        stale += [p for p in _siblings(target, _OLD) if not _owner_alive(p)]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+    """Delete the hidden leftovers of writes by processes that no longer run, to ``target`` and to
+    every other folder of its parent (an old-folder backup only once its own target exists
+    again). Only hidden folders named exactly as this module names them are touched."""
+    parent = Path(target).parent
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = _LEFTOVER.match(entry.name)
+        if m is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        if _owner_alive(path) or (m["kind"] == _OLD and not (parent / m["target"]).exists()):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def probe_beside(target: PathLike) -> None:
@@ -144,6 +157,21 @@ def interrupted_backup(target: PathLike) -> Optional[Path]:
     return max(backups, key=lambda p: p.stat().st_mtime) if backups else None
 
 
+def _rename_new(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, which did not exist a moment ago: if another writer's folder
+    took the name in between (two first writes at once), that one stays and this one fails with a
+    one-line ``FileExistsError``, never half of each nor a raw ``Directory not empty``."""
+    import errno
+
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise FileExistsError(errno.EEXIST, "written by another process at the same moment (this write was not "
+                              "made; write again to replace that one)", os.fspath(target)) from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield an empty hidden folder beside ``path``; when the block succeeds, it replaces
@@ -164,7 +192,7 @@ def atomic_dir(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             fsync_tree(tmp)
         if not target.exists():
-            os.rename(tmp, target)
+            _rename_new(tmp, target)
         elif exchange(tmp, target):
             shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now under the hidden name
         else:

@@ -279,11 +279,13 @@ def load(
     pretrained: Optional[str] = None,
     backbone: Optional[Backbone] = None,
     tokenizer: Optional[str] = None,
+    strict: bool = False,
 ) -> Classifier:
     """Restore a saved run, checking every file first (:func:`coopkit.runs.read_run`).
 
     ``config.json`` and the tensors file must match the checksum recorded at save time (runs
-    saved by earlier versions record only the context file's), and every field must make sense:
+    saved by coopkit 0.1 record only the context file's: they load with a warning, or are refused
+    with ``strict=True``), and every field must make sense:
     class names a list of distinct non-blank strings, a registered method, tensors of the shapes
     the method's settings and the class count give, finite.
 
@@ -293,11 +295,14 @@ def load(
         pretrained: Override the recorded checkpoint path (e.g. the run moved machines).
         backbone: Reuse an already loaded backbone (must be the one the run was trained with).
         tokenizer: Override the recorded local tokenizer path (e.g. the run moved machines).
+        strict: Refuse a run without the whole-run checksum (``run_sha256``: runs saved by coopkit
+            0.1, or edited), which otherwise loads with a warning naming what cannot be verified.
 
     Raises:
         FileNotFoundError: the folder or its files are missing.
         ValueError: a corrupt or edited run (one line naming the file and the problem), or a
             backbone whose weights differ from the recorded ones.
     """
-    config, model = read_run(path, device=device, pretrained=pretrained, backbone=backbone, tokenizer=tokenizer)
+    config, model = read_run(path, device=device, pretrained=pretrained, backbone=backbone, tokenizer=tokenizer,
+                             strict=strict)
     return Classifier(model.backbone, config, model)

@@ -23,15 +23,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def effective_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision a computation really runs in: ``fp32`` on CPU or when asked, else ``bf16``
+    or ``fp16`` (``auto``: bf16 where the GPU supports it)."""
+    if precision == "fp32" or device.type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """fp32 on CPU; bf16 (or fp16 where bf16 is unsupported) autocast on CUDA, unless ``precision`` says."""
-    if precision == "fp32" or device.type != "cuda":
+    used = effective_precision(device, precision)
+    if used == "fp32":
         return contextlib.nullcontext()
-    if precision == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[used])
 
 
 def _check_resizable(img: Any, source: ImageInput, image_size: tuple[int, int], resize_mode: str) -> None:

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -162,6 +163,7 @@ def read_run(
     pretrained: Optional[str] = None,
     backbone: Optional[Backbone] = None,
     tokenizer: Optional[str] = None,
+    strict: bool = False,
 ) -> tuple[RunConfig, MethodModel]:
     """A saved run's config and fitted model, every file checked first (see :func:`coopkit.load`)."""
     folder = Path(path).expanduser()
@@ -173,20 +175,21 @@ def read_run(
                        "as %s (the next save cleans it up)", folder, backup.name)
         folder = backup
     cfg_path = folder / CONFIG_FILE
-    if not cfg_path.is_file():
+    found = read_version(folder, run_files())
+    if CONFIG_FILE not in found:
         raise FileNotFoundError(f"{folder} is not a coopkit run: no {CONFIG_FILE}")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        raw = json.loads(found.pop(CONFIG_FILE).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path} is corrupt: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_path} is corrupt: expected a JSON object, got {type(raw).__name__}")
-    files = {name: (folder / name).read_bytes() for name in tensors_files() if (folder / name).is_file()}
+    files = found
     method = raw.get("method")
     own = get(method).tensors_file if method in names() else None
     if own is not None and own not in files:
         raise FileNotFoundError(f"{folder} is a {method} run without {own}")
-    check_checksums(raw, files, folder)
+    check_checksums(raw, files, folder, strict=strict)
     try:
         config = RunConfig.from_dict(raw)
         spec = get(config.method)
@@ -212,9 +215,74 @@ def read_run(
     return config, model
 
 
-def check_checksums(raw: Mapping[str, Any], files: Mapping[str, bytes], folder: Path) -> None:
-    """The whole-run checksum (``run_sha256``) and each tensors file's own; for runs saved before
-    the whole-run checksum, only the context file's."""
+#: How often :func:`read_version` reads a folder again that a save replaced while it was being read.
+READ_ATTEMPTS = 20
+
+
+def read_version(folder: Path, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of those of ``names`` that ``folder`` holds, all from one version of the folder.
+
+    A save never changes a file inside a run folder: it swaps a complete new folder in and
+    deletes the old one. So the files are read through one handle on the folder (``dir_fd``),
+    which keeps naming the same folder whatever is renamed meanwhile; if that folder is no longer
+    the one at ``folder`` when the reads end (a save swapped another in), the files may come from
+    an old version being deleted, and they are read again. Where the platform has no ``dir_fd``
+    (Windows), the folder's identity before and after the reads is compared instead.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        RuntimeError: saves replaced the folder during every one of :data:`READ_ATTEMPTS` reads.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            found = _read_once(folder, names)
+        except FileNotFoundError:  # the folder itself: a save between its two renames (no exchange)
+            if attempt == READ_ATTEMPTS - 1 or not folder.parent.is_dir():
+                raise FileNotFoundError(f"run folder not found: {folder}") from None
+            found = None
+        if found is not None:
+            return found
+        logger.debug("%s was replaced by a save while it was read; reading it again", folder)
+        time.sleep(0.001 * attempt)
+    raise RuntimeError(f"{folder} was replaced by other saves during each of {READ_ATTEMPTS} reads; load it once "
+                       "the saves have finished")
+
+
+def _read_once(folder: Path, names: tuple[str, ...]) -> Optional[dict[str, bytes]]:
+    """The files of ``names`` in ``folder``, or None if a save replaced the folder during the reads."""
+    use_fd = os.open in os.supports_dir_fd
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if use_fd else None
+    try:
+        identity = os.fstat(fd) if fd is not None else os.stat(folder)
+        found: dict[str, bytes] = {}
+        for name in names:
+            try:
+                if fd is None:
+                    found[name] = (folder / name).read_bytes()
+                    continue
+                handle = os.open(name, os.O_RDONLY, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue  # not part of this run (or of this version, if it is being deleted)
+            with os.fdopen(handle, "rb") as f:
+                found[name] = f.read()
+        try:
+            unchanged = os.path.samestat(identity, os.stat(folder))
+        except FileNotFoundError:
+            unchanged = False
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return found if unchanged else None
+
+
+def check_checksums(raw: Mapping[str, Any], files: Mapping[str, bytes], folder: Path, *, strict: bool = False) -> None:
+    """The whole-run checksum (``run_sha256``) and each tensors file's own.
+
+    A run without ``run_sha256`` (saved by coopkit 0.1, or its checksum line deleted) loads with
+    a warning naming what cannot be verified (``config.json``: class names, method, class-token
+    position, every setting; and any tensors file without its own checksum), or, with
+    ``strict``, is refused.
+    """
     for name, blob in files.items():
         sha = raw.get(sha_field(name))
         if sha and sha256_hex(blob) != sha:
@@ -222,8 +290,14 @@ def check_checksums(raw: Mapping[str, Any], files: Mapping[str, bytes], folder: 
                              "or files of different runs mixed); restore the saved files or save the run again")
     recorded = raw.get("run_sha256")
     if recorded is None:
-        logger.info("%s was saved before runs recorded a checksum of %s; only %s is checked",
-                    folder, CONFIG_FILE, _LEGACY_FIRST)
+        unverified = [CONFIG_FILE] + [n for n in sorted(files) if not raw.get(sha_field(n))]
+        what = (f"{', '.join(unverified)} cannot be verified (class names, method, class-token position and every "
+                "other setting" + (", and the tensors" if len(unverified) > 1 else "") + ")")
+        if strict:
+            raise ValueError(f"{folder} records no run_sha256 (saved by coopkit 0.1, or edited): {what}; "
+                             "load it without strict=True, or save it again with this version to record one")
+        logger.warning("%s records no run_sha256 (saved by coopkit 0.1, or edited): %s; saving it again records "
+                       "one, strict=True refuses such runs", folder, what)
     elif not isinstance(recorded, str) or recorded != run_checksum(raw, files):
         unchecked = [n for n in files if not raw.get(sha_field(n))]
         what = CONFIG_FILE if not unchecked else f"{CONFIG_FILE} or {', '.join(unchecked)}"
@@ -247,4 +321,4 @@ def read_tensors(blob: bytes, path: Path) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["CONFIG_FILE", "tensors_files", "run_files", "sha_field", "run_checksum", "check_run_target", "save_run",
-           "read_run", "check_checksums", "read_tensors"]
+           "read_run", "read_version", "check_checksums", "read_tensors"]

@@ -114,7 +114,8 @@ def fit(
     Raises:
         ValueError / FileNotFoundError: bad settings or data (an unknown method, fewer than two
             classes, duplicate or blank ``classnames``), before any model is loaded.
-        RuntimeError: the loss or the context became NaN or infinite (the message names the epoch).
+        DivergedError: the loss or the context became NaN or infinite (a ValueError, exit code 2; the
+            message names the epoch, the learning rate and the precision the run trains in).
     """
     spec = get(method)
     if spec.fit is None:

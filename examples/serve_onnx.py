@@ -17,7 +17,8 @@ Limits (what one client can cost the server):
   (more get 503 straight away), so stalled clients cannot pile up threads;
 * at most ``--max-decodes`` images are decoded at once, each of at most ``--max-pixels`` pixels
   (refused from the header, 413, before decoding): decoding holds at most about
-  ``max_decodes * max_pixels * 4.4`` bytes (8-bit images, measured).
+  ``max_decodes * max_pixels * 8`` bytes (8-bit images, measured by
+  ``benchmarks/bench_decode_memory.py``), returned to the OS after each large image.
 
 One ``Classifier`` serves every request thread: it is thread-safe and runs on the GPU when
 onnxruntime's CUDA provider works there, else on the CPU. Each request is one session run.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
@@ -36,9 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from PIL import Image
-
 from coopkit.runtime import Classifier
+from coopkit.runtime.preprocess import TRIM_AFTER_PIXELS, ImageTooLargeError, check_image_header, release_memory
 from coopkit.runtime.session import default_workers
 
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes
@@ -94,15 +93,14 @@ def make_handler(clf: Classifier, max_upload: int = MAX_UPLOAD, max_pixels: int 
                 self.close_connection = True
                 return  # the client left
             with decodes:  # bounded decoding memory
-                try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        pixels = img.size[0] * img.size[1]
-                except Exception:  # noqa: BLE001 - an unreadable header gets the runtime's message below
-                    pixels = 0
-                if pixels > max_pixels:
-                    return self._reply(413, {"error": f"image of {pixels} pixels is over the limit of {max_pixels}"})
+                try:  # a huge image (Pillow's decompression bombs too) is refused from its header
+                    size = check_image_header(data, max_pixels)
+                except ImageTooLargeError as e:
+                    return self._reply(413, {"error": str(e)})
                 # errors="skip": an undecodable upload becomes a result with .error, not an exception
                 (result,) = clf.predict(data, top_k=min(int(top), len(clf.classnames)), errors="skip")
+                if size is not None and size[0] * size[1] >= TRIM_AFTER_PIXELS:
+                    release_memory()  # each thread's allocator would keep the decoded image's memory
             if not result.ok:
                 return self._reply(400, {"error": result.error})
             self._reply(200, {"labels": list(result.labels), "probs": list(result.probs)})

@@ -142,6 +142,21 @@ def test_every_rejected_input_is_a_row_error(graph_model: GraphModel, tmp_path: 
     assert "more than 10000 pixels" in rows[4]["error"] and "not found" in rows[6]["error"]
 
 
+#: A process that predicts a collection slowly (``pause`` s per input, a line "row" after each), in
+#: batches of 2 flushed every 2 rows: something to kill, or to run beside, in the middle of its writes.
+_SLOW_RUN = """
+import sys, time
+from coopkit.runtime.batch import predict_collection
+from coopkit.runtime.inputs import iter_inputs
+def slow():
+    for p in iter_inputs({folder!r}):
+        time.sleep({pause})
+        yield p
+        print("row", flush=True)
+predict_collection({model!r}, slow(), {out!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
+"""
+
+
 def test_resume_after_interruption_and_kill(graph_clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
     want = read_rows(_full(graph_clf, folder, tmp_path / "full.jsonl"))
 
@@ -169,17 +184,7 @@ def test_resume_after_interruption_and_kill(graph_clf: Classifier, graph_model: 
 
     # kill -9 in the middle of a Parquet run: complete parts survive, the rerun finishes the file
     out = tmp_path / "killed.parquet"
-    code = f"""
-import sys, time
-from coopkit.runtime.batch import predict_collection
-from coopkit.runtime.inputs import iter_inputs
-def slow():
-    for p in iter_inputs({str(folder)!r}):
-        time.sleep(0.15)
-        yield p
-        print("row", flush=True)
-predict_collection({str(graph_model.path)!r}, slow(), {str(out)!r}, progress=False, batch_size=2, flush_rows=2, device="cpu")
-"""
+    code = _SLOW_RUN.format(folder=str(folder), model=str(graph_model.path), out=str(out), pause=0.15)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     for _ in range(12):
         assert proc.stdout.readline().startswith("row")
@@ -190,6 +195,66 @@ predict_collection({str(graph_model.path)!r}, slow(), {str(out)!r}, progress=Fal
     summary = predict_collection(graph_clf, folder, out, progress=False, batch_size=4)
     assert summary.skipped >= 6 and summary.skipped + summary.rows == 24
     assert [r["labels"] for r in read_rows(out)] == [r["labels"] for r in want] and not parts.exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(
+        graph_clf: Classifier, graph_model: GraphModel, folder: Path, tmp_path: Path, fmt: str) -> None:
+    """Two real processes on one --out: the second exits 2 with one line naming the first; the
+    first's file is exactly the full run, and a later run resumes it with nothing left to do."""
+    want = read_rows(_full(graph_clf, folder, tmp_path / "full.jsonl"))
+    out = tmp_path / f"shared.{fmt}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    code = _SLOW_RUN.format(folder=str(folder), model=str(graph_model.path), out=str(out), pause=0.1)
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    for _ in range(4):
+        assert first.stdout.readline().startswith("row")
+    second = subprocess.run([sys.executable, "-m", "coopkit", "predict", str(graph_model.path), str(folder), "--out",
+                             str(out), "--device", "cpu", "--no-progress"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert first.poll() is None, "the first run ended before the second started: the test proves nothing"
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and f"being written by another run (process {first.pid})" in second.stderr
+    first.stdout.read()
+    assert first.wait(120) == 0
+    got = read_rows(out)
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    assert [r["labels"] for r in got] == [r["labels"] for r in want]
+    assert not (tmp_path / f".{out.name}.lock").exists()
+    summary = predict_collection(graph_clf, folder, out, progress=False)
+    assert (summary.skipped, summary.rows) == (24, 0)
+
+
+def test_every_output_has_one_writer_and_a_killed_writer_frees_it(graph_clf: Classifier, folder: Path, tmp_path: Path) -> None:
+    """The general rule, for every format and both engines' writer: while one writer holds an
+    output, opening it again is refused (a ValueError) and the file is untouched; closing frees
+    it; a writer killed with kill -9 leaves no stale lock."""
+    from coopkit.runtime.atomic import LockedError
+    from coopkit.runtime.writers import open_writer
+
+    fields = BatchConfig().fields
+    for fmt in ("jsonl", "csv", "parquet"):
+        out = _full(graph_clf, folder, tmp_path / f"x.{fmt}")
+        before = out.read_bytes()
+        writer = open_writer(out, fields)
+        for overwrite in (False, True):
+            with pytest.raises(LockedError, match=f"{out.name} is being written by another run \\(process {os.getpid()}\\)"):
+                open_writer(out, fields, overwrite=overwrite)
+        with pytest.raises(ValueError, match="being written"):
+            predict_collection(graph_clf, folder, out, progress=False, overwrite=True)
+        writer.close()
+        assert out.read_bytes() == before and not (tmp_path / f".{out.name}.lock").exists()
+        open_writer(out, fields).close()
+    out = tmp_path / "killed.jsonl"
+    code = ("import sys; from coopkit.runtime.writers import open_writer; "
+            f"w = open_writer({str(out)!r}, {list(fields)!r}); print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().startswith("locked")
+    with pytest.raises(LockedError, match=f"process {holder.pid}"):
+        open_writer(out, fields)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(30)
+    assert predict_collection(graph_clf, folder, out, progress=False).rows == 24
 
 
 def _full(graph_clf: Classifier, folder: Path, out: Path) -> Path:
@@ -286,14 +351,14 @@ def _same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("engine", OTHER_ENGINES)
-def test_every_engine_writes_the_rows_of_onnxruntime(clf: Classifier, model: Path, folder: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
+def test_every_engine_writes_the_rows_of_onnxruntime(graph_clf: Classifier, graph_model: GraphModel, folder: Path,
+                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     cfg = BatchConfig(top_k=3, batch_size=5, logits=True)
-    want = predict_collection(clf, folder, tmp_path / "want.jsonl", cfg, progress=False)
-    got = predict_collection(model, folder, tmp_path / "got.jsonl", cfg, progress=False, device="cpu", threads=1,
-                             engine=engine)
-    assert want.engine is clf.engine and want.engine.label == "onnxruntime:cpu" and want.engine.choice is None
+    want = predict_collection(graph_clf, folder, tmp_path / "want.jsonl", cfg, progress=False)
+    got = predict_collection(graph_model.path, folder, tmp_path / "got.jsonl", cfg, progress=False, device="cpu",
+                             threads=1, engine=engine)
+    assert want.engine is graph_clf.engine and want.engine.label == "onnxruntime:cpu" and want.engine.choice is None
     assert (got.rows, got.errors) == (24, 1) and got.engine is not None and got.engine.device == "cpu"
     if engine == "auto":  # auto's choice and figures come back with the summary, measured at the batch size
         choice = got.engine.choice
@@ -303,22 +368,22 @@ def test_every_engine_writes_the_rows_of_onnxruntime(clf: Classifier, model: Pat
         assert got.engine.engine == engine and got.engine.choice is None
     _same_rows(read_rows(tmp_path / "got.jsonl"), read_rows(tmp_path / "want.jsonl"))
     with pytest.raises(ValueError, match="compute 'fp8' is not one of"):  # refused before anything is opened
-        predict_collection(model, folder, tmp_path / "x.jsonl", cfg, engine=engine, compute="fp8")
+        predict_collection(graph_model.path, folder, tmp_path / "x.jsonl", cfg, engine=engine, compute="fp8")
     assert not (tmp_path / "x.jsonl").exists()
 
 
-def test_cli_runtime_engine_beside_the_executor(model: Path, folder: Path, tmp_path: Path) -> None:
+def test_cli_runtime_engine_beside_the_executor(graph_model: GraphModel, folder: Path, tmp_path: Path) -> None:
     """A real ``coopkit predict`` process: --engine (where the job runs) and --runtime-engine (what runs
     the graph) together; auto's choice is named on stderr, measured once, then read from the cache."""
     env = {**os.environ, CACHE_ENV: str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
 
     def run(*args: Any) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "coopkit", "predict", str(model), *map(str, args), "--device", "cpu",
-               "--threads", "1"]
+        cmd = [sys.executable, "-m", "coopkit", "predict", str(graph_model.path), *map(str, args), "--device",
+               "cpu", "--threads", "1"]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
     want = tmp_path / "want.jsonl"
-    predict_collection(model, folder, want, progress=False, device="cpu", logits=True)
+    predict_collection(graph_model.path, folder, want, progress=False, device="cpu", logits=True)
     out = tmp_path / "auto.jsonl"
     r = run(folder, "--out", out, "--engine", "local", "--runtime-engine", "auto", "--logits", "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -332,7 +397,7 @@ def test_cli_runtime_engine_beside_the_executor(model: Path, folder: Path, tmp_p
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert [d["labels"] for d in lines] == [w["labels"][:2] for w in read_rows(want) if "/b/" in w["path"]]
     assert len(list((tmp_path / "cache" / "engines").iterdir())) == 1  # measured once
-    r = _cli(model, folder, "--runtime-engine", "tensorflow")
+    r = _cli(graph_model.path, folder, "--runtime-engine", "tensorflow")
     assert r.exit_code == 2 and "'tensorflow' is not one of 'auto', 'onnxruntime', 'openvino'" in r.stderr
-    r = _cli(model, folder, "--compute", "bf16")  # onnxruntime (the default) has no bf16: refused, one line
+    r = _cli(graph_model.path, folder, "--compute", "bf16")  # onnxruntime (the default) has no bf16: refused, one line
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "compute='bf16' needs engine='openvino'" in r.stderr

@@ -3,12 +3,14 @@ paths checked before any work."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import one_line_error
+from helpers import image_graph, one_line_error
 
 from coopkit.cli import main
 from coopkit.runtime import Classifier as RuntimeClassifier
@@ -142,3 +144,55 @@ def test_cli_zeroshot_template_with_other_braces(tiny_config, image_folder):
                                     "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["n"] == 24
+
+
+# --- exit codes: bad input 2, environment 1, with hints true of the run ----------------------------
+
+
+def test_diverging_training_is_bad_input_and_its_hint_is_true_of_the_run(runner, tiny_config, image_folder, tmp_path):
+    """--lr 1e30 on a CPU (fp32) run: exit 2, and the hint does not suggest fp32 to a run already in fp32."""
+    res = runner.invoke(main, ["fit", str(image_folder / "train"), "--model", str(tiny_config), "--pretrained", "none",
+                               "--device", "cpu", "--out", str(tmp_path / "run"), "--shots", "2", "--epochs", "3",
+                               "--warmup-epochs", "0", "--n-views", "1", "--no-augment", "--lr", "1e30", "-q"])
+    one_line_error(res, 2, "at epoch", "lower lr (now ", "; this run already trains in fp32)")
+    assert "precision='fp32'" not in res.output and not (tmp_path / "run").exists()
+
+
+def test_divergence_hint_names_the_precision_each_run_trains_in():
+    """The general rule: fp32 is suggested only to a run that does not already train in fp32."""
+    from coopkit.methods.base import divergence_hint
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for device, precision, used in ((cpu, "auto", None), (cpu, "bf16", None), (cuda, "fp32", None),
+                                    (cuda, "fp16", "fp16"), (cuda, "bf16", "bf16")):
+        hint = divergence_hint(0.5, precision, device)
+        assert hint.startswith("lower lr (now 0.5")
+        if used is None:
+            assert "precision='fp32'" not in hint and "already trains in fp32" in hint, (device, precision, hint)
+        else:
+            assert f"use precision='fp32' (this run trains in {used})" in hint, (device, precision, hint)
+
+
+def test_a_path_too_long_for_the_file_system_is_bad_input(runner, image_folder, tmp_path):
+    """--out whose name exceeds NAME_MAX: exit 2 (bad input), one line, not 1 (environment)."""
+    model = tmp_path / "model.onnx"
+    image_graph(model)
+    out = tmp_path / ("x" * 300 + ".jsonl")
+    res = runner.invoke(main, ["predict", str(model), str(image_folder / "test"), "--out", str(out), "--device", "cpu",
+                               "--no-progress"])
+    one_line_error(res, 2, "File name too long")
+
+
+def test_every_path_error_is_bad_input_and_every_environment_error_is_not():
+    """The general rule of classify_error for errors raised by the OS."""
+    from coopkit.cli.base import EXIT_BAD_INPUT, EXIT_ENVIRONMENT, classify_error
+
+    def os_error(code: int) -> OSError:
+        return OSError(code, os.strerror(code), "/some/path")
+
+    for code in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP):
+        assert classify_error(os_error(code))[0] == EXIT_BAD_INPUT, errno.errorcode[code]
+    for code in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EIO, errno.EMFILE):
+        assert classify_error(os_error(code))[0] == EXIT_ENVIRONMENT, errno.errorcode[code]
+    code, message = classify_error(os_error(errno.ENAMETOOLONG))
+    assert message == "File name too long: /some/path"

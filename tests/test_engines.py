@@ -135,7 +135,7 @@ def test_the_text_graph_runs_on_the_image_graph_engine(files: dict[str, Path], m
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8", "raw"])
-def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], images: list[Any], kind: str,
+def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], mixed_images: list[Any], kind: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """IO binding on the CPU (outputs written into numpy arrays) and onnxruntime's dynamic block base
     (work handed between threads) change where outputs land and which thread runs which block, not
@@ -147,7 +147,7 @@ def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], 
     from coopkit.runtime.session import CPU, run_bound, session_options
 
     ref = Classifier(files[kind], device="cpu", threads=2)
-    crops = ref.preprocess(images)  # (n, H, W, 3)
+    crops = ref.preprocess(mixed_images)  # (n, H, W, 3)
     names = ("probs", "logits", "image_embeds")
     monkeypatch.setattr(classifier, "CPU_IO_BINDING", True)  # the switch, as the classifier reads it
     bound = Classifier(files[kind], device="cpu", threads=2)
@@ -164,7 +164,7 @@ def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], 
             for got in (session.run(list(names), {"images": batch}), run_bound(session, {"images": batch}, outputs)):
                 for name, value in zip(names, got):
                     np.testing.assert_array_equal(value, want[name])
-    assert np.array_equal(bound.probs(images), ref.probs(images))  # raw input: decoded images, one run per size
+    assert np.array_equal(bound.probs(mixed_images), ref.probs(mixed_images))  # raw input: decoded images, one run per size
     with pytest.raises(ValueError, match="dynamic_block_base must be an integer >= 0"):
         session_options(2, dynamic_block_base=-1)
 

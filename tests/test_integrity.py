@@ -1,6 +1,6 @@
-"""The runtime checks the exported file it opens: class names against the graph's outputs, the class
-weights and every stored tensor against the digests written at export (inline or in an external data
-file), the text graph too. Real exports of the tiny model, edited or damaged, run by real onnxruntime.
+"""The runtime checks the exported file it opens: every metadata field against its metadata_sha256,
+class names against the graph's outputs, the class weights and every stored tensor against the digests
+written at export (inline or in an external data file), the text graph too. Real exports of the tiny model, edited or damaged, run by real onnxruntime.
 """
 
 from __future__ import annotations
@@ -39,17 +39,64 @@ def _flip(path: Path, tensor: str, n: int = 400) -> None:
     path.write_bytes(blob[:start] + bytes(data) + blob[start + len(data):])
 
 
-def _set_metadata(path: Path, **changes: Any) -> None:
+def _set_metadata(path: Path, *, reseal: bool = True, drop: tuple[str, ...] = (), **changes: Any) -> None:
+    """Edit the coopkit metadata of an exported file; ``reseal``: recompute its metadata_sha256, as
+    a writer that seals whatever it writes would (so the checks behind that one are reached)."""
     import onnx
 
-    from coopkit.runtime.contract import METADATA_KEY
+    from coopkit.runtime.contract import METADATA_KEY, metadata_checksum
 
     model = onnx.load(str(path))
     entry = next(e for e in model.metadata_props if e.key == METADATA_KEY)
     meta = json.loads(entry.value)
     meta.update(changes)
+    for key in drop:
+        meta.pop(key, None)
+    if reseal and "metadata_sha256" in meta:
+        meta["metadata_sha256"] = metadata_checksum(meta)
     entry.value = json.dumps(meta)
     onnx.save(model, str(path))
+
+
+def test_class_names_edited_inside_an_exported_file_are_refused(exported, tmp_path):
+    """The issue's case: the class names of an exported file reversed in its metadata (same count,
+    so every width still fits) were served without complaint; the metadata checksum refuses them."""
+    names = RuntimeClassifier(exported.path, device="cpu").classnames
+    path = _copy_export(exported.path, tmp_path / "m")
+    _set_metadata(path, reseal=False, classnames=list(reversed(names)))
+    with pytest.raises(MetadataError, match="metadata changed after export"):
+        RuntimeClassifier(path, device="cpu")
+
+
+def test_every_answer_changing_metadata_field_is_under_the_checksum(exported, tmp_path, caplog):
+    """The general rule: an edit to any field of the metadata (each one that changes an answer,
+    and a field this version does not know) is refused; a file without metadata_sha256 (as 0.2.0
+    wrote them) opens with a warning naming what cannot be verified, and strict=True refuses it."""
+    import logging
+
+    meta = RuntimeClassifier(exported.path, device="cpu").metadata
+    edits = {
+        "classnames": list(reversed(meta.classnames)), "image_size": [24, 24], "mean": [0.5, 0.5, 0.5],
+        "std": [0.2, 0.2, 0.2], "resize_mode": "squash", "interpolation": "bilinear", "fill_color": 128,
+        "logit_bias": -3.0, "method": "zeroshot", "prompt": {**meta.prompt, "class_token_position": "front"},
+        "precision": "fp16", "input_kind": "raw", "embed_dim": meta.embed_dim + 1, "pretrained": "other.pt",
+        "resize_plan": None, "text_encoder": None, "a_field_of_a_newer_schema": 1,
+    }
+    for i, (key, value) in enumerate(edits.items()):
+        path = _copy_export(exported.path, tmp_path / f"edit{i}")
+        _set_metadata(path, reseal=False, **{key: value})
+        with pytest.raises(MetadataError, match="metadata changed after export"):
+            RuntimeClassifier(path, device="cpu")
+    path = _copy_export(exported.path, tmp_path / "unsealed")
+    _set_metadata(path, drop=("metadata_sha256",))
+    with caplog.at_level(logging.WARNING, logger="coopkit.runtime"):
+        clf = RuntimeClassifier(path, device="cpu")
+    assert clf.classnames == meta.classnames
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "records no metadata_sha256" in text and "class names, templates, input size, mean and std" in text
+    with pytest.raises(MetadataError, match="records no metadata_sha256"):
+        RuntimeClassifier(path, device="cpu", strict=True)
+    RuntimeClassifier(exported.path, device="cpu", strict=True)  # a sealed file opens under strict
 
 
 @pytest.mark.parametrize("names", [["a", "b", "c"], ["a", "b", "c", "d", "e", "f"]])

@@ -96,11 +96,17 @@ class Server:
                 self.proc.kill()
         return self.proc.stdout.read()
 
-    def peak_rss_mb(self) -> float:
+    def _status_mb(self, key: str) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-        raise AssertionError("no VmHWM")
+        raise AssertionError(f"no {key}")
+
+    def rss_mb(self) -> float:
+        return self._status_mb("VmRSS")
+
+    def peak_rss_mb(self) -> float:
+        return self._status_mb("VmHWM")
 
 
 @pytest.fixture()
@@ -234,6 +240,107 @@ def test_a_stalled_upload_gets_408_and_is_closed(server: Any, png_images: list[b
     assert post(s.url + "/predict", png_images[0])[0] == 200
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` RGB pixels and holds almost none (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("kind", ["coopkit", "example"])
+def test_every_image_over_the_pixel_limit_gets_413(server: Any, kind: str) -> None:
+    """Over --max-pixels, whatever the size: 8000x8000 and Pillow's decompression bombs (20000x20000,
+    refused by Pillow itself before our check) alike, raw or in a multipart part."""
+    s = server(kind, "--max-pixels", "1000000")
+    for w, h in ((1001, 1000), (8000, 8000), (13000, 14000), (20000, 20000), (65000, 65000)):
+        status, body = post(s.url + "/predict", _png_header(w, h))
+        assert status == 413 and "limit of 1000000 pixels" in body["error"], (w, h, status, body)
+    if kind == "coopkit":
+        data, ctype = multipart([("bomb.png", _png_header(20000, 20000))])
+        status, body = post(s.url + "/predict", data, {"Content-Type": ctype})
+        assert status == 400 and "limit of 1000000 pixels" in body["error"]  # no readable part: the request's 400
+
+
+def test_every_oversized_image_is_an_image_too_large_error() -> None:
+    """The rule under both servers: every path that refuses an image for its pixel count raises
+    ImageTooLargeError (the servers' 413), from the header check and the decoder alike."""
+    from coopkit.runtime.preprocess import ImageTooLargeError, check_image_header, decode, load_image
+
+    for w, h in ((1001, 1000), (20000, 20000)):
+        data = _png_header(w, h)
+        with pytest.raises(ImageTooLargeError):
+            check_image_header(data, 1_000_000)
+        with pytest.raises(ImageTooLargeError):
+            load_image(data, max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(np.zeros((1001, 1000, 3), np.uint8), max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError):
+        decode(np.zeros((1001, 1000, 3), np.uint8), max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError):
+        load_image(Image.new("RGB", (1001, 1000)), max_pixels=1_000_000)
+    check_image_header(_png_header(1000, 1000), 1_000_000)  # at the limit: allowed
+    check_image_header(b"not an image", 1_000_000)  # unreadable: the decoder says why, later
+
+
+def _wait_closed(sock: socket.socket, limit: float) -> bytes:
+    """Everything the server sends until it closes the connection (or ``limit`` seconds pass)."""
+    sock.settimeout(limit)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    except socket.timeout:
+        raise AssertionError(f"the server kept the connection open for {limit} s; got {data!r}") from None
+
+
+def test_clients_that_never_finish_their_headers_are_answered_408_and_closed(server: Any, png_images: list[bytes]) -> None:
+    """A raw socket that never finishes its headers, one that sends nothing, and one that trickles
+    a byte at a time are all closed at --header-timeout-s; their slots are free again."""
+    s = server("coopkit", "--header-timeout-s", "1", "--max-connections", "4")
+    start = time.monotonic()
+    partial = socket.create_connection(("127.0.0.1", s.port))
+    partial.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Len")
+    silent = socket.create_connection(("127.0.0.1", s.port))
+    trickle = socket.create_connection(("127.0.0.1", s.port))
+    try:
+        for byte in b"GET /health HTTP/1.1\r\nHost":  # about 3.5 s of bytes, each within the timeout of the last
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                break  # closed by the server: as it should be
+            time.sleep(0.15)
+        answer = _wait_closed(partial, 10)
+        assert answer.startswith(b"HTTP/1.1 408") and b"request headers not received within 1 s" in answer, answer
+        assert _wait_closed(silent, 10).startswith(b"HTTP/1.1 408")
+        assert _wait_closed(trickle, 10).startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - start < 8
+    finally:
+        for sock in (partial, silent, trickle):
+            sock.close()
+    time.sleep(0.3)
+    with ThreadPoolExecutor(3) as pool:  # the three slots are free again (uvicorn answers 503 from the 4th connection on)
+        assert [a[0] for a in pool.map(lambda i: post(s.url + "/predict", png_images[i]), range(3))] == [200] * 3
+
+
+def test_a_body_no_endpoint_reads_is_closed_after_the_read_timeout(server: Any) -> None:
+    """The body deadline holds for every request, not only /predict's: a body sent to /health
+    that never completes frees its connection shortly after --read-timeout-s."""
+    s = server("coopkit", "--read-timeout-s", "1")
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", s.port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc")
+        answer = _wait_closed(sock, 15)
+    assert answer.startswith(b"HTTP/1.1 200") and time.monotonic() - start < 10
+
+
 def test_full_queue_answers_503_then_the_queued_images_are_served(graph_model: GraphModel, png_images: list[bytes],
                                                                   expected: list[Any]) -> None:
     clf = Classifier(graph_model.path, device="cpu", threads=1)
@@ -319,6 +426,24 @@ def test_concurrent_huge_images_are_decoded_one_at_a_time(server: Any, kind: str
     if kind == "coopkit":
         text = urllib.request.urlopen(s.url + "/metrics").read().decode()
         assert metric(text, "coopkit_decodes_in_flight_max") == 1
+
+
+def test_serve_returns_memory_after_a_burst(server: Any, png_images: list[bytes]) -> None:
+    """6 concurrent 4000x4000 PNGs decoded at once grow the server by hundreds of MB; once the burst
+    is over its resident memory is back within 60 MB of where it started (glibc's malloc_trim)."""
+    buf = io.BytesIO()
+    Image.fromarray(photo(5000, 5000, seed=1)).save(buf, "JPEG", quality=90)
+    huge = buf.getvalue()  # a photo as a camera writes it (a few MB)
+    s = server("coopkit", "--max-decodes", "4")
+    assert post(s.url + "/predict", png_images[0])[0] == 200
+    base = s.rss_mb()
+    for burst in range(3):  # the first burst raises glibc's mmap threshold; the later ones stay in its arenas
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: post(s.url + "/predict", huge, timeout=120), range(4)))
+        assert [a[0] for a in answers] == [200] * 4
+    grown, kept = s.peak_rss_mb() - base, s.rss_mb() - base
+    assert grown > 150, f"the burst grew the server by {grown:.0f} MB only: the test proves nothing"
+    assert kept < 60, f"{kept:.0f} MB of the burst's {grown:.0f} MB peak still held after it"
 
 
 def test_example_refuses_bad_values_stalls_and_crowds(server: Any, png_images: list[bytes]) -> None:

@@ -42,6 +42,11 @@ LAZY_COMMANDS = {
 
 EXIT_OK, EXIT_ENVIRONMENT, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+#: OS errors that say a path given is unusable as written (bad input, exit 2), not that the
+#: environment failed: a name too long for the file system, a symlink loop, bytes the file system
+#: refuses in a name. (Not-found, is-a-folder, not-a-folder and exists are caught by their types.)
+PATH_ERRNOS = frozenset(n for n in (errno.ENAMETOOLONG, errno.ELOOP, getattr(errno, "EILSEQ", None)) if n is not None)
+
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 2 bad input (a one-line 'Error: ...' names the value and what would be valid); "
     "1 a problem of the environment (missing package, disk full, permission denied, no GPU), also one line; "
@@ -69,7 +74,8 @@ def classify_error(e: BaseException) -> tuple[int, str]:
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(e, ImportError):
         return EXIT_ENVIRONMENT, str(missing_train_dependency(e))
-    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)) or (
+            isinstance(e, OSError) and e.errno in PATH_ERRNOS):
         return EXIT_BAD_INPUT, _os_message(e)
     if isinstance(e, OSError):
         if e.errno == errno.ENOSPC:

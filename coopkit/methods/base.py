@@ -16,7 +16,7 @@ from torch import nn
 from ..backbone import Backbone
 from ..config import RunConfig, TrainConfig
 from ..userdata import Dataset
-from ..features import autocast_for, encode_images
+from ..features import autocast_for, effective_precision, encode_images
 from ..heads import HEAD_TENSORS, LinearHead, build_head, check_head_tensors
 from ..runtime.contract import DEFAULT_TEMPLATE, check_prompts_fit, check_templates, fill_templates
 from ..runtime.tokenizers.layout import token_layout
@@ -224,6 +224,20 @@ class Shots:
         return self._val_features
 
 
+class DivergedError(ValueError):
+    """Training diverged (a non-finite loss, context or prototype) with the settings given: bad
+    input (exit code 2), its message naming what to change."""
+
+
+def divergence_hint(lr: float, precision: str, device: torch.device) -> str:
+    """What to change after a divergence, naming what is true of this run: its learning rate, and
+    the precision it really trains in (fp32 is suggested only to a run that is not in fp32)."""
+    used = effective_precision(device, precision)
+    if used == "fp32":
+        return f"lower lr (now {lr:g}; this run already trains in fp32)"
+    return f"lower lr (now {lr:g}) or use precision='fp32' (this run trains in {used})"
+
+
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
     """Learning rate of an epoch: constant warm-up, then cosine from ``lr`` towards 0."""
     if epoch < cfg.warmup_epochs:
@@ -323,7 +337,8 @@ def train_on_features(
         The history: per epoch ``loss`` and ``accuracy`` (over the epoch's batches) and ``lr``.
 
     Raises:
-        RuntimeError: the loss, or ``what`` (``params``), became NaN or infinite (the message names the epoch).
+        DivergedError: the loss, or ``what`` (``params``), became NaN or infinite (a ValueError, exit
+            code 2; the message names the epoch, the learning rate and the precision the run trains in).
     """
     from ..runtime.progress import progress_bar
 
@@ -346,25 +361,21 @@ def train_on_features(
             with autocast_for(device, cfg.precision):
                 loss, logits = batch_loss(x, y)
             if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
-                    "or use precision='fp32'"
-                )
+                raise DivergedError(f"training loss became {loss.item()} at epoch {epoch + 1}/{epochs}; "
+                                    + divergence_hint(lr, cfg.precision, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
         if not all(bool(torch.isfinite(p).all()) for p in params):
-            raise RuntimeError(
-                f"{what} became NaN or infinite at epoch {epoch + 1}/{epochs}; lower lr (now {lr:g}) "
-                "or use precision='fp32'"
-            )
+            raise DivergedError(f"{what} became NaN or infinite at epoch {epoch + 1}/{epochs}; "
+                                + divergence_hint(lr, cfg.precision, device))
         end_epoch(history, {"loss": total / n, "accuracy": correct / n, "lr": lr}, epoch, bar, callback)
     bar.close()
     return history
 
 
-__all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "ImageEncoder", "MethodModel", "FewShotFeatures", "encode_fewshot", "Shots",
+__all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "DivergedError", "divergence_hint", "ImageEncoder", "MethodModel", "FewShotFeatures", "encode_fewshot", "Shots",
            "lr_at", "end_epoch", "seed_everything", "train_on_features", "run_templates", "logit_scale", "HeadModel",
            "build_head_model", "template_features", "check_templates_fit"]

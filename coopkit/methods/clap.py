@@ -20,7 +20,8 @@ from ..backbone import Backbone
 from ..config import TrainConfig
 from ..runtime.configbase import ConfigMixin, check_bool, check_float, check_int
 from . import Method, register
-from .base import HEAD_FILE, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, lr_at, template_features
+from .base import (HEAD_FILE, DivergedError, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, lr_at,
+                   template_features)
 
 NAME = "clap"
 
@@ -84,7 +85,7 @@ def clap_model(backbone: Backbone, shots: FewShotFeatures, templates: Sequence[s
             loss.backward()
             optim.step()
     if not bool(torch.isfinite(weight).all()):
-        raise RuntimeError(f"CLAP diverged (non-finite prototypes); lower lr (now {cfg.lr:g})")
+        raise DivergedError(f"CLAP diverged (non-finite prototypes); lower lr (now {cfg.lr:g})")
     final = (scale * F.normalize(weight.detach(), dim=-1)).contiguous()  # (C, D)
     metrics = {"settings": cfg.to_dict(), "constraint_weights": [round(float(v), 6) for v in lam],
                "train_images": int(n), "views": int(views)}

@@ -44,7 +44,8 @@ from ..prompts import TextTower
 from ..runtime.contract import check_classnames, check_templates, fill_templates
 from ..runtime.preprocess import ImageDecodeError, load_image
 from . import Method, register
-from .base import ImageEncoder, MethodModel, Shots, check_templates_fit, end_epoch, logit_scale, seed_everything
+from .base import (DivergedError, ImageEncoder, MethodModel, Shots, check_templates_fit, divergence_hint, end_epoch,
+                   logit_scale, seed_everything)
 
 logger = logging.getLogger(__name__)
 
@@ -655,7 +656,7 @@ def train_step(model: CLIPLoRA, batch: torch.Tensor, labels: torch.Tensor, optim
     scheduler step. Returns the loss and the logits ``(b, C)``.
 
     Raises:
-        RuntimeError: a NaN or infinite loss (nothing is stepped).
+        DivergedError: a NaN or infinite loss (a ValueError, exit code 2; nothing is stepped).
     """
     with autocast_for(labels.device, precision):
         text = model.text_features()  # (C, D)
@@ -665,8 +666,8 @@ def train_step(model: CLIPLoRA, batch: torch.Tensor, labels: torch.Tensor, optim
             logits = logits + model.logit_bias
         loss = F.cross_entropy(logits, labels)
     if not torch.isfinite(loss):
-        raise RuntimeError(f"training loss became {loss.item()}; lower lr (now {scheduler.get_last_lr()[0]:g}) "
-                           "or use precision='fp32'")
+        raise DivergedError(f"training loss became {loss.item()}; "
+                            + divergence_hint(scheduler.get_last_lr()[0], precision, labels.device))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -693,7 +694,7 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
 
     Raises:
         ValueError: a class without a readable training image.
-        RuntimeError: the loss or an adapter became NaN or infinite.
+        DivergedError: the loss or an adapter became NaN or infinite (a ValueError, exit code 2).
     """
     from ..runtime.progress import progress_bar
 
@@ -750,8 +751,8 @@ def fit(backbone: Backbone, shots: Shots, config: LoRAConfig, train: TrainConfig
         bar.update(1)
         if step + 1 == total or steps[step + 1][0] != epoch:  # the epoch ends
             if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise RuntimeError(f"an adapter became NaN or infinite at step {step + 1}/{total}; lower lr or use "
-                                   "precision='fp32'")
+                raise DivergedError(f"an adapter became NaN or infinite at step {step + 1}/{total}; "
+                                    + divergence_hint(lr, train.precision, device))
             end_epoch(history, {"loss": loss_sum / seen, "accuracy": correct / seen, "lr": lr}, epoch, bar, callback)
             seen, loss_sum, correct, lr = 0, 0.0, 0, scheduler.get_last_lr()[0]
     bar.close()

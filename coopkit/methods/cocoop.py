@@ -301,7 +301,8 @@ def fit(backbone: Backbone, shots: Shots, config: Optional[CoCoOpConfig] = None,
 
     Raises:
         ValueError: a class without a readable training image.
-        RuntimeError: the loss or the parameters became NaN or infinite (the message names the epoch).
+        DivergedError: the loss or the parameters became NaN or infinite (a ValueError, exit code 2; the
+            message names the epoch).
     """
     config = config or CoCoOpConfig()
     train = train or TrainConfig()

@@ -107,7 +107,8 @@ def fit(backbone: Backbone, shots: Shots, config: PromptConfig, train: TrainConf
 
     Raises:
         ValueError: a class without a readable training image.
-        RuntimeError: the loss or the context became NaN or infinite (the message names the epoch).
+        DivergedError: the loss or the context became NaN or infinite (a ValueError; the message names
+            the epoch, the learning rate and the precision the run trains in).
     """
     started = time.perf_counter()
     seed_everything(train.seed)

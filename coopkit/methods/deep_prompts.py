@@ -47,7 +47,7 @@ from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
 from ..runtime.tokenizers.layout import token_layout
 from . import Method, register
-from .base import MethodModel, Shots, logit_scale, seed_everything
+from .base import DivergedError, MethodModel, Shots, divergence_hint, logit_scale, seed_everything
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -424,7 +424,8 @@ def training_step(model: DeepPromptModel, pixels: torch.Tensor, labels: torch.Te
     the optimizer's step. Returns the loss and the logits ``(b, n_cls)`` (detached).
 
     Raises:
-        RuntimeError: the loss is NaN or infinite (``where`` says when; nothing is stepped).
+        DivergedError: the loss is NaN or infinite (a ValueError, exit code 2; ``where`` says when;
+            nothing is stepped).
     """
     bb = model.backbone
     with autocast_for(bb.device, precision):
@@ -438,8 +439,8 @@ def training_step(model: DeepPromptModel, pixels: torch.Tensor, labels: torch.Te
         if extra_loss is not None:
             loss = loss + extra_loss(model, pixels, logits, img, text)
     if not torch.isfinite(loss):
-        raise RuntimeError(f"training loss became {loss.item()} at {where or 'a step'}; lower lr or use "
-                           "precision='fp32'")
+        raise DivergedError(f"training loss became {loss.item()} at {where or 'a step'}; "
+                            + divergence_hint(optimizer.param_groups[0]["lr"], precision, bb.device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

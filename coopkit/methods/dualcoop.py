@@ -44,7 +44,7 @@ from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from . import Method, register
-from .base import MethodModel, seed_everything
+from .base import DivergedError, MethodModel, divergence_hint, seed_everything
 from .multilabel import (
     AslRecipe,
     asymmetric_loss,
@@ -417,8 +417,8 @@ def train(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[D
             loss = config.loss_weight * asymmetric_loss(logits, targets[idx].to(backbone.device), config.gamma_neg,
                                                         config.gamma_pos, config.asl_clip)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"DualCoOp loss became {loss.item()} at epoch {epoch + 1}/{config.epochs}; "
-                                   f"lower lr (now {lr:g})")
+                raise DivergedError(f"DualCoOp loss became {loss.item()} at epoch {epoch + 1}/{config.epochs}; "
+                                    + divergence_hint(lr, "fp32", backbone.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,6 +9,10 @@ plain ``open(path, "w")`` would give it (``0o666`` minus the umask), not ``mkste
 Standard library only, and in the runtime (the lowest layer), so the torch-free runtime's own
 writers (collection outputs) and every other part of coopkit share this one writer; whole
 folders (saved runs) are swapped in by :mod:`coopkit.atomic_dirs` on top of it.
+
+:class:`ExclusiveLock` gives a path one writer at a time across processes (a collection
+output): an advisory lock on a hidden ``.<name>.lock`` beside it, released by the kernel when
+its holder dies, so a ``kill -9`` never leaves a stale lock behind.
 """
 
 from __future__ import annotations
@@ -24,6 +28,91 @@ from typing import Any, Iterator, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 _umask_lock = threading.Lock()
+
+
+class LockedError(ValueError):
+    """Another process (or another writer of this one) holds the lock on a path; the message names it."""
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False when another holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the first byte of the lock file, locked with msvcrt
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class ExclusiveLock:
+    """One writer of ``path`` at a time: an exclusive lock on ``.<name>.lock`` beside it.
+
+    :meth:`acquire` never waits: when another writer holds the lock it raises
+    :class:`LockedError` naming the path and the holder's process id. The lock file is
+    removed on :meth:`release`; the kernel drops the lock of a process that dies, so a killed
+    writer never blocks the next one. Usable as a context manager.
+    """
+
+    def __init__(self, path: PathLike, *, what: str = "file") -> None:
+        self.target = Path(path)
+        self.path = self.target.parent / f".{self.target.name}.lock"
+        self.what = what
+        self.fd = -1
+
+    def acquire(self) -> "ExclusiveLock":
+        """Take the lock, or raise :class:`LockedError` if another writer holds it."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if not _try_lock(fd):
+                holder = self._holder(fd)
+                os.close(fd)
+                raise LockedError(
+                    f"{self.target} is being written by another run{holder}; wait for it to finish, "
+                    f"or choose another {self.what}"
+                )
+            try:  # the lock file we opened may have been removed by its last holder meanwhile: retry
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            os.lseek(fd, 0, os.SEEK_SET)
+            pid = int(os.read(fd, 32).split()[0])
+            return f" (process {pid})"
+        return ""
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock (idempotent)."""
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):  # removed while still held, so nobody locks a stale name
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> "ExclusiveLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def current_umask() -> int:

@@ -84,6 +84,10 @@ class Classifier:
             (``tensors_sha256``; reading and hashing a 353 MB ViT-B-32 file took 0.3-0.6 s on 2
             busy cores, 30-45% of opening it).
             ``False`` skips it; the class weights and the output widths are checked anyway.
+        strict: Refuse a file whose metadata records no ``metadata_sha256`` (exported by coopkit
+            0.2.0 or older), which otherwise opens with a warning naming what cannot be verified.
+            A file that records one is always checked against it (an edited class name, template
+            or preprocessing field is refused).
         spinning: Let idle onnxruntime threads spin (off by default: faster only on a machine
             that runs nothing else).
         engine: ``onnxruntime`` (the default), ``openvino`` (the ``openvino`` extra) or ``auto``
@@ -118,6 +122,7 @@ class Classifier:
         workers: Optional[int] = None,
         max_pixels: int = MAX_PIXELS,
         check_tensors: bool = True,
+        strict: bool = False,
         spinning: bool = False,
         engine: str = "onnxruntime",
         compute: str = "fp32",
@@ -134,7 +139,7 @@ class Classifier:
         self._spinning = bool(spinning)
         self.session, self.engine = open_engine(self.path, engine, compute, device, threads, providers,
                                                 spinning=spinning, batch_size=int(batch_size))
-        self.metadata = open_checked(self.session, self.path, self._check_tensors)
+        self.metadata = open_checked(self.session, self.path, self._check_tensors, strict)
         fixed = self.session.get_inputs()[0].shape[0]
         self._fixed_batch = fixed if isinstance(fixed, int) and fixed > 0 else None
         self.batch_size = self._fixed_batch or int(batch_size)

@@ -43,6 +43,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, Union
 
+from .atomic import sha256_hex
+
 SCHEMA_VERSION = 1
 METADATA_KEY = "coopkit"
 INPUT_NAME = "images"
@@ -357,6 +359,19 @@ class ResizeSpec:
         return _entry(cls, raw, "resize_plan")
 
 
+#: What a file without ``metadata_sha256`` cannot prove unedited (the warning's words).
+UNSEALED_FIELDS = ("class names, templates, input size, mean and std, the resize and crop rule, logit bias, "
+                   "method, prompt and class-token position")
+
+
+def metadata_checksum(entries: dict[str, Any]) -> str:
+    """sha256 of an exported file's metadata: every entry but ``metadata_sha256`` itself, as
+    canonical JSON (sorted keys, no spaces, ASCII), so that parsing and re-serialising the
+    stored text gives the same digest."""
+    body = {k: v for k, v in entries.items() if k != "metadata_sha256"}
+    return sha256_hex(b"coopkit metadata v1\n", json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True))
+
+
 @dataclass
 class ModelMetadata:
     """Everything an exported file says about itself.
@@ -399,6 +414,13 @@ class ModelMetadata:
             ``interpolation``, ``image_size`` and ``fill_color``, for clients that apply it rather
             than derive it; ``None`` in files written before it existed (coopkit 0.2.0 and
             older), whose plan is derived from those fields as before.
+        metadata_sha256: sha256 of every other field as stored (:func:`metadata_checksum`),
+            written by :meth:`to_json` and checked by :meth:`from_json`: class names, templates,
+            input size, mean and std, the resize and crop rule, logit bias, method, prompt
+            (class-token position), precision, the text graph's description, and any field a
+            newer schema adds. ``""`` in files written before it existed (coopkit 0.2.0 and
+            older): those open with a warning naming what cannot be verified, or are refused
+            with ``strict=True``.
     """
 
     classnames: list[str]
@@ -422,6 +444,7 @@ class ModelMetadata:
     logit_bias: Optional[float] = None
     input_kind: str = INPUT_CROPPED
     resize_plan: Optional[ResizeSpec] = None
+    metadata_sha256: str = field(default="", compare=False)  # derived from the others: not part of equality
 
     def __post_init__(self) -> None:
         if self.logit_bias is not None:
@@ -456,8 +479,10 @@ class ModelMetadata:
                 raise MetadataError(f"resize_plan.size {self.resize_plan.size} differs from image_size {self.image_size}")
 
     def to_json(self) -> str:
-        """Serialise to the JSON string stored in the ONNX file."""
-        return json.dumps(asdict(self), sort_keys=True)
+        """Serialise to the JSON string stored in the ONNX file, sealed by ``metadata_sha256``."""
+        entries = asdict(self)
+        entries["metadata_sha256"] = metadata_checksum(entries)
+        return json.dumps(entries, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelMetadata":
@@ -474,6 +499,10 @@ class ModelMetadata:
                 f"file has metadata schema version {version}, this coopkit reads up to "
                 f"{SCHEMA_VERSION}; upgrade coopkit"
             )
+        recorded = raw.get("metadata_sha256")
+        if recorded and recorded != metadata_checksum(raw):  # absent or empty: unsealed, see check_sealed
+            raise MetadataError("the coopkit metadata changed after export (metadata_sha256 does not match: class "
+                                "names, templates, preprocessing or another field was edited); export the file again")
         try:
             return cls(**_known(cls, raw))
         except TypeError as e:
@@ -534,7 +563,7 @@ def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[
         "files": listed,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": shape, "channels": "RGB", "kind": meta.input_kind},
         "outputs": list(OUTPUT_NAMES),
-        "metadata": asdict(meta),
+        "metadata": json.loads(meta.to_json()),  # as stored in the graph: sealed by its metadata_sha256
     }
 
 
@@ -556,7 +585,7 @@ def sidecar_mismatches(raw: Any, meta: ModelMetadata, model_bytes: Optional[int]
     except MetadataError as e:
         return [f"sidecar metadata unreadable: {e}"]
     mine = asdict(meta)
-    problems = [f"{k} differs" for k, v in asdict(theirs).items() if v != mine.get(k)]
+    problems = [f"{k} differs" for k, v in asdict(theirs).items() if v != mine.get(k) and k != "metadata_sha256"]
     files = raw.get("files")
     if model_bytes is not None:
         listed = files[0].get("bytes") if isinstance(files, list) and files and isinstance(files[0], dict) else None

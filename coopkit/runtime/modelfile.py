@@ -17,6 +17,7 @@ from .contract import (
     INPUT_NAME,
     INPUT_RAW,
     OUTPUT_NAMES,
+    UNSEALED_FIELDS,
     MetadataError,
     ModelMetadata,
     is_sidecar,
@@ -102,11 +103,27 @@ def cross_check_sidecar(path: Path, metadata: ModelMetadata) -> None:
                        "the sidecar written with this file", side.name, path.name, "; ".join(problems[:3]))
 
 
-def open_checked(session: Any, path: Path, check_tensors: bool = True) -> ModelMetadata:
-    """The metadata of ``path`` (open in ``session``) after every check, in order: the graph's
-    contract and widths, the class weights, the stored tensors (unless ``check_tensors`` is
-    false: reading and hashing a 353 MB file takes a few tenths of a second), the sidecar."""
+def check_sealed(metadata: ModelMetadata, path: Path, strict: bool = False) -> None:
+    """A file whose metadata has no ``metadata_sha256`` (exported by coopkit 0.2.0 or older) is
+    opened with a warning naming what cannot be verified, or refused when ``strict``. (A file
+    that has one was checked against it when its metadata was read.)"""
+    if metadata.metadata_sha256:
+        return
+    what = f"its {UNSEALED_FIELDS} cannot be verified"
+    if strict:
+        raise MetadataError(f"{path}: the metadata records no metadata_sha256 (exported by coopkit 0.2.0 or older): "
+                            f"{what}; open it without strict=True, or export it again")
+    logger.warning("%s: the metadata records no metadata_sha256 (exported by coopkit 0.2.0 or older): %s; "
+                   "export it again to seal them (strict=True refuses such files)", path, what)
+
+
+def open_checked(session: Any, path: Path, check_tensors: bool = True, strict: bool = False) -> ModelMetadata:
+    """The metadata of ``path`` (open in ``session``) after every check, in order: the metadata's
+    own checksum (:func:`check_sealed`), the graph's contract and widths, the class weights, the
+    stored tensors (unless ``check_tensors`` is false: reading and hashing a 353 MB file takes a
+    few tenths of a second), the sidecar."""
     metadata = read_metadata(session, path)
+    check_sealed(metadata, path, strict)
     check_graph(session, metadata, path)
     check_class_weights(session, metadata, path)
     if check_tensors:

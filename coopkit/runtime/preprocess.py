@@ -6,10 +6,11 @@ and the runtime both use it, so an image is read the same way everywhere.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,6 +36,11 @@ def is_image_file(name: Union[str, os.PathLike]) -> bool:
 
 class ImageDecodeError(ValueError):
     """An input could not be decoded as an image; the message names it."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than allowed (``max_pixels``, or Pillow's decompression-bomb
+    limit): refused before its pixels are decoded where its header tells (a server's 413)."""
 
 
 def describe(source: Any) -> str:
@@ -71,13 +77,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float64)  # (H, W); scaled in place: one float copy, not four
         top = 65535.0 if (img.mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
-        arr8 = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        np.multiply(arr, 255.0 / top, out=arr)
+        np.clip(np.round(arr, out=arr), 0, 255, out=arr)
+        arr8 = arr.astype(np.uint8)
+        del arr
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def apply_orientation(img: Image.Image) -> Image.Image:
+    """``ImageOps.exif_transpose(img)``, without its full-size copy of an image that needs no turn."""
+    try:
+        if img.getexif().get(0x0112, 1) in (None, 1):  # 0x0112: Orientation; 1 is upright
+            return img
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
+        return img
+
+
+def rgb_array(img: Image.Image) -> np.ndarray:
+    """``np.asarray(img)`` of an RGB image, copied in strips of about 1 MB: Pillow's own conversion
+    holds two full-size byte copies at once beside the image, this one none."""
+    w, h = img.size
+    step = max(1, (1 << 20) // (3 * w))  # rows per strip
+    if h <= step:
+        return np.asarray(img, dtype=np.uint8)
+    out = np.empty((h, w, 3), np.uint8)  # (H, W, 3)
+    for y in range(0, h, step):
+        out[y : y + step] = np.asarray(img.crop((0, y, w, min(h, y + step))), dtype=np.uint8)
+    return out
 
 
 def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -104,14 +136,14 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
         if arr.shape[0] * arr.shape[1] == 0:
             raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if arr.shape[0] * arr.shape[1] > max_pixels:
-            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+            raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
     if isinstance(source, Image.Image):
         img = source
         if img.size[0] * img.size[1] == 0:
             raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
         if img.size[0] * img.size[1] > max_pixels:
-            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+            raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         try:
             img.load()  # a closed image, or a lazily opened file that is gone or truncated
         except Exception as e:  # noqa: BLE001 - whatever Pillow raises, it is this input's problem
@@ -119,40 +151,88 @@ def load_image(source: ImageInput, *, max_pixels: int = MAX_PIXELS) -> Image.Ima
     elif isinstance(source, (str, os.PathLike, bytes, bytearray)):
         if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):  # no Path(): it interns every name
             raise FileNotFoundError(f"image not found: {source}")
-        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+        # a path is opened here and closed when the first frame is decoded, whatever happens:
+        # Pillow would keep it open after a failure, or for the other frames of a GIF or TIFF
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
-                if img.size[0] * img.size[1] > max_pixels:
-                    raise ImageDecodeError(
-                        f"{describe(source)}: {img.size[0]}x{img.size[1]} image has more than "
-                        f"{max_pixels} pixels (possible decompression bomb)"
-                    )
-                img.load()
-        except ImageDecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageDecodeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
-        except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+            fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+        except OSError as e:  # unreadable (permissions), or gone since the check above
             raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
+        with fp:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    img = Image.open(fp)
+                    if img.size[0] * img.size[1] > max_pixels:
+                        raise ImageTooLargeError(
+                            f"{describe(source)}: {img.size[0]}x{img.size[1]} image has more than "
+                            f"{max_pixels} pixels (possible decompression bomb)"
+                        )
+                    img.load()
+            except ImageDecodeError:
+                raise
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+                raise ImageTooLargeError(f"{describe(source)}: refused as a decompression bomb ({e})") from None
+            except Exception as e:  # noqa: BLE001 - a malformed file can make Pillow raise almost anything
+                raise ImageDecodeError(f"{describe(source)}: cannot decode image ({type(e).__name__}: {e})") from None
     else:
         raise ImageDecodeError(
             f"unsupported image input {describe(source)}: expected a path, bytes, a PIL image "
             "or a uint8 HWC numpy array"
         )
     if img.size[0] * img.size[1] > max_pixels:
-        raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+        raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
     if img.size[0] * img.size[1] == 0:
         raise ImageDecodeError(f"{describe(source)}: empty image (no pixels)")
-    try:
-        img = ImageOps.exif_transpose(img) or img
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
-        pass
+    img = apply_orientation(img)
     try:
         return _to_rgb(img)
     except Exception as e:  # noqa: BLE001 - e.g. a mode Pillow cannot convert
         raise ImageDecodeError(f"{describe(source)}: cannot convert the image to RGB ({type(e).__name__}: {e})") from None
+
+
+#: After decoding an image of at least this many pixels, once no other decode runs, a server
+#: returns freed memory to the OS (:func:`release_memory`); smaller images are left to the allocator.
+TRIM_AFTER_PIXELS = 4_000_000
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def release_memory() -> bool:
+    """Return freed heap memory (decoded images) to the OS, where the C library allows (glibc's
+    ``malloc_trim``); True if some was returned. glibc otherwise keeps large freed blocks in the
+    arena of the thread that freed them, so a server decoding in many threads stays at its peak
+    after a burst of big images (and sequential decodes in different threads add up)."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
+
+
+def check_image_header(data: Union[bytes, bytearray], max_pixels: int = MAX_PIXELS) -> Optional[tuple[int, int]]:
+    """Refuse encoded image bytes whose header declares more than ``max_pixels`` pixels, before any
+    pixel is decoded (:class:`ImageTooLargeError`; Pillow's own decompression-bomb refusal
+    included); else return the ``(width, height)`` it declares. Bytes whose header cannot be read
+    pass (``None``): decoding them reports why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(bytes(data))) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image over the limit of {max_pixels} pixels, refused from its header ({e})") from None
+    except Exception:  # noqa: BLE001 - an unreadable header: the decoder's own message comes later
+        return None
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{w}x{h} image is over the limit of {max_pixels} pixels")
+    return w, h
 
 
 # --- open_clip's eval transform, up to (not including) ToTensor + Normalize ----------------------
@@ -353,10 +433,10 @@ def decode(
     if isinstance(source, np.ndarray) and source.dtype == np.uint8 and source.ndim == 3 and source.shape[2] == 3:
         h, w = source.shape[:2]  # already RGB: used as it is, without a copy through Pillow
         if h * w > max_pixels:
-            raise ImageDecodeError(f"{describe(source)}: image has more than {max_pixels} pixels")
+            raise ImageTooLargeError(f"{describe(source)}: image has more than {max_pixels} pixels")
         arr = np.ascontiguousarray(source)
     else:
-        arr = np.asarray(load_image(source, max_pixels=max_pixels), dtype=np.uint8)  # (H, W, 3)
+        arr = rgb_array(load_image(source, max_pixels=max_pixels))  # (H, W, 3)
     h, w = arr.shape[:2]
     if h * w == 0:
         raise ImageDecodeError(f"{describe(source)}: empty image ({w}x{h} pixels)")

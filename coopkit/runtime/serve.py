@@ -28,12 +28,14 @@ that image alone (the rows of a batch do not interact; fp32 results agree to flo
 
 * bodies over ``max_body_bytes`` are refused with 413 (by ``Content-Length`` before reading,
   or while streaming); a body not received within ``read_timeout_s`` gets 408, and the
-  connection is closed;
+  connection is closed; headers not complete within ``header_timeout_s`` get 408 and the
+  connection is closed (:func:`json_400_protocol`: uvicorn has no header timeout);
 * at most ``max_decodes`` images are decoded at once (default: one per usable CPU, at most 8,
   the runtime's one decoding-thread default), each of at most ``max_pixels`` pixels
-  (larger ones are refused from their header, 413). Decoding an 8-bit image peaks at about
-  4.4 bytes per pixel (measured), so decoding holds at most about
-  ``max_decodes * max_pixels * 4.4`` bytes (16-bit greyscale about 3x more);
+  (larger ones are refused from their header, 413, Pillow's decompression bombs included). Decoding an 8-bit image peaks at about
+  8 bytes per pixel (measured by ``benchmarks/bench_decode_memory.py``; RGB photos about 4.3), so
+  decoding holds at most about ``max_decodes * max_pixels * 8`` bytes (16-bit greyscale x 12); after a
+  large image, once no decode runs, freed memory goes back to the OS (:func:`~coopkit.runtime.preprocess.release_memory`);
 * at most ``queue_size`` decoded crops (``H * W * 3`` bytes each) wait for the session;
 * at most ``max_connections`` connections and requests are served at once (uvicorn's
   ``limit_concurrency``; more get 503), so bodies held in memory are at most
@@ -49,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ import numpy as np
 from .classifier import Classifier
 from .configbase import ConfigMixin, check_float, check_int, check_text
 from .extras import require
+from .preprocess import TRIM_AFTER_PIXELS, ImageTooLargeError, check_image_header, release_memory
 from .results import rank
 from .session import default_workers
 
@@ -94,7 +96,10 @@ class ServeConfig(ConfigMixin):
         "help": "Images decoded at once (default: one per usable CPU, at most 8); bounds decoding memory."})
     max_connections: int = field(default=256, metadata={
         "help": "Connections and requests served at once; more get 503 (uvicorn's limit_concurrency)."})
-    read_timeout_s: float = field(default=30.0, metadata={"help": "Time to receive a whole request body (408 beyond)."})
+    read_timeout_s: float = field(default=30.0, metadata={
+        "help": "Time to receive a whole request body (408 beyond; a body no endpoint reads: the connection is closed)."})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "help": "Time to receive a request's headers, from the connection or the previous answer (408 and closed beyond)."})
     graceful_timeout_s: float = field(default=30.0, metadata={
         "help": "On shutdown, how long requests in flight may take to finish."})
 
@@ -104,7 +109,7 @@ class ServeConfig(ConfigMixin):
             check_int(name, getattr(self, name))
         check_int("port", self.port, 0, maximum=65535)
         check_int("max_decodes", self.max_decodes, optional=True, hint="one per usable CPU, at most 8")
-        for name in ("max_wait_ms", "read_timeout_s", "graceful_timeout_s"):
+        for name in ("max_wait_ms", "read_timeout_s", "header_timeout_s", "graceful_timeout_s"):
             check_float(name, getattr(self, name), below=1e6)
         check_text("host", self.host, "an address")
 
@@ -455,34 +460,48 @@ class App:
         return {"labels": list(pred.labels), "probs": list(pred.probs)}
 
     def _decode(self, data: bytes) -> np.ndarray:
-        from PIL import Image
-
-        with self.decoding:
-            self.metrics.decoding.inc()
-            try:
-                try:  # refuse a huge image from its header, before any pixel is decoded
-                    with Image.open(io.BytesIO(data)) as img:
-                        w, h = img.size
-                except Exception:  # noqa: BLE001 - unreadable headers get the decoder's own message below
-                    w = h = 0
-                if w * h > self.config.max_pixels:
-                    raise HTTPError(413, f"{w}x{h} image is over the limit of {self.config.max_pixels} pixels")
+        size: Optional[tuple[int, int]] = None
+        try:
+            with self.decoding:
+                self.metrics.decoding.inc()
                 try:
+                    size = check_image_header(data, self.config.max_pixels)  # refused before any pixel is decoded
                     return self.clf.prepare(data)
-                except Exception as e:  # noqa: BLE001 - every rejected input is the client's 400
+                except Exception as e:  # noqa: BLE001 - every rejected input is the client's 4xx
                     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise HTTPError(400, text) from None
-            finally:
-                self.metrics.decoding.dec()
+                    raise HTTPError(413 if isinstance(e, ImageTooLargeError) else 400, text) from None
+                finally:
+                    self.metrics.decoding.dec()
+        finally:
+            if size is not None and size[0] * size[1] >= TRIM_AFTER_PIXELS and self.decoding.now == 0:
+                release_memory()  # the burst is over: hand the decoders' freed memory back to the OS
 
 
-def json_400_protocol() -> type:
+#: The answer to a client whose request headers did not arrive in time (sent as raw bytes: h11 has
+#: no request to answer yet).
+_HEADER_TIMEOUT_ANSWER = b'{"error": "request headers not received within %g s"}'
+
+
+def json_400_protocol(header_timeout_s: Optional[float] = None, body_timeout_s: Optional[float] = None) -> type:
     """uvicorn's h11 protocol, answering requests it cannot parse (a bad request line, a
-    ``Content-Length: abc``) with a JSON error like every other answer, instead of plain text."""
+    ``Content-Length: abc``) with a JSON error like every other answer, instead of plain text,
+    and freeing connections whose clients are too slow (uvicorn has no header timeout).
+
+    Args:
+        header_timeout_s: A request's headers must be complete this long after the connection
+            opened or the previous answer was sent; otherwise 408 (JSON) and the connection is
+            closed. ``None``: no limit.
+        body_timeout_s: A request's body must be complete this long after its headers; otherwise
+            the connection is closed (the app answers ``/predict`` 408 first, at its own
+            ``read_timeout_s``; this frees connections whose body no endpoint reads). ``None``: no limit.
+    """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class JSON400Protocol(H11Protocol):
+        deadline: Optional[asyncio.TimerHandle] = None
+        phase = ""  # what the deadline waits for: "headers", "body" or "" (nothing)
+
         def send_400_response(self, msg: str) -> None:
             body = json.dumps({"error": "invalid HTTP request: malformed request line or header (for example a "
                                         "Content-Length that is not a non-negative integer)"}).encode()
@@ -492,6 +511,52 @@ def json_400_protocol() -> type:
                           h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
+
+        # --- deadlines: one timer per connection, for the phase the client is in ------------------
+
+        def _arm(self, phase: str) -> None:
+            seconds = {"headers": header_timeout_s, "body": body_timeout_s}.get(phase)
+            if phase == self.phase and (self.deadline is not None or seconds is None):
+                return
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline, self.phase = None, phase
+            if seconds is not None and not self.transport.is_closing():
+                self.deadline = self.loop.call_later(seconds, self._expired, phase)
+
+        def _follow(self) -> None:
+            """Arm the deadline of the phase the client is in now (h11's view of its side)."""
+            state = self.conn.their_state
+            self._arm("headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else "")
+
+        def _expired(self, phase: str) -> None:
+            self.deadline = None
+            if self.transport.is_closing():
+                return
+            if phase == "headers" and self.conn.our_state is h11.IDLE:
+                body = _HEADER_TIMEOUT_ANSWER % header_timeout_s
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+            logger.info("closing a connection whose request %s did not arrive in time", phase)
+            self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm("headers")
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._follow()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._follow()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+            super().connection_lost(exc)
 
     return JSON400Protocol
 
@@ -530,7 +595,8 @@ def serve(model: Union[str, "os.PathLike[str]", Classifier, App], config: Option
         cfg = dataclasses.replace(config or ServeConfig(), **overrides)
         app = create_app(model, cfg, device=device, threads=threads, engine=engine, compute=compute)
     server = uvicorn.Server(uvicorn.Config(
-        app.asgi, host=cfg.host, port=cfg.port, http=json_400_protocol(), log_level="warning", access_log=False, server_header=False,
+        app.asgi, host=cfg.host, port=cfg.port, http=json_400_protocol(cfg.header_timeout_s, cfg.read_timeout_s + 1.0),
+        log_level="warning", access_log=False, server_header=False,
         limit_concurrency=cfg.max_connections, timeout_keep_alive=5,
         timeout_graceful_shutdown=cfg.graceful_timeout_s, lifespan="on",
     ))

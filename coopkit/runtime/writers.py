@@ -11,6 +11,12 @@ position). JSONL and CSV are appended after every batch (a row cut short by a cr
 on resume); Parquet rows go to complete part files beside ``out`` (``.<name>.parts/``, each
 written atomically) that are merged into ``out`` when the run ends or is interrupted, so an
 interrupted run leaves either a valid ``out`` or valid parts that the next run picks up.
+
+**One writer**: :func:`open_writer` takes an exclusive lock on ``out`` (a hidden
+``.<name>.lock`` beside it, :class:`~coopkit.runtime.atomic.ExclusiveLock`) before it reads the
+rows already there, and the writer holds it until :meth:`Writer.close`; a second run on the same
+``out`` is refused at once (:class:`~coopkit.runtime.atomic.LockedError`, a ``ValueError``: exit
+code 2 on the command line) instead of mixing its rows in. A killed run's lock dies with it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import ExclusiveLock, atomic_path
 from .inputs import PathLike, pyarrow_parquet
 from .results import rank
 
@@ -102,12 +108,21 @@ class Writer:
         self.out, self.fields = out, tuple(fields)
         self.done = 0
         self.last_path: Optional[str] = None
+        self.lock: Optional[ExclusiveLock] = None  # set by open_writer, released by close
 
     def write(self, rows: list[Row]) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Make ``out`` complete and valid (also after an interruption)."""
+        """Make ``out`` complete and valid (also after an interruption), then let go of its lock."""
+        try:
+            self._finish()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _finish(self) -> None:
+        """What :meth:`close` does to ``out`` before the lock is released."""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -210,7 +225,7 @@ class LineWriter(Writer):
             data = self._csv_text(records)
         _write_all(self.fd, data)
 
-    def close(self) -> None:
+    def _finish(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -288,7 +303,7 @@ class ParquetWriter(Writer):
         self.next_row += len(self.buffer)
         self.buffer = []
 
-    def close(self) -> None:
+    def _finish(self) -> None:
         self._flush()
         if self.files or not self.out.exists():
             sources = ([self.out] if self.out.exists() else []) + self.files
@@ -326,14 +341,25 @@ def check_out(out: PathLike) -> tuple[Path, str]:
 def open_writer(out: PathLike, fields: Sequence[str], *, overwrite: bool = False, flush_rows: int = 4096) -> Writer:
     """The writer for ``out``'s format (by extension), resuming after the rows it holds unless ``overwrite``.
 
+    The writer holds ``out``'s lock until it is closed.
+
     Raises:
         ValueError: an unknown extension, a folder, or a file that is not a coopkit predictions
             file with these columns.
+        LockedError: another run is writing ``out`` now (a ``ValueError``).
     """
     path, fmt = check_out(out)
-    if fmt == "parquet":
-        return ParquetWriter(path, fields, overwrite, flush_rows)
-    return LineWriter(path, fields, fmt, overwrite)
+    lock = ExclusiveLock(path, what="output file").acquire()
+    try:
+        if fmt == "parquet":
+            writer: Writer = ParquetWriter(path, fields, overwrite, flush_rows)
+        else:
+            writer = LineWriter(path, fields, fmt, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    writer.lock = lock
+    return writer
 
 
 def skip_done(paths: Iterator[str], writer: Writer) -> Iterator[str]:

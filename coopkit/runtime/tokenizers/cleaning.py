@@ -1,82 +1,49 @@
 """Text cleaning as open_clip's tokenizers do it (``clean="lower"``, ``"canonicalize"``,
 ``"whitespace"``), shared by CLIP's BPE and the Hugging Face tokenizers.
 
-``ftfy`` (text repair) is used when it is installed. Without it, :func:`_fix_text_lite` applies
-the ftfy steps that matter for class names (HTML entities, Latin ligatures, full-width forms,
-curly quotes, line breaks, control characters, NFC), but it cannot repair mojibake ("cafÃ©"),
-which ftfy would turn into "café".
+``ftfy`` (text repair, pure Python) is a dependency of the base install, and every text is
+repaired by it exactly as open_clip does. Where it is missing (an install that left it out), a
+text is tokenised only if ftfy would leave it unchanged: printable ASCII, tabs and newlines,
+without ``&`` (no HTML entity to unescape, no byte that mojibake repair could touch); any other
+text is refused with one line naming ftfy, never tokenised differently from training.
 """
 
 from __future__ import annotations
 
 import html
-import re
 import string
-import unicodedata
 from functools import lru_cache
+from typing import Any, Optional
+
+from ..extras import MissingExtraError
+
+#: Characters ftfy leaves as they are in any combination (tested against ftfy): printable
+#: ASCII, tab and newline, but not ``&`` (an HTML entity ftfy would unescape, repeatedly).
+_UNCHANGED_BY_FTFY = frozenset(chr(c) for c in range(0x20, 0x7F) if chr(c) != "&") | {"\t", "\n"}
 
 
-_SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTES = re.compile("[\u201c-\u201f]")
-_ANSI_ESCAPES = re.compile("\033\\[((?:\\d|;)*)([a-zA-Z])")
-_LINE_BREAKS = re.compile("\r\n|\r|\u2028|\u2029|\u0085")
-_LIGATURES = {
-    ord("Ĳ"): "IJ", ord("ĳ"): "ij", ord("ŉ"): "ʼn", ord("Ǳ"): "DZ", ord("ǲ"): "Dz", ord("ǳ"): "dz",
-    ord("Ǆ"): "DŽ", ord("ǅ"): "Dž", ord("ǆ"): "dž", ord("Ǉ"): "LJ", ord("ǈ"): "Lj", ord("ǉ"): "lj",
-    ord("Ǌ"): "NJ", ord("ǋ"): "Nj", ord("ǌ"): "nj", ord("ﬀ"): "ff", ord("ﬁ"): "fi", ord("ﬂ"): "fl",
-    ord("ﬃ"): "ffi", ord("ﬄ"): "ffl", ord("ﬅ"): "ſt", ord("ﬆ"): "st",
-}  # fmt: skip
-_CONTROL_CHARS = dict.fromkeys(
-    [*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)]
-)
-
-
-@lru_cache()
-def _width_map() -> dict[int, str]:
-    table = {0x3000: " "}
-    for i in range(0xFF01, 0xFFF0):
-        alt = unicodedata.normalize("NFKC", chr(i))
-        if alt != chr(i):
-            table[i] = alt
-    return table
-
-
-def _c1_to_cp1252(match: "re.Match[str]") -> str:
+@lru_cache(maxsize=1)
+def ftfy_module() -> Optional[Any]:
+    """The ftfy module, imported when first needed (once), or None where it is not installed
+    (``ftfy_module.cache_clear()`` looks again, after an install or in a test that hides it)."""
     try:
-        return match.group(0).encode("latin-1").decode("cp1252")
-    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D: undefined in cp1252, kept
-        return match.group(0)
-
-
-_C1_CONTROLS = re.compile("[\x80-\x9f]")
-
-
-def _fix_text_lite(text: str) -> str:
-    """The parts of ``ftfy.fix_text`` that apply to text without mojibake, to a fixed point."""
-    if "<" not in text:
-        text = html.unescape(text)
-    while True:
-        orig = text
-        text = _C1_CONTROLS.sub(_c1_to_cp1252, text)
-        text = text.translate(_LIGATURES).translate(_width_map())
-        text = _SINGLE_QUOTES.sub("'", _DOUBLE_QUOTES.sub('"', text))
-        text = _LINE_BREAKS.sub("\n", text)
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace") if _has_surrogates(text) else text
-        text = _ANSI_ESCAPES.sub("", text).translate(_CONTROL_CHARS)
-        text = unicodedata.normalize("NFC", text)
-        if text == orig:
-            return text
-
-
-def _has_surrogates(text: str) -> bool:
-    return any("\ud800" <= c <= "\udfff" for c in text)
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy
 
 
 def _fix_text(text: str) -> str:
-    try:
-        import ftfy  # optional: the same repair as open_clip when installed
-    except ImportError:
-        return _fix_text_lite(text)
+    """``ftfy.fix_text(text)``; without ftfy, ``text`` itself where ftfy provably returns it, else a
+    :class:`~coopkit.runtime.extras.MissingExtraError` (an environment error)."""
+    ftfy = ftfy_module()
+    if ftfy is None:
+        if all(ch in _UNCHANGED_BY_FTFY for ch in text):
+            return text
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise MissingExtraError(
+            f"tokenizing {shown!r} exactly as training did needs ftfy (text repair), which is not installed "
+            "(pip install ftfy; it is a dependency of coopkit)", name="ftfy")
     return ftfy.fix_text(text)
 
 
