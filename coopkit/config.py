@@ -267,7 +267,7 @@ class RunConfig(ConfigMixin):
     task: str = "classify"
 
     def __post_init__(self) -> None:
-        _choice("task", self.task, TASKS)
+        check_choice("task", self.task, TASKS)
         if not isinstance(self.method, str) or not self.method.strip():
             raise ValueError(f"method must be a method name, got {self.method!r}")
         self.classnames = check_classnames(self.classnames)
