@@ -358,6 +358,8 @@ register(Method(
     fit=fit,
     importer=import_official,
     protocols=("fewshot", "base2new", "shift"),
+    bench_default=(NAME,),
+    bench_default_protocols=("base2new", "shift"),  # few-shot: only when named (its per-image text tower is slow)
     text_graph=False,
     check_backbone=check_backbone,
 ))

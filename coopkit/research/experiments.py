@@ -35,7 +35,7 @@ from ..methods.clap import ClapConfig
 from ..methods.tip_adapter import TipAdapterConfig
 from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
-from ..methods import Method, bench_row, coop, for_protocol, get, names
+from ..methods import Method, bench_row, coop, for_protocol, get, method_names
 from ..methods.base import DEFAULT_TEMPLATES, Shots
 from ..train import fit, fit_on_shots, zero_shot
 from .protocols import DEFAULT_METHODS, KGCOOP, METHODS
@@ -111,10 +111,10 @@ def _fields(config: Any) -> set[str]:
 
 def protocol_methods(protocol: str, methods: Optional[Sequence[str]] = None) -> list[Method]:
     """The registered methods a protocol runs: ``methods`` (each must take part in ``protocol``), or by
-    default every method registered for it, in registration order."""
-    valid = [m for m in names() if protocol in get(m).protocols]
+    default those the registry runs by default there (each method's ``bench_default``), in registration order."""
+    valid = method_names(protocol)
     if methods is None:
-        return [get(m) for m in valid]
+        return [get(m) for m in method_names(protocol, default=True)]
     bad = [m for m in methods if m not in valid]
     if bad or not methods:
         raise ValueError(f"methods {list(bad) or list(methods)} do not run in the {protocol} protocol; those that do: "
