@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from ..config import TASKS
@@ -57,6 +57,9 @@ class Method:
         bench_default: Which of the method and its variants ``coopkit bench`` runs by default.
         bench_default_protocols: The protocols whose default runs include ``bench_default`` (default:
             all); e.g. CoCoOp runs by default in ``base2new`` and ``shift`` but not in ``fewshot``.
+        prompt_grid: Whether ``coopkit bench fewshot`` fits it over the ``n_ctx`` x ``positions`` grid
+            through :func:`coopkit.fit` (CoOp's prompt learners; its ``config`` has ``n_ctx``). Other
+            methods, MaPLe's ``n_ctx`` included, fit once per shots and seed with their own settings.
         bench_setting: How ``coopkit bench`` describes the settings of the method's rows (its
             ``setting`` column; ``searched on val`` instead when the fit searched them on a validation set).
         task: What it answers (:data:`coopkit.config.TASKS`): ``classify`` (one label per image) or
@@ -78,6 +81,7 @@ class Method:
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     bench_default: tuple[str, ...] = ()
     bench_default_protocols: tuple[str, ...] = PROTOCOLS
+    prompt_grid: bool = False
     bench_setting: str = ""
     task: str = "classify"
 
@@ -89,6 +93,9 @@ class Method:
         bad = [p for p in (*self.protocols, *self.bench_default_protocols) if p not in PROTOCOLS]
         if bad:
             raise ValueError(f"method {self.name}: unknown protocols {bad}; valid: {', '.join(PROTOCOLS)}")
+        grid_ready = is_dataclass(self.config) and "n_ctx" in {f.name for f in fields(self.config)}
+        if self.prompt_grid and not grid_ready:
+            raise ValueError(f"method {self.name}: prompt_grid needs a config with an n_ctx field")
         rows = (self.name, *self.variants)
         extra = [r for r in self.bench_default if r not in rows]
         if extra:

@@ -360,6 +360,7 @@ register(Method(
     protocols=("fewshot", "base2new", "shift"),
     bench_default=(NAME,),
     bench_default_protocols=("base2new", "shift"),  # few-shot: only when named (its per-image text tower is slow)
+    prompt_grid=True,  # CoOp's n_ctx x positions grid in bench fewshot, as before the registry flag
     text_graph=False,
     check_backbone=check_backbone,
 ))

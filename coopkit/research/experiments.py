@@ -172,8 +172,9 @@ def fewshot_curves(
         tip, clap_config: Tip-Adapter's and CLAP's settings.
         configs: Settings of other methods: each config object applies to the methods whose config
             dataclass it is an instance of.
-        **fit_kwargs: Passed to :func:`coopkit.fit` for the prompt learners (methods whose config
-            has ``n_ctx``, fitted over the ``n_ctx`` x ``positions`` grid); the others take only
+        **fit_kwargs: Passed to :func:`coopkit.fit` for the prompt learners (methods registered with
+            ``prompt_grid``, CoOp and CoCoOp, fitted over the ``n_ctx`` x ``positions`` grid); the others
+            (MaPLe and the deep-prompt methods included) fit once with their own settings and take only
             ``augment`` from it.
 
     Returns rows with ``method, setting, shots, seed`` and :data:`SCORES` (zero-shot rows have shots 0).
@@ -215,7 +216,7 @@ def fewshot_curves(
                 if spec.fit is None:
                     continue
                 defaults = spec.make_config()
-                if "n_ctx" in _fields(defaults):  # a prompt learner: the n_ctx x positions grid, through fit()
+                if spec.prompt_grid:  # CoOp's prompt learners: the n_ctx x positions grid, through fit()
                     grid = [(m, pos) for m in n_ctx for pos in
                             (positions if "class_token_position" in _fields(defaults) else (None,))]
                     for m, pos in grid:
