@@ -50,6 +50,9 @@ class Method:
             the official trainer's weights; ``None``: not importable.
         protocols: The ``coopkit bench`` protocols that run it (see :data:`PROTOCOLS`).
         text_graph: Whether ``--with-text-encoder`` can export its text side.
+        merged_weights: Whether its fitted model writes the backbone's weights with what it trained
+            merged in (``MethodModel.save_merged_weights(path)``, an open_clip checkpoint;
+            ``coopkit export --merged-weights``).
         check_backbone: ``check_backbone(backbone, config) -> None``: raises a one-line ValueError
             for a backbone the method cannot handle; ``None``: every backbone.
         variants: Extra rows of ``coopkit bench``: a row's name -> the settings it overrides (fields
@@ -77,6 +80,7 @@ class Method:
     importer: Optional[Callable[..., Any]] = None
     protocols: tuple[str, ...] = ()
     text_graph: bool = False
+    merged_weights: bool = False
     check_backbone: Optional[Callable[..., None]] = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     bench_default: tuple[str, ...] = ()

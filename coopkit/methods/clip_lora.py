@@ -853,5 +853,6 @@ register(Method(
     importer=import_official,
     protocols=("fewshot", "base2new", "shift"),  # no bench_default: its recipe (500 x shots steps) runs when named
     text_graph=True,
+    merged_weights=True,  # CLIPLoRA.save_merged_weights
     check_backbone=check_backbone,
 ))
