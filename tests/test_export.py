@@ -391,6 +391,28 @@ def test_class_specific_context_refuses_the_text_encoder(tiny_backbone, tmp_path
     assert res.text_path is None and _metadata(res.path).prompt["csc"] is True
 
 
+def test_multilabel_runs_are_refused_in_one_line(tiny_backbone, tmp_path):
+    """A multi-label run (per-label sigmoid scores) has no export yet: refused before anything is written,
+    through the Python API and the CLI, instead of an AttributeError or a softmax-over-labels file."""
+    from helpers import write_multilabel_set
+
+    from coopkit.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    data = write_multilabel_set(tmp_path / "imgs", 4, 3, ["cat", "dog", "car"])
+    clf = coopkit.fit(data, method="zeroshot-multilabel", backbone=tiny_backbone, progress=False)
+    assert clf.config.task == "multilabel"
+    msg = ("exporting multi-label runs (zeroshot-multilabel, ...) is not supported yet; evaluate and predict "
+           "with coopkit.load")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        export_onnx(clf, tmp_path / "out" / "m.onnx")
+    assert not (tmp_path / "out").exists()
+    run = clf.save(tmp_path / "run")
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "out2" / "m.onnx")])
+    assert res.exit_code != 0 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not list((tmp_path / "out2").glob("*")) if (tmp_path / "out2").exists() else True
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
