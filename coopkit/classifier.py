@@ -25,7 +25,7 @@ from .config import RunConfig
 from .userdata import Dataset, load_dataset
 from .features import encode_images
 from .multilabel_data import MultiLabelDataset, load_multilabel
-from .methods import get
+from .methods import get, names
 from .methods.base import MethodModel
 from .prompts import PromptLearner, TextTower
 from .runs import read_run, save_run
@@ -75,6 +75,25 @@ class Classifier:
     def text_graph(self) -> bool:
         """Whether the exporter can export this classifier's text side (``--with-text-encoder``)."""
         return get(self.method).text_graph
+
+    @property
+    def merged_weights(self) -> bool:
+        """Whether :meth:`save_merged_weights` can write this run's merged weights (its method merges
+        what it trained into the backbone's weights: CLIP-LoRA)."""
+        return get(self.method).merged_weights
+
+    def save_merged_weights(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the backbone's weights with what the method trained merged in, as a safetensors file
+        open_clip loads as the model's checkpoint (``open_clip.create_model(name, pretrained=path)``).
+
+        Raises:
+            ValueError: the run's method has no merged weights (the message names those that do).
+        """
+        if not self.merged_weights:
+            having = [n for n in names() if get(n).merged_weights]
+            raise ValueError(f"a {self.method} run has no merged weights; methods that have them: "
+                             f"{', '.join(having) or 'none'}")
+        return Path(self.model.save_merged_weights(path))
 
     @property
     def learner(self) -> Optional[PromptLearner]:

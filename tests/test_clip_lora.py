@@ -512,6 +512,40 @@ def test_cli_fit_clip_lora(tiny_config, image_folder, tmp_path):
     assert saved["method"] == "clip-lora" and saved["method_config"]["r"] == 3
     assert saved["method_config"]["lr"] == 1e-3 and saved["method_config"]["encoder"] == "vision"
 
+    # coopkit export --merged-weights: the ONNX file and the merged open_clip checkpoint
+    from safetensors.torch import load_file
+
+    merged, onnx_file = tmp_path / "out" / "merged.safetensors", tmp_path / "out" / "lora.onnx"
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "lora"), "--out", str(onnx_file), "--merged-weights",
+                                    str(merged), "--n-verify", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output)
+    assert summary["merged_weights"] == str(merged) and onnx_file.exists()
+    back = coopkit.load(tmp_path / "lora", pretrained=None)
+    written, expected = load_file(merged), back.model.merged_state_dict()
+    assert written.keys() == expected.keys() == back.backbone.model.state_dict().keys()
+    assert any(not torch.equal(expected[k], back.backbone.model.state_dict()[k]) for k in expected)  # LoRA merged in
+    for k in expected:
+        torch.testing.assert_close(written[k], expected[k], rtol=0, atol=0)
+
+
+def test_export_merged_weights_refuses_a_method_without_them(tiny_backbone, tmp_path):
+    """Any other method is refused in one line naming the methods that have merged weights; nothing is written."""
+    from click.testing import CliRunner
+
+    from coopkit.cli import main
+
+    run = coopkit.zero_shot(tiny_backbone, ["red", "blue"]).save(tmp_path / "zs")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(out / "zs.onnx"), "--merged-weights",
+                                    str(out / "merged.safetensors")])
+    assert res.exit_code != 0
+    assert "a zeroshot run has no merged weights; methods that have them: clip-lora" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert not any(out.glob("*")) if out.exists() else True
+    with pytest.raises(ValueError, match="methods that have them: clip-lora$"):
+        coopkit.load(run, backbone=tiny_backbone).save_merged_weights(tmp_path / "m.safetensors")
+
 
 # --- official files ------------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from coopkit.methods.cocoop import (
     build,
     import_official,
     load_learner_state,
-    official_lr,
     train_loop,
 )
 from reference import cocoop_official, coop_clip_model, dassl_checkpoint, dassl_lr_scheduler
@@ -265,22 +264,6 @@ def test_checkpoints_that_are_not_cocoop_are_refused(tiny_backbone):
         import_official({**good, "bias_vectors": torch.zeros(1, 64)}, NAMES, tiny_backbone)
     with pytest.raises(ValueError, match="ctx \\(4, 32\\) \\(expects \\(4, 64\\)\\)"):
         import_official({**good, "ctx": torch.zeros(4, 32)}, NAMES, tiny_backbone)
-
-
-@pytest.mark.parametrize("epochs,warmup", [(10, 1), (3, 1), (5, 0)])
-def test_schedule_is_dassls(epochs, warmup):
-    """The official configs' scheduler (Dassl's ConstantWarmupScheduler over CosineAnnealingLR), stepped per epoch."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=0.002)
-    ns = cocoop_official.types.SimpleNamespace
-    sched = dassl_lr_scheduler.build_lr_scheduler(opt, ns(
-        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=warmup or -1,
-        WARMUP_RECOUNT=True, WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
-    train = TrainConfig(warmup_epochs=warmup)
-    for epoch in range(epochs):
-        assert official_lr(epoch, train, epochs) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0)
-        opt.step()
-        sched.step()
 
 
 def test_training_equals_the_official_trainer_steps(pair):

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from coopkit.methods.dualcoop import DualCoOp, DualCoOpConfig, check_backbone, importer, make, predict_scores, train
-from coopkit.methods.multilabel import asymmetric_loss, asymmetric_loss_sigmoid, dassl_lr, squash_transform
+from coopkit.methods.multilabel import asymmetric_loss, asymmetric_loss_sigmoid, squash_transform
 from coopkit.multilabel_data import MultiLabelDataset
 
 from helpers import write_multilabel_set
@@ -165,19 +165,6 @@ def test_sigmoid_asl_equals_the_official_asymmetric_loss2():
     keep = masked != -1
     ref_masked = dualcoop_official.AsymmetricLoss2(2, 1)(logits[keep], targets[keep])
     assert rel_diff(asymmetric_loss_sigmoid(logits, masked), ref_masked) <= 1e-6
-
-
-@pytest.mark.parametrize("epochs", [3, 50])
-def test_schedule_is_dassls(epochs):
-    ns = dualcoop_official.types.SimpleNamespace
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
-    sched = dassl_lr_scheduler.build_lr_scheduler(opt, ns(
-        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=1, WARMUP_RECOUNT=True,
-        WARMUP_TYPE="constant", WARMUP_CONS_LR=1e-5))
-    for epoch in range(epochs):
-        assert dassl_lr(epoch, epochs, 0.002) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
-        opt.step()
-        sched.step()
 
 
 def _images(root, n: int, seed: int) -> MultiLabelDataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
 
 import numpy as np
@@ -45,6 +46,29 @@ def test_bench_fewshot_writes_csv_summary_and_plot(image_folder, tiny_config, tm
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert "±" in (out / "summary.md").read_text()
     assert (out / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fewshot_rows_fit_maple_with_its_own_settings_not_coops_grid(tiny_backbone, image_folder):
+    """MaPLe's config has an ``n_ctx`` field but MaPLe is not a CoOp prompt learner: its few-shot row is one
+    fit with its own settings (not the n_ctx grid), scored as a plain ``coopkit.fit`` of the same shots."""
+    from coopkit.methods import get
+    from coopkit.methods.maple import MaPLeConfig
+    from coopkit.research.experiments import fewshot_curves
+
+    cfg = MaPLeConfig(prompt_depth=2, epochs=1)
+    rows = fewshot_curves(image_folder / "train", image_folder / "test", backbone=tiny_backbone, shots=(2,),
+                          seeds=(1,), methods=["maple", "coop"], n_ctx=(3,), epochs=1, n_views=1, configs=[cfg],
+                          progress=False)
+    by = {r["method"]: r for r in rows}
+    assert by["coop"]["setting"] == "n_ctx=3,end"  # CoOp still runs the grid
+    assert by["maple"]["setting"] == get("maple").bench_setting and "n_ctx" not in by["maple"]["setting"]
+    ref = coopkit.fit(image_folder / "train", method="maple", method_config=cfg, backbone=tiny_backbone, shots=2,
+                      seed=1, n_views=1, progress=False)
+    assert ref.model.config.n_ctx == 2  # MaPLe's own default, not the grid's 3
+    assert by["maple"]["accuracy"] == pytest.approx(ref.evaluate(image_folder / "test")["accuracy"], abs=1e-6)
+    assert get("coop").prompt_grid and get("cocoop").prompt_grid and not get("maple").prompt_grid
+    with pytest.raises(ValueError, match="prompt_grid needs a config with an n_ctx field"):
+        dataclasses.replace(get("clap"), prompt_grid=True)
 
 
 def test_plot_is_optional(monkeypatch, tmp_path):

@@ -290,7 +290,10 @@ def test_int8_calibration_sources(coop, tiny_backbone, image_folder, tmp_path):
 
 def test_int8_on_an_embedded_world_task(tmp_path):
     """coopkit-tiny (a ModifiedResNet) fitted on the world's colors task: int8 calibrated on its
-    training images agrees with fp32 on >= 99% of 104 labelled test images, accuracy within 1 point."""
+    training images agrees with fp32 on >= 99% of the 104 labelled test images whose top two classes
+    fp32 separates by a cosine gap above INT8_DECISIVE_MARGIN (the documented guarantee; near-ties may
+    swap), on >= 97% of all of them, and the accuracy is within 1 point."""
+    from coopkit.exporters.verify import INT8_DECISIVE_MARGIN
     from coopkit.embedded import world
     from coopkit.runtime.preprocess import preprocess
 
@@ -304,7 +307,10 @@ def test_int8_on_an_embedded_world_task(tmp_path):
     (logits,) = session.run(["logits"], {INPUT_NAME: images})
     ref = clf.logits(list(images))
     labels = np.array(test.labels)
-    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    top2 = np.sort(ref, axis=1)[:, -2:]  # (n, 2): fp32's two largest logits
+    clear = top2[:, 1] - top2[:, 0] > INT8_DECISIVE_MARGIN * float(clf.backbone.model.logit_scale.exp())
+    agree = logits.argmax(1) == ref.argmax(1)
+    assert clear.sum() >= 80 and agree[clear].mean() >= 0.99 and agree.mean() >= 0.97
     assert abs((logits.argmax(1) == labels).mean() - (ref.argmax(1) == labels).mean()) <= 0.01
     assert _batch_changes(session, images) <= 1e-5
 
@@ -389,6 +395,28 @@ def test_class_specific_context_refuses_the_text_encoder(tiny_backbone, tmp_path
     assert list(tmp_path.iterdir()) == []
     res = export_onnx(clf, tmp_path / "m.onnx")  # without the text graph it exports
     assert res.text_path is None and _metadata(res.path).prompt["csc"] is True
+
+
+def test_multilabel_runs_are_refused_in_one_line(tiny_backbone, tmp_path):
+    """A multi-label run (per-label sigmoid scores) has no export yet: refused before anything is written,
+    through the Python API and the CLI, instead of an AttributeError or a softmax-over-labels file."""
+    from helpers import write_multilabel_set
+
+    from coopkit.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    data = write_multilabel_set(tmp_path / "imgs", 4, 3, ["cat", "dog", "car"])
+    clf = coopkit.fit(data, method="zeroshot-multilabel", backbone=tiny_backbone, progress=False)
+    assert clf.config.task == "multilabel"
+    msg = ("exporting multi-label runs (zeroshot-multilabel, ...) is not supported yet; evaluate and predict "
+           "with coopkit.load")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        export_onnx(clf, tmp_path / "out" / "m.onnx")
+    assert not (tmp_path / "out").exists()
+    run = clf.save(tmp_path / "run")
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "out2" / "m.onnx")])
+    assert res.exit_code != 0 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not list((tmp_path / "out2").glob("*")) if (tmp_path / "out2").exists() else True
 
 
 # --- bad input ----------------------------------------------------------------------------------

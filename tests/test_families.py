@@ -122,6 +122,67 @@ def test_fit_export_and_runtime_agree(family):
             runtime.scores(out["images"])
 
 
+def _method_cells(bb) -> dict[str, bool]:
+    """Whether each method (in the settings a cell of docs/families.md names) accepts ``bb``: its
+    ``check_backbone``, with depths of 1 so that only the family decides."""
+    from coopkit import methods
+
+    settings = {"cocoop": ("cocoop", {}), "ivlp": ("ivlp", dict(prompt_depth_text=1, prompt_depth_vision=1)),
+                "ivlp-text": ("ivlp", dict(prompt_depth_text=1, prompt_depth_vision=0, n_ctx_vision=0)),
+                "maple": ("maple", dict(prompt_depth=1)),
+                "promptsrc": ("promptsrc", dict(prompt_depth_text=1, prompt_depth_vision=1)),
+                "lora": ("clip-lora", {}), "lora-vision": ("clip-lora", dict(encoder="vision")),
+                "lora-text": ("clip-lora", dict(encoder="text")), "dualcoop": ("dualcoop", {})}
+    cells = {}
+    for cell, (name, kw) in settings.items():
+        spec = methods.get(name)
+        try:
+            spec.check_backbone(bb, spec.config(**kw))
+            cells[cell] = True
+        except ValueError as e:
+            assert "\n" not in str(e)  # one line
+            cells[cell] = False
+    return cells
+
+
+#: docs/families.md's method table, text-side cells (the shrunken configs give timm families a ViT image tower).
+TEXT_CELLS = {"ViT-B-16-SigLIP2": True, "ViT-B-16-SigLIP": True, "ViT-L-14-CLIPA": True, "ViT-H-14-worldwide": True,
+              "MobileCLIP-S1": True, "roberta-ViT-B-32": False, "coca_ViT-B-32": False}
+
+
+def test_method_family_table_text_side(family):
+    """The cells of docs/families.md's method table that the text tower decides: deep prompts need
+    open_clip's text transformer without CoCa's CLS; CLIP-LoRA's text adapters need its blocks."""
+    name, bb, _ = family
+    cells = _method_cells(bb)
+    assert cells["cocoop"]
+    assert cells["ivlp-text"] == TEXT_CELLS[name]
+    assert cells["lora-text"] == (name != "roberta-ViT-B-32")  # CoCa's text blocks are plain: adapted
+    assert not cells["dualcoop"]
+    if name == "coca_ViT-B-32":  # open_clip ViT with attentional pooling: LoRA yes, deep prompts no
+        assert cells["lora"] and not cells["ivlp"] and not cells["maple"]
+    if name == "roberta-ViT-B-32":  # Hugging Face text: only CLIP-LoRA's image adapters
+        assert cells["lora-vision"] and not cells["lora"] and not any(cells[c] for c in ("ivlp", "maple", "promptsrc"))
+
+
+@pytest.mark.parametrize("vision", ["timm", "resnet"])
+def test_method_family_table_image_side(vision, tmp_path):
+    """The cells the image tower decides, on a timm tower (timm's ``test_vit``) and a ModifiedResNet:
+    image prompts and image adapters are refused, the text-side settings work; DualCoOp needs the ResNet."""
+    config, tok = build_family("ViT-B-16-SigLIP" if vision == "timm" else "RN50", tmp_path)
+    if vision == "timm":
+        cfg = json.loads(config.read_text())
+        cfg["vision_cfg"] = {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
+                             "timm_proj": "linear", "image_size": 32}
+        config.write_text(json.dumps(cfg))
+    bb = coopkit.load_backbone(str(config), pretrained=None, device="cpu", tokenizer=str(tok) if tok else None)
+    assert type(bb.model.visual).__name__ == ("TimmModel" if vision == "timm" else "ModifiedResNet")
+    cells = _method_cells(bb)
+    assert cells["cocoop"] and cells["ivlp-text"] and cells["lora-text"]
+    assert not any(cells[c] for c in ("ivlp", "maple", "promptsrc", "lora", "lora-vision"))
+    assert cells["dualcoop"] == (vision == "resnet")
+
+
 @pytest.mark.parametrize("style", sorted(TOKENIZER_STYLES))
 def test_torch_free_tokenizer_equals_open_clips(style, tmp_path):
     """coopkit's HFTokenizer (tokenizers only) against open_clip's HFTokenizer (transformers)."""

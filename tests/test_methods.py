@@ -215,6 +215,35 @@ def test_each_protocol_runs_the_methods_registered_for_it():
         protocol_methods("shift", ["coop", "linear-probe"])
 
 
+def test_base2new_and_shift_default_to_each_methods_bench_default():
+    """The default rows of ``bench base2new`` / ``shift`` are the methods whose ``bench_default`` holds
+    their name for that protocol (zero-shot, CoOp, CoCoOp), not every method registered for it; the
+    expensive ones (deep prompts, CLIP-LoRA) run when named. The few-shot defaults are unchanged."""
+    from coopkit.research.experiments import protocol_methods
+
+    for protocol in ("base2new", "shift"):
+        assert [m.name for m in protocol_methods(protocol)] == ["zeroshot", "coop", "cocoop"]
+        assert methods.method_names(protocol, default=True) == ("zeroshot", "coop", "cocoop")
+        everyone = methods.method_names(protocol)
+        assert {"ivlp", "maple", "promptsrc", "clip-lora"} <= set(everyone)
+        assert [m.name for m in protocol_methods(protocol, ["clip-lora", "zeroshot"])] == ["zeroshot", "clip-lora"]
+        help_text = CliRunner().invoke(main, ["bench", protocol, "--help"], terminal_width=400).output
+        assert "[default: zeroshot,coop,cocoop]" in " ".join(help_text.split())
+    assert "cocoop" in METHODS and "cocoop" not in DEFAULT_METHODS and "clip-lora" not in DEFAULT_METHODS
+    toy = methods.Method(name="toy-default", summary="x", build=lambda *a: None, fit=lambda *a, **k: None,
+                         protocols=("fewshot", "shift"), bench_default=("toy-default",),
+                         bench_default_protocols=("shift",))
+    methods.register(toy)
+    try:
+        assert methods.method_names("shift", default=True)[-1] == "toy-default"
+        assert "toy-default" not in methods.for_protocol("fewshot", default=True)
+        assert "toy-default" in methods.for_protocol("fewshot")
+    finally:
+        methods.unregister("toy-default")
+    with pytest.raises(ValueError, match="unknown protocols"):
+        methods.Method(name="x", summary="x", build=lambda *a: None, bench_default_protocols=("b2n",))
+
+
 def test_domain_shift_runs_the_chosen_methods_only(tiny_backbone, image_folder):
     from coopkit.research.experiments import domain_shift
 

@@ -6,14 +6,18 @@ import json
 import logging
 import shutil
 
+import types
+
 import numpy as np
 import pytest
 import torch
 from helpers import fit_tiny
+from reference import dassl_lr_scheduler
 
 import coopkit
 from coopkit.train import lr_at
 from coopkit.config import TrainConfig
+from coopkit.methods.base import dassl_lr
 
 
 def _fit(bb, folder, **kw):
@@ -93,6 +97,39 @@ def test_lr_schedule_follows_the_recipe():
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
     assert TrainConfig(shots=1).resolved_epochs == 50 and TrainConfig(shots=4).resolved_epochs == 100
     assert TrainConfig(shots=16).resolved_epochs == 200
+
+
+def _dassl_lrs(epochs: int, warmup: int, lr: float, warmup_lr: float) -> list[float]:
+    """The rate of each epoch under the vendored Dassl ``build_lr_scheduler`` (constant warm-up, cosine),
+    stepped once per epoch as Dassl's trainers do."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = dassl_lr_scheduler.build_lr_scheduler(opt, types.SimpleNamespace(
+        LR_SCHEDULER="cosine", STEPSIZE=(-1,), GAMMA=0.1, MAX_EPOCH=epochs, WARMUP_EPOCH=warmup,
+        WARMUP_RECOUNT=True, WARMUP_TYPE="constant", WARMUP_CONS_LR=warmup_lr))
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("epochs,warmup,lr", [(10, 1, 0.002), (3, 1, 0.002), (5, 0, 0.01), (50, 1, 0.1),
+                                              (7, 2, 0.0035), (200, 1, 0.002), (1, 1, 0.002)])
+def test_schedule_is_dassls_at_every_epoch(epochs, warmup, lr):
+    """The one schedule (CoOp, CoCoOp, the deep-prompt methods, DualCoOp, CLAP) equals Dassl's scheduler."""
+    ref = _dassl_lrs(epochs, warmup, lr, 1e-5)
+    cfg = TrainConfig(epochs=epochs, warmup_epochs=warmup, lr=lr)
+    for epoch in range(epochs):
+        assert lr_at(epoch, cfg) == pytest.approx(ref[epoch], rel=1e-12, abs=0), epoch
+        assert dassl_lr(epoch, lr=lr, epochs=epochs, warmup_epochs=warmup, warmup_lr=1e-5) == lr_at(epoch, cfg)
+
+
+def test_coop_fit_trains_on_dassls_schedule(fitted):
+    """The rates CoOp's fit recorded per epoch are the vendored Dassl scheduler's."""
+    train = fitted.config.train
+    ref = _dassl_lrs(train.resolved_epochs, train.warmup_epochs, train.lr, train.warmup_lr)
+    assert fitted.config.metrics["history"]["lr"] == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
 def test_zero_shot_template_ensemble(tiny_backbone, image_folder, tmp_path):

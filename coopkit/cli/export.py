@@ -34,9 +34,13 @@ def output_file(out: str) -> str:
               help="Triton's max_batch_size.")
 @click.option("--device", default="cpu", show_default=True, help="Where to load the run for tracing: cpu or cuda.")
 @click.option("--pretrained", default=None, help="Override the checkpoint path recorded in the run.")
+@click.option("--merged-weights", "merged_weights", type=click.Path(), default=None,
+              help="Also write the run's merged weights here: the backbone with what the method trained merged "
+                   "in, a safetensors file open_clip loads as a checkpoint (methods with merged weights only).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Optional[str], max_batch_size: int,
-           device: str, pretrained: Optional[str], as_json: bool, **settings: Any) -> None:
+           device: str, pretrained: Optional[str], merged_weights: Optional[str], as_json: bool,
+           **settings: Any) -> None:
     """Export the run in RUN_DIR (fit or zeroshot --out) as one ONNX file, proven equal to PyTorch."""
     from ..classifier import load
     from ..exporters import export_onnx, write_triton_repository
@@ -45,7 +49,10 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
     settings["int8"] = pop_config(QuantizationConfig, settings)
     config = pop_config(ExportConfig, settings)  # checked before the run is loaded and traced
     out = check_target(output_file(out))
+    merged_path = check_target(merged_weights) if merged_weights is not None else None
     clf = load(run_dir, device=device, pretrained=pretrained)
+    if merged_path is not None:  # first: a run without merged weights is refused before tracing
+        merged_path = clf.save_merged_weights(merged_path)
     report = export_onnx(clf, out, config=config)
     triton_dir = None
     if triton_repo:
@@ -77,6 +84,7 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
         "external_data": report.external_data,
         "sidecar": str(report.sidecar) if report.sidecar else None,
         "triton": str(triton_dir) if triton_dir else None,
+        "merged_weights": str(merged_path) if merged_path else None,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))

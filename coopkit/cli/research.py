@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import click
 
 from ..config import BackboneConfig, PromptConfig, TrainConfig
-from ..research.protocols import DEFAULT_METHODS, METHODS, PROTOCOL_METHODS
+from ..research.protocols import DEFAULT_METHODS, METHODS, PROTOCOL_DEFAULTS, PROTOCOL_METHODS
 from .base import LazyGroup, command, config_options, pop_config, print_table
 
 
@@ -162,7 +162,7 @@ def _task_name(train: str) -> str:
 @config_options(TrainConfig, only=("shots",))
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
 @config_options(TrainConfig, only=("epochs", "augment"))
-@click.option("--methods", default=",".join(PROTOCOL_METHODS["shift"]), show_default=True,
+@click.option("--methods", default=",".join(PROTOCOL_DEFAULTS["shift"]), show_default=True,
               help=f"Any of {', '.join(PROTOCOL_METHODS['shift'])}.")
 @click.option("--out", type=click.Path(), default=None, help="Also write results.csv and summary.md here.")
 @click.option("-q", "--quiet", is_flag=True)
@@ -229,7 +229,7 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
 @click.option("--kg-weight", "kg_weights", default="0", show_default=True,
               help="Comma-separated KgCoOp weights to compare (0 = plain CoOp; with --dataset: 0,8).")
 @config_options(TrainConfig, only=("epochs", "augment"))
-@click.option("--methods", default=",".join(PROTOCOL_METHODS["base2new"]), show_default=True,
+@click.option("--methods", default=",".join(PROTOCOL_DEFAULTS["base2new"]), show_default=True,
               help=f"Any of {', '.join(PROTOCOL_METHODS['base2new'])}.")
 @click.option("--out", type=click.Path(), default=None)
 @click.option("-q", "--quiet", is_flag=True)

@@ -161,6 +161,10 @@ def _check_classifier(classifier: "Classifier") -> None:
                 f"export_onnx needs a coopkit Classifier (from coopkit.fit, coopkit.zero_shot or coopkit.load), "
                 f"got {type(classifier).__name__}"
             )
+    if getattr(classifier.config, "task", "classify") == "multilabel":
+        # the file's contract (softmax over one label set, top-k) would misread per-label sigmoid scores
+        raise ValueError(f"exporting multi-label runs ({classifier.method}, ...) is not supported yet; "
+                         "evaluate and predict with coopkit.load")
 
 
 def _recorded_pretrained(pretrained: Optional[str]) -> Optional[str]:

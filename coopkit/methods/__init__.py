@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from ..config import TASKS
@@ -50,11 +50,19 @@ class Method:
             the official trainer's weights; ``None``: not importable.
         protocols: The ``coopkit bench`` protocols that run it (see :data:`PROTOCOLS`).
         text_graph: Whether ``--with-text-encoder`` can export its text side.
+        merged_weights: Whether its fitted model writes the backbone's weights with what it trained
+            merged in (``MethodModel.save_merged_weights(path)``, an open_clip checkpoint;
+            ``coopkit export --merged-weights``).
         check_backbone: ``check_backbone(backbone, config) -> None``: raises a one-line ValueError
             for a backbone the method cannot handle; ``None``: every backbone.
         variants: Extra rows of ``coopkit bench``: a row's name -> the settings it overrides (fields
             of ``config`` or of :class:`~coopkit.config.TrainConfig`, or ``templates``).
         bench_default: Which of the method and its variants ``coopkit bench`` runs by default.
+        bench_default_protocols: The protocols whose default runs include ``bench_default`` (default:
+            all); e.g. CoCoOp runs by default in ``base2new`` and ``shift`` but not in ``fewshot``.
+        prompt_grid: Whether ``coopkit bench fewshot`` fits it over the ``n_ctx`` x ``positions`` grid
+            through :func:`coopkit.fit` (CoOp's prompt learners; its ``config`` has ``n_ctx``). Other
+            methods, MaPLe's ``n_ctx`` included, fit once per shots and seed with their own settings.
         bench_setting: How ``coopkit bench`` describes the settings of the method's rows (its
             ``setting`` column; ``searched on val`` instead when the fit searched them on a validation set).
         task: What it answers (:data:`coopkit.config.TASKS`): ``classify`` (one label per image) or
@@ -72,9 +80,12 @@ class Method:
     importer: Optional[Callable[..., Any]] = None
     protocols: tuple[str, ...] = ()
     text_graph: bool = False
+    merged_weights: bool = False
     check_backbone: Optional[Callable[..., None]] = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     bench_default: tuple[str, ...] = ()
+    bench_default_protocols: tuple[str, ...] = PROTOCOLS
+    prompt_grid: bool = False
     bench_setting: str = ""
     task: str = "classify"
 
@@ -83,9 +94,12 @@ class Method:
             raise ValueError(f"method {self.name}: unknown task {self.task!r}; valid: {', '.join(TASKS)}")
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip().lower():
             raise ValueError(f"a method name is a non-empty lower-case string, got {self.name!r}")
-        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        bad = [p for p in (*self.protocols, *self.bench_default_protocols) if p not in PROTOCOLS]
         if bad:
             raise ValueError(f"method {self.name}: unknown protocols {bad}; valid: {', '.join(PROTOCOLS)}")
+        grid_ready = is_dataclass(self.config) and "n_ctx" in {f.name for f in fields(self.config)}
+        if self.prompt_grid and not grid_ready:
+            raise ValueError(f"method {self.name}: prompt_grid needs a config with an n_ctx field")
         rows = (self.name, *self.variants)
         extra = [r for r in self.bench_default if r not in rows]
         if extra:
@@ -149,14 +163,21 @@ def names() -> tuple[str, ...]:
 
 def for_protocol(protocol: str, *, default: bool = False) -> tuple[str, ...]:
     """The ``coopkit bench`` rows of ``protocol``: each method that runs it, followed by its variants
-    (``default=True``: only those it runs by default), in registration order."""
+    (``default=True``: only those it runs by default in ``protocol``: its ``bench_default`` rows when
+    ``protocol`` is among its ``bench_default_protocols``), in registration order."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     rows: list[str] = []
     for m in _REGISTRY.values():
-        if protocol in m.protocols:
+        if protocol in m.protocols and (not default or protocol in m.bench_default_protocols):
             rows += [r for r in (m.name, *m.variants) if not default or r in m.bench_default]
     return tuple(rows)
+
+
+def method_names(protocol: str, *, default: bool = False) -> tuple[str, ...]:
+    """The methods (not their variants) that run in ``protocol`` (``default=True``: those that run by
+    default, see :func:`for_protocol`), in registration order: the rows of ``coopkit bench base2new`` / ``shift``."""
+    return tuple(r for r in for_protocol(protocol, default=default) if r in _REGISTRY)
 
 
 def bench_row(row: str) -> tuple[Method, dict[str, Any]]:
@@ -183,4 +204,4 @@ def _import_methods() -> None:
 
 _import_methods()
 
-__all__ = ["Method", "PROTOCOLS", "DEFAULT_METHOD", "register", "unregister", "get", "names", "for_protocol", "bench_row"]
+__all__ = ["Method", "PROTOCOLS", "DEFAULT_METHOD", "register", "unregister", "get", "names", "for_protocol", "method_names", "bench_row"]

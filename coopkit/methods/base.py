@@ -238,12 +238,22 @@ def divergence_hint(lr: float, precision: str, device: torch.device) -> str:
     return f"lower lr (now {lr:g}) or use precision='fp32' (this run trains in {used})"
 
 
+def dassl_lr(epoch: int, *, lr: float, epochs: int, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
+    """The learning rate of ``epoch`` (0-based) under Dassl's ``build_lr_scheduler``, the schedule of every
+    official trainer coopkit follows (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, DualCoOp, CLAP):
+    ``ConstantWarmupScheduler`` (``WARMUP_RECOUNT=True``) over ``CosineAnnealingLR(T_max=epochs)``, stepped
+    once per epoch. ``warmup_lr`` for the ``warmup_epochs`` first epochs, then
+    ``lr * (1 + cos(pi * (epoch - warmup_epochs) / epochs)) / 2``: the cosine starts at ``lr`` when the
+    warm-up ends and, spread over all ``epochs``, never reaches 0."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
-    """Learning rate of an epoch: constant warm-up, then cosine from ``lr`` towards 0."""
-    if epoch < cfg.warmup_epochs:
-        return cfg.warmup_lr
-    span = max(1, cfg.resolved_epochs - cfg.warmup_epochs)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
+    """:func:`dassl_lr` with a :class:`TrainConfig`'s settings (``lr``, ``resolved_epochs``, warm-up)."""
+    return dassl_lr(epoch, lr=cfg.lr, epochs=cfg.resolved_epochs, warmup_epochs=cfg.warmup_epochs,
+                    warmup_lr=cfg.warmup_lr)
 
 
 def end_epoch(history: dict[str, list[float]], stats: dict[str, float], epoch: int, bar: Any,
@@ -376,6 +386,7 @@ def train_on_features(
     return history
 
 
-__all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "DivergedError", "divergence_hint", "ImageEncoder", "MethodModel", "FewShotFeatures", "encode_fewshot", "Shots",
-           "lr_at", "end_epoch", "seed_everything", "train_on_features", "run_templates", "logit_scale", "HeadModel",
+__all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "DivergedError", "divergence_hint", "ImageEncoder", "MethodModel",
+           "FewShotFeatures", "encode_fewshot", "Shots", "lr_at", "dassl_lr", "end_epoch", "seed_everything",
+           "train_on_features", "run_templates", "logit_scale", "HeadModel",
            "build_head_model", "template_features", "check_templates_fit"]

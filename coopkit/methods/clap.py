@@ -20,8 +20,8 @@ from ..backbone import Backbone
 from ..config import TrainConfig
 from ..runtime.configbase import ConfigMixin, check_bool, check_float, check_int
 from . import Method, register
-from .base import (HEAD_FILE, DivergedError, FewShotFeatures, HeadModel, Shots, build_head_model, logit_scale, lr_at,
-                   template_features)
+from .base import (HEAD_FILE, DivergedError, FewShotFeatures, HeadModel, Shots, build_head_model, dassl_lr,
+                   logit_scale, template_features)
 
 NAME = "clap"
 
@@ -71,11 +71,10 @@ def clap_model(backbone: Backbone, shots: FewShotFeatures, templates: Sequence[s
         lam = torch.zeros_like(lam)
     weight = torch.nn.Parameter(base.clone())
     optim = torch.optim.SGD([weight], lr=cfg.lr, momentum=0.9, weight_decay=0.0)
-    schedule = TrainConfig(epochs=cfg.epochs, lr=cfg.lr)  # CoOp's warm-up + cosine, as CLAP's config
     gen = torch.Generator().manual_seed(seed)
     for epoch in progress_bar(range(cfg.epochs), desc="CLAP", unit="epoch", enabled=progress):
         for group in optim.param_groups:
-            group["lr"] = lr_at(epoch, schedule)
+            group["lr"] = dassl_lr(epoch, lr=cfg.lr, epochs=cfg.epochs)  # CLAP's config: Dassl, 1 warm-up epoch
         order = torch.randperm(len(y_all), generator=gen)
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]

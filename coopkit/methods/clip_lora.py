@@ -852,9 +852,8 @@ register(Method(
     tensors_file=ADAPTERS_FILE,
     fit=fit,
     importer=import_official,
-    # base2new and shift too once their default rows are the methods' bench_default rows (today every
-    # method registered for them runs by default, and CLIP-LoRA's default recipe is 500 x shots steps)
-    protocols=("fewshot",),
+    protocols=("fewshot", "base2new", "shift"),  # no bench_default: its recipe (500 x shots steps) runs when named
     text_graph=True,
+    merged_weights=True,  # CLIPLoRA.save_merged_weights
     check_backbone=check_backbone,
 ))

@@ -26,7 +26,6 @@ number of classes).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from ..backbone import Backbone
 from ..config import ConfigMixin, PromptConfig, RunConfig, TrainConfig
 from ..prompts import PromptLearner, TextTower
 from . import Method, register
-from .base import MethodModel, Shots, logit_scale, seed_everything, train_on_features
+from .base import MethodModel, Shots, dassl_lr, logit_scale, seed_everything, train_on_features
 
 NAME = "cocoop"
 #: The run file holding what CoCoOp trained: ``ctx`` and the meta-net's tensors, under the official names.
@@ -275,15 +274,6 @@ def import_official(state_dict: dict[str, Any], classnames: Sequence[str], backb
     return _frozen(backbone, classnames, config, {k: v.float() for k, v in tensors.items()})
 
 
-def official_lr(epoch: int, train: TrainConfig, epochs: int) -> float:
-    """The learning rate of ``epoch`` (0-based) under the official trainers' Dassl schedule: ``warmup_lr``
-    for ``warmup_epochs``, then ``CosineAnnealingLR(T_max=epochs)`` started at the end of the warm-up
-    (``WARMUP_RECOUNT``), so the last epoch's rate is above 0: ``lr (1 + cos(pi (epoch - warmup) / epochs)) / 2``."""
-    if epoch < train.warmup_epochs:
-        return train.warmup_lr
-    return 0.5 * train.lr * (1 + math.cos(math.pi * (epoch - train.warmup_epochs) / epochs))
-
-
 def fit(backbone: Backbone, shots: Shots, config: Optional[CoCoOpConfig] = None, train: Optional[TrainConfig] = None,
         *, progress: bool = False,
         callback: Optional[Callable[[int, dict[str, float]], None]] = None) -> tuple[CoCoOpModel, dict[str, Any]]:
@@ -292,7 +282,7 @@ def fit(backbone: Backbone, shots: Shots, config: Optional[CoCoOpConfig] = None,
 
     The recipe is the official one: SGD (``train.lr``, ``momentum``, ``weight_decay``) over the
     context and the meta-net, ``train.warmup_epochs`` at ``train.warmup_lr`` then Dassl's cosine
-    (:func:`official_lr`) over ``config.epochs``, batches of ``config.batch_size`` images,
+    (:func:`coopkit.methods.base.dassl_lr`) over ``config.epochs``, batches of ``config.batch_size`` images,
     cross-entropy (plus the model's logit bias in the logits, as coopkit scores SigLIP models).
 
     Returns:
@@ -347,9 +337,13 @@ def train_loop(
         logits = learner.logits(x, scale, bias)  # (b, n_cls): each image against its own class features
         return F.cross_entropy(logits.float(), y), logits
 
+    def lr_of(epoch: int) -> float:
+        return dassl_lr(epoch, lr=train.lr, epochs=config.epochs, warmup_epochs=train.warmup_epochs,
+                        warmup_lr=train.warmup_lr)
+
     learner.train()
     history = train_on_features(params, feats, labels, batch_loss, train, epochs=config.epochs,
-                                batch_size=config.batch_size, lr_of=lambda epoch: official_lr(epoch, train, config.epochs),
+                                batch_size=config.batch_size, lr_of=lr_of,
                                 device=backbone.device, what="the CoCoOp parameters", desc="training CoCoOp",
                                 progress=progress, callback=callback)
     learner.eval()
@@ -365,6 +359,9 @@ register(Method(
     fit=fit,
     importer=import_official,
     protocols=("fewshot", "base2new", "shift"),
+    bench_default=(NAME,),
+    bench_default_protocols=("base2new", "shift"),  # few-shot: only when named (its per-image text tower is slow)
+    prompt_grid=True,  # CoOp's n_ctx x positions grid in bench fewshot, as before the registry flag
     text_graph=False,
     check_backbone=check_backbone,
 ))

@@ -231,5 +231,6 @@ register(Method(
     protocols=("fewshot", "base2new", "shift"),
     text_graph=True,
     variants={"coop-csc": {"csc": True}},
+    prompt_grid=True,
     bench_default=(NAME, "coop-csc"),
 ))

@@ -47,7 +47,7 @@ from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
 from ..runtime.tokenizers.layout import token_layout
 from . import Method, register
-from .base import DivergedError, MethodModel, Shots, divergence_hint, logit_scale, seed_everything
+from .base import DivergedError, MethodModel, Shots, dassl_lr, divergence_hint, logit_scale, seed_everything
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -383,16 +383,6 @@ def learned_parameters(model: nn.Module) -> list[nn.Parameter]:
 # --- training -------------------------------------------------------------------------------------
 
 
-def dassl_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
-    """The learning rate of an epoch under Dassl's ``cosine`` schedule with a ``constant`` warm-up
-    (``WARMUP_RECOUNT=True``): ``warmup_lr`` for the warm-up epochs, then
-    ``lr * (1 + cos(pi * (epoch - warmup_epochs) / epochs)) / 2`` (``CosineAnnealingLR`` with
-    ``T_max = MAX_EPOCH``, counted from the end of the warm-up)."""
-    if epoch < warmup_epochs:
-        return warmup_lr
-    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
-
-
 @dataclass
 class DeepPromptRecipe(ConfigMixin):
     """What every deep-prompt method's config holds besides its tokens: the prompt words and the recipe
@@ -483,7 +473,8 @@ def train_deep_prompts(
     model.train()
     bar = progress_bar(range(recipe.epochs), desc=f"training {model.method}", unit="epoch", enabled=progress)
     for epoch in bar:
-        lr = dassl_lr(epoch, recipe.lr, recipe.epochs, train.warmup_epochs, train.warmup_lr)
+        lr = dassl_lr(epoch, lr=recipe.lr, epochs=recipe.epochs, warmup_epochs=train.warmup_epochs,
+                      warmup_lr=train.warmup_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         order = torch.randperm(n, generator=gen)

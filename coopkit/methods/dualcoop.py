@@ -44,12 +44,11 @@ from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from . import Method, register
-from .base import DivergedError, MethodModel, divergence_hint, seed_everything
+from .base import DivergedError, MethodModel, dassl_lr, divergence_hint, seed_everything
 from .multilabel import (
     AslRecipe,
     asymmetric_loss,
     check_config_fields,
-    dassl_lr,
     encode_multilabel,
     squash_transform,
 )
@@ -405,7 +404,7 @@ def train(backbone: "Backbone", train_set: MultiLabelDataset, config: Optional[D
     views, n = feats.shape[:2]
     history: dict[str, list[float]] = {"loss": [], "lr": []}
     for epoch in range(config.epochs):
-        lr = dassl_lr(epoch, config.epochs, config.lr)
+        lr = dassl_lr(epoch, lr=config.lr, epochs=config.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         order, view = torch.randperm(n, generator=gen), torch.randint(views, (n,), generator=gen)

@@ -38,7 +38,7 @@ from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
 from . import Method, register
-from .base import MethodModel, logit_scale, seed_everything, template_features
+from .base import MethodModel, dassl_lr, logit_scale, seed_everything, template_features
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -83,16 +83,6 @@ class AslRecipe(ConfigMixin):
                             nonneg=("gamma_neg", "gamma_pos", "asl_clip"))
         if self.asl_clip >= 1:
             raise ValueError(f"asl_clip must be < 1, got {self.asl_clip!r}")
-
-
-def dassl_lr(epoch: int, epochs: int, lr: float, warmup_epochs: int = 1, warmup_lr: float = 1e-5) -> float:
-    """The learning rate of an epoch under the official schedule (Dassl ``build_lr_scheduler``:
-    ``ConstantWarmupScheduler`` over ``CosineAnnealingLR(T_max=epochs)``, stepped once per epoch):
-    ``warmup_lr`` for the warm-up epochs, then ``lr * (1 + cos(pi * (epoch - warmup_epochs) / epochs)) / 2``
-    (the cosine starts at ``lr`` after the warm-up and, with ``T_max = epochs``, never reaches 0)."""
-    if epoch < warmup_epochs:
-        return warmup_lr
-    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 def _known(targets: torch.Tensor) -> torch.Tensor:
@@ -339,7 +329,7 @@ def fit_coop_sigmoid(backbone: "Backbone", train_set: MultiLabelDataset, config:
     n = x_all.shape[0]
     losses = []
     for epoch in range(config.epochs):
-        lr = dassl_lr(epoch, config.epochs, config.lr)
+        lr = dassl_lr(epoch, lr=config.lr, epochs=config.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = 0.0

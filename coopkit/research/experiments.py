@@ -35,7 +35,7 @@ from ..methods.clap import ClapConfig
 from ..methods.tip_adapter import TipAdapterConfig
 from ..userdata import Dataset, few_shot, load_dataset, subsample_classes
 from ..features import encode_images
-from ..methods import Method, bench_row, coop, for_protocol, get, names
+from ..methods import Method, bench_row, coop, for_protocol, get, method_names
 from ..methods.base import DEFAULT_TEMPLATES, Shots
 from ..train import fit, fit_on_shots, zero_shot
 from .protocols import DEFAULT_METHODS, KGCOOP, METHODS
@@ -111,10 +111,10 @@ def _fields(config: Any) -> set[str]:
 
 def protocol_methods(protocol: str, methods: Optional[Sequence[str]] = None) -> list[Method]:
     """The registered methods a protocol runs: ``methods`` (each must take part in ``protocol``), or by
-    default every method registered for it, in registration order."""
-    valid = [m for m in names() if protocol in get(m).protocols]
+    default those the registry runs by default there (each method's ``bench_default``), in registration order."""
+    valid = method_names(protocol)
     if methods is None:
-        return [get(m) for m in valid]
+        return [get(m) for m in method_names(protocol, default=True)]
     bad = [m for m in methods if m not in valid]
     if bad or not methods:
         raise ValueError(f"methods {list(bad) or list(methods)} do not run in the {protocol} protocol; those that do: "
@@ -172,8 +172,9 @@ def fewshot_curves(
         tip, clap_config: Tip-Adapter's and CLAP's settings.
         configs: Settings of other methods: each config object applies to the methods whose config
             dataclass it is an instance of.
-        **fit_kwargs: Passed to :func:`coopkit.fit` for the prompt learners (methods whose config
-            has ``n_ctx``, fitted over the ``n_ctx`` x ``positions`` grid); the others take only
+        **fit_kwargs: Passed to :func:`coopkit.fit` for the prompt learners (methods registered with
+            ``prompt_grid``, CoOp and CoCoOp, fitted over the ``n_ctx`` x ``positions`` grid); the others
+            (MaPLe and the deep-prompt methods included) fit once with their own settings and take only
             ``augment`` from it.
 
     Returns rows with ``method, setting, shots, seed`` and :data:`SCORES` (zero-shot rows have shots 0).
@@ -215,7 +216,7 @@ def fewshot_curves(
                 if spec.fit is None:
                     continue
                 defaults = spec.make_config()
-                if "n_ctx" in _fields(defaults):  # a prompt learner: the n_ctx x positions grid, through fit()
+                if spec.prompt_grid:  # CoOp's prompt learners: the n_ctx x positions grid, through fit()
                     grid = [(m, pos) for m in n_ctx for pos in
                             (positions if "class_token_position" in _fields(defaults) else (None,))]
                     for m, pos in grid:

@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..config import epochs_for_shots
 from ..methods.tip_adapter import TipAdapterConfig
-from ..methods import coop, for_protocol, get, names
+from ..methods import coop, for_protocol, method_names
 
 #: CoOp's few-shot and domain-shift experiments use ResNet-50 (its figure and Table 1 also show
 #: other backbones); CoCoOp's and KgCoOp's base-to-new experiments use ViT-B/16. OpenAI weights.
@@ -25,8 +25,11 @@ SHOTS = (1, 2, 4, 8, 16)
 #: ``fewshot`` protocol (methods and their variants), and its default set.
 METHODS = for_protocol("fewshot")
 DEFAULT_METHODS = for_protocol("fewshot", default=True)
-#: The methods each protocol runs by default (``coopkit bench shift`` / ``base2new --methods``).
-PROTOCOL_METHODS = {p: tuple(m for m in names() if p in get(m).protocols) for p in ("shift", "base2new")}
+#: The methods registered for each protocol (``coopkit bench shift`` / ``base2new --methods``), and those
+#: it runs by default (each method's ``bench_default``: zero-shot, CoOp, CoCoOp; the deep-prompt
+#: methods and CLIP-LoRA only when named).
+PROTOCOL_METHODS = {p: method_names(p) for p in ("shift", "base2new")}
+PROTOCOL_DEFAULTS = {p: method_names(p, default=True) for p in ("shift", "base2new")}
 #: The base-to-new row of CoOp fitted with KgCoOp's regulariser (``kg_weight`` > 0).
 KGCOOP = "kgcoop"
 SEEDS = (1, 2, 3)
