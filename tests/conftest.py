@@ -110,3 +110,19 @@ def openai_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("openai-tiny")
     return {quick: load_tiny(tmp, f"tiny-{'quick' if quick else 'gelu'}", openai_config(quick_gelu=quick))
             for quick in (True, False)}
+
+
+#: Set in the process that runs the tests marked ``openvino`` (tests/test_openvino_process.py).
+OPENVINO_PROCESS_ENV = "COOPKIT_OPENVINO_PROCESS"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that load OpenVINO in the test process run in a fresh interpreter of their own: OpenVINO's CPU
+    plugin crashed the suite's process (SIGSEGV) after torch had trained in it (the CLIP-LoRA tests),
+    and passes alone. Here they are skipped; tests/test_openvino_process.py runs them."""
+    if os.environ.get(OPENVINO_PROCESS_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason="loads OpenVINO: run in a process of its own by tests/test_openvino_process.py")
+    for item in items:
+        if item.get_closest_marker("openvino"):
+            item.add_marker(skip)

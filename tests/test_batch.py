@@ -350,6 +350,7 @@ def _same_rows(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
     assert max(np.abs(np.subtract(a["logits"], b["logits"])).max() for a, b in zip(got, want) if a["logits"]) <= 1e-5
 
 
+@pytest.mark.openvino  # auto measures OpenVINO in this process: run in a process of its own
 @pytest.mark.parametrize("engine", OTHER_ENGINES)
 def test_every_engine_writes_the_rows_of_onnxruntime(graph_clf: Classifier, graph_model: GraphModel, folder: Path,
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: str) -> None:

@@ -27,6 +27,8 @@ from coopkit.runtime.engine_choice import CACHE_ENV, choose_engine, machine_info
 from coopkit.runtime.engines import OnnxruntimeEngine, OpenVINOEngine, Target
 
 onnx = pytest.importorskip("onnx")
+#: OpenVINO in the test process: these run in a process of their own (tests/test_openvino_process.py).
+pytestmark = pytest.mark.openvino
 
 NAMES = ["red", "green", "blue", "yellow"]
 #: Largest probability difference against onnxruntime on the CPU, per file kind (the issue's rule:
