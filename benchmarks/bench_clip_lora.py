@@ -39,13 +39,10 @@ SMOKE = {"embed_dim": 64, "quick_gelu": True,
 
 
 def _backbone(model: str, device: str):
-    import coopkit
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import random_backbone
 
-    if model == "smoke":
-        path = Path(tempfile.mkdtemp()) / "coopkit-bench-lora-smoke.json"
-        path.write_text(json.dumps(SMOKE))
-        model = str(path)
-    return coopkit.load_backbone(model, pretrained=None, device=device)
+    return random_backbone(model, device, 'smoke', SMOKE)
 
 
 def run(model: str, k: int, encoder: str, batch: int, steps: int, warmup: int, device: str) -> dict:

@@ -60,13 +60,10 @@ def _classnames(k: int) -> list[str]:
 
 
 def _backbone(model: str, device: str):
-    import coopkit
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import random_backbone
 
-    if model == "coopkit-test":
-        path = Path(tempfile.mkdtemp()) / "coopkit-test-cocoop-bench.json"
-        path.write_text(json.dumps(TINY))
-        model = str(path)
-    return coopkit.load_backbone(model, pretrained=None, device=device)
+    return random_backbone(model, device, 'coopkit-test', TINY)
 
 
 def _sync(device: str) -> None:

@@ -81,3 +81,19 @@ def interleaved_speeds(fns: dict[str, Callable[[], Any]], n_images: int, min_sec
             best[name], spent = min(best[name], dt), spent + dt
         rounds += 1
     return {name: n_images / b for name, b in best.items()}
+
+
+def random_backbone(model: str, device: str, tiny_name: str, tiny_config: dict[str, Any]) -> Any:
+    """A random-init backbone of an open_clip ``model``, or, when ``model`` is ``tiny_name``, of the
+    small architecture ``tiny_config`` (written to a temporary config file): the smoke runs' model."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import coopkit
+
+    if model == tiny_name:
+        path = Path(tempfile.mkdtemp()) / f"coopkit-bench-{tiny_name}.json"
+        path.write_text(json.dumps(tiny_config))
+        model = str(path)
+    return coopkit.load_backbone(model, pretrained=None, device=device)
