@@ -32,7 +32,6 @@ one line by :func:`check_towers`.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigMixin
+from ..runtime.configbase import ConfigMixin, check_float, check_int
 from ..features import autocast_for
 from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
@@ -58,23 +57,6 @@ logger = logging.getLogger(__name__)
 #: The run file holding the learned prompts (every method of this family).
 PROMPTS_FILE = "prompts.safetensors"
 
-
-# --- checks ---------------------------------------------------------------------------------------
-
-
-def check_count(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an integer >= ``minimum``, or a one-line ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_number(name: str, value: Any, *, positive: bool = False) -> float:
-    """``value`` as a finite float (> 0 with ``positive``, else >= 0), or a one-line ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
 
 
 def _vision_blocks(model: nn.Module, method: str) -> nn.Module:
@@ -398,9 +380,9 @@ class DeepPromptRecipe(ConfigMixin):
     def __post_init__(self) -> None:
         if self.ctx_init is not None and not isinstance(self.ctx_init, str):
             raise ValueError(f"ctx_init must be words or None, got {self.ctx_init!r}")
-        check_number("lr", self.lr, positive=True)
-        check_count("epochs", self.epochs, 1)
-        check_count("batch_size", self.batch_size, 1)
+        check_float("lr", self.lr, positive=True)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
 
 
 #: ``extra_loss(model, prompts, pixels, labels, logits, image_features, text_features) -> loss term``

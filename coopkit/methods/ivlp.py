@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_count, check_towers, initial_context,
+from ..runtime.configbase import check_int
+from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_towers, initial_context,
                            official_tensor, register_method)
 
 if TYPE_CHECKING:
@@ -41,10 +42,10 @@ class IVLPConfig(DeepPromptRecipe):
         "help": "image layers that get prompt tokens, from the first (PROMPT_DEPTH_VISION; 0: text prompts only)"})
 
     def __post_init__(self) -> None:
-        check_count("n_ctx_text", self.n_ctx_text, 1)
-        check_count("prompt_depth_text", self.prompt_depth_text, 1)
-        check_count("prompt_depth_vision", self.prompt_depth_vision, 0)
-        check_count("n_ctx_vision", self.n_ctx_vision, 1 if self.prompt_depth_vision > 0 else 0)
+        check_int("n_ctx_text", self.n_ctx_text, 1)
+        check_int("prompt_depth_text", self.prompt_depth_text, 1)
+        check_int("prompt_depth_vision", self.prompt_depth_vision, 0)
+        check_int("n_ctx_vision", self.n_ctx_vision, 1 if self.prompt_depth_vision > 0 else 0)
         if self.prompt_depth_vision == 0 and self.n_ctx_vision != 0:
             raise ValueError(f"n_ctx_vision={self.n_ctx_vision} with prompt_depth_vision=0: no image layer takes "
                              "prompt tokens; set n_ctx_vision=0 or a depth >= 1")

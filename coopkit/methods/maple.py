@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_count, check_towers, initial_context,
+from ..runtime.configbase import check_int
+from .deep_prompts import (DeepPromptModel, DeepPromptRecipe, Prompts, check_towers, initial_context,
                            official_tensor, register_method)
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ class MaPLeConfig(DeepPromptRecipe):
         "help": "layers of both transformers that get prompt tokens, from the first (PROMPT_DEPTH, >= 1)"})
 
     def __post_init__(self) -> None:
-        check_count("n_ctx", self.n_ctx, 1)
-        check_count("prompt_depth", self.prompt_depth, 1)
+        check_int("n_ctx", self.n_ctx, 1)
+        check_int("prompt_depth", self.prompt_depth, 1)
         super().__post_init__()
 
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Shots, template_features
-from .deep_prompts import build_seeded, check_number, fit_deep_prompts
+from ..runtime.configbase import check_float
+from .deep_prompts import build_seeded, fit_deep_prompts
 from .deep_prompts import register_method
 from .ivlp import IVLPConfig, IVLPModel, from_official, official_config
 from .ivlp import check_backbone as ivlp_check_backbone
@@ -70,9 +71,9 @@ class PromptSRCConfig(IVLPConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_number("text_loss_weight", self.text_loss_weight)
-        check_number("image_loss_weight", self.image_loss_weight)
-        check_number("gpa_std", self.gpa_std, positive=True)
+        check_float("text_loss_weight", self.text_loss_weight)
+        check_float("image_loss_weight", self.image_loss_weight)
+        check_float("gpa_std", self.gpa_std, positive=True)
         if isinstance(self.gpa_mean, bool) or not isinstance(self.gpa_mean, (int, float)) or not math.isfinite(self.gpa_mean):
             raise ValueError(f"gpa_mean must be a finite number, got {self.gpa_mean!r}")
         if sum(gpa_weights(self.epochs, self.gpa_mean, self.gpa_std)) == 0:
