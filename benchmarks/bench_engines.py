@@ -96,7 +96,7 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, thre
             for compute in ("fp32", "bf16") if engine.name == OPENVINO else ("fp32",):
                 label = f"{target.label} {compute}"
                 try:
-                    session = engine.open(path, target, compute, threads)
+                    session = engine.open(path, target, compute, threads, batch_sizes=(1, max(args.batch_sizes)))
                 except Exception as e:  # noqa: BLE001 - report and go on
                     print(f"# {model} {kind} {label}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                     continue

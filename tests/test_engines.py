@@ -174,6 +174,26 @@ def test_runtime_variants_give_bitwise_the_same_answers(files: dict[str, Path], 
 # --- compute precision ------------------------------------------------------------------------------
 
 
+@needs_openvino
+def test_openvino_static_batch_models_answer_as_the_dynamic_one(files: dict[str, Path], mixed_images: list[Any]) -> None:
+    from coopkit.runtime.engines import OpenVINOSession
+
+    ref = Classifier(files["fp32"], device="cpu")
+    crops = ref.preprocess(mixed_images)  # (n, H, W, 3)
+    static = OpenVINOSession(files["fp32"], batch_sizes=(4, 1, 4))
+    dynamic = OpenVINOSession(files["fp32"])
+    assert static.static_batches == (1, 4) and dynamic.static_batches == ()
+    assert [n.shape[0] for n in static.get_inputs()] == [None]  # the file's own (dynamic) shapes
+    for n in (1, 4, 3, len(crops)):  # static, static, then the dynamic model compiled at first use
+        got = static.run(["probs"], {"images": crops[:n]})[0]
+        np.testing.assert_allclose(got, dynamic.run(["probs"], {"images": crops[:n]})[0], atol=1e-6, rtol=0)
+        _assert_same_answers(got, ref.session.run(["probs"], {"images": crops[:n]})[0], TOLERANCE["fp32"])
+    # no static shapes where the input is not crops of one size: a raw-input file, the text graph
+    assert OpenVINOSession(files["raw"], batch_sizes=(1, 4)).static_batches == ()
+    text = Classifier(files["fp32"], device="cpu", engine="openvino").text_encoder.session
+    assert text.static_batches == ()
+
+
 def _cpu_has_bf16() -> bool:
     import openvino as ov
 
@@ -251,7 +271,8 @@ class SlowEngine(OnnxruntimeEngine):
     def targets(self, device: str = "auto") -> list[Target]:
         return [Target(self.name, "cpu")]
 
-    def open(self, path: Any, target: Target, compute: str = "fp32", threads: Any = None, spinning: bool = False) -> Any:
+    def open(self, path: Any, target: Target, compute: str = "fp32", threads: Any = None, spinning: bool = False,
+             batch_sizes: Any = ()) -> Any:
         self.opened += 1
         return _SlowSession(super().open(path, Target("onnxruntime", "cpu"), compute, threads, spinning))
 
@@ -265,7 +286,8 @@ class RolledWeightsEngine(OnnxruntimeEngine):
     def targets(self, device: str = "auto") -> list[Target]:
         return [Target(self.name, "cpu")]
 
-    def open(self, path: Any, target: Target, compute: str = "fp32", threads: Any = None, spinning: bool = False) -> Any:
+    def open(self, path: Any, target: Target, compute: str = "fp32", threads: Any = None, spinning: bool = False,
+             batch_sizes: Any = ()) -> Any:
         model = onnx.load(os.fspath(path))
         for tensor in model.graph.initializer:
             values = onnx.numpy_helper.to_array(tensor)

@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 #: Environment variable naming coopkit's cache folder (the engine choices live in ``engines/`` in it).
 CACHE_ENV = "COOPKIT_CACHE_DIR"
 #: Bumped when the probe changes what it measures: older cache files are measured again.
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: OpenVINO measured with its static-shape models for batch 1 and the serving batch
 #: The reference engine: every other engine's answers are compared with its answers.
 REFERENCE = Target(ONNXRUNTIME, "cpu")
 #: Largest probability difference against the reference, per file precision: fp32 files must be
@@ -323,7 +323,7 @@ class _Probe:
         result = Measurement(target.label, version=_version(engine), compute=compute)
         start = time.perf_counter()
         try:
-            session = engine.open(self.path, target, compute, self.threads, self.spinning)
+            session = engine.open(self.path, target, compute, self.threads, self.spinning, self.batch_sizes)
         except Exception as e:  # noqa: BLE001 - any failure to load skips this target, with its reason
             result.reason = f"failed to load: {_one_line(e)}"
             return result
@@ -502,7 +502,8 @@ def open_engine(
         threads: CPU threads (``None``: one per idle CPU).
         providers: onnxruntime providers (``engine="onnxruntime"`` only).
         spinning: onnxruntime's thread spinning.
-        batch_size: The serving batch ``auto`` measures (beside batch 1).
+        batch_size: The serving batch ``auto`` measures (beside batch 1), and, with 1, the batch
+            sizes OpenVINO compiles for a static shape.
 
     Raises:
         ValueError: an unknown engine, compute or device, or providers with another engine.
@@ -518,7 +519,7 @@ def open_engine(
                                    reopen={"engine": ONNXRUNTIME, "device": device, "providers": providers})
     if engine == OPENVINO:
         name = openvino_device(device)  # CPU, GPU, GPU.1
-        session = OpenVINOSession(path, name, compute, threads)
+        session = OpenVINOSession(path, name, compute, threads, batch_sizes=(1, batch_size))
         where = name.lower().replace(".", ":")
         return session, EngineInfo(OPENVINO, where, session.compute, session.get_providers()[0],
                                    reopen={"engine": OPENVINO, "device": where, "compute": compute})
@@ -527,7 +528,8 @@ def open_engine(
     target = choice.target
     engines = {e.name: e for e in installed_engines()}
     try:
-        session = engines[target.engine].open(path, target, choice.compute_of(target), threads, spinning)
+        session = engines[target.engine].open(path, target, choice.compute_of(target), threads, spinning,
+                                             (1, batch_size))
     except Exception as e:  # noqa: BLE001 - the cached choice no longer opens: measure again, once
         if not choice.from_cache:
             raise
@@ -536,7 +538,8 @@ def open_engine(
         choice = choose_engine(path, device=device, compute=compute, batch_size=batch_size, threads=threads,
                                spinning=spinning, refresh=True)
         target = choice.target
-        session = engines[target.engine].open(path, target, choice.compute_of(target), threads, spinning)
+        session = engines[target.engine].open(path, target, choice.compute_of(target), threads, spinning,
+                                             (1, batch_size))
     info = EngineInfo(target.engine, target.device, getattr(session, "compute", "fp32"), session.get_providers()[0],
                       reopen=reopen_args(target, choice.compute_of(target)), choice=choice)
     logger.info("engine auto: %s", choice.summary())

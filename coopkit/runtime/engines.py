@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
 from .configbase import ConfigMixin
-from .contract import INPUT_RAW, MetadataError, ModelMetadata
+from .contract import INPUT_NAME, INPUT_RAW, MetadataError, ModelMetadata
 from .extras import require
 from .preprocess import resize_plan
 from .session import CPU, CUDA, TENSORRT, ProviderSpec, cuda_device_count, default_threads, open_session
@@ -213,9 +214,10 @@ class OnnxruntimeEngine:
         return out
 
     def open(self, path: PathLike, target: Target, compute: str = "fp32", threads: Optional[int] = None,
-             spinning: bool = False) -> Any:
+             spinning: bool = False, batch_sizes: Sequence[int] = ()) -> Any:
         """An onnxruntime session of ``path`` on ``target``; CUDA without TF32 (its default
-        changes fp32 answers). Raises RuntimeError when the device's provider does not start."""
+        changes fp32 answers). Raises RuntimeError when the device's provider does not start.
+        ``batch_sizes`` is OpenVINO's (onnxruntime runs every batch size alike; ignored)."""
         if compute != "fp32":
             raise ValueError(f"onnxruntime has no {compute} compute")
         kind, index = split_device(target.device)
@@ -272,18 +274,27 @@ class OpenVINOSession:
         device: OpenVINO's device name (``CPU``, ``GPU``, ``GPU.1``).
         compute: ``fp32`` pins ``INFERENCE_PRECISION_HINT=f32``; ``bf16`` asks for bf16.
         threads: CPU threads (``None``: :func:`~coopkit.runtime.session.default_threads`).
+        batch_sizes: Batch sizes compiled for a static shape (see below).
 
     Thread-safe: each call takes an idle infer request from a pool (or makes one).
+
+    OpenVINO's CPU plugin runs a graph compiled for one static shape faster than the same graph
+    with a dynamic batch (``benchmarks/bench_engines.py``: 2-9% on ViT-B-32, 15-30% on
+    coopkit-tiny), so the image graph is compiled once per size in ``batch_sizes`` (the runtime
+    passes 1 and its serving batch), and once more with its dynamic batch, at the first call of
+    another size. Each compiled model holds its own copy of the weights (about 0.6-1 GB for
+    ViT-B-32): ``batch_sizes=()`` keeps a single dynamic one.
 
     Attributes:
         compute: The precision the compiled model really computes in (``fp32`` or ``bf16``),
             read back from OpenVINO: ``bf16`` asked on a CPU without it runs in ``fp32``.
+        static_batches: The batch sizes with a static-shape compiled model.
     """
 
     def __init__(self, path: PathLike, device: str = "CPU", compute: str = "fp32",
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, batch_sizes: Sequence[int] = ()) -> None:
         ov = _openvino()
-        core = ov.Core()
+        self._core = core = ov.Core()
         self.path = os.fspath(path)
         self.device = device
         try:
@@ -291,30 +302,50 @@ class OpenVINOSession:
         except RuntimeError as e:
             raise MetadataError(f"{self.path}: OpenVINO cannot read this model: {_ov_message(e)}") from None
         self._meta = _ModelMeta(_openvino_metadata(model))
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[compute]}
+        self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[compute]}
         if device.split(".")[0] == "CPU":
             # one stream with every thread (one request at a time, as onnxruntime's intra-op pool);
             # threads not pinned to cores: on a busy machine a pinned thread waits for its core
-            config.update(INFERENCE_NUM_THREADS=threads or default_threads(), NUM_STREAMS=1,
-                          ENABLE_CPU_PINNING=False)
-        try:
-            self._compiled = core.compile_model(model, device, config)
-        except RuntimeError as e:
-            raise RuntimeError(f"OpenVINO cannot compile {self.path} for {device}: {_ov_message(e)}") from None
-        used = str(self._compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+            self._config.update(INFERENCE_NUM_THREADS=threads or default_threads(), NUM_STREAMS=1,
+                                ENABLE_CPU_PINNING=False)
+        self._model = model
+        self._lock = threading.Lock()
+        #: compiled models by batch size (``None``: the dynamic one), each with its idle infer requests
+        self._compiled: dict[Optional[int], tuple[Any, "queue.SimpleQueue[Any]"]] = {}
+        self.static_batches = static_batch_sizes(model, batch_sizes)
+        for b in self.static_batches:
+            self._compile(b)
+        first = self._compile(None) if not self.static_batches else self._compiled[self.static_batches[0]][0]
+        used = str(first.get_property("INFERENCE_PRECISION_HINT")).lower()
         self.compute = "bf16" if "bf16" in used or "bfloat16" in used else "fp32"
         if "16" in used and self.compute != "bf16":
             raise RuntimeError(f"OpenVINO compiled {self.path} on {device} in {used}, not the {compute} asked for")
         if self.compute != compute:
             logger.warning("OpenVINO on %s cannot compute in %s here; it computes in %s", device, compute, self.compute)
-        self._outputs = {name: port for port in self._compiled.outputs for name in port.get_names()}
-        self._requests: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._ports = first.inputs, first.outputs
+        self._outputs = {name: i for i, port in enumerate(first.outputs) for name in port.get_names()}
+
+    def _compile(self, batch: Optional[int]) -> Any:
+        """The model compiled for a static ``batch`` (``None``: the file's own dynamic shapes), made once."""
+        with self._lock:
+            if batch not in self._compiled:
+                model = self._model
+                if batch is not None:  # (batch, *static dims) on the image input; the file itself is untouched
+                    model = model.clone()
+                    port = model.input(0)
+                    model.reshape({port: [batch, *[d.get_length() for d in list(port.get_partial_shape())[1:]]]})
+                try:
+                    compiled = self._core.compile_model(model, self.device, self._config)
+                except RuntimeError as e:
+                    raise RuntimeError(f"OpenVINO cannot compile {self.path} for {self.device}: {_ov_message(e)}") from None
+                self._compiled[batch] = (compiled, queue.SimpleQueue())
+            return self._compiled[batch][0]
 
     def get_inputs(self) -> list[_Node]:
-        return [_node(self._compiled, p, model_input=True) for p in self._compiled.inputs]
+        return [_node(p) for p in self._model.inputs]
 
     def get_outputs(self) -> list[_Node]:
-        return [_node(self._compiled, p, model_input=False) for p in self._compiled.outputs]
+        return [_node(p) for p in self._model.outputs]
 
     def get_modelmeta(self) -> _ModelMeta:
         return self._meta
@@ -328,23 +359,26 @@ class OpenVINOSession:
         unknown = [n for n in names if n not in self._outputs]
         if unknown:
             raise ValueError(f"outputs {unknown} are not in the graph; it has {sorted(self._outputs)}")
+        feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        batch = len(next(iter(feeds.values()))) if feeds else None
+        compiled, requests = self._compiled.get(batch) or self._compiled.get(None) or (None, None)
+        if compiled is None:  # a batch size without its own static model: the dynamic one, compiled once
+            self._compile(None)
+            compiled, requests = self._compiled[None]
         try:
-            request = self._requests.get_nowait()
+            request = requests.get_nowait()
         except queue.Empty:
-            request = self._compiled.create_infer_request()
+            request = compiled.create_infer_request()
         try:
             # inputs read in place (the call is synchronous); outputs copied out (the request is reused)
-            results = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()}, share_inputs=True,
-                                    share_outputs=False)
-            return [np.asarray(results[self._outputs[n]]) for n in names]
+            results = request.infer(feeds, share_inputs=True, share_outputs=False)
+            return [np.asarray(results[compiled.outputs[self._outputs[n]]]) for n in names]
         finally:
-            self._requests.put(request)
+            requests.put(request)
 
     def close(self) -> None:
         """Drop the compiled model and its requests (the session is unusable afterwards)."""
-        while not self._requests.empty():
-            self._requests.get_nowait()
-        self._compiled = None
+        self._compiled.clear()
 
 
 def _ov_message(error: Exception) -> str:
@@ -353,7 +387,19 @@ def _ov_message(error: Exception) -> str:
     return " ".join(lines)[:300] or type(error).__name__
 
 
-def _node(compiled: Any, port: Any, model_input: bool) -> _Node:
+def static_batch_sizes(model: Any, batch_sizes: Sequence[int]) -> tuple[int, ...]:
+    """The ``batch_sizes`` worth a static-shape compiled model of ``model``: all of them when its
+    input is the image input with a dynamic batch and static other dimensions (crops of a fixed
+    size), none otherwise (a raw-input graph, the text graph, a file exported for one batch)."""
+    if len(model.inputs) != 1 or INPUT_NAME not in model.input(0).get_names():
+        return ()
+    shape = model.input(0).get_partial_shape()
+    if shape.rank.is_dynamic or shape[0].is_static or not all(d.is_static for d in list(shape)[1:]):
+        return ()
+    return tuple(sorted({int(b) for b in batch_sizes if int(b) > 0}))
+
+
+def _node(port: Any) -> _Node:
     names = port.get_names()
     # an ONNX tensor may carry several names in OpenVINO; the graph's own input/output name is the one
     # the file declares, which is the shortest non-internal one (internal names start with "/")
@@ -397,9 +443,10 @@ class OpenVINOEngine:
         return out
 
     def open(self, path: PathLike, target: Target, compute: str = "fp32", threads: Optional[int] = None,
-             spinning: bool = False) -> OpenVINOSession:
-        """An :class:`OpenVINOSession` of ``path`` on ``target`` (``spinning`` is onnxruntime's; ignored)."""
-        return OpenVINOSession(path, openvino_device(target.device), compute, threads)
+             spinning: bool = False, batch_sizes: Sequence[int] = ()) -> OpenVINOSession:
+        """An :class:`OpenVINOSession` of ``path`` on ``target``, with static-shape models for
+        ``batch_sizes`` (``spinning`` is onnxruntime's; ignored)."""
+        return OpenVINOSession(path, openvino_device(target.device), compute, threads, batch_sizes)
 
 
 def openvino_device(device: str) -> str:
