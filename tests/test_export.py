@@ -289,11 +289,10 @@ def test_int8_calibration_sources(coop, tiny_backbone, image_folder, tmp_path):
 
 
 def test_int8_on_an_embedded_world_task(tmp_path):
-    """coopkit-tiny (a ModifiedResNet) fitted on the world's colors task: int8 calibrated on its
-    training images agrees with fp32 on >= 99% of the 104 labelled test images whose top two classes
-    fp32 separates by a cosine gap above INT8_DECISIVE_MARGIN (the documented guarantee; near-ties may
-    swap), on >= 97% of all of them, and the accuracy is within 1 point."""
-    from coopkit.exporters.verify import INT8_DECISIVE_MARGIN
+    """coopkit-tiny (a ModifiedResNet) fitted on the world's colors task: int8 calibrated on its 32
+    training images agrees with fp32 on >= 99% of the 104 labelled test images (all of them agreeing
+    on the calibration images was not enough: the estimated agreement keeps products in fp32 too),
+    and the accuracy is within 1 point."""
     from coopkit.embedded import world
     from coopkit.runtime.preprocess import preprocess
 
@@ -307,10 +306,7 @@ def test_int8_on_an_embedded_world_task(tmp_path):
     (logits,) = session.run(["logits"], {INPUT_NAME: images})
     ref = clf.logits(list(images))
     labels = np.array(test.labels)
-    top2 = np.sort(ref, axis=1)[:, -2:]  # (n, 2): fp32's two largest logits
-    clear = top2[:, 1] - top2[:, 0] > INT8_DECISIVE_MARGIN * float(clf.backbone.model.logit_scale.exp())
-    agree = logits.argmax(1) == ref.argmax(1)
-    assert clear.sum() >= 80 and agree[clear].mean() >= 0.99 and agree.mean() >= 0.97
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.99 and res.int8.agreement[1] >= 0.99
     assert abs((logits.argmax(1) == labels).mean() - (ref.argmax(1) == labels).mean()) <= 0.01
     assert _batch_changes(session, images) <= 1e-5
 

@@ -4,8 +4,9 @@ The model is a random-init 64-pixel ViT (4 layers, width 128) classifying 16 cla
 its top two logits are often within 0.001 of each other, so int8 noise flips answers. Plain int8
 (``min_agreement=0``) agrees with fp32 on fewer than 99% of held-out photo-like images; the
 accuracy-aware export keeps the most sensitive products in fp32 until the calibration images agree
-on at least 99.5%, and must then agree on at least 99% of the held-out images, keep most products
-in int8 and stay batch-invariant. Every agreement is recomputed here from the files' logits.
+on at least 99.5% and the estimate from their margins says 99% of other images will, and must then
+agree on at least 99% of the held-out images, keep some products in int8 and stay batch-invariant
+(on this near-tie model most end in fp32: benchmarks/bench_int8.py measures the speed kept). Every agreement is recomputed here from the files' logits.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def test_accuracy_aware_int8_agrees_where_plain_int8_does_not(weak: dict[str, An
     # the model is hard: plain int8 falls below the bar on the held-out images
     assert plain.int8.float_nodes == () and plain.int8.agreement is None
     assert agreement(ref["test"], got["plain"]["test"]) < 0.99
-    # accuracy-aware: the calibration images agree, the held-out images too, most products stay int8
+    # accuracy-aware: the calibration images agree, the held-out images too, some products stay int8
     kept = aware.int8.float_nodes
-    assert 0 < len(kept) < aware.int8.nodes and aware.int8.nodes + len(kept) == plain.int8.nodes
+    assert 0 < len(kept) < plain.int8.nodes and aware.int8.nodes + len(kept) == plain.int8.nodes
+    assert aware.int8.agreement[1] >= 0.99
     assert agreement(ref["calibration"], got["aware"]["calibration"]) >= 0.995
     assert aware.int8.agreement[0] == pytest.approx(agreement(ref["calibration"], got["aware"]["calibration"]))
     assert agreement(ref["test"], got["aware"]["test"]) >= 0.99

@@ -37,6 +37,10 @@ SMOOTH_ALPHAS = (0.0, SMOOTH_ALPHA)
 #: (:func:`coopkit.exporters.int8.top1_agreement`); the products that move the answers most stay
 #: fp32 until it holds (Intel Neural Compressor's accuracy-aware tuning, by product).
 MIN_AGREEMENT = 0.995
+#: int8: the agreement the file must be estimated to keep on the images it will serve
+#: (:func:`coopkit.exporters.int8.top1_agreement`'s estimate from the calibration images' margins):
+#: a few calibration images that all agree do not vouch for the others, and the estimate does.
+MIN_ESTIMATED_AGREEMENT = 0.99
 
 
 def check_opset(opset: Any) -> int:
@@ -66,12 +70,16 @@ class QuantizationConfig(ConfigMixin):
         "help": "int8: share of calibration images that must keep fp32's top-1 class; the products that move "
                 "the answers most stay fp32 until they do (0: quantise every product). More calibration images "
                 "make the check closer to the images served."})
+    min_estimated_agreement: float = field(default=MIN_ESTIMATED_AGREEMENT, metadata={
+        "help": "int8: share of other images the file is estimated to keep fp32's top-1 class on (from the "
+                "calibration images' margins); products stay fp32 until it holds too (0: no such bar)."})
 
     def __post_init__(self) -> None:
         check_int("calibration_max_images", self.calibration_max_images, 1)
         check_int("calibration_batch", self.calibration_batch, 1)
         check_bool("reduce_range", self.reduce_range)
         check_float("min_agreement", self.min_agreement, maximum=1.0)
+        check_float("min_estimated_agreement", self.min_estimated_agreement, maximum=1.0)
         alphas = self.smooth_alphas
         if isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
             alphas = (alphas,)

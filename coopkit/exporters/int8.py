@@ -24,7 +24,7 @@ from coopkit.runtime.contract import ModelMetadata
 from coopkit.runtime.preprocess import preprocess
 from coopkit.runtime.session import cpu_session
 
-from .config import CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, MIN_AGREEMENT, SMOOTH_ALPHA, QuantizationConfig
+from .config import CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, MIN_AGREEMENT, MIN_ESTIMATED_AGREEMENT, SMOOTH_ALPHA, QuantizationConfig
 from .nodes import full_precision_nodes
 
 if TYPE_CHECKING:
@@ -355,7 +355,8 @@ def to_int8(
         if chosen:
             smooth_activations(float_model, targets, ranges, chosen)
         kept, agreement = keep_float_until_agreement(Path(target), float_model, targets, calibration, input_name,
-                                                     config.min_agreement, config.calibration_batch)
+                                                     config.min_agreement, config.calibration_batch,
+                                                     config.min_estimated_agreement)
     elif config.min_agreement > 0:
         logger.warning("int8: %s has external data; its agreement with fp32 is not tuned (min_agreement ignored)",
                        source)
@@ -399,7 +400,9 @@ def keep_float(quantised: "onnx.ModelProto", float_model: "onnx.ModelProto", nod
     model.CopyFrom(quantised)
     originals = {n.name: n for n in float_model.graph.node}
     weights = {i.name: i for i in float_model.graph.initializer}
-    present = {i.name for i in model.graph.initializer}
+    # a float weight the quantiser replaced by a node of the same name (a bias dequantised from int32)
+    # is read from that node: adding the initializer too would define the name twice
+    present = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     wanted = set(nodes)
     for node in model.graph.node:
         if node.name in wanted:
@@ -449,11 +452,14 @@ def _drop_unread(model: "onnx.ModelProto") -> None:
 def keep_float_until_agreement(
     target: Path, float_model: "onnx.ModelProto", targets: Sequence[str], calibration: Any,
     input_name: str = "images", min_agreement: float = MIN_AGREEMENT, batch_size: int = CALIBRATION_BATCH,
+    min_estimated: float = MIN_ESTIMATED_AGREEMENT,
 ) -> tuple[list[str], tuple[float, float]]:
     """Accuracy-aware int8, as Intel Neural Compressor tunes it: keep the products that move the
     answers most in fp32 until at least ``min_agreement`` of the calibration images keep fp32's
-    top-1 class (measured; :func:`top1_agreement`'s estimate is reported beside it, not required:
-    on near-tie logits it asks for every product in fp32); rewrites ``target`` when some are kept.
+    top-1 class and :func:`top1_agreement` estimates that at least ``min_estimated`` of other
+    images will (32 calibration images of the embedded colors task all agreed while 1.25% of 400
+    held-out images changed class, as the estimate, 98.4%, foretold); rewrites ``target`` when
+    some are kept.
 
     Each product's sensitivity is measured alone: the file with only that product in int8
     (:func:`keep_float` on the others), its logits' distance to fp32's (centred per image: a shift
@@ -481,7 +487,11 @@ def keep_float_until_agreement(
     reference = logits(float_model, calibration)
     quantised = onnx.load(os.fspath(target))
     first = agreement = top1_agreement(reference, logits(quantised, calibration))
-    if agreement[0] >= min_agreement:
+
+    def enough(got: tuple[float, float]) -> bool:
+        return got[0] >= min_agreement and got[1] >= min_estimated
+
+    if enough(agreement):
         return [], agreement
     ordered = np.sort(reference, axis=1)
     hard = np.argsort(ordered[:, -1] - ordered[:, -2])[:SENSITIVITY_IMAGES]  # the closest calls
@@ -501,23 +511,23 @@ def keep_float_until_agreement(
     failing, k = 0, 1
     while True:
         model, got = trial(k)
-        if got[0] >= min_agreement or k == len(order):
+        if enough(got) or k == len(order):
             break
         failing, k = k, min(2 * k, len(order))
     best = (k, model, got)
     while best[0] - failing > 1:
         mid = (failing + best[0]) // 2
         model, got = trial(mid)
-        if got[0] >= min_agreement:
+        if enough(got):
             best = (mid, model, got)
         else:
             failing = mid
     k, model, agreement = best
     onnx.save(model, os.fspath(target))
-    log = logger.info if agreement[0] >= min_agreement else logger.warning
+    log = logger.info if enough(agreement) else logger.warning
     log("int8: %d of %d products kept in fp32 for the calibration images to agree with fp32: %.2f%% measured, %.2f%% "
-        "estimated (all int8: %.2f%%, %.2f%%; wanted %.2f%%)", k, len(order), 100 * agreement[0], 100 * agreement[1],
-        100 * first[0], 100 * first[1], 100 * min_agreement)
+        "estimated (all int8: %.2f%%, %.2f%%; wanted %.2f%%, %.2f%%)", k, len(order), 100 * agreement[0],
+        100 * agreement[1], 100 * first[0], 100 * first[1], 100 * min_agreement, 100 * min_estimated)
     return order[:k], agreement
 
 
