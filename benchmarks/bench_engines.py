@@ -155,6 +155,7 @@ def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, 
     """onnxruntime on the CPU closer to its limit (``--runtime-variants``): ``session.run`` against IO
     binding (``coopkit.runtime.session.run_bound``: outputs written into numpy arrays) and
     onnxruntime's ``session.dynamic_block_base`` (4, its tuning guide's value), alone and together,
+    and the file rewritten with onnxruntime.transformers' fused contrib ops where they apply,
     idle and with one CPU busy; each row's ratio to plain ``session.run`` and its largest difference
     from it (0 expected: the switches move memory and work, not arithmetic). A switch is worth
     turning on (``CPU_IO_BINDING``, ``DYNAMIC_BLOCK_BASE`` in ``coopkit/runtime/session.py``) only
@@ -166,6 +167,9 @@ def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, 
     names = ["probs", "logits", "image_embeds"]
     sessions = {block: ort.InferenceSession(os.fspath(path), session_options(threads, dynamic_block_base=block),
                                             providers=[CPU]) for block in (0, 4)}
+    fused = _fused_transformer(path)  # onnxruntime.transformers' fusions written into the file, where they apply
+    if fused is not None:
+        sessions["fused"] = ort.InferenceSession(os.fspath(fused), session_options(threads), providers=[CPU])
     widths = {o.name: o.shape[-1] for o in sessions[0].get_outputs()}
     if not all(isinstance(w, int) for w in widths.values()) or any(o.type != "tensor(float)" for o in sessions[0].get_outputs()):
         print(f"# {model} {kind}: outputs of symbolic width or not float32: no IO binding rows", file=sys.stderr)
@@ -180,6 +184,8 @@ def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, 
             "dynamic block base 4": lambda: sessions[4].run(names, {"images": batch}),
             "IO binding + dynamic block base 4": lambda: run_bound(sessions[4], {"images": batch}, outputs),
         }
+        if "fused" in sessions:
+            fns["fused contrib ops (onnxruntime.transformers)"] = lambda: sessions["fused"].run(names, {"images": batch})
         want = fns["session.run"]()
         diffs = {label: max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(fn(), want)) for label, fn in fns.items()}
         for condition in ("idle", "one CPU busy"):
@@ -191,6 +197,25 @@ def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, 
             print(f"# {model} {kind} batch {bs} {condition}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
                   + f" img/s; {load()}", file=sys.stderr)
     return rows
+
+
+def _fused_transformer(path: Path) -> Optional[Path]:
+    """The file with onnxruntime.transformers' optimizer's fusions (Attention, SkipLayerNormalization,
+    BiasGelu contrib ops where its patterns match a transformer image tower), or None where nothing fused."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        model = optimize_model(os.fspath(path), model_type="vit", num_heads=0, hidden_size=0, opt_level=0)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"# {path.name}: onnxruntime.transformers' optimizer failed: {str(e)[:200]}", file=sys.stderr)
+        return None
+    stats = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    print(f"# {path.name}: onnxruntime.transformers fused {stats or 'nothing'}", file=sys.stderr)
+    if not stats:
+        return None
+    out = path.with_name(path.stem + "-fused.onnx")
+    model.save_model_to_file(os.fspath(out))
+    return out
 
 
 def _image_size(session: Any) -> tuple[int, int]:
