@@ -1,6 +1,6 @@
 """Every file kind of every method after CoOp, read by every consumer.
 
-CoCoOp, IVLP, MaPLe, PromptSRC and CLIP-LoRA (its adapters merged), each fitted briefly on the
+CoCoOp, IVLP, MaPLe, PromptSRC and CLIP-LoRA (its adapters merged), each method_runs briefly on the
 tiny random-init ViT, exported as fp16, calibrated int8 and raw-input files (each verified
 against the PyTorch classifier by the exporter, which raises otherwise), then read by
 ``coopkit predict``, ``coopkit serve`` (real HTTP on 127.0.0.1), the Ray engine (a local Ray
@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,9 +33,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coopkit.runtime import Classifier as RuntimeClassifier
+from helpers import BROWSER_TIMEOUT_MS, require_browser, web_site
 
-ROOT = Path(__file__).resolve().parents[1]
+from coopkit.runtime import Classifier as RuntimeClassifier
 
 #: Each method's quick fit (``coopkit.fit`` keyword arguments besides the data and the backbone).
 METHODS = {
@@ -64,7 +63,7 @@ def images(image_folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_backbone, image_folder) -> dict[str, Any]:
+def method_runs(tiny_backbone, image_folder) -> dict[str, Any]:
     import coopkit
 
     return {m: coopkit.fit(image_folder / "train", method=m, backbone=tiny_backbone, shots=2, seed=1, progress=False,
@@ -72,13 +71,13 @@ def fitted(tiny_backbone, image_folder) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def files(fitted, image_folder, tmp_path_factory) -> dict[tuple[str, str], Path]:
+def method_files(method_runs, image_folder, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """Every (method, kind) file, verified against PyTorch by the exporter (it raises otherwise)."""
     from coopkit.exporters import export_onnx
 
     root = tmp_path_factory.mktemp("method_files")
     out = {}
-    for m, clf in fitted.items():
+    for m, clf in method_runs.items():
         for kind, kw in KINDS.items():
             path = root / f"{m}-{kind}.onnx"
             report = export_onnx(clf, path, verify_data=image_folder / "test", n_verify=4, **kw)
@@ -104,12 +103,12 @@ def _labels(predictions: Any) -> list[str]:
 
 
 @pytest.mark.parametrize("method", DEEP)
-def test_text_graph_weighs_new_class_names_as_pytorch(method, fitted, images, tmp_path):
+def test_text_graph_weighs_new_class_names_as_pytorch(method, method_runs, images, tmp_path):
     from coopkit import methods
     from coopkit.exporters import export_onnx
 
     assert methods.get(method).text_graph
-    clf = fitted[method]
+    clf = method_runs[method]
     report = export_onnx(clf, tmp_path / "model.onnx", "fp32", with_text_encoder=True, n_verify=4)
     assert report.text is not None and report.text_path is not None and report.text_path.is_file()
     spec = report.metadata.text_encoder
@@ -142,26 +141,26 @@ def _plain_context_weights(clf: Any, names: list[str]) -> np.ndarray:
         return F.normalize(classes(clf.text_context().ctx).float(), dim=-1).numpy()
 
 
-def test_cocoop_has_no_text_graph(fitted, tmp_path):
+def test_cocoop_has_no_text_graph(method_runs, tmp_path):
     from coopkit.exporters import export_onnx
 
     with pytest.raises(ValueError, match="--with-text-encoder is not available for a cocoop run"):
-        export_onnx(fitted["cocoop"], tmp_path / "model.onnx", "fp32", with_text_encoder=True)
+        export_onnx(method_runs["cocoop"], tmp_path / "model.onnx", "fp32", with_text_encoder=True)
     assert not (tmp_path / "model.onnx").exists()
 
 
 # --- every consumer -------------------------------------------------------------------------------
 
 
-def test_runtime_and_predict_read_every_file(fitted, files, images, tmp_path):
+def test_runtime_and_predict_read_every_file(method_runs, method_files, images, tmp_path):
     """The runtime on each file against PyTorch, and ``coopkit predict`` against the runtime."""
     from click.testing import CliRunner
 
     from coopkit.cli.predict import predict
 
-    for (m, kind), path in files.items():
+    for (m, kind), path in method_files.items():
         rt = _runtime(path)
-        torch_probs = fitted[m].probs(images)
+        torch_probs = method_runs[m].probs(images)
         probs = rt.probs(images)
         assert probs.shape == torch_probs.shape and np.isfinite(probs).all()
         if kind != "int8":  # fp16 and raw: close to PyTorch's; int8's own criteria were checked at export
@@ -187,14 +186,14 @@ def _png(path: Path) -> bytes:
     return buf.getvalue()
 
 
-def test_serve_answers_every_file_over_http(files, images):
+def test_serve_answers_every_file_over_http(method_files, images):
     """One ``coopkit serve`` child process per file, all started at once, each asked over HTTP."""
     pytest.importorskip("starlette")
     pytest.importorskip("uvicorn")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     servers = {}
     try:
-        for key, path in files.items():
+        for key, path in method_files.items():
             port = _port()
             proc = subprocess.Popen([sys.executable, "-m", "coopkit", "serve", str(path), "--port", str(port),
                                      "--device", "cpu", "--threads", "1"], stdout=subprocess.PIPE,
@@ -213,7 +212,7 @@ def test_serve_answers_every_file_over_http(files, images):
         assert not waiting, f"servers not up within 90 s: {sorted(waiting)}"
         blob = _png(images[0])
         for key, (proc, url) in servers.items():
-            expected = _runtime(files[key]).predict([blob], top_k=3)[0]
+            expected = _runtime(method_files[key]).predict([blob], top_k=3)[0]
             req = urllib.request.Request(url + "/predict?top_k=3", data=blob, headers={"Content-Type": "image/png"})
             with urllib.request.urlopen(req, timeout=30) as r:
                 body = json.loads(r.read())
@@ -233,7 +232,7 @@ def test_serve_answers_every_file_over_http(files, images):
                 proc.wait()
 
 
-def test_ray_engine_reads_every_file(files, images, tmp_path):
+def test_ray_engine_reads_every_file(method_files, images, tmp_path):
     """``predict_ray`` on a local Ray instance: the rows of the local engine, file by file."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
@@ -244,7 +243,7 @@ def test_ray_engine_reads_every_file(files, images, tmp_path):
     listing.write_text("\n".join(map(str, images)))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        for (m, kind), path in files.items():
+        for (m, kind), path in method_files.items():
             local, remote = tmp_path / f"{m}-{kind}-local.jsonl", tmp_path / f"{m}-{kind}-ray.jsonl"
             predict_collection(path, listing, local, progress=False, logits=True, device="cpu")
             summary = predict_ray(path, listing, remote, progress=False, logits=True, batch_size=4,
@@ -258,7 +257,7 @@ def test_ray_engine_reads_every_file(files, images, tmp_path):
         ray.shutdown()
 
 
-def test_triton_repository_of_every_file(files, images, tmp_path):
+def test_triton_repository_of_every_file(method_files, images, tmp_path):
     """Each file's Triton model folders: configs valid for Triton's schema, the Python backend's crops
     fed to the repository's graph give the runtime's probabilities."""
     pb = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -270,7 +269,7 @@ def test_triton_repository_of_every_file(files, images, tmp_path):
     from coopkit.exporters import write_triton_repository
 
     blobs = [_png(p) for p in images]
-    for (m, kind), path in files.items():
+    for (m, kind), path in method_files.items():
         name = f"{m.replace('-', '_')}_{kind}"
         repo = tmp_path / "repo"
         folder = write_triton_repository(path, repo, name, max_batch_size=8)
@@ -295,72 +294,36 @@ def test_triton_repository_of_every_file(files, images, tmp_path):
 # --- the browser module ---------------------------------------------------------------------------
 
 
-def _browser_missing() -> Any:
-    import importlib.util
-    import shutil
-
-    if importlib.util.find_spec("playwright") is None:
-        return "the playwright package is not installed"
-    chromium = os.environ.get("COOPKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        return "chromium is not installed"
-    if not (ROOT / "web" / "node_modules" / "onnxruntime-web").is_dir():
-        return "onnxruntime-web is not installed (cd web && npm ci)"
-    return None
-
-
 @pytest.fixture(scope="module")
-def site(files, images) -> Iterator[dict[str, Any]]:
+def method_site(method_files, images) -> Iterator[dict[str, Any]]:
     """The exported files and the test images, served by examples/web/serve.py on 127.0.0.1."""
-    import importlib.util
     import shutil
 
-    reason = _browser_missing()
-    if reason:
-        if os.environ.get("COOPKIT_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"COOPKIT_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    root = next(iter(files.values())).parent
+    require_browser()
+    root = next(iter(method_files.values())).parent
     for i, p in enumerate(images):
         shutil.copy(p, root / f"img{i}.png")
-    spec = importlib.util.spec_from_file_location("coopkit_web_serve", ROOT / "examples" / "web" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    server = module.make_server(root, 0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield {"root": root, "url": f"http://127.0.0.1:{server.server_address[1]}",
-               "images": [f"/models/img{i}.png" for i in range(len(images))]}
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with web_site(root) as web:
+        yield {"url": web.url, "images": [f"/models/img{i}.png" for i in range(len(images))]}
 
 
-def test_browser_module_reads_every_file(files, images, site):
+def test_browser_module_reads_every_file(method_files, images, method_site, browser):
     """web/coopkit.js (onnxruntime-web, WebAssembly) in headless Chromium: the runtime's probabilities."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
-
-    chromium = os.environ.get("COOPKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"], timeout=120_000)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(120_000)
-            page.goto(f"{site['url']}/examples/web/?model=/models/{next(iter(files.values())).name}&backend=wasm")
-            for (m, kind), path in files.items():
-                got = page.evaluate("""async (arg) => {
-                    const m = await import('/web/coopkit.js');
-                    const clf = await m.loadClassifier(arg.model, {backend: 'wasm', threads: 1});
-                    const rows = await clf.probs(arg.images);
-                    await clf.dispose();
-                    return rows.map((r) => Array.from(r));
-                }""", {"model": f"/models/{path.name}", "images": site["images"]})
-                want = _runtime(path).probs(images)
-                diff = float(np.abs(np.array(got) - want).max())
-                assert diff <= PROB_TOLERANCE, f"{m} {kind}: browser probabilities differ by {diff:.2e}"
-        finally:
-            browser.close()
+    page = browser.new_page()
+    page.set_default_timeout(BROWSER_TIMEOUT_MS)
+    first = next(iter(method_files.values())).name
+    page.goto(f"{method_site['url']}/examples/web/?model=/models/{first}&backend=wasm")
+    try:
+        for (m, kind), path in method_files.items():
+            got = page.evaluate("""async (arg) => {
+                const m = await import('/web/coopkit.js');
+                const clf = await m.loadClassifier(arg.model, {backend: 'wasm', threads: 1});
+                const rows = await clf.probs(arg.images);
+                await clf.dispose();
+                return rows.map((r) => Array.from(r));
+            }""", {"model": f"/models/{path.name}", "images": method_site["images"]})
+            want = _runtime(path).probs(images)
+            diff = float(np.abs(np.array(got) - want).max())
+            assert diff <= PROB_TOLERANCE, f"{m} {kind}: browser probabilities differ by {diff:.2e}"
+    finally:
+        page.close()
