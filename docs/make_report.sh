@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the experiment report on the embedded world (docs/report/, shown in docs/experiments.md) (about 15 minutes on 2 quiet CPU cores):
+# Regenerates the experiment report on the embedded world (docs/report/, shown in docs/experiments.md) (about 15 minutes on 2 quiet CPU cores
+# before the CoCoOp, IVLP and CLIP-LoRA rows were added; they add more, CLIP-LoRA's 500 steps per shot most):
 # few-shot curves with the baselines (linear probe, CLAP, Tip-Adapter, Tip-Adapter-F), base-to-new with
 # KgCoOp, domain shift, on colored_shapes with coopkit-tiny; CoCoOp, IVLP (text prompts) and CLIP-LoRA
 # (text adapters) in all three.

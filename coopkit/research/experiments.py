@@ -265,7 +265,7 @@ def fewshot_curves(
                                    train=TrainConfig(seed=seed, n_views=n_views, augment=aug))
                 setting = "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting
                 given = ", ".join(f"{f}={v}" for f, v in settings.get(row, {}).items())  # the row's own settings
-                add(row, f"{setting} ({given})" if given else setting, k, seed, clf)
+                add(row, f"{setting} ({given})" if given and setting else given or setting, k, seed, clf)
     return rows
 
 
