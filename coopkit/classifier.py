@@ -103,8 +103,15 @@ class Classifier:
 
     def text_context(self) -> Optional[TextContext]:
         """The learned text prompt its ``--with-text-encoder`` graph bakes in (CoOp's context; the deep
-        prompts of IVLP, MaPLe and PromptSRC), or ``None``: the plain tower over the run's templates."""
-        return self.model.text_context()
+        prompts of IVLP, MaPLe and PromptSRC), or ``None``: the plain tower over the run's templates.
+
+        A model that says nothing (``None``) but holds a CoOp prompt learner (:attr:`learner`) gets its
+        context over CoOp's placeholder prompt, as every text graph was built before the method said it."""
+        context = self.model.text_context()
+        learner = self.learner
+        if context is None and learner is not None:
+            return TextContext.of_learner(learner)
+        return context
 
     @property
     def text_tower(self) -> TextTower:

@@ -18,7 +18,8 @@ from ..config import RunConfig, TrainConfig
 from ..userdata import Dataset
 from ..features import autocast_for, effective_precision, encode_images
 from ..heads import HEAD_TENSORS, LinearHead, build_head, check_head_tensors
-from ..runtime.contract import DEFAULT_TEMPLATE, check_prompts_fit, check_templates, fill_templates
+from ..runtime.contract import (DEFAULT_TEMPLATE, check_prompts_fit, check_templates, coop_prompt_template,
+                                fill_templates)
 from ..runtime.tokenizers.layout import token_layout
 
 #: The hand-written prompt of zero-shot and of the baselines' text side, unless others are given.
@@ -58,6 +59,11 @@ class TextContext:
     template: str
     class_token_position: str = "end"
     deep: Sequence[torch.Tensor] = ()
+
+    @classmethod
+    def of_learner(cls, learner: Any) -> "TextContext":
+        """A CoOp prompt learner's unified context over CoOp's placeholder prompt (``"X X ... X {}."``)."""
+        return cls(learner.ctx, coop_prompt_template(learner.n_ctx), learner.config.class_token_position)
 
 
 class MethodModel(nn.Module):

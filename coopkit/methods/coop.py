@@ -22,7 +22,6 @@ from ..config import PromptConfig, RunConfig, TrainConfig
 from ..features import autocast_for, encode_images
 from ..prompts import PromptLearner, TextTower
 from . import Method, register
-from ..runtime.contract import coop_prompt_template
 from .base import (MethodModel, Shots, TextContext, logit_scale, lr_at, seed_everything, template_features,
                    train_on_features)
 
@@ -69,8 +68,7 @@ class CoOpModel(MethodModel):
 
     def text_context(self) -> Optional[TextContext]:
         """The learned context over CoOp's placeholder prompt (``"X X ... X {}."``)."""
-        return TextContext(self.learner.ctx, coop_prompt_template(self.learner.n_ctx),
-                           self.learner.config.class_token_position)
+        return TextContext.of_learner(self.learner)
 
     def with_classes(self, classnames: Sequence[str]) -> "CoOpModel":
         """Unified context is class-agnostic and carries over as it is; class-specific context has
