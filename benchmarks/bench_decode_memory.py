@@ -65,17 +65,12 @@ def encode(kind: str, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
-def _status_kb(key: str) -> int:
-    """A memory figure of this process from ``/proc/self/status`` (``VmHWM``: peak, ``VmRSS``: now), in kB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
-
-
 def measure_once(path: str, data_file: str) -> dict[str, Any]:
     """In this process: peak resident bytes above the level before one ``path`` call."""
     from PIL import Image
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from machine import memory_mb, reset_peak_memory
 
     from coopkit.runtime.preprocess import decode, preprocess
 
@@ -86,13 +81,12 @@ def measure_once(path: str, data_file: str) -> dict[str, Any]:
     decode(small.getvalue())
     with Image.open(io.BytesIO(data)) as img:
         w, h = img.size
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kb("VmRSS")
+    before = reset_peak_memory() * 1024  # kB
     if path == "prepare":
         out = preprocess(data, (224, 224))
     else:
         out = decode(data)
-    peak = _status_kb("VmHWM")
+    peak = memory_mb("VmHWM") * 1024
     del out
     return {"pixels": w * h, "peak_mb": (peak - before) / 1024, "bytes_per_pixel": (peak - before) * 1024 / (w * h)}
 

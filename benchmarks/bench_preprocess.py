@@ -84,15 +84,6 @@ def _time(sizes: list[tuple[int, int]], threads: int, rounds: int) -> list[dict[
     return rows
 
 
-def _status_mb(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, in MB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def _peak_child(method: str, image_file: str, threads: int) -> None:
     """In a fresh process: peak RSS (MB) of running ``method`` on the saved image, above the baseline.
 
@@ -102,12 +93,12 @@ def _peak_child(method: str, image_file: str, threads: int) -> None:
     fn = _methods(threads)[method]
     img = np.load(image_file)
     fn(_photo(480, 640))  # warm-up on a small image: sessions and code paths in place
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _status_mb("VmRSS")
+    from machine import memory_mb, reset_peak_memory
+
+    base = reset_peak_memory()
     for _ in range(3):
         fn(img)
-    print(json.dumps({"method": method, "extra_peak_mb": _status_mb("VmHWM") - base, "image_mb": img.nbytes / 2**20}))
+    print(json.dumps({"method": method, "extra_peak_mb": memory_mb("VmHWM") - base, "image_mb": img.nbytes / 2**20}))
 
 
 def _load() -> str:

@@ -97,3 +97,23 @@ def random_backbone(model: str, device: str, tiny_name: str, tiny_config: dict[s
         path.write_text(json.dumps(tiny_config))
         model = str(path)
     return coopkit.load_backbone(model, pretrained=None, device=device)
+
+
+def memory_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MB, from
+    ``/proc/self/status`` (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def reset_peak_memory() -> float:
+    """Reset this process's peak resident memory (``VmHWM``) to its current size and return that size
+    in MB: the baseline of ``memory_mb("VmHWM")`` for what runs next. ``ru_maxrss`` cannot be reset, so
+    a peak reached earlier in the process (the parent's, a reference computation) would hide the
+    next one (Linux: ``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return memory_mb("VmRSS")

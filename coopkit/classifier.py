@@ -26,7 +26,7 @@ from .userdata import Dataset, load_dataset
 from .features import encode_images
 from .multilabel_data import MultiLabelDataset, load_multilabel
 from .methods import get, names
-from .methods.base import MethodModel
+from .methods.base import MethodModel, TextContext
 from .prompts import PromptLearner, TextTower
 from .runs import read_run, save_run
 from .runtime.contract import check_classnames
@@ -100,6 +100,18 @@ class Classifier:
         """The prompt learner of a CoOp-style model, else ``None``."""
         learner = getattr(self.model, "learner", None)
         return learner if isinstance(learner, PromptLearner) else None
+
+    def text_context(self) -> Optional[TextContext]:
+        """The learned text prompt its ``--with-text-encoder`` graph bakes in (CoOp's context; the deep
+        prompts of IVLP, MaPLe and PromptSRC), or ``None``: the plain tower over the run's templates.
+
+        A model that says nothing (``None``) but holds a CoOp prompt learner (:attr:`learner`) gets its
+        context over CoOp's placeholder prompt, as every text graph was built before the method said it."""
+        context = self.model.text_context()
+        learner = self.learner
+        if context is None and learner is not None:
+            return TextContext.of_learner(learner)
+        return context
 
     @property
     def text_tower(self) -> TextTower:

@@ -199,7 +199,24 @@ class ClipTower(TextTower):
             return self.text_projection(x)
         return x @ self.text_projection
 
-    def encode(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], deep: Sequence[torch.Tensor] = (),
+                   at: int = 0) -> torch.Tensor:
+        """The transformer's blocks over ``x (k, n, width)``; ``deep[i] (m, width)`` replaces positions
+        ``at .. at + m`` before block ``i + 1`` (the deep text prompts of IVLP, MaPLe and PromptSRC, as
+        their official ``ResidualAttentionBlock``s drop the previous layer's prompt outputs)."""
+        if not len(deep):
+            return self.transformer(x, attn_mask=attn_mask)
+        for i, blk in enumerate(self.transformer.resblocks):
+            if 1 <= i <= len(deep):
+                d = deep[i - 1]
+                x = torch.cat([x[:, :at], d.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1),
+                               x[:, at + d.shape[0] :]], dim=1)  # (k, n, width)
+            x = blk(x, attn_mask=attn_mask)
+        return x
+
+    def encode(self, x: torch.Tensor, tokens: torch.Tensor, deep: Sequence[torch.Tensor] = (),
+               at: int = 0) -> torch.Tensor:
+        """:meth:`TextTower.encode`; ``deep`` and ``at``: deep text prompts, see :meth:`run_blocks`."""
         from open_clip.transformer import text_global_pool
 
         n = x.shape[1]
@@ -212,7 +229,7 @@ class ClipTower(TextTower):
             extra = self.source._build_additive_mask(tokens, n, x.dtype)
             mask = extra if mask is None else mask.unsqueeze(0) + extra
         x = x + self.positional_embedding[:n].to(x.dtype)
-        x = self.transformer(x, attn_mask=mask)  # (k, n, width)
+        x = self.run_blocks(x, mask, deep, at)  # (k, n, width)
         if self.cls_emb is not None:
             return self._projection(self.ln_final(x[:, -1]))  # CoCa pools the CLS, LayerNorm after
         pooled = text_global_pool(self.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_id)

@@ -112,6 +112,21 @@ def openai_backbones(tmp_path_factory: pytest.TempPathFactory) -> dict:
             for quick in (True, False)}
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright (software WebGPU); skipped without it
+    (:func:`helpers.require_browser`)."""
+    from helpers import BROWSER_TIMEOUT_MS, CHROMIUM_ARGS, chromium_path, require_browser
+
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS, timeout=BROWSER_TIMEOUT_MS)
+        yield b
+        b.close()
+
+
 #: Set in the process that runs the tests marked ``openvino`` (tests/test_openvino_process.py).
 OPENVINO_PROCESS_ENV = "COOPKIT_OPENVINO_PROCESS"
 

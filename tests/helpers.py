@@ -321,3 +321,82 @@ def write_multilabel_set(root: Path, n: int, seed: int, classnames):
     targets = rng.choice([-1, 0, 1], size=(n, len(classnames)), p=[0.2, 0.5, 0.3]).astype(np.int8)
     targets[0] = 1
     return MultiLabelDataset(paths, targets, list(classnames), str(root))
+
+
+# --- the browser (web/coopkit.js in headless Chromium) ---------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+ORT_WEB = REPO / "web" / "node_modules" / "onnxruntime-web"
+#: Software WebGPU (SwiftShader), so the WebGPU path runs on a machine without a GPU.
+CHROMIUM_ARGS = ["--no-sandbox", "--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
+                 "--use-webgpu-adapter=swiftshader", "--disable-vulkan-surface"]
+BROWSER_TIMEOUT_MS = 120_000
+
+
+def chromium_path() -> Optional[str]:
+    """Debian's ``chromium`` (or ``$COOPKIT_CHROMIUM``), if installed."""
+    import os
+    import shutil
+
+    for candidate in (os.environ.get("COOPKIT_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def browser_missing() -> Optional[str]:
+    """Why the browser tests cannot run here (``None``: they can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if chromium_path() is None:
+        return "chromium is not installed (apt-get install chromium)"
+    if not ORT_WEB.is_dir():
+        return "onnxruntime-web is not installed (cd web && npm ci)"
+    return None
+
+
+def require_browser() -> None:
+    """Skip the calling test or fixture when the browser is missing; fail instead under
+    ``COOPKIT_REQUIRE_BROWSER=1`` (``.ci/run`` sets it)."""
+    import os
+
+    import pytest
+
+    reason = browser_missing()
+    if reason:
+        if os.environ.get("COOPKIT_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"COOPKIT_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+
+
+def load_web_server_module() -> Any:
+    """``examples/web/serve.py`` as a module (``make_server(root, port, quiet)``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("coopkit_web_serve", REPO / "examples" / "web" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class web_site:
+    """``examples/web/serve.py`` serving ``root`` on 127.0.0.1 in a thread (a context manager; ``url``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.server = load_web_server_module().make_server(root, 0, quiet=True)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "web_site":
+        import threading
+
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)

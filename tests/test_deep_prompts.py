@@ -22,7 +22,7 @@ SMALL = {
 def test_registered(name):
     spec = methods.get(name)
     assert spec.tensors_file == "prompts.safetensors" and spec.importer is not None
-    assert set(spec.protocols) == {"fewshot", "base2new", "shift"} and not spec.text_graph
+    assert set(spec.protocols) == {"fewshot", "base2new", "shift"} and spec.text_graph  # deep text prompts baked in
 
 
 TIMM_TINY = {"embed_dim": 64, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,

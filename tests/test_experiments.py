@@ -71,6 +71,42 @@ def test_fewshot_rows_fit_maple_with_its_own_settings_not_coops_grid(tiny_backbo
         dataclasses.replace(get("clap"), prompt_grid=True)
 
 
+def test_prompt_grid_rows_say_what_was_learned_and_settings_apply_to_their_row(tiny_backbone, image_folder):
+    """CoCoOp's default init words fix its context at their 4 tokens: one row per shots and seed, labelled
+    with what was learned, not one per grid value labelled with the grid's; ``settings`` change one method's
+    rows alone (IVLP with text prompts only), shown in the row and equal to a plain fit with them."""
+    from coopkit.research.experiments import check_settings, fewshot_curves
+
+    common = dict(backbone=tiny_backbone, shots=(1,), seeds=(1,), n_ctx=(3, 5), epochs=1, n_views=1, progress=False)
+    text_only = {"prompt_depth_text": 2, "prompt_depth_vision": 0, "n_ctx_vision": 0, "epochs": 1}
+    rows = fewshot_curves(image_folder / "train", image_folder / "test", methods=["cocoop", "ivlp"],
+                          settings={"ivlp": text_only}, **common)
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("cocoop", "n_ctx=4,init=a photo of a"),
+        ("ivlp", "independent deep prompts (prompt_depth_text=2, prompt_depth_vision=0, n_ctx_vision=0, epochs=1)")]
+    ref = coopkit.fit(image_folder / "train", method="ivlp", backbone=tiny_backbone, shots=1, seed=1, n_views=1,
+                      progress=False, **text_only)
+    assert ref.model.prompts().vision_ctx is None  # text prompts only
+    assert rows[1]["accuracy"] == pytest.approx(ref.evaluate(image_folder / "test")["accuracy"], abs=1e-6)
+    grid = fewshot_curves(image_folder / "train", image_folder / "test", methods=["cocoop"], ctx_init=None, **common)
+    assert [r["setting"] for r in grid] == ["n_ctx=3", "n_ctx=5"]  # random init: the grid applies
+    for bad, match in [({"maple": {"n_ctx": 1}}, "not among the rows run"),
+                       ({"ivlp": {"depth": 1}}, r"ivlp: unknown settings \['depth'\]; ivlp's settings: batch_size"),
+                       ({"ivlp": {"prompt_depth_vision": 0}}, "ivlp: n_ctx_vision=2 with prompt_depth_vision=0")]:
+        with pytest.raises(ValueError, match=match):
+            check_settings(bad, ["cocoop", "ivlp"])
+
+
+def test_bench_set_option_is_checked_before_the_model_loads(image_folder, tmp_path):
+    base = ["--train", str(image_folder / "train"), "--test", str(image_folder / "test"), "--model", "no-such-model"]
+    for command, extra in [("fewshot", ["--methods", "coop,ivlp", "--out", str(tmp_path)]),
+                           ("base2new", ["--base", "blue,green", "--new", "red,yellow", "--methods", "coop,ivlp"])]:
+        res = CliRunner().invoke(main, ["bench", command, *base, *extra, "--set", "ivlp.prompt_depth_text=0"])
+        assert res.exit_code == 2 and "ivlp: prompt_depth_text must be" in res.output, res.output
+        res = CliRunner().invoke(main, ["bench", command, *base, *extra, "--set", "ivlp-depth"])
+        assert res.exit_code == 2 and "expected METHOD.FIELD=VALUE, got 'ivlp-depth'" in res.output, res.output
+
+
 def test_plot_is_optional(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     rows = [{"method": "coop", "setting": "s", "shots": 1, "seed": 1, "accuracy": 0.5}]

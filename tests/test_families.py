@@ -165,6 +165,35 @@ def test_method_family_table_text_side(family):
         assert cells["lora-vision"] and not cells["lora"] and not any(cells[c] for c in ("ivlp", "maple", "promptsrc"))
 
 
+def test_deep_prompt_text_graph_on_every_family_ivlp_runs_on(family, tmp_path):
+    """IVLP's text graph (context and deep text prompts baked in) on each text family it runs on, with the
+    family's own tokenizer (no start token for SigLIP, eos pooling by id, bidirectional towers): class
+    weights of unseen names equal to PyTorch's."""
+    from coopkit.config import RunConfig
+    from coopkit.exporters import export_onnx
+    from coopkit.methods.deep_prompts import build_seeded
+    from coopkit.methods.ivlp import IVLPConfig, IVLPModel
+    from coopkit.runtime import Classifier as RuntimeClassifier
+
+    name, _, _ = family
+    if not TEXT_CELLS[name]:
+        pytest.skip(f"IVLP refuses {name}'s text tower")
+    path, tok_dir = build_family(name, tmp_path)
+    raw = json.loads(path.read_text())
+    raw["text_cfg"]["layers"] = 2  # the shrunken tower has 1: deep prompts need a second layer
+    path.write_text(json.dumps(raw))
+    bb = coopkit.load_backbone(str(path), pretrained=None, device="cpu", tokenizer=str(tok_dir) if tok_dir else None)
+    config = IVLPConfig(ctx_init=None, prompt_depth_text=2, prompt_depth_vision=0, n_ctx_vision=0)
+    model = build_seeded(IVLPModel, bb, ["cat", "dog", "red fox"], config, 3)  # random prompts: all non-zero
+    clf = coopkit.Classifier(bb, RunConfig(method="ivlp", classnames=model.classnames, method_config=config.to_dict(),
+                                           **bb.run_fields()), model)
+    report = export_onnx(clf, tmp_path / "model.onnx", "fp32", with_text_encoder=True, n_verify=2)
+    new = ["sea turtle", "golden retriever"]
+    want = model.with_classes(new).class_weights().numpy()
+    got = RuntimeClassifier(report.path, device="cpu").text_encoder.class_weights(new)
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
 @pytest.mark.parametrize("vision", ["timm", "resnet"])
 def test_method_family_table_image_side(vision, tmp_path):
     """The cells the image tower decides, on a timm tower (timm's ``test_vit``) and a ModifiedResNet:

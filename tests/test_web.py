@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import struct
-import threading
 import urllib.error
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from helpers import BROWSER_TIMEOUT_MS, require_browser, web_site
 
 from coopkit.runtime import Classifier
 from coopkit.runtime.contract import SIDECAR_FORMAT, SIDECAR_ROLES, ModelMetadata, sidecar_name
@@ -35,12 +35,7 @@ from coopkit.runtime.preprocess import MAX_PIXELS, ImageDecodeError, load_image,
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-ORT_WEB = ROOT / "web" / "node_modules" / "onnxruntime-web"
-REQUIRE_BROWSER = os.environ.get("COOPKIT_REQUIRE_BROWSER") == "1"
-#: Software WebGPU (SwiftShader), so the WebGPU path runs on a machine without a GPU.
-CHROMIUM_ARGS = ["--no-sandbox", "--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
-                 "--use-webgpu-adapter=swiftshader", "--disable-vulkan-surface"]
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = BROWSER_TIMEOUT_MS
 
 
 # --- the sidecar (no browser) -------------------------------------------------------------------
@@ -150,46 +145,6 @@ def test_sidecar_name_and_roles():
 # --- the browser --------------------------------------------------------------------------------
 
 
-def _chromium() -> Optional[str]:
-    for candidate in (os.environ.get("COOPKIT_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    return None
-
-
-def _missing() -> Optional[str]:
-    if importlib.util.find_spec("playwright") is None:
-        return "the playwright package is not installed (pip install -e '.[test]')"
-    if _chromium() is None:
-        return "chromium is not installed (apt-get install chromium)"
-    if not ORT_WEB.is_dir():
-        return "onnxruntime-web is not installed (cd web && npm ci)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    reason = _missing()
-    if reason:
-        if REQUIRE_BROWSER:
-            pytest.fail(f"COOPKIT_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS, timeout=TIMEOUT_MS)
-        yield b
-        b.close()
-
-
-def _load_serve_module() -> Any:
-    spec = importlib.util.spec_from_file_location("coopkit_web_serve", ROOT / "examples" / "web" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 COLOR_TASK = "colors"
 
 
@@ -225,11 +180,7 @@ def _huge_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     """Exports of coopkit-tiny (zero-shot, the colour task) and test images, served on 127.0.0.1."""
-    reason = _missing()
-    if reason:
-        if REQUIRE_BROWSER:
-            pytest.fail(f"COOPKIT_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
+    require_browser()
     import coopkit
     from coopkit.embedded import world
     from coopkit.exporters import export_onnx
@@ -251,15 +202,8 @@ def site(tmp_path_factory) -> Iterator[dict[str, Any]]:
     shutil.copy(root / "tiny.onnx", root / "lonely.onnx")  # no sidecar at all
     (root / "notes.txt").write_text("this is not an image\n")
     _huge_png(root / "huge.png")
-    server = _load_serve_module().make_server(root, 0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield {"root": root, "images": images, "url": f"http://127.0.0.1:{server.server_address[1]}"}
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with web_site(root) as web:
+        yield {"root": root, "images": images, "url": web.url}
 
 
 def _open_demo(browser: Any, site: dict[str, Any], query: str) -> Any:

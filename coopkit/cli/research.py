@@ -35,6 +35,32 @@ def _floats(value: str, option: str) -> list[float]:
     return _numbers(value, option, float, "numbers")
 
 
+def _settings_option(fn: Any) -> Any:
+    """``--set ROW.FIELD=VALUE`` (repeatable): a setting of one method's rows alone."""
+    return click.option("--set", "row_settings", multiple=True, metavar="METHOD.FIELD=VALUE",
+                        help="A setting of one method's rows alone, a field of its config (repeatable), e.g. "
+                             "--set ivlp.prompt_depth_vision=0 --set clip-lora.encoder=text; VALUE is read as "
+                             "JSON (numbers, true, null), else as text.")(fn)
+
+
+def _row_settings(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``("ivlp.prompt_depth_vision=0", ...)`` -> ``{"ivlp": {"prompt_depth_vision": 0}}``."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        row, dot, name = key.strip().rpartition(".")
+        if not sep or not dot or not row or not name:
+            raise click.BadParameter(f"expected METHOD.FIELD=VALUE, got {item!r}", param_hint="--set")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(row, {})[name] = value
+    return out
+
+
 @click.group("bench", cls=LazyGroup)
 def bench() -> None:
     """The CoOp paper's experiments on your data: few-shot curves, domain shift, base-to-new."""
@@ -100,17 +126,20 @@ def _default_unless_given(name: str, value: Any, protocol_value: Any) -> Any:
 @config_options(TrainConfig, only=("epochs", "n_views", "augment"))
 @click.option("--val", type=click.Path(), default=None,
               help="Validation set Tip-Adapter searches alpha and beta on (with --dataset: the official one).")
+@_settings_option
 @click.option("--out", required=True, type=click.Path(), help="Folder for results.csv, summary.md, fewshot.png.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str], root: Optional[str], shots: str,
                 seeds: str, methods: str, n_ctx: str, position: str, epochs: Optional[int], n_views: int,
-                augment: bool, val: Optional[str], out: str, quiet: bool, **settings: Any) -> None:
+                augment: bool, val: Optional[str], row_settings: tuple[str, ...], out: str, quiet: bool,
+                **settings: Any) -> None:
     """Accuracy against shots for each method, over seeds (the paper's Figure 3), with the few-shot
     baselines beside CoOp; top-1, top-5 and mean per-class accuracy."""
     from ..backbone import load_backbone
     from ..research.experiments import (
         check_methods,
         check_seeds,
+        check_settings,
         fewshot_curves,
         fewshot_paper_table,
         official_fewshot,
@@ -123,6 +152,7 @@ def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str
         shots=_ints(shots, "--shots"), seeds=check_seeds(_ints(seeds, "--seeds")),
         methods=check_methods(_strs(methods, "--methods")), n_ctx=_ints(n_ctx, "--n-ctx"),
         positions=_strs(position, "--position"), epochs=epochs, n_views=n_views, augment=augment, progress=not quiet)
+    common["settings"] = check_settings(_row_settings(row_settings), common["methods"])
     official = _read_official(dataset, root)  # a missing layout fails before the model loads
     bb = _protocol_backbone("fewshot", dataset, pop_config(BackboneConfig, settings))
     common["backbone"] = load_backbone(bb.model, bb.pretrained, bb.device)
@@ -164,17 +194,19 @@ def _task_name(train: str) -> str:
 @config_options(TrainConfig, only=("epochs", "augment"))
 @click.option("--methods", default=",".join(PROTOCOL_DEFAULTS["shift"]), show_default=True,
               help=f"Any of {', '.join(PROTOCOL_METHODS['shift'])}.")
+@_settings_option
 @click.option("--out", type=click.Path(), default=None, help="Also write results.csv and summary.md here.")
 @click.option("-q", "--quiet", is_flag=True)
 def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[str], root: Optional[str], targets: str,
-              shots: int, seeds: str, epochs: Optional[int], augment: bool, methods: str, out: Optional[str],
-              quiet: bool, **settings: Any) -> None:
+              shots: int, seeds: str, epochs: Optional[int], augment: bool, methods: str,
+              row_settings: tuple[str, ...], out: Optional[str], quiet: bool, **settings: Any) -> None:
     """Fit on a source task, compare zero-shot and the methods that train (CoOp...) on shifted test sets
     (the paper's Table 1)."""
     from ..backbone import load_backbone
     from ..research.experiments import (
         SCORES,
         check_seeds,
+        check_settings,
         domain_shift,
         markdown_table,
         official_shift,
@@ -186,6 +218,7 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
     common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
                                   progress=not quiet,
                                   methods=[m.name for m in protocol_methods("shift", _strs(methods, "--methods"))])
+    common["settings"] = check_settings(_row_settings(row_settings), common["methods"])
     if epochs is not None:
         common["epochs"] = epochs
     loaded = []
@@ -231,18 +264,20 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
 @config_options(TrainConfig, only=("epochs", "augment"))
 @click.option("--methods", default=",".join(PROTOCOL_DEFAULTS["base2new"]), show_default=True,
               help=f"Any of {', '.join(PROTOCOL_METHODS['base2new'])}.")
+@_settings_option
 @click.option("--out", type=click.Path(), default=None)
 @click.option("-q", "--quiet", is_flag=True)
 def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str], new: Optional[str],
                  dataset: Optional[str], root: Optional[str], shots: int, seeds: str, kg_weights: str,
-                 epochs: Optional[int], augment: bool, methods: str, out: Optional[str], quiet: bool,
-                 **settings: Any) -> None:
+                 epochs: Optional[int], augment: bool, methods: str, row_settings: tuple[str, ...],
+                 out: Optional[str], quiet: bool, **settings: Any) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from ..backbone import load_backbone
     from ..research.experiments import (
         base2new_paper_table,
         base_to_new,
         check_seeds,
+        check_settings,
         markdown_table,
         official_base2new,
         protocol_methods,
@@ -254,6 +289,7 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
     common: dict[str, Any] = dict(shots=shots, seeds=check_seeds(_ints(seeds, "--seeds")), augment=augment,
                                   progress=not quiet,
                                   methods=[m.name for m in protocol_methods("base2new", _strs(methods, "--methods"))])
+    common["settings"] = check_settings(_row_settings(row_settings), common["methods"])
     if dataset is None and not (base and new):
         raise click.UsageError("give --base and --new (or --dataset NAME --root DATA)")
     weights = _floats(_default_unless_given("kg_weights", kg_weights, "0,8" if dataset else kg_weights), "--kg-weight")

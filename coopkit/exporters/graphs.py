@@ -96,6 +96,9 @@ class TextGraph(nn.Module):
         n_prefix: Special tokens the tokenizer puts before the text (the context follows them).
         end_id: Id of the first token after the text (the tokenizer's end token, or padding).
         dot_id: Id of ``"."`` after a word, or ``None`` where the tokenizer drops it.
+        deep: Deep text prompts (IVLP, MaPLe, PromptSRC), per text layer ``1 .. J - 1``:
+            ``(n_ctx, width)`` each, replacing the context positions before that layer (the
+            tower's ``encode(..., deep=, at=)``; open_clip's text transformer, class name at the end).
 
     With ``ctx``, row ``i`` of ``token_ids`` must be the tokenisation of ``"X X ... X <name>."``
     (``n_ctx`` placeholder words): ``[prefix, X * n_ctx, name tokens, ".", end, pad ...]``.
@@ -117,6 +120,7 @@ class TextGraph(nn.Module):
         n_prefix: int = 1,
         end_id: int = 49407,
         dot_id: Optional[int] = 269,
+        deep: Sequence[torch.Tensor] = (),
     ) -> None:
         super().__init__()
         check_position(class_token_position)
@@ -134,6 +138,16 @@ class TextGraph(nn.Module):
             self.ctx = None
             self.n_ctx = 0
         self.n_before = context_before_name(class_token_position, self.n_ctx)
+        if len(deep):
+            if self.ctx is None or class_token_position != "end":
+                raise ValueError("deep text prompts need a learned context and the class name at the end")
+            stacked = torch.stack([d.detach().float() for d in deep])  # (J - 1, n_ctx, width)
+            if stacked.shape[1:] != self.ctx.shape:
+                raise ValueError(f"deep text prompts must be (n_ctx, width) = {tuple(self.ctx.shape)} each, "
+                                 f"got {tuple(stacked.shape[1:])}")
+            self.register_buffer("deep", stacked.to(tower.device).clone())
+        else:
+            self.deep = None
 
     def _name_length(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Tokens of each row's class name ``(n,)``: the contract's ``name_length`` on tensors."""
@@ -173,5 +187,9 @@ class TextGraph(nn.Module):
         return torch.gather(x, 1, order.unsqueeze(-1).expand(-1, -1, width))  # (n, L, width)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        x = self.tower.encode(self._prompts(token_ids), token_ids)  # (n, embed_dim)
+        if self.deep is None:
+            x = self.tower.encode(self._prompts(token_ids), token_ids)  # (n, embed_dim)
+        else:
+            x = self.tower.encode(self._prompts(token_ids), token_ids, deep=list(self.deep.unbind(0)),
+                                  at=self.n_prefix)  # (n, embed_dim)
         return F.normalize(x.to(torch.float32), dim=-1) * self.scale

@@ -28,8 +28,8 @@ How a file is made, one layer each:
 The exporter uses a small documented part of the classifier it is given: ``backbone`` (the
 model's name, preprocessing, tokenizer and logit bias), ``classnames``, ``config`` (prompt
 settings, templates and where the training images are), ``method``, ``head()``,
-``class_weights()`` and ``image_encoder()``; the text graph also uses ``learner`` (the learned
-context) and ``text_tower``.
+``class_weights()`` and ``image_encoder()``; the text graph also uses ``text_context()`` (the
+learned text prompt), ``learner`` (CoOp's, to refuse class-specific context) and ``text_tower``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The companion text graph (``--with-text-encoder``): token ids in, class weights out.
 
 With unified context, CoOp's learned context is class-agnostic, so the text tower with the
-context baked in can weigh class names it never saw. The runtime
+context baked in can weigh class names it never saw; so are the text prompts of IVLP, MaPLe and
+PromptSRC (the shallow context at the input and the deep prompts that replace it in the first
+text layers), baked in the same way (the classifier's ``text_context()``). The runtime
 (:class:`coopkit.runtime.TextEncoder`) tokenises prompts without torch (CLIP's BPE in numpy;
 other tokenizers from a ``tokenizer.json`` written beside the graph, through the ``tokenizers``
 library) and runs this graph; the token layout is the contract's (:mod:`coopkit.runtime.contract`)
@@ -28,7 +30,6 @@ from coopkit.runtime.contract import (
     TOKENIZER_CLIP_BPE,
     TOKENIZER_HF,
     TextEncoderSpec,
-    coop_prompt_template,
     fill_templates,
 )
 from coopkit.runtime.integrity import tensors_sha256
@@ -100,10 +101,10 @@ def text_encoder_spec(classifier: "Classifier", file: str) -> TextEncoderSpec:
         common.update(context_length=hf.context_length, sot_token_id=-1, eot_token_id=end_id, vocab=TOKENIZER_HF,
                       tokenizer=TOKENIZER_HF, tokenizer_file=tokenizer_file_name(file), clean=hf.clean,
                       strip_sep_id=hf.strip_sep_id)
-    learner = classifier.learner
-    if learner is not None:
-        return TextEncoderSpec(**common, prompt_template=coop_prompt_template(learner.n_ctx), n_ctx=int(learner.n_ctx),
-                               class_token_position=learner.config.class_token_position, layout=LAYOUT_COOP)
+    context = classifier.text_context()
+    if context is not None:
+        return TextEncoderSpec(**common, prompt_template=context.template, n_ctx=int(context.ctx.shape[0]),
+                               class_token_position=context.class_token_position, layout=LAYOUT_COOP)
     return TextEncoderSpec(**common, templates=list(classifier.config.templates or []), n_ctx=0, layout=LAYOUT_PLAIN)
 
 
@@ -127,17 +128,18 @@ def export_text_graph(
 
     check_text_encoder_supported(classifier)
     spec = text_encoder_spec(classifier, path.name)
-    learner = classifier.learner
+    context = classifier.text_context()
     bb = classifier.backbone
     n_prefix, _, end_id = token_layout(bb.tokenizer)
     module = TextGraph(
         classifier.text_tower,
         bb.model.logit_scale,
-        learner.ctx if learner is not None else None,
-        learner.config.class_token_position if learner is not None else "end",
+        context.ctx if context is not None else None,
+        context.class_token_position if context is not None else "end",
         n_prefix=n_prefix,
         end_id=end_id,
         dot_id=dot_token_id(bb.tokenizer, PROMPT_SUFFIX),
+        deep=context.deep if context is not None else (),
     ).eval()
     files: list[Path] = []
     hf = _runtime_tokenizer(bb.tokenizer)

@@ -18,7 +18,8 @@ from ..config import RunConfig, TrainConfig
 from ..userdata import Dataset
 from ..features import autocast_for, effective_precision, encode_images
 from ..heads import HEAD_TENSORS, LinearHead, build_head, check_head_tensors
-from ..runtime.contract import DEFAULT_TEMPLATE, check_prompts_fit, check_templates, fill_templates
+from ..runtime.contract import (DEFAULT_TEMPLATE, check_prompts_fit, check_templates, coop_prompt_template,
+                                fill_templates)
 from ..runtime.tokenizers.layout import token_layout
 
 #: The hand-written prompt of zero-shot and of the baselines' text side, unless others are given.
@@ -37,6 +38,32 @@ class ImageEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)  # (b, D)
+
+
+@dataclass
+class TextContext:
+    """The learned, class-agnostic text prompt a ``--with-text-encoder`` graph bakes into the text
+    tower, so that it weighs any class name as the method's own forward does.
+
+    Attributes:
+        ctx: The learned context at the text input ``(n_ctx, width)``: it replaces the first
+            ``n_ctx`` tokens of ``template`` after the tokenizer's prefix.
+        template: The prompt the runtime tokenises (``{}``: the class name): CoOp's placeholders
+            (``"X X X X {}."``), or the deep-prompt methods' own words (``"a photo of a {}."``).
+        class_token_position: Where the class name goes (``end``, ``middle``, ``front``; CoOp only).
+        deep: The deep text prompts, per text layer ``1 .. J - 1``: ``(n_ctx, width)`` each, in place
+            of the context positions before that layer (IVLP, MaPLe, PromptSRC); empty for CoOp.
+    """
+
+    ctx: torch.Tensor
+    template: str
+    class_token_position: str = "end"
+    deep: Sequence[torch.Tensor] = ()
+
+    @classmethod
+    def of_learner(cls, learner: Any) -> "TextContext":
+        """A CoOp prompt learner's unified context over CoOp's placeholder prompt (``"X X ... X {}."``)."""
+        return cls(learner.ctx, coop_prompt_template(learner.n_ctx), learner.config.class_token_position)
 
 
 class MethodModel(nn.Module):
@@ -96,6 +123,11 @@ class MethodModel(nn.Module):
         """The fields of :class:`~coopkit.config.RunConfig` this model records besides the method,
         the class names, the backbone and the training settings (e.g. ``method_config``)."""
         return {}
+
+    def text_context(self) -> Optional[TextContext]:
+        """The learned text prompt a ``--with-text-encoder`` graph bakes in, or ``None``: the plain text
+        tower over the run's templates (zero-shot, CLIP-LoRA's merged tower)."""
+        return None
 
     def with_classes(self, classnames: Sequence[str]) -> "MethodModel":
         """The same model over other class names (base-to-new, open vocabulary)."""
@@ -386,7 +418,7 @@ def train_on_features(
     return history
 
 
-__all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "DivergedError", "divergence_hint", "ImageEncoder", "MethodModel",
+__all__ = ["DEFAULT_TEMPLATES", "HEAD_FILE", "DivergedError", "divergence_hint", "ImageEncoder", "MethodModel", "TextContext",
            "FewShotFeatures", "encode_fewshot", "Shots", "lr_at", "dassl_lr", "end_epoch", "seed_everything",
            "train_on_features", "run_templates", "logit_scale", "HeadModel",
            "build_head_model", "template_features", "check_templates_fit"]

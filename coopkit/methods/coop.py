@@ -22,7 +22,8 @@ from ..config import PromptConfig, RunConfig, TrainConfig
 from ..features import autocast_for, encode_images
 from ..prompts import PromptLearner, TextTower
 from . import Method, register
-from .base import MethodModel, Shots, logit_scale, lr_at, seed_everything, template_features, train_on_features
+from .base import (MethodModel, Shots, TextContext, logit_scale, lr_at, seed_everything, template_features,
+                   train_on_features)
 
 NAME = "coop"
 #: The run file holding the learned context.
@@ -64,6 +65,10 @@ class CoOpModel(MethodModel):
 
     def run_fields(self) -> dict[str, Any]:
         return {"prompt": self.learner.config}
+
+    def text_context(self) -> Optional[TextContext]:
+        """The learned context over CoOp's placeholder prompt (``"X X ... X {}."``)."""
+        return TextContext.of_learner(self.learner)
 
     def with_classes(self, classnames: Sequence[str]) -> "CoOpModel":
         """Unified context is class-agnostic and carries over as it is; class-specific context has

@@ -46,7 +46,8 @@ from ..prompts import ClipTower, TextTower
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
 from ..runtime.tokenizers.layout import token_layout
 from . import Method, register
-from .base import DivergedError, MethodModel, Shots, dassl_lr, divergence_hint, logit_scale, seed_everything
+from .base import (DivergedError, MethodModel, Shots, TextContext, dassl_lr, divergence_hint, logit_scale,
+                   seed_everything)
 
 if TYPE_CHECKING:
     from ..backbone import Backbone
@@ -229,11 +230,7 @@ class ClassPrompts(nn.Module):
                       dim=1)  # (n_cls, length, width)
         x = x + t.positional_embedding[: self.length].to(dtype)
         mask = t.attn_mask[: self.length, : self.length] if t.attn_mask is not None else None
-        for i, blk in enumerate(t.transformer.resblocks):
-            if 1 <= i <= len(deep):
-                x = torch.cat([x[:, :p], deep[i - 1].to(x.dtype).unsqueeze(0).expand(n_cls, -1, -1), x[:, p + n :]],
-                              dim=1)  # (n_cls, length, width)
-            x = blk(x, attn_mask=mask)
+        x = t.run_blocks(x, mask, deep, p)  # (n_cls, length, width)
         from open_clip.transformer import text_global_pool
 
         # ln_final acts per token: pooling first and normalising after equals open_clip's order
@@ -327,6 +324,15 @@ class DeepPromptModel(MethodModel):
         with autocast_for(self.backbone.device):
             text = self.text_features()
         return (logit_scale(self.backbone) * text.cpu()).contiguous()
+
+    @torch.no_grad()
+    def text_context(self) -> Optional[TextContext]:
+        """The learned text context over the prompt words (``"a photo of a {}."``, its first ``n_ctx`` tokens
+        replaced) and the deep text prompts: a text graph with them weighs new class names as
+        :meth:`text_features` does."""
+        p = self.prompts()
+        return TextContext(p.text_ctx.detach(), f"{self.prefix_text} {{}}{PROMPT_SUFFIX}", "end",
+                           [d.detach() for d in p.text_deep])
 
     def with_classes(self, classnames: Sequence[str]) -> "DeepPromptModel":
         """The same learned prompts over other class names (base-to-new): every prompt is class-agnostic."""
@@ -567,7 +573,7 @@ def register_method(name: str, summary: str, model_cls: type, config_cls: type,
 
     return register(Method(name=name, summary=summary, build=build, config=config_cls, tensors_file=PROMPTS_FILE,
                            fit=fit or default_fit, importer=import_official, protocols=("fewshot", "base2new", "shift"),
-                           check_backbone=check_backbone, bench_setting=bench_setting))
+                           check_backbone=check_backbone, bench_setting=bench_setting, text_graph=True))
 
 
 def decode_images(paths: Sequence[Any], strict: bool) -> tuple[list[Any], list[int]]:

@@ -105,6 +105,27 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(methods)
 
 
+def check_settings(settings: Optional[dict[str, dict[str, Any]]], rows: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per-row settings of ``coopkit bench`` (a row's name -> fields of its method's config), checked: each
+    row among ``rows``, each field one of its method's config, the config valid with them (one-line
+    ValueErrors naming the row, the field and the valid choices)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row, fields in (settings or {}).items():
+        if row not in rows:
+            raise ValueError(f"settings for {row!r}, which is not among the rows run: {', '.join(rows)}")
+        spec, over = bench_row(row)
+        valid = _fields(spec.config)
+        bad = sorted(set(fields) - valid)
+        if bad:
+            raise ValueError(f"{row}: unknown settings {bad}; {spec.name}'s settings: {', '.join(sorted(valid)) or 'none'}")
+        try:
+            dataclasses.replace(spec.make_config(), **{**over, **fields})  # its own checks, now
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{row}: {e}") from None
+        out[row] = dict(fields)
+    return out
+
+
 def _fields(config: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
 
@@ -152,6 +173,7 @@ def fewshot_curves(
     tip: Optional[TipAdapterConfig] = None,
     clap_config: Optional[ClapConfig] = None,
     configs: Sequence[Any] = (),
+    settings: Optional[dict[str, dict[str, Any]]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Accuracy against shots for each method and prompt setting, over seeds (the paper's Figure 3).
@@ -172,6 +194,9 @@ def fewshot_curves(
         tip, clap_config: Tip-Adapter's and CLAP's settings.
         configs: Settings of other methods: each config object applies to the methods whose config
             dataclass it is an instance of.
+        settings: A row's name -> fields of its method's config to replace in that row alone (e.g.
+            ``{"ivlp": {"prompt_depth_vision": 0, "n_ctx_vision": 0}}``: IVLP's text prompts only);
+            they win over ``configs``, ``fit_kwargs`` and the row's variant.
         **fit_kwargs: Passed to :func:`coopkit.fit` for the prompt learners (methods registered with
             ``prompt_grid``, CoOp and CoCoOp, fitted over the ``n_ctx`` x ``positions`` grid); the others
             (MaPLe and the deep-prompt methods included) fit once with their own settings and take only
@@ -181,6 +206,7 @@ def fewshot_curves(
     """
     methods = check_methods(methods)
     seeds = check_seeds(seeds)
+    settings = check_settings(settings, methods)
     if not shots or min(shots) < 1:
         raise ValueError(f"shots must be integers >= 1, got {list(shots)}")
     bb = backbone or load_backbone(model, pretrained, device)
@@ -219,22 +245,39 @@ def fewshot_curves(
                 if spec.prompt_grid:  # CoOp's prompt learners: the n_ctx x positions grid, through fit()
                     grid = [(m, pos) for m in n_ctx for pos in
                             (positions if "class_token_position" in _fields(defaults) else (None,))]
+                    done: set[Optional[str]] = set()  # positions fitted with init words: the grid's n_ctx is moot
                     for m, pos in grid:
+                        if pos in done:
+                            continue
                         where = {"class_token_position": pos} if pos is not None else {}
                         # fit() draws the same shots from train_data itself (a drawn set it would reorder)
                         clf = fit(sample if sampler else train_data, backbone=bb, method=spec.name, shots=k,
                                   seed=seed, n_ctx=m, **where, epochs=n_epochs, n_views=n_views, progress=progress,
-                                  **{**fit_kwargs, **over})
-                        add(row, f"n_ctx={m}" + (f",{pos}" if pos is not None else ""), k, seed, clf)
+                                  **{**fit_kwargs, **over, **settings.get(row, {})})
+                        add(row, _prompt_setting(clf, pos), k, seed, clf)
+                        if clf.learner is not None and clf.learner.config.ctx_init is not None:
+                            done.add(pos)
                     continue
                 cfg = next((c for c in given if spec.config is not None and isinstance(c, spec.config)), defaults)
-                if over:
-                    cfg = dataclasses.replace(cfg, **over)
+                if over or row in settings:
+                    cfg = dataclasses.replace(cfg, **{**over, **settings.get(row, {})})
                 clf = fit_on_shots(bb, shared, method=spec.name, method_config=cfg,
                                    train=TrainConfig(seed=seed, n_views=n_views, augment=aug))
-                add(row, "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting, k, seed,
-                    clf)
+                setting = "searched on val" if "val_accuracy" in clf.config.metrics else spec.bench_setting
+                given = ", ".join(f"{f}={v}" for f, v in settings.get(row, {}).items())  # the row's own settings
+                add(row, f"{setting} ({given})" if given and setting else given or setting, k, seed, clf)
     return rows
+
+
+def _prompt_setting(clf: Classifier, position: Optional[str]) -> str:
+    """The ``setting`` of a prompt learner's row, from what it really learned: ``n_ctx=<context vectors>``,
+    the class name's position, and the init words (with ``ctx_init`` the context has as many vectors as the
+    words have tokens, whatever the grid's ``n_ctx``: CoCoOp's default "a photo of a" gives 4)."""
+    learner = clf.learner
+    assert learner is not None, "a prompt_grid method's classifier has a prompt learner"
+    setting = f"n_ctx={learner.n_ctx}" + (f",{position}" if position is not None else "")
+    init = learner.config.ctx_init
+    return setting + (f",init={init}" if init is not None else "")
 
 
 def domain_shift(
@@ -251,19 +294,22 @@ def domain_shift(
     templates: Sequence[str] = DEFAULT_TEMPLATES,
     sampler: Optional[Sampler] = None,
     methods: Optional[Sequence[str]] = None,
+    settings: Optional[dict[str, dict[str, Any]]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Fit on a source task; each method on each (shifted) test set (the paper's Table 1: zero-shot
     and CoOp, the methods registered for the ``shift`` protocol unless ``methods`` names others).
 
     Each test set is scored among its own classes (which must be among the training classes).
-    ``fit_kwargs`` go to :func:`coopkit.fit` of every method that trains. Returns rows with
+    ``fit_kwargs`` go to :func:`coopkit.fit` of every method that trains; ``settings`` maps a method to
+    fields of its config for its rows alone (as :func:`fewshot_curves`'). Returns rows with
     ``method, test, seed`` and :data:`SCORES` (zero-shot rows have seed 0).
     """
     if not tests:
         raise ValueError("give at least one test set")
     seeds = check_seeds(seeds)
     chosen = protocol_methods("shift", methods)
+    settings = check_settings(settings, [m.name for m in chosen])
     bb = backbone or load_backbone(model, pretrained, device)
     train_data = load_dataset(train)
     scorers = {}
@@ -283,7 +329,7 @@ def domain_shift(
         for spec in chosen:
             if spec.fit is not None:
                 clf = fit(draw(shots, seed)[0], backbone=bb, method=spec.name, shots=shots, seed=seed,
-                          progress=progress, **fit_kwargs)
+                          progress=progress, **{**fit_kwargs, **settings.get(spec.name, {})})
                 rows += [{"method": spec.name, "test": n, "seed": seed, **s.scores(clf)} for n, s in scorers.items()]
     return rows
 
@@ -424,10 +470,12 @@ def official_base2new(
     kg_weights: Sequence[float] = (0.0, 8.0),
     shots: int = 16,
     progress: bool = True,
+    settings: Optional[dict[str, dict[str, Any]]] = None,
     **fit_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """CoCoOp's base-to-new protocol on an official dataset: 16 shots drawn over all classes,
-    the first half (in label order) trained on, CoOp and KgCoOp with their papers' settings."""
+    the first half (in label order) trained on, CoOp and KgCoOp with their papers' settings (a row's
+    ``settings`` replace them field by field; ``fit_kwargs`` win over both)."""
     from .protocols import base2new_settings
 
     data = _official(dataset, root)
@@ -438,7 +486,16 @@ def official_base2new(
     new = subsample_classes(Dataset([], names), "new").classnames
     return base_to_new(data.train, data.test, base, new, backbone=backbone, shots=shots, seeds=seeds,
                        kg_weights=kg_weights, progress=progress, templates=[data.spec.template],
-                       sampler=_official_sampler(data), settings=base2new_settings(data.spec.name), **fit_kwargs)
+                       sampler=_official_sampler(data), settings=_merged(base2new_settings(data.spec.name), settings),
+                       **fit_kwargs)
+
+
+def _merged(paper: dict[str, dict[str, Any]], given: Optional[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per-row settings: the paper's, each row's given ones winning."""
+    out = {row: dict(v) for row, v in paper.items()}
+    for row, v in (given or {}).items():
+        out[row] = {**out.get(row, {}), **v}
+    return out
 
 
 def official_shift(
