@@ -14,7 +14,8 @@ logits move when other images share its batch. A benchmark: it prints a table, n
 
 Each task (and the weak model of tests/test_int8.py: a random-init 64-px ViT whose logits are
 close) is exported as int8 accuracy-aware (the default: the products that move the answers stay
-fp32 until the calibration images agree with fp32 on 99.5%) and with every product int8
+fp32 until the calibration images agree with fp32 on 99.5% and their margins estimate 99% for
+other images) and with every product int8
 (``min_agreement=0``); the speed column is each file's images/s at batch 32 over fp32's,
 interleaved on the same batch: the speed the accuracy-aware file keeps.
 """
