@@ -90,6 +90,7 @@ from .verify import (
     cpu_session_crashes,
     decoded_images,
     logit_scale,
+    multilabel_thresholds,
     random_images,
     raw_test_images,
     verification_data,
@@ -177,7 +178,7 @@ def _check_classifier(classifier: "Classifier") -> None:
 
 
 def _multilabel(classifier: "Classifier") -> bool:
-    return getattr(classifier.config, "task", TASK_CLASSIFY) == TASK_MULTILABEL
+    return multilabel_thresholds(classifier) is not None
 
 
 def _recorded_pretrained(pretrained: Optional[str]) -> Optional[str]:
@@ -206,7 +207,7 @@ def build_metadata(
     size = cfg.get("size", bb.image_size)
     image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     weights = classifier.class_weights()
-    thresholds = getattr(classifier, "thresholds", None) if _multilabel(classifier) else None
+    thresholds = multilabel_thresholds(classifier)
     p = classifier.config.prompt
     if p is not None:
         prompt: dict[str, Any] = {
@@ -244,7 +245,7 @@ def build_metadata(
             logit_bias=bb.logit_bias,
             input_kind=input_kind,
             resize_plan=resolved_resize(image_size, resize_mode, interpolation, fill_color),
-            task=TASK_MULTILABEL if _multilabel(classifier) else TASK_CLASSIFY,
+            task=TASK_CLASSIFY if thresholds is None else TASK_MULTILABEL,
             thresholds=None if thresholds is None else [float(t) for t in thresholds],
         )
     except ValueError as e:  # MetadataError: e.g. an interpolation the runtime cannot reproduce

@@ -27,7 +27,7 @@ from coopkit.runtime.session import cpu_session
 
 from .config import CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, MIN_AGREEMENT, SMOOTH_ALPHA, QuantizationConfig
 from .nodes import full_precision_nodes
-from .verify import label_agreement, sigmoid
+from .verify import label_agreement, multilabel_thresholds, sigmoid
 
 if TYPE_CHECKING:
     import onnx
@@ -81,7 +81,7 @@ def _training_images(classifier: "Classifier") -> list[str]:
                "an older coopkit)")
         raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
     try:
-        if getattr(config, "task", "classify") == "multilabel":  # fitted on every image of the set
+        if multilabel_thresholds(classifier) is not None:  # a multi-label run: fitted on every image of the set
             return list(load_multilabel(config.data.source, image_root=config.data.image_root).paths)
         dataset = load_dataset(config.data.source, split="train", image_root=config.data.image_root)
     except FileNotFoundError as e:
@@ -110,7 +110,7 @@ def calibration_images(
         path = Path(calibration).expanduser()
         if path.is_dir():
             sources = list_images(path)  # plain or ImageFolder: every image at any depth, labels unused
-        elif getattr(classifier.config, "task", "classify") == "multilabel":
+        elif multilabel_thresholds(classifier) is not None:
             sources = list(load_multilabel(path).paths)  # a multi-label CSV / JSON: its images
         else:
             sources = load_dataset(path, split="train").paths

@@ -206,12 +206,13 @@ def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: in
             embeds.append((e[:, 0] if e.dim() == 3 else e).cpu())  # (b, D)
             logits.append(head(e).float().cpu())  # (b, C)
     logit = torch.cat(logits)
-    probs = logit.sigmoid() if _thresholds(classifier) is not None else logit.softmax(-1)
+    probs = logit.sigmoid() if multilabel_thresholds(classifier) is not None else logit.softmax(-1)
     return {"logits": logit.numpy(), "probs": probs.numpy(), "image_embeds": torch.cat(embeds).numpy()}
 
 
-def _thresholds(classifier: "Classifier") -> Optional[np.ndarray]:
-    """A multi-label classifier's per-label thresholds (0.5 where it records none), else ``None``."""
+def multilabel_thresholds(classifier: "Classifier") -> Optional[np.ndarray]:
+    """A multi-label classifier's (``config.task == "multilabel"``) per-label thresholds ``(C,)`` float32
+    (0.5 where it records none), else ``None``: what its exported file records and is verified with."""
     if getattr(classifier.config, "task", "classify") != "multilabel":
         return None
     t = getattr(classifier, "thresholds", None)
@@ -320,59 +321,17 @@ def compare(
     int8, the same decision on at least 99% of the (image, label) pairs PyTorch decides by more
     than :data:`INT8_DECISIVE_MARGIN` cosine units; and ``probs`` must be ``sigmoid(logits)``.
     """
-    if thresholds is not None:
-        return _compare_labels(reference, got, precision, scale, np.asarray(thresholds, np.float32))
     ref, out = reference["logits"], got["logits"]
     diff = float(np.abs(ref - out).max()) if ref.size else 0.0
-    top_ref, top_out = ref.argmax(1), out.argmax(1)
-    agreement = float((top_ref == top_out).mean()) if len(ref) else 1.0
-    ordered = np.sort(ref, axis=1)
-    margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
-    result = ImageCheck(
-        max_abs_logit_diff=diff,
-        mean_abs_logit_diff=float(np.abs(ref - out).mean()) if ref.size else 0.0,
-        max_abs_embed_diff=float(np.abs(reference["image_embeds"] - got["image_embeds"]).max()),
-        top1_agreement=agreement,
-        n_images=int(len(ref)),
-        finite=bool(all(np.isfinite(v).all() for v in got.values())),
-    )
-    problems = result.problems
-    if not result.finite:
-        problems.append("non-finite outputs")
-    if precision in LOGIT_TOLERANCE:
-        tol = LOGIT_TOLERANCE[precision]
-        result.tolerance = tol
-        if diff > tol:
-            problems.append(f"logits differ by up to {diff:.3g} (tolerance {tol:g})")
-        clear = margin > 2 * tol
-        flips = int((top_ref[clear] != top_out[clear]).sum())
-        if flips:
-            problems.append(f"top-1 differs on {flips} image(s) whose top-2 margin exceeds {2 * tol:g}")
-    else:
-        decisive = margin > INT8_DECISIVE_MARGIN * scale
-        n_decisive = int(decisive.sum())
-        agree_decisive = float((top_ref[decisive] == top_out[decisive]).mean()) if n_decisive else 1.0
-        result.top1_agreement_decisive, result.n_decisive = agree_decisive, n_decisive
-        result.tolerance = (
-            f"top-1 agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin > {INT8_DECISIVE_MARGIN:g}"
-        )
-        if agree_decisive < INT8_MIN_TOP1_AGREEMENT:
-            problems.append(
-                f"top-1 agrees on only {agree_decisive:.1%} of the {n_decisive} images with a clear top class "
-                f"(need {INT8_MIN_TOP1_AGREEMENT:.0%})"
-            )
-    if not np.allclose(got["probs"].sum(1), 1.0, atol=1e-3):
-        problems.append("probs do not sum to 1")
-    return result
-
-
-def _compare_labels(reference: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, scale: float,
-                    thresholds: np.ndarray) -> ImageCheck:
-    """:func:`compare` for a multi-label file: per-label decisions in place of the top-1 class."""
-    ref, out = reference["logits"], got["logits"]
-    diff = float(np.abs(ref - out).max()) if ref.size else 0.0
-    decide_ref, decide_out = sigmoid(ref) >= thresholds, sigmoid(out) >= thresholds  # (n, C)
-    margin = np.abs(ref - threshold_logits(thresholds)[None, :])  # (n, C)
+    if thresholds is None:  # the answer is the top-1 class; its margin, the gap to the runner-up
+        answer_ref, answer_out = ref.argmax(1), out.argmax(1)  # (n,)
+        ordered = np.sort(ref, axis=1)
+        margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    else:  # the answers are the label decisions; a margin, the logit's distance to its threshold's
+        t = np.asarray(thresholds, dtype=np.float32)
+        answer_ref, answer_out = sigmoid(ref) >= t, sigmoid(out) >= t  # (n, C)
+        margin = np.abs(ref - threshold_logits(t)[None, :])  # (n, C)
+    agreement = float((answer_ref == answer_out).mean()) if answer_ref.size else 1.0
     result = ImageCheck(
         max_abs_logit_diff=diff,
         mean_abs_logit_diff=float(np.abs(ref - out).mean()) if ref.size else 0.0,
@@ -380,7 +339,7 @@ def _compare_labels(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
         top1_agreement=float((ref.argmax(1) == out.argmax(1)).mean()) if len(ref) else 1.0,
         n_images=int(len(ref)),
         finite=bool(all(np.isfinite(v).all() for v in got.values())),
-        label_agreement=float((decide_ref == decide_out).mean()) if ref.size else 1.0,
+        label_agreement=None if thresholds is None else agreement,
     )
     problems = result.problems
     if not result.finite:
@@ -391,20 +350,33 @@ def _compare_labels(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]
         if diff > tol:
             problems.append(f"logits differ by up to {diff:.3g} (tolerance {tol:g})")
         clear = margin > 2 * tol
-        flips = int((decide_ref[clear] != decide_out[clear]).sum())
-        if flips:
+        flips = int((answer_ref[clear] != answer_out[clear]).sum())
+        if flips and thresholds is None:
+            problems.append(f"top-1 differs on {flips} image(s) whose top-2 margin exceeds {2 * tol:g}")
+        elif flips:
             problems.append(f"{flips} label decision(s) differ whose logit is more than {2 * tol:g} from the threshold")
     else:
         decisive = margin > INT8_DECISIVE_MARGIN * scale
         n_decisive = int(decisive.sum())
-        agree = float((decide_ref[decisive] == decide_out[decisive]).mean()) if n_decisive else 1.0
-        result.label_agreement_decisive, result.n_decisive_labels = agree, n_decisive
-        result.tolerance = (f"per-label decision agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin "
-                            f"to the threshold > {INT8_DECISIVE_MARGIN:g}")
-        if agree < INT8_MIN_TOP1_AGREEMENT:
-            problems.append(f"label decisions agree on only {agree:.1%} of the {n_decisive} clear (image, label) "
-                            f"pairs (need {INT8_MIN_TOP1_AGREEMENT:.0%})")
-    if not np.allclose(got["probs"], sigmoid(out), atol=1e-5):
+        agree_decisive = float((answer_ref[decisive] == answer_out[decisive]).mean()) if n_decisive else 1.0
+        need = f"(need {INT8_MIN_TOP1_AGREEMENT:.0%})"
+        if thresholds is None:
+            result.top1_agreement_decisive, result.n_decisive = agree_decisive, n_decisive
+            result.tolerance = (
+                f"top-1 agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin > {INT8_DECISIVE_MARGIN:g}"
+            )
+            failure = f"top-1 agrees on only {agree_decisive:.1%} of the {n_decisive} images with a clear top class {need}"
+        else:
+            result.label_agreement_decisive, result.n_decisive_labels = agree_decisive, n_decisive
+            result.tolerance = (f"per-label decision agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine "
+                                f"margin to the threshold > {INT8_DECISIVE_MARGIN:g}")
+            failure = (f"label decisions agree on only {agree_decisive:.1%} of the {n_decisive} clear (image, label) "
+                       f"pairs {need}")
+        if agree_decisive < INT8_MIN_TOP1_AGREEMENT:
+            problems.append(failure)
+    if thresholds is None and not np.allclose(got["probs"].sum(1), 1.0, atol=1e-3):
+        problems.append("probs do not sum to 1")
+    if thresholds is not None and not np.allclose(got["probs"], sigmoid(out), atol=1e-5):
         problems.append("probs are not the sigmoid of the logits")
     return result
 
@@ -427,7 +399,7 @@ def verify_image_graph(
         raise ExportVerificationError(f"graph input is {inp.name} {inp.type}, expected {INPUT_NAME} tensor(uint8)")
     reference = torch_reference(classifier, images)
     got = run_image_graph(session, images, batch_size)
-    result = compare(reference, got, precision, logit_scale(classifier), _thresholds(classifier))
+    result = compare(reference, got, precision, logit_scale(classifier), multilabel_thresholds(classifier))
     result.batch_sizes = sorted({1, 1 + BATCH_COMPANIONS, min(batch_size, len(images)), len(images) % batch_size or batch_size})
     result.batch_invariance_max_diff = invariance = batch_invariance(session, images, got["logits"])
     if not invariance <= BATCH_TOLERANCE[precision]:
@@ -589,7 +561,7 @@ def _sources(data: Any, classifier: "Classifier") -> tuple[Sequence[Any], Option
     """The image sources of ``verify_data`` (a labelled set's test split, or a list) and their labels."""
     labels = None
     sources: Sequence[Any]
-    if _thresholds(classifier) is not None and (isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel")):
+    if multilabel_thresholds(classifier) is not None and (isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel")):
         sources = load_multilabel(data, classnames=classifier.classnames).paths  # a multi-label set: its images
     elif isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel"):
         dataset = load_dataset(data, split="test").relabel(classifier.classnames)

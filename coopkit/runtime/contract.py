@@ -59,7 +59,7 @@ from .atomic import sha256_hex
 #: count as 0).
 SCHEMA_VERSION = 1
 #: What a file answers: one label per image (softmax) or every label that applies (per-label sigmoids
-#: and thresholds); the same names as a run's ``task`` (:data:`coopkit.config.TASKS`).
+#: and thresholds); a run's ``task`` takes the same values (:class:`coopkit.config.RunConfig`).
 TASK_CLASSIFY = "classify"
 TASK_MULTILABEL = "multilabel"
 TASKS = (TASK_CLASSIFY, TASK_MULTILABEL)
@@ -524,7 +524,7 @@ class ModelMetadata:
         if self.schema_version is None:
             self.schema_version = needed
         elif isinstance(self.schema_version, bool) or not isinstance(self.schema_version, int) \
-                or self.schema_version < needed:
+                or (self.schema_version < needed and self.task != TASK_CLASSIFY):  # classify: 0 before the field
             raise MetadataError(f"a {self.task} file needs schema_version {needed} or newer, got {self.schema_version!r}")
         if self.task == TASK_CLASSIFY:
             if self.thresholds is not None:
