@@ -192,3 +192,32 @@ def test_predict_writes_the_labels_that_apply(dualcoop_clf, multilabel_export, m
     res = CliRunner().invoke(main, ["predict", str(multilabel_export.path), *val.paths[:3], "--json", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert [json.loads(line)["labels"] for line in res.output.splitlines()] == want[:3]
+
+
+def test_int8_keeps_products_fp32_until_every_label_decision_holds(multilabel_export, multilabel_sets, tmp_path):
+    """The accuracy-aware loop on per-label decisions: thresholds put exactly at a calibration image's
+    fp32 probabilities make int8's noise flip decisions; with min_agreement 1 the loop keeps products in fp32
+    until every decision on the calibration images is fp32's again (measured here with onnxruntime)."""
+    import onnxruntime as ort
+
+    from coopkit.exporters import QuantizationConfig
+    from coopkit.exporters.int8 import to_int8
+
+    train, _ = multilabel_sets
+    fp32 = multilabel_export.path
+    images = Classifier(fp32, device="cpu").preprocess(train.paths)  # (10, 64, 64, 3) uint8
+
+    def probs(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probs"], {"images": images})[0]
+
+    want = probs(fp32)
+    thresholds = want[0]  # exactly image 0's probabilities: any int8 drop below one flips its decision
+    config = QuantizationConfig(min_agreement=1.0, smooth_alphas=(0.0,))
+    plain = to_int8(fp32, tmp_path / "all.onnx", images, QuantizationConfig(min_agreement=0.0, smooth_alphas=(0.0,)),
+                    thresholds=thresholds)
+    changed = ((probs(tmp_path / "all.onnx") >= thresholds) != (want >= thresholds)).sum()
+    summary = to_int8(fp32, tmp_path / "tuned.onnx", images, config, thresholds=thresholds)
+    assert summary.agreement is not None and summary.agreement[0] == 1.0
+    assert ((probs(tmp_path / "tuned.onnx") >= thresholds) == (want >= thresholds)).all()
+    assert changed > 0 and plain.float_nodes == ()  # every product in int8 changes decisions ...
+    assert len(summary.float_nodes) >= 1  # ... so the loop kept some in fp32
