@@ -185,6 +185,26 @@ class Classifier:
         """The image transform of the method when it has its own (DualCoOp's stretch to its input size), else ``None``."""
         return getattr(self.model, "preprocess", None) if self.multilabel else None
 
+    @property
+    def preprocess(self) -> Any:
+        """The torchvision transform its images go through: the method's own where it has one
+        (DualCoOp stretches to its input size), else the backbone's."""
+        return self._transform() or self.backbone.preprocess
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """The settings of :attr:`preprocess`, under open_clip's names (``size``, ``mean``, ``std``,
+        ``interpolation``, ``resize_mode``, ``fill_color``): what an exported file records."""
+        own = getattr(self.model, "preprocess_cfg", None) if self._transform() is not None else None
+        return dict(own or self.backbone.preprocess_cfg)
+
+    @property
+    def thresholds(self) -> Optional[np.ndarray]:
+        """A multi-label run's per-label decision thresholds on the probabilities ``(n_classes,)``
+        float32 (a label applies where its probability reaches its threshold); ``None`` otherwise."""
+        t = getattr(self.model, "thresholds", None) if self.multilabel else None
+        return None if t is None else t.detach().cpu().float().numpy().copy()
+
     def scores(self, images: Union[ImageInput, Sequence[ImageInput]], *, batch_size: int = 64) -> np.ndarray:
         """Per-class match probabilities ``sigmoid(logits)`` ``(n_images, n_classes)`` of a model
         trained with a sigmoid loss (SigLIP family: it has a logit bias), as it was trained to
@@ -216,11 +236,13 @@ class Classifier:
         """Label images: one :class:`~coopkit.runtime.Prediction` per input, best label first.
 
         The same contract as :meth:`coopkit.runtime.Classifier.predict` (``p.label``,
-        ``p.labels``, ``p.probs``, ``p.error``).
+        ``p.labels``, ``p.probs``, ``p.error``; a multi-label run: every label at or above its
+        threshold, and every label's probability in ``p.label_probs``).
 
         Args:
             images: One image or a list: paths, encoded bytes, PIL images, uint8 HWC arrays.
-            top_k: Labels per image (at most the number of classes).
+            top_k: Labels per image (at most the number of classes; a multi-label run returns
+                every label at or above its threshold instead).
             errors: ``raise`` (the first unreadable image raises, naming it) or ``skip``
                 (unreadable images get a result with ``error`` set).
             batch_size: Images per forward pass.
@@ -238,7 +260,7 @@ class Classifier:
                 probs = (logits.sigmoid() if self.multilabel else logits.softmax(-1)).numpy()
         else:
             probs = np.zeros((0, len(self.classnames)), np.float32)
-        return rank(probs, self.classnames, [describe(s) for s in sources], errs, k)
+        return rank(probs, self.classnames, [describe(s) for s in sources], errs, k, thresholds=self.thresholds)
 
     def evaluate(
         self,

@@ -23,6 +23,7 @@ from .runtime.configbase import check_bool, check_choice, check_float, check_int
 from .runtime.contract import (
     CLASS_TOKEN_POSITIONS,
     DEFAULT_TEMPLATE,
+    TASKS,
     check_classnames,
     check_position,
     check_templates,
@@ -38,9 +39,9 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 #: Compute precisions of training and encoding (autocast); the precisions of exported files are
 #: :data:`coopkit.runtime.contract.FILE_PRECISIONS`.
 COMPUTE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: What a run answers: ``classify`` (one label per image, softmax over the label set) or ``multilabel``
-#: (every label that applies, each with its own probability: sigmoid of its logit, and a threshold).
-TASKS = ("classify", "multilabel")
+# What a run answers, TASKS (``classify``: one label per image, softmax over the label set; ``multilabel``:
+# every label that applies, each with its own probability, the sigmoid of its logit, and a threshold), is the
+# contract's (coopkit.runtime.contract.TASKS, imported above): an exported file records it as its ``task``.
 
 # The validators (check_int, check_float, check_bool, check_choice) and ConfigMixin live in
 # coopkit.runtime.configbase, the one validating base of every config (the runtime's too).

@@ -103,7 +103,9 @@ def make_handler(clf: Classifier, max_upload: int = MAX_UPLOAD, max_pixels: int 
                     release_memory()  # each thread's allocator would keep the decoded image's memory
             if not result.ok:
                 return self._reply(400, {"error": result.error})
-            self._reply(200, {"labels": list(result.labels), "probs": list(result.probs)})
+            answer = result.to_dict()  # a multi-label file: every label that applies, and "label_probs"
+            del answer["source"]
+            self._reply(200, answer)
 
     return Handler
 

@@ -8,7 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import TINY_CONFIG, GraphModel, fit_tiny, image_graph, write_colour_folder, write_official_layouts
+from helpers import (
+    MULTILABEL_NAMES,
+    TINY_CONFIG,
+    GraphModel,
+    fit_tiny,
+    image_graph,
+    write_colour_folder,
+    write_multilabel_set,
+    write_official_layouts,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -141,3 +150,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("openvino"):
             item.add_marker(skip)
+
+
+# --- a multi-label run (DualCoOp on coopkit-tiny, a ModifiedResNet) and its export ------------------
+
+@pytest.fixture(scope="session")
+def tiny_resnet():
+    """coopkit-tiny with its shipped weights (a ModifiedResNet, so DualCoOp runs on it), on the CPU.
+    Shared: do not modify it."""
+    import coopkit
+
+    return coopkit.load_backbone("coopkit-tiny", pretrained="synthetic", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def multilabel_sets(tmp_path_factory: pytest.TempPathFactory):
+    """``(train, val)`` multi-label sets of photo-like images of odd sizes over :data:`MULTILABEL_NAMES`."""
+    root = tmp_path_factory.mktemp("multilabel")
+    return (write_multilabel_set(root, 10, 0, MULTILABEL_NAMES, photos=True),
+            write_multilabel_set(root, 16, 1, MULTILABEL_NAMES, photos=True))
+
+
+@pytest.fixture(scope="session")
+def dualcoop_clf(tiny_resnet, multilabel_sets):
+    """A fitted DualCoOp classifier whose negative context is then set near its positive one (so that its
+    probabilities are not saturated: logits of a few units) and whose per-label thresholds are each label's
+    median probability on the val images, so that some labels apply to an image and others do not.
+    Shared: do not modify it."""
+    import numpy as np
+    import torch
+
+    import coopkit
+
+    train, val = multilabel_sets
+    clf = coopkit.fit(train, method="dualcoop", backbone=tiny_resnet, epochs=2, n_ctx_pos=4, n_ctx_neg=4,
+                      pos_init="a photo of a", neg_init="a photo of no", progress=False)
+    learner = clf.model.prompt_learner
+    with torch.no_grad():
+        noise = torch.randn(learner.ctx_pos.shape, generator=torch.Generator().manual_seed(0))
+        learner.ctx_neg.copy_(learner.ctx_pos + 0.1 * noise)
+    medians = np.median(clf.probs(val.paths), axis=0)
+    clf.model.thresholds.copy_(torch.as_tensor(medians, dtype=torch.float32))
+    return clf
+
+
+@pytest.fixture(scope="session")
+def multilabel_export(dualcoop_clf, tmp_path_factory: pytest.TempPathFactory):
+    """The verified fp32 export of ``dualcoop_clf`` (the ``ExportReport``; ``.path`` is the file). Copy it
+    before changing it."""
+    from coopkit.exporters import export_onnx
+
+    return export_onnx(dualcoop_clf, tmp_path_factory.mktemp("ml_export") / "tags.onnx", "fp32")

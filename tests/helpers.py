@@ -307,15 +307,21 @@ def one_line_error(res: Any, code: int, *needles: str) -> None:
     assert len(lines) == 1 and all(n in lines[0] for n in needles), res.output
     assert "Traceback" not in res.output
 
-def write_multilabel_set(root: Path, n: int, seed: int, classnames):
-    """``n`` noise images of odd sizes under ``root`` with random targets (1, 0, -1 unknown) over ``classnames``,
-    every label positive on the first image: a :class:`coopkit.multilabel_data.MultiLabelDataset`."""
+#: The labels of the multi-label fixtures (conftest.py).
+MULTILABEL_NAMES = ["person", "dog", "beach", "sea_turtle"]
+
+
+def write_multilabel_set(root: Path, n: int, seed: int, classnames, photos: bool = False):
+    """``n`` noise images (``photos``: :func:`photo` images) of odd sizes under ``root`` with random targets
+    (1, 0, -1 unknown) over ``classnames``, every label positive on the first image: a
+    :class:`coopkit.multilabel_data.MultiLabelDataset`."""
     from coopkit.multilabel_data import MultiLabelDataset
 
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
-        img = rng.integers(0, 255, (int(rng.integers(40, 80)), int(rng.integers(40, 80)), 3), dtype=np.uint8)
+        h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+        img = photo(w, h, seed=1000 * seed + i) if photos else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         paths.append(str(root / f"{seed}_{i}.png"))
         Image.fromarray(img).save(paths[-1])
     targets = rng.choice([-1, 0, 1], size=(n, len(classnames)), p=[0.2, 0.5, 0.3]).astype(np.int8)

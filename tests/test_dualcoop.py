@@ -277,11 +277,13 @@ def test_fit_save_load_evaluate_through_the_registry(resnet_family, tmp_path, ch
     assert torch.equal(again.model.thresholds, clf.model.thresholds)
     probs = clf.probs(val.paths)
     np.testing.assert_allclose(again.probs(val.paths), probs, rtol=1e-6)
-    top = clf.predict(val.paths[:2], top_k=2)  # each label's own probability, best first
+    thresholds = clf.thresholds
+    top = clf.predict(val.paths[:2], top_k=2)  # every label at or above its threshold, best first (not top_k)
     for p, row in zip(top, probs[:2]):
-        best = np.argsort(-row)[:2]
+        best = [i for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
         assert list(p.labels) == [clf.classnames[i] for i in best]
         np.testing.assert_allclose(p.probs, row[best], rtol=1e-5)
+        np.testing.assert_allclose(list(p.label_probs.values()), row, rtol=1e-5)  # every label's probability
     assert probs.shape == (6, len(NAMES)) and ((probs >= 0) & (probs <= 1)).all()
     # the same probabilities as the official forward on the same stretched pixels
     official = dualcoop_official.build(dualcoop_official.cfg(n_ctx_pos=4, n_ctx_neg=4), clf.classnames,

@@ -393,26 +393,32 @@ def test_class_specific_context_refuses_the_text_encoder(tiny_backbone, tmp_path
     assert res.text_path is None and _metadata(res.path).prompt["csc"] is True
 
 
-def test_multilabel_runs_are_refused_in_one_line(tiny_backbone, tmp_path):
-    """A multi-label run (per-label sigmoid scores) has no export yet: refused before anything is written,
-    through the Python API and the CLI, instead of an AttributeError or a softmax-over-labels file."""
+def test_multilabel_runs_export_but_refuse_the_text_graph_in_one_line(tiny_backbone, tmp_path):
+    """A multi-label run (per-label sigmoid scores) exports through the CLI to a file that says so (its answers:
+    tests/test_multilabel_export.py); a text graph, which cannot give its labels' scores, is refused before
+    anything is written, through the Python API and the CLI."""
     from helpers import write_multilabel_set
 
     from coopkit.cli import main
+    from coopkit.runtime import Classifier
 
     (tmp_path / "imgs").mkdir()
     data = write_multilabel_set(tmp_path / "imgs", 4, 3, ["cat", "dog", "car"])
     clf = coopkit.fit(data, method="zeroshot-multilabel", backbone=tiny_backbone, progress=False)
     assert clf.config.task == "multilabel"
-    msg = ("exporting multi-label runs (zeroshot-multilabel, ...) is not supported yet; evaluate and predict "
-           "with coopkit.load")
+    msg = "--with-text-encoder is for single-label runs: a multi-label zeroshot-multilabel run"
     with pytest.raises(ValueError, match=re.escape(msg)):
-        export_onnx(clf, tmp_path / "out" / "m.onnx")
+        export_onnx(clf, tmp_path / "out" / "m.onnx", with_text_encoder=True)
     assert not (tmp_path / "out").exists()
     run = clf.save(tmp_path / "run")
-    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "out2" / "m.onnx")])
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "out2" / "m.onnx"),
+                                    "--with-text-encoder"])
     assert res.exit_code != 0 and msg in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not list((tmp_path / "out2").glob("*")) if (tmp_path / "out2").exists() else True
+    res = CliRunner().invoke(main, ["export", str(run), "--out", str(tmp_path / "out3" / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    rt = Classifier(tmp_path / "out3" / "m.onnx", device="cpu")
+    assert rt.task == "multilabel" and rt.thresholds.tolist() == [0.5, 0.5, 0.5]
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -83,6 +83,20 @@ def test_ray_rows_equal_the_local_engine(local_ray: Path, job: dict[str, Path], 
     assert predict_ray(job["model"], job["images"], remote, progress=False, logits=True).skipped == 241
 
 
+def test_a_multilabel_file_writes_the_labels_that_apply(local_ray: Path, multilabel_export: Any, dualcoop_clf: Any,
+                                                        multilabel_sets: Any, tmp_path: Path) -> None:
+    """Every label at or above its threshold, as the PyTorch classifier's own sigmoids and thresholds give them."""
+    _, val = multilabel_sets
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("".join(f"{p}\n" for p in val.paths))
+    predict_ray(multilabel_export.path, listing, tmp_path / "ray.jsonl", progress=False, batch_size=4, top_k=1)
+    probs, names, thresholds = dualcoop_clf.probs(val.paths), dualcoop_clf.classnames, dualcoop_clf.thresholds
+    rows = _rows(tmp_path / "ray.jsonl")
+    assert [r["path"] for r in rows] == list(val.paths)
+    for row, p in zip(rows, probs):
+        assert row["labels"] == [names[i] for i in np.argsort(-p, kind="stable") if p[i] >= thresholds[i]]
+
+
 class DiesOnce(ClassifierActor):
     """Dies (the whole actor process) on the first batch holding img007, once per marker file."""
 

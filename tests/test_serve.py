@@ -164,7 +164,7 @@ def metric(text: str, name: str) -> float:
 
 def test_endpoints_and_answers_equal_predict_alone(server: Any, png_images: list[bytes], expected: list[Any]) -> None:
     s = server("coopkit")
-    assert json.load(urllib.request.urlopen(s.url + "/health")) == {"status": "ok", "engine": {
+    assert json.load(urllib.request.urlopen(s.url + "/health")) == {"status": "ok", "task": "classify", "engine": {
         "engine": "onnxruntime", "device": "cpu", "compute": "fp32", "provider": "CPUExecutionProvider"}}
     assert json.load(urllib.request.urlopen(s.url + "/ready")) == {"status": "ready"}
     meta = json.load(urllib.request.urlopen(s.url + "/metadata"))
@@ -182,6 +182,32 @@ def test_endpoints_and_answers_equal_predict_alone(server: Any, png_images: list
     text = urllib.request.urlopen(s.url + "/metrics").read().decode()
     assert metric(text, "coopkit_images_total") == 4 and 'outcome="error"} 1.0' in text
     assert metric(text, "coopkit_request_seconds_count") == 2 and "coopkit_batch_size_bucket" in text
+
+
+def test_a_multilabel_file_answers_every_label_that_applies(multilabel_export: Any, dualcoop_clf: Any,
+                                                            multilabel_sets: Any) -> None:
+    """/health and /metadata name the task (and the thresholds); /predict answers the labels at or above their
+    thresholds and every label's probability, as the PyTorch classifier's own sigmoids and thresholds give them."""
+    _, val = multilabel_sets
+    names, thresholds = dualcoop_clf.classnames, dualcoop_clf.thresholds
+    probs = dualcoop_clf.probs(val.paths[:4])
+    s = Server("coopkit", multilabel_export.path)
+    try:
+        assert json.load(urllib.request.urlopen(s.url + "/health"))["task"] == "multilabel"
+        meta = json.load(urllib.request.urlopen(s.url + "/metadata"))
+        assert meta["task"] == "multilabel" and meta["thresholds"] == [float(t) for t in thresholds]
+        images = [Path(p).read_bytes() for p in val.paths[:4]]
+        body, ctype = multipart([("a.png", images[2]), ("b.png", images[3])])
+        answers = [post(s.url + "/predict?top_k=1", img) for img in images[:2]]
+        status, many = post(s.url + "/predict", body, {"Content-Type": ctype})
+        assert status == 200 and all(code == 200 for code, _ in answers)
+        for got, row in zip([a for _, a in answers] + many["results"], probs):
+            want = [names[i] for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
+            assert got["labels"] == want  # every label that applies: top_k does not cut them
+            np.testing.assert_allclose([got["label_probs"][n] for n in names], row, atol=1e-5)
+            np.testing.assert_allclose(got["probs"], [row[names.index(n)] for n in want], atol=1e-5)
+    finally:
+        s.stop()
 
 
 @pytest.mark.parametrize("engine", ["auto", "openvino"])

@@ -49,6 +49,7 @@ def test_layout_and_configs_follow_tritons_schema(repo: dict[str, Any]) -> None:
     graph, pre, ens = _config(r / "clf"), _config(r / "clf_preprocess"), _config(r / "clf_ensemble")
     assert (r / "clf" / "1" / "model.onnx").is_file() and (r / "clf_ensemble" / "1").is_dir()
     assert (graph.platform, pre.backend, ens.platform) == ("onnxruntime_onnx", "python", "ensemble")
+    assert not graph.parameters and not ens.parameters and not (r / "clf" / "thresholds.txt").exists()  # single-label
     assert [c.name for c in (graph, pre, ens)] == ["clf", "clf_preprocess", "clf_ensemble"]  # names = folders
     assert {c.max_batch_size for c in (graph, pre, ens)} == {16}
     assert graph.HasField("dynamic_batching") and pre.HasField("dynamic_batching")
@@ -105,3 +106,32 @@ def test_python_backend_preprocessing_feeds_the_graph_like_the_runtime(repo: dic
     session = ort.InferenceSession(str(repo["repo"] / "clf" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     probs = session.run(["probs"], {"images": images[:3]})[0]
     np.testing.assert_allclose(probs, clf.probs(blobs), atol=1e-6)
+
+
+def test_a_multilabel_file_carries_its_task_and_thresholds(multilabel_export: Any, dualcoop_clf: Any,
+                                                          multilabel_sets: Any, tmp_path: Path) -> None:
+    """The graph's and the ensemble's configs (Triton's schema, strictly) say multilabel and hold the thresholds;
+    thresholds.txt lists them beside labels.txt; the preprocessing model stretches as DualCoOp does, and the
+    graph on its crops gives the PyTorch classifier's own sigmoid probabilities."""
+    _, val = multilabel_sets
+    final = write_triton_repository(multilabel_export.path, tmp_path / "repo", name="tags")
+    thresholds = [float(t) for t in dualcoop_clf.thresholds]
+    for folder in (final, tmp_path / "repo" / "tags_ensemble"):
+        params = {k: v.string_value for k, v in _config(folder).parameters.items()}
+        assert params["coopkit_task"] == "multilabel" and json.loads(params["coopkit_thresholds"]) == thresholds
+        assert (folder / "labels.txt").read_text().splitlines() == dualcoop_clf.classnames
+        assert [float(x) for x in (folder / "thresholds.txt").read_text().split()] == thresholds
+    pre = tmp_path / "repo" / "tags_preprocess"
+    from coopkit.runtime.triton_model import preprocess_batch
+    from coopkit.runtime.contract import ModelMetadata
+
+    meta = ModelMetadata.from_json((pre / "metadata.json").read_text())
+    assert meta.task == "multilabel" and meta.thresholds == thresholds
+    blobs = np.array([[Path(p).read_bytes()] for p in val.paths[:3]], dtype=object)
+    images, errors = preprocess_batch(blobs, meta)
+    assert errors == [None] * 3 and images.shape == (3, 64, 64, 3)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(final / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["probs"], {"images": images})[0], dualcoop_clf.probs(val.paths[:3]),
+                               atol=1e-5)

@@ -416,6 +416,38 @@ def test_webgpu_is_used_only_when_it_gives_the_same_answers(browser, site):
     page.close()
 
 
+def test_a_multilabel_file_answers_every_label_that_applies(browser, site, dualcoop_clf, multilabel_sets):
+    """A DualCoOp export in the page: each label's own probability as PyTorch gives it, predict() with every
+    label at or above its threshold and every label's probability; a coopkit.js from before multi-label files
+    (sidecar version 1 at most) refuses the file instead of ranking its sigmoids as a softmax."""
+    from coopkit.exporters import export_onnx
+
+    _, val = multilabel_sets
+    export_onnx(dualcoop_clf, site["root"] / "tags.onnx")
+    folder = site["root"] / "ml"
+    folder.mkdir(exist_ok=True)
+    images = [Path(shutil.copy(p, folder)) for p in val.paths]
+    probs, names, thresholds = dualcoop_clf.probs(val.paths), dualcoop_clf.classnames, dualcoop_clf.thresholds
+    page = _open_demo(browser, site, "model=/models/tiny.onnx&backend=wasm")
+    got = _in_page(page, """
+        const clf = await m.loadClassifier(arg.model, {backend: 'wasm'});
+        const preds = await clf.predict(arg.images, {topK: 1});
+        const out = {task: clf.task, thresholds: clf.thresholds, preds};
+        await clf.dispose();
+        const side = await (await fetch(arg.model.replace('.onnx', '.json'))).json();
+        const src = await (await fetch('/web/coopkit.js')).text();
+        const before = src.replace(/export const SIDECAR_VERSION = [0-9]+;/, 'export const SIDECAR_VERSION = 1;');
+        const old = await import(URL.createObjectURL(new Blob([before], {type: 'text/javascript'})));
+        try { old.checkSidecar(side, 'tags.json'); out.old = 'accepted'; } catch (e) { out.old = e.message; }
+        return out;""", {"model": "/models/tags.onnx", "images": _urls(site, images)})
+    page.close()
+    assert got["task"] == "multilabel" and got["thresholds"] == [float(t) for t in thresholds]
+    assert "tags.json has sidecar_version 2; this coopkit.js reads up to 1" in got["old"]
+    for pred, row in zip(got["preds"], probs):
+        assert pred["labels"] == [names[i] for i in np.argsort(-row, kind="stable") if row[i] >= thresholds[i]]
+        np.testing.assert_allclose([pred["labelProbs"][n] for n in names], row, atol=1e-4)
+
+
 @pytest.mark.parametrize("model, message", [
     ("tampered.onnx", "tampered.onnx does not match its sidecar tampered.json: sha256"),
     ("lonely.onnx", "cannot fetch sidecar"),

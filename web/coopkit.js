@@ -5,6 +5,7 @@
  *   const clf = await loadClassifier('model.onnx');          // reads model.json beside it
  *   const [p] = await clf.predict(file, { topK: 5 });        // File, Blob, URL, ImageData...
  *   p.labels, p.probs                                        // best first
+ *   p.labelProbs                                             // multi-label files: every label's probability
  *
  * An ES module with no build step: a bundler resolves the bare 'onnxruntime-web' import from
  * package.json (pinned), a plain page maps it with an import map (see examples/web/index.html).
@@ -20,15 +21,21 @@
  *   file (metadata input_kind 'raw') resizes and crops inside its graph: it gets the decoded
  *   RGB image instead, one run per image size, as the Python runtime feeds it.
  *
+ * A multi-label file (metadata task 'multilabel', sidecar_version 2: DualCoOp and the multi-label
+ * baselines) gives each label's own probability (a sigmoid, not a softmax): predict() returns every
+ * label at or above its threshold (metadata.thresholds), most probable first, and every label's
+ * probability in `labelProbs`, as the Python runtime's Prediction does.
+ *
  * Every failure a person can cause (a non-image file, a huge image, a sidecar that does not
  * match the file, a missing file) is a CoopkitError with a one-line message and a `kind`.
  */
 
 import * as ort from 'onnxruntime-web';
 
-/** Sidecar `format` and the newest `sidecar_version` this module reads (runtime/contract.py). */
+/** Sidecar `format` and the newest `sidecar_version` this module reads (runtime/contract.py): 1 for
+ * single-label files, 2 for multi-label ones (older readers refuse those instead of misreading them). */
 export const SIDECAR_FORMAT = 'coopkit-sidecar';
-export const SIDECAR_VERSION = 1;
+export const SIDECAR_VERSION = 2;
 /** Images with more pixels are refused before decoding (the Python runtime's MAX_PIXELS). */
 export const MAX_PIXELS = 89_478_485;
 /** Largest |difference| of a probability for WebGPU to count as giving the same answers as WebAssembly. */
@@ -87,6 +94,16 @@ export function checkSidecar(sidecar, where = 'the sidecar') {
   if (!ok) {
     throw new CoopkitError('sidecar', `${where} is incomplete (needs metadata.classnames, image_size, resize_mode, ` +
       'interpolation, files, input and outputs); re-export with `coopkit export`');
+  }
+  const task = m.task ?? 'classify';
+  if (!['classify', 'multilabel'].includes(task)) {
+    throw new CoopkitError('sidecar', `${where} has task '${task}', not one of classify, multilabel: update coopkit.js`);
+  }
+  const t = m.thresholds;
+  if (task === 'multilabel' && !(Array.isArray(t) && t.length === m.classnames.length &&
+      t.every((v) => Number.isFinite(v)))) {
+    throw new CoopkitError('sidecar', `${where} is a multi-label file without one threshold (a number) per label; ` +
+      're-export with `coopkit export`');
   }
   return sidecar;
 }
@@ -695,9 +712,12 @@ export async function loadClassifier(model, options = {}) {
     const probe = probeBatch(h, w);
     const [a, b] = [await runProbs(session, sidecar, probe, 2), await runProbs(wasm, sidecar, probe, 2)];
     const n = sidecar.metadata.classnames.length;
+    const t = sidecar.metadata.thresholds;
     let diff = 0;
     for (let i = 0; i < a.length; i++) diff = Math.max(diff, Math.abs(a[i] - b[i]));
-    const sameTop1 = [0, 1].every((r) => argmax(a.subarray(r * n, (r + 1) * n)) === argmax(b.subarray(r * n, (r + 1) * n)));
+    // the same answers: the top class, or for a multi-label file every label's decision
+    const sameTop1 = t ? [...a.keys()].every((i) => (a[i] >= t[i % n]) === (b[i] >= t[i % n]))
+      : [0, 1].every((r) => argmax(a.subarray(r * n, (r + 1) * n)) === argmax(b.subarray(r * n, (r + 1) * n)));
     if (sameTop1 && diff <= WEBGPU_TOLERANCE) {
       await wasm.release();
       wasm = null;
@@ -737,6 +757,11 @@ export class Classifier {
     this.precision = sidecar.metadata.precision;
     /** A raw-input file (`coopkit export --raw-input`): the graph resizes and crops decoded images itself. */
     this.rawInput = sidecar.metadata.input_kind === 'raw';
+    /** 'classify' (softmax, best labels first) or 'multilabel' (each label's own probability). */
+    this.task = sidecar.metadata.task ?? 'classify';
+    this.multilabel = this.task === 'multilabel';
+    /** Multi-label files: each label's threshold on its probability, in class order; null otherwise. */
+    this.thresholds = this.multilabel ? [...sidecar.metadata.thresholds] : null;
     this.backend = backend;
     this.backendNote = note;
     this.batchSize = batchSize;
@@ -773,7 +798,9 @@ export class Classifier {
 
   /**
    * Label images: one result per input, in order, `{source, index, labels, probs}` best first,
-   * or `{source, index, error, kind}` for an unreadable one with errors: 'skip'.
+   * or `{source, index, error, kind}` for an unreadable one with errors: 'skip'. A multi-label file:
+   * `labels` are every label at or above its threshold (topK does not cut them; none may apply), and
+   * `labelProbs` maps every label to its probability.
    * @param {Array|*} images Files, Blobs, URLs, ImageData... or one of them.
    * @param {{topK?: number, errors?: 'raise'|'skip'}} [options]
    */
@@ -786,14 +813,17 @@ export class Classifier {
     return rows.map((row, index) => {
       const source = describe(list[index], index);
       if (!(row instanceof Float32Array)) return { source, index, error: row.message, kind: row.kind };
-      const order = [...row.keys()].sort((a, b) => row[b] - row[a] || a - b).slice(0, k);
-      return { source, index, labels: order.map((i) => this.classnames[i]), probs: order.map((i) => row[i]) };
+      const sorted = [...row.keys()].sort((a, b) => row[b] - row[a] || a - b);
+      const order = this.multilabel ? sorted.filter((i) => row[i] >= this.thresholds[i]) : sorted.slice(0, k);
+      const result = { source, index, labels: order.map((i) => this.classnames[i]), probs: order.map((i) => row[i]) };
+      if (this.multilabel) result.labelProbs = Object.fromEntries(this.classnames.map((c, i) => [c, row[i]]));
+      return result;
     });
   }
 
   /**
-   * Class probabilities: one Float32Array (n_classes) per image; with errors: 'skip', an
-   * unreadable image gives its CoopkitError in place of the row.
+   * Class probabilities: one Float32Array (n_classes) per image (a multi-label file: each label's
+   * own probability); with errors: 'skip', an unreadable image gives its CoopkitError in place of the row.
    */
   async probs(images, { errors = 'raise' } = {}) {
     const list = Array.isArray(images) ? images : [images];

@@ -65,7 +65,9 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
         "size_mb": f"{report.size_bytes / 1e6:.2f}",
         "seconds": f"{report.seconds:.2f}",
         "max_abs_logit_diff": image.max_abs_logit_diff,
-        "top1_agreement": image.top1_agreement,
+        "top1_agreement": image.top1_agreement if image.label_agreement is None else None,
+        "task": report.metadata.task,
+        "label_agreement": image.label_agreement,
         "verified_images": image.n_images,
         "input": report.metadata.input_kind,
         "raw_verified_images": raw.n_images if raw else None,
@@ -95,7 +97,8 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
             continue
         if key in ("max_abs_logit_diff", "text_max_abs_diff", "raw_max_abs_logit_diff", "batch_invariance_max_diff"):
             value = f"{value:.3g}"
-        elif key in ("top1_agreement", "accuracy_torch", "accuracy_onnx", "raw_top1_agreement", "calibration_agreement"):
+        elif key in ("top1_agreement", "label_agreement", "accuracy_torch", "accuracy_onnx", "raw_top1_agreement",
+                     "calibration_agreement"):
             value = pct(value)
         rows.append((key, value))
     print_table(rows)

@@ -34,6 +34,7 @@ def serve_cmd(model: str, device: str, threads: Optional[int], **kwargs: Any) ->
     eng = pop_config(EngineConfig, kwargs)
     # load errors before the banner
     app = create_app(model, cfg, device=device, threads=threads, engine=eng.engine, compute=eng.compute)
-    click.echo(f"{len(app.clf.classnames)} classes on {app.clf.engine.describe()}; listening on "
+    what = "labels (multi-label)" if app.clf.multilabel else "classes"
+    click.echo(f"{len(app.clf.classnames)} {what} on {app.clf.engine.describe()}; listening on "
                f"http://{cfg.host}:{cfg.port} (max batch {cfg.max_batch_size}, max wait {cfg.max_wait_ms:g} ms)", err=True)
     serve(app)

@@ -107,7 +107,7 @@ class ExportConfig(ConfigMixin):
                 "does (clients only decode); verified against the Pillow path on images of many sizes."})
     with_text_encoder: bool = field(default=False, metadata={
         "help": "Also export the text tower with the learned context (new class names at run time; "
-                "unified-context and zero-shot runs only)."})
+                "single-label unified-context and zero-shot runs only)."})
     verify_data: Optional[Any] = field(default=None, metadata={
         "help": "Labelled images (ImageFolder, CSV or CoOp split) to verify on as well; int8 must agree "
                 "on 99% of the clear calls and, from 100 images on, stay within 1 accuracy point."})

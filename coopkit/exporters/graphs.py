@@ -41,16 +41,22 @@ class ImageGraph(nn.Module):
             ``x W^T`` with the class weights baked in.
         mean: Per-channel mean of the model's preprocessing (RGB, on the 0-1 scale).
         std: Per-channel standard deviation.
+        multilabel: ``probs`` is each label's own probability (``sigmoid(logits)``: a multi-label
+            classifier) instead of the softmax over the label set.
+
+    A region encoder (DualCoOp: features ``(b, positions, embed_dim)``, normalised per position
+    before its head aggregates them) gives ``image_embeds`` its first position, the pooled token.
 
     The submodules ``encoder`` and ``head`` give the exported node names the prefixes
     ``/encoder/`` and ``/head/``, which the fp16 and int8 conversions use to keep the
     input normalisation and the head (L2, the classifier's head, softmax) in fp32.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, encoder: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 multilabel: bool = False) -> None:
         super().__init__()
         self.encoder = _Encoder(encoder, mean, std)
-        self.head = _Head(head)
+        self.head = _Head(head, multilabel)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.head(self.encoder(images))
@@ -72,14 +78,18 @@ class _Encoder(nn.Module):
 
 
 class _Head(nn.Module):
-    def __init__(self, scorer: nn.Module) -> None:
+    def __init__(self, scorer: nn.Module, multilabel: bool = False) -> None:
         super().__init__()
         self.scorer = scorer
+        self.multilabel = multilabel
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embeds = F.normalize(features, dim=-1)  # (b, embed_dim)
+        embeds = F.normalize(features, dim=-1)  # (b, embed_dim), or (b, positions, embed_dim) of a region encoder
         logits = self.scorer(embeds).to(torch.float32)  # (b, C)
-        return logits, logits.softmax(dim=-1), embeds
+        probs = logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)  # (b, C)
+        if embeds.dim() == 3:
+            embeds = embeds[:, 0]  # (b, embed_dim): the pooled token
+        return logits, probs, embeds
 
 
 class TextGraph(nn.Module):

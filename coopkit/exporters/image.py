@@ -3,6 +3,9 @@
 The graph (contract in :mod:`coopkit.runtime.contract`): uint8 images ``(batch, H, W, 3)`` ->
 ``/255`` -> ``(x - mean) / std`` -> NCHW -> the classifier's image encoder -> L2 -> its head (``x W^T``) ->
 ``logits``, ``probs`` (softmax) and ``image_embeds``. ``W`` (the class weights) is baked in.
+A multi-label run (``config.task == "multilabel"``: DualCoOp, its baselines) gives ``probs`` as each
+label's own probability (sigmoid; DualCoOp's region aggregation is its head, inside the graph) and
+records its per-label thresholds and its own preprocessing (DualCoOp: a stretch to its input size).
 With ``raw_input=True`` the file takes decoded images of any size and resizes and crops them
 itself first (:mod:`~coopkit.exporters.preprocess`).
 
@@ -27,9 +30,10 @@ How a file is made, one layer each:
 
 The exporter uses a small documented part of the classifier it is given: ``backbone`` (the
 model's name, preprocessing, tokenizer and logit bias), ``classnames``, ``config`` (prompt
-settings, templates and where the training images are), ``method``, ``head()``,
-``class_weights()`` and ``image_encoder()``; the text graph also uses ``text_context()`` (the
-learned text prompt), ``learner`` (CoOp's, to refuse class-specific context) and ``text_tower``.
+settings, templates, where the training images are and ``task``), ``method``, ``head()``,
+``class_weights()``, ``image_encoder()``, and where present ``preprocess_cfg`` (a method's own
+preprocessing) and ``thresholds`` (multi-label runs); the text graph also uses ``text_context()``
+(the learned text prompt), ``learner`` (CoOp's, to refuse class-specific context) and ``text_tower``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,16 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from coopkit.runtime.contract import INPUT_CROPPED, INPUT_NAME, INPUT_RAW, OUTPUT_NAMES, ModelMetadata, ResizeSpec
+from coopkit.runtime.contract import (
+    INPUT_CROPPED,
+    INPUT_NAME,
+    INPUT_RAW,
+    OUTPUT_NAMES,
+    TASK_CLASSIFY,
+    TASK_MULTILABEL,
+    ModelMetadata,
+    ResizeSpec,
+)
 from coopkit.runtime.integrity import weights_sha256
 from coopkit.runtime.preprocess import resize_plan
 
@@ -77,6 +90,7 @@ from .verify import (
     cpu_session_crashes,
     decoded_images,
     logit_scale,
+    multilabel_thresholds,
     random_images,
     raw_test_images,
     verification_data,
@@ -161,10 +175,10 @@ def _check_classifier(classifier: "Classifier") -> None:
                 f"export_onnx needs a coopkit Classifier (from coopkit.fit, coopkit.zero_shot or coopkit.load), "
                 f"got {type(classifier).__name__}"
             )
-    if getattr(classifier.config, "task", "classify") == "multilabel":
-        # the file's contract (softmax over one label set, top-k) would misread per-label sigmoid scores
-        raise ValueError(f"exporting multi-label runs ({classifier.method}, ...) is not supported yet; "
-                         "evaluate and predict with coopkit.load")
+
+
+def _multilabel(classifier: "Classifier") -> bool:
+    return multilabel_thresholds(classifier) is not None
 
 
 def _recorded_pretrained(pretrained: Optional[str]) -> Optional[str]:
@@ -189,8 +203,11 @@ def build_metadata(
     from coopkit import __version__
 
     bb = classifier.backbone
-    cfg = bb.preprocess_cfg
+    cfg = getattr(classifier, "preprocess_cfg", None) or bb.preprocess_cfg  # DualCoOp: its own stretch
+    size = cfg.get("size", bb.image_size)
+    image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     weights = classifier.class_weights()
+    thresholds = multilabel_thresholds(classifier)
     p = classifier.config.prompt
     if p is not None:
         prompt: dict[str, Any] = {
@@ -208,7 +225,7 @@ def build_metadata(
     try:
         return ModelMetadata(
             classnames=list(classifier.classnames),
-            image_size=bb.image_size,
+            image_size=image_size,
             resize_mode=resize_mode,
             interpolation=interpolation,
             mean=tuple(cfg["mean"]),
@@ -227,7 +244,9 @@ def build_metadata(
             text_encoder=text_encoder,
             logit_bias=bb.logit_bias,
             input_kind=input_kind,
-            resize_plan=resolved_resize(tuple(bb.image_size), resize_mode, interpolation, fill_color),
+            resize_plan=resolved_resize(image_size, resize_mode, interpolation, fill_color),
+            task=TASK_CLASSIFY if thresholds is None else TASK_MULTILABEL,
+            thresholds=None if thresholds is None else [float(t) for t in thresholds],
         )
     except ValueError as e:  # MetadataError: e.g. an interpolation the runtime cannot reproduce
         raise ValueError(f"cannot export {bb.name}: {e}") from None
@@ -237,7 +256,7 @@ def _image_module(classifier: "Classifier") -> "torch.nn.Module":
     bb = classifier.backbone
     encoder = image_encoder(classifier)
     head = classifier.head().to(next(encoder.parameters()).device)
-    return ImageGraph(encoder, head, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"]).eval()
+    return ImageGraph(encoder, head, bb.preprocess_cfg["mean"], bb.preprocess_cfg["std"], _multilabel(classifier)).eval()
 
 
 def _fix_output_dims(model: "onnx.ModelProto", n_classes: int, embed_dim: int) -> None:
@@ -257,6 +276,11 @@ def prepare(classifier: "Classifier", path: Union[str, os.PathLike], config: Exp
     """Check everything that can be checked before tracing (the classifier, the target, the
     metadata, raw-input support, the text graph) and gather the verification and calibration images."""
     _check_classifier(classifier)
+    if config.with_text_encoder and _multilabel(classifier):
+        raise ValueError(f"--with-text-encoder is for single-label runs: a multi-label {classifier.method} run does not "
+                         "score its labels with one prompt's text features (a positive against a negative prompt, a "
+                         "learned bias, DualCoOp's region aggregation), which a text graph of class weights cannot give; "
+                         "export without it")
     if config.with_text_encoder:
         check_text_encoder_supported(classifier)
     target = check_target(path)
@@ -293,7 +317,8 @@ def convert(classifier: "Classifier", plan: ExportPlan, config: ExportConfig, fo
     if config.precision == "int8":
         big = tensor_bytes(onnx.load(os.fspath(raw), load_external_data=False)) > config.size_threshold
         quantised = folder / "raw-int8.onnx"
-        int8 = to_int8(raw, quantised, plan.calibration, config.int8, input_name=INPUT_NAME, external_data=big)
+        int8 = to_int8(raw, quantised, plan.calibration, config.int8, input_name=INPUT_NAME, external_data=big,
+                       thresholds=meta.thresholds)
         model = onnx.load(os.fspath(quantised))
     else:
         model = onnx.load(os.fspath(raw))
@@ -319,10 +344,14 @@ def validate(
     check, the raw-input check and, for fp16, whether onnxruntime's default CPU session crashes on it."""
     precision, meta = config.precision, plan.metadata
     image = verify_image_graph(path, classifier, precision, plan.images, config.verify_batch, plan.labels)
-    logger.info(
-        "verified %s against PyTorch: max |logit diff| %.3g, top-1 agreement %.1f%% on %d images",
-        precision, image.max_abs_logit_diff, 100 * image.top1_agreement, image.n_images,
-    )
+    if image.label_agreement is not None:
+        logger.info("verified %s against PyTorch: max |logit diff| %.3g, per-label decision agreement %.2f%% on %d "
+                    "images", precision, image.max_abs_logit_diff, 100 * image.label_agreement, image.n_images)
+    else:
+        logger.info(
+            "verified %s against PyTorch: max |logit diff| %.3g, top-1 agreement %.1f%% on %d images",
+            precision, image.max_abs_logit_diff, 100 * image.top1_agreement, image.n_images,
+        )
     raw = None
     if config.raw_input:
         raw_images = raw_test_images(meta.image_size, seed=config.seed)

@@ -19,13 +19,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, U
 
 import numpy as np
 
+from coopkit.multilabel_data import load_multilabel
 from coopkit.userdata import few_shot, list_images, load_dataset
 from coopkit.runtime.contract import ModelMetadata
 from coopkit.runtime.preprocess import preprocess
 from coopkit.runtime.session import cpu_session
 
-from .config import CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, MIN_AGREEMENT, MIN_ESTIMATED_AGREEMENT, SMOOTH_ALPHA, QuantizationConfig
+from .config import (CALIBRATION_BATCH, CALIBRATION_MAX_IMAGES, MIN_AGREEMENT, MIN_ESTIMATED_AGREEMENT, SMOOTH_ALPHA,
+                     QuantizationConfig)
 from .nodes import full_precision_nodes
+from .verify import label_agreement, multilabel_thresholds, sigmoid
 
 if TYPE_CHECKING:
     import onnx
@@ -46,11 +49,14 @@ class Int8Summary:
         calibration_images: Images the activation ranges were taken on.
         smoothing: The smoothing strength kept (:func:`smooth_activations`).
         trials: For each strength tried, ``(top-1 changes, mean |logit diff|)`` against the fp32
-            file on the calibration images (empty when only one was tried).
+            file on the calibration images (a multi-label file: changed label decisions; empty
+            when only one was tried).
         float_nodes: Products kept in fp32 so that the calibration images agree with fp32
             (:func:`keep_float_until_agreement`; ``nodes`` counts the others).
         agreement: ``(measured, estimated)`` top-1 agreement with fp32 on the calibration
-            images of the file written (:func:`top1_agreement`; ``None``: not checked).
+            images of the file written (:func:`top1_agreement`; ``None``: not checked); for a
+            multi-label file, the per-label decision agreement
+            (:func:`~coopkit.exporters.verify.label_agreement`).
     """
 
     nodes: int
@@ -76,6 +82,8 @@ def _training_images(classifier: "Classifier") -> list[str]:
                "an older coopkit)")
         raise ValueError(f"int8 calibrates on the run's training images, but {why}; {_CALIBRATION_HINT}")
     try:
+        if multilabel_thresholds(classifier) is not None:  # a multi-label run: fitted on every image of the set
+            return list(load_multilabel(config.data.source, image_root=config.data.image_root).paths)
         dataset = load_dataset(config.data.source, split="train", image_root=config.data.image_root)
     except FileNotFoundError as e:
         raise ValueError(
@@ -103,6 +111,8 @@ def calibration_images(
         path = Path(calibration).expanduser()
         if path.is_dir():
             sources = list_images(path)  # plain or ImageFolder: every image at any depth, labels unused
+        elif multilabel_thresholds(classifier) is not None:
+            sources = list(load_multilabel(path).paths)  # a multi-label CSV / JSON: its images
         else:
             sources = load_dataset(path, split="train").paths
     else:
@@ -253,6 +263,7 @@ def to_int8(
     *,
     input_name: str = "images",
     external_data: bool = False,
+    thresholds: Optional[Sequence[float]] = None,
 ) -> Int8Summary:
     """Static int8 quantisation (QDQ), calibrated: the same answer for an image in any batch.
 
@@ -283,6 +294,9 @@ def to_int8(
             VNNI-only deployments) and the calibration batch size.
         input_name: The graph's image input.
         external_data: Write the tensors to a ``<target>.data`` file (models over 2 GB).
+        thresholds: A multi-label file's per-label thresholds: the trial and the accuracy-aware
+            step count changed label decisions (probability at or above the threshold) in place of
+            changed top-1 classes.
 
     Returns:
         An :class:`Int8Summary`.
@@ -339,7 +353,7 @@ def to_int8(
             try:
                 quantize(alpha, trial)
                 got = _logits(trial, calibration, input_name, config.calibration_batch)
-                errors[alpha] = (int((got.argmax(1) != reference.argmax(1)).sum()), float(np.abs(got - reference).mean()))
+                errors[alpha] = (_changed_answers(reference, got, thresholds), float(np.abs(got - reference).mean()))
                 if alpha == min(errors, key=errors.__getitem__):
                     os.replace(trial, Path(target))
             finally:
@@ -355,12 +369,20 @@ def to_int8(
         if chosen:
             smooth_activations(float_model, targets, ranges, chosen)
         kept, agreement = keep_float_until_agreement(Path(target), float_model, targets, calibration, input_name,
-                                                     config.min_agreement, config.calibration_batch,
+                                                     config.min_agreement, config.calibration_batch, thresholds,
                                                      config.min_estimated_agreement)
     elif config.min_agreement > 0:
         logger.warning("int8: %s has external data; its agreement with fp32 is not tuned (min_agreement ignored)",
                        source)
     return Int8Summary(len(targets) - len(kept), int(len(calibration)), chosen, errors, tuple(kept), agreement)
+
+
+def _changed_answers(reference: np.ndarray, got: np.ndarray, thresholds: Optional[Sequence[float]]) -> int:
+    """Images whose top-1 class changed, or for a multi-label file (``thresholds``) label decisions that changed."""
+    if thresholds is None:
+        return int((got.argmax(1) != reference.argmax(1)).sum())
+    t = np.asarray(thresholds, dtype=np.float32)
+    return int(((sigmoid(got) >= t) != (sigmoid(reference) >= t)).sum())
 
 
 def top1_agreement(reference: np.ndarray, got: np.ndarray) -> tuple[float, float]:
@@ -452,7 +474,7 @@ def _drop_unread(model: "onnx.ModelProto") -> None:
 def keep_float_until_agreement(
     target: Path, float_model: "onnx.ModelProto", targets: Sequence[str], calibration: Any,
     input_name: str = "images", min_agreement: float = MIN_AGREEMENT, batch_size: int = CALIBRATION_BATCH,
-    min_estimated: float = MIN_ESTIMATED_AGREEMENT,
+    thresholds: Optional[Sequence[float]] = None, min_estimated: float = MIN_ESTIMATED_AGREEMENT,
 ) -> tuple[list[str], tuple[float, float]]:
     """Accuracy-aware int8, as Intel Neural Compressor tunes it: keep the products that move the
     answers most in fp32 until at least ``min_agreement`` of the calibration images keep fp32's
@@ -473,6 +495,10 @@ def keep_float_until_agreement(
         float_model: The fp32 graph it was quantised from (smoothed as it was).
         targets: The quantised products.
         calibration: uint8 images ``(n, H, W, 3)``.
+        thresholds: A multi-label file's per-label thresholds: the agreement is that of the
+            (image, label) decisions (:func:`~coopkit.exporters.verify.label_agreement`), the
+            closest calls are the decisions nearest their threshold, and distances are not centred
+            (a shift of every logit moves a sigmoid's answers).
 
     Returns:
         The products kept in fp32 (most sensitive first) and the file's ``(measured, estimated)``
@@ -483,30 +509,39 @@ def keep_float_until_agreement(
     def logits(model: Any, images: Any) -> np.ndarray:
         return _logits(model.SerializeToString(), images, input_name, batch_size)
 
+    def agreeing(reference: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+        return top1_agreement(reference, got) if thresholds is None else label_agreement(reference, got, thresholds)
+
     calibration = np.asarray(calibration)  # (n, H, W, 3) uint8
     reference = logits(float_model, calibration)
     quantised = onnx.load(os.fspath(target))
-    first = agreement = top1_agreement(reference, logits(quantised, calibration))
+    first = agreement = agreeing(reference, logits(quantised, calibration))
 
     def enough(got: tuple[float, float]) -> bool:
         return got[0] >= min_agreement and got[1] >= min_estimated
 
     if enough(agreement):
         return [], agreement
-    ordered = np.sort(reference, axis=1)
-    hard = np.argsort(ordered[:, -1] - ordered[:, -2])[:SENSITIVITY_IMAGES]  # the closest calls
-    want = reference[hard] - reference[hard].mean(1, keepdims=True)
+    if thresholds is None:
+        ordered = np.sort(reference, axis=1)
+        closeness = ordered[:, -1] - ordered[:, -2]  # (n,): top-1 margin
+    else:
+        t = np.asarray(thresholds, dtype=np.float32)
+        closeness = np.abs(sigmoid(reference) - t).min(1)  # (n,): the decision nearest its threshold
+    hard = np.argsort(closeness)[:SENSITIVITY_IMAGES]  # the closest calls
+    centre = thresholds is None  # a shift of every class moves no softmax answer, but moves sigmoids
+    want = reference[hard] - (reference[hard].mean(1, keepdims=True) if centre else 0.0)
 
     def distance(model: Any) -> float:
         got = logits(model, calibration[hard])
-        return float(np.square(got - got.mean(1, keepdims=True) - want).mean())
+        return float(np.square(got - (got.mean(1, keepdims=True) if centre else 0.0) - want).mean())
 
     alone = {name: distance(keep_float(quantised, float_model, [t for t in targets if t != name])) for name in targets}
     order = sorted(targets, key=lambda name: -alone[name])  # the largest error of its own first
 
     def trial(k: int) -> tuple[Any, tuple[float, float]]:
         model = keep_float(quantised, float_model, order[:k])
-        return model, top1_agreement(reference, logits(model, calibration))
+        return model, agreeing(reference, logits(model, calibration))
 
     failing, k = 0, 1
     while True:

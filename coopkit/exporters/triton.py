@@ -4,6 +4,7 @@ Layout written (each model folder replaces any previous one of that name as a wh
 
     <repo>/<name>/config.pbtxt                 platform onnxruntime_onnx, dynamic batching, the graph's I/O
     <repo>/<name>/labels.txt                   class names, one per line (Triton's classification extension)
+    <repo>/<name>/thresholds.txt               multi-label files: each label's threshold, one per line
     <repo>/<name>/1/model.onnx                 the graph (and its external data file, if any)
     <repo>/<name>_preprocess/config.pbtxt      backend python, dynamic batching: IMAGE_BYTES -> images
     <repo>/<name>_preprocess/metadata.json     the file's metadata (resize, crop, image size)
@@ -21,6 +22,14 @@ dynamic batcher groups requests of one shape. One that resizes bicubic is pinned
 wrong (onnxruntime issue 25264), and unlike ``coopkit.runtime`` Triton has no Pillow to fall back on.
 The ensemble's preprocessing step always sends Pillow's crops (``[H, W, 3]``), so every request
 batches with every other, and a raw-input graph's own resize then meets images already at its size.
+
+A multi-label file (DualCoOp and the multi-label baselines) is served the same way: its ``probs``
+are each label's own probability (sigmoid). The graph's and the ensemble's configs say so in their
+``parameters`` (``coopkit_task``: ``multilabel``; ``coopkit_thresholds``: the per-label thresholds
+as a JSON list), and ``thresholds.txt`` lists them beside ``labels.txt``, line for line: a client
+takes the labels whose probability reaches their threshold (as
+:func:`coopkit.runtime.results.rank` does with ``thresholds``). Triton's classification extension
+still ranks ``probs`` by value; its top-k is not that decision.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ _TRITON_TYPES = {
     "INT32": "TYPE_INT32",
 }
 LABELS_FILE = "labels.txt"
+THRESHOLDS_FILE = "thresholds.txt"
 
 
 def _sanitise(name: str) -> str:
@@ -81,6 +91,15 @@ def _block(entry: dict[str, Any], labels: bool) -> str:
 
 def _with_labels(entry: dict[str, Any], n_classes: int) -> bool:
     return entry["name"] in ("logits", "probs") and entry["dims"] == [n_classes]
+
+
+def _parameters(meta: Any) -> list[str]:
+    """A multi-label file's task and thresholds as Triton model parameters (none for a single-label file)."""
+    if not meta.multilabel:
+        return []
+    values = {"coopkit_task": meta.task, "coopkit_thresholds": json.dumps(meta.thresholds)}
+    return [f"parameters {{\n  key: {json.dumps(k)}\n  value {{\n    string_value: {json.dumps(v)}\n  }}\n}}"
+            for k, v in values.items()]
 
 
 def _config_text(name: str, max_batch_size: int, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
@@ -220,6 +239,7 @@ def write_triton_repository(
     inputs, outputs = _io(model.graph.input), _io(model.graph.output)
     model_name = _sanitise(name if name is not None else (src.name[:-5] if src.name.endswith(".onnx") else src.stem))
     config = _config_text(model_name, max_batch_size, inputs, outputs, max_queue_delay_us, len(meta.classnames))
+    config += "".join(p + "\n" for p in _parameters(meta))
     if meta.input_kind == INPUT_RAW and not resizes_in_graph(meta, CUDA):  # the runtime crops with Pillow there
         config += "instance_group [\n  {\n    kind: KIND_CPU\n  }\n]\n"
         logger.warning("%s: onnxruntime's CUDA resize is wrong for this raw-input file (onnxruntime issue 25264): "
@@ -231,14 +251,20 @@ def write_triton_repository(
         raise ValueError(f"Triton repository {repo} exists and is not a folder")
     pre_name, ens_name = f"{model_name}_preprocess", f"{model_name}_ensemble"
     labels = "".join(c.replace("\n", " ") + "\n" for c in meta.classnames)
+    thresholds = "".join(f"{t!r}\n" for t in meta.thresholds) if meta.thresholds is not None else None
     n_classes = len(meta.classnames)
+
+    def write_labels(tmp: Path) -> None:
+        (tmp / LABELS_FILE).write_text(labels, encoding="utf-8")
+        if thresholds is not None:
+            (tmp / THRESHOLDS_FILE).write_text(thresholds, encoding="utf-8")
 
     def fill_graph(tmp: Path) -> None:
         (tmp / "1").mkdir()
         shutil.copyfile(src, tmp / "1" / "model.onnx")
         for data in data_files:
             shutil.copyfile(src.parent / data, tmp / "1" / data)
-        (tmp / LABELS_FILE).write_text(labels, encoding="utf-8")
+        write_labels(tmp)
         (tmp / "config.pbtxt").write_text(config, encoding="utf-8")
 
     def fill_preprocess(tmp: Path) -> None:
@@ -254,10 +280,10 @@ def write_triton_repository(
 
     def fill_ensemble(tmp: Path) -> None:
         (tmp / "1").mkdir()
-        (tmp / LABELS_FILE).write_text(labels, encoding="utf-8")
+        write_labels(tmp)
         (tmp / "config.pbtxt").write_text(
-            _ensemble_config(ens_name, model_name, pre_name, max_batch_size, inputs[0]["name"], outputs, n_classes),
-            encoding="utf-8")
+            _ensemble_config(ens_name, model_name, pre_name, max_batch_size, inputs[0]["name"], outputs, n_classes)
+            + "".join(p + "\n" for p in _parameters(meta)), encoding="utf-8")
 
     try:
         repo.mkdir(parents=True, exist_ok=True)
@@ -267,6 +293,7 @@ def write_triton_repository(
             _install(repo, ens_name, fill_ensemble)
     except PermissionError:
         raise ValueError(f"cannot write the Triton repository {repo}: permission denied") from None
-    logger.info("wrote Triton model %s (%d classes, max batch %d)%s", final, n_classes, max_batch_size,
+    logger.info("wrote Triton model %s (%d %s, max batch %d)%s", final, n_classes,
+                "labels, multi-label" if meta.multilabel else "classes", max_batch_size,
                 f" with ensemble {ens_name}" if ensemble else "")
     return final

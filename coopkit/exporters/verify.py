@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import numpy as np
 
+from coopkit.multilabel_data import load_multilabel
 from coopkit.userdata import load_dataset
 from coopkit.runtime.contract import INPUT_NAME, OUTPUT_NAMES, ModelMetadata, TextEncoderSpec
 from coopkit.runtime.session import CPU_DISABLED_OPTIMIZERS, cpu_session
@@ -81,6 +82,11 @@ class ImageCheck:
         accuracy_torch: PyTorch's accuracy on the labelled verification images, if any.
         accuracy_onnx: The file's accuracy on them.
         n_labelled: Labelled verification images.
+        label_agreement: Multi-label files: the share of (image, label) decisions (probability at
+            or above the label's threshold) the file shares with PyTorch; ``None`` otherwise.
+        label_agreement_decisive: Multi-label int8: that share over the decisions PyTorch makes
+            clearly (its logit more than :data:`INT8_DECISIVE_MARGIN` cosine units from the threshold's).
+        n_decisive_labels: Multi-label int8: how many (image, label) decisions are clear.
     """
 
     max_abs_logit_diff: float
@@ -98,6 +104,9 @@ class ImageCheck:
     accuracy_torch: Optional[float] = None
     accuracy_onnx: Optional[float] = None
     n_labelled: Optional[int] = None
+    label_agreement: Optional[float] = None
+    label_agreement_decisive: Optional[float] = None
+    n_decisive_labels: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -173,9 +182,11 @@ def random_images(n: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
 def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The PyTorch classifier on uint8 images already at the model's size, in fp32.
 
-    Independent of the traced graph: the images go through the backbone's own torchvision
-    transform (``ToTensor`` + ``Normalize``), the classifier's image encoder run eagerly (not
-    patched for tracing, not wrapped in the graph's uint8 normalisation) and its head.
+    Independent of the traced graph: the images go through the classifier's own torchvision
+    transform (``ToTensor`` + ``Normalize``; DualCoOp's stretch leaves an image at its size
+    unchanged), the classifier's image encoder run eagerly (not patched for tracing, not wrapped
+    in the graph's uint8 normalisation) and its head; ``probs`` is the classifier's own rule
+    (softmax, or a multi-label run's sigmoid), ``image_embeds`` a region encoder's pooled token.
     """
     import torch
     import torch.nn.functional as F
@@ -183,19 +194,69 @@ def torch_reference(classifier: "Classifier", images: np.ndarray, batch_size: in
 
     from .graphs import image_encoder
 
-    bb = classifier.backbone
+    transform = getattr(classifier, "preprocess", None) or classifier.backbone.preprocess
     encoder = image_encoder(classifier).eval()
     device = next(encoder.parameters()).device
     head = classifier.head().to(device)
     logits, embeds = [], []
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for start in range(0, len(images), batch_size):
-            x = torch.stack([bb.preprocess(Image.fromarray(a)) for a in images[start : start + batch_size]])
-            e = F.normalize(encoder(x.to(device).float()).float(), dim=-1)  # (b, D)
-            embeds.append(e.cpu())
+            x = torch.stack([transform(Image.fromarray(a)) for a in images[start : start + batch_size]])
+            e = F.normalize(encoder(x.to(device).float()).float(), dim=-1)  # (b, D) or (b, positions, D)
+            embeds.append((e[:, 0] if e.dim() == 3 else e).cpu())  # (b, D)
             logits.append(head(e).float().cpu())  # (b, C)
     logit = torch.cat(logits)
-    return {"logits": logit.numpy(), "probs": logit.softmax(-1).numpy(), "image_embeds": torch.cat(embeds).numpy()}
+    probs = logit.sigmoid() if multilabel_thresholds(classifier) is not None else logit.softmax(-1)
+    return {"logits": logit.numpy(), "probs": probs.numpy(), "image_embeds": torch.cat(embeds).numpy()}
+
+
+def multilabel_thresholds(classifier: "Classifier") -> Optional[np.ndarray]:
+    """A multi-label classifier's (``config.task == "multilabel"``) per-label thresholds ``(C,)`` float32
+    (0.5 where it records none), else ``None``: what its exported file records and is verified with."""
+    if getattr(classifier.config, "task", "classify") != "multilabel":
+        return None
+    t = getattr(classifier, "thresholds", None)
+    return np.full(len(classifier.classnames), 0.5, np.float32) if t is None else np.asarray(t, np.float32)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-logits))`` in float32, without overflow warnings (what a multi-label file's ``probs`` is)."""
+    x = np.asarray(logits, dtype=np.float32)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def threshold_logits(thresholds: Any) -> np.ndarray:
+    """The logit of each probability threshold ``(C,)`` (``-inf`` at or below 0: the label always
+    applies; ``inf`` at or above 1): a label's decision is ``logit >= threshold_logit``, up to float
+    rounding at the boundary."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    out = np.where(t <= 0, -np.inf, np.inf)
+    inside = (t > 0) & (t < 1)
+    out[inside] = np.log(t[inside]) - np.log1p(-t[inside])
+    return out
+
+
+def label_agreement(reference: np.ndarray, got: np.ndarray, thresholds: Any) -> tuple[float, float]:
+    """``(measured, estimated)``: the share of (image, label) decisions (probability at or above the
+    label's threshold) the logits ``got`` share with the logits ``reference`` (both ``(n, C)``), the
+    multi-label counterpart of :func:`coopkit.exporters.int8.top1_agreement`.
+
+    ``estimated`` pairs, per label, every image's margin (its reference logit's distance to the
+    threshold's logit) with every image's move towards the threshold, and counts the pairs in
+    which the decision survives: what a few images that all keep their decisions do not vouch for.
+    """
+    n, classes = reference.shape
+    if n == 0 or classes == 0:
+        return 1.0, 1.0
+    t = np.asarray(thresholds, dtype=np.float32)
+    measured = float(((sigmoid(reference) >= t) == (sigmoid(got) >= t)).mean())
+    edge = threshold_logits(t)[None, :]  # (1, C)
+    side = np.where(reference >= edge, 1.0, -1.0)  # (n, C)
+    margin = np.abs(reference - edge)  # (n, C)
+    move = (reference - got) * side  # (n, C): how far towards the threshold the decision moved
+    estimated = float(np.mean([(move[None, :, c] < margin[:, None, c]).mean() for c in range(classes)]))
+    return measured, estimated
 
 
 def logit_scale(classifier: "Classifier") -> float:
@@ -243,7 +304,8 @@ def batch_invariance(session: Any, images: np.ndarray, batched_logits: np.ndarra
 
 
 def compare(
-    reference: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, scale: float = 1.0
+    reference: dict[str, np.ndarray], got: dict[str, np.ndarray], precision: str, scale: float = 1.0,
+    thresholds: Optional[np.ndarray] = None,
 ) -> ImageCheck:
     """The proof-of-equality numbers of one precision, and whether they pass (``problems``).
 
@@ -252,20 +314,32 @@ def compare(
     int8: the same top-1 on at least 99% of the images whose top two classes PyTorch
     separates by a cosine gap above :data:`INT8_DECISIVE_MARGIN` (``scale`` is
     ``exp(logit_scale)``); the agreement over all images is reported as well.
+
+    Multi-label (``thresholds``, one per label): the same rules on each label's decision
+    (probability at or above its threshold) instead of the top-1 class: fp32 and fp16, the same
+    decision wherever PyTorch's logit is more than twice the tolerance from the threshold's;
+    int8, the same decision on at least 99% of the (image, label) pairs PyTorch decides by more
+    than :data:`INT8_DECISIVE_MARGIN` cosine units; and ``probs`` must be ``sigmoid(logits)``.
     """
     ref, out = reference["logits"], got["logits"]
     diff = float(np.abs(ref - out).max()) if ref.size else 0.0
-    top_ref, top_out = ref.argmax(1), out.argmax(1)
-    agreement = float((top_ref == top_out).mean()) if len(ref) else 1.0
-    ordered = np.sort(ref, axis=1)
-    margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    if thresholds is None:  # the answer is the top-1 class; its margin, the gap to the runner-up
+        answer_ref, answer_out = ref.argmax(1), out.argmax(1)  # (n,)
+        ordered = np.sort(ref, axis=1)
+        margin = ordered[:, -1] - ordered[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    else:  # the answers are the label decisions; a margin, the logit's distance to its threshold's
+        t = np.asarray(thresholds, dtype=np.float32)
+        answer_ref, answer_out = sigmoid(ref) >= t, sigmoid(out) >= t  # (n, C)
+        margin = np.abs(ref - threshold_logits(t)[None, :])  # (n, C)
+    agreement = float((answer_ref == answer_out).mean()) if answer_ref.size else 1.0
     result = ImageCheck(
         max_abs_logit_diff=diff,
         mean_abs_logit_diff=float(np.abs(ref - out).mean()) if ref.size else 0.0,
         max_abs_embed_diff=float(np.abs(reference["image_embeds"] - got["image_embeds"]).max()),
-        top1_agreement=agreement,
+        top1_agreement=float((ref.argmax(1) == out.argmax(1)).mean()) if len(ref) else 1.0,
         n_images=int(len(ref)),
         finite=bool(all(np.isfinite(v).all() for v in got.values())),
+        label_agreement=None if thresholds is None else agreement,
     )
     problems = result.problems
     if not result.finite:
@@ -276,24 +350,34 @@ def compare(
         if diff > tol:
             problems.append(f"logits differ by up to {diff:.3g} (tolerance {tol:g})")
         clear = margin > 2 * tol
-        flips = int((top_ref[clear] != top_out[clear]).sum())
-        if flips:
+        flips = int((answer_ref[clear] != answer_out[clear]).sum())
+        if flips and thresholds is None:
             problems.append(f"top-1 differs on {flips} image(s) whose top-2 margin exceeds {2 * tol:g}")
+        elif flips:
+            problems.append(f"{flips} label decision(s) differ whose logit is more than {2 * tol:g} from the threshold")
     else:
         decisive = margin > INT8_DECISIVE_MARGIN * scale
         n_decisive = int(decisive.sum())
-        agree_decisive = float((top_ref[decisive] == top_out[decisive]).mean()) if n_decisive else 1.0
-        result.top1_agreement_decisive, result.n_decisive = agree_decisive, n_decisive
-        result.tolerance = (
-            f"top-1 agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin > {INT8_DECISIVE_MARGIN:g}"
-        )
-        if agree_decisive < INT8_MIN_TOP1_AGREEMENT:
-            problems.append(
-                f"top-1 agrees on only {agree_decisive:.1%} of the {n_decisive} images with a clear top class "
-                f"(need {INT8_MIN_TOP1_AGREEMENT:.0%})"
+        agree_decisive = float((answer_ref[decisive] == answer_out[decisive]).mean()) if n_decisive else 1.0
+        need = f"(need {INT8_MIN_TOP1_AGREEMENT:.0%})"
+        if thresholds is None:
+            result.top1_agreement_decisive, result.n_decisive = agree_decisive, n_decisive
+            result.tolerance = (
+                f"top-1 agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine margin > {INT8_DECISIVE_MARGIN:g}"
             )
-    if not np.allclose(got["probs"].sum(1), 1.0, atol=1e-3):
+            failure = f"top-1 agrees on only {agree_decisive:.1%} of the {n_decisive} images with a clear top class {need}"
+        else:
+            result.label_agreement_decisive, result.n_decisive_labels = agree_decisive, n_decisive
+            result.tolerance = (f"per-label decision agreement >= {INT8_MIN_TOP1_AGREEMENT:.0%} where the cosine "
+                                f"margin to the threshold > {INT8_DECISIVE_MARGIN:g}")
+            failure = (f"label decisions agree on only {agree_decisive:.1%} of the {n_decisive} clear (image, label) "
+                       f"pairs {need}")
+        if agree_decisive < INT8_MIN_TOP1_AGREEMENT:
+            problems.append(failure)
+    if thresholds is None and not np.allclose(got["probs"].sum(1), 1.0, atol=1e-3):
         problems.append("probs do not sum to 1")
+    if thresholds is not None and not np.allclose(got["probs"], sigmoid(out), atol=1e-5):
+        problems.append("probs are not the sigmoid of the logits")
     return result
 
 
@@ -315,7 +399,7 @@ def verify_image_graph(
         raise ExportVerificationError(f"graph input is {inp.name} {inp.type}, expected {INPUT_NAME} tensor(uint8)")
     reference = torch_reference(classifier, images)
     got = run_image_graph(session, images, batch_size)
-    result = compare(reference, got, precision, logit_scale(classifier))
+    result = compare(reference, got, precision, logit_scale(classifier), multilabel_thresholds(classifier))
     result.batch_sizes = sorted({1, 1 + BATCH_COMPANIONS, min(batch_size, len(images)), len(images) % batch_size or batch_size})
     result.batch_invariance_max_diff = invariance = batch_invariance(session, images, got["logits"])
     if not invariance <= BATCH_TOLERANCE[precision]:
@@ -476,9 +560,12 @@ def verify_raw_input(path: Path, meta: ModelMetadata, precision: str, images: Se
 def _sources(data: Any, classifier: "Classifier") -> tuple[Sequence[Any], Optional[np.ndarray]]:
     """The image sources of ``verify_data`` (a labelled set's test split, or a list) and their labels."""
     labels = None
-    if isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel"):
+    sources: Sequence[Any]
+    if multilabel_thresholds(classifier) is not None and (isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel")):
+        sources = load_multilabel(data, classnames=classifier.classnames).paths  # a multi-label set: its images
+    elif isinstance(data, (str, os.PathLike)) or hasattr(data, "relabel"):
         dataset = load_dataset(data, split="test").relabel(classifier.classnames)
-        sources: Sequence[Any] = dataset.paths
+        sources = dataset.paths
         labels = np.asarray(dataset.labels)
     else:
         sources = list(data)

@@ -258,6 +258,13 @@ class DualCoOp(MethodModel):
         """DualCoOp's evaluation transform: stretch to ``input_size`` squared (no crop), normalise."""
         return squash_transform(self.backbone, self.input_size)
 
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """:attr:`preprocess` under open_clip's names (what an exported file records): the backbone's
+        mean and std, a bilinear stretch (torchvision's ``Resize`` default) to ``input_size`` squared."""
+        return {**self.backbone.preprocess_cfg, "size": (self.input_size, self.input_size), "resize_mode": "squash",
+                "interpolation": "bilinear"}
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> L2-normalised region features ``(B, HW + 1, D)``."""
         return F.normalize(self.image_encoder()(pixels).float(), dim=-1)

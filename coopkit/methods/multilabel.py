@@ -14,8 +14,8 @@ region/global feature caching with DualCoOp's transforms, and the two simple bas
   minus the mean initial logit of the training images, so training starts near probability 0.5),
   trained with :func:`asymmetric_loss_sigmoid` and DualCoOp's recipe.
 
-Both baselines are constant-weight heads (:class:`MultiLabelLinearHead`: ``x W^T + b``), so they
-work on every open_clip family CoOp handles.
+Both baselines are constant-weight heads (:class:`coopkit.heads.LinearHead`: ``x W^T + b``, the head
+every constant-weight method exports), so they work on every open_clip family CoOp handles.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import ConfigMixin, PromptConfig
 from ..features import encode_images
+from ..heads import LinearHead
 from ..multilabel_data import MultiLabelDataset
 from ..multilabel_metrics import DEFAULT_THRESHOLD, choose_thresholds, multilabel_report
 from ..prompts import PromptLearner
@@ -178,19 +179,6 @@ HEAD_TENSORS_FILE = "multilabel_head.safetensors"
 TASK = "multilabel"
 
 
-class MultiLabelLinearHead(nn.Module):
-    """L2-normalised image features ``(B, D)`` -> per-label logits ``(B, C)``: ``x W^T + b``; sigmoid gives
-    each label's probability."""
-
-    def __init__(self, weight: torch.Tensor, bias: float = 0.0) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.detach().float().cpu().clone(), persistent=False)  # (C, D)
-        self.bias = float(bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.weight.T + self.bias
-
-
 class MultiLabelHeadModel(MethodModel):
     """A baseline's fitted multi-label model: the frozen image encoder, ``x W^T + b`` and per-label thresholds.
 
@@ -223,7 +211,9 @@ class MultiLabelHeadModel(MethodModel):
         return self.tensors["weight"]
 
     def head(self) -> nn.Module:
-        return MultiLabelLinearHead(self.tensors["weight"], float(self.tensors["bias"][0])).eval()
+        # (B, D) -> per-label logits (B, C), x W^T + b; its sigmoid is each label's probability. The weight is
+        # stored as one constant the exporter writes as an initializer (the runtime checks its weights_sha256)
+        return LinearHead(self.tensors["weight"], float(self.tensors["bias"][0])).eval()
 
     def state(self) -> dict[str, torch.Tensor]:
         return {**self.tensors, "thresholds": self.thresholds.detach().cpu().contiguous()}

@@ -50,7 +50,8 @@ DECODE_NICENESS = 5
 class BatchConfig(ConfigMixin):
     """How a collection is labelled (``coopkit predict MODEL INPUT --out FILE``)."""
 
-    top_k: int = field(default=5, metadata={"help": "Labels (and probabilities) per image."})
+    top_k: int = field(default=5, metadata={
+        "help": "Labels (and probabilities) per image (a multi-label file: every label at or above its threshold)."})
     batch_size: int = field(default=32, metadata={"help": "Images per session run."})
     workers: Optional[int] = field(default=None, metadata={
         "help": "Threads decoding images while the session runs (default: one per usable CPU, at most 8)."})
@@ -130,7 +131,7 @@ def predict_rows(clf: Classifier, paths: Iterable[str], config: Optional[BatchCo
                 crops = [d for d in done if not isinstance(d, str)]
                 batch = np.stack(crops) if crops else np.zeros((0, h, w, 3), np.uint8)  # (n_ok, H, W, 3)
                 classnames, outputs = clf.run_batch(batch, cfg.outputs)
-                yield make_rows(chunk, errs, classnames, outputs, cfg.top_k, cfg.fields)
+                yield make_rows(chunk, errs, classnames, outputs, cfg.top_k, cfg.fields, clf.thresholds)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

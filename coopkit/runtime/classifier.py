@@ -4,6 +4,11 @@ Data flow: image inputs -> :func:`~coopkit.runtime.preprocess.preprocess` (decod
 crop as open_clip does, per the file's metadata) -> uint8 batch ``(n, H, W, 3)`` -> the graph
 (normalise, image encoder, L2, x W^T) -> logits / probabilities / embeddings.
 
+A multi-label file (``task="multilabel"``: DualCoOp and the multi-label baselines) gives each
+label's own probability (``sigmoid(logits)``, the region aggregation inside the graph), and its
+predictions carry every label at or above its threshold (:attr:`Classifier.thresholds`) and every
+label's probability (:attr:`Prediction.label_probs`).
+
 A raw-input file (``input_kind="raw"``) resizes and crops in its graph: the runtime only decodes
 (:func:`~coopkit.runtime.preprocess.decode`: EXIF orientation, RGB) and runs images of the same
 size together. Where onnxruntime's resize kernel is known to be wrong (CUDA, cubic with
@@ -175,6 +180,24 @@ class Classifier:
     def classnames(self) -> list[str]:
         """Class names, in the order of the logits' columns."""
         return list(self._head.classnames)
+
+    @property
+    def task(self) -> str:
+        """``classify`` (one label per image, softmax) or ``multilabel`` (each label's own
+        probability; every label at or above its threshold applies): see :class:`ModelMetadata`."""
+        return self.metadata.task
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the file answers every label that applies (``task == "multilabel"``)."""
+        return self.metadata.multilabel
+
+    @property
+    def thresholds(self) -> Optional[np.ndarray]:
+        """Multi-label files: each label's decision threshold on its probability ``(n_classes,)``
+        float32, in the order of :attr:`classnames`; ``None`` for single-label files."""
+        t = self.metadata.thresholds
+        return None if t is None else np.asarray(t, dtype=np.float32)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -389,7 +412,9 @@ class Classifier:
         return self._collect(images, "logits")
 
     def probs(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
-        """Class probabilities ``(n_images, n_classes)`` (softmax of the logits over the label set), float32."""
+        """Class probabilities ``(n_images, n_classes)``, float32: the softmax of the logits over the
+        label set, or for a multi-label file every label's own probability (``sigmoid(logits)``,
+        rows need not sum to 1; label ``c`` applies where ``probs[:, c] >= thresholds[c]``)."""
         return self._collect(images, "probs")
 
     def scores(self, images: Union[ImageInput, Iterable[ImageInput]]) -> np.ndarray:
@@ -397,9 +422,14 @@ class Classifier:
         trained with a sigmoid loss (SigLIP family: its file records a logit bias); each class on
         its own, as the model was trained to output them.
 
+        A multi-label file's scores are its probabilities (:meth:`probs`: it was trained with a
+        sigmoid per label).
+
         Raises:
             ValueError: a softmax-trained model (no logit bias); use :meth:`probs`.
         """
+        if self.multilabel:
+            return self.probs(images)
         if self.metadata.logit_bias is None:
             raise ValueError(
                 f"{self.path} is a softmax-trained model (no logit bias), so sigmoid scores mean nothing for it; "
@@ -424,7 +454,9 @@ class Classifier:
         Args:
             images: One image or a list of them: paths, encoded bytes, PIL images, uint8 HWC
                 arrays (or a uint8 ``(n, H, W, C)`` array), in any mix.
-            top_k: How many labels to return per image (at most the number of classes).
+            top_k: How many labels to return per image (at most the number of classes). A
+                multi-label file returns every label at or above its threshold instead, and
+                every label's probability in :attr:`Prediction.label_probs`.
             errors: ``raise`` (the first unreadable image raises, naming it) or ``skip``
                 (unreadable images get a result with ``error`` set; the others are classified).
 
@@ -439,7 +471,7 @@ class Classifier:
         for start, chunk in zip(range(0, len(sources), self.batch_size), self._chunks(sources)):
             batch, errs = self._prepare_batch(chunk, skip=errors == "skip")
             probs = self._infer(batch, head, ("probs",))["probs"]
-            results += rank(probs, head.classnames, [describe(s) for s in chunk], errs, k, start)
+            results += rank(probs, head.classnames, [describe(s) for s in chunk], errs, k, start, self.thresholds)
         return results
 
     # --- new classes through the exported text graph ------------------------------------------

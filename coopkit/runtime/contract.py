@@ -7,13 +7,22 @@ coopkit trains a prompt and when the runtime rebuilds it, lives here:
   :data:`INPUT_CROPPED` kind already resized and cropped to ``image_size``, of the
   :data:`INPUT_RAW` kind decoded images of any size, resized and cropped inside the graph, the
   images of one run all of one size) to ``logits`` ``(batch, n_classes)``, ``probs``
-  (softmax of the logits) and ``image_embeds`` ``(batch, embed_dim)`` (L2-normalised);
+  (softmax of the logits; in a :data:`TASK_MULTILABEL` file each label's own probability,
+  ``sigmoid(logits)``, so a row need not sum to 1) and ``image_embeds`` ``(batch, embed_dim)``
+  (L2-normalised);
 * **scores**: ``logits = exp(logit_scale) * cos(image, class) + logit_bias`` where the model
   was trained with a logit bias (SigLIP's sigmoid loss; :attr:`ModelMetadata.logit_bias`),
   else without; ``probs`` is the softmax over the label set (classification: the bias cancels);
   for sigmoid-trained models, ``scores = sigmoid(logits)`` is each class's own match
-  probability, as the model was trained to output it (:data:`SCORE_RULE`); the
-  optional text graph maps ``token_ids`` int64 ``(n, context_length)`` to ``class_weights``
+  probability, as the model was trained to output it (:data:`SCORE_RULE`);
+* **tasks**: a file answers one label per image (:data:`TASK_CLASSIFY`: ``probs`` is a softmax,
+  the best labels win) or every label that applies (:data:`TASK_MULTILABEL`: ``probs`` holds
+  independent sigmoids, and label ``c`` applies where ``probs[:, c] >= thresholds[c]``, the
+  per-label thresholds chosen on validation data and stored, sealed, in the metadata); a
+  multi-label file is written with schema version :data:`MULTILABEL_SCHEMA_VERSION` and its
+  sidecar with sidecar version 2 (:data:`TASK_SCHEMA_VERSIONS`), which readers older than the
+  task refuse instead of reading its sigmoids as a softmax;
+* **the text graph**: the optional text graph maps ``token_ids`` int64 ``(n, context_length)`` to ``class_weights``
   ``(n, embed_dim)``, already multiplied by ``exp(logit_scale)``;
 * **class names**: a list of distinct, non-blank strings; ``_`` is read as a space when a
   name goes into a prompt (:func:`prompt_name`);
@@ -40,12 +49,29 @@ Standard library only, so the torch-free runtime and the training side share it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence, Union
 
 from .atomic import sha256_hex
 
+#: The schema version of single-label files (every coopkit reads it; files before the field existed
+#: count as 0).
 SCHEMA_VERSION = 1
+#: What a file answers: one label per image (softmax) or every label that applies (per-label sigmoids
+#: and thresholds); a run's ``task`` takes the same values (:class:`coopkit.config.RunConfig`).
+TASK_CLASSIFY = "classify"
+TASK_MULTILABEL = "multilabel"
+TASKS = (TASK_CLASSIFY, TASK_MULTILABEL)
+#: The schema version of multi-label files: readers that do not know ``task`` (coopkit 0.2 and
+#: every runtime before multi-label files, which read up to :data:`SCHEMA_VERSION`) refuse them,
+#: instead of ranking their independent sigmoids as one softmax and ignoring the thresholds.
+MULTILABEL_SCHEMA_VERSION = 2
+#: The version each task's files (and sidecars) are written with: the oldest whose readers know the
+#: task, so that a single-label file stays readable by older runtimes.
+TASK_SCHEMA_VERSIONS = {TASK_CLASSIFY: SCHEMA_VERSION, TASK_MULTILABEL: MULTILABEL_SCHEMA_VERSION}
+#: The newest schema this coopkit reads.
+NEWEST_SCHEMA_VERSION = max(TASK_SCHEMA_VERSIONS.values())
 METADATA_KEY = "coopkit"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs", "image_embeds")
@@ -401,7 +427,9 @@ class ModelMetadata:
             unless told not to.
         coopkit_version: Version of coopkit that wrote the file.
         text_encoder: The companion text graph (:class:`TextEncoderSpec`), or ``None``.
-        schema_version: Version of this schema.
+        schema_version: Version of the schema the file needs its reader to know: derived from
+            ``task`` when not given (:data:`TASK_SCHEMA_VERSIONS`: 1 for single-label files, 2 for
+            multi-label ones, which older readers refuse).
         logit_bias: The model's logit bias (SigLIP-family models), baked into the graph's
             ``logits`` and added to logits computed from text-graph class weights; ``None``
             for models without one (files written before it existed).
@@ -414,6 +442,13 @@ class ModelMetadata:
             ``interpolation``, ``image_size`` and ``fill_color``, for clients that apply it rather
             than derive it; ``None`` in files written before it existed (coopkit 0.2.0 and
             older), whose plan is derived from those fields as before.
+        task: :data:`TASK_CLASSIFY` (files without this field: ``probs`` is a softmax) or
+            :data:`TASK_MULTILABEL` (``probs`` holds each label's own probability,
+            ``sigmoid(logits)``; the labels that apply are those at or above their threshold).
+        thresholds: Multi-label files: each label's decision threshold on its probability, in
+            class order (chosen on validation data when the run was fitted; 0.5 otherwise): finite
+            numbers, below 0 for a label that always applies (every validation image had it);
+            ``None`` for single-label files.
         metadata_sha256: sha256 of every other field as stored (:func:`metadata_checksum`),
             written by :meth:`to_json` and checked by :meth:`from_json`: class names, templates,
             input size, mean and std, the resize and crop rule, logit bias, method, prompt
@@ -440,10 +475,12 @@ class ModelMetadata:
     tensors_sha256: str = ""
     coopkit_version: str = ""
     text_encoder: Optional[TextEncoderSpec] = None
-    schema_version: int = SCHEMA_VERSION
+    schema_version: Optional[int] = None  # None: the version of the task (TASK_SCHEMA_VERSIONS)
     logit_bias: Optional[float] = None
     input_kind: str = INPUT_CROPPED
     resize_plan: Optional[ResizeSpec] = None
+    task: str = TASK_CLASSIFY
+    thresholds: Optional[list[float]] = None
     metadata_sha256: str = field(default="", compare=False)  # derived from the others: not part of equality
 
     def __post_init__(self) -> None:
@@ -471,12 +508,41 @@ class ModelMetadata:
                 raise MetadataError(f"{name} {value!r} is not one of {valid}")
         if not isinstance(self.method, str) or not self.method.strip():
             raise MetadataError(f"method must be a non-empty string, got {self.method!r}")
+        self._check_task()
         if self.text_encoder is not None:
             self.text_encoder = TextEncoderSpec.from_dict(self.text_encoder)
         if self.resize_plan is not None:
             self.resize_plan = ResizeSpec.from_dict(self.resize_plan)
             if self.resize_plan.size != self.image_size:
                 raise MetadataError(f"resize_plan.size {self.resize_plan.size} differs from image_size {self.image_size}")
+
+    def _check_task(self) -> None:
+        """``task``, ``thresholds`` and ``schema_version`` agree with each other and the class names."""
+        if self.task not in TASKS:
+            raise MetadataError(f"task {self.task!r} is not one of {TASKS}")
+        needed = TASK_SCHEMA_VERSIONS[self.task]
+        if self.schema_version is None:
+            self.schema_version = needed
+        elif isinstance(self.schema_version, bool) or not isinstance(self.schema_version, int) \
+                or (self.schema_version < needed and self.task != TASK_CLASSIFY):  # classify: 0 before the field
+            raise MetadataError(f"a {self.task} file needs schema_version {needed} or newer, got {self.schema_version!r}")
+        if self.task == TASK_CLASSIFY:
+            if self.thresholds is not None:
+                raise MetadataError(f"thresholds are for {TASK_MULTILABEL} files; this one's task is {self.task!r}")
+            return
+        t = self.thresholds
+        n = len(self.classnames)
+        if isinstance(t, (str, bytes)) or not isinstance(t, Sequence) or len(t) != n:
+            raise MetadataError(f"a {TASK_MULTILABEL} file needs thresholds: one per class ({n}), got {t!r:.80}")
+        bad = [v for v in t if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
+        if bad:
+            raise MetadataError(f"thresholds must be finite numbers, got {bad[:3]!r}")
+        self.thresholds = [float(v) for v in t]
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the file answers every label that applies (:data:`TASK_MULTILABEL`)."""
+        return self.task == TASK_MULTILABEL
 
     def to_json(self) -> str:
         """Serialise to the JSON string stored in the ONNX file, sealed by ``metadata_sha256``."""
@@ -494,10 +560,10 @@ class ModelMetadata:
         if not isinstance(raw, dict):
             raise MetadataError("coopkit metadata is not a JSON object")
         version = raw.get("schema_version", 0)
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if not isinstance(version, int) or version > NEWEST_SCHEMA_VERSION:
             raise MetadataError(
                 f"file has metadata schema version {version}, this coopkit reads up to "
-                f"{SCHEMA_VERSION}; upgrade coopkit"
+                f"{NEWEST_SCHEMA_VERSION}; upgrade coopkit"
             )
         recorded = raw.get("metadata_sha256")
         if recorded and recorded != metadata_checksum(raw):  # absent or empty: unsealed, see check_sealed
@@ -521,9 +587,14 @@ class ModelMetadata:
 
 # --- the sidecar ---------------------------------------------------------------------------------
 
-#: ``format`` of a sidecar, and the newest sidecar version this coopkit writes and reads.
+#: ``format`` of a sidecar, and the version of single-label sidecars (every coopkit.js reads it).
 SIDECAR_FORMAT = "coopkit-sidecar"
 SIDECAR_VERSION = 1
+#: The sidecar version of multi-label files: web clients older than the task (which read up to
+#: :data:`SIDECAR_VERSION`) refuse it instead of ranking its sigmoids as a softmax.
+MULTILABEL_SIDECAR_VERSION = 2
+#: The newest sidecar version this coopkit reads.
+NEWEST_SIDECAR_VERSION = MULTILABEL_SIDECAR_VERSION
 #: What each file listed in a sidecar is: the image graph (always first), its external data, the
 #: companion text graph, its external data and its tokenizer.
 SIDECAR_ROLES = ("model", "external_data", "text_model", "text_external_data", "tokenizer")
@@ -545,7 +616,8 @@ def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[
             graph (role ``model``) first; roles from :data:`SIDECAR_ROLES`.
 
     Returns:
-        A JSON-ready dict: ``format``, ``sidecar_version``, ``files``, the graph's ``input``
+        A JSON-ready dict: ``format``, ``sidecar_version`` (2 for a multi-label file, else 1),
+        ``files``, the graph's ``input``
         (name, dtype, shape, kind: crops at ``image_size`` or raw images of any size) and
         ``outputs``, and ``metadata``.
     """
@@ -559,7 +631,7 @@ def build_sidecar(meta: ModelMetadata, files: Sequence[dict[str, Any]]) -> dict[
     shape = ["batch", h, w, 3] if meta.input_kind == INPUT_CROPPED else ["batch", "height", "width", 3]
     return {
         "format": SIDECAR_FORMAT,
-        "sidecar_version": SIDECAR_VERSION,
+        "sidecar_version": MULTILABEL_SIDECAR_VERSION if meta.multilabel else SIDECAR_VERSION,
         "files": listed,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": shape, "channels": "RGB", "kind": meta.input_kind},
         "outputs": list(OUTPUT_NAMES),
@@ -578,8 +650,8 @@ def sidecar_mismatches(raw: Any, meta: ModelMetadata, model_bytes: Optional[int]
     if not is_sidecar(raw):
         return [f"not a coopkit sidecar (no format {SIDECAR_FORMAT!r})"]
     version = raw.get("sidecar_version")
-    if not isinstance(version, int) or version > SIDECAR_VERSION:
-        return [f"sidecar version {version!r}, this coopkit reads up to {SIDECAR_VERSION}"]
+    if not isinstance(version, int) or version > NEWEST_SIDECAR_VERSION:
+        return [f"sidecar version {version!r}, this coopkit reads up to {NEWEST_SIDECAR_VERSION}"]
     try:
         theirs = ModelMetadata.from_json(json.dumps(raw.get("metadata")))
     except MetadataError as e:

@@ -152,7 +152,7 @@ class ClassifierActor:
         errors = [str(e) or None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         classnames, outputs = self.clf.run_batch(np.asarray(batch["image"])[ok], self.config.outputs)
-        rows = make_rows(paths, errors, classnames, outputs, self.config.top_k, self.config.fields)
+        rows = make_rows(paths, errors, classnames, outputs, self.config.top_k, self.config.fields, self.clf.thresholds)
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 

@@ -11,11 +11,14 @@ Endpoints:
 * ``POST /predict[?top_k=K]``: the body is one encoded image (any ``Content-Type`` but
   multipart), answered ``{"labels": [...], "probs": [...]}``; or ``multipart/form-data`` with
   one or more file parts, answered ``{"results": [{"name", "labels", "probs"} or {"name",
-  "error"}, ...]}`` (400 when no part was readable).
-* ``GET /health`` (the process answers; it names the engine that runs the graph and, for
-  ``engine="auto"``, every engine's figures), ``/ready`` (the model is loaded and the server is
-  not shutting down; 503 otherwise), ``/metadata`` (classes, precision, provider, input
-  size, limits), ``/metrics`` (Prometheus text: requests, errors, batch sizes, latency).
+  "error"}, ...]}`` (400 when no part was readable). A multi-label file answers every label at
+  or above its threshold in ``labels`` / ``probs`` (``top_k`` does not cut them; empty when none
+  applies) and every label's own probability in ``label_probs`` (``{label: probability}``).
+* ``GET /health`` (the process answers; it names the task, ``classify`` or ``multilabel``, and
+  the engine that runs the graph and, for ``engine="auto"``, every engine's figures), ``/ready``
+  (the model is loaded and the server is not shutting down; 503 otherwise), ``/metadata``
+  (classes, task and per-label thresholds, precision, provider, input size, limits),
+  ``/metrics`` (Prometheus text: requests, errors, batch sizes, latency).
 
 **Micro-batching**: every decoded image waits in one bounded queue; a single batcher takes up
 to ``max_batch_size`` images, waiting at most ``max_wait_ms`` after the first for more, and
@@ -340,7 +343,7 @@ class App:
         return self._json("other", 405, {"error": f"{request.method} is not allowed on {request.url.path}"})
 
     async def health(self, request: Any) -> Any:
-        return self._json("/health", 200, {"status": "ok", "engine": self.clf.engine.to_dict()})
+        return self._json("/health", 200, {"status": "ok", "task": self.clf.task, "engine": self.clf.engine.to_dict()})
 
     async def ready_check(self, request: Any) -> Any:
         if not self.ready:
@@ -350,7 +353,8 @@ class App:
     async def metadata(self, request: Any) -> Any:
         m, c = self.clf.metadata, self.config
         return self._json("/metadata", 200, {
-            "classes": self.clf.classnames, "precision": m.precision, "provider": self.clf.provider,
+            "classes": self.clf.classnames, "task": m.task, "thresholds": m.thresholds,
+            "precision": m.precision, "provider": self.clf.provider,
             "device": self.clf.device, "input_size": list(self.clf.image_size), "model": m.model,
             "max_batch_size": c.max_batch_size, "max_wait_ms": c.max_wait_ms, "queue_size": c.queue_size,
             "max_body_bytes": c.max_body_bytes, "max_images": c.max_images, "max_pixels": c.max_pixels,
@@ -444,7 +448,8 @@ class App:
         return parts
 
     async def _one(self, data: bytes, top_k: int) -> dict[str, Any]:
-        """Decode (bounded), queue for the batcher, rank: ``{"labels", "probs"}`` or ``{"error", "status"}``."""
+        """Decode (bounded), queue for the batcher, rank: ``{"labels", "probs"}`` (and a multi-label file's
+        ``"label_probs"``) or ``{"error", "status"}``."""
         assert self.decode_slots is not None
         from starlette.concurrency import run_in_threadpool
 
@@ -456,8 +461,10 @@ class App:
                 return {"error": e.message, "status": e.status}
         classnames, probs = await self.batcher.submit(crop)
         self.metrics.images.labels("ok").inc()
-        (pred,) = rank(probs[None], classnames, [""], [None], top_k)
-        return {"labels": list(pred.labels), "probs": list(pred.probs)}
+        (pred,) = rank(probs[None], classnames, [""], [None], top_k, thresholds=self.clf.thresholds)
+        answer = pred.to_dict()
+        del answer["source"]
+        return answer
 
     def _decode(self, data: bytes) -> np.ndarray:
         size: Optional[tuple[int, int]] = None

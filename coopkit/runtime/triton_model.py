@@ -7,6 +7,10 @@ bytes to the ensemble ``<name>_ensemble`` and get the ONNX graph's outputs back.
 Triton it needs ``pip install coopkit`` in the Python backend's environment (the torch-free
 runtime: numpy, Pillow); ``triton_python_backend_utils`` is Triton's own module, imported only
 when Triton runs the model, so this file imports anywhere.
+
+Images are prepared as the file's metadata says (a multi-label DualCoOp file: stretched to its
+input size); a multi-label file's ``metadata.json`` also records its task and per-label
+thresholds, which a client applies to the ensemble's ``probs`` (each label's own probability).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 **Formats** (by the extension of ``out``): ``.parquet``, ``.jsonl`` or ``.csv``, one row per
 input in input order: ``path, label, prob, labels, probs[, logits][, embedding], error``.
+For a multi-label file ``labels`` and ``probs`` hold every label at or above its threshold (most
+probable first; empty when none applies) and ``label``, ``prob`` the most probable of them.
 An unreadable input gets a row with ``error`` set (never fatal); its other fields are empty.
 
 **Resume**: rows are written in input order, so the rows already in ``out`` are a prefix of the
@@ -55,13 +57,15 @@ def make_rows(
     outputs: dict[str, np.ndarray],
     top_k: int,
     fields: Sequence[str],
+    thresholds: Optional[np.ndarray] = None,
 ) -> list[Row]:
     """One output row per input from :meth:`~coopkit.runtime.classifier.Classifier.run_batch` outputs.
 
     ``outputs`` hold the rows of the inputs whose ``errors`` entry is ``None``, in order (as for
-    :func:`~coopkit.runtime.results.rank`); ``fields`` is :attr:`~coopkit.runtime.batch.BatchConfig.fields`.
+    :func:`~coopkit.runtime.results.rank`); ``fields`` is :attr:`~coopkit.runtime.batch.BatchConfig.fields`;
+    ``thresholds`` those of a multi-label file (:attr:`~coopkit.runtime.classifier.Classifier.thresholds`).
     """
-    ranked = rank(outputs["probs"], classnames, paths, errors, top_k)
+    ranked = rank(outputs["probs"], classnames, paths, errors, top_k, thresholds=thresholds)
     extra = {"logits": outputs.get("logits"), "embedding": outputs.get("image_embeds")}
     rows: list[Row] = []
     ok = 0
