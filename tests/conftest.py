@@ -126,3 +126,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("openvino"):
             item.add_marker(skip)
+
+
+# --- the embedded model and the world's multi-label task ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def embedded_backbone():
+    """coopkit-tiny with its shipped weights, on the CPU. Shared: do not modify it."""
+    import coopkit
+
+    return coopkit.load_backbone("coopkit-tiny", pretrained="synthetic", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def multilabel_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ``shape_tags`` task of the embedded world: ``train.csv`` (40 images), ``val.csv`` (24),
+    ``test.csv`` (32) and their images (read-only: write another to modify)."""
+    from coopkit.embedded import world
+
+    return world.write_multilabel_task("shape_tags", tmp_path_factory.mktemp("shape_tags"), train_images=40,
+                                       val_images=24, test_images=32, seed=4)
