@@ -141,9 +141,9 @@ def embedded_backbone():
 
 @pytest.fixture(scope="session")
 def multilabel_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small ``shape_tags`` task of the embedded world: ``train.csv`` (40 images), ``val.csv`` (24),
-    ``test.csv`` (32) and their images (read-only: write another to modify)."""
+    """A small task of the embedded world (its default multi-label task): ``train.csv`` (40 images),
+    ``val.csv`` (24), ``test.csv`` (32) and their images (read-only: write another to modify)."""
     from coopkit.embedded import world
 
-    return world.write_multilabel_task("shape_tags", tmp_path_factory.mktemp("shape_tags"), train_images=40,
-                                       val_images=24, test_images=32, seed=4)
+    return world.write_multilabel_task(world.DEFAULT_MULTILABEL_TASK, tmp_path_factory.mktemp("multilabel"),
+                                       train_images=40, val_images=24, test_images=32, seed=4)

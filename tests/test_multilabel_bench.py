@@ -62,7 +62,7 @@ def test_bench_rows_are_the_fitted_models_test_scores(embedded_backbone, multila
     rows = multilabel_bench(task / "train.csv", task / "test.csv", val=task / "val.csv", shots=[2], known=[],
                             seeds=[3], methods=["coop-sigmoid"], epochs=3, backbone=embedded_backbone, progress=False)
     assert len(rows) == 1
-    labels = world.multilabel_classes("shape_tags")
+    labels = world.multilabel_classes(world.DEFAULT_MULTILABEL_TASK)
     pool, val, test = (load_multilabel(task / f"{s}.csv", classnames=labels) for s in ("train", "val", "test"))
     clf = coopkit.fit(few_shot_multilabel(pool, 2, 3), backbone=embedded_backbone, method="coop-sigmoid", val=val,
                       seed=3, epochs=3, progress=False)
@@ -111,7 +111,7 @@ def test_multilabel_demo_runs_end_to_end(tmp_path, monkeypatch):
         assert clf.multilabel
         assert 100 * clf.evaluate(out / "task" / "test.csv")["mAP"] == pytest.approx(float(printed), abs=0.051)
     truths = re.findall(r"^\s+(\d{4}\.png): .*\(true: (.*)\)$", res.output, flags=re.M)
-    test = load_multilabel(out / "task" / "test.csv", classnames=world.multilabel_classes("shape_tags"))
+    test = load_multilabel(out / "task" / "test.csv", classnames=world.multilabel_classes(world.DEFAULT_MULTILABEL_TASK))
     assert truths == [(f"{i:04d}.png", ", ".join(test.labels_of(i))) for i in range(4)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     res = CliRunner().invoke(main, ["demo", "--multilabel", "--out", str(out), "--shots", "4"])

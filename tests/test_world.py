@@ -213,7 +213,7 @@ def test_multilabel_partial_labels_hide_training_labels_only(tmp_path):
 
 
 def test_multilabel_bad_input_names_the_choices(tmp_path):
-    with pytest.raises(ValueError, match="valid: shape_tags"):
+    with pytest.raises(ValueError, match="valid: color_tags, shape_tags"):
         world.write_multilabel_task("shapes", tmp_path)
     with pytest.raises(ValueError, match=r"known must be a fraction in \(0, 1\]"):
         world.write_multilabel_task("shape_tags", tmp_path, known=0.0)
