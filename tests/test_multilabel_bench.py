@@ -49,7 +49,7 @@ def test_bench_multilabel_writes_a_row_per_method_setting_and_seed(multilabel_ta
         for r in rows]
     summary = (out / "summary.md").read_text()
     assert "## Few-shot" in summary and "## Partial labels" in summary and "±" in summary
-    assert "chosen on the validation set" in summary
+    assert "chosen on the validation set" in summary and "A random ranking's test mAP: about" in summary
     assert all(f"| {m} |" in summary for m in MULTILABEL)
     assert (out / "multilabel.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Few-shot" in res.output
@@ -116,3 +116,15 @@ def test_multilabel_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     res = CliRunner().invoke(main, ["demo", "--multilabel", "--out", str(out), "--shots", "4"])
     assert res.exit_code == 2 and "--shots is the single-label demo's" in res.output
+
+
+def test_random_ranking_map_is_what_random_scores_reach(multilabel_task):
+    from coopkit.multilabel_data import partial_labels
+    from coopkit.research.multilabel import random_ranking_map
+
+    test = partial_labels(load_multilabel(multilabel_task / "test.csv"), 0.7, seed=1)
+    rng = np.random.default_rng(0)
+    reached = np.mean([mean_average_precision(rng.random(test.targets.shape), test.targets) for _ in range(2000)])
+    assert random_ranking_map(test) == pytest.approx(reached, abs=0.005)
+    share = np.mean([(t == 1).sum() / (t != -1).sum() for t in test.targets.T])
+    assert random_ranking_map(test) > share + 0.05  # on 32 images chance is well above the share of positives

@@ -133,7 +133,7 @@ def _multilabel_demo(out_dir: Path, task: str, epochs: Optional[int], seed: int,
     t0 = time.time()
     import coopkit
     from ..multilabel_data import load_multilabel
-    from ..research.multilabel import multilabel_methods
+    from ..research.multilabel import multilabel_methods, random_ranking_map
 
     backbone = coopkit.load_backbone("coopkit-tiny", pretrained="synthetic", device=device)
     methods = multilabel_methods(backbone=backbone)
@@ -148,7 +148,7 @@ def _multilabel_demo(out_dir: Path, task: str, epochs: Optional[int], seed: int,
     labels = world.multilabel_classes(task)
     click.echo(f"      {len(labels)} labels: {', '.join(labels)}")
     train, val, test = (load_multilabel(task_dir / f"{split}.csv", classnames=labels) for split in world.MULTILABEL_SPLITS)
-    chance = sum(test.positives()) / test.targets.size  # a random ranking's expected AP, averaged over labels
+    chance = random_ranking_map(test)
     overrides: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
 
     # 2. fit and evaluate

@@ -155,8 +155,26 @@ def _config(spec: Method, configs: Sequence[Any], epochs: Optional[int]) -> Any:
     return cfg
 
 
-def _level(row: dict[str, Any]) -> Any:
-    return row["shots"] if row["setting"] == FEWSHOT else row["known"]
+def random_ranking_map(data: MultiLabelDataset) -> float:
+    """The mAP a random ranking of ``data``'s images reaches on average (the chance level of mAP).
+
+    For a label with ``R`` positives among its ``N`` known images, a positive at rank ``k`` has on
+    average ``(k - 1)(R - 1)/(N - 1)`` other positives above it, so the expected AP is
+    ``(R - 1)/(N - 1) + H_N (N - R) / (N (N - 1))`` (``H_N`` the N-th harmonic number; ``1`` when
+    ``N = 1``): a little above the share of positives on small sets. Averaged over the labels with a
+    known positive, as mAP is.
+    """
+    known = (data.targets != -1).sum(0)  # (classes,)
+    pos = (data.targets == 1).sum(0)
+    expected = []
+    for r, n in zip(pos.tolist(), known.tolist()):
+        if not r:
+            continue
+        harmonic = sum(1 / k for k in range(1, n + 1))
+        expected.append(1.0 if n == 1 else (r - 1) / (n - 1) + harmonic * (n - r) / (n * (n - 1)))
+    if not expected:
+        raise ValueError(f"{data.source}: no label has a known positive image")
+    return sum(expected) / len(expected)
 
 
 def multilabel_tables(rows: Sequence[dict[str, Any]]) -> str:
@@ -206,6 +224,8 @@ def plot_multilabel(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike
                             color=line.get_color(), alpha=0.15)
         if setting == FEWSHOT:
             ax.set_xscale("log", base=2)
+            levels = sorted({s[column] for s in summary})
+            ax.set_xticks(levels, [str(v) for v in levels])
             ax.set_xlabel("known positives per label")
         else:
             ax.set_xlabel("fraction of training labels known")
@@ -239,4 +259,4 @@ def write_multilabel_report(rows: Sequence[dict[str, Any]], out: Union[str, os.P
 
 
 __all__ = ["SCORES", "FEWSHOT", "PARTIAL", "multilabel_methods", "multilabel_bench", "multilabel_tables",
-           "plot_multilabel", "write_multilabel_report"]
+           "plot_multilabel", "write_multilabel_report", "random_ranking_map"]
