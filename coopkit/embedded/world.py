@@ -3,10 +3,11 @@
 coopkit ships its own small CLIP (``coopkit-tiny``) pretrained on this world, so that the
 demo, the tests and the benchmarks have a model and data without any download. A scene is
 one main object (shape, colour, size, fill texture) on a background, with small clutter
-objects, drawn in an image style (photo, sketch, blurry, dark, noisy, pixelated).
-:func:`caption` describes a scene in many phrasings, naming the image style the way web
-captions do ("a grainy photo of ...", "a sketch of ..."); everything a caption says is true
-of the rendered image. :func:`write_task` writes a few-shot task in ImageFolder layout.
+objects (a multi-label task's scene: up to three full objects, see below), drawn in an image
+style (photo, sketch, blurry, dark, noisy, pixelated). :func:`caption` describes a scene (its
+main object) in many phrasings, naming the image style the way web captions do ("a grainy
+photo of ...", "a sketch of ..."); everything a caption says is true of the rendered image.
+:func:`write_task` writes a few-shot task in ImageFolder layout.
 
 Everything is a pure function of its seed: the same seed gives the same bytes.
 
