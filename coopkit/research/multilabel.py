@@ -126,6 +126,7 @@ def multilabel_bench(
         raise ValueError("give shots or known fractions (or both): there is nothing to run")
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    multilabel_methods(methods)  # unknown names fail before anything is read or loaded
     pool = load_multilabel(train, image_root=image_root)
     test_set = load_multilabel(test, image_root=image_root, classnames=pool.classnames)
     val_set = load_multilabel(val, image_root=image_root, classnames=pool.classnames) if val is not None else None
