@@ -20,12 +20,15 @@ by :func:`load_multilabel` from one of:
 
 Relative paths in a CSV or JSON file are read relative to the file's folder, or to ``image_root``.
 Without ``classnames``, the classes are every label the file names, sorted.
-:func:`partial_labels` hides a random portion of the labels (the official ``-pp`` setting).
+:func:`partial_labels` hides a random portion of the labels (the official ``-pp`` setting);
+:func:`few_shot_multilabel` draws a few images per label; :func:`write_multilabel_csv` writes a set
+as a long-form CSV.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .runtime.atomic import atomic_write
 from .runtime.contract import check_classnames
 
 logger = logging.getLogger(__name__)
@@ -296,3 +300,51 @@ def partial_labels(data: MultiLabelDataset, portion: float, seed: int = 0) -> Mu
     keep = np.random.default_rng(seed).random(data.targets.shape) < portion  # (images, classes)
     targets = np.where(keep, data.targets, UNKNOWN).astype(np.int8)
     return MultiLabelDataset(list(data.paths), targets, list(data.classnames), data.source)
+
+
+def few_shot_multilabel(data: MultiLabelDataset, shots: int, seed: int = 0) -> MultiLabelDataset:
+    """Draw images until every label has at least ``shots`` known positives (all of its own, when it has fewer).
+
+    Labels are served rarest first (ties in class order); for each, images showing it are taken in
+    a random order (``default_rng(seed)``), and every label of a taken image counts, so the draw is
+    at most ``shots x classes`` images and often fewer. Images keep their order in ``data``.
+    """
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be an integer >= 1, got {shots!r}")
+    pos = data.targets == POSITIVE  # (images, classes)
+    order = np.random.default_rng(seed).permutation(len(data))
+    taken = np.zeros(len(data), dtype=bool)
+    have = np.zeros(len(data.classnames), dtype=np.int64)
+    for c in np.argsort(pos.sum(0), kind="stable"):
+        for i in order[pos[order, c]]:
+            if have[c] >= shots:
+                break
+            if not taken[i]:
+                taken[i] = True
+                have += pos[i]
+    return data.select(np.flatnonzero(taken))
+
+
+def write_multilabel_csv(data: MultiLabelDataset, path: PathLike, *, sep: str = LABEL_SEP) -> Path:
+    """Write ``data`` to ``path`` (atomically) as a long-form CSV with a header: ``path,labels,unknown``,
+    the labels that apply and the unknown ones joined by ``sep``; returns the path.
+
+    Image paths inside the CSV's folder are written relative to it. A class that no row names (neither
+    applies nor is unknown anywhere) is read back only with ``classnames=``.
+    """
+    bad = [c for c in data.classnames if sep in c]
+    if bad:
+        raise ValueError(f"labels {bad[:5]} contain the separator {sep!r}; choose another sep")
+    out = Path(path)
+    folder = out.parent.resolve()
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "labels", "unknown"])
+    for i, image in enumerate(data.paths):
+        where = Path(image).resolve()
+        rel = where.relative_to(folder).as_posix() if where.is_relative_to(folder) else str(where)
+        row = data.targets[i]
+        writer.writerow([rel, sep.join(c for c, t in zip(data.classnames, row) if t == POSITIVE),
+                         sep.join(c for c, t in zip(data.classnames, row) if t == UNKNOWN)])
+    atomic_write(out, buf.getvalue().encode("utf-8"), fsync=False)
+    return out

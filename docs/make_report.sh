@@ -33,3 +33,12 @@ text_only=(--set ivlp.prompt_depth_text=4 --set ivlp.prompt_depth_vision=0 --set
 "$py" -m coopkit bench shift --train "$W/train" --test "source=$W/test" --test "sketch=$W/test_sketch" \
     --test "noise=$W/test_noise" --test "newbg=$W/test_newbg" --no-augment -q --methods zeroshot,coop,$new_methods \
     "${text_only[@]}" --out "$out/shift"
+
+# --- multi-label (issue 24): zero-shot (positive vs negative prompt), CoOp with a sigmoid and DualCoOp on the
+# world's default multi-label task (color_tags: scenes of 1-3 objects; labels: their colours), few-shot and partial labels;
+# per-label thresholds chosen on the validation split. Writes $out/multilabel/.
+mltask=$("$py" -c "from coopkit.embedded.world import DEFAULT_MULTILABEL_TASK as t; print(t)")
+"$py" -c "from coopkit.embedded.world import write_multilabel_task as w; w('$mltask', '$world/$mltask')"
+M=$world/$mltask
+"$py" -m coopkit bench multilabel --train "$M/train.csv" --val "$M/val.csv" --test "$M/test.csv" \
+    --shots 1,2,4,8,16 --known 0.1,0.3,0.5,1 -q --out "$out/multilabel"

@@ -152,7 +152,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-# --- a multi-label run (DualCoOp on coopkit-tiny, a ModifiedResNet) and its export ------------------
+# --- coopkit-tiny, a multi-label run (DualCoOp) and its export, the world's multi-label task ------------------
 
 @pytest.fixture(scope="session")
 def tiny_resnet():
@@ -201,3 +201,13 @@ def multilabel_export(dualcoop_clf, tmp_path_factory: pytest.TempPathFactory):
     from coopkit.exporters import export_onnx
 
     return export_onnx(dualcoop_clf, tmp_path_factory.mktemp("ml_export") / "tags.onnx", "fp32")
+
+
+@pytest.fixture(scope="session")
+def multilabel_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small task of the embedded world (its default multi-label task): ``train.csv`` (40 images),
+    ``val.csv`` (24), ``test.csv`` (32) and their images (read-only: write another to modify)."""
+    from coopkit.embedded import world
+
+    return world.write_multilabel_task(world.DEFAULT_MULTILABEL_TASK, tmp_path_factory.mktemp("multilabel"),
+                                       train_images=40, val_images=24, test_images=32, seed=4)

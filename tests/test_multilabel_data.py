@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coopkit.multilabel_data import VOC_CLASSES, MultiLabelDataset, load_multilabel, partial_labels
+from coopkit.multilabel_data import (
+    VOC_CLASSES,
+    MultiLabelDataset,
+    few_shot_multilabel,
+    load_multilabel,
+    partial_labels,
+    write_multilabel_csv,
+)
 
 
 def test_csv_long_form_with_unknown_and_header(tmp_path):
@@ -146,3 +153,51 @@ def test_a_dataset_is_returned_with_the_asked_columns():
     data = MultiLabelDataset(["a", "b"], np.array([[1, 0, -1], [0, 1, 1]]), ["x", "y", "z"])
     assert load_multilabel(data) is data
     assert load_multilabel(data, classnames=["z", "x"]).targets.tolist() == [[-1, 1], [1, 0]]
+
+
+def _random_set(n: int = 60, classes: int = 5, seed: int = 0) -> MultiLabelDataset:
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, classes)) < np.linspace(0.05, 0.6, classes)).astype(np.int8)  # rare to common labels
+    targets[rng.random((n, classes)) < 0.1] = -1
+    return MultiLabelDataset([f"/imgs/{i}.png" for i in range(n)], targets, [f"tag{c}" for c in range(classes)])
+
+
+@pytest.mark.parametrize("shots", [1, 2, 4])
+def test_few_shot_draw_gives_every_label_its_positives(shots):
+    data = _random_set()
+    sample = few_shot_multilabel(data, shots, seed=3)
+    index = {p: i for i, p in enumerate(data.paths)}
+    rows = [index[p] for p in sample.paths]
+    assert rows == sorted(set(rows))  # distinct images, in the set's order
+    assert np.array_equal(sample.targets, data.targets[rows])  # unknown labels stay unknown
+    have, full = np.array(sample.positives()), np.array(data.positives())
+    assert (have >= np.minimum(shots, full)).all(), (have, full)
+    assert len(sample) <= shots * len(data.classnames)
+    assert few_shot_multilabel(data, shots, seed=3).paths == sample.paths
+    assert few_shot_multilabel(data, shots, seed=4).paths != sample.paths
+
+
+def test_few_shot_draw_stops_once_each_label_has_enough():
+    """From a large set the draw takes a few images, not every image that shows a label."""
+    data = _random_set(n=200, seed=1)
+    sample = few_shot_multilabel(data, 2, seed=0)
+    assert min(data.positives()) > 2 and len(sample) <= 2 * len(data.classnames)
+    assert min(sample.positives()) >= 2 and sum(sample.positives()) < sum(data.positives()) / 5
+    with pytest.raises(ValueError, match="shots must be an integer >= 1"):
+        few_shot_multilabel(data, 0)
+
+
+def test_csv_writer_round_trips_targets_unknowns_and_paths(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    data = _random_set(n=12)
+    data = MultiLabelDataset([str(tmp_path / "imgs" / f"{i}.png") for i in range(6)] + data.paths[6:], data.targets,
+                             data.classnames)
+    path = write_multilabel_csv(data, tmp_path / "set.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "path,labels,unknown" and lines[1].startswith("imgs/0.png,")  # relative inside its folder
+    assert lines[7].startswith("/imgs/6.png,")  # outside: as given
+    back = load_multilabel(path, classnames=data.classnames)
+    assert back.paths == data.paths
+    assert np.array_equal(back.targets, data.targets)
+    with pytest.raises(ValueError, match="contain the separator"):
+        write_multilabel_csv(MultiLabelDataset(["a.png"], [[1]], ["a|b"]), tmp_path / "bad.csv")

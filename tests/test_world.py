@@ -146,3 +146,80 @@ def test_dark_and_sketch_styles_look_like_their_names():
     assert max(dark) < min(photo)
     # a sketch is an outline on paper: most pixels are near-white paper
     assert all((s.min(2) > 200).mean() > 0.7 for s in sketch)
+
+
+# --- multi-label tasks ----------------------------------------------------------------------------
+
+
+def test_multilabel_task_same_seed_same_bytes_other_seed_differs(tmp_path):
+    kw = dict(train_images=6, val_images=3, test_images=4)
+    a = world.write_multilabel_task("shape_tags", tmp_path / "a", seed=2, **kw)
+    b = world.write_multilabel_task("shape_tags", tmp_path / "b", seed=2, **kw)
+    c = world.write_multilabel_task("shape_tags", tmp_path / "c", seed=3, **kw)
+    da, db, dc = _digest(a), _digest(b), _digest(c)
+    assert len(da) == 13 and da == db and da.keys() == dc.keys()
+    assert all(da[k] != dc[k] for k in da)
+    for split in world.MULTILABEL_SPLITS:
+        assert (a / f"{split}.csv").read_bytes() == (b / f"{split}.csv").read_bytes()
+    assert sorted(p.name for p in a.iterdir()) == ["test", "test.csv", "train", "train.csv", "val", "val.csv"]
+
+
+@pytest.mark.parametrize("task", world.MULTILABEL_TASKS)
+def test_multilabel_labels_are_the_objects_drawn(tmp_path, task):
+    """Each CSV row names exactly the labels of the objects in its scene, and each object is drawn where
+    the scene says, in its colour, clear of the others."""
+    from dataclasses import replace
+
+    from coopkit.multilabel_data import load_multilabel
+
+    labels = world.multilabel_classes(task)
+    out = world.write_multilabel_task(task, tmp_path, train_images=24, val_images=0, test_images=0, seed=5)
+    data = load_multilabel(out / "train.csv", classnames=labels)
+    counts = []
+    for i, path in enumerate(data.paths):
+        scene, img = world.multilabel_task_image(task, "train", i, seed=5)
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(img))
+        objects = scene.objects()
+        named = [o.shape if task == "shape_tags" else o.color for o in objects]
+        assert sorted(named) == sorted(data.labels_of(i)) and len(set(named)) == len(named)
+        assert labels[i % len(labels)] in data.labels_of(i)  # every label shows in any 8 images in a row
+        assert scene.clutter == () and scene.bg_color not in [o.color for o in objects]
+        pixels = np.asarray(img, np.float32)
+        for j, o in enumerate(objects):
+            mask = world.shape_mask(replace(scene, shape=o.shape, x=o.x, y=o.y, r=o.r, angle=o.angle), 64)
+            assert np.abs(np.median(pixels[mask], 0) - world.COLORS[o.color]).max() < 30, (i, o)
+            for q in objects[j + 1:]:
+                assert np.hypot(o.x - q.x, o.y - q.y) > o.r + q.r
+        counts.append(len(objects))
+    assert set(counts) == set(range(1, world.MAX_OBJECTS + 1))
+
+
+def test_multilabel_partial_labels_hide_training_labels_only(tmp_path):
+    from coopkit.multilabel_data import load_multilabel
+
+    labels = world.multilabel_classes("color_tags")
+    kw = dict(train_images=40, val_images=8, test_images=8, seed=1)
+    full = world.write_multilabel_task("color_tags", tmp_path / "full", **kw)
+    half = world.write_multilabel_task("color_tags", tmp_path / "half", known=0.5, **kw)
+    assert _digest(full) == _digest(half)  # the same images
+    f, h = (load_multilabel(d / "train.csv", classnames=labels) for d in (full, half))
+    known = h.targets != -1
+    assert f.known_fraction == 1.0 and 0.4 < h.known_fraction < 0.6
+    assert np.array_equal(h.targets[known], f.targets[known])  # a known label is the true one
+    for split in ("val", "test"):
+        assert (full / f"{split}.csv").read_bytes() == (half / f"{split}.csv").read_bytes()
+        assert load_multilabel(half / f"{split}.csv", classnames=labels).known_fraction == 1.0
+    assert "unknown" in (half / "train.csv").read_text().splitlines()[0]
+
+
+def test_multilabel_bad_input_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="valid: color_tags, shape_tags"):
+        world.write_multilabel_task("shapes", tmp_path)
+    with pytest.raises(ValueError, match=r"known must be a fraction in \(0, 1\]"):
+        world.write_multilabel_task("shape_tags", tmp_path, known=0.0)
+    with pytest.raises(ValueError, match="train_images must be an integer >= 0"):
+        world.write_multilabel_task("shape_tags", tmp_path, train_images=-1)
+    with pytest.raises(ValueError, match="unknown label 'red'"):
+        world.multilabel_scene("shape_tags", "red", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="color"):
+        world.Item(shape="circle", color="teal", x=0.5, y=0.5, r=0.2)

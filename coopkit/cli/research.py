@@ -63,7 +63,7 @@ def _row_settings(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 @click.group("bench", cls=LazyGroup)
 def bench() -> None:
-    """The CoOp paper's experiments on your data: few-shot curves, domain shift, base-to-new."""
+    """The CoOp paper's experiments on your data: few-shot curves, domain shift, base-to-new, multi-label."""
 
 
 def _dataset_options(fn: Any) -> Any:
@@ -310,6 +310,62 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
     click.echo(table + "\n" + more)
     _write(out, rows, "# Base-to-new generalisation\n\nMean ± std over seeds (%): top-1 accuracy on the base and the "
            "new classes and their harmonic mean H, then top-5 and mean per-class accuracy.\n\n" + table + "\n" + more)
+
+
+def _optional(value: str, option: str, parse: Callable[[str, str], list[Any]]) -> list[Any]:
+    """A comma-separated list, or ``none`` for an empty one (a setting left out)."""
+    return [] if value.strip().lower() == "none" else parse(value, option)
+
+
+@bench.command("multilabel")
+@click.option("--train", "train", required=True, type=click.Path(),
+              help="Training pool: a multi-label CSV (path,labels[,unknown]) or JSON; its labels are the classes.")
+@click.option("--test", "test", required=True, type=click.Path(), help="Test set (multi-label CSV or JSON).")
+@click.option("--val", type=click.Path(), default=None,
+              help="Validation set the per-label thresholds are chosen on (without one: 0.5).")
+@click.option("--image-root", type=click.Path(), default=None, help="Root of relative paths in the CSV / JSON files.")
+@config_options(BackboneConfig, exclude=("tokenizer", "text_model", "threads"))  # each fit picks its threads
+@click.option("--shots", default="1,2,4,8", show_default=True,
+              help="Few-shot rows: comma-separated known positives per label ('none': no few-shot rows).")
+@click.option("--known", default="0.1,0.5,1", show_default=True,
+              help="Partial-label rows: comma-separated fractions of training labels kept ('none': no such rows).")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
+@click.option("--methods", default=None,
+              help="Comma-separated multi-label methods (default: every one the model can run).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs of every method that trains (default: each method's own).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder for results.csv, results.json, summary.md, multilabel.png.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def multilabel_cmd(train: str, test: str, val: Optional[str], image_root: Optional[str], shots: str, known: str,
+                   seeds: str, methods: Optional[str], epochs: Optional[int], out: str, quiet: bool,
+                   **settings: Any) -> None:
+    """mAP and F1 of the multi-label methods (zero-shot, CoOp with a sigmoid, DualCoOp, ...) against
+    known positives per label (few-shot) and against the fraction of labels known (partial labels),
+    at per-label thresholds chosen on --val."""
+    from ..backbone import load_backbone
+    from ..research.experiments import check_seeds
+    from ..multilabel_data import load_multilabel
+    from ..research.multilabel import multilabel_bench, multilabel_tables, random_ranking_map, write_multilabel_report
+
+    chance = random_ranking_map(load_multilabel(test, image_root=image_root))  # a bad file fails before the model loads
+    bb = pop_config(BackboneConfig, settings)
+    backbone = load_backbone(bb.model, bb.pretrained, bb.device)
+    rows = multilabel_bench(
+        train, test, val=val, image_root=image_root, shots=_optional(shots, "--shots", _ints),
+        known=_optional(known, "--known", _floats), seeds=check_seeds(_ints(seeds, "--seeds")),
+        methods=_strs(methods, "--methods") if methods is not None else None, epochs=epochs, backbone=backbone,
+        progress=not quiet)
+    thresholds = "chosen on the validation set" if val else "0.5 (no validation set)"
+    note = (f"{_task_name(train)}, {bb.model} ({bb.pretrained or 'random init'}); mean ± std over seeds (%); "
+            f"F1 at per-label thresholds {thresholds}. A random ranking's test mAP: about {100 * chance:.1f}.")
+    files = write_multilabel_report(rows, out, title=f"Multi-label: {_task_name(train)}", note=note)
+    click.echo(multilabel_tables(rows))
+    click.echo(f"wrote {files['csv']}, {files['json']} and {files['summary']}")
+    if files["plot"]:
+        click.echo(f"wrote {files['plot']}")
+    else:
+        click.echo("no plot: install matplotlib (pip install 'coopkit[plot]') to get multilabel.png")
 
 
 @command("datasets")

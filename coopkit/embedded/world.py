@@ -3,10 +3,11 @@
 coopkit ships its own small CLIP (``coopkit-tiny``) pretrained on this world, so that the
 demo, the tests and the benchmarks have a model and data without any download. A scene is
 one main object (shape, colour, size, fill texture) on a background, with small clutter
-objects, drawn in an image style (photo, sketch, blurry, dark, noisy, pixelated).
-:func:`caption` describes a scene in many phrasings, naming the image style the way web
-captions do ("a grainy photo of ...", "a sketch of ..."); everything a caption says is true
-of the rendered image. :func:`write_task` writes a few-shot task in ImageFolder layout.
+objects (a multi-label task's scene: up to three full objects, see below), drawn in an image
+style (photo, sketch, blurry, dark, noisy, pixelated). :func:`caption` describes a scene (its
+main object) in many phrasings, naming the image style the way web captions do ("a grainy
+photo of ...", "a sketch of ..."); everything a caption says is true of the rendered image.
+:func:`write_task` writes a few-shot task in ImageFolder layout.
 
 Everything is a pure function of its seed: the same seed gives the same bytes.
 
@@ -21,9 +22,20 @@ Tasks (:data:`TASKS`; 16 shots and 50 test images per class by default):
 Domain-shifted test sets (:data:`SHIFTS`): ``sketch`` (outline drawings on paper), ``noise``
 (heavy Gaussian noise) and ``newbg`` (brick and wood backgrounds, never seen in pretraining).
 
+Multi-label tasks (:data:`MULTILABEL_TASKS`, written by :func:`write_multilabel_task` as
+``train``/``val``/``test`` CSVs of ``path,labels,unknown``): scenes of 1 to 3 full objects, each
+with another label, the image's labels being those of its objects:
+
+* ``color_tags``: which of the 8 colours the objects have (random shapes and backgrounds; the
+  default, :data:`DEFAULT_MULTILABEL_TASK`);
+* ``shape_tags``: which of the 8 shapes are in a photo (random colours); coopkit-tiny barely
+  tells shapes apart at this size, so every method stays near chance on it.
+
 Public names: :data:`TASKS`, :data:`SHIFTS`, :func:`task_classes`, :func:`task_shifts`,
-:func:`base_new_split`, :func:`write_task`, :class:`Scene`, :func:`sample_scene`,
-:func:`sample_group`, :func:`render`, :func:`caption`.
+:func:`base_new_split`, :func:`write_task`, :class:`Scene`, :class:`Item`, :func:`sample_scene`,
+:func:`sample_group`, :func:`render`, :func:`caption`; multi-label: :data:`MULTILABEL_TASKS`,
+:func:`multilabel_classes`, :func:`multilabel_scene`, :func:`multilabel_task_image`, :func:`scene_labels`,
+:func:`write_multilabel_task`.
 """
 
 from __future__ import annotations
@@ -37,12 +49,15 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..multilabel_data import MultiLabelDataset, partial_labels, write_multilabel_csv
 from ..runtime.atomic import atomic_path, sha256_hex
 
 __all__ = [
     "SHAPES", "COLORS", "TEXTURES", "BACKGROUNDS", "STYLES", "TASKS", "SHIFTS",
     "Scene", "Clutter", "sample_scene", "sample_group", "render", "shape_mask", "caption", "task_classes",
-    "task_shifts", "base_new_split", "write_task", "task_scene",
+    "task_shifts", "base_new_split", "write_task", "task_scene", "Item", "MULTILABEL_TASKS",
+    "DEFAULT_MULTILABEL_TASK", "MAX_OBJECTS", "MULTILABEL_SPLITS", "multilabel_classes", "scene_labels",
+    "multilabel_scene", "multilabel_task_image", "write_multilabel_task",
 ]
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -145,13 +160,40 @@ class Clutter:
 
 
 @dataclass(frozen=True)
+class Item:
+    """A further full object of a multi-object scene, drawn as the main object is (its fill
+    texture, its shading; an outline in a sketch)."""
+
+    shape: str
+    color: str
+    x: float
+    y: float
+    r: float
+    angle: float = 0.0
+    texture: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check_object(self.shape, self.color, self.texture)
+
+
+def _check_object(shape: str, color: str, texture: Optional[str]) -> None:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
+    if color not in COLORS:
+        raise ValueError(f"unknown color {color!r}; valid: {tuple(COLORS)}")
+    if texture is not None and texture not in TEXTURES:
+        raise ValueError(f"unknown texture {texture!r}; valid: {TEXTURES}")
+
+
+@dataclass(frozen=True)
 class Scene:
     """Everything about an image that a caption may state.
 
     Geometry is in fractions of the image side, so a scene renders at any size.
     ``texture`` is ``None`` when the style hides fill textures (sketch, blurry, pixelated);
     ``bg_color`` names the colour of a ``plain`` background and is ``None`` otherwise;
-    ``background`` is ``"paper"`` for sketches.
+    ``background`` is ``"paper"`` for sketches. ``others`` are further full objects (the
+    multi-label tasks' scenes; captions describe the main object only).
     """
 
     shape: str
@@ -166,21 +208,22 @@ class Scene:
     r: float = 0.33
     angle: float = 0.0
     clutter: tuple[Clutter, ...] = field(default_factory=tuple)
+    others: tuple[Item, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
-            raise ValueError(f"unknown shape {self.shape!r}; valid: {SHAPES}")
-        if self.color not in COLORS:
-            raise ValueError(f"unknown color {self.color!r}; valid: {tuple(COLORS)}")
+        _check_object(self.shape, self.color, self.texture)
         if self.style not in STYLES:
             raise ValueError(f"unknown style {self.style!r}; valid: {STYLES}")
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; valid: {SIZES}")
-        if self.texture is not None and self.texture not in TEXTURES:
-            raise ValueError(f"unknown texture {self.texture!r}; valid: {TEXTURES}")
         valid_bg = BACKGROUNDS + NEW_BACKGROUNDS + ("paper",)
         if self.background not in valid_bg:
             raise ValueError(f"unknown background {self.background!r}; valid: {valid_bg}")
+
+    def objects(self) -> tuple[Item, ...]:
+        """Every full object, the main one first."""
+        main = Item(self.shape, self.color, self.x, self.y, self.r, self.angle, self.texture)
+        return (main, *self.others)
 
 
 def _choice(rng: np.random.Generator, seq: Sequence):
@@ -426,18 +469,21 @@ def render(scene: Scene, size: int = 64, seed: int = 0, *, extra_noise: float = 
             _draw_shape(draw, c.shape, c.x * n, c.y * n, c.r * n, 0.0, outline=rgb, width=max(1, line_w // 2))
         else:
             _draw_shape(draw, c.shape, c.x * n, c.y * n, c.r * n, 0.0, fill=rgb)
-    cx, cy, r = scene.x * n, scene.y * n, scene.r * n
-    rgb = np.array(COLORS[scene.color], np.float32)
     if sketch:
-        _draw_shape(draw, scene.shape, cx, cy, r, scene.angle, outline=tuple(int(v) for v in rgb), width=line_w)
+        for obj in scene.objects():
+            _draw_shape(draw, obj.shape, obj.x * n, obj.y * n, obj.r * n, obj.angle, outline=COLORS[obj.color],
+                        width=line_w)
         arr = np.asarray(img, np.float32)
     else:
-        mask_img = Image.new("L", (n, n), 0)
-        _draw_shape(ImageDraw.Draw(mask_img), scene.shape, cx, cy, r, scene.angle, fill=255)
-        m = np.asarray(mask_img, np.float32)[..., None] / 255.0
-        fill = _texture_fill(scene.texture or "plain", rgb, n, scene.angle, scale=n / 64.0)
+        arr = np.asarray(img, np.float32)
         shade = 1.0 + 0.10 * (np.mgrid[0:n, 0:n][0][..., None] / n - 0.5) * -2  # lit from above
-        arr = np.asarray(img, np.float32) * (1 - m) + fill * shade * m
+        for obj in scene.objects():
+            mask_img = Image.new("L", (n, n), 0)
+            _draw_shape(ImageDraw.Draw(mask_img), obj.shape, obj.x * n, obj.y * n, obj.r * n, obj.angle, fill=255)
+            m = np.asarray(mask_img, np.float32)[..., None] / 255.0  # (n, n, 1)
+            fill = _texture_fill(obj.texture or "plain", np.array(COLORS[obj.color], np.float32), n, obj.angle,
+                                 scale=n / 64.0)
+            arr = arr * (1 - m) + fill * shade * m
     small = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").resize((size, size), Image.BOX)
     style = scene.style
     if style == "blurry":
@@ -593,18 +639,16 @@ def task_scene(name: str, label: int, rng: np.random.Generator, *, shift: Option
         kw["style"] = "sketch"
     elif shift == "newbg":
         kw["new_backgrounds"] = True
-    attr = spec["attr"]
-    if attr == "shape":
-        kw["shape"] = cls
-    elif attr == "color":
-        kw["color"] = cls
-    elif attr == "texture":
-        kw["texture"] = cls
-    elif attr == "background":
-        kw["background"] = cls
-    elif attr == "color+shape":
-        kw["color"], kw["shape"] = cls.split(" ")
-    return sample_scene(rng, **kw)
+    return sample_scene(rng, **kw, **_label_attrs(spec["attr"], cls))
+
+
+def _label_attrs(attr: str, cls: str) -> dict[str, str]:
+    """The scene attributes a class name of a task fixes (``"red circle"`` -> colour and shape)."""
+    if attr == "color+shape":
+        color, shape = cls.split(" ")
+        return {"color": color, "shape": shape}
+    assert attr in ("shape", "color", "texture", "background"), attr
+    return {attr: cls}
 
 
 def _atomic_png(img: Image.Image, path: Path) -> None:
@@ -668,4 +712,143 @@ def write_task(
         _write_split(name, "test", out, test_per_class, seed, size, None)
         for s in shifts:
             _write_split(name, f"test_{s}", out, test_per_class, seed, size, s)
+    return out
+
+
+# ----------------------------------------------------------------------------- multi-label tasks
+
+# name -> (attribute the labels name, labels, style). A scene holds 1 to MAX_OBJECTS full objects
+# with different labels; an image's labels are those of its objects.
+_MULTILABEL_SPECS: dict[str, dict] = {
+    "color_tags": {"attr": "color", "labels": tuple(COLORS), "style": "photo"},
+    "shape_tags": {"attr": "shape", "labels": SHAPES, "style": "photo"},
+}
+
+#: Names of the multi-label tasks (:func:`write_multilabel_task`).
+MULTILABEL_TASKS: tuple[str, ...] = tuple(_MULTILABEL_SPECS)
+#: The multi-label task of the demo and the report: coopkit-tiny sees colours at this size, not shapes
+#: (measured: docs/embedded.md).
+DEFAULT_MULTILABEL_TASK = "color_tags"
+#: The most objects a multi-label scene holds (each has its own label).
+MAX_OBJECTS = 3
+#: The multi-label splits :func:`write_multilabel_task` writes, in order.
+MULTILABEL_SPLITS: tuple[str, ...] = ("train", "val", "test")
+# The full objects of a multi-label scene: radius range (fractions of the side) and the gap kept between them.
+_ITEM_RADIUS = (0.15, 0.21)
+_ITEM_GAP = 0.03
+
+
+def _check_multilabel(name: str) -> dict:
+    if name not in _MULTILABEL_SPECS:
+        raise ValueError(f"unknown multi-label task {name!r}; valid: {', '.join(MULTILABEL_TASKS)}")
+    return _MULTILABEL_SPECS[name]
+
+
+def multilabel_classes(name: str) -> list[str]:
+    """The labels of multi-label task ``name``, in label order."""
+    return list(_check_multilabel(name)["labels"])
+
+
+def scene_labels(name: str, scene: Scene) -> list[str]:
+    """The labels of multi-label task ``name`` that ``scene`` shows (those of its full objects), in label order."""
+    spec = _check_multilabel(name)
+    shown = {" ".join(getattr(obj, a) for a in spec["attr"].split("+")) for obj in scene.objects()}
+    return [c for c in spec["labels"] if c in shown]
+
+
+def _place(rng: np.random.Generator, k: int) -> list[tuple[float, float, float]]:
+    """Up to ``k`` non-overlapping discs ``(x, y, r)`` inside the image (an object whose disc finds no
+    free place in 100 draws is left out, which the first never is)."""
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(k):
+        for _ in range(100):
+            r = float(rng.uniform(*_ITEM_RADIUS))
+            x, y = (float(v) for v in rng.uniform(r + 0.02, 1 - r - 0.02, 2))
+            if all(math.hypot(x - px, y - py) > r + pr + _ITEM_GAP for px, py, pr in placed):
+                placed.append((x, y, r))
+                break
+    return placed
+
+
+def multilabel_scene(name: str, first: str, rng: np.random.Generator) -> Scene:
+    """A random scene of multi-label task ``name``: 1 to :data:`MAX_OBJECTS` full objects (equally likely),
+    each with another label, the first labelled ``first``; no clutter, plain fills, in the task's style.
+    A plain background never has the colour of an object."""
+    spec = _check_multilabel(name)
+    if first not in spec["labels"]:
+        raise ValueError(f"unknown label {first!r} of task {name!r}; valid: {', '.join(spec['labels'])}")
+    k = 1 + int(rng.integers(MAX_OBJECTS))
+    texture = "plain" if spec["style"] in _TEXTURE_STYLES else None
+    base = sample_scene(rng, style=spec["style"], texture=texture, **_label_attrs(spec["attr"], first))
+    attrs = [_label_attrs(spec["attr"], c) for c in spec["labels"] if c != first]
+    attrs = [a for a in attrs if a.get("color") != base.bg_color]  # a red object is not a red background
+    others = [attrs[int(i)] for i in rng.permutation(len(attrs))[: k - 1]]
+    colors = tuple(c for c in COLORS if c != base.bg_color)
+    discs = _place(rng, 1 + len(others))
+    items = [Item(shape=a.get("shape") or _choice(rng, SHAPES), color=a.get("color") or _choice(rng, colors),
+                  x=x, y=y, r=r, angle=float(rng.uniform(-0.35, 0.35)), texture=texture)
+             for a, (x, y, r) in zip(others, discs[1:])]
+    x, y, r = discs[0]
+    return replace(base, x=x, y=y, r=r, size="small", clutter=(), others=tuple(items))
+
+
+def multilabel_task_image(name: str, split: str, index: int, *, seed: int = 0, size: int = 64) -> tuple[Scene, Image.Image]:
+    """Image ``index`` of a split of multi-label task ``name``, as :func:`write_multilabel_task` writes it, and
+    its scene (whose objects' labels are the image's: :func:`scene_labels`).
+
+    It depends only on (seed, task, split, index); its first object has label ``index mod labels``,
+    so every label is shown in any split of at least as many images as there are labels.
+    """
+    labels = multilabel_classes(name)
+    rng = np.random.default_rng([seed, _stable_id(f"{name}/{split}"), index])
+    scene = multilabel_scene(name, labels[index % len(labels)], rng)
+    return scene, render(scene, size, seed=int(rng.integers(2**31)))
+
+
+def write_multilabel_task(
+    name: str,
+    out_dir: Union[str, os.PathLike],
+    *,
+    train_images: int = 160,
+    val_images: int = 80,
+    test_images: int = 200,
+    known: float = 1.0,
+    seed: int = 0,
+    size: int = 64,
+) -> Path:
+    """Write multi-label task ``name`` to ``out_dir`` and return ``out_dir``.
+
+    Writes ``<split>/NNNN.png`` and ``<split>.csv`` for the splits ``train``, ``val`` and ``test``
+    (a split of 0 images is not written): long-form CSVs ``path,labels,unknown`` (paths relative
+    to ``out_dir``, labels joined by ``|``) that :func:`coopkit.multilabel_data.load_multilabel`
+    reads; every label not listed for an image is absent from it. ``known`` < 1 hides each
+    (image, label) pair of the training split with probability ``1 - known``
+    (:func:`coopkit.multilabel_data.partial_labels` with ``seed``; listed as ``unknown``); the
+    validation and test splits keep every label. The same arguments write the same bytes.
+    """
+    classes = multilabel_classes(name)
+    counts = {"train": train_images, "val": val_images, "test": test_images}
+    for split, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{split}_images must be an integer >= 0, got {n!r}")
+    if isinstance(known, bool) or not isinstance(known, (int, float)) or not 0 < known <= 1:
+        raise ValueError(f"known must be a fraction in (0, 1], got {known!r}")
+    if size < 16:
+        raise ValueError(f"size must be >= 16 pixels, got {size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for split in MULTILABEL_SPLITS:
+        if not counts[split]:
+            continue
+        (out / split).mkdir(parents=True, exist_ok=True)
+        paths, targets = [], np.zeros((counts[split], len(classes)), dtype=np.int8)  # (images, labels)
+        for i in range(counts[split]):
+            scene, img = multilabel_task_image(name, split, i, seed=seed, size=size)
+            paths.append(out / split / f"{i:04d}.png")
+            _atomic_png(img, paths[-1])
+            targets[i] = [c in scene_labels(name, scene) for c in classes]
+        data = MultiLabelDataset([str(p) for p in paths], targets, classes, f"{name}/{split}")
+        if split == "train" and known < 1:
+            data = partial_labels(data, float(known), seed=seed)
+        write_multilabel_csv(data, out / f"{split}.csv")
     return out
