@@ -95,7 +95,8 @@ def official_ivlp(bb, config, names, quick: bool = True, fp16: bool = False):
     design = {"trainer": "IVLP", "vision_depth": config.prompt_depth_vision, "language_depth": config.prompt_depth_text,
               "vision_ctx": config.n_ctx_vision, "language_ctx": config.n_ctx_text}
     clip = official_clip(bb.model, design, quick, fp16)
-    c = cfg("IVLP", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init or "",
+    c = cfg("IVLP", image_size=bb.image_size[0],
+            N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init or "",
             PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision)
     model = ivlp_official.CustomCLIP(c, names, clip)
     for name, p in model.named_parameters():  # as the official trainer: only prompt tensors learn
@@ -120,7 +121,8 @@ def official_maple(bb, config, names, quick: bool = True, fp16: bool = False):
     design = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0,
               "maple_length": config.n_ctx}
     clip = official_clip(bb.model, design, quick, fp16)
-    c = cfg("MAPLE", N_CTX=config.n_ctx, CTX_INIT=config.ctx_init or "", PROMPT_DEPTH=config.prompt_depth)
+    c = cfg("MAPLE", image_size=bb.image_size[0],
+            N_CTX=config.n_ctx, CTX_INIT=config.ctx_init or "", PROMPT_DEPTH=config.prompt_depth)
     model = maple_official.CustomCLIP(c, names, clip)
     for name, p in model.named_parameters():
         p.requires_grad_("prompt_learner" in name)
@@ -174,7 +176,8 @@ def official_promptsrc(bb, config, names, epochs: int, lr: float = 0.0025):
 
     from reference import promptsrc_official
 
-    c = cfg("PROMPTSRC", N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init,
+    c = cfg("PROMPTSRC", image_size=bb.image_size[0],
+            N_CTX_TEXT=config.n_ctx_text, N_CTX_VISION=config.n_ctx_vision, CTX_INIT=config.ctx_init,
             PROMPT_DEPTH_TEXT=config.prompt_depth_text, PROMPT_DEPTH_VISION=config.prompt_depth_vision,
             TEXT_LOSS_WEIGHT=config.text_loss_weight, IMAGE_LOSS_WEIGHT=config.image_loss_weight,
             GPA_MEAN=config.gpa_mean, GPA_STD=config.gpa_std, PREC="fp32")
