@@ -17,6 +17,11 @@ every image (its cost against K is ``bench_cocoop.py --runtime``).
     python benchmarks/bench_method_files.py                         # ViT-B-32, batch 1 and 32
     python benchmarks/bench_method_files.py --model ViT-B-16 --seconds 3
     python benchmarks/bench_method_files.py --model coopkit-test-vit --seconds 0.2   # a smoke run
+    python benchmarks/bench_method_files.py --multilabel                 # coopkit-tiny: DualCoOp's file
+
+``--multilabel`` times the multi-label files (CoOp with a sigmoid, DualCoOp with its region
+aggregation in the graph) against CoOp's single-label file on a ModifiedResNet backbone
+(``coopkit-tiny`` with its shipped weights by default; DualCoOp needs that tower).
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ FITS: dict[str, dict[str, Any]] = {
     "promptsrc": dict(epochs=1),
     "clip-lora": dict(iters_per_shot=1),
 }
+#: ``--multilabel``: the multi-label methods, fitted on the world's default multi-label task, beside
+#: CoOp's single-label file of the same (ModifiedResNet) backbone.
+FITS_MULTILABEL: dict[str, dict[str, Any]] = {
+    "coop-sigmoid": dict(epochs=1),
+    "dualcoop": dict(epochs=1),
+}
 #: A small random-init ViT for smoke runs (``--model coopkit-test-vit``).
 TINY_VIT = {"embed_dim": 64, "quick_gelu": True,
             "vision_cfg": {"image_size": 32, "layers": 10, "width": 64, "patch_size": 8, "head_width": 32},
@@ -57,18 +68,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ViT-B-32", help="an open_clip ViT name, or coopkit-test-vit (a smoke run)")
     ap.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: random init)")
-    ap.add_argument("--methods", nargs="+", default=list(FITS), choices=list(FITS))
+    ap.add_argument("--methods", nargs="+", default=None, choices=[*FITS, *FITS_MULTILABEL],
+                    help="default: every single-label method (with --multilabel: coop and the multi-label ones)")
+    ap.add_argument("--multilabel", action="store_true", help="the multi-label files against CoOp's (a ResNet model)")
     ap.add_argument("--batch", type=int, default=32, help="the serving batch, timed beside batch 1")
     ap.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per file and batch size")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.multilabel and args.model == ap.get_default("model"):
+        args.model, args.pretrained = "coopkit-tiny", args.pretrained or "synthetic"
+    if args.methods is None:
+        args.methods = ["coop", *FITS_MULTILABEL] if args.multilabel else list(FITS)
 
     import torch
 
     import coopkit
     from coopkit.embedded import world
     from coopkit.exporters import export_onnx
+    from coopkit.multilabel_data import load_multilabel
     from coopkit.runtime import Classifier
 
     torch.manual_seed(0)
@@ -80,11 +98,20 @@ def main() -> None:
             Path(name).write_text(json.dumps(TINY_VIT))
         backbone = coopkit.load_backbone(name, pretrained=args.pretrained, device="cpu")
         data = world.write_task("colors", root / "colors", shots_per_class=1, test_per_class=0, seed=0)
+        tags = None
+        if any(m in FITS_MULTILABEL for m in args.methods):
+            task = world.write_multilabel_task(world.DEFAULT_MULTILABEL_TASK, root / "tags", train_images=16,
+                                               val_images=8, test_images=8)
+            tags = load_multilabel(task / "train.csv")
         files: dict[str, Path] = {}
         sizes: dict[str, float] = {}
         for method in args.methods:
-            clf = coopkit.fit(data / "train", method=method, backbone=backbone, shots=1, seed=1, progress=False,
-                              **FITS[method])
+            if method in FITS_MULTILABEL:
+                clf = coopkit.fit(tags, method=method, backbone=backbone, seed=1, progress=False,
+                                  **FITS_MULTILABEL[method])
+            else:
+                clf = coopkit.fit(data / "train", method=method, backbone=backbone, shots=1, seed=1, progress=False,
+                                  **FITS[method])
             report = export_onnx(clf, root / f"{method}.onnx", "fp32")
             files[method] = report.path
             sizes[method] = sum(f.stat().st_size for f in report.files) / 2**20
