@@ -157,7 +157,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_resnet():
     """coopkit-tiny with its shipped weights (a ModifiedResNet, so DualCoOp runs on it), on the CPU.
-    Shared: do not modify it."""
+    Shared: do not modify it. Skips (with every test that needs it) where open_clip is not installed: the
+    torch-free runtime run of .ci/run."""
+    pytest.importorskip("open_clip")
     import coopkit
 
     return coopkit.load_backbone("coopkit-tiny", pretrained="synthetic", device="cpu")
