@@ -597,6 +597,13 @@ def plot_fewshot(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], 
     ax.set_title(title or "few-shot accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Union[str, os.PathLike]) -> bool:
+    """Lay out a matplotlib ``fig``, write it to ``path`` as a PNG atomically, close it; True."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:

@@ -32,9 +32,9 @@ from ..methods import Method, get, names
 from ..methods.base import Shots
 from ..methods.multilabel import TASK
 from ..multilabel_data import MultiLabelDataset, few_shot_multilabel, load_multilabel, partial_labels
-from ..runtime.atomic import atomic_path, atomic_write
+from ..runtime.atomic import atomic_write
 from ..train import fit_on_shots
-from .experiments import check_seeds, markdown_table, summarize, write_csv
+from .experiments import check_seeds, markdown_table, save_figure, summarize, write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -234,13 +234,7 @@ def plot_multilabel(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or "multi-label mAP")
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 def write_multilabel_report(rows: Sequence[dict[str, Any]], out: Union[str, os.PathLike], title: str = "",
