@@ -42,7 +42,7 @@ from torch import nn
 
 from ..runtime.configbase import ConfigMixin, check_float, check_int
 from ..features import autocast_for
-from ..prompts import ClipTower, TextTower
+from ..prompts import ClipTower, TextTower, run_block
 from ..runtime.contract import PLACEHOLDER, PROMPT_SUFFIX, check_classnames, prompt_name
 from ..runtime.tokenizers.layout import token_layout
 from . import Method, register
@@ -131,7 +131,7 @@ def encode_image(visual: nn.Module, pixels: torch.Tensor, ctx: Optional[torch.Te
     for i, blk in enumerate(visual.transformer.resblocks):
         if 1 <= i <= len(deep):
             x = torch.cat([x[:, :-n], deep[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-        x = blk(x)
+        x = run_block(blk, x)
     if n:
         x = x[:, :-n]  # (B, T, width): the prompt outputs are not image tokens
     pooled, _ = visual._pool(x)
