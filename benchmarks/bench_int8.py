@@ -16,8 +16,11 @@ Each task (and the weak model of tests/test_int8.py: a random-init 64-px ViT who
 close) is exported as int8 accuracy-aware (the default: the products that move the answers stay
 fp32 until the calibration images agree with fp32 on 99.5% and their margins estimate 99% for
 other images) and with every product int8
-(``min_agreement=0``); the speed column is each file's images/s at batch 32 over fp32's,
-interleaved on the same batch: the speed the accuracy-aware file keeps.
+(``min_agreement=0``), and with convolutions left float (``convolutions=False``: what coopkit
+quantised before; it matters on coopkit-tiny's ResNet tower); the speed columns are each file's
+images/s at batch 32 over the fp32 file's on the same engine, interleaved on the same batch:
+onnxruntime, and OpenVINO (f32 pinned, static batch 32) where it is installed (the engine that
+``engine="auto"`` chose for every file on the AMX machine); the agreement is onnxruntime's.
 """
 
 from __future__ import annotations
@@ -72,9 +75,16 @@ def main() -> None:
     import coopkit
     from coopkit.exporters import export_onnx
     from coopkit.exporters.int8 import int8_targets
+    from coopkit.exporters.io import ExportVerificationError
     from coopkit.exporters.verify import batch_invariance
     from coopkit.runtime.session import cpu_session
     from coopkit.runtime.preprocess import preprocess
+    try:
+        import openvino  # noqa: F401
+
+        from coopkit.runtime.engines import OpenVINOSession as openvino_session
+    except ImportError:
+        openvino_session = None
 
     import onnx
 
@@ -90,9 +100,15 @@ def main() -> None:
     def compare(task: str, clf: Any, images: np.ndarray, labels: np.ndarray, folder: Path, **export: Any) -> None:
         """fp32, accuracy-aware int8, plain int8 (min_agreement=0) and dynamic int8 of ``clf`` on ``images``."""
         fp32 = export_onnx(clf, folder / f"{task}-fp32.onnx", "fp32").path
-        files = {"int8 static, accuracy-aware": export_onnx(clf, folder / f"{task}-int8.onnx", "int8", **export),
-                 "int8 static, every product": export_onnx(clf, folder / f"{task}-plain.onnx", "int8",
-                                                           min_agreement=0.0, **export)}
+        variants = {"int8 static, accuracy-aware": ("int8", {}),
+                    "int8 static, every product": ("plain", {"min_agreement": 0.0}),
+                    "int8 static, accuracy-aware, convolutions float": ("noconv", {"convolutions": False})}
+        files = {}
+        for name, (stem, options) in variants.items():
+            try:
+                files[name] = export_onnx(clf, folder / f"{task}-{stem}.onnx", "int8", **options, **export)
+            except ExportVerificationError as e:  # the export's own check refused the file: say so, no file
+                rows.append({"task": task, "file": name, "refused": str(e).split(": ", 1)[-1]})
         dyn = folder / f"{task}-dyn.onnx"
         quantize_dynamic(fp32, dyn, nodes_to_quantize=int8_targets(onnx.load(os.fspath(fp32))), per_channel=True,
                          weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
@@ -101,6 +117,13 @@ def main() -> None:
         batch = np.ascontiguousarray(images[:32])
         speeds = interleaved_speeds({k: (lambda s: lambda: s.run(["logits"], {"images": batch}))(s)
                                      for k, s in sessions.items()}, len(batch), args.seconds)
+        ov_speeds: dict[str, float] = {}
+        if openvino_session is not None:
+            paths = {"fp32": fp32, **{k: r.path for k, r in files.items()}}
+            ov = {k: openvino_session(p, "CPU", "fp32", threads=torch.get_num_threads(), batch_sizes=(len(batch),))
+                  for k, p in paths.items()}
+            ov_speeds = interleaved_speeds({k: (lambda s: lambda: s.run(["logits"], {"images": batch}))(s)
+                                            for k, s in ov.items()}, len(batch), args.seconds)
         ref = _logits(sessions["fp32"], images)
         for name, sess in sessions.items():
             if name == "fp32":
@@ -117,6 +140,7 @@ def main() -> None:
                 "alpha": summary.smoothing if summary else "-",
                 "kept": f"{len(summary.float_nodes)} of {summary.nodes + len(summary.float_nodes)}" if summary else "-",
                 "speed": speeds[name] / speeds["fp32"],
+                "ov_speed": ov_speeds[name] / ov_speeds["fp32"] if name in ov_speeds else float("nan"),
             })
         print(f"# {task} done; {load()}", file=sys.stderr)
 
@@ -137,12 +161,16 @@ def main() -> None:
             compare("weak ViT (random init)", weak, photo_batch(300, (64, 64), seed=7), np.zeros(0, int), Path(tmp),
                     calibration=photo_batch(256, (64, 64), seed=123))
     print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | "
-          "batch invariance (max abs logit change) | smoothing alpha | products kept fp32 | speed x fp32 (batch 32) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "batch invariance (max abs logit change) | smoothing alpha | products kept fp32 | speed x fp32, onnxruntime | "
+          "speed x fp32, OpenVINO |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "refused" in r:
+            print(f"| {r['task']} | {r['file']} | refused by the export's verification: {r['refused']} |")
+            continue
         print(f"| {r['task']} | {r['file']} | {r['n']} | {100 * r['agree']:.1f}% | {100 * r['acc_fp32']:.1f} | "
               f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} | {r['kept']} | "
-              f"{r['speed']:.2f} |")
+              f"{r['speed']:.2f} | {r['ov_speed']:.2f} |")
 
 
 if __name__ == "__main__":

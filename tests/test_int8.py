@@ -114,3 +114,88 @@ def test_top1_agreement_measures_and_estimates() -> None:
     # gains 0, 0 (0.15 is not below it) -> 12 of 16
     assert estimated == 12 / 16
     assert top1_agreement(reference, reference) == (1.0, 1.0)
+
+
+# --- convolutions: coopkit-tiny's ModifiedResNet image tower ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet(tiny_resnet, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("resnet_int8")
+    zs = coopkit.zero_shot(tiny_resnet, NAMES[:8])
+    calibration = photo_batch(64, (64, 64), seed=3)
+    out = {"calibration": calibration, "test": photo_batch(64, (64, 64), seed=4),
+           "fp32": export_onnx(zs, root / "fp32.onnx", "fp32").path}
+    out["plain"] = export_onnx(zs, root / "plain.onnx", "int8", calibration=calibration, min_agreement=0.0)
+    out["products"] = export_onnx(zs, root / "products.onnx", "int8", calibration=calibration, min_agreement=0.0,
+                                  convolutions=False)
+    return out
+
+
+def _optimised_ops(path: Path, tmp: Path) -> list[str]:
+    """The op types onnxruntime runs for the file on the CPU, after its graph optimisations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp / "optimised.onnx")).graph.node]
+
+
+def test_int8_convolutions_run_as_integer_convolutions(resnet: dict[str, Any], tmp_path: Path) -> None:
+    fp32 = onnx.load(str(resnet["fp32"]))
+    n_convs = sum(n.op_type == "Conv" for n in fp32.graph.node)
+    model = onnx.load(str(resnet["plain"].path))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == n_convs > 0
+    for conv in convs:  # int8 weights in, and its output read by one QuantizeLinear alone: fusable
+        assert made_by[conv.input[1]].op_type == "DequantizeLinear"
+        assert made_by[conv.input[0]].op_type == "DequantizeLinear"
+        assert [r.op_type for r in readers[conv.output[0]]] == ["QuantizeLinear"]
+    ops = _optimised_ops(resnet["plain"].path, tmp_path)
+    assert ops.count("QLinearConv") == n_convs and "Conv" not in ops
+    # the ReLUs went into the convolutions' output ranges; the answers stay close to fp32's
+    assert sum(n.op_type == "Relu" for n in model.graph.node) < sum(n.op_type == "Relu" for n in fp32.graph.node)
+    ref, got = logits(resnet["fp32"], resnet["test"]), logits(resnet["plain"].path, resnet["test"])
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    # products only: the convolutions stay float, as before convolutions were quantised
+    products = onnx.load(str(resnet["products"].path))
+    made = {o: n.op_type for n in products.graph.node for o in n.output}
+    assert all(made.get(n.input[1]) != "DequantizeLinear" for n in products.graph.node if n.op_type == "Conv")
+    assert resnet["products"].int8.nodes < resnet["plain"].int8.nodes
+    # fixed activation scales: an image's logits do not depend on the images beside it
+    assert resnet["plain"].image.batch_invariance_max_diff <= 1e-5
+
+
+def test_keep_float_of_convolutions(resnet: dict[str, Any]) -> None:
+    quantised = onnx.load(str(resnet["plain"].path))
+    float_model = onnx.load(str(resnet["fp32"]))
+    names = {n.name for n in float_model.graph.node}
+    targets = [n.name for n in quantised.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and n.name in names]
+    images = resnet["test"][:32]
+    # every target float: the fp32 graph again (the folded ReLUs put back, no quantisation left)
+    back = keep_float(quantised, float_model, targets)
+    assert not [n for n in back.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    np.testing.assert_allclose(logits(back, images), logits(float_model, images), atol=1e-4, rtol=0)
+    # every other convolution float: the int8 ones keep an output read by QuantizeLinear alone, and the
+    # answers lie between int8's and fp32's
+    convs = [t for t in targets if "Conv" in t]
+    half = keep_float(quantised, float_model, convs[::2])
+    made_by = {o: n for n in half.graph.node for o in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in half.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n.op_type)
+    for conv in (n for n in half.graph.node if n.op_type == "Conv"):
+        int8 = conv.input[1] in made_by and made_by[conv.input[1]].op_type == "DequantizeLinear"
+        assert int8 == (conv.name in convs[1::2])
+        if int8:
+            assert readers[conv.output[0]] == ["QuantizeLinear"]
+    ref = logits(float_model, images)
+    err = {k: np.abs(logits(m, images) - ref).mean() for k, m in (("half", half), ("int8", quantised))}
+    assert err["half"] < err["int8"]

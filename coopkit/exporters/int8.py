@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: Calibration images (those with the smallest fp32 margins) each product's sensitivity is measured on.
 SENSITIVITY_IMAGES = 64
+#: The matrix products quantised with float outputs (``MatMulIntegerToFloat``).
+PRODUCTS = ("MatMul", "Gemm")
 
 @dataclass(frozen=True)
 class Int8Summary:
@@ -126,18 +128,41 @@ def calibration_images(
 
 
 
-def int8_targets(model: "onnx.ModelProto") -> list[str]:
-    """The nodes the int8 variant quantises: every MatMul / Gemm whose weight operand is a
-    constant, outside the full-precision parts (the head and the input normalisation).
+def int8_targets(model: "onnx.ModelProto", convolutions: bool = True) -> list[str]:
+    """The nodes the int8 variant quantises: every MatMul / Gemm (and, with ``convolutions``,
+    every Conv) whose weight operand is a constant, outside the full-precision parts (the head and
+    the input normalisation).
 
     Products of two activations (attention's ``q k^T`` and ``softmax v``) stay fp32."""
     constants = {i.name for i in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     keep = set(full_precision_nodes(model))
+    ops = PRODUCTS + (("Conv",) if convolutions else ())
     return [
         n.name for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in constants and n.name not in keep
+        if n.op_type in ops and len(n.input) > 1 and n.input[1] in constants and n.name not in keep
     ]
+
+
+def _conv_tensors(model: "onnx.ModelProto", targets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """For the Conv nodes among ``targets``: the ReLUs folded into them (a ReLU that is the only
+    reader of a quantised convolution's output: the quantiser drops it and quantises the
+    convolution's output with the ReLU's range, whose zero clamps what the ReLU would) and the
+    output tensors whose fixed ranges the quantiser needs (each convolution's, or its ReLU's)."""
+    convs = {n.name: n for n in model.graph.node if n.name in set(targets) and n.op_type == "Conv"}
+    readers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    relus, outputs = [], []
+    for conv in convs.values():
+        after = readers.get(conv.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Relu":
+            relus.append(after[0].name)
+            outputs.append(after[0].output[0])
+        else:
+            outputs.append(conv.output[0])
+    return relus, outputs
 
 
 def activation_ranges(
@@ -275,7 +300,11 @@ def to_int8(
     image's logits depend on the images beside it. Outputs of the quantised products stay
     float (onnxruntime runs ``QuantizeLinear`` + ``MatMulIntegerToFloat``); attention's
     activation-activation products, LayerNorm, softmax, the input normalisation and the head
-    (``x W^T`` with the class weights, multiplied by ``exp(logit_scale)``) stay fp32.
+    (``x W^T`` with the class weights, multiplied by ``exp(logit_scale)``) stay fp32. With
+    ``config.convolutions`` (default) every Conv with constant weights is quantised too, its output
+    included (one fixed scale per tensor, from the calibration images, like its input's), with a
+    ReLU that alone reads it folded into that output's range: onnxruntime and OpenVINO then run
+    integer convolutions (``QLinearConv``) end to end, which is what speeds up a ResNet image tower.
 
     ``config.reduce_range`` (default) keeps weights within [-64, 64] (7 bits): CPUs without AVX-512
     VNNI multiply uint8 x int8 pairs with ``vpmaddubsw``, whose 16-bit sums saturate for full
@@ -308,13 +337,15 @@ def to_int8(
     if len(calibration) == 0:
         raise ValueError("int8 calibration needs at least one image")
     model = onnx.load(os.fspath(source), load_external_data=False)
-    targets = int8_targets(model)
+    targets = int8_targets(model, config.convolutions)
     wanted = set(targets)
+    products = [n.name for n in model.graph.node if n.name in wanted and n.op_type in PRODUCTS]  # smoothed
+    relus, conv_outputs = _conv_tensors(model, targets)
     inputs = [n.input[0] for n in model.graph.node if n.name in wanted]
     del model
     if not targets:
-        raise ValueError(f"{source}: no MatMul/Gemm with constant weights to quantise; export fp32 instead")
-    ranges = activation_ranges(source, inputs, calibration, input_name, config.calibration_batch)
+        raise ValueError(f"{source}: no MatMul/Gemm/Conv with constant weights to quantise; export fp32 instead")
+    ranges = activation_ranges(source, inputs + conv_outputs, calibration, input_name, config.calibration_batch)
 
     class OneBatch(CalibrationDataReader):  # quantize_static calibrates once more; the overrides win
         def __init__(self) -> None:
@@ -325,17 +356,18 @@ def to_int8(
 
     def quantize(alpha: float, out: Path) -> None:
         smoothed = None
+        tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
         if alpha:
             model = onnx.load(os.fspath(source))
-            tensor_ranges = smooth_activations(model, targets, ranges, alpha)
+            tensor_ranges.update(smooth_activations(model, products, ranges, alpha))
             smoothed = out.with_name(f".{out.stem}.smoothed.onnx")
             onnx.save(model, os.fspath(smoothed), save_as_external_data=external_data, location=f"{smoothed.name}.data")
             del model
-        else:
-            tensor_ranges = {n: (float(lo.min()), float(hi.max())) for n, (lo, hi) in ranges.items()}
         overrides = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for n, (lo, hi) in tensor_ranges.items()}
         try:
-            _quantize(smoothed or Path(source), out, OneBatch(), targets, overrides, config.reduce_range, external_data)
+            _quantize(smoothed or Path(source), out, OneBatch(), targets + relus, overrides, config.reduce_range,
+                      external_data, config.convolutions)
+            _check_ranged(out, overrides)
         finally:
             if smoothed is not None:
                 smoothed.unlink(missing_ok=True)
@@ -367,7 +399,7 @@ def to_int8(
     if config.min_agreement > 0 and not external_data:  # a graph over 2 GB cannot be edited in memory
         float_model = onnx.load(os.fspath(source))
         if chosen:
-            smooth_activations(float_model, targets, ranges, chosen)
+            smooth_activations(float_model, products, ranges, chosen)
         kept, agreement = keep_float_until_agreement(Path(target), float_model, targets, calibration, input_name,
                                                      config.min_agreement, config.calibration_batch, thresholds,
                                                      config.min_estimated_agreement)
@@ -414,23 +446,73 @@ def keep_float(quantised: "onnx.ModelProto", float_model: "onnx.ModelProto", nod
     """A copy of the QDQ graph ``quantised`` in which ``nodes`` read their inputs as in
     ``float_model``, the graph it was quantised from (float activation, float weight): what
     quantising without them writes, made without quantising again. An activation that no int8
-    product reads any more is no longer quantised (its other readers, such as ``Shape``, read it
-    as they would have); nodes and int8 weights that nothing reads any more are dropped."""
+    node reads any more, and that no int8 convolution writes, is no longer quantised (its other
+    readers, such as ``Shape``, read it as they would have); nodes and int8 weights that nothing
+    reads any more are dropped.
+
+    Two things of quantised convolutions are kept exact: an int8 convolution's output stays
+    quantised (onnxruntime fuses ``DequantizeLinear -> Conv -> QuantizeLinear`` into one integer
+    ``QLinearConv`` only while nothing else reads the float output), so a float node reads its
+    dequantised value; and a ReLU the quantiser folded into a convolution (its zero became the
+    quantisation's clamp) is put back where a float node reads that convolution's float output."""
     import onnx
+    import onnx.numpy_helper
+    from onnx import helper
 
     model = onnx.ModelProto()
     model.CopyFrom(quantised)
     originals = {n.name: n for n in float_model.graph.node}
+    float_made_by = {o: n for n in float_model.graph.node for o in n.output}
     weights = {i.name: i for i in float_model.graph.initializer}
-    # a float weight the quantiser replaced by a node of the same name (a bias dequantised from int32)
-    # is read from that node: adding the initializer too would define the name twice
     present = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     wanted = set(nodes)
-    for node in model.graph.node:
+    made_by = {o: n for n in model.graph.node for o in n.output}
+
+    def quantised_weight(node: Any) -> bool:
+        weight = made_by.get(node.input[1]) if len(node.input) > 1 else None
+        return weight is not None and weight.op_type == "DequantizeLinear"
+
+    def int8_conv(node: Optional[Any]) -> bool:
+        return node is not None and node.op_type == "Conv" and node.name not in wanted and quantised_weight(node)
+
+    dequantised = {}  # an int8 convolution's output -> the DequantizeLinear output its readers read
+    for q in model.graph.node:
+        if q.op_type == "QuantizeLinear" and int8_conv(made_by.get(q.input[0])):
+            for dq in model.graph.node:
+                if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
+                    dequantised[q.input[0]] = dq.output[0]
+    relus: dict[str, str] = {}
+
+    def as_float(name: str) -> str:
+        """The tensor a float reader of ``name`` (a name of ``float_model``) reads in the new graph."""
+        if name in dequantised:
+            return dequantised[name]
+        maker, was = made_by.get(name), float_made_by.get(name)
+        if was is None or was.op_type != "Relu" or maker is None or maker.op_type == "Relu":
+            return name
+        if name not in relus:  # a folded ReLU: put it back for float readers
+            relus[name] = f"{name}.float_relu"
+            at = list(model.graph.node).index(maker) + 1
+            model.graph.node.insert(at, helper.make_node("Relu", [name], [relus[name]], name=f"{was.name}.float"))
+        return relus[name]
+
+    initializers = {i.name for i in model.graph.initializer}
+    for node in list(model.graph.node):
         if node.name in wanted:
             del node.input[:]
-            node.input.extend(originals[node.name].input)
-            for name in node.input:
+            for name in originals[node.name].input:
+                if name in weights and name in present and name not in initializers:
+                    # the quantiser replaced this float weight by a node of the same name (a bias
+                    # dequantised from int32, rounded to the int8 product's scale): the float node
+                    # reads the float values, under a name of their own
+                    floats = f"{name}.float"
+                    if floats not in present:
+                        model.graph.initializer.append(onnx.numpy_helper.from_array(
+                            onnx.numpy_helper.to_array(weights[name]), floats))
+                        present.add(floats)
+                    node.input.append(floats)
+                    continue
+                node.input.append(as_float(name))
                 if name in weights and name not in present:
                     model.graph.initializer.append(weights[name])
                     present.add(name)
@@ -440,16 +522,18 @@ def keep_float(quantised: "onnx.ModelProto", float_model: "onnx.ModelProto", nod
         for name in node.input:
             readers.setdefault(name, []).append(node)
 
-    def int8_product(node: Any) -> bool:
-        weight = made_by.get(node.input[1]) if len(node.input) > 1 else None
-        return node.op_type in ("MatMul", "Gemm") and weight is not None and weight.op_type == "DequantizeLinear"
+    def int8_node(node: Any) -> bool:
+        return node.op_type in PRODUCTS + ("Conv",) and quantised_weight(node)
 
     for dq in list(model.graph.node):
         q = made_by.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or any(int8_product(r) for r in readers.get(dq.output[0], [])):
+        if q is None or q.op_type != "QuantizeLinear" or any(int8_node(r) for r in readers.get(dq.output[0], [])):
             continue
+        if int8_conv(made_by.get(q.input[0])):  # an int8 convolution's output stays int8
+            continue
+        back = as_float(q.input[0])
         for reader in readers.get(dq.output[0], []):  # the activation goes back to float for all its readers
-            reader.input[:] = [q.input[0] if name == dq.output[0] else name for name in reader.input]
+            reader.input[:] = [back if name == dq.output[0] else name for name in reader.input]
     _drop_unread(model)
     return model
 
@@ -539,8 +623,8 @@ def keep_float_until_agreement(
     alone = {name: distance(keep_float(quantised, float_model, [t for t in targets if t != name])) for name in targets}
     order = sorted(targets, key=lambda name: -alone[name])  # the largest error of its own first
 
-    def trial(k: int) -> tuple[Any, tuple[float, float]]:
-        model = keep_float(quantised, float_model, order[:k])
+    def trial(k: Union[int, Sequence[str]]) -> tuple[Any, tuple[float, float]]:
+        model = keep_float(quantised, float_model, order[:k] if isinstance(k, int) else k)
         return model, agreeing(reference, logits(model, calibration))
 
     failing, k = 0, 1
@@ -558,12 +642,46 @@ def keep_float_until_agreement(
         else:
             failing = mid
     k, model, agreement = best
+    kept = order[:k]
+    if enough(agreement) and k > 1:
+        # the fewest most-sensitive products that hold the bars, then each of them, the costliest first,
+        # back in int8 if the bars still hold without it (Neural Compressor's fallback, by cost)
+        cost = _product_costs(float_model, kept)
+        for name in sorted(kept, key=lambda n: -cost[n]):
+            fewer = [n for n in kept if n != name]
+            if not fewer:
+                break
+            candidate, got = trial(fewer)
+            if enough(got):
+                kept, model, agreement = fewer, candidate, got
     onnx.save(model, os.fspath(target))
     log = logger.info if enough(agreement) else logger.warning
     log("int8: %d of %d products kept in fp32 for the calibration images to agree with fp32: %.2f%% measured, %.2f%% "
-        "estimated (all int8: %.2f%%, %.2f%%; wanted %.2f%%, %.2f%%)", k, len(order), 100 * agreement[0],
+        "estimated (all int8: %.2f%%, %.2f%%; wanted %.2f%%, %.2f%%)", len(kept), len(order), 100 * agreement[0],
         100 * agreement[1], 100 * first[0], 100 * first[1], 100 * min_agreement, 100 * min_estimated)
-    return order[:k], agreement
+    return kept, agreement
+
+
+def _product_costs(model: "onnx.ModelProto", names: Sequence[str]) -> dict[str, float]:
+    """Multiply-adds per image of each named MatMul / Gemm / Conv (weight elements x output positions),
+    from the model's inferred shapes (an unknown dimension, such as the batch, counts 1)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    wanted, out = set(names), {}
+    for n in model.graph.node:
+        if n.name not in wanted:
+            continue
+        w = weights.get(n.input[1], []) if len(n.input) > 1 else []
+        shape = dims.get(n.output[0], [])
+        if n.op_type == "Conv":  # (out_ch, in_ch / groups, kh, kw) per output position (n, out_ch, h, w)
+            out[n.name] = float(np.prod(w)) * float(np.prod(shape[2:]) if len(shape) > 2 else 1)
+        else:  # (in, out) weights once per output row
+            out[n.name] = float(np.prod(w)) * float(np.prod(shape[:-1]) if len(shape) > 1 else 1)
+    return {name: out.get(name, 0.0) for name in names}
 
 
 def _logits(model: Union[Path, bytes], images: Any, input_name: str, batch_size: int = CALIBRATION_BATCH) -> Any:
@@ -575,8 +693,20 @@ def _logits(model: Union[Path, bytes], images: Any, input_name: str, batch_size:
                            for i in range(0, len(images), batch_size)])
 
 
+def _check_ranged(target: Path, overrides: dict[str, Any]) -> None:
+    """Every activation the file quantises has its range from all calibration images (``overrides``):
+    one the quantiser calibrated alone (on one image) would be a wrong fixed scale."""
+    import onnx
+
+    model = onnx.load(os.fspath(target), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer}
+    alone = sorted({n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"} - constants - set(overrides))
+    if alone:
+        raise RuntimeError(f"int8: activations quantised without a calibrated range: {', '.join(alone[:5])}")
+
+
 def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overrides: dict[str, Any],
-              reduce_range: bool, external_data: bool) -> None:
+              reduce_range: bool, external_data: bool, convolutions: bool = False) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     with _without_preprocessing_advice():
@@ -585,7 +715,7 @@ def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overr
             target,
             reader,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm"],
+            op_types_to_quantize=list(PRODUCTS) + (["Conv", "Relu"] if convolutions else []),
             nodes_to_quantize=targets,
             per_channel=True,
             reduce_range=reduce_range,
@@ -593,7 +723,7 @@ def _quantize(source: Path, target: Path, reader: Any, targets: list[str], overr
             weight_type=QuantType.QInt8,
             use_external_data_format=external_data,
             extra_options={
-                "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],  # float outputs: MatMulIntegerToFloat
+                "OpTypesToExcludeOutputQuantization": list(PRODUCTS),  # float outputs: MatMulIntegerToFloat
                 "TensorQuantOverrides": overrides,  # the ranges over every calibration image
             },
         )
