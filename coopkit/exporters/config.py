@@ -65,7 +65,7 @@ class QuantizationConfig(ConfigMixin):
         "help": "int8: SmoothQuant strengths tried (0: none, 1: all outliers into the weights); the file closest "
                 "to fp32 on the calibration images is kept (one value: no trial)."})
     convolutions: bool = field(default=True, metadata={
-        "help": "int8: convolutions too (int8 in and out, QLinearConv: ResNet image towers, a ViT's patch embedding), "
+        "help": "int8: convolutions too (int8 in and out, QLinearConv: ResNet image towers such as coopkit-tiny's), "
                 "with their ReLUs folded; off: matrix products only (their outputs stay float)."})
     reduce_range: bool = field(default=True, metadata={
         "help": "int8: 7-bit weights, safe on every x86 CPU (off: full 8 bits, for AVX-512 VNNI machines only)."})

@@ -409,10 +409,13 @@ def verify_image_graph(
         )
     if labels is not None and (labels >= 0).any():
         known = labels >= 0
-        acc_ref = float((reference["logits"][known].argmax(1) == labels[known]).mean())
-        acc_out = float((got["logits"][known].argmax(1) == labels[known]).mean())
-        result.accuracy_torch, result.accuracy_onnx, result.n_labelled = acc_ref, acc_out, int(known.sum())
-        if precision == "int8" and known.sum() >= INT8_MIN_LABELLED and abs(acc_ref - acc_out) > INT8_MAX_ACCURACY_DROP:
+        right_ref = int((reference["logits"][known].argmax(1) == labels[known]).sum())
+        right_out = int((got["logits"][known].argmax(1) == labels[known]).sum())
+        n = int(known.sum())
+        acc_ref, acc_out = right_ref / n, right_out / n
+        result.accuracy_torch, result.accuracy_onnx, result.n_labelled = acc_ref, acc_out, n
+        # counted in images: 2 of 200 is 1% exactly, which 0.865 - 0.855 in floating point exceeds
+        if precision == "int8" and n >= INT8_MIN_LABELLED and abs(right_ref - right_out) > INT8_MAX_ACCURACY_DROP * n:
             result.problems.append(
                 f"accuracy {acc_out:.2%} differs from PyTorch's {acc_ref:.2%} by more than {INT8_MAX_ACCURACY_DROP:.0%}"
             )
