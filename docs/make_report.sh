@@ -5,6 +5,8 @@
 # KgCoOp, domain shift, on colored_shapes with coopkit-tiny; CoCoOp, IVLP (text prompts) and CLIP-LoRA
 # (text adapters) in all three.
 #   bash docs/make_report.sh [OUT_DIR]        (needs the plot extra: pip install -e ".[plot]")
+# To add a method to a report without running the others again, run its command below with
+# --methods NEW --append: the rows of the other methods in OUT/results.csv are kept.
 set -euo pipefail
 export HF_HUB_OFFLINE=1
 out=${1:-docs/report}

@@ -194,6 +194,27 @@ def test_base2new_and_shift_commands(image_folder, tiny_config, tmp_path):
     assert bad.exit_code == 2 and "both base and new" in bad.output
 
 
+def test_append_adds_a_method_to_a_report(image_folder, tiny_config, tmp_path):
+    """``--append`` keeps the other methods' rows of OUT/results.csv and replaces the rerun method's."""
+    common = [*_common(tiny_config), "--shots", "2", "--seeds", "1", "--epochs", "1", "-q", "--out", str(tmp_path)]
+    shift = ["bench", "shift", "--train", str(image_folder / "train"), "--test", f"same={image_folder / 'test'}"]
+    res = CliRunner().invoke(main, [*shift, "--methods", "zeroshot,coop", *common])
+    assert res.exit_code == 0, res.output
+    first = list(csv.DictReader(open(tmp_path / "results.csv")))
+    res = CliRunner().invoke(main, [*shift, "--methods", "zeroshot,cocoop", *common, "--append"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    # coop's row kept as written, zero-shot's replaced (once), cocoop's added; the summary covers all three
+    assert [r["method"] for r in rows] == ["coop", "zeroshot", "cocoop"]
+    assert rows[0] == next(r for r in first if r["method"] == "coop")
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"| {m} | same |" in summary for m in ("zeroshot", "coop", "cocoop"))
+    # without --append the file holds this run's rows alone
+    res = CliRunner().invoke(main, [*shift, "--methods", "zeroshot", *common])
+    assert res.exit_code == 0, res.output
+    assert [r["method"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["zeroshot"]
+
+
 # --- the papers' protocols on the official layouts (tiny fake copies; mechanics only) -------------
 
 

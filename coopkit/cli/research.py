@@ -43,6 +43,14 @@ def _settings_option(fn: Any) -> Any:
                              "JSON (numbers, true, null), else as text.")(fn)
 
 
+def _append_option(fn: Any) -> Any:
+    return click.option(
+        "--append", is_flag=True,
+        help="Keep the rows of other methods already in OUT/results.csv (a method run again replaces its own); "
+             "the summary (and plot) cover them all: add a method to a report without running the others again.",
+    )(fn)
+
+
 def _row_settings(values: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     """``("ivlp.prompt_depth_vision=0", ...)`` -> ``{"ivlp": {"prompt_depth_vision": 0}}``."""
     import json
@@ -128,15 +136,17 @@ def _default_unless_given(name: str, value: Any, protocol_value: Any) -> Any:
               help="Validation set Tip-Adapter searches alpha and beta on (with --dataset: the official one).")
 @_settings_option
 @click.option("--out", required=True, type=click.Path(), help="Folder for results.csv, summary.md, fewshot.png.")
+@_append_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str], root: Optional[str], shots: str,
                 seeds: str, methods: str, n_ctx: str, position: str, epochs: Optional[int], n_views: int,
-                augment: bool, val: Optional[str], row_settings: tuple[str, ...], out: str, quiet: bool,
+                augment: bool, val: Optional[str], row_settings: tuple[str, ...], out: str, append: bool, quiet: bool,
                 **settings: Any) -> None:
     """Accuracy against shots for each method, over seeds (the paper's Figure 3), with the few-shot
     baselines beside CoOp; top-1, top-5 and mean per-class accuracy."""
     from ..backbone import load_backbone
     from ..research.experiments import (
+        appended,
         check_methods,
         check_seeds,
         check_settings,
@@ -163,6 +173,7 @@ def fewshot_cmd(train: Optional[str], test: Optional[str], dataset: Optional[str
     else:
         rows = fewshot_curves(train, test, val=val, **common)
         name, title = None, f"{_task_name(train)} ({bb.model})"
+    rows = appended(rows, out, append)
     table = fewshot_paper_table(rows, published_for("fewshot", name))
     files = write_fewshot_report(rows, out, title=title, extra="## In the papers' form (top-1 %)\n\n" + table)
     click.echo(table)
@@ -196,15 +207,17 @@ def _task_name(train: str) -> str:
               help=f"Any of {', '.join(PROTOCOL_METHODS['shift'])}.")
 @_settings_option
 @click.option("--out", type=click.Path(), default=None, help="Also write results.csv and summary.md here.")
+@_append_option
 @click.option("-q", "--quiet", is_flag=True)
 def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[str], root: Optional[str], targets: str,
               shots: int, seeds: str, epochs: Optional[int], augment: bool, methods: str,
-              row_settings: tuple[str, ...], out: Optional[str], quiet: bool, **settings: Any) -> None:
+              row_settings: tuple[str, ...], out: Optional[str], append: bool, quiet: bool, **settings: Any) -> None:
     """Fit on a source task, compare zero-shot and the methods that train (CoOp...) on shifted test sets
     (the paper's Table 1)."""
     from ..backbone import load_backbone
     from ..research.experiments import (
         SCORES,
+        appended,
         check_seeds,
         check_settings,
         domain_shift,
@@ -244,6 +257,7 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
             named[name] = path
         rows = domain_shift(train, named, **common)
         note = ""
+    rows = appended(rows, out, append)
     table = markdown_table(summarize(rows, ["method", "test"], SCORES), ["method", "test"], SCORES)
     click.echo(table + note)
     _write(out, rows, "# Domain shift\n\nMean ± std over seeds (%): top-1, top-5, mean per-class accuracy.\n\n"
@@ -266,14 +280,16 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
               help=f"Any of {', '.join(PROTOCOL_METHODS['base2new'])}.")
 @_settings_option
 @click.option("--out", type=click.Path(), default=None)
+@_append_option
 @click.option("-q", "--quiet", is_flag=True)
 def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str], new: Optional[str],
                  dataset: Optional[str], root: Optional[str], shots: int, seeds: str, kg_weights: str,
                  epochs: Optional[int], augment: bool, methods: str, row_settings: tuple[str, ...],
-                 out: Optional[str], quiet: bool, **settings: Any) -> None:
+                 out: Optional[str], append: bool, quiet: bool, **settings: Any) -> None:
     """Fit on base classes; accuracy on base, on new classes, and their harmonic mean (CoCoOp protocol)."""
     from ..backbone import load_backbone
     from ..research.experiments import (
+        appended,
         base2new_paper_table,
         base_to_new,
         check_seeds,
@@ -304,6 +320,7 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
     else:
         rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), kg_weights=weights, **common)
         published = []
+    rows = appended(rows, out, append)
     table = base2new_paper_table(rows, published)
     keys, extra = ["method", "kg_weight"], ["base_top5", "base_macro", "new_top5", "new_macro"]
     more = markdown_table(summarize(rows, keys, extra), keys, extra)

@@ -560,6 +560,36 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike]) -> 
     atomic_write(path, buf.getvalue().encode())
 
 
+def read_csv(path: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """Rows written by :func:`write_csv`, numbers read back as numbers (an empty cell stays ``""``)."""
+
+    def value(text: str) -> Any:
+        for cast in (int, float):
+            try:
+                return cast(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def merge_rows(existing: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``existing`` rows of the methods ``new`` does not have, then ``new``: a method run again
+    replaces its rows, the others' stay (``bench ... --append``)."""
+    rerun = {r["method"] for r in new}
+    return [r for r in existing if r.get("method") not in rerun] + list(new)
+
+
+def appended(rows: Sequence[dict[str, Any]], out: Optional[Union[str, os.PathLike]], append: bool) -> list[dict[str, Any]]:
+    """``rows`` merged into ``out/results.csv`` when ``append`` and that file exists (:func:`merge_rows`)."""
+    csv_path = Path(out) / "results.csv" if out else None
+    if not append or csv_path is None or not csv_path.is_file():
+        return list(rows)
+    return merge_rows(read_csv(csv_path), rows)
+
+
 def plot_fewshot(rows: Sequence[dict[str, Any]], path: Union[str, os.PathLike], title: str = "") -> bool:
     """Accuracy against shots in the style of the paper's figure; ``False`` without matplotlib.
 
@@ -695,6 +725,7 @@ def base2new_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any
 
 __all__ = [
     "METHODS", "SCORES", "protocol_methods", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
-    "official_shift", "summarize", "markdown_table", "write_csv", "plot_fewshot", "write_fewshot_report",
+    "official_shift", "summarize", "markdown_table", "write_csv", "read_csv", "merge_rows", "appended", "plot_fewshot",
+    "write_fewshot_report",
     "fewshot_paper_table", "base2new_paper_table", "harmonic_mean", "ensemble_templates",
 ]
