@@ -216,15 +216,13 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
     (the paper's Table 1)."""
     from ..backbone import load_backbone
     from ..research.experiments import (
-        SCORES,
         appended,
         check_seeds,
         check_settings,
         domain_shift,
-        markdown_table,
         official_shift,
         protocol_methods,
-        summarize,
+        shift_report,
     )
 
     _sources(dataset, root, train, "x" if tests else None)
@@ -258,10 +256,9 @@ def shift_cmd(train: Optional[str], tests: tuple[str, ...], dataset: Optional[st
         rows = domain_shift(train, named, **common)
         note = ""
     rows = appended(rows, out, append)
-    table = markdown_table(summarize(rows, ["method", "test"], SCORES), ["method", "test"], SCORES)
-    click.echo(table + note)
-    _write(out, rows, "# Domain shift\n\nMean ± std over seeds (%): top-1, top-5, mean per-class accuracy.\n\n"
-           + table + note)
+    table, summary = shift_report(rows, note)
+    click.echo(table)
+    _write(out, rows, summary)
 
 
 @bench.command("base2new")
@@ -290,14 +287,12 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
     from ..backbone import load_backbone
     from ..research.experiments import (
         appended,
-        base2new_paper_table,
+        base2new_report,
         base_to_new,
         check_seeds,
         check_settings,
-        markdown_table,
         official_base2new,
         protocol_methods,
-        summarize,
     )
     from ..research.protocols import published_for
 
@@ -321,12 +316,9 @@ def base2new_cmd(train: Optional[str], test: Optional[str], base: Optional[str],
         rows = base_to_new(train, test, _strs(base, "--base"), _strs(new, "--new"), kg_weights=weights, **common)
         published = []
     rows = appended(rows, out, append)
-    table = base2new_paper_table(rows, published)
-    keys, extra = ["method", "kg_weight"], ["base_top5", "base_macro", "new_top5", "new_macro"]
-    more = markdown_table(summarize(rows, keys, extra), keys, extra)
-    click.echo(table + "\n" + more)
-    _write(out, rows, "# Base-to-new generalisation\n\nMean ± std over seeds (%): top-1 accuracy on the base and the "
-           "new classes and their harmonic mean H, then top-5 and mean per-class accuracy.\n\n" + table + "\n" + more)
+    tables, summary = base2new_report(rows, published)
+    click.echo(tables)
+    _write(out, rows, summary)
 
 
 def _optional(value: str, option: str, parse: Callable[[str, str], list[Any]]) -> list[Any]:
@@ -412,14 +404,10 @@ def datasets_cmd(root: Optional[str]) -> None:
 def _write(out: Optional[str], rows: list[dict[str, Any]], summary: str) -> None:
     if not out:
         return
-    from ..runtime.atomic import atomic_write
-    from ..research.experiments import write_csv
+    from ..research.experiments import write_summary
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, folder / "results.csv")
-    atomic_write(folder / "summary.md", summary.encode())
-    click.echo(f"wrote {folder / 'results.csv'} and {folder / 'summary.md'}")
+    files = write_summary(rows, out, summary)
+    click.echo(f"wrote {files['csv']} and {files['summary']}")
 
 
 @command("explain")

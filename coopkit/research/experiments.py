@@ -668,6 +668,30 @@ def write_fewshot_report(rows: Sequence[dict[str, Any]], out: Union[str, os.Path
     return {"csv": out / "results.csv", "summary": out / "summary.md", "plot": out / "fewshot.png" if plotted else None}
 
 
+def shift_report(rows: Sequence[dict[str, Any]], note: str = "") -> tuple[str, str]:
+    """``(table, summary.md text)`` of :func:`domain_shift` rows (``note`` appended to both)."""
+    table = markdown_table(summarize(rows, ["method", "test"], SCORES), ["method", "test"], SCORES) + note
+    return table, "# Domain shift\n\nMean ± std over seeds (%): top-1, top-5, mean per-class accuracy.\n\n" + table
+
+
+def base2new_report(rows: Sequence[dict[str, Any]], published: Sequence[Any] = ()) -> tuple[str, str]:
+    """``(tables, summary.md text)`` of :func:`base_to_new` rows: base, new and H beside ``published``,
+    then top-5 and mean per-class accuracy."""
+    keys, extra = ["method", "kg_weight"], ["base_top5", "base_macro", "new_top5", "new_macro"]
+    tables = base2new_paper_table(rows, published) + "\n" + markdown_table(summarize(rows, keys, extra), keys, extra)
+    return tables, ("# Base-to-new generalisation\n\nMean ± std over seeds (%): top-1 accuracy on the base and the "
+                    "new classes and their harmonic mean H, then top-5 and mean per-class accuracy.\n\n" + tables)
+
+
+def write_summary(rows: Sequence[dict[str, Any]], out: Union[str, os.PathLike], summary: str) -> dict[str, Path]:
+    """``results.csv`` and ``summary.md`` under ``out``, atomically."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, folder / "results.csv")
+    atomic_write(folder / "summary.md", summary.encode())
+    return {"csv": folder / "results.csv", "summary": folder / "summary.md"}
+
+
 def _cell(mean: float, std: float, seeds: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if seeds > 1 else f"{100 * mean:.1f}"
 
@@ -726,6 +750,6 @@ def base2new_paper_table(rows: Sequence[dict[str, Any]], published: Sequence[Any
 __all__ = [
     "METHODS", "SCORES", "protocol_methods", "fewshot_curves", "domain_shift", "base_to_new", "official_fewshot", "official_base2new",
     "official_shift", "summarize", "markdown_table", "write_csv", "read_csv", "merge_rows", "appended", "plot_fewshot",
-    "write_fewshot_report",
+    "write_fewshot_report", "shift_report", "base2new_report", "write_summary",
     "fewshot_paper_table", "base2new_paper_table", "harmonic_mean", "ensemble_templates",
 ]
