@@ -199,3 +199,29 @@ def test_keep_float_of_convolutions(resnet: dict[str, Any]) -> None:
     ref = logits(float_model, images)
     err = {k: np.abs(logits(m, images) - ref).mean() for k, m in (("half", half), ("int8", quantised))}
     assert err["half"] < err["int8"]
+
+
+def test_convolutions_that_fail_the_verification_fall_back_to_products(tiny_resnet, tmp_path, caplog) -> None:
+    """A zero-shot colour classifier calibrated on 16 of the world's scenes: with integer convolutions its
+    file failed the export's verification (the generated noise and colour fields saturate the convolutions'
+    calibrated output ranges: 14% of clear calls kept), so the export writes the products-only file, says
+    so, and that file passes the same checks."""
+    from coopkit.embedded import world
+
+    rng = np.random.default_rng(1)
+    calibration = np.stack([np.asarray(world.render(world.task_scene("colors", i % 8, rng), size=64, seed=i))
+                            for i in range(16)])
+    zs = coopkit.zero_shot(tiny_resnet, world.task_classes("colors"))
+    with caplog.at_level("WARNING", logger="coopkit.exporters.image"):
+        result = export_onnx(zs, tmp_path / "colors.onnx", "int8", calibration=calibration)
+    assert "failed the verification" in caplog.text and "quantising the matrix products alone" in caplog.text
+    assert result.int8.convolutions == 0 and result.int8.nodes > 0
+    model = onnx.load(str(result.path))
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(made_by.get(n.input[1]) != "DequantizeLinear" for n in model.graph.node if n.op_type == "Conv")
+    assert result.image.top1_agreement >= 0.99
+    # asked without convolutions, the same file: nothing to fall back from
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="coopkit.exporters.image"):
+        plain = export_onnx(zs, tmp_path / "products.onnx", "int8", calibration=calibration, convolutions=False)
+    assert "failed the verification" not in caplog.text and plain.int8.convolutions == 0

@@ -82,6 +82,7 @@ def export(run_dir: str, out: str, triton_repo: Optional[str], triton_name: Opti
         "calibration_images": report.int8.calibration_images if report.int8 else None,
         "int8_products": report.int8.nodes if report.int8 else None,
         "int8_products_kept_fp32": len(report.int8.float_nodes) if report.int8 else None,
+        "int8_convolutions": report.int8.convolutions if report.int8 else None,
         "calibration_agreement": report.int8.agreement[0] if report.int8 and report.int8.agreement else None,
         "external_data": report.external_data,
         "sidecar": str(report.sidecar) if report.sidecar else None,

@@ -43,6 +43,7 @@ import os
 import shutil
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -67,6 +68,7 @@ from .fp16 import to_fp16
 from .graphs import ImageGraph, image_encoder
 from .int8 import Int8Summary, calibration_images, to_int8
 from .io import (
+    ExportVerificationError,
     check_model,
     check_target,
     file_size,
@@ -453,7 +455,21 @@ def export_onnx(
                 classifier, tmp / text_graph_name(target.name), opset=config.resolved_opset,
                 size_threshold=config.size_threshold)
         files, int8 = convert(classifier, plan, config, tmp)
-        image, raw, crashes = validate(classifier, plan, config, files[0])
+        try:
+            image, raw, crashes = validate(classifier, plan, config, files[0])
+        except ExportVerificationError as e:
+            if int8 is None or not int8.convolutions:
+                raise
+            # integer convolutions quantise their outputs to ranges from the calibration images; images far
+            # from those (the generated noise and colour fields) can saturate them. Products alone keep
+            # float outputs: the file before convolutions were quantised, checked the same way
+            logger.warning("int8 with %d convolutions failed the verification (%s); quantising the matrix products "
+                           "alone (give more calibration images like those served to keep them)", int8.convolutions, e)
+            for f in files:
+                f.unlink(missing_ok=True)
+            config = dataclasses.replace(config, int8=dataclasses.replace(config.int8, convolutions=False))
+            files, int8 = convert(classifier, plan, config, tmp)
+            image, raw, crashes = validate(classifier, plan, config, files[0])
         # into place: external data and the text graph first, the image graph (which names them) last
         written = move_into_place([*text_files, *files[1:], files[0]], target.parent)
         remove_stale_companions(target, written)

@@ -59,6 +59,8 @@ class Int8Summary:
             images of the file written (:func:`top1_agreement`; ``None``: not checked); for a
             multi-label file, the per-label decision agreement
             (:func:`~coopkit.exporters.verify.label_agreement`).
+        convolutions: Convolutions among ``nodes`` (0 with ``convolutions=False``, on a model
+            without any, or where the export fell back to products alone).
     """
 
     nodes: int
@@ -67,6 +69,7 @@ class Int8Summary:
     trials: dict[float, tuple[int, float]] = field(default_factory=dict)
     float_nodes: tuple[str, ...] = ()
     agreement: Optional[tuple[float, float]] = None
+    convolutions: int = 0
 
 
 _CALIBRATION_HINT = (
@@ -406,7 +409,8 @@ def to_int8(
     elif config.min_agreement > 0:
         logger.warning("int8: %s has external data; its agreement with fp32 is not tuned (min_agreement ignored)",
                        source)
-    return Int8Summary(len(targets) - len(kept), int(len(calibration)), chosen, errors, tuple(kept), agreement)
+    convs = sum(1 for name in targets if name not in kept and name not in products)
+    return Int8Summary(len(targets) - len(kept), int(len(calibration)), chosen, errors, tuple(kept), agreement, convs)
 
 
 def _changed_answers(reference: np.ndarray, got: np.ndarray, thresholds: Optional[Sequence[float]]) -> int:
