@@ -139,6 +139,7 @@ def main() -> None:
                 "batch": batch_invariance(sess, images, got, n=8),
                 "alpha": summary.smoothing if summary else "-",
                 "kept": f"{len(summary.float_nodes)} of {summary.nodes + len(summary.float_nodes)}" if summary else "-",
+                "convs": summary.convolutions if summary else "-",
                 "speed": speeds[name] / speeds["fp32"],
                 "ov_speed": ov_speeds[name] / ov_speeds["fp32"] if name in ov_speeds else float("nan"),
             })
@@ -161,15 +162,15 @@ def main() -> None:
             compare("weak ViT (random init)", weak, photo_batch(300, (64, 64), seed=7), np.zeros(0, int), Path(tmp),
                     calibration=photo_batch(256, (64, 64), seed=123))
     print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | "
-          "batch invariance (max abs logit change) | smoothing alpha | products kept fp32 | speed x fp32, onnxruntime | "
-          "speed x fp32, OpenVINO |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "batch invariance (max abs logit change) | smoothing alpha | products kept fp32 | convolutions int8 | "
+          "speed x fp32, onnxruntime | speed x fp32, OpenVINO |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "refused" in r:
             print(f"| {r['task']} | {r['file']} | refused by the export's verification: {r['refused']} |")
             continue
         print(f"| {r['task']} | {r['file']} | {r['n']} | {100 * r['agree']:.1f}% | {100 * r['acc_fp32']:.1f} | "
-              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} | {r['kept']} | "
+              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} | {r['kept']} | {r['convs']} | "
               f"{r['speed']:.2f} | {r['ov_speed']:.2f} |")
 
 
