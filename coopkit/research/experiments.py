@@ -654,18 +654,15 @@ def write_fewshot_report(rows: Sequence[dict[str, Any]], out: Union[str, os.Path
                          extra: str = "") -> dict[str, Any]:
     """``results.csv``, ``summary.md`` (top-1, top-5 and mean per-class accuracy; ``extra`` appended)
     and ``fewshot.png`` (when matplotlib is installed) under ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
     summary = summarize(rows, ["method", "setting", "shots"], SCORES)
     text = f"# {title or 'Few-shot accuracy'}\n\nMean ± standard deviation over seeds (%): top-1 accuracy, top-5 " \
            "accuracy and the mean of the per-class accuracies.\n\n"
     text += markdown_table(summary, ["method", "setting", "shots"], SCORES)
     if extra:
         text += "\n" + extra
-    atomic_write(out / "summary.md", text.encode())
-    plotted = plot_fewshot(rows, out / "fewshot.png", title)
-    return {"csv": out / "results.csv", "summary": out / "summary.md", "plot": out / "fewshot.png" if plotted else None}
+    files: dict[str, Any] = dict(write_summary(rows, out, text))
+    plotted = plot_fewshot(rows, Path(out) / "fewshot.png", title)
+    return {**files, "plot": Path(out) / "fewshot.png" if plotted else None}
 
 
 def shift_report(rows: Sequence[dict[str, Any]], note: str = "") -> tuple[str, str]:

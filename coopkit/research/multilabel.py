@@ -34,7 +34,7 @@ from ..methods.multilabel import TASK
 from ..multilabel_data import MultiLabelDataset, few_shot_multilabel, load_multilabel, partial_labels
 from ..runtime.atomic import atomic_write
 from ..train import fit_on_shots
-from .experiments import check_seeds, markdown_table, save_figure, summarize, write_csv
+from .experiments import check_seeds, markdown_table, save_figure, summarize, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -243,14 +243,11 @@ def write_multilabel_report(rows: Sequence[dict[str, Any]], out: Union[str, os.P
     and ``multilabel.png`` (when matplotlib is installed) under ``out``; returns their paths (``plot``: None
     without matplotlib)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "results.csv")
-    atomic_write(out / "results.json", (json.dumps(list(rows), indent=1) + "\n").encode())
     text = f"# {title or 'Multi-label benchmark'}\n\n" + (note + "\n\n" if note else "") + multilabel_tables(rows)
-    atomic_write(out / "summary.md", text.encode())
+    files: dict[str, Any] = dict(write_summary(rows, out, text))
+    atomic_write(out / "results.json", (json.dumps(list(rows), indent=1) + "\n").encode())
     plotted = plot_multilabel(rows, out / "multilabel.png", title)
-    return {"csv": out / "results.csv", "json": out / "results.json", "summary": out / "summary.md",
-            "plot": out / "multilabel.png" if plotted else None}
+    return {**files, "json": out / "results.json", "plot": out / "multilabel.png" if plotted else None}
 
 
 __all__ = ["SCORES", "FEWSHOT", "PARTIAL", "multilabel_methods", "multilabel_bench", "multilabel_tables",
