@@ -152,7 +152,8 @@ def _conv_tensors(model: "onnx.ModelProto", targets: Sequence[str]) -> tuple[lis
     reader of a quantised convolution's output: the quantiser drops it and quantises the
     convolution's output with the ReLU's range, whose zero clamps what the ReLU would) and the
     output tensors whose fixed ranges the quantiser needs (each convolution's, or its ReLU's)."""
-    convs = {n.name: n for n in model.graph.node if n.name in set(targets) and n.op_type == "Conv"}
+    wanted = set(targets)
+    convs = {n.name: n for n in model.graph.node if n.name in wanted and n.op_type == "Conv"}
     readers: dict[str, list[Any]] = {}
     for n in model.graph.node:
         for name in n.input:
@@ -479,12 +480,10 @@ def keep_float(quantised: "onnx.ModelProto", float_model: "onnx.ModelProto", nod
     def int8_conv(node: Optional[Any]) -> bool:
         return node is not None and node.op_type == "Conv" and node.name not in wanted and quantised_weight(node)
 
-    dequantised = {}  # an int8 convolution's output -> the DequantizeLinear output its readers read
-    for q in model.graph.node:
-        if q.op_type == "QuantizeLinear" and int8_conv(made_by.get(q.input[0])):
-            for dq in model.graph.node:
-                if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
-                    dequantised[q.input[0]] = dq.output[0]
+    dequantising = {n.input[0]: n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    dequantised = {  # an int8 convolution's output -> the DequantizeLinear output its readers read
+        q.input[0]: dequantising[q.output[0]] for q in model.graph.node
+        if q.op_type == "QuantizeLinear" and q.output[0] in dequantising and int8_conv(made_by.get(q.input[0]))}
     relus: dict[str, str] = {}
 
     def as_float(name: str) -> str:
