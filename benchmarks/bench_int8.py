@@ -16,8 +16,12 @@ Each task (and the weak model of tests/test_int8.py: a random-init 64-px ViT who
 close) is exported as int8 accuracy-aware (the default: the products that move the answers stay
 fp32 until the calibration images agree with fp32 on 99.5% and their margins estimate 99% for
 other images) and with every product int8
-(``min_agreement=0``), and with convolutions left float (``convolutions=False``: what coopkit
-quantised before; it matters on coopkit-tiny's ResNet tower); the speed columns are each file's
+(``min_agreement=0``), the same with nearest rounding in place of GPTQ's
+(``weight_rounding="nearest"``), and with convolutions left float (``convolutions=False``: what
+coopkit quantised before; it matters on coopkit-tiny's ResNet tower). ``--large-vit`` adds
+random-init ViT-B-32 (near-tie logits at a real model's size). The "centred" column is the mean
+logit change after removing each image's mean (a shift of every class, which moves no softmax
+answer). The speed columns are each file's
 images/s at batch 32 over the fp32 file's on the same engine, interleaved on the same batch:
 onnxruntime, and OpenVINO (f32 pinned, static batch 32) where it is installed (the engine that
 ``engine="auto"`` chose for every file on the AMX machine); the agreement is onnxruntime's.
@@ -66,6 +70,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per file for the speed columns")
     ap.add_argument("--no-weak-vit", dest="weak_vit", action="store_false",
                     help="leave out the weak model (a random-init 64-px ViT, 16 classes zero-shot, close logits)")
+    ap.add_argument("--large-vit", action="store_true",
+                    help="add random-init ViT-B-32 (20 classes zero-shot: near-tie logits at a real model's size; "
+                         "128 calibration and 300 held-out photo-like crops; minutes per export)")
+    ap.add_argument("--no-conv-variant", dest="conv_variant", action="store_false",
+                    help="leave out the accuracy-aware file with convolutions float")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
 
@@ -102,7 +111,11 @@ def main() -> None:
         fp32 = export_onnx(clf, folder / f"{task}-fp32.onnx", "fp32").path
         variants = {"int8 static, accuracy-aware": ("int8", {}),
                     "int8 static, every product": ("plain", {"min_agreement": 0.0}),
+                    "int8 static, every product, nearest rounding": ("nearest", {"min_agreement": 0.0,
+                                                                                 "weight_rounding": "nearest"}),
                     "int8 static, accuracy-aware, convolutions float": ("noconv", {"convolutions": False})}
+        if not args.conv_variant or not any(n.op_type == "Conv" for n in onnx.load(os.fspath(fp32)).graph.node):
+            variants.pop("int8 static, accuracy-aware, convolutions float")
         files = {}
         for name, (stem, options) in variants.items():
             try:
@@ -136,6 +149,7 @@ def main() -> None:
                 "acc_fp32": float((ref.argmax(1) == labels).mean()) if len(labels) else float("nan"),
                 "acc_int8": float((got.argmax(1) == labels).mean()) if len(labels) else float("nan"),
                 "max_dlogit": float(np.abs(got - ref).max()),
+                "centred": float(np.abs((got - got.mean(1, keepdims=True)) - (ref - ref.mean(1, keepdims=True))).mean()),
                 "batch": batch_invariance(sess, images, got, n=8),
                 "alpha": summary.smoothing if summary else "-",
                 "kept": f"{len(summary.float_nodes)} of {summary.nodes + len(summary.float_nodes)}" if summary else "-",
@@ -161,16 +175,22 @@ def main() -> None:
             weak = coopkit.zero_shot(coopkit.load_backbone(str(config), pretrained=None, device="cpu"), WEAK_NAMES)
             compare("weak ViT (random init)", weak, photo_batch(300, (64, 64), seed=7), np.zeros(0, int), Path(tmp),
                     calibration=photo_batch(256, (64, 64), seed=123))
+        if args.large_vit:  # near-tie logits at a real size: random-init ViT-B-32, zero-shot
+            torch.manual_seed(0)
+            large = coopkit.load_backbone("ViT-B-32", pretrained=None, device="cpu")
+            compare("ViT-B-32 (random init)", coopkit.zero_shot(large, [f"class {i}" for i in range(20)]),
+                    photo_batch(300, large.image_size, seed=7), np.zeros(0, int), Path(tmp),
+                    calibration=photo_batch(128, large.image_size, seed=123))
     print("| task | int8 file | test images | top-1 = fp32 | accuracy fp32 | accuracy int8 | max abs logit diff | "
-          "batch invariance (max abs logit change) | smoothing alpha | products kept fp32 | convolutions int8 | "
-          "speed x fp32, onnxruntime | speed x fp32, OpenVINO |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "mean abs logit diff, centred | batch invariance (max abs logit change) | smoothing alpha | "
+          "products kept fp32 | convolutions int8 | speed x fp32, onnxruntime | speed x fp32, OpenVINO |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "refused" in r:
             print(f"| {r['task']} | {r['file']} | refused by the export's verification: {r['refused']} |")
             continue
         print(f"| {r['task']} | {r['file']} | {r['n']} | {100 * r['agree']:.1f}% | {100 * r['acc_fp32']:.1f} | "
-              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['batch']:.2g} | {r['alpha']} | {r['kept']} | {r['convs']} | "
+              f"{100 * r['acc_int8']:.1f} | {r['max_dlogit']:.3f} | {r['centred']:.4f} | {r['batch']:.2g} | {r['alpha']} | {r['kept']} | {r['convs']} | "
               f"{r['speed']:.2f} | {r['ov_speed']:.2f} |")
 
 

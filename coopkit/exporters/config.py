@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from coopkit.runtime.configbase import ConfigMixin, check_bool, check_float, check_int
+from coopkit.runtime.configbase import ConfigMixin, check_bool, check_choice, check_float, check_int
 from coopkit.runtime.contract import FILE_PRECISIONS
 
 from .io import EXTERNAL_DATA_THRESHOLD
@@ -41,6 +41,8 @@ MIN_AGREEMENT = 0.995
 #: (:func:`coopkit.exporters.int8.top1_agreement`'s estimate from the calibration images' margins):
 #: a few calibration images that all agree do not vouch for the others, and the estimate does.
 MIN_ESTIMATED_AGREEMENT = 0.99
+#: int8: how weights are rounded to their integers (:func:`coopkit.exporters.int8.round_weights`).
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
 def check_opset(opset: Any) -> int:
@@ -69,6 +71,9 @@ class QuantizationConfig(ConfigMixin):
                 "with their ReLUs folded; off: matrix products only (their outputs stay float)."})
     reduce_range: bool = field(default=True, metadata={
         "help": "int8: 7-bit weights, safe on every x86 CPU (off: full 8 bits, for AVX-512 VNNI machines only)."})
+    weight_rounding: str = field(default=WEIGHT_ROUNDINGS[0], metadata={
+        "help": "int8: gptq (each weight's rounding error is made up by the weights after it, from the calibration "
+                "inputs: closer to fp32 at the same speed) or nearest (plain rounding).", "choices": WEIGHT_ROUNDINGS})
     min_agreement: float = field(default=MIN_AGREEMENT, metadata={
         "help": "int8: share of calibration images that must keep fp32's top-1 class; the products that move "
                 "the answers most stay fp32 until they do (0: quantise every product). More calibration images "
@@ -81,6 +86,7 @@ class QuantizationConfig(ConfigMixin):
         check_int("calibration_max_images", self.calibration_max_images, 1)
         check_int("calibration_batch", self.calibration_batch, 1)
         check_bool("reduce_range", self.reduce_range)
+        check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         check_float("min_agreement", self.min_agreement, maximum=1.0)
         check_float("min_estimated_agreement", self.min_estimated_agreement, maximum=1.0)
         alphas = self.smooth_alphas
