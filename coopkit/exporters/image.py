@@ -274,6 +274,24 @@ def _fix_output_dims(model: "onnx.ModelProto", n_classes: int, embed_dim: int) -
 # --- the steps ---------------------------------------------------------------------------------
 
 
+def _int8_fallbacks(config: ExportConfig) -> list[tuple[ExportConfig, str]]:
+    """What an int8 export with integer convolutions writes instead, in order, when its file fails the
+    verification, each with the warning's words. Integer convolutions quantise their outputs to ranges
+    from the calibration images, and images far from those (the generated noise and colour fields)
+    can saturate them: nearest rounding first where the weights were rounded with GPTQ (which fits
+    the calibration images), then the matrix products alone (float convolution outputs: the file
+    before convolutions were quantised), each checked the same way."""
+    int8 = config.int8
+    steps = []
+    if int8.weight_rounding != "nearest":
+        steps.append((dataclasses.replace(config, int8=dataclasses.replace(int8, weight_rounding="nearest")),
+                      "rounding the weights to nearest instead of with GPTQ"))
+    steps.append((dataclasses.replace(config, int8=dataclasses.replace(int8, convolutions=False)),
+                  "quantising the matrix products alone (give more calibration images like those served to keep "
+                  "them)"))
+    return steps
+
+
 def prepare(classifier: "Classifier", path: Union[str, os.PathLike], config: ExportConfig) -> ExportPlan:
     """Check everything that can be checked before tracing (the classifier, the target, the
     metadata, raw-input support, the text graph) and gather the verification and calibration images."""
@@ -455,21 +473,20 @@ def export_onnx(
                 classifier, tmp / text_graph_name(target.name), opset=config.resolved_opset,
                 size_threshold=config.size_threshold)
         files, int8 = convert(classifier, plan, config, tmp)
-        try:
-            image, raw, crashes = validate(classifier, plan, config, files[0])
-        except ExportVerificationError as e:
-            if int8 is None or not int8.convolutions:
-                raise
-            # integer convolutions quantise their outputs to ranges from the calibration images; images far
-            # from those (the generated noise and colour fields) can saturate them. Products alone keep
-            # float outputs: the file before convolutions were quantised, checked the same way
-            logger.warning("int8 with %d convolutions failed the verification (%s); quantising the matrix products "
-                           "alone (give more calibration images like those served to keep them)", int8.convolutions, e)
-            for f in files:
-                f.unlink(missing_ok=True)
-            config = dataclasses.replace(config, int8=dataclasses.replace(config.int8, convolutions=False))
-            files, int8 = convert(classifier, plan, config, tmp)
-            image, raw, crashes = validate(classifier, plan, config, files[0])
+        fallbacks = _int8_fallbacks(config)
+        while True:
+            try:
+                image, raw, crashes = validate(classifier, plan, config, files[0])
+                break
+            except ExportVerificationError as e:
+                if int8 is None or not int8.convolutions or not fallbacks:
+                    raise
+                config, instead = fallbacks.pop(0)
+                logger.warning("int8 with %d convolutions failed the verification (%s); %s", int8.convolutions, e,
+                               instead)
+                for f in files:
+                    f.unlink(missing_ok=True)
+                files, int8 = convert(classifier, plan, config, tmp)
         # into place: external data and the text graph first, the image graph (which names them) last
         written = move_into_place([*text_files, *files[1:], files[0]], target.parent)
         remove_stale_companions(target, written)
