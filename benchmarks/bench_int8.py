@@ -114,7 +114,8 @@ def main() -> None:
                     "int8 static, every product, nearest rounding": ("nearest", {"min_agreement": 0.0,
                                                                                  "weight_rounding": "nearest"}),
                     "int8 static, accuracy-aware, convolutions float": ("noconv", {"convolutions": False})}
-        if not args.conv_variant or not any(n.op_type == "Conv" for n in onnx.load(os.fspath(fp32)).graph.node):
+        fp32_model = onnx.load(os.fspath(fp32))
+        if not args.conv_variant or not any(n.op_type == "Conv" for n in fp32_model.graph.node):
             variants.pop("int8 static, accuracy-aware, convolutions float")
         files = {}
         for name, (stem, options) in variants.items():
@@ -123,7 +124,7 @@ def main() -> None:
             except ExportVerificationError as e:  # the export's own check refused the file: say so, no file
                 rows.append({"task": task, "file": name, "refused": str(e).split(": ", 1)[-1]})
         dyn = folder / f"{task}-dyn.onnx"
-        quantize_dynamic(fp32, dyn, nodes_to_quantize=int8_targets(onnx.load(os.fspath(fp32))), per_channel=True,
+        quantize_dynamic(fp32, dyn, nodes_to_quantize=int8_targets(fp32_model), per_channel=True,
                          weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
         sessions = {"fp32": cpu_session(fp32), **{k: cpu_session(r.path) for k, r in files.items()},
                     "int8 dynamic (before)": cpu_session(dyn)}

@@ -38,12 +38,12 @@ preprocessing) and ``thresholds`` (multi-label runs); the text graph also uses `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
