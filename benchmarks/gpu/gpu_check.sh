@@ -8,10 +8,11 @@
 # /tmp/coopkit-site, which goes first on PYTHONPATH (the machine has torch, onnx and onnxruntime
 # without CUDA; carry open_clip_torch, ftfy, wcwidth, for the CUDA provider onnxruntime-gpu, and openvino
 # for section_5_engines.py's OpenVINO rows).
-# A wheel too large to carry at once can come in parts named NAME.whl.part-NN (split -b 60m
-# -d --additional-suffix= NAME.whl NAME.whl.part-) in earlier calls: parts are appended in
-# /tmp/coopkit-wheel-parts and a wheel is installed once all its parts are there (NAME.whl.parts
-# holds the count). The repository itself is imported from the working tree (PYTHONPATH).
+# A wheel too large to carry at once comes in parts named NAME.whl.part-NN in earlier calls
+# (GPU_CHECK_STASH_ONLY=1: copy the parts to /tmp/coopkit-wheel-parts and stop); a wheel is
+# assembled and installed once all its parts are there (NAME.whl.parts holds the count).
+# benchmarks/gpu/pack_wheels.py downloads, slims and cuts the wheels and prints the calls.
+# The repository itself is imported from the working tree (PYTHONPATH).
 #
 # Each section is one script, benchmarks/gpu/section_*.py, run in name order in its own Python
 # process; each prints rows "ROW|section|what|value|note" that are gathered into one table here.
@@ -24,23 +25,27 @@ WHEELS="${COOPKIT_WHEELS:-$ROOT/.whl}"
 SITE=/tmp/coopkit-site
 PARTS=/tmp/coopkit-wheel-parts
 mkdir -p "$SITE" "$PARTS"
-if [ -d "$WHEELS" ]; then
-  for part in "$WHEELS"/*.whl.part-* "$WHEELS"/*.whl.parts; do
-    [ -e "$part" ] && cp "$part" "$PARTS/"
+if [ -d "$WHEELS" ] && [ "$(cd "$WHEELS" && pwd)" != "$PARTS" ]; then
+  for f in "$WHEELS"/*.whl "$WHEELS"/*.whl.part-* "$WHEELS"/*.whl.parts; do
+    [ -e "$f" ] && cp "$f" "$PARTS/"
   done
-  for count in "$PARTS"/*.whl.parts; do
-    [ -e "$count" ] || continue
-    wheel="${count%.parts}"
-    have=$(ls "$wheel".part-* 2>/dev/null | wc -l)
-    if [ "$have" -ge "$(cat "$count")" ] && [ ! -e "$wheel" ]; then
-      cat "$wheel".part-* > "$wheel" && echo "# assembled $(basename "$wheel") from $have parts"
-    fi
-  done
-  whls=$(ls "$WHEELS"/*.whl "$PARTS"/*.whl 2>/dev/null)
-  if [ -n "$whls" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $whls \
-      || echo "# pip could not install the carried wheels"
+fi
+for count in "$PARTS"/*.whl.parts; do
+  [ -e "$count" ] || continue
+  wheel="${count%.parts}"
+  have=$(ls "$wheel".part-* 2>/dev/null | wc -l)
+  if [ "$have" -ge "$(cat "$count")" ] && [ ! -e "$wheel" ]; then
+    cat "$wheel".part-* > "$wheel" && echo "# assembled $(basename "$wheel") from $have parts"
   fi
+done
+if [ -n "${GPU_CHECK_STASH_ONLY:-}" ]; then  # a stash call: keep the parts for the next call, run nothing
+  ls -l "$PARTS"
+  exit 0
+fi
+whls=$(ls "$PARTS"/*.whl 2>/dev/null)
+if [ -n "$whls" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $whls \
+    || echo "# pip could not install the carried wheels"
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
