@@ -22,7 +22,7 @@ tables and never fails on a ratio.
 
     python benchmarks/bench_engines.py                                     # both models, batch 1 and 32
     python benchmarks/bench_engines.py --models coopkit-tiny --kinds fp32 int8 --seconds 0.2 --json out.json
-    python benchmarks/bench_engines.py --runtime-variants --kinds fp32 int8   # IO binding, dynamic block base
+    python benchmarks/bench_engines.py --runtime-variants --kinds fp32 int8   # IO binding, block base, fused attention
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ KINDS = ("fp32", "fp16", "int8", "raw")
 CLASSNAMES = [f"class {i}" for i in range(20)]
 
 
-def export_files(name: str, pretrained: Any, kinds: list[str], workdir: Path, threads: int) -> dict[str, Path]:
-    """One export of a zero-shot classifier of ``name`` per file kind."""
+def export_files(name: str, pretrained: Any, kinds: list[str], workdir: Path, threads: int,
+                 fused_attention: bool = False) -> dict[str, Path]:
+    """One export of a zero-shot classifier of ``name`` per file kind (and, with ``fused_attention``,
+    the fp32 file again with ``fused_attention=True``, as ``"fp32 fused attention"``)."""
     import coopkit
     from coopkit.exporters import export_onnx
 
@@ -63,6 +65,9 @@ def export_files(name: str, pretrained: Any, kinds: list[str], workdir: Path, th
         calibration = photo_batch(64, backbone.image_size, seed=123) if kind == "int8" else None
         export_onnx(clf, path, precision, raw_input=kind == "raw", calibration=calibration)
         files[kind] = path
+    if fused_attention and "fp32" in kinds:
+        files["fp32 fused attention"] = workdir / f"{name}-fp32-fused-attention.onnx"
+        export_onnx(clf, files["fp32 fused attention"], "fp32", fused_attention=True)
     return files
 
 
@@ -151,15 +156,19 @@ def bench_file(model: str, kind: str, path: Path, args: argparse.Namespace, thre
     return rows, choices
 
 
-def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, threads: int,
+                   fused: Optional[Path] = None) -> list[dict[str, Any]]:
     """onnxruntime on the CPU closer to its limit (``--runtime-variants``): ``session.run`` against IO
     binding (``coopkit.runtime.session.run_bound``: outputs written into numpy arrays) and
     onnxruntime's ``session.dynamic_block_base`` (4, its tuning guide's value), alone and together,
-    and the file rewritten with onnxruntime.transformers' fused contrib ops where they apply,
-    idle and with one CPU busy; each row's ratio to plain ``session.run`` and its largest difference
-    from it (0 expected: the switches move memory and work, not arithmetic). A switch is worth
-    turning on (``CPU_IO_BINDING``, ``DYNAMIC_BLOCK_BASE`` in ``coopkit/runtime/session.py``) only
-    where its ratio is above 1 in both conditions."""
+    and, for the fp32 file, the same classifier exported with ``fused_attention=True`` (``fused``:
+    each ViT block's attention one com.microsoft ``Attention`` node) on onnxruntime, idle and with
+    one CPU busy; each row's ratio to ``session.run`` and its largest difference from it (0
+    expected for the switches: they move memory and work, not arithmetic). Both files on OpenVINO
+    are timed as a group of their own (its threads spin on after a run and would slow onnxruntime's
+    rows), their ratio to OpenVINO on the plain file. A switch is worth turning on
+    (``CPU_IO_BINDING``, ``DYNAMIC_BLOCK_BASE`` in ``coopkit/runtime/session.py``; the exporter's
+    ``fused_attention``) only where its ratio is above 1 in both conditions."""
     import onnxruntime as ort
 
     from coopkit.runtime.session import CPU, run_bound, session_options
@@ -167,7 +176,6 @@ def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, 
     names = ["probs", "logits", "image_embeds"]
     sessions = {block: ort.InferenceSession(os.fspath(path), session_options(threads, dynamic_block_base=block),
                                             providers=[CPU]) for block in (0, 4)}
-    fused = _fused_transformer(path)  # onnxruntime.transformers' fusions written into the file, where they apply
     if fused is not None:
         sessions["fused"] = ort.InferenceSession(os.fspath(fused), session_options(threads), providers=[CPU])
     widths = {o.name: o.shape[-1] for o in sessions[0].get_outputs()}
@@ -184,38 +192,35 @@ def bench_variants(model: str, kind: str, path: Path, args: argparse.Namespace, 
             "dynamic block base 4": lambda: sessions[4].run(names, {"images": batch}),
             "IO binding + dynamic block base 4": lambda: run_bound(sessions[4], {"images": batch}, outputs),
         }
-        if "fused" in sessions:
-            fns["fused contrib ops (onnxruntime.transformers)"] = lambda: sessions["fused"].run(names, {"images": batch})
+        groups = [fns]  # each group interleaved on its own: OpenVINO's spinning threads would slow onnxruntime's rows
+        if fused is not None:
+            fns["fused attention file (fused_attention=True)"] = lambda: sessions["fused"].run(names, {"images": batch})
+            if args.openvino:
+                plain_ov, fused_ov = (openvino_runner(p, bs, threads)[0] for p in (path, fused))
+                groups.append({OV_PLAIN: lambda: _ov_outputs(plain_ov(batch), names),
+                               "OpenVINO f32, fused attention file": lambda: _ov_outputs(fused_ov(batch), names)})
         want = fns["session.run"]()
-        diffs = {label: max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(fn(), want)) for label, fn in fns.items()}
-        for condition in ("idle", "one CPU busy"):
-            with busy_core() if condition != "idle" else _nothing():
-                speeds = interleaved_speeds(fns, bs, args.seconds)
-            for label, ips in speeds.items():
-                rows.append({"model": model, "file": kind, "batch": bs, "variant": label, "condition": condition,
-                             "img_s": ips, "vs_session_run": ips / speeds["session.run"], "max_diff": diffs[label]})
-            print(f"# {model} {kind} batch {bs} {condition}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
-                  + f" img/s; {load()}", file=sys.stderr)
+        for group in groups:
+            diffs = {label: max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(fn(), want)) for label, fn in group.items()}
+            base = next(iter(group))  # the ratios are to the group's first row
+            for condition in ("idle", "one CPU busy"):
+                with busy_core() if condition != "idle" else _nothing():
+                    speeds = interleaved_speeds(group, bs, args.seconds)
+                for label, ips in speeds.items():
+                    rows.append({"model": model, "file": kind, "batch": bs, "variant": label, "condition": condition,
+                                 "img_s": ips, "vs_session_run": ips / speeds[base], "max_diff": diffs[label]})
+                print(f"# {model} {kind} batch {bs} {condition}: " + ", ".join(f"{k} {v:.1f}" for k, v in speeds.items())
+                      + f" img/s; {load()}", file=sys.stderr)
     return rows
 
 
-def _fused_transformer(path: Path) -> Optional[Path]:
-    """The file with onnxruntime.transformers' optimizer's fusions (Attention, SkipLayerNormalization,
-    BiasGelu contrib ops where its patterns match a transformer image tower), or None where nothing fused."""
-    from onnxruntime.transformers.optimizer import optimize_model
+OV_PLAIN = "OpenVINO f32, plain file (the base of the rows below it)"
 
-    try:
-        model = optimize_model(os.fspath(path), model_type="vit", num_heads=0, hidden_size=0, opt_level=0)
-    except Exception as e:  # noqa: BLE001 - report and go on
-        print(f"# {path.name}: onnxruntime.transformers' optimizer failed: {str(e)[:200]}", file=sys.stderr)
-        return None
-    stats = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
-    print(f"# {path.name}: onnxruntime.transformers fused {stats or 'nothing'}", file=sys.stderr)
-    if not stats:
-        return None
-    out = path.with_name(path.stem + "-fused.onnx")
-    model.save_model_to_file(os.fspath(out))
-    return out
+
+def _ov_outputs(result: Any, names: list[str]) -> list[np.ndarray]:
+    """An OpenVINO infer request's results in the order of ``names``."""
+    by_name = {name: value for port, value in result.items() for name in port.get_names()}
+    return [by_name[n] for n in names]
 
 
 def _image_size(session: Any) -> tuple[int, int]:
@@ -230,7 +235,7 @@ def _nothing() -> Iterator[None]:
 
 
 def print_variants(rows: list[dict[str, Any]]) -> None:
-    print("\n| model | file | batch | onnxruntime CPU variant | condition | images/s | x session.run | max diff |")
+    print("\n| model | file | batch | variant | condition | images/s | x session.run (OpenVINO: x its plain file) | max diff |")
     print("|---|---|---:|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['file']} | {r['batch']} | {r['variant']} | {r['condition']} | {r['img_s']:.1f} | "
@@ -291,10 +296,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = cache_root() if args.keep_cache else Path(tmp) / "cache"
         for name in args.models:
-            files = export_files(name, MODELS.get(name), args.kinds, Path(tmp), threads)
+            files = export_files(name, MODELS.get(name), args.kinds, Path(tmp), threads, args.runtime_variants)
+            fused = files.pop("fp32 fused attention", None)
             for kind, path in files.items():
                 if args.runtime_variants:
-                    rows += bench_variants(name, kind, path, args, threads)
+                    rows += bench_variants(name, kind, path, args, threads, fused if kind == "fp32" else None)
                     continue
                 r, c = bench_file(name, kind, path, args, threads, cache)
                 rows += r

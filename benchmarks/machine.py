@@ -66,15 +66,18 @@ def busy_core(cpu: Optional[int] = None) -> Iterator[int]:
 
 def interleaved_speeds(fns: dict[str, Callable[[], Any]], n_images: int, min_seconds: float, warmup: int = 2) -> dict[str, float]:
     """Images per second of each ``fn`` (each handles ``n_images``): best single run, with the
-    candidates interleaved round by round so that load from other processes hits all alike."""
+    candidates interleaved round by round so that load from other processes hits all alike. Each
+    round starts one candidate later, so none always runs right after the same one (an engine whose
+    threads spin on after it returns, as OpenVINO's do, slows whatever follows it)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     best = {name: float("inf") for name in fns}
     spent = 0.0
     rounds = 0
+    order = list(fns.items())
     while spent < min_seconds * len(fns) or rounds < 3:
-        for name, fn in fns.items():
+        for name, fn in order[rounds % len(order):] + order[: rounds % len(order)]:
             t = time.perf_counter()
             fn()
             dt = time.perf_counter() - t

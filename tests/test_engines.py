@@ -34,8 +34,8 @@ NAMES = ["red", "green", "blue", "yellow"]
 #: Largest probability difference against onnxruntime on the CPU, per file kind (the issue's rule:
 #: 1e-5 for fp32 files; fp16 files compute their fp16 ops in fp16 on onnxruntime and in fp32 on
 #: OpenVINO; int8 files within the int8 tolerance).
-TOLERANCE = {"fp32": 1e-5, "text": 1e-5, "external": 1e-5, "raw": 1e-5, "fp16": 1e-3, "int8": 1e-2}
-KINDS = ("fp32", "fp16", "int8", "raw", "external")
+TOLERANCE = {"fp32": 1e-5, "text": 1e-5, "external": 1e-5, "raw": 1e-5, "fused": 1e-5, "fp16": 1e-3, "int8": 1e-2}
+KINDS = ("fp32", "fp16", "int8", "raw", "external", "fused")
 
 
 def _has_openvino() -> bool:
@@ -61,6 +61,7 @@ def files(tiny_backbone: Any, image_folder: Path, tmp_path_factory: pytest.TempP
         "int8": export_onnx(zs, root / "int8.onnx", "int8", calibration=image_folder / "train").path,
         "raw": export_onnx(zs, root / "raw.onnx", "fp32", raw_input=True).path,
         "external": export_onnx(zs, root / "external.onnx", "fp32", size_threshold=0).path,
+        "fused": export_onnx(zs, root / "fused.onnx", "fp32", fused_attention=True).path,
     }
 
 
@@ -119,6 +120,32 @@ def test_every_engine_equals_the_reference_on_every_file_kind(files: dict[str, P
     want = ref.probs(mixed_images) if clf.resizes_in_graph or kind != "raw" else ref.session.run(["probs"], {"images": crops})[0]
     _assert_same_answers(clf.probs(mixed_images), want, tol)
     assert [p.label for p in clf.predict(mixed_images, top_k=1)] == [NAMES[i] for i in want.argmax(1)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_fused_attention_file_answers_as_the_plain_one(files: dict[str, Path], mixed_images: list[Any],
+                                                         tiny_backbone: Any, engine: str) -> None:
+    """``fused_attention=True``: each vision block's attention is one com.microsoft Attention node
+    (heads from the model; plain ops by default), and every engine answers on it as onnxruntime
+    does on the plain file."""
+    import onnx
+
+    def attention(kind: str) -> list[Any]:
+        nodes = onnx.load(os.fspath(files[kind]), load_external_data=False).graph.node
+        return [n for n in nodes if n.op_type == "Attention"]
+
+    blocks = tiny_backbone.model.visual.transformer.resblocks
+    fused = attention("fused")
+    assert len(fused) == len(blocks) and {n.domain for n in fused} == {"com.microsoft"}
+    assert {onnx.helper.get_attribute_value(a) for n in fused for a in n.attribute if a.name == "num_heads"} \
+        == {blocks[0].attn.num_heads}
+    assert not attention("fp32") and not attention("raw")
+    plain = Classifier(files["fp32"], device="cpu")
+    clf = Classifier(files["fused"], device="cpu", engine=engine)
+    crops = plain.preprocess(mixed_images)
+    for batch in (crops[:1], crops):
+        _assert_same_answers(clf.run_batch(batch, ("probs",))[1]["probs"], plain.run_batch(batch, ("probs",))[1]["probs"],
+                             TOLERANCE["fused"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -461,6 +461,8 @@ def test_export_config_is_validated_when_built(coop, tmp_path):
         ({"n_verify": 0}, r"n_verify must be an integer >= 1, got 0"),
         ({"size_threshold": -1}, r"size_threshold must be an integer >= 0"),
         ({"with_text_encoder": "yes"}, r"with_text_encoder must be True or False"),
+        ({"fused_attention": 1}, r"fused_attention must be True or False"),
+        ({"precision": "int8", "fused_attention": True}, r"fused_attention is for fp32 files .*; precision is int8"),
         ({"int8": QuantizationConfig(calibration="somewhere")}, r"calibration images are for int8 exports"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -672,7 +674,8 @@ def test_cli_options_are_generated_from_the_configs():
                 assert options[f.name].help == f.metadata["help"], f.name
     flags = {opt for p in export.params for opt in p.opts}
     assert {"--out", "--precision", "--opset", "--raw-input", "--triton", "--triton-name", "--max-batch-size",
-            "--with-text-encoder", "--verify-data", "--calibration", "--device", "--pretrained", "--json"} <= flags
+            "--with-text-encoder", "--verify-data", "--calibration", "--device", "--pretrained", "--json",
+            "--fused-attention"} <= flags
 
 
 def test_tensor_bytes_counts_external_tensors(coop, tmp_path):

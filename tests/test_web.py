@@ -393,6 +393,25 @@ def test_api_probabilities_match_the_runtime(browser, site):
         page.close()
 
 
+def test_a_vit_with_fused_attention_runs_in_the_browser(browser, site, tiny_backbone):
+    """A ViT's fp32 file with onnxruntime's com.microsoft Attention nodes (``fused_attention``)
+    answers in WebAssembly as the Python runtime does."""
+    import onnx
+
+    import coopkit
+    from coopkit.exporters import export_onnx
+
+    path = site["root"] / "vit-attention.onnx"
+    export_onnx(coopkit.zero_shot(tiny_backbone, ["red", "green", "blue"]), path, "fp32", fused_attention=True)
+    assert "Attention" in {n.op_type for n in onnx.load(os.fspath(path), load_external_data=False).graph.node}
+    want = Classifier(path, device="cpu").probs(site["images"][:8])
+    page = _open_demo(browser, site, "model=/models/vit-attention.onnx&backend=wasm")
+    got = _probs_in_page(page, "/models/vit-attention.onnx", _urls(site, site["images"][:8]), backend="wasm")
+    page.close()
+    assert got["backend"] == "wasm"
+    assert np.abs(np.array(got["rows"]) - want).max() <= 1e-4
+
+
 @pytest.mark.slow
 def test_webgpu_is_used_only_when_it_gives_the_same_answers(browser, site):
     """backend 'auto': WebGPU (software, SwiftShader here) when its probabilities match

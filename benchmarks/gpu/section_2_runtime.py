@@ -1,5 +1,7 @@
 """coopkit.runtime on CUDA (fp32, fp16; numpy in/out and IO binding on device memory) against
-PyTorch CUDA eager fp16, as a fraction of the GPU's fp16 matmul peak; TensorRT when the build has it."""
+PyTorch CUDA eager fp16, as a fraction of the GPU's fp16 matmul peak; TensorRT when the build has it;
+the fp32 file exported with ``fused_attention=True`` (ViT attention as onnxruntime's Attention node)
+against the plain one."""
 
 from __future__ import annotations
 
@@ -74,6 +76,19 @@ def main() -> None:
                 ref = rt.session.run(["logits"], {"images": batch})[0]
                 row(S, f"runtime {precision} {dev}, batch {b}: numpy / IO binding ({dev} memory)",
                     f"{rate(b / s_numpy)} / {rate(b / s_bound)}", f"largest difference bound vs numpy {np.abs(got - ref).max():.2g}")
+            if precision == "fp32":
+                fused_path = Path(tmp) / "m-fp32-fused-attention.onnx"
+                export_onnx(clf, fused_path, "fp32", fused_attention=True)
+                fused = Classifier(fused_path, device="auto")
+                for b in BATCHES:
+                    batch = np.ascontiguousarray(images[:b])
+                    s_plain = best_seconds(lambda: rt.session.run(["logits"], {"images": batch}), sync)
+                    s_fused = best_seconds(lambda: fused.session.run(["logits"], {"images": batch}), sync)
+                    diff = np.abs(fused.session.run(["logits"], {"images": batch})[0]
+                                  - rt.session.run(["logits"], {"images": batch})[0]).max()
+                    row(S, f"fp32 fused attention on {fused.provider.replace('ExecutionProvider', '')}, batch {b}: "
+                           "plain / fused", f"{rate(b / s_plain)} / {rate(b / s_fused)}",
+                        f"fused {s_plain / s_fused:.2f}x the plain file; largest logit difference {diff:.2g}")
             if precision != "fp16":
                 continue
             if TENSORRT not in ort.get_available_providers():

@@ -332,7 +332,7 @@ def convert(classifier: "Classifier", plan: ExportPlan, config: ExportConfig, fo
     raw = folder / "raw-fp32.onnx"
     module = _image_module(classifier)
     trace(module, example_tensor(plan.images[: min(2, len(plan.images))], module), raw, config.resolved_opset,
-          INPUT_NAME, OUTPUT_NAMES, "batch")
+          INPUT_NAME, OUTPUT_NAMES, "batch", fused_attention=config.fused_attention)
     del module
     if config.precision == "int8":
         big = tensor_bytes(onnx.load(os.fspath(raw), load_external_data=False)) > config.size_threshold

@@ -39,11 +39,12 @@ def _exporting() -> Iterator[None]:
 
 
 def trace(module: nn.Module, example: torch.Tensor, path: Path, opset: int,
-          input_name: str, output_names: Sequence[str], batch_axis: str) -> None:
-    """Trace ``module`` on ``example`` into ``path`` (batch axis dynamic on the input and every output)."""
+          input_name: str, output_names: Sequence[str], batch_axis: str, fused_attention: bool = False) -> None:
+    """Trace ``module`` on ``example`` into ``path`` (batch axis dynamic on the input and every output);
+    ``fused_attention``: unmasked self-attention as onnxruntime's ``Attention`` operator."""
     module.eval()
     dynamic = {input_name: {0: batch_axis}, **{name: {0: batch_axis} for name in output_names}}
-    with _exporting(), export_friendly(module):
+    with _exporting(), export_friendly(module, fused_attention):
         torch.onnx.export(
             module,
             (example,),
@@ -63,17 +64,36 @@ def example_tensor(images: np.ndarray, module: nn.Module) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).to(device)
 
 
-def _plain_attention_forward(mha: nn.MultiheadAttention):
+class _FusedAttention(torch.autograd.Function):
+    """Self-attention without mask, q/k/v projected by ``x @ weight + bias`` (``weight``: (d, 3d)),
+    out projection not included; traced as one ``com.microsoft`` ``Attention`` node (onnxruntime's
+    contrib operator, which OpenVINO reads too; scale 1/sqrt(head size), as here)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = ((x @ weight + bias).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def symbolic(g: object, x: object, weight: object, bias: object, heads: int) -> object:
+        return g.op("com.microsoft::Attention", x, weight, bias, num_heads_i=heads)  # type: ignore[attr-defined]
+
+
+def _plain_attention_forward(mha: nn.MultiheadAttention, fused: bool = False):
     """A forward for ``mha`` (self-attention, additive float mask or none) written as plain ops.
 
     nn.MultiheadAttention traces into a graph full of layout Transposes and Gathers (its
     internal ``(seq, batch)`` layout); this version keeps ``(batch, heads, seq, dim)`` and
     splits q/k/v with one Split, so the exported graph runs faster. Anything it does not cover
     (cross-attention, padding or boolean masks, ``need_weights``) goes to the original forward.
+    With ``fused``, unmasked self-attention with a bias is one ``Attention`` node instead
+    (:class:`_FusedAttention`), followed by the out projection.
     """
     original = mha.forward
     heads = mha.num_heads
     scale = float(mha.head_dim) ** -0.5
+    fuse = fused and mha.in_proj_bias is not None
 
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -82,6 +102,9 @@ def _plain_attention_forward(mha: nn.MultiheadAttention):
             return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                             attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         x = query if mha.batch_first else query.transpose(0, 1)  # (b, n, d)
+        if fuse and attn_mask is None:
+            out = mha.out_proj(_FusedAttention.apply(x, mha.in_proj_weight.t(), mha.in_proj_bias, heads))
+            return (out if mha.batch_first else out.transpose(0, 1)), None
         b, d = x.shape[0], x.shape[2]
         q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)  # each (b, n, d)
         q = q.reshape(b, -1, heads, d // heads).transpose(1, 2) * scale  # (b, h, n, hd)
@@ -124,17 +147,18 @@ def _is_patch_conv(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def export_friendly(module: nn.Module) -> Iterator[None]:
+def export_friendly(module: nn.Module, fused_attention: bool = False) -> Iterator[None]:
     """While tracing, write ops that trace into fast ONNX graphs; the results stay the same.
 
-    Every fused-weight nn.MultiheadAttention runs as plain ops, and patch-embedding convs
-    (kernel == stride, e.g. a ViT's ``conv1``) as reshape + MatMul. The export verification
-    compares the file with the unpatched PyTorch module afterwards.
+    Every fused-weight nn.MultiheadAttention runs as plain ops (unmasked self-attention as one
+    ``Attention`` node with ``fused_attention``), and patch-embedding convs (kernel == stride,
+    e.g. a ViT's ``conv1``) as reshape + MatMul. The export verification compares the file with
+    the unpatched PyTorch module afterwards.
     """
     patched = []
     for m in module.modules():
         if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn:
-            patched.append((m, _plain_attention_forward(m)))
+            patched.append((m, _plain_attention_forward(m, fused_attention)))
         elif _is_patch_conv(m):
             patched.append((m, _patchify_forward(m)))
     for m, forward in patched:
