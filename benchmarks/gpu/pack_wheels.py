@@ -149,6 +149,19 @@ def plan(files: list[Path], small: list[Path], dest: Path, stash_bytes: int, las
     return folders
 
 
+def ignore_locally(root: Path, folder: Path) -> None:
+    """Name ``folder`` in .git/info/exclude when it lies in the checkout: an untracked folder that
+    git does not ignore travels with every call, and the wheels would not fit."""
+    try:
+        line = f"/{folder.resolve().relative_to(root).as_posix()}/"
+    except ValueError:
+        return
+    exclude = root / ".git" / "info" / "exclude"
+    if exclude.parent.is_dir() and line not in (exclude.read_text().splitlines() if exclude.exists() else []):
+        with exclude.open("a") as f:
+            f.write(line + "\n")
+
+
 def tracked_bytes(root: Path) -> int:
     names = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
     return sum((root / n).stat().st_size for n in names.decode().split("\0") if n and (root / n).is_file())
@@ -156,7 +169,8 @@ def tracked_bytes(root: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dest", type=Path, default=Path(".gpuwhl"), help="folders c1, c2, ... (ignore it in .git/info/exclude)")
+    ap.add_argument("--dest", type=Path, default=Path(".gpuwhl"),
+                    help="folders c1, c2, ... (named in .git/info/exclude when inside the checkout)")
     ap.add_argument("--download", type=Path, default=Path("/tmp/coopkit-gpu-wheels"), help="pip's download folder")
     ap.add_argument("--sm", type=int, nargs="+", default=[90], help="GPU generations to keep: 90 for H100/H200")
     ap.add_argument("--lighten", type=Path, nargs="*", default=[], help="tracked files moved out during the stash calls")
@@ -179,6 +193,7 @@ def main() -> None:
     if args.dest.exists():
         shutil.rmtree(args.dest)
     args.dest.mkdir(parents=True)
+    ignore_locally(root, args.dest)
     stripped = args.download / "stripped"
     stripped.mkdir(exist_ok=True)
     files = [strip_wheel(wheel(big[0]), stripped, set(args.sm))] + [wheel(s) for s in big[1:]]
@@ -186,7 +201,8 @@ def main() -> None:
     light = tree - sum(f.stat().st_size for f in args.lighten)
     folders = plan(files, [wheel(s) for s in small], args.dest, CALL_BYTES - light - MARGIN, CALL_BYTES - tree - MARGIN)
     moved = " ".join(str(f) for f in args.lighten)
-    print(f"# working tree {tree / 1e6:.1f} MB ({light / 1e6:.1f} MB lightened); {len(folders)} calls, back to back:")
+    lightened = f" ({light / 1e6:.1f} MB lightened)" if args.lighten else ""
+    print(f"# working tree {tree / 1e6:.1f} MB{lightened}; {len(folders)} calls, back to back:")
     if moved:
         print(f"# before the first: mkdir -p /tmp/lightened && mv {moved} /tmp/lightened/  (git checkout them after)")
     for f in folders[:-1]:
