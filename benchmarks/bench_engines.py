@@ -247,9 +247,12 @@ def print_tables(rows: list[dict[str, Any]], choices: list[dict[str, Any]], mach
           f"onnxruntime {machine.get('onnxruntime')}, OpenVINO {machine.get('openvino', 'not installed')}\n")
     print("| model | file | batch | engine | compute | images/s | x OpenVINO's own | busy / idle | max prob diff | top-1 agreement |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
+    def ratio(value: Any) -> str:  # "-" where there is nothing to compare with (no OpenVINO's own row, not a busy row)
+        return "-" if value is None or value != value else f"{value:.2f}"
+
     for r in rows:
         print(f"| {r['model']} | {r['file']} | {r['batch']} | {r['engine']} | {r['compute']} | {r['img_s']:.1f} | "
-              f"{r['vs_openvino_own']:.2f} | {r.get('busy_over_idle', float('nan')):.2f} | {r['max_prob_diff']:.2g} | "
+              f"{ratio(r['vs_openvino_own'])} | {ratio(r.get('busy_over_idle'))} | {r['max_prob_diff']:.2g} | "
               f"{r['top1_agreement']:.1%} |")
     print()
     for c in choices:
