@@ -218,9 +218,8 @@ OV_PLAIN = "OpenVINO f32, plain file (the base of the rows below it)"
 
 
 def _ov_outputs(result: Any, names: list[str]) -> list[np.ndarray]:
-    """An OpenVINO infer request's results in the order of ``names``."""
-    by_name = {name: value for port, value in result.items() for name in port.get_names()}
-    return [by_name[n] for n in names]
+    """An OpenVINO infer request's results in the order of ``names`` (its result reads by tensor name)."""
+    return [result[n] for n in names]
 
 
 def _image_size(session: Any) -> tuple[int, int]:
